@@ -224,8 +224,7 @@ class DeepseekV3Config:
             raise ConfigError(f"config: 'scoring_func' must be 'sigmoid' or 'softmax', got {self.scoring_func!r}")
         if self.topk_method not in ("greedy", "group_limited_greedy", "noaux_tc"):
             raise ConfigError(
-                "config: 'topk_method' must be one of greedy, group_limited_greedy, noaux_tc, "
-                f"got {self.topk_method!r}"
+                f"config: 'topk_method' must be one of greedy, group_limited_greedy, noaux_tc, got {self.topk_method!r}"
             )
         if self.n_routed_experts is not None:
             self._validate_moe()
@@ -248,7 +247,9 @@ class DeepseekV3Config:
         if self.n_group < 1 or n % self.n_group:
             raise ConfigError(f"config: 'n_group' ({self.n_group}) must divide n_routed_experts ({n})")
         if not 1 <= self.topk_group <= self.n_group:
-            raise ConfigError(f"config: 'topk_group' ({self.topk_group}) must be between 1 and n_group ({self.n_group})")
+            raise ConfigError(
+                f"config: 'topk_group' ({self.topk_group}) must be between 1 and n_group ({self.n_group})"
+            )
         reachable = self.topk_group * (n // self.n_group)
         if self.num_experts_per_tok > reachable:
             raise ConfigError(
@@ -318,7 +319,9 @@ def _read_rope(data: dict[str, Any]) -> tuple[float, YarnScaling | None]:
     except KeyError as e:
         raise ConfigError(f"config: 'rope_scaling.{e.args[0]}' is missing (YaRN needs it)") from None
     except (TypeError, ValueError):
-        raise ConfigError("config: 'rope_scaling.factor' and 'original_max_position_embeddings' must be numbers") from None
+        raise ConfigError(
+            "config: 'rope_scaling.factor' and 'original_max_position_embeddings' must be numbers"
+        ) from None
     keys = ("beta_fast", "beta_slow", "mscale", "mscale_all_dim")
     defaults = YarnScaling(factor, original)
     values = {k: float(_check_type(f"rope_scaling.{k}", scaling.get(k, getattr(defaults, k)), "float")) for k in keys}

@@ -16,10 +16,9 @@ from typing import Literal
 
 import torch
 import torch.nn.functional as F
-from torch import nn
-
 from dsv3c.models.config import DeepseekV3Config
 from dsv3c.models.rope import apply_rope, attention_factor, cos_sin, inv_frequencies
+from torch import nn
 
 AttentionPath = Literal["naive", "absorbed"]
 
@@ -82,7 +81,9 @@ class MLA(nn.Module):
             self.q_b_proj = nn.Linear(c.q_lora_rank, q_out, bias=False)
         self.kv_a_proj_with_mqa = nn.Linear(c.hidden_size, c.kv_lora_rank + c.qk_rope_head_dim, bias=c.attention_bias)
         self.kv_a_layernorm = RMSNorm(c.kv_lora_rank, c.rms_norm_eps)
-        self.kv_b_proj = nn.Linear(c.kv_lora_rank, c.num_attention_heads * (c.qk_nope_head_dim + c.v_head_dim), bias=False)
+        self.kv_b_proj = nn.Linear(
+            c.kv_lora_rank, c.num_attention_heads * (c.qk_nope_head_dim + c.v_head_dim), bias=False
+        )
         self.o_proj = nn.Linear(c.num_attention_heads * c.v_head_dim, c.hidden_size, bias=c.attention_bias)
 
     def project_q(self, x: torch.Tensor) -> torch.Tensor:
@@ -159,7 +160,11 @@ class Router(nn.Module):
         n = config.n_routed_experts
         assert n is not None and config.num_experts_per_tok is not None
         self.weight = nn.Parameter(torch.empty(n, config.hidden_size))
-        self.top_k, self.n_group, self.topk_group = config.num_experts_per_tok, config.n_group, config.topk_group
+        self.top_k, self.n_group, self.topk_group = (
+            config.num_experts_per_tok,
+            config.n_group,
+            config.topk_group,
+        )
         self.scoring_func, self.topk_method = config.scoring_func, config.topk_method
         self.norm_topk_prob, self.scaling = config.norm_topk_prob, config.routed_scaling_factor
         if config.topk_method == "noaux_tc":
@@ -223,7 +228,9 @@ class DecoderLayer(nn.Module):
     def __init__(self, config: DeepseekV3Config, index: int):
         super().__init__()
         self.self_attn = MLA(config)
-        self.mlp: nn.Module = MoE(config) if config.is_moe_layer(index) else MLP(config.hidden_size, config.intermediate_size)
+        self.mlp: nn.Module = (
+            MoE(config) if config.is_moe_layer(index) else MLP(config.hidden_size, config.intermediate_size)
+        )
         self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
 
@@ -279,6 +286,7 @@ class DeepseekV3ForCausalLM(nn.Module):
             self.lm_head.weight = self.model.embed_tokens.weight
         n = config.num_hidden_layers
         self.mtp = nn.ModuleList(MTPModule(config, n + k) for k in range(config.num_nextn_predict_layers))
+        self.inv_freq: torch.Tensor
         self.register_buffer("inv_freq", inv_frequencies(config), persistent=False)
         self.rope_factor = attention_factor(config)
 

@@ -5,7 +5,6 @@ from __future__ import annotations
 import math
 
 import torch
-
 from dsv3c.models.config import DeepseekV3Config, yarn_mscale
 
 
@@ -20,8 +19,9 @@ def inv_frequencies(config: DeepseekV3Config) -> torch.Tensor:
     yarn = config.rope_scaling
     if yarn is None:
         return extrapolated.float()
-    low = max(math.floor(_correction_dim(yarn.beta_fast, dim, base, yarn.original_max_position_embeddings)), 0)
-    high = min(math.ceil(_correction_dim(yarn.beta_slow, dim, base, yarn.original_max_position_embeddings)), dim - 1)
+    original = yarn.original_max_position_embeddings
+    low: float = max(math.floor(_correction_dim(yarn.beta_fast, dim, base, original)), 0)
+    high: float = min(math.ceil(_correction_dim(yarn.beta_slow, dim, base, original)), dim - 1)
     if low == high:
         high += 0.001  # avoid a division by zero in the ramp
     ramp = ((torch.arange(dim // 2, dtype=torch.float64) - low) / (high - low)).clamp(0, 1)
@@ -30,11 +30,16 @@ def inv_frequencies(config: DeepseekV3Config) -> torch.Tensor:
 
 
 def attention_factor(config: DeepseekV3Config) -> float:
-    """Scale on cos/sin: mscale(mscale) / mscale(mscale_all_dim); 1.0 for V3 and V2-Lite as shipped."""
+    """Scale on cos/sin: mscale(mscale) / mscale(mscale_all_dim), 1.0 for V3 and V2-Lite as shipped.
+
+    With either of the two unset (0), YaRN's default mscale(factor) applies, as in transformers.
+    """
     yarn = config.rope_scaling
     if yarn is None:
         return 1.0
-    return yarn_mscale(yarn.factor, yarn.mscale) / yarn_mscale(yarn.factor, yarn.mscale_all_dim)
+    if yarn.mscale and yarn.mscale_all_dim:
+        return yarn_mscale(yarn.factor, yarn.mscale) / yarn_mscale(yarn.factor, yarn.mscale_all_dim)
+    return yarn_mscale(yarn.factor)
 
 
 def cos_sin(positions: torch.Tensor, inv_freq: torch.Tensor, factor: float) -> tuple[torch.Tensor, torch.Tensor]:

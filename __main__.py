@@ -1,0 +1,5 @@
+import sys
+
+from dsv3c.cli.main import main
+
+sys.exit(main())

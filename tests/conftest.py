@@ -1,0 +1,31 @@
+from __future__ import annotations
+
+import pytest
+import torch
+from dsv3c.models.config import DeepseekV3Config
+from dsv3c.models.deepseek_v3 import DeepseekV3ForCausalLM
+
+
+def random_model(config: DeepseekV3Config, seed: int = 0, std: float = 0.08) -> DeepseekV3ForCausalLM:
+    """A model with weights large enough that routing and argmax are decisive."""
+    torch.manual_seed(seed)
+    model = DeepseekV3ForCausalLM(config).eval()
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if p.dim() > 1:
+                p.normal_(0.0, std)
+            elif name.endswith("e_score_correction_bias"):
+                p.normal_(0.0, 0.1)
+            else:
+                p.uniform_(0.8, 1.2)  # norms
+    return model
+
+
+@pytest.fixture(scope="session")
+def tiny_config() -> DeepseekV3Config:
+    return DeepseekV3Config.from_preset("tiny")
+
+
+@pytest.fixture(scope="session")
+def tiny_model(tiny_config: DeepseekV3Config) -> DeepseekV3ForCausalLM:
+    return random_model(tiny_config)
