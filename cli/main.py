@@ -15,7 +15,7 @@ from types import ModuleType
 from dsv3c.errors import UserError
 
 # module names under dsv3c.cli; imported lazily so optional backends never slow or break start-up
-COMMANDS = ["init", "generate", "export"]
+COMMANDS = ["init", "generate"]
 
 
 def _load(name: str) -> ModuleType:

@@ -125,7 +125,7 @@ class DeepseekV3Config:
     def from_dict(cls, raw: dict[str, Any]) -> DeepseekV3Config:
         if not isinstance(raw, dict):
             raise ConfigError("config: expected a JSON object at the top level")
-        data = dict(raw)
+        data = {**_ROUTING_DEFAULTS.get(str(raw.get("model_type", "deepseek_v3")), {}), **raw}
         kwargs: dict[str, Any] = {}
         for f in dataclasses.fields(cls):
             if f.name in ("extra", "rope_scaling", "quantization_config", "rope_theta"):
@@ -260,6 +260,14 @@ class DeepseekV3Config:
             raise ConfigError("config: 'routed_scaling_factor' must be positive")
         if self.n_shared_experts is not None and self.n_shared_experts < 0:
             raise ConfigError("config: 'n_shared_experts' must be >= 0 or null")
+
+
+# Routing keys a config.json may leave out (transformers' DeepseekV3Config has none of them): the
+# defaults of the architecture named by model_type.
+_ROUTING_DEFAULTS: dict[str, dict[str, Any]] = {
+    "deepseek_v3": {"scoring_func": "sigmoid", "topk_method": "noaux_tc", "norm_topk_prob": True},
+    "deepseek_v2": {"scoring_func": "softmax", "topk_method": "greedy", "norm_topk_prob": False},
+}
 
 
 def preset_names() -> list[str]:

@@ -192,7 +192,7 @@ def route(scores: torch.Tensor, bias: torch.Tensor | None, r: Router) -> tuple[t
         choice = grouped.masked_fill(dropped[..., None], float("-inf")).flatten(1)
     indices = choice.topk(r.top_k, dim=-1).indices  # [N, k]
     weights = scores.gather(1, indices)
-    if r.norm_topk_prob and r.top_k > 1:
+    if r.norm_topk_prob:
         weights = weights / weights.sum(dim=-1, keepdim=True)
     return weights * r.scaling, indices
 

@@ -1,0 +1,211 @@
+"""Export a source (checkpoint, config-only folder or preset) into a folder of canonical ONNX graphs.
+
+    OUT/prefill.onnx   input_ids, positions -> logits, hidden, new_ckv.{i}, new_kpe.{i}   (naive MLA)
+    OUT/decode.onnx    ... + past_ckv.{i}, past_kpe.{i} -> the same                       (absorbed MLA)
+    OUT/mtp.onnx       next_ids, hidden, positions, past_ckv.0, past_kpe.0 -> ...          (when the model has MTP)
+    OUT/weights.bin    every weight once, referenced by all graphs (absent for --weights none)
+    OUT/manifest.json  see manifest.py
+
+The pipeline is `export()`: trace on meta -> lay out the weights -> bind, finish and save each graph ->
+write the weights -> write the manifest. Everything is written into a temporary sibling folder that is
+renamed into place at the end, so an interrupted export leaves nothing behind. Same input, same bytes.
+"""
+
+from __future__ import annotations
+
+import math
+import shutil
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Literal
+
+import onnx
+import onnx_ir as ir
+import torch
+
+import dsv3c
+from dsv3c.errors import CheckpointError, UserError
+from dsv3c.export.functions import attach_functions
+from dsv3c.export.manifest import CacheLayout, Manifest, Signature, TensorInfo, WeightsKind, write_manifest
+from dsv3c.export.onnx_ops import register_schemas
+from dsv3c.export.source import Source, config_sha256, sha256_files
+from dsv3c.export.trace import DEFAULT_OPSET, TracedGraph, skeleton, trace_graphs
+from dsv3c.export.weights import (
+    WEIGHTS_FILE,
+    Layout,
+    WeightWriter,
+    checkpoint_source,
+    norm_parameter_names,
+    plan_layout,
+    random_source,
+)
+from dsv3c.models.checkpoint_layout import BIAS_FP32, parameter_shapes
+from dsv3c.models.config import DeepseekV3Config
+from dsv3c.runtime.atomic import atomic_folder
+
+ExportDtype = Literal["fp32", "bf16"]
+TORCH_DTYPES: dict[str, torch.dtype] = {"fp32": torch.float32, "bf16": torch.bfloat16}
+MIN_OPSET, MAX_OPSET = 21, 23
+
+
+def export(
+    source: Source,
+    out: Path,
+    *,
+    weights: WeightsKind,
+    dtype: ExportDtype = "fp32",
+    seed: int = 0,
+    opset: int = DEFAULT_OPSET,
+    force: bool = False,
+) -> Manifest:
+    """Write the export folder `out` and return its manifest (folder set)."""
+    _check_request(source, weights, dtype, opset)
+    if weights != "none":
+        _check_disk(out, estimate_weight_bytes(source.config, TORCH_DTYPES[dtype]), weights)
+    with atomic_folder(out, overwrite=force) as tmp:
+        traced = trace_graphs(source.config, TORCH_DTYPES[dtype], opset)
+        layout = plan_layout(v for g in traced for v in g.weights)
+        signatures = {}
+        for g in traced:
+            onnx.save(finish_graph(g, layout, tmp), tmp / f"{g.role}.onnx")
+            signatures[g.role] = signature(g.model)
+        if weights != "none":
+            _write_weights(tmp / WEIGHTS_FILE, layout, _weight_source(source, weights, dtype, seed))
+        manifest = _manifest(source, weights, dtype, seed, opset, {g.role for g in traced}, signatures)
+        write_manifest(manifest, tmp)
+    manifest.folder = out
+    return manifest
+
+
+def _check_request(source: Source, weights: WeightsKind, dtype: str, opset: int) -> None:
+    if weights == "checkpoint" and not source.has_weights:
+        what = f"preset '{source.name}'" if source.kind == "preset" else f"{source.name} (only config.json)"
+        raise UserError(f"{what} has no weights; pass --weights random or --weights none")
+    if dtype not in TORCH_DTYPES:
+        raise UserError(f"dtype must be one of {', '.join(TORCH_DTYPES)}, got {dtype!r}")
+    if not MIN_OPSET <= opset <= MAX_OPSET:
+        raise UserError(f"opset {opset} is not supported; choose {MIN_OPSET} to {MAX_OPSET}")
+
+
+def estimate_weight_bytes(config: DeepseekV3Config, dtype: torch.dtype) -> int:
+    """Bytes of weights.bin before alignment (the router bias stays float32)."""
+    return sum(math.prod(s) * (4 if n.endswith(BIAS_FP32) else dtype.itemsize) for n, s in parameter_shapes(config).items())
+
+
+def _check_disk(out: Path, needed: int, weights: WeightsKind) -> None:
+    parent = out.resolve().parent
+    if not parent.is_dir():
+        raise UserError(f"{out}: parent folder {parent} does not exist")
+    free = shutil.disk_usage(parent).free
+    if needed > free * 0.95:
+        raise UserError(
+            f"--weights {weights} needs {needed / 2**30:.1f} GiB for {WEIGHTS_FILE} but {parent} has "
+            f"{free / 2**30:.1f} GiB free; free space, choose another --out, or use --weights none"
+        )
+
+
+def finish_graph(g: TracedGraph, layout: Layout, folder: Path) -> onnx.ModelProto:
+    """Bind weights to external data, drop trace metadata, attach the custom ops' functions, check."""
+    model, graph = g.model, g.model.graph
+    for value in g.weights:
+        assert value.name is not None
+        value.const_value = layout.external(value.name, folder)
+        graph.register_initializer(value)
+    graph.name = g.role
+    model.producer_name, model.producer_version = "dsv3c", dsv3c.__version__
+    model.metadata_props.clear()
+    for node in graph.all_nodes():
+        node.metadata_props.clear()
+        node.doc_string = None
+        for out in node.outputs:
+            out.metadata_props.clear()
+    proto = ir.serde.serialize_model(model)
+    attach_functions(proto)
+    check_structure(proto)
+    return proto
+
+
+def check_structure(proto: onnx.ModelProto) -> None:
+    """onnx.checker (full_check: with shape inference) on everything but the external weights' bytes.
+
+    The checker opens external data files relative to the working directory for an in-memory model, and
+    a `--weights none` folder has none; so a copy is checked with external initializers as graph inputs.
+    """
+    register_schemas()
+    copy = onnx.ModelProto()
+    copy.CopyFrom(proto)
+    graph = copy.graph
+    external = [t for t in graph.initializer if t.data_location == onnx.TensorProto.EXTERNAL]
+    names = {t.name for t in external}
+    kept = [t for t in graph.initializer if t.name not in names]
+    del graph.initializer[:]
+    graph.initializer.extend(kept)
+    graph.input.extend(onnx.helper.make_tensor_value_info(t.name, t.data_type, list(t.dims)) for t in external)
+    onnx.checker.check_model(copy, full_check=True)
+
+
+def signature(model: ir.Model) -> Signature:
+    def info(v: ir.Value) -> TensorInfo:
+        assert v.name is not None and v.dtype is not None and v.shape is not None
+        dims: list[int | str] = [d if isinstance(d, int) else str(d) for d in v.shape.dims]
+        return TensorInfo(v.name, _dtype_name(v.dtype), dims)
+
+    return Signature([info(v) for v in model.graph.inputs], [info(v) for v in model.graph.outputs])
+
+
+def _dtype_name(dtype: ir.DataType) -> str:
+    return "bfloat16" if dtype == ir.DataType.BFLOAT16 else str(dtype.numpy())
+
+
+def _weight_source(source: Source, weights: WeightsKind, dtype: ExportDtype, seed: int) -> Iterator[tuple[str, torch.Tensor]]:
+    if weights == "checkpoint":
+        assert source.folder is not None
+        return checkpoint_source(source.folder, source.config)
+    norms = norm_parameter_names(skeleton(source.config, TORCH_DTYPES[dtype]))
+    return random_source(source.config, seed, norms)
+
+
+def _write_weights(path: Path, layout: Layout, tensors: Iterator[tuple[str, torch.Tensor]]) -> None:
+    aliases = {"model.embed_tokens.weight": ["lm_head.weight"]}  # a tied head is not streamed on its own
+    with WeightWriter(path, layout, aliases) as writer:
+        for name, tensor in tensors:
+            writer.write(name, tensor)
+        missing = writer.missing()
+    if missing:
+        raise CheckpointError(f"the weights lack {len(missing)} tensors the graphs need, e.g. {', '.join(missing[:3])}")
+
+
+def _manifest(
+    source: Source, weights: WeightsKind, dtype: ExportDtype, seed: int, opset: int, roles: set[str],
+    signatures: dict[str, Signature],
+) -> Manifest:  # fmt: skip
+    config = source.config
+    files = source.files(with_weights=weights == "checkpoint")
+    stage = {
+        "stage": "export",
+        "source": source.name,
+        "source_kind": source.kind,
+        "source_files": [f.name for f in files],
+        "source_sha256": sha256_files(files, source.folder),
+        "config_sha256": config_sha256(config),
+        "weights": weights,
+        **({"seed": seed} if weights == "random" else {}),
+        "dtype": dtype,
+        "opset": opset,
+        "torch_version": torch.__version__,
+        "onnx_version": onnx.__version__,
+    }
+    cache = CacheLayout(
+        layers=config.num_hidden_layers, mtp_layers=1 if "mtp" in roles else 0, ckv_width=config.kv_lora_rank,
+        kpe_width=config.qk_rope_head_dim, dtype=_dtype_name(_ir_dtype(dtype)),
+    )  # fmt: skip
+    return Manifest(
+        config=config.to_dict(), weights=weights, dtype=cache.dtype, opset=opset,
+        graphs={role: (f"{role}.onnx" if role in roles else None) for role in ("prefill", "decode", "mtp")},
+        signatures=signatures, cache=cache, stages=[stage],
+        weights_file=WEIGHTS_FILE, dsv3c_version=dsv3c.__version__,
+    )  # fmt: skip
+
+
+def _ir_dtype(dtype: ExportDtype) -> ir.DataType:
+    return ir.DataType.FLOAT if dtype == "fp32" else ir.DataType.BFLOAT16

@@ -1,0 +1,158 @@
+"""Export-only modules: the model's own submodules, rewired so attention and routed experts are custom ops.
+
+Parameter names are the checkpoint's (`model.layers.{i}.self_attn.kv_b_proj.weight`, ...) except two:
+the routed experts of a MoE layer are stacked into `model.layers.{i}.mlp.experts.{gate,up,down}_proj.weight`
+([E, ff, D], [E, ff, D], [E, D, ff]), and the MTP modules keep the model's `mtp.{k}.*` names. The
+ONNX initializers carry these names. Every module here also runs eagerly, so it can be checked against
+the reference model without ONNX.
+
+Graph signatures (inputs -> outputs); per layer i the cache is `ckv.{i}` [B, *, kv_lora_rank] and
+`kpe.{i}` [B, *, qk_rope_head_dim]:
+    prefill  input_ids, positions -> logits, hidden, new_ckv.{i}, new_kpe.{i}
+    decode   input_ids, positions, past_ckv.{i}, past_kpe.{i} -> same as prefill
+    mtp      next_ids, hidden, positions, past_ckv.0, past_kpe.0 -> logits, hidden, new_ckv.0, new_kpe.0
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from dsv3c.export import custom_ops  # noqa: F401  (registers torch.ops.dsv3c.*)
+from dsv3c.models.deepseek_v3 import MLA, MLP, DecoderLayer, DeepseekV3ForCausalLM, LayerCache, MoE, MTPModule
+from dsv3c.models.rope import apply_rope, cos_sin
+
+Cache = tuple[torch.Tensor, torch.Tensor]  # (ckv [B, P, r], kpe [B, P, rope])
+
+
+class _Weight(nn.Module):
+    def __init__(self, weight: torch.Tensor):
+        super().__init__()
+        self.weight = nn.Parameter(weight, requires_grad=False)
+
+
+class StackedExperts(nn.Module):
+    """The routed experts' SwiGLU weights stacked on a leading expert axis: [E, ff, D], [E, ff, D], [E, D, ff]."""
+
+    def __init__(self, experts: nn.ModuleList):
+        super().__init__()
+        mlps = [e for e in experts if isinstance(e, MLP)]
+        with torch.no_grad():
+            self.gate_proj = _Weight(torch.stack([m.gate_proj.weight for m in mlps]))
+            self.up_proj = _Weight(torch.stack([m.up_proj.weight for m in mlps]))
+            self.down_proj = _Weight(torch.stack([m.down_proj.weight for m in mlps]))
+
+
+class ExportMoE(nn.Module):
+    """Shared experts as a plain MLP; routed experts as one `dsv3c::moe` op over the stacked weights."""
+
+    def __init__(self, moe: MoE):
+        super().__init__()
+        self.gate = moe.gate
+        self.experts = StackedExperts(moe.experts)
+        self.shared_experts = moe.shared_experts
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        g = self.gate
+        routed = torch.ops.dsv3c.moe(
+            x.flatten(0, -2), g.weight, g.e_score_correction_bias,  # [N, D], [E, D], [E] or None
+            self.experts.gate_proj.weight, self.experts.up_proj.weight, self.experts.down_proj.weight,
+            g.top_k, g.n_group, g.topk_group, g.scaling, g.norm_topk_prob, g.scoring_func, g.topk_method,
+        ).view_as(x)  # fmt: skip
+        return routed if self.shared_experts is None else routed + self.shared_experts(x)
+
+
+def attention(
+    attn: MLA, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, positions: torch.Tensor,
+    past: Cache | None, absorbed: bool,
+) -> tuple[torch.Tensor, LayerCache]:  # fmt: skip
+    """`MLA.forward` with its core as `dsv3c::mla_attention`. x [B, S, D] -> [B, S, D], the S new entries."""
+    q_nope, q_pe = attn.project_q(x).split([attn.nope, attn.rope], dim=-1)  # [B, S, H, nope], [B, S, H, rope]
+    q_pe = apply_rope(q_pe, cos, sin)
+    new = attn.project_latent(x, cos, sin)
+    ckv, kpe = new.ckv, new.kpe
+    if past is not None:
+        ckv, kpe = torch.cat([past[0], ckv], dim=1), torch.cat([past[1], kpe], dim=1)  # [B, T, *]
+    out = torch.ops.dsv3c.mla_attention(
+        q_nope, q_pe, ckv, kpe, attn.kv_b_proj.weight, positions,
+        attn.n_heads, attn.nope, attn.rope, attn.v_dim, attn.kv_lora_rank, attn.softmax_scale, absorbed,
+    )  # [B, S, H * v]  # fmt: skip
+    return attn.o_proj(out), new
+
+
+class ExportLayer(nn.Module):
+    def __init__(self, layer: DecoderLayer, absorbed: bool):
+        super().__init__()
+        self.self_attn = layer.self_attn
+        self.mlp = ExportMoE(layer.mlp) if isinstance(layer.mlp, MoE) else layer.mlp
+        self.input_layernorm = layer.input_layernorm
+        self.post_attention_layernorm = layer.post_attention_layernorm
+        self.absorbed = absorbed
+
+    def forward(
+        self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, positions: torch.Tensor, past: Cache | None
+    ) -> tuple[torch.Tensor, LayerCache]:
+        assert isinstance(self.self_attn, MLA)
+        attn, new = attention(self.self_attn, self.input_layernorm(x), cos, sin, positions, past, self.absorbed)
+        x = x + attn
+        return x + self.mlp(self.post_attention_layernorm(x)), new
+
+
+class _Backbone(nn.Module):
+    def __init__(self, model: DeepseekV3ForCausalLM, absorbed: bool):
+        super().__init__()
+        self.embed_tokens = model.model.embed_tokens
+        self.layers = nn.ModuleList(ExportLayer(layer, absorbed) for layer in model.model.layers)  # type: ignore[arg-type]
+        self.norm = model.model.norm
+
+
+class CausalLMGraph(nn.Module):
+    """Prefill (naive MLA, no past) and decode (absorbed MLA over the latent cache) share this module."""
+
+    def __init__(self, model: DeepseekV3ForCausalLM, absorbed: bool):
+        super().__init__()
+        self.model = _Backbone(model, absorbed)
+        self.lm_head = model.lm_head
+        self.register_buffer("inv_freq", model.inv_freq.clone())
+        self.rope_factor = model.rope_factor
+
+    def forward(
+        self, input_ids: torch.Tensor, positions: torch.Tensor, past: list[Cache] | None = None
+    ) -> tuple[torch.Tensor, ...]:
+        cos, sin = cos_sin(positions, self.inv_freq, self.rope_factor)
+        x = self.model.embed_tokens(input_ids)  # [B, S, D]
+        new_entries: list[torch.Tensor] = []
+        for i, layer in enumerate(self.model.layers):
+            x, new = layer(x, cos, sin, positions, None if past is None else past[i])
+            new_entries += [new.ckv, new.kpe]
+        hidden = self.model.norm(x)
+        return (self.lm_head(hidden), hidden, *new_entries)
+
+
+class ExportMTP(nn.Module):
+    def __init__(self, mtp: MTPModule, absorbed: bool):
+        super().__init__()
+        self.embed_tokens, self.enorm, self.hnorm, self.eh_proj = mtp.embed_tokens, mtp.enorm, mtp.hnorm, mtp.eh_proj
+        self.block = ExportLayer(mtp.block, absorbed)  # type: ignore[arg-type]
+        self.shared_head = mtp.shared_head
+
+
+class MTPGraph(nn.Module):
+    """MTP depth `depth` over its own one-layer latent cache (`model.forward_mtp`)."""
+
+    def __init__(self, model: DeepseekV3ForCausalLM, depth: int = 0, absorbed: bool = True):
+        super().__init__()
+        self.depth = depth
+        self.mtp = nn.ModuleList(ExportMTP(m, absorbed) if k == depth else nn.Identity() for k, m in enumerate(model.mtp))  # type: ignore[arg-type]
+        self.register_buffer("inv_freq", model.inv_freq.clone())
+        self.rope_factor = model.rope_factor
+
+    def forward(
+        self, next_ids: torch.Tensor, hidden: torch.Tensor, positions: torch.Tensor, past: Cache | None = None
+    ) -> tuple[torch.Tensor, ...]:
+        m = self.mtp[self.depth]
+        cos, sin = cos_sin(positions, self.inv_freq, self.rope_factor)
+        h = m.eh_proj(torch.cat([m.enorm(m.embed_tokens(next_ids)), m.hnorm(hidden)], dim=-1))  # [B, S, D]
+        h, new = m.block(h, cos, sin, positions, past)
+        logits = m.shared_head["head"](m.shared_head["norm"](h))
+        return logits, h, new.ckv, new.kpe

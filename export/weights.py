@@ -1,0 +1,171 @@
+"""One weights file for every graph of an export folder, written tensor by tensor.
+
+The layout gives each initializer name one aligned slot in `weights.bin`; prefill, decode and MTP refer
+to the same slots through ONNX external data (location, offset, length), so shared weights are stored
+once. Writers fill slots in any order with `pwrite`, so a checkpoint streams shard by shard with memory
+bounded by one tensor; a routed expert of a checkpoint lands at its index inside the stacked slot.
+
+Sources yield (model state_dict name, tensor): a model in memory, `init_random`'s weights regenerated
+one tensor at a time, or a checkpoint through `load_state_dict_streaming`.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import re
+import zlib
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import onnx_ir as ir
+import torch
+from torch import nn
+
+from dsv3c.errors import CheckpointError
+from dsv3c.models.checkpoint_layout import copy_source, parameter_shapes
+from dsv3c.models.config import DeepseekV3Config
+from dsv3c.models.deepseek_v3 import RMSNorm
+
+WEIGHTS_FILE = "weights.bin"
+ALIGN = 4096
+_DTYPES = {ir.DataType.FLOAT: torch.float32, ir.DataType.BFLOAT16: torch.bfloat16, ir.DataType.FLOAT16: torch.float16}
+_EXPERT = re.compile(r"^(.*\.mlp\.experts)\.(\d+)\.(gate_proj|up_proj|down_proj)\.weight$")
+
+
+@dataclass(frozen=True)
+class Slot:
+    name: str
+    dtype: torch.dtype
+    shape: tuple[int, ...]
+    offset: int
+
+    @property
+    def nbytes(self) -> int:
+        return math.prod(self.shape) * self.dtype.itemsize
+
+
+@dataclass
+class Layout:
+    slots: dict[str, Slot] = field(default_factory=dict)
+    total: int = 0
+
+    def external(self, name: str, base_dir: str | Path) -> ir.ExternalTensor:
+        """Slot `name` as ONNX external data (relative location, offset, length)."""
+        slot = self.slots[name]
+        dtype = next(k for k, v in _DTYPES.items() if v == slot.dtype)
+        return ir.ExternalTensor(
+            WEIGHTS_FILE, slot.offset, slot.nbytes, dtype, shape=ir.Shape(slot.shape), name=name, base_dir=str(base_dir)
+        )
+
+
+def plan_layout(values: Iterable[ir.Value]) -> Layout:
+    """Slots for the weights of all graphs, in first-seen order; one name must mean one dtype and shape."""
+    layout = Layout()
+    for value in values:
+        assert value.name is not None and value.dtype is not None and value.shape is not None
+        torch_dtype, shape = _DTYPES[value.dtype], tuple(int(d) for d in value.shape.dims)
+        known = layout.slots.get(value.name)
+        if known is not None:
+            if (known.dtype, known.shape) != (torch_dtype, shape):
+                raise RuntimeError(f"bug: weight {value.name} differs between graphs")
+            continue
+        offset = -(-layout.total // ALIGN) * ALIGN
+        layout.slots[value.name] = Slot(value.name, torch_dtype, shape, offset)
+        layout.total = offset + layout.slots[value.name].nbytes
+    return layout
+
+
+def slot_of(name: str) -> tuple[str, int | None]:
+    """A model state_dict name -> (slot name, expert index within a stacked slot, or None)."""
+    m = _EXPERT.match(name)
+    return (f"{m[1]}.{m[3]}.weight", int(m[2])) if m else (name, None)
+
+
+class WeightWriter:
+    """Writes tensors into their slots of `weights.bin`; `missing()` names slots not fully written."""
+
+    def __init__(self, path: Path, layout: Layout, aliases: dict[str, list[str]] | None = None):
+        self.layout, self.aliases = layout, aliases or {}
+        self._done: dict[str, set[int | None]] = {}
+        self._fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+        os.ftruncate(self._fd, layout.total)
+
+    def __enter__(self) -> WeightWriter:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        os.close(self._fd)
+
+    def write(self, name: str, tensor: torch.Tensor) -> None:
+        """Write a model tensor (state_dict name) to its slot; names the graphs do not use are skipped."""
+        for target in [name, *self.aliases.get(name, [])]:
+            slot_name, index = slot_of(target)
+            slot = self.layout.slots.get(slot_name)
+            if slot is not None:
+                self._write(slot, index, tensor)
+
+    def _write(self, slot: Slot, index: int | None, tensor: torch.Tensor) -> None:
+        shape = slot.shape if index is None else slot.shape[1:]
+        if tuple(tensor.shape) != shape:
+            raise CheckpointError(f"tensor for {slot.name} has shape {list(tensor.shape)}, expected {list(shape)}")
+        data = tensor.detach().to(slot.dtype).contiguous().view(torch.uint8).numpy()  # raw bytes
+        offset = slot.offset + (0 if index is None else index * data.nbytes)
+        view = memoryview(data).cast("B")
+        while view:
+            written = os.pwrite(self._fd, view, offset)
+            view, offset = view[written:], offset + written
+        self._done.setdefault(slot.name, set()).add(index)
+
+    def missing(self) -> list[str]:
+        """Slots not fully written: neither as a whole nor expert by expert."""
+        out = []
+        for name, slot in self.layout.slots.items():
+            parts = self._done.get(name, set())
+            if None not in parts and not (slot.shape and parts >= set(range(slot.shape[0]))):
+                out.append(name)
+        return out
+
+
+# ---- sources -----------------------------------------------------------------------------------------
+
+
+def model_source(model: nn.Module) -> Iterator[tuple[str, torch.Tensor]]:
+    """A model in memory: its state_dict."""
+    yield from model.state_dict().items()
+
+
+def random_source(config: DeepseekV3Config, seed: int, norm_names: set[str]) -> Iterator[tuple[str, torch.Tensor]]:
+    """`init_random(config, seed)`'s weights, regenerated one tensor at a time (same values, bounded memory).
+
+    Matrices and the router bias: N(0, initializer_range) from a generator seeded by (seed, name); norms:
+    ones; Linear biases: zeros; MTP embed / head: copies of the main ones (regenerated from their name).
+    """
+    std = float(config.extra.get("initializer_range", 0.02))
+    shapes = parameter_shapes(config)
+    for name, shape in shapes.items():
+        source = copy_source(name, config) or name
+        yield name, _random_tensor(source, shapes.get(source, shape), seed, std, norm_names)
+
+
+def _random_tensor(name: str, shape: tuple[int, ...], seed: int, std: float, norm_names: set[str]) -> torch.Tensor:
+    if name in norm_names:
+        return torch.ones(shape)
+    if name.endswith(".bias"):
+        return torch.zeros(shape)
+    generator = torch.Generator().manual_seed((seed * 0x9E3779B1 + zlib.crc32(name.encode())) % 2**63)
+    return torch.empty(shape).normal_(0.0, std, generator=generator)
+
+
+def norm_parameter_names(model: nn.Module) -> set[str]:
+    return {f"{m_name}.{p_name}" for m_name, m in model.named_modules() if isinstance(m, RMSNorm)
+            for p_name, _ in m.named_parameters()}  # fmt: skip
+
+
+def checkpoint_source(path: Path, config: DeepseekV3Config) -> Iterator[tuple[str, torch.Tensor]]:
+    """A checkpoint folder, shard by shard; fp8 weights are dequantized (float32) one tensor at a time."""
+    from dsv3c.models.checkpoint import load_state_dict_streaming
+
+    yield from load_state_dict_streaming(path, config)
+

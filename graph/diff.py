@@ -1,0 +1,194 @@
+"""Structural diff of two ONNX graphs (or two export folders, paired by role).
+
+Nodes are matched (graph/match.py), the pipeline's own rewrites are grouped (graph/rewrites.py), and what
+remains is reported node by node and initializer by initializer, each entry with its layer.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Hashable
+from pathlib import Path
+
+import onnx
+
+from dsv3c.errors import UserError
+from dsv3c.graph.diff_types import Change, DiffReport, GraphDiff, InitializerChange, NodeChange
+from dsv3c.graph.index import GraphIndex, attribute_text, layer_of_name
+from dsv3c.graph.linears import find_linears
+from dsv3c.graph.load import LoadedGraph, dtype_name, graph_paths, load_graph
+from dsv3c.graph.match import Matching, match_initializers, match_nodes
+from dsv3c.graph.rewrites import Claims, group_rewrites
+from dsv3c.graph.stats import compare_tensors
+
+
+class _Sources:
+    """Where each input of a node comes from, in A's terms, so that renamed tensors compare equal."""
+
+    def __init__(self, a: GraphIndex, b: GraphIndex, m: Matching, inits: dict[str, str]) -> None:
+        self.a, self.b, self.m = a, b, m
+        self.inits_back = {y: x for x, y in inits.items()}
+
+    def of_a(self, name: str) -> Hashable:
+        if not name:
+            return ""
+        if name in self.a.producer:
+            return ("n", *self.a.producer[name])
+        return ("i", name) if name in self.a.initializers else ("g", name)
+
+    def of_b(self, name: str) -> Hashable:
+        if not name:
+            return ""
+        if name in self.b.producer:
+            p, k = self.b.producer[name]
+            return ("n", self.m.b_to_a.get(p, ("b", p)), k)
+        if name in self.b.initializers:
+            return ("i", self.inits_back.get(name, ("b", name)))
+        return ("g", name)
+
+
+def _node_changes(a: GraphIndex, b: GraphIndex, i: int, j: int, src: _Sources) -> list[Change]:
+    na, nb = a.nodes[i], b.nodes[j]
+    changes = []
+    if a.op(i) != b.op(j):
+        changes.append(Change("op", a.op(i), b.op(j)))
+    if na.name != nb.name:
+        changes.append(Change("name", na.name, nb.name))
+    attrs_a = {x.name: attribute_text(x) for x in na.attribute}
+    attrs_b = {x.name: attribute_text(x) for x in nb.attribute}
+    for key in sorted(attrs_a.keys() | attrs_b.keys()):
+        if attrs_a.get(key) != attrs_b.get(key):
+            changes.append(Change(f"attribute {key}", attrs_a.get(key, "(none)"), attrs_b.get(key, "(none)")))
+    if len(na.input) != len(nb.input):
+        changes.append(Change("inputs", str(len(na.input)), str(len(nb.input))))
+    for k, (x, y) in enumerate(zip(na.input, nb.input, strict=False)):
+        same_tensor = x == y and x in a.producer and y in b.producer  # e.g. a lowering kept the output name
+        if not same_tensor and src.of_a(x) != src.of_b(y):
+            changes.append(Change(f"input {k}", x or "(none)", y or "(none)"))
+    if len(na.output) != len(nb.output):
+        changes.append(Change("outputs", str(len(na.output)), str(len(nb.output))))
+    for k, (x, y) in enumerate(zip(na.output, nb.output, strict=False)):
+        ta, tb = a.elem_types.get(x), b.elem_types.get(y)
+        if ta and tb and ta != tb:
+            changes.append(Change(f"output {k} dtype", dtype_name(ta), dtype_name(tb)))
+    return changes
+
+
+def _value_infos(values: list[onnx.ValueInfoProto]) -> dict[str, str]:
+    def text(v: onnx.ValueInfoProto) -> str:
+        t = v.type.tensor_type
+        dims = [d.dim_param or (str(d.dim_value) if d.HasField("dim_value") else "?") for d in t.shape.dim]
+        return f"{dtype_name(t.elem_type)}[{', '.join(dims)}]" if t.HasField("shape") else dtype_name(t.elem_type)
+
+    return {v.name: text(v) for v in values}
+
+
+def _keyed_changes(what: str, a: dict[str, str], b: dict[str, str]) -> list[Change]:
+    return [Change(f"{what} {k}", a.get(k, "(none)"), b.get(k, "(none)")) for k in sorted(a.keys() | b.keys())
+            if a.get(k) != b.get(k)]  # fmt: skip
+
+
+def _model_changes(a: LoadedGraph, b: LoadedGraph) -> list[Change]:
+    ma, mb = a.model, b.model
+    changes = _keyed_changes("", {"ir_version": str(ma.ir_version)}, {"ir_version": str(mb.ir_version)})
+    changes += _keyed_changes("opset", {o.domain or "ai.onnx": str(o.version) for o in ma.opset_import},
+                              {o.domain or "ai.onnx": str(o.version) for o in mb.opset_import})  # fmt: skip
+
+    def functions(m: onnx.ModelProto) -> dict[str, str]:
+        return {f"{f.domain}::{f.name}": f"{len(f.node)} nodes #{_digest(f)}" for f in m.functions}
+
+    changes += _keyed_changes("function", functions(ma), functions(mb))
+    inits_a, inits_b = set(a.tensors), set(b.tensors)
+    changes += _keyed_changes("input", _value_infos([v for v in a.graph.input if v.name not in inits_a]),
+                              _value_infos([v for v in b.graph.input if v.name not in inits_b]))  # fmt: skip
+    changes += _keyed_changes("output", _value_infos(list(a.graph.output)), _value_infos(list(b.graph.output)))
+    for c in changes:
+        c.field = c.field.strip()
+    return changes
+
+
+def _digest(proto: onnx.FunctionProto) -> str:
+    return hashlib.sha1(proto.SerializeToString(deterministic=True)).hexdigest()[:10]
+
+
+def _initializer_changes(a: LoadedGraph, b: LoadedGraph, inits: dict[str, str], values: bool) -> list[InitializerChange]:
+    found = []
+    for x, y in inits.items():
+        ta, tb = a.tensors[x], b.tensors[y]
+        changes = []
+        if ta.dtype != tb.dtype:
+            changes.append(Change("dtype", ta.dtype, tb.dtype))
+        if ta.shape != tb.shape:
+            changes.append(Change("shape", str(list(ta.shape)), str(list(tb.shape))))
+        if (ta.data == "missing") != (tb.data == "missing"):
+            changes.append(Change("data", "missing" if ta.data == "missing" else "present",
+                                  "missing" if tb.data == "missing" else "present"))  # fmt: skip
+        cmp = compare_tensors(a, x, b, y) if values else None
+        if cmp is not None and not cmp.equal and not changes:
+            changes.append(Change("values", "", "differ"))
+        if x != y:
+            changes.insert(0, Change("name", x, y))
+        if changes:
+            kind = "changed" if any(c.field != "name" for c in changes) else "renamed"
+            found.append(InitializerChange(kind, x, y, layer_of_name(x), changes,
+                                           cmp.stats_a if cmp else None, cmp.stats_b if cmp else None,
+                                           cmp.max_abs_diff if cmp and not cmp.equal else None))  # fmt: skip
+    return found
+
+
+def _node_entries(a: GraphIndex, b: GraphIndex, m: Matching, src: _Sources, claims: Claims) -> list[NodeChange]:
+    entries = []
+    for i, j in m.a_to_b.items():
+        if i in claims.pairs:
+            continue
+        changes = _node_changes(a, b, i, j, src)
+        if changes:
+            kind = "renamed" if all(c.field == "name" for c in changes) else "changed"
+            entries.append(NodeChange(kind, a.op(i), a.nodes[i].name, b.nodes[j].name, a.layers[i], m.method[i],
+                                      changes))  # fmt: skip
+    for i in range(len(a)):
+        if i not in m.a_to_b and i not in claims.nodes_a:
+            entries.append(NodeChange("removed", a.op(i), a.label(i), "", a.layers[i]))
+    for j in range(len(b)):
+        if j not in m.b_to_a and j not in claims.nodes_b:
+            entries.append(NodeChange("added", b.op(j), "", b.label(j), b.layers[j]))
+    return entries
+
+
+def diff_graphs(a: LoadedGraph, b: LoadedGraph, values: bool = True) -> tuple[GraphDiff, Matching]:
+    """Compare two loaded graphs; `values`: also compare initializer data where both sides have it."""
+    ia, ib = GraphIndex(a.graph), GraphIndex(b.graph)
+    m = match_nodes(ia, ib)
+    inits = match_initializers(ia, ib, m)
+    init_entries = _initializer_changes(a, b, inits, values)
+    changed = {e.name_a for e in init_entries if e.kind == "changed"}
+    rewrites, claims = group_rewrites(ia, ib, m, inits, find_linears(ia), find_linears(ib), changed)
+    init_entries = [e for e in init_entries if e.name_a not in claims.inits_a]
+    init_entries += [InitializerChange("removed", x, "", layer_of_name(x)) for x in a.tensors
+                     if x not in inits and x not in claims.inits_a]  # fmt: skip
+    matched_b = set(inits.values())
+    init_entries += [InitializerChange("added", "", y, layer_of_name(y)) for y in b.tensors
+                     if y not in matched_b and y not in claims.inits_b]  # fmt: skip
+    result = GraphDiff(a.role or b.role, str(a.path), str(b.path), len(ia), len(ib), m.counts(),
+                       _model_changes(a, b), rewrites, _node_entries(ia, ib, m, _Sources(ia, ib, m, inits), claims),
+                       init_entries)  # fmt: skip
+    return result, m
+
+
+def diff_paths(a: Path, b: Path, numeric: bool = False, values: bool = True, seed: int = 0) -> DiffReport:
+    """Diff two .onnx files, or two export folders graph by graph (paired by role)."""
+    paths_a, paths_b = graph_paths(a), graph_paths(b)
+    if (list(paths_a) == [""]) != (list(paths_b) == [""]):
+        raise UserError(f"cannot diff a file against an export folder ({a} vs {b}); pass two files or two folders")
+    report = DiffReport(str(a), str(b))
+    report.only_a = [r for r in paths_a if r not in paths_b]
+    report.only_b = [r for r in paths_b if r not in paths_a]
+    for role in [r for r in paths_a if r in paths_b]:
+        ga, gb = load_graph(paths_a[role], role), load_graph(paths_b[role], role)
+        result, matching = diff_graphs(ga, gb, values)
+        if numeric:
+            from dsv3c.graph.numeric import compare_numeric
+
+            result.numeric = compare_numeric(ga, gb, matching, seed)
+        report.graphs.append(result)
+    return report

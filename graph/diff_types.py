@@ -1,0 +1,129 @@
+"""The results of `dsv3c diff`, as dataclasses; render_text / render_json / render_html print them."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Literal
+
+from dsv3c.graph.stats import TensorStats
+
+EntryKind = Literal["added", "removed", "changed", "renamed"]
+RewriteKind = Literal["quantized", "lowered"]
+
+
+@dataclass
+class Change:
+    """One property that differs: `field` was `before` in A and is `after` in B."""
+
+    field: str
+    before: str
+    after: str
+
+
+@dataclass
+class NodeChange:
+    kind: EntryKind
+    op: str
+    name_a: str
+    name_b: str
+    layer: int | None
+    matched_by: str = ""
+    changes: list[Change] = field(default_factory=list)
+
+
+@dataclass
+class InitializerChange:
+    kind: EntryKind
+    name_a: str
+    name_b: str
+    layer: int | None
+    changes: list[Change] = field(default_factory=list)
+    stats_a: TensorStats | None = None
+    stats_b: TensorStats | None = None
+    max_abs_diff: float | None = None
+
+
+@dataclass
+class Rewrite:
+    """A change the pipeline makes on purpose, reported as one entry: a quantized linear, a lowered node."""
+
+    kind: RewriteKind
+    label: str  # "quantized (fp8, block 128)", "lowered (inlined, 41 nodes)", "lowered (to com.microsoft::MoE)"
+    layer: int | None
+    target: str  # the linear (short weight name) or the custom node
+    op: str
+    added_nodes: list[str] = field(default_factory=list)
+    removed_nodes: list[str] = field(default_factory=list)
+    added_initializers: list[str] = field(default_factory=list)
+    removed_initializers: list[str] = field(default_factory=list)
+    changed_initializers: list[str] = field(default_factory=list)
+
+
+@dataclass
+class TensorError:
+    tensor: str
+    node: str
+    op: str
+    layer: int | None
+    max_abs: float
+    max_rel: float  # max |a - b| / max |a|
+
+
+@dataclass
+class LayerError:
+    layer: int | None
+    max_rel: float
+    tensors: int
+    worst: str
+
+
+@dataclass
+class NumericReport:
+    status: Literal["ok", "skipped"]
+    reason: str = ""
+    seed: int = 0
+    inputs: dict[str, list[int]] = field(default_factory=dict)
+    compared: int = 0
+    layers: list[LayerError] = field(default_factory=list)
+    outputs: list[TensorError] = field(default_factory=list)  # the graph outputs
+    first_jump: TensorError | None = None
+    worst: list[TensorError] = field(default_factory=list)
+
+
+@dataclass
+class GraphDiff:
+    role: str
+    a: str
+    b: str
+    nodes_a: int
+    nodes_b: int
+    matched: dict[str, int] = field(default_factory=dict)
+    model: list[Change] = field(default_factory=list)  # ir/opset/functions/inputs/outputs
+    rewrites: list[Rewrite] = field(default_factory=list)
+    nodes: list[NodeChange] = field(default_factory=list)
+    initializers: list[InitializerChange] = field(default_factory=list)
+    numeric: NumericReport | None = None
+
+    @property
+    def differences(self) -> int:
+        return len(self.model) + len(self.rewrites) + len(self.nodes) + len(self.initializers)
+
+    def layers(self) -> list[int | None]:
+        """Every layer with an entry, in order, None (outside any layer) last."""
+        seen = {e.layer for e in (*self.rewrites, *self.nodes, *self.initializers)}
+        if self.numeric:
+            seen |= {e.layer for e in self.numeric.layers}
+        return sorted((x for x in seen if x is not None)) + ([None] if None in seen else [])
+
+
+@dataclass
+class DiffReport:
+    a: str
+    b: str
+    graphs: list[GraphDiff] = field(default_factory=list)
+    only_a: list[str] = field(default_factory=list)  # roles of an export folder present on one side only
+    only_b: list[str] = field(default_factory=list)
+
+    @property
+    def identical(self) -> bool:
+        return not self.only_a and not self.only_b and all(g.differences == 0 for g in self.graphs)

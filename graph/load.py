@@ -1,0 +1,241 @@
+"""Open ONNX files and export folders for inspection and diffing, without loading weight data.
+
+`load_graph` parses the protobuf with `load_external_data=False` and describes every initializer
+(dtype, shape, bytes, where its data lives) from the protos alone. External data is checked, never read:
+a location that escapes the model's folder is refused; a missing or short data file (a `--weights none`
+export) marks the tensor "missing" instead of failing. `iter_chunks` streams one tensor's data when a
+caller needs numbers.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import os
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Literal
+
+import numpy as np
+import onnx
+from google.protobuf.message import DecodeError
+from onnx import TensorProto
+
+from dsv3c.errors import UserError
+
+DataState = Literal["inline", "external", "missing"]
+MANIFEST = "manifest.json"
+
+# bytes per element for types numpy cannot tell us (sub-byte) or that have no fixed size
+_SUB_BYTE = {TensorProto.INT4, TensorProto.UINT4, TensorProto.FLOAT4E2M1}
+_TYPED_FIELDS = ("float_data", "int32_data", "string_data", "int64_data", "double_data", "uint64_data")
+
+
+@dataclass(frozen=True)
+class TensorInfo:
+    """One initializer, described from its proto: no data is read."""
+
+    name: str
+    elem_type: int
+    shape: tuple[int, ...]
+    numel: int
+    nbytes: int
+    data: DataState
+    location: str = ""  # external data file, relative to the model's folder
+    offset: int = 0
+    length: int = 0
+
+    @property
+    def dtype(self) -> str:
+        return dtype_name(self.elem_type)
+
+
+@dataclass(frozen=True)
+class ExternalFile:
+    location: str
+    referenced_bytes: int
+    tensors: int
+    size: int | None  # None: the file does not exist
+
+
+@dataclass
+class LoadedGraph:
+    """A parsed model plus what dsv3c knows about its initializers."""
+
+    path: Path
+    model: onnx.ModelProto
+    role: str = ""
+    tensors: dict[str, TensorInfo] = field(default_factory=dict)
+    external_files: list[ExternalFile] = field(default_factory=list)
+
+    @property
+    def graph(self) -> onnx.GraphProto:
+        return self.model.graph
+
+    @functools.cached_property
+    def initializers(self) -> dict[str, TensorProto]:
+        return {t.name: t for t in self.model.graph.initializer}
+
+    @property
+    def has_all_data(self) -> bool:
+        return all(t.data != "missing" for t in self.tensors.values())
+
+
+def dtype_name(elem_type: int) -> str:
+    try:
+        return onnx.helper.tensor_dtype_to_string(elem_type).removeprefix("TensorProto.").lower()
+    except (ValueError, KeyError):
+        return f"type{elem_type}"
+
+
+def element_bytes(elem_type: int) -> float:
+    if elem_type in _SUB_BYTE:
+        return 0.5
+    if elem_type in (TensorProto.STRING, TensorProto.UNDEFINED):
+        return 0.0
+    try:
+        return float(onnx.helper.tensor_dtype_to_np_dtype(elem_type).itemsize)
+    except (ValueError, KeyError, TypeError):
+        return 0.0
+
+
+def _check_location(folder: Path, location: str, model: Path) -> Path:
+    parts = Path(location.replace("\\", "/")).parts
+    if not location or os.path.isabs(location) or location.startswith(("/", "\\")) or ".." in parts or (
+        len(location) > 1 and location[1] == ":"
+    ):
+        raise UserError(
+            f"{model}: external data location {location!r} escapes the model's folder; "
+            "locations must be relative paths inside it (re-export, or move the data beside the model)"
+        )
+    target = folder / location
+    if target.exists() and not target.resolve().is_relative_to(folder.resolve()):
+        raise UserError(f"{model}: external data {location!r} links outside the model's folder ({target.resolve()})")
+    return target
+
+
+def _describe(t: TensorProto, folder: Path, model: Path, sizes: dict[str, int | None]) -> TensorInfo:
+    shape = tuple(int(d) for d in t.dims)
+    numel = int(np.prod(shape, dtype=np.int64)) if shape else 1
+    nbytes = int(np.ceil(numel * element_bytes(t.data_type)))
+    if t.data_location != TensorProto.EXTERNAL:
+        present = bool(t.raw_data) or numel == 0 or any(len(getattr(t, f)) for f in _TYPED_FIELDS)
+        return TensorInfo(t.name, t.data_type, shape, numel, nbytes, "inline" if present else "missing")
+    entries = {e.key: e.value for e in t.external_data}
+    location = entries.get("location", "")
+    try:
+        offset, length = int(entries.get("offset", 0)), int(entries.get("length", nbytes))
+    except ValueError:
+        raise UserError(f"{model}: initializer {t.name!r} has a non-numeric external data offset/length") from None
+    if location not in sizes:
+        target = _check_location(folder, location, model)
+        sizes[location] = target.stat().st_size if target.is_file() else None
+    size = sizes[location]
+    state: DataState = "external" if size is not None and size >= offset + length and length >= nbytes else "missing"
+    return TensorInfo(t.name, t.data_type, shape, numel, nbytes, state, location, offset, length)
+
+
+def parse_model(path: Path) -> onnx.ModelProto:
+    """The ModelProto at `path`, external data not loaded; UserError for anything that is not an ONNX model."""
+    if not path.exists():
+        raise UserError(f"{path}: no such file")
+    if not path.is_file():
+        raise UserError(f"{path}: not a file (expected an .onnx model or an export folder with {MANIFEST})")
+    try:
+        model = onnx.load(str(path), load_external_data=False)
+    except (DecodeError, RuntimeWarning, ValueError) as e:
+        raise UserError(f"{path}: not an ONNX model, or truncated ({str(e).splitlines()[0]})") from None
+    except OSError as e:
+        raise UserError(f"{path}: cannot read ({e.strerror})") from None
+    if model.ir_version <= 0 or not model.HasField("graph") or not model.opset_import:
+        raise UserError(f"{path}: not an ONNX model, or truncated (no ir_version, graph or opset_import)")
+    return model
+
+
+def load_graph(path: Path, role: str = "") -> LoadedGraph:
+    path = Path(path)
+    model = parse_model(path)
+    folder = path.resolve().parent
+    sizes: dict[str, int | None] = {}
+    tensors = {t.name: _describe(t, folder, path, sizes) for t in model.graph.initializer}
+    files = []
+    for location, size in sizes.items():
+        users = [t for t in tensors.values() if t.location == location]
+        files.append(ExternalFile(location, sum(t.nbytes for t in users), len(users), size))
+    return LoadedGraph(path, model, role, tensors, files)
+
+
+# ---- export folders ------------------------------------------------------------------------------------
+
+
+def read_export_manifest(folder: Path) -> tuple[dict[str, Path], dict[str, object]]:
+    """Graphs of an export folder by role ({"prefill": folder/"prefill.onnx", ...}) and the manifest itself.
+
+    Reads manifest.json directly; when `dsv3c.export.manifest.read_manifest` settles, switch to it here.
+    """
+    path = folder / MANIFEST
+    try:
+        manifest = json.loads(path.read_text())
+    except OSError as e:
+        raise UserError(f"{path}: cannot read ({e.strerror})") from None
+    except (json.JSONDecodeError, UnicodeDecodeError):
+        raise UserError(f"{path}: not valid JSON; re-export the folder") from None
+    graphs = manifest.get("graphs") if isinstance(manifest, dict) else None
+    if not isinstance(graphs, dict) or not all(isinstance(v, str | None) for v in graphs.values()):
+        raise UserError(f'{path}: expected {{"graphs": {{role: file or null}}}}; is this a dsv3c export folder?')
+    roles = {}
+    for role, name in graphs.items():
+        if name is None:
+            continue
+        _check_location(folder.resolve(), name, path)
+        roles[str(role)] = folder / name
+    return roles, manifest
+
+
+def graph_paths(path: Path) -> dict[str, Path]:
+    """{role: .onnx path}: one entry with role "" for a file, the manifest's roles for an export folder."""
+    path = Path(path)
+    if path.is_dir():
+        if not (path / MANIFEST).is_file():
+            raise UserError(f"{path}: a folder without {MANIFEST}; pass an .onnx file or a dsv3c export folder")
+        return read_export_manifest(path)[0]
+    if not path.exists():
+        raise UserError(f"{path}: no such file or folder")
+    return {"": path}
+
+
+# ---- reading data, one tensor at a time -----------------------------------------------------------------
+
+
+def numpy_dtype(elem_type: int) -> np.dtype | None:
+    if elem_type in _SUB_BYTE or elem_type in (TensorProto.STRING, TensorProto.UNDEFINED):
+        return None
+    try:
+        return np.dtype(onnx.helper.tensor_dtype_to_np_dtype(elem_type))
+    except (ValueError, KeyError, TypeError):
+        return None
+
+
+def iter_chunks(g: LoadedGraph, name: str, chunk: int = 1 << 22) -> Iterator[np.ndarray]:
+    """The flat data of initializer `name` in pieces of at most `chunk` elements (streamed from disk)."""
+    info = g.tensors[name]
+    dtype = numpy_dtype(info.elem_type)
+    if info.data == "missing" or dtype is None:
+        raise ValueError(f"{name}: no readable data ({info.data}, {info.dtype})")
+    if info.data == "inline":
+        flat = onnx.numpy_helper.to_array(g.initializers[name]).reshape(-1)
+        for start in range(0, max(flat.size, 1), chunk):
+            yield flat[start : start + chunk]
+        return
+    with open(g.path.resolve().parent / info.location, "rb") as f:
+        f.seek(info.offset)
+        for start in range(0, info.numel, chunk):
+            count = min(chunk, info.numel - start)
+            raw = f.read(count * dtype.itemsize)
+            yield np.frombuffer(raw, dtype=dtype)  # ONNX stores little-endian, as every host dsv3c runs on
+
+
+def read_raw(g: LoadedGraph, name: str) -> bytes:
+    """All bytes of one initializer's external or inline data, as ONNX raw_data (little-endian)."""
+    return b"".join(np.ascontiguousarray(c).tobytes() for c in iter_chunks(g, name))

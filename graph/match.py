@@ -1,0 +1,165 @@
+"""Match the nodes of two graphs, in passes from most to least certain, each a dict lookup (near-linear).
+
+1. name: a name that is unique in both graphs;
+2. inlined: nodes of B named `<custom node of A>/<body node>` came from inlining that custom node
+   (they are set aside for the lowering report, not matched one to one);
+3. outputs: a node of B that produces a tensor name produced by an unmatched node of A with the same op
+   (or any op, for a custom node of A: a lowering kept its output);
+4. neighbours: same op and the same inputs once the producers are matched (first with attributes and
+   initializer names, then without), walking B in topological order so that chains resolve in one pass;
+5. position: what is left, by op and layer, zipped in order where both sides have the same count.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections import Counter
+from collections.abc import Callable, Hashable
+from dataclasses import dataclass, field
+
+import onnx
+
+from dsv3c.graph.index import GraphIndex, is_custom
+
+METHODS = ("name", "outputs", "neighbours", "position")
+
+
+@dataclass
+class Matching:
+    a_to_b: dict[int, int] = field(default_factory=dict)
+    b_to_a: dict[int, int] = field(default_factory=dict)
+    method: dict[int, str] = field(default_factory=dict)  # by node index in A
+    inlined: dict[int, list[int]] = field(default_factory=dict)  # custom node of A -> B nodes inlined from it
+    inlined_b: set[int] = field(default_factory=set)
+
+    def add(self, a: int, b: int, method: str) -> None:
+        self.a_to_b[a] = b
+        self.b_to_a[b] = a
+        self.method[a] = method
+
+    def counts(self) -> dict[str, int]:
+        c = Counter(self.method.values())
+        return {m: c[m] for m in METHODS if c[m]}
+
+
+def attribute_digest(node: onnx.NodeProto) -> str:
+    h = hashlib.sha1()
+    for a in sorted(node.attribute, key=lambda a: a.name):
+        h.update(a.SerializeToString(deterministic=True))
+    return h.hexdigest()
+
+
+def _by_name(a: GraphIndex, b: GraphIndex, m: Matching) -> None:
+    count_a = Counter(n.name for n in a.nodes)
+    count_b = Counter(n.name for n in b.nodes)
+    where_b = {n.name: j for j, n in enumerate(b.nodes) if n.name and count_b[n.name] == 1}
+    for i, node in enumerate(a.nodes):
+        if node.name and count_a[node.name] == 1 and node.name in where_b:
+            m.add(i, where_b[node.name], "name")
+
+
+def _inlined(a: GraphIndex, b: GraphIndex, m: Matching) -> None:
+    custom = {n.name: i for i, n in enumerate(a.nodes) if n.name and is_custom(n)}
+    if not custom:
+        return
+    for j, node in enumerate(b.nodes):
+        if j in m.b_to_a or "/" not in node.name:
+            continue
+        name, cut = node.name, len(node.name)
+        while (cut := name.rfind("/", 0, cut)) > 0:  # longest prefix first
+            if name[:cut] in custom:
+                m.inlined.setdefault(custom[name[:cut]], []).append(j)
+                m.inlined_b.add(j)
+                break
+
+
+def _by_outputs(a: GraphIndex, b: GraphIndex, m: Matching) -> None:
+    for i, node in enumerate(a.nodes):
+        if i in m.a_to_b or i in m.inlined:
+            continue
+        for name in node.output:
+            j = b.producer.get(name, (None, 0))[0] if name else None
+            if j is None or j in m.b_to_a or j in m.inlined_b:
+                continue
+            if b.op(j) == a.op(i) or is_custom(node):
+                m.add(i, j, "outputs")
+                break
+
+
+def _signature(index: GraphIndex, i: int, partner: Callable[[int], int | None], strict: bool) -> Hashable | None:
+    node = index.nodes[i]
+    parts: list[Hashable] = [index.op(i), attribute_digest(node) if strict else ""]
+    for name in node.input:
+        if not name:
+            parts.append("")
+        elif name in index.producer:
+            p, k = index.producer[name]
+            q = partner(p)
+            if q is None:
+                return None
+            parts.append(("n", q, k))
+        elif name in index.initializers:
+            parts.append(("i", name if strict else ""))
+        else:
+            parts.append(("g", name))
+    return tuple(parts)
+
+
+def _by_neighbours(a: GraphIndex, b: GraphIndex, m: Matching, strict: bool) -> None:
+    candidates: dict[Hashable, list[int]] = {}
+    for i in range(len(a)):
+        if i not in m.a_to_b and i not in m.inlined:
+            sig = _signature(a, i, lambda p: p, strict)
+            candidates.setdefault(sig, []).append(i)
+    taken: Counter[Hashable] = Counter()
+    for j in range(len(b)):
+        if j in m.b_to_a or j in m.inlined_b:
+            continue
+        sig = _signature(b, j, m.b_to_a.get, strict)
+        if sig is None or sig not in candidates:
+            continue
+        queue = candidates[sig]
+        while taken[sig] < len(queue) and queue[taken[sig]] in m.a_to_b:
+            taken[sig] += 1
+        if taken[sig] < len(queue):
+            m.add(queue[taken[sig]], j, "neighbours")
+            taken[sig] += 1
+
+
+def _by_position(a: GraphIndex, b: GraphIndex, m: Matching) -> None:
+    groups_a: dict[tuple[str, int | None], list[int]] = {}
+    groups_b: dict[tuple[str, int | None], list[int]] = {}
+    for i in range(len(a)):
+        if i not in m.a_to_b and i not in m.inlined:
+            groups_a.setdefault((a.op(i), a.layers[i]), []).append(i)
+    for j in range(len(b)):
+        if j not in m.b_to_a and j not in m.inlined_b:
+            groups_b.setdefault((b.op(j), b.layers[j]), []).append(j)
+    for key, left in groups_a.items():
+        right = groups_b.get(key, [])
+        if len(left) == len(right):
+            for i, j in zip(left, right, strict=True):
+                m.add(i, j, "position")
+
+
+def match_nodes(a: GraphIndex, b: GraphIndex) -> Matching:
+    m = Matching()
+    _by_name(a, b, m)
+    _inlined(a, b, m)
+    _by_outputs(a, b, m)
+    _by_neighbours(a, b, m, strict=True)
+    _by_neighbours(a, b, m, strict=False)
+    _by_position(a, b, m)
+    return m
+
+
+def match_initializers(a: GraphIndex, b: GraphIndex, m: Matching) -> dict[str, str]:
+    """Initializers of A -> B: by name, then renamed ones read at the same input of matched nodes."""
+    pairs = {name: name for name in a.initializers if name in b.initializers}
+    taken_b = set(pairs.values())
+    for i, j in m.a_to_b.items():
+        for x, y in zip(a.nodes[i].input, b.nodes[j].input, strict=False):
+            if x in a.initializers and y in b.initializers and x not in pairs and y not in taken_b:
+                pairs[x] = y
+                taken_b.add(y)
+    return pairs
