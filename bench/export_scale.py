@@ -42,6 +42,7 @@ def main() -> int:
     p.add_argument("--one", type=int, help=argparse.SUPPRESS)  # child mode: one depth, JSON on stdout
     args = p.parse_args()
     scratch = args.out or Path(tempfile.mkdtemp(prefix="dsv3c-bench-"))
+    scratch.mkdir(parents=True, exist_ok=True)
     if args.one is not None:
         print(json.dumps(one(args.one, scratch / f"v3-{args.one}")))
         return 0

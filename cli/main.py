@@ -11,6 +11,7 @@ import importlib
 import sys
 from collections.abc import Sequence
 from types import ModuleType
+from typing import NoReturn
 
 from dsv3c.errors import UserError
 
@@ -22,8 +23,15 @@ def _load(name: str) -> ModuleType:
     return importlib.import_module(f"dsv3c.cli.cmd_{name}")
 
 
+class OneLineParser(argparse.ArgumentParser):
+    """Usage errors as one line (not argparse's usage block), exit code 2."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(2, f"{self.prog}: error: {message} (see '{self.prog} --help')\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="dsv3c", description="A compiler for DeepSeek-V3-family models.")
+    parser = OneLineParser(prog="dsv3c", description="A compiler for DeepSeek-V3-family models.")
     subparsers = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
     for name in COMMANDS:
         module = _load(name)

@@ -20,7 +20,6 @@ from pathlib import Path
 from typing import Literal
 
 import onnx
-import onnx_ir as ir
 import torch
 
 import dsv3c
@@ -45,6 +44,7 @@ from dsv3c.runtime.atomic import atomic_folder
 
 ExportDtype = Literal["fp32", "bf16"]
 TORCH_DTYPES: dict[str, torch.dtype] = {"fp32": torch.float32, "bf16": torch.bfloat16}
+_ONNX_DTYPES = {"fp32": onnx.TensorProto.FLOAT, "bf16": onnx.TensorProto.BFLOAT16}
 MIN_OPSET, MAX_OPSET = 21, 23
 
 
@@ -64,11 +64,12 @@ def export(
         _check_disk(out, estimate_weight_bytes(source.config, TORCH_DTYPES[dtype]), weights)
     with atomic_folder(out, overwrite=force) as tmp:
         traced = trace_graphs(source.config, TORCH_DTYPES[dtype], opset)
-        layout = plan_layout(v for g in traced for v in g.weights)
+        layout = plan_layout(w for g in traced for w in g.weights)
         signatures = {}
         for g in traced:
-            onnx.save(finish_graph(g, layout, tmp), tmp / f"{g.role}.onnx")
-            signatures[g.role] = signature(g.model)
+            proto = finish_graph(g, layout)
+            onnx.save(proto, tmp / f"{g.role}.onnx")
+            signatures[g.role] = signature(proto)
         if weights != "none":
             _write_weights(tmp / WEIGHTS_FILE, layout, _weight_source(source, weights, dtype, seed))
         manifest = _manifest(source, weights, dtype, seed, opset, {g.role for g in traced}, signatures)
@@ -104,22 +105,11 @@ def _check_disk(out: Path, needed: int, weights: WeightsKind) -> None:
         )
 
 
-def finish_graph(g: TracedGraph, layout: Layout, folder: Path) -> onnx.ModelProto:
-    """Bind weights to external data, drop trace metadata, attach the custom ops' functions, check."""
-    model, graph = g.model, g.model.graph
-    for value in g.weights:
-        assert value.name is not None
-        value.const_value = layout.external(value.name, folder)
-        graph.register_initializer(value)
-    graph.name = g.role
-    model.producer_name, model.producer_version = "dsv3c", dsv3c.__version__
-    model.metadata_props.clear()
-    for node in graph.all_nodes():
-        node.metadata_props.clear()
-        node.doc_string = None
-        for out in node.outputs:
-            out.metadata_props.clear()
-    proto = ir.serde.serialize_model(model)
+def finish_graph(g: TracedGraph, layout: Layout) -> onnx.ModelProto:
+    """Bind the weights to external data, attach the custom ops' functions, check the structure."""
+    proto = g.proto
+    proto.producer_name, proto.producer_version = "dsv3c", dsv3c.__version__
+    proto.graph.initializer.extend(layout.external(w.name) for w in g.weights)
     attach_functions(proto)
     check_structure(proto)
     return proto
@@ -144,17 +134,17 @@ def check_structure(proto: onnx.ModelProto) -> None:
     onnx.checker.check_model(copy, full_check=True)
 
 
-def signature(model: ir.Model) -> Signature:
-    def info(v: ir.Value) -> TensorInfo:
-        assert v.name is not None and v.dtype is not None and v.shape is not None
-        dims: list[int | str] = [d if isinstance(d, int) else str(d) for d in v.shape.dims]
-        return TensorInfo(v.name, _dtype_name(v.dtype), dims)
+def signature(proto: onnx.ModelProto) -> Signature:
+    def info(v: onnx.ValueInfoProto) -> TensorInfo:
+        t = v.type.tensor_type
+        dims: list[int | str] = [d.dim_param if d.dim_param else int(d.dim_value) for d in t.shape.dim]
+        return TensorInfo(v.name, _dtype_name(t.elem_type), dims)
 
-    return Signature([info(v) for v in model.graph.inputs], [info(v) for v in model.graph.outputs])
+    return Signature([info(v) for v in proto.graph.input], [info(v) for v in proto.graph.output])
 
 
-def _dtype_name(dtype: ir.DataType) -> str:
-    return "bfloat16" if dtype == ir.DataType.BFLOAT16 else str(dtype.numpy())
+def _dtype_name(elem_type: int) -> str:
+    return "bfloat16" if elem_type == onnx.TensorProto.BFLOAT16 else str(onnx.helper.tensor_dtype_to_np_dtype(elem_type))
 
 
 def _weight_source(source: Source, weights: WeightsKind, dtype: ExportDtype, seed: int) -> Iterator[tuple[str, torch.Tensor]]:
@@ -197,7 +187,7 @@ def _manifest(
     }
     cache = CacheLayout(
         layers=config.num_hidden_layers, mtp_layers=1 if "mtp" in roles else 0, ckv_width=config.kv_lora_rank,
-        kpe_width=config.qk_rope_head_dim, dtype=_dtype_name(_ir_dtype(dtype)),
+        kpe_width=config.qk_rope_head_dim, dtype=_dtype_name(_ONNX_DTYPES[dtype]),
     )  # fmt: skip
     return Manifest(
         config=config.to_dict(), weights=weights, dtype=cache.dtype, opset=opset,
@@ -205,7 +195,3 @@ def _manifest(
         signatures=signatures, cache=cache, stages=[stage],
         weights_file=WEIGHTS_FILE, dsv3c_version=dsv3c.__version__,
     )  # fmt: skip
-
-
-def _ir_dtype(dtype: ExportDtype) -> ir.DataType:
-    return ir.DataType.FLOAT if dtype == "fp32" else ir.DataType.BFLOAT16

@@ -1,10 +1,10 @@
 """Export-only modules: the model's own submodules, rewired so attention and routed experts are custom ops.
 
-Parameter names are the checkpoint's (`model.layers.{i}.self_attn.kv_b_proj.weight`, ...) except two:
-the routed experts of a MoE layer are stacked into `model.layers.{i}.mlp.experts.{gate,up,down}_proj.weight`
-([E, ff, D], [E, ff, D], [E, D, ff]), and the MTP modules keep the model's `mtp.{k}.*` names. The
-ONNX initializers carry these names. Every module here also runs eagerly, so it can be checked against
-the reference model without ONNX.
+The ONNX initializers are named after the checkpoint (`model.layers.{i}.self_attn.kv_b_proj.weight`, ...)
+except for two: the routed experts of a MoE layer are stacked into
+`model.layers.{i}.mlp.experts.{gate,up,down}_proj.weight` ([E, ff, D], [E, ff, D], [E, D, ff]), and the MTP
+modules keep the model's `mtp.{k}.*` names. Every module here also runs eagerly, so it can be checked
+against the reference model without ONNX.
 
 Graph signatures (inputs -> outputs); per layer i the cache is `ckv.{i}` [B, *, kv_lora_rank] and
 `kpe.{i}` [B, *, qk_rope_head_dim]:
@@ -81,6 +81,8 @@ def attention(
 
 
 class ExportLayer(nn.Module):
+    """A decoder layer: (x, cos, sin, positions[, past_ckv, past_kpe]) -> (x, new_ckv, new_kpe)."""
+
     def __init__(self, layer: DecoderLayer, absorbed: bool):
         super().__init__()
         self.self_attn = layer.self_attn
@@ -90,43 +92,66 @@ class ExportLayer(nn.Module):
         self.absorbed = absorbed
 
     def forward(
-        self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, positions: torch.Tensor, past: Cache | None
-    ) -> tuple[torch.Tensor, LayerCache]:
+        self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, positions: torch.Tensor,
+        past_ckv: torch.Tensor | None = None, past_kpe: torch.Tensor | None = None,
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:  # fmt: skip
         assert isinstance(self.self_attn, MLA)
+        past = None if past_ckv is None or past_kpe is None else (past_ckv, past_kpe)
         attn, new = attention(self.self_attn, self.input_layernorm(x), cos, sin, positions, past, self.absorbed)
         x = x + attn
-        return x + self.mlp(self.post_attention_layernorm(x)), new
+        return x + self.mlp(self.post_attention_layernorm(x)), new.ckv, new.kpe
 
 
-class _Backbone(nn.Module):
-    def __init__(self, model: DeepseekV3ForCausalLM, absorbed: bool):
+class Embed(nn.Module):
+    """(input_ids, positions) -> (x [B, S, D], cos, sin [B, S, rope / 2]). Weights: model.embed_tokens, inv_freq."""
+
+    def __init__(self, model: DeepseekV3ForCausalLM):
         super().__init__()
-        self.embed_tokens = model.model.embed_tokens
-        self.layers = nn.ModuleList(ExportLayer(layer, absorbed) for layer in model.model.layers)  # type: ignore[arg-type]
-        self.norm = model.model.norm
+        self.model = nn.ModuleDict({"embed_tokens": model.model.embed_tokens})
+        self.register_buffer("inv_freq", model.inv_freq.clone())
+        self.rope_factor = model.rope_factor
+
+    def forward(self, input_ids: torch.Tensor, positions: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        cos, sin = cos_sin(positions, self.inv_freq, self.rope_factor)
+        return self.model["embed_tokens"](input_ids), cos, sin
+
+
+class Head(nn.Module):
+    """x -> (logits, hidden): the final norm and the LM head. Weights: model.norm, lm_head."""
+
+    def __init__(self, model: DeepseekV3ForCausalLM):
+        super().__init__()
+        self.model = nn.ModuleDict({"norm": model.model.norm})
+        self.lm_head = model.lm_head
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        hidden = self.model["norm"](x)
+        return self.lm_head(hidden), hidden
 
 
 class CausalLMGraph(nn.Module):
-    """Prefill (naive MLA, no past) and decode (absorbed MLA over the latent cache) share this module."""
+    """Prefill (naive MLA, no past) or decode (absorbed MLA over the latent cache): Embed, layers, Head.
+
+    The ONNX graph is composed from these blocks traced one by one (compose.py); this module runs the
+    same wiring eagerly.
+    """
 
     def __init__(self, model: DeepseekV3ForCausalLM, absorbed: bool):
         super().__init__()
-        self.model = _Backbone(model, absorbed)
-        self.lm_head = model.lm_head
-        self.register_buffer("inv_freq", model.inv_freq.clone())
-        self.rope_factor = model.rope_factor
+        self.embed = Embed(model)
+        self.layers = nn.ModuleList(ExportLayer(layer, absorbed) for layer in model.model.layers)  # type: ignore[arg-type]
+        self.head = Head(model)
 
     def forward(
         self, input_ids: torch.Tensor, positions: torch.Tensor, past: list[Cache] | None = None
     ) -> tuple[torch.Tensor, ...]:
-        cos, sin = cos_sin(positions, self.inv_freq, self.rope_factor)
-        x = self.model.embed_tokens(input_ids)  # [B, S, D]
+        x, cos, sin = self.embed(input_ids, positions)
         new_entries: list[torch.Tensor] = []
-        for i, layer in enumerate(self.model.layers):
-            x, new = layer(x, cos, sin, positions, None if past is None else past[i])
-            new_entries += [new.ckv, new.kpe]
-        hidden = self.model.norm(x)
-        return (self.lm_head(hidden), hidden, *new_entries)
+        for i, layer in enumerate(self.layers):
+            x, ckv, kpe = layer(x, cos, sin, positions, *(() if past is None else past[i]))
+            new_entries += [ckv, kpe]
+        logits, hidden = self.head(x)
+        return (logits, hidden, *new_entries)
 
 
 class ExportMTP(nn.Module):
@@ -138,7 +163,7 @@ class ExportMTP(nn.Module):
 
 
 class MTPGraph(nn.Module):
-    """MTP depth `depth` over its own one-layer latent cache (`model.forward_mtp`)."""
+    """MTP depth `depth` over its own one-layer latent cache (`model.forward_mtp`), traced whole."""
 
     def __init__(self, model: DeepseekV3ForCausalLM, depth: int = 0, absorbed: bool = True):
         super().__init__()
@@ -148,11 +173,12 @@ class MTPGraph(nn.Module):
         self.rope_factor = model.rope_factor
 
     def forward(
-        self, next_ids: torch.Tensor, hidden: torch.Tensor, positions: torch.Tensor, past: Cache | None = None
-    ) -> tuple[torch.Tensor, ...]:
+        self, next_ids: torch.Tensor, hidden: torch.Tensor, positions: torch.Tensor,
+        past_ckv: torch.Tensor | None = None, past_kpe: torch.Tensor | None = None,
+    ) -> tuple[torch.Tensor, ...]:  # fmt: skip
         m = self.mtp[self.depth]
         cos, sin = cos_sin(positions, self.inv_freq, self.rope_factor)
         h = m.eh_proj(torch.cat([m.enorm(m.embed_tokens(next_ids)), m.hnorm(hidden)], dim=-1))  # [B, S, D]
-        h, new = m.block(h, cos, sin, positions, past)
+        h, ckv, kpe = m.block(h, cos, sin, positions, past_ckv, past_kpe)
         logits = m.shared_head["head"](m.shared_head["norm"](h))
-        return logits, h, new.ckv, new.kpe
+        return logits, h, ckv, kpe

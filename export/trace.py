@@ -1,10 +1,11 @@
 """Trace the export modules into ONNX on the `meta` device: no weight is ever materialised.
 
-`trace_graphs(config, dtype, opset)` builds the model on meta, wraps it in the export modules and runs
-torch.onnx's dynamo exporter on each. Weights leave the traced graph as *declared* values (name, dtype,
-shape) that exporter.py later binds to external data; the only values computed here are those derived
-from the config (the RoPE frequencies), which stay inline. The onnxscript optimizer runs while the
-weights are detached, so it can neither read nor rename them.
+Each distinct block (embedding + RoPE, a dense layer, a MoE layer, the head, the MTP module) is traced
+once with torch.onnx's dynamo exporter, then compose.py stamps out one instance per layer: export time
+does not grow with depth beyond the cheap stamping. Weights leave every traced block as *declared*
+values (name, dtype, shape) that exporter.py binds to external data; the only values computed here are
+derived from the config (the RoPE frequencies) and stay inline. The onnxscript optimizer runs while the
+weights are graph inputs, so it can neither read nor rename them.
 """
 
 from __future__ import annotations
@@ -17,30 +18,32 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any, Literal
 
+import onnx
 import onnx_ir as ir
 import onnxscript
 import torch
 from torch import nn
 
-from dsv3c.export.graphs import CausalLMGraph, MTPGraph
+from dsv3c.export.compose import Block, Composer, rename_dim
+from dsv3c.export.graphs import Embed, ExportLayer, Head, MTPGraph
 from dsv3c.export.onnx_ops import translation_table
 from dsv3c.models.checkpoint_layout import BIAS_FP32
 from dsv3c.models.config import DeepseekV3Config
-from dsv3c.models.deepseek_v3 import DeepseekV3ForCausalLM
+from dsv3c.models.deepseek_v3 import DecoderLayer, DeepseekV3ForCausalLM
 from dsv3c.models.rope import inv_frequencies
 
 Role = Literal["prefill", "decode", "mtp"]
 DEFAULT_OPSET = 21
 # Example sizes: >= 2 each, and all different, so torch.export keeps every dim symbolic and separate.
 EXAMPLE_BATCH, EXAMPLE_SEQ, EXAMPLE_PAST = 2, 3, 5
-DERIVED = {"inv_freq"}  # buffers computed from the config: inline in the .onnx, not weights
+DERIVED = ("inv_freq",)  # buffers computed from the config: inline in the .onnx, not weights
 
 
 @dataclass
 class TracedGraph:
     role: Role
-    model: ir.Model
-    weights: list[ir.Value]  # detached: neither graph inputs nor initializers until bound
+    proto: onnx.ModelProto  # weights are not in it yet: neither inputs nor initializers
+    weights: list[onnx.ValueInfoProto]  # declared name, dtype and shape of each weight, first use first
 
 
 def skeleton(config: DeepseekV3Config, dtype: torch.dtype) -> DeepseekV3ForCausalLM:
@@ -56,48 +59,110 @@ def skeleton(config: DeepseekV3Config, dtype: torch.dtype) -> DeepseekV3ForCausa
 def trace_graphs(config: DeepseekV3Config, dtype: torch.dtype, opset: int = DEFAULT_OPSET) -> list[TracedGraph]:
     """prefill, decode and (when the config has MTP) mtp, traced on meta."""
     model = skeleton(config, dtype)
-    graphs = [_trace_lm(model, "prefill", opset), _trace_lm(model, "decode", opset)]
+    tracer = _Tracer(model, opset)
+    embed = tracer.block("embed", Embed(model), (tracer.ids, tracer.ids), tracer.token_dims(2),
+                         ["input_ids", "positions"], ["x", "cos", "sin"])  # fmt: skip
+    head = tracer.block("head", Head(model), (tracer.x,), ({0: tracer.batch, 1: tracer.seq},), ["x"], ["logits", "hidden"])
+    graphs = [_compose_lm(tracer, "prefill", embed, head), _compose_lm(tracer, "decode", embed, head)]
     if config.num_nextn_predict_layers:
-        graphs.append(_trace_mtp(model, opset))
+        graphs.append(_compose_mtp(tracer))
     return graphs
 
 
-def _meta(*shape: int, dtype: torch.dtype) -> torch.Tensor:
-    return torch.zeros(shape, dtype=dtype, device="meta")
+class _Tracer:
+    """Example inputs on meta, symbolic dims, and torch.onnx.export of one block."""
 
-
-def _cache_example(model: DeepseekV3ForCausalLM, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
-    c = model.config
-    return (_meta(EXAMPLE_BATCH, EXAMPLE_PAST, c.kv_lora_rank, dtype=dtype),
-            _meta(EXAMPLE_BATCH, EXAMPLE_PAST, c.qk_rope_head_dim, dtype=dtype))  # fmt: skip
-
-
-def _trace_lm(model: DeepseekV3ForCausalLM, role: Role, opset: int) -> TracedGraph:
-    n, decode = model.config.num_hidden_layers, role == "decode"
-    batch, seq, past = torch.export.Dim("batch"), torch.export.Dim("q" if decode else "seq"), torch.export.Dim("past")
-    ids = _meta(EXAMPLE_BATCH, EXAMPLE_SEQ, dtype=torch.long)
-    args: tuple[Any, ...] = (ids, ids.clone())
-    shapes: tuple[Any, ...] = ({0: batch, 1: seq}, {0: batch, 1: seq})
-    inputs = ["input_ids", "positions"]
-    if decode:
+    def __init__(self, model: DeepseekV3ForCausalLM, opset: int):
+        self.model, self.opset, c = model, opset, model.config
+        self.batch, self.seq, self.past = (torch.export.Dim(n) for n in ("batch", "seq", "past"))
         dtype = model.lm_head.weight.dtype
-        args += ([_cache_example(model, dtype) for _ in range(n)],)
-        shapes += ([({0: batch, 1: past}, {0: batch, 1: past}) for _ in range(n)],)
-        inputs += [f"past_{kind}.{i}" for i in range(n) for kind in ("ckv", "kpe")]
-    outputs = ["logits", "hidden"] + [f"new_{kind}.{i}" for i in range(n) for kind in ("ckv", "kpe")]
-    return _trace(role, CausalLMGraph(model, absorbed=decode), model.config, args, shapes, inputs, outputs, opset)
+        b, s, p = EXAMPLE_BATCH, EXAMPLE_SEQ, EXAMPLE_PAST
+        self.ids = torch.zeros(b, s, dtype=torch.long, device="meta")
+        self.x = torch.zeros(b, s, c.hidden_size, dtype=dtype, device="meta")
+        self.rope = torch.zeros(b, s, c.qk_rope_head_dim // 2, device="meta")
+        self.cache = (torch.zeros(b, p, c.kv_lora_rank, dtype=dtype, device="meta"),
+                      torch.zeros(b, p, c.qk_rope_head_dim, dtype=dtype, device="meta"))  # fmt: skip
+
+    def token_dims(self, n: int) -> tuple[dict[int, Any], ...]:
+        return tuple({0: self.batch, 1: self.seq} for _ in range(n))
+
+    def cache_dims(self) -> tuple[dict[int, Any], ...]:
+        return ({0: self.batch, 1: self.past}, {0: self.batch, 1: self.past})
+
+    def layer(self, layer: DecoderLayer, name: str, absorbed: bool, with_past: bool) -> Block:
+        args = (self.x, self.rope, self.rope, self.ids) + (self.cache if with_past else ())
+        dims = self.token_dims(4) + (self.cache_dims() if with_past else ())
+        inputs = ["x", "cos", "sin", "positions"] + (["past_ckv", "past_kpe"] if with_past else [])
+        return self.block(name, ExportLayer(layer, absorbed), args, dims, inputs, ["x_out", "new_ckv", "new_kpe"])
+
+    def block(
+        self, name: str, module: nn.Module, args: tuple[Any, ...], dims: tuple[Any, ...],
+        inputs: list[str], outputs: list[str],
+    ) -> Block:  # fmt: skip
+        module.eval()
+        args = tuple(a.clone() for a in args)  # distinct tensors: one shared object would tie two inputs
+        with _quiet():
+            program = torch.onnx.export(
+                module, args, dynamo=True, dynamic_shapes=dims, input_names=inputs, output_names=outputs,
+                opset_version=self.opset, custom_translation_table=translation_table(), optimize=False,
+            )  # fmt: skip
+        assert program is not None
+        model = program.model
+        weights = _weights_to_inputs(model, self.model.config)
+        with _quiet():
+            onnxscript.optimizer.optimize_ir(model)
+        return Block(name, ir.serde.serialize_model(model), weights)
 
 
-def _trace_mtp(model: DeepseekV3ForCausalLM, opset: int) -> TracedGraph:
-    batch, seq, past = torch.export.Dim("batch"), torch.export.Dim("seq"), torch.export.Dim("past")
-    dtype = model.lm_head.weight.dtype
-    ids = _meta(EXAMPLE_BATCH, EXAMPLE_SEQ, dtype=torch.long)
-    hidden = _meta(EXAMPLE_BATCH, EXAMPLE_SEQ, model.config.hidden_size, dtype=dtype)
-    args = (ids, hidden, ids.clone(), _cache_example(model, dtype))
-    shapes = ({0: batch, 1: seq}, {0: batch, 1: seq}, {0: batch, 1: seq}, ({0: batch, 1: past}, {0: batch, 1: past}))
-    inputs = ["next_ids", "hidden", "positions", "past_ckv.0", "past_kpe.0"]
+def _compose_lm(tracer: _Tracer, role: Role, embed: Block, head: Block) -> TracedGraph:
+    """Embed -> layer instances (one traced block per kind) -> Head, as CausalLMGraph.forward wires them."""
+    model, decode = tracer.model, role == "decode"
+    c, n = model.config, model.config.num_hidden_layers
+    composer = Composer()
+    composer.add(embed, "embed", {"input_ids": "input_ids", "positions": "positions"}, {"x": "x.0", "cos": "cos", "sin": "sin"})
+    kinds: dict[bool, Block] = {}
+    for i, layer in enumerate(model.model.layers):
+        moe = c.is_moe_layer(i)
+        if moe not in kinds:
+            kinds[moe] = tracer.layer(layer, f"{'moe' if moe else 'dense'}_{role}", absorbed=decode, with_past=decode)  # type: ignore[arg-type]
+        inputs = {"x": f"x.{i}", "cos": "cos", "sin": "sin", "positions": "positions",
+                  "past_ckv": f"past_ckv.{i}", "past_kpe": f"past_kpe.{i}"}  # fmt: skip
+        outputs = {"x_out": f"x.{i + 1}", "new_ckv": f"new_ckv.{i}", "new_kpe": f"new_kpe.{i}"}
+        composer.add(kinds[moe], f"layers.{i}", inputs, outputs, weight_prefix=f"model.layers.{i}.")
+    tied = {"lm_head.weight": "model.embed_tokens.weight"} if c.tie_word_embeddings else {}
+    composer.add(head, "head", {"x": f"x.{n}"}, {"logits": "logits", "hidden": "hidden"}, weight_names=tied)
+    cache = [f"{kind}.{i}" for i in range(n) for kind in ("ckv", "kpe")]
+    inputs = ["input_ids", "positions"] + ([f"past_{name}" for name in cache] if decode else [])
+    outputs = ["logits", "hidden"] + [f"new_{name}" for name in cache]
+    proto = composer.model(role, inputs, outputs, embed.proto)
+    if decode:
+        rename_dim(proto, "seq", "q")
+    return TracedGraph(role, proto, list(composer.weights.values()))
+
+
+def _compose_mtp(tracer: _Tracer) -> TracedGraph:
+    args = (tracer.ids, tracer.x, tracer.ids, *tracer.cache)
+    dims = tracer.token_dims(3) + tracer.cache_dims()
+    names = ["next_ids", "hidden", "positions", "past_ckv.0", "past_kpe.0"]
     outputs = ["logits", "hidden_out", "new_ckv.0", "new_kpe.0"]
-    return _trace("mtp", MTPGraph(model, depth=0, absorbed=True), model.config, args, shapes, inputs, outputs, opset)
+    block = tracer.block("mtp", MTPGraph(tracer.model, depth=0, absorbed=True), args, dims, names, outputs)
+    composer = Composer()
+    composer.add(block, "mtp", {n: n for n in names}, {n: n for n in outputs})
+    return TracedGraph("mtp", composer.model("mtp", names, outputs, block.proto), list(composer.weights.values()))
+
+
+def _weights_to_inputs(model: ir.Model, config: DeepseekV3Config) -> list[str]:
+    """Turn every weight initializer into a graph input; give the derived ones (RoPE) their values."""
+    graph, weights = model.graph, []
+    for name, value in list(graph.initializers.items()):
+        if name == "inv_freq":
+            value.const_value = ir.tensor(inv_frequencies(config).numpy(), name=name)
+            continue
+        del graph.initializers[name]
+        value.const_value = None
+        graph.inputs.append(value)
+        weights.append(name)
+    return weights
 
 
 @contextlib.contextmanager
@@ -114,45 +179,3 @@ def _quiet() -> Iterator[None]:
         finally:
             for lg, level in zip(loggers, levels, strict=True):
                 lg.setLevel(level)
-
-
-def _trace(
-    role: Role, module: nn.Module, config: DeepseekV3Config, args: tuple[Any, ...], shapes: tuple[Any, ...],
-    inputs: list[str], outputs: list[str], opset: int,
-) -> TracedGraph:  # fmt: skip
-    module.eval()
-    with _quiet():
-        program = torch.onnx.export(
-            module, args, dynamo=True, dynamic_shapes=shapes, input_names=inputs, output_names=outputs,
-            opset_version=opset, custom_translation_table=translation_table(), optimize=False, verbose=False,
-        )  # fmt: skip
-    assert program is not None
-    model = program.model
-    weights = _detach_weights(model)
-    bind_derived(model, config)
-    with _quiet():
-        onnxscript.optimizer.optimize_ir(model)
-    for value in weights:
-        model.graph.inputs.remove(value)
-    return TracedGraph(role, model, weights)
-
-
-def _detach_weights(model: ir.Model) -> list[ir.Value]:
-    """Move every weight initializer out of the graph, as a temporary input the optimizer leaves alone."""
-    graph = model.graph
-    weights = []
-    for name, value in list(graph.initializers.items()):
-        if name in DERIVED:
-            continue
-        del graph.initializers[name]
-        value.const_value = None
-        graph.inputs.append(value)
-        weights.append(value)
-    return weights
-
-
-def bind_derived(model: ir.Model, config: DeepseekV3Config) -> None:
-    """Give the derived initializers their values (they were traced on meta)."""
-    value = model.graph.initializers.get("inv_freq")
-    if value is not None:
-        value.const_value = ir.tensor(inv_frequencies(config).numpy(), name="inv_freq")

@@ -19,7 +19,7 @@ from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import onnx_ir as ir
+import onnx
 import torch
 from torch import nn
 
@@ -30,16 +30,21 @@ from dsv3c.models.deepseek_v3 import RMSNorm
 
 WEIGHTS_FILE = "weights.bin"
 ALIGN = 4096
-_DTYPES = {ir.DataType.FLOAT: torch.float32, ir.DataType.BFLOAT16: torch.bfloat16, ir.DataType.FLOAT16: torch.float16}
+_DTYPES = {onnx.TensorProto.FLOAT: torch.float32, onnx.TensorProto.BFLOAT16: torch.bfloat16,
+           onnx.TensorProto.FLOAT16: torch.float16}  # fmt: skip
 _EXPERT = re.compile(r"^(.*\.mlp\.experts)\.(\d+)\.(gate_proj|up_proj|down_proj)\.weight$")
 
 
 @dataclass(frozen=True)
 class Slot:
     name: str
-    dtype: torch.dtype
+    elem_type: int  # onnx.TensorProto.FLOAT, BFLOAT16, ...
     shape: tuple[int, ...]
     offset: int
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return _DTYPES[self.elem_type]
 
     @property
     def nbytes(self) -> int:
@@ -51,28 +56,30 @@ class Layout:
     slots: dict[str, Slot] = field(default_factory=dict)
     total: int = 0
 
-    def external(self, name: str, base_dir: str | Path) -> ir.ExternalTensor:
-        """Slot `name` as ONNX external data (relative location, offset, length)."""
+    def external(self, name: str) -> onnx.TensorProto:
+        """Slot `name` as an initializer with ONNX external data (relative location, offset, length)."""
         slot = self.slots[name]
-        dtype = next(k for k, v in _DTYPES.items() if v == slot.dtype)
-        return ir.ExternalTensor(
-            WEIGHTS_FILE, slot.offset, slot.nbytes, dtype, shape=ir.Shape(slot.shape), name=name, base_dir=str(base_dir)
-        )
+        tensor = onnx.TensorProto(name=name, data_type=slot.elem_type, dims=slot.shape)
+        tensor.data_location = onnx.TensorProto.EXTERNAL
+        for key, value in (("location", WEIGHTS_FILE), ("offset", slot.offset), ("length", slot.nbytes)):
+            entry = tensor.external_data.add()
+            entry.key, entry.value = key, str(value)
+        return tensor
 
 
-def plan_layout(values: Iterable[ir.Value]) -> Layout:
+def plan_layout(values: Iterable[onnx.ValueInfoProto]) -> Layout:
     """Slots for the weights of all graphs, in first-seen order; one name must mean one dtype and shape."""
     layout = Layout()
     for value in values:
-        assert value.name is not None and value.dtype is not None and value.shape is not None
-        torch_dtype, shape = _DTYPES[value.dtype], tuple(int(d) for d in value.shape.dims)
+        t = value.type.tensor_type
+        elem_type, shape = t.elem_type, tuple(int(d.dim_value) for d in t.shape.dim)
         known = layout.slots.get(value.name)
         if known is not None:
-            if (known.dtype, known.shape) != (torch_dtype, shape):
+            if (known.elem_type, known.shape) != (elem_type, shape):
                 raise RuntimeError(f"bug: weight {value.name} differs between graphs")
             continue
         offset = -(-layout.total // ALIGN) * ALIGN
-        layout.slots[value.name] = Slot(value.name, torch_dtype, shape, offset)
+        layout.slots[value.name] = Slot(value.name, elem_type, shape, offset)
         layout.total = offset + layout.slots[value.name].nbytes
     return layout
 

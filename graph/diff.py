@@ -11,15 +11,15 @@ from collections.abc import Hashable
 from pathlib import Path
 
 import onnx
-
 from dsv3c.errors import UserError
-from dsv3c.graph.diff_types import Change, DiffReport, GraphDiff, InitializerChange, NodeChange
+from dsv3c.graph.diff_types import Change, DiffReport, EntryKind, GraphDiff, InitializerChange, NodeChange
 from dsv3c.graph.index import GraphIndex, attribute_text, layer_of_name
 from dsv3c.graph.linears import find_linears
 from dsv3c.graph.load import LoadedGraph, dtype_name, graph_paths, load_graph
 from dsv3c.graph.match import Matching, match_initializers, match_nodes
 from dsv3c.graph.rewrites import Claims, group_rewrites
 from dsv3c.graph.stats import compare_tensors
+from dsv3c.graph.summary import function_label
 
 
 class _Sources:
@@ -95,7 +95,7 @@ def _model_changes(a: LoadedGraph, b: LoadedGraph) -> list[Change]:
                               {o.domain or "ai.onnx": str(o.version) for o in mb.opset_import})  # fmt: skip
 
     def functions(m: onnx.ModelProto) -> dict[str, str]:
-        return {f"{f.domain}::{f.name}": f"{len(f.node)} nodes #{_digest(f)}" for f in m.functions}
+        return {function_label(f): f"{len(f.node)} nodes #{_digest(f)}" for f in m.functions}
 
     changes += _keyed_changes("function", functions(ma), functions(mb))
     inits_a, inits_b = set(a.tensors), set(b.tensors)
@@ -111,7 +111,9 @@ def _digest(proto: onnx.FunctionProto) -> str:
     return hashlib.sha1(proto.SerializeToString(deterministic=True)).hexdigest()[:10]
 
 
-def _initializer_changes(a: LoadedGraph, b: LoadedGraph, inits: dict[str, str], values: bool) -> list[InitializerChange]:
+def _initializer_changes(
+    a: LoadedGraph, b: LoadedGraph, inits: dict[str, str], values: bool
+) -> list[InitializerChange]:
     found = []
     for x, y in inits.items():
         ta, tb = a.tensors[x], b.tensors[y]
@@ -129,7 +131,7 @@ def _initializer_changes(a: LoadedGraph, b: LoadedGraph, inits: dict[str, str], 
         if x != y:
             changes.insert(0, Change("name", x, y))
         if changes:
-            kind = "changed" if any(c.field != "name" for c in changes) else "renamed"
+            kind: EntryKind = "changed" if any(c.field != "name" for c in changes) else "renamed"
             found.append(InitializerChange(kind, x, y, layer_of_name(x), changes,
                                            cmp.stats_a if cmp else None, cmp.stats_b if cmp else None,
                                            cmp.max_abs_diff if cmp and not cmp.equal else None))  # fmt: skip
@@ -143,7 +145,7 @@ def _node_entries(a: GraphIndex, b: GraphIndex, m: Matching, src: _Sources, clai
             continue
         changes = _node_changes(a, b, i, j, src)
         if changes:
-            kind = "renamed" if all(c.field == "name" for c in changes) else "changed"
+            kind: EntryKind = "renamed" if all(c.field == "name" for c in changes) else "changed"
             entries.append(NodeChange(kind, a.op(i), a.nodes[i].name, b.nodes[j].name, a.layers[i], m.method[i],
                                       changes))  # fmt: skip
     for i in range(len(a)):

@@ -108,12 +108,15 @@ class GraphDiff:
     def differences(self) -> int:
         return len(self.model) + len(self.rewrites) + len(self.nodes) + len(self.initializers)
 
+    def entries(self) -> list[Rewrite | NodeChange | InitializerChange]:
+        return [*self.rewrites, *self.nodes, *self.initializers]
+
     def layers(self) -> list[int | None]:
         """Every layer with an entry, in order, None (outside any layer) last."""
-        seen = {e.layer for e in (*self.rewrites, *self.nodes, *self.initializers)}
+        seen = {e.layer for e in self.entries()}
         if self.numeric:
             seen |= {e.layer for e in self.numeric.layers}
-        return sorted((x for x in seen if x is not None)) + ([None] if None in seen else [])
+        return sorted(x for x in seen if x is not None) + ([None] if None in seen else [])
 
 
 @dataclass

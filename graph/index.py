@@ -73,7 +73,9 @@ class GraphIndex:
     def _layer(self, node: onnx.NodeProto) -> int | None:
         weights = [n for n in node.input if n in self.initializers]
         meta = [p.value for p in node.metadata_props]
-        for name in (node.name, *node.output, *meta, *weights, *node.input):
+        # a scoped name without a layer (`/model/norm/Div`) is outside the layers; others may read one's output
+        inputs = [] if "/" in node.name else node.input
+        for name in (node.name, *node.output, *meta, *weights, *inputs):
             layer = layer_of_name(name)
             if layer is not None:
                 return layer

@@ -13,9 +13,8 @@ import math
 from dataclasses import dataclass
 
 import onnx
-from onnx import TensorProto
-
 from dsv3c.graph.index import GraphIndex
+from onnx import TensorProto
 
 FP8_TYPES = frozenset(
     {TensorProto.FLOAT8E4M3FN, TensorProto.FLOAT8E4M3FNUZ, TensorProto.FLOAT8E5M2, TensorProto.FLOAT8E5M2FNUZ}
@@ -108,7 +107,9 @@ class LinearFinder:
             return ""
         label = fp8_label(weight.data_type)
         index = self.index
-        scales = [t for n in trace.initializers if (t := index.initializers[n]) is not weight and t.data_type in _FLOATS]
+        scales = [
+            t for n in trace.initializers if (t := index.initializers[n]) is not weight and t.data_type in _FLOATS
+        ]
         for i in trace.nodes:
             node = index.nodes[i]
             if node.op_type == "DequantizeLinear":

@@ -9,8 +9,8 @@ caller needs numbers.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
-import json
 import os
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -19,10 +19,9 @@ from typing import Literal
 
 import numpy as np
 import onnx
+from dsv3c.errors import UserError
 from google.protobuf.message import DecodeError
 from onnx import TensorProto
-
-from dsv3c.errors import UserError
 
 DataState = Literal["inline", "external", "missing"]
 MANIFEST = "manifest.json"
@@ -102,8 +101,12 @@ def element_bytes(elem_type: int) -> float:
 
 def _check_location(folder: Path, location: str, model: Path) -> Path:
     parts = Path(location.replace("\\", "/")).parts
-    if not location or os.path.isabs(location) or location.startswith(("/", "\\")) or ".." in parts or (
-        len(location) > 1 and location[1] == ":"
+    if (
+        not location
+        or os.path.isabs(location)
+        or location.startswith(("/", "\\"))
+        or ".." in parts
+        or (len(location) > 1 and location[1] == ":")
     ):
         raise UserError(
             f"{model}: external data location {location!r} escapes the model's folder; "
@@ -170,27 +173,16 @@ def load_graph(path: Path, role: str = "") -> LoadedGraph:
 
 
 def read_export_manifest(folder: Path) -> tuple[dict[str, Path], dict[str, object]]:
-    """Graphs of an export folder by role ({"prefill": folder/"prefill.onnx", ...}) and the manifest itself.
+    """Graphs of an export folder by role ({"prefill": folder/"prefill.onnx", ...}) and its cache layout."""
+    from dsv3c.export.manifest import read_manifest  # imports torch (via dsv3c.models): only for folders
 
-    Reads manifest.json directly; when `dsv3c.export.manifest.read_manifest` settles, switch to it here.
-    """
-    path = folder / MANIFEST
-    try:
-        manifest = json.loads(path.read_text())
-    except OSError as e:
-        raise UserError(f"{path}: cannot read ({e.strerror})") from None
-    except (json.JSONDecodeError, UnicodeDecodeError):
-        raise UserError(f"{path}: not valid JSON; re-export the folder") from None
-    graphs = manifest.get("graphs") if isinstance(manifest, dict) else None
-    if not isinstance(graphs, dict) or not all(isinstance(v, str | None) for v in graphs.values()):
-        raise UserError(f'{path}: expected {{"graphs": {{role: file or null}}}}; is this a dsv3c export folder?')
+    manifest = read_manifest(folder)
     roles = {}
-    for role, name in graphs.items():
-        if name is None:
-            continue
-        _check_location(folder.resolve(), name, path)
-        roles[str(role)] = folder / name
-    return roles, manifest
+    for role, name in manifest.graphs.items():
+        if name is not None:
+            _check_location(folder.resolve(), name, folder / MANIFEST)
+            roles[role] = folder / name
+    return roles, {"cache": dataclasses.asdict(manifest.cache)}
 
 
 def graph_paths(path: Path) -> dict[str, Path]:

@@ -18,7 +18,6 @@ from collections.abc import Callable, Hashable
 from dataclasses import dataclass, field
 
 import onnx
-
 from dsv3c.graph.index import GraphIndex, is_custom
 
 METHODS = ("name", "outputs", "neighbours", "position")
@@ -59,7 +58,9 @@ def _by_name(a: GraphIndex, b: GraphIndex, m: Matching) -> None:
 
 
 def _inlined(a: GraphIndex, b: GraphIndex, m: Matching) -> None:
-    custom = {n.name: i for i, n in enumerate(a.nodes) if n.name and is_custom(n)}
+    # a custom node that B still has (same name, same op) was not lowered: `<name>/...` nodes are the pass's helpers
+    kept = {i for i, j in m.a_to_b.items() if a.op(i) == b.op(j)}
+    custom = {n.name: i for i, n in enumerate(a.nodes) if n.name and is_custom(n) and i not in kept}
     if not custom:
         return
     for j, node in enumerate(b.nodes):

@@ -86,13 +86,17 @@ class _Grouper:
             if new is None or j is None or old.fp8_weight or not new.fp8_weight:
                 continue
             i = old.node
-            removed = self._upstream(self.a, [i], self.m.a_to_b, self.claims.nodes_a, only_helpers=True)
-            added = self._upstream(self.b, [j], self.m.b_to_a, self.claims.nodes_b, only_helpers=True)
+            # the weight path may keep matched nodes (a Transpose): their changes belong to this rewrite too
+            kept_a = [t for t in old.trace_nodes if t in self.m.a_to_b]
+            kept_b = [t for t in new.trace_nodes if t in self.m.b_to_a]
+            self.claims.pairs.update([*kept_a, *(self.m.b_to_a[t] for t in kept_b)])
+            removed = self._upstream(self.a, [i, *kept_a], self.m.a_to_b, self.claims.nodes_a, only_helpers=True)
+            added = self._upstream(self.b, [j, *kept_b], self.m.b_to_a, self.claims.nodes_b, only_helpers=True)
             moe = self.b.nodes[j].op_type in ("MoE", "QMoE")
-            target = f"{self.b.label(j)} experts" if moe else ", ".join(short_name(w) for w in new.weights)
+            target = _experts_name(new.weights) if moe else ", ".join(short_name(w) for w in new.weights)
             rw = Rewrite("quantized", f"quantized ({new.scheme})", self.a.layers[i], target, self.a.op(i),
                          [self.b.label(x) for x in added], [self.a.label(x) for x in removed])  # fmt: skip
-            self._initializers(rw, [i, *removed], [j, *added], changed)
+            self._initializers(rw, [i, *kept_a, *removed], [j, *kept_b, *added], changed)
             self.claims.pairs.add(i)
             found.append(rw)
         return found
@@ -120,6 +124,13 @@ class _Grouper:
             self._initializers(rw, [i], [*starts, *fed], changed)
             found.append(rw)
         return found
+
+
+def _experts_name(weights: tuple[str, ...]) -> str:
+    """`model.layers.3.mlp.experts.gate_proj`, `...up_proj`, `...down_proj` -> `mlp.experts`."""
+    parts = [short_name(w).split(".") for w in weights]
+    common = [p[0] for p in zip(*parts, strict=False) if len(set(p)) == 1]
+    return ".".join(common) or short_name(weights[0])
 
 
 def group_rewrites(a: GraphIndex, b: GraphIndex, m: Matching, inits: dict[str, str], linears_a: list[Linear],

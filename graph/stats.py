@@ -6,7 +6,6 @@ import math
 from dataclasses import dataclass
 
 import numpy as np
-
 from dsv3c.graph.load import LoadedGraph, iter_chunks, numpy_dtype
 
 CHUNK = 1 << 22  # elements per piece: 16 MiB of float32 at a time
@@ -77,7 +76,9 @@ def tensor_stats(g: LoadedGraph, name: str) -> TensorStats | None:
 def _same_bytes(a: LoadedGraph, x: str, b: LoadedGraph, y: str) -> bool:
     ta, tb = a.tensors[x], b.tensors[y]
     if ta.data == tb.data == "external" and (ta.location, ta.offset, ta.length) == (tb.location, tb.offset, tb.length):
-        same_file = (a.path.resolve().parent / ta.location).resolve() == (b.path.resolve().parent / tb.location).resolve()
+        same_file = (a.path.resolve().parent / ta.location).resolve() == (
+            b.path.resolve().parent / tb.location
+        ).resolve()
         if same_file:
             return True
     for ca, cb in zip(iter_chunks(a, x, CHUNK), iter_chunks(b, y, CHUNK), strict=False):

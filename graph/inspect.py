@@ -1,0 +1,52 @@
+"""What `dsv3c inspect PATH` does depends on what PATH holds: one handler per kind of artifact.
+
+A handler names a cheap `detect(path)` test and, as "module:function" strings, the function that inspects
+the path (returning a dataclass) and the one that renders that dataclass as text (JSON is generic). The
+modules are imported only when their handler is chosen, so an optional backend (TensorRT for engine
+folders) never slows down or breaks the others. To add a kind, put a Handler in HANDLERS before the more
+general ones, e.g. for TensorRT engine folders (issue 6):
+
+    Handler("tensorrt engine folder", lambda p: (p / "engine_manifest.json").is_file(),
+            "dsv3c.runtime.trt_inspect:inspect_engine_dir", "dsv3c.runtime.trt_inspect:render_text"),
+"""
+
+from __future__ import annotations
+
+import importlib
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from dsv3c.errors import UserError
+from dsv3c.graph.load import MANIFEST
+
+
+@dataclass(frozen=True)
+class Handler:
+    kind: str
+    detect: Callable[[Path], bool]
+    inspect: str  # "module:function", called with the path, returning a dataclass
+    render_text: str  # "module:function", called with that dataclass, returning text
+
+    def call(self, which: str, arg: Any) -> Any:
+        module, _, function = getattr(self, which).partition(":")
+        return getattr(importlib.import_module(module), function)(arg)
+
+
+HANDLERS: list[Handler] = [
+    Handler("export folder", lambda p: p.is_dir() and (p / MANIFEST).is_file(),
+            "dsv3c.graph.summary:inspect_path", "dsv3c.graph.render_text:render_inspect"),
+    Handler("onnx model", lambda p: p.is_file(),
+            "dsv3c.graph.summary:inspect_path", "dsv3c.graph.render_text:render_inspect"),
+]  # fmt: skip
+
+
+def find_handler(path: Path) -> Handler:
+    if not path.exists():
+        raise UserError(f"{path}: no such file or folder")
+    for handler in HANDLERS:
+        if handler.detect(path):
+            return handler
+    kinds = ", ".join(h.kind for h in HANDLERS)
+    raise UserError(f"{path}: not something dsv3c can inspect (expected one of: {kinds})")

@@ -1,0 +1,182 @@
+"""`dsv3c diff --numeric`: run both graphs on the same seeded inputs and compare every shared tensor.
+
+Each graph runs with onnxruntime (CPU, graph optimizations off so that every node's output exists) on a copy
+whose intermediate tensors are all graph outputs. Tensors are paired by name, or through the node matching
+when a matched node's outputs were renamed. The report gives the max relative error per layer
+(max |a - b| / max |a|) and the first tensor, in A's order, whose error jumps past 10x the largest error
+before it.
+"""
+
+from __future__ import annotations
+
+import zlib
+from dataclasses import dataclass
+
+import numpy as np
+import onnx
+from dsv3c.graph.diff_types import LayerError, NumericReport, TensorError
+from dsv3c.graph.index import GraphIndex, op_label
+from dsv3c.graph.load import LoadedGraph, numpy_dtype, read_raw
+from dsv3c.graph.match import Matching
+
+JUMP = 10.0  # an error this many times the largest before it is a jump
+FLOOR = 1e-6  # errors below this are float noise, never a jump
+MAX_PROTO = 1_900_000_000  # protobuf's 2 GB limit, with room for the graph
+
+
+@dataclass(frozen=True)
+class _Pair:
+    a: str
+    b: str
+    node: int  # producing node in A
+
+
+def _dim_value(name: str) -> int:
+    lower = name.lower()
+    if "batch" in lower:
+        return 1
+    if "past" in lower or "cache" in lower:
+        return 3
+    return 4
+
+
+def _vocab(g: LoadedGraph, index: GraphIndex, ids: str) -> int:
+    for out in g.graph.output:
+        dims = out.type.tensor_type.shape.dim
+        if "logits" in out.name and dims and dims[-1].HasField("dim_value"):
+            return int(dims[-1].dim_value)
+    for node_idx, _ in index.consumers.get(ids, []):
+        node = index.nodes[node_idx]
+        if node.op_type == "Gather" and node.input[0] in g.tensors:
+            return g.tensors[node.input[0]].shape[0]
+    sizes = [t.shape[0] for n, t in g.tensors.items() if "embed" in n and t.shape]
+    return max(sizes, default=2)
+
+
+def make_inputs(graphs: list[tuple[LoadedGraph, GraphIndex]], seed: int) -> dict[str, np.ndarray]:
+    """Seeded inputs for the union of both graphs' inputs; the same name always gets the same array."""
+    feeds: dict[str, np.ndarray] = {}
+    dims: dict[str, int] = {}
+    for g, index in graphs:
+        specs = [v for v in g.graph.input if v.name in index.inputs]
+        past = next((dims.setdefault(d.dim_param, _dim_value(d.dim_param)) for v in specs
+                     for d in v.type.tensor_type.shape.dim if "past" in d.dim_param.lower()), 0)  # fmt: skip
+        for v in specs:
+            if v.name in feeds:
+                continue
+            t = v.type.tensor_type
+            shape = [d.dim_value if d.HasField("dim_value") else dims.setdefault(d.dim_param, _dim_value(d.dim_param))
+                     for d in t.shape.dim]  # fmt: skip
+            rng = np.random.default_rng([seed, zlib.crc32(v.name.encode())])
+            dtype = numpy_dtype(t.elem_type) or np.dtype(np.float32)
+            lower = v.name.lower()
+            if dtype.kind in "iu" and "position" in lower:
+                value = np.broadcast_to(past + np.arange(shape[-1] if shape else 1), shape).astype(dtype)
+            elif dtype.kind in "iu" and ("id" in lower or "token" in lower):
+                value = rng.integers(0, _vocab(g, index, v.name), size=shape).astype(dtype)
+            elif dtype.kind in "iu":
+                value = np.zeros(shape, dtype)
+            elif dtype.kind == "b":
+                value = np.ones(shape, dtype)
+            else:
+                value = rng.standard_normal(shape).astype(dtype)
+            feeds[v.name] = value
+    return feeds
+
+
+def _pairs(a: GraphIndex, b: GraphIndex, m: Matching) -> list[_Pair]:
+    pairs = []
+    for i, node in enumerate(a.nodes):
+        j = m.a_to_b.get(i)
+        for k, name in enumerate(node.output):
+            if not name:
+                continue
+            if name in b.producer:
+                pairs.append(_Pair(name, name, i))
+            elif j is not None and k < len(b.nodes[j].output) and b.nodes[j].output[k]:
+                pairs.append(_Pair(name, b.nodes[j].output[k], i))
+    return pairs
+
+
+def _runnable(g: LoadedGraph, extra_outputs: list[str]) -> bytes:
+    """The model with external data read in and `extra_outputs` added as graph outputs, serialized."""
+    if sum(t.nbytes for t in g.tensors.values()) > MAX_PROTO:
+        raise ValueError("weights over 2 GB; numeric comparison reads models into one protobuf")
+    model = onnx.ModelProto()
+    model.CopyFrom(g.model)
+    for t in model.graph.initializer:
+        if t.data_location == onnx.TensorProto.EXTERNAL:
+            t.raw_data = read_raw(g, t.name)
+            del t.external_data[:]
+            t.data_location = onnx.TensorProto.DEFAULT
+    have = {o.name for o in model.graph.output}
+    model.graph.output.extend(onnx.ValueInfoProto(name=n) for n in dict.fromkeys(extra_outputs) if n not in have)
+    return model.SerializeToString()
+
+
+def _run(g: LoadedGraph, names: list[str], feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    import onnxruntime as ort
+
+    options = ort.SessionOptions()
+    options.log_severity_level = 3
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+    session = ort.InferenceSession(_runnable(g, names), options, providers=["CPUExecutionProvider"])
+    wanted = [o.name for o in session.get_outputs()]
+    own = {i.name for i in session.get_inputs()}
+    values = session.run(wanted, {k: v for k, v in feeds.items() if k in own})
+    return dict(zip(wanted, values, strict=True))
+
+
+def _error(a: GraphIndex, pair: _Pair, x: np.ndarray, y: np.ndarray) -> TensorError | None:
+    if x.shape != y.shape or x.dtype.kind != "f" or y.dtype.kind != "f":
+        return None
+    x64, y64 = x.astype(np.float64), y.astype(np.float64)
+    diff = float(np.max(np.abs(x64 - y64))) if x.size else 0.0
+    ref = float(np.max(np.abs(x64))) if x.size else 0.0
+    rel = diff / ref if ref > 0 else (0.0 if diff == 0 else float("inf"))
+    i = pair.node
+    return TensorError(pair.a, a.label(i), op_label(a.nodes[i]), a.layers[i], diff, rel)
+
+
+def _summarize(errors: list[TensorError], outputs: set[str], report: NumericReport) -> None:
+    layers: dict[int | None, LayerError] = {}
+    worst_so_far = 0.0
+    for e in errors:
+        row = layers.setdefault(e.layer, LayerError(e.layer, 0.0, 0, ""))
+        row.tensors += 1
+        if e.max_rel > row.max_rel or not row.worst:
+            row.max_rel, row.worst = e.max_rel, e.tensor
+        if report.first_jump is None and e.max_rel > FLOOR and e.max_rel > JUMP * worst_so_far:
+            report.first_jump = e
+        worst_so_far = max(worst_so_far, e.max_rel)
+    report.layers = sorted(layers.values(), key=lambda r: (r.layer is None, r.layer or 0))
+    report.outputs = [e for e in errors if e.tensor in outputs]
+    report.worst = sorted(errors, key=lambda e: -e.max_rel)[:10]
+    report.compared = len(errors)
+
+
+def compare_numeric(a: LoadedGraph, b: LoadedGraph, m: Matching, seed: int = 0) -> NumericReport:
+    """Run A and B on the same inputs and compare the tensors both produce; "skipped" (why) if one cannot run."""
+    for g in (a, b):
+        missing = [t.name for t in g.tensors.values() if t.data == "missing"]
+        if missing:
+            return NumericReport("skipped", f"{g.path.name} has no data for {len(missing)} initializers "
+                                 f"(e.g. {missing[0]}; a --weights none export?)", seed)  # fmt: skip
+    try:
+        import onnxruntime  # noqa: F401
+    except ImportError:
+        return NumericReport("skipped", "onnxruntime is not installed", seed)
+    ia, ib = GraphIndex(a.graph), GraphIndex(b.graph)
+    pairs = _pairs(ia, ib, m)
+    feeds = make_inputs([(a, ia), (b, ib)], seed)
+    values = []
+    for g, names in ((a, [p.a for p in pairs]), (b, [p.b for p in pairs])):
+        try:
+            values.append(_run(g, names, feeds))
+        except Exception as e:  # onnxruntime raises its own types; any failure means "cannot run"
+            return NumericReport("skipped", f"cannot run {g.path.name}: {str(e).strip().splitlines()[0][:300]}", seed)
+    va, vb = values
+    report = NumericReport("ok", "", seed, {k: list(v.shape) for k, v in feeds.items()})
+    errors = [err for p in pairs if p.a in va and p.b in vb and (err := _error(ia, p, va[p.a], vb[p.b])) is not None]
+    _summarize(errors, {o.name for o in a.graph.output}, report)
+    return report

@@ -1,0 +1,165 @@
+"""`dsv3c inspect` on an ONNX file or an export folder: what a graph holds, read from the protos alone."""
+
+from __future__ import annotations
+
+import re
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import onnx
+from dsv3c.graph.index import GraphIndex, attribute_text, is_custom, op_label
+from dsv3c.graph.linears import find_linears
+from dsv3c.graph.load import MANIFEST, ExternalFile, LoadedGraph, dtype_name, load_graph, read_export_manifest
+
+_CACHE_NAME = re.compile(r"cache|past|ckv|kpe|latent", re.IGNORECASE)
+
+
+@dataclass
+class TensorSpec:
+    name: str
+    dtype: str
+    shape: list[int | str]
+
+
+@dataclass
+class DtypeRow:
+    dtype: str
+    tensors: int
+    parameters: int
+    bytes: int
+    without_data: int
+
+
+@dataclass
+class CustomNodes:
+    """Custom nodes of one op with identical attributes."""
+
+    op: str
+    count: int
+    attributes: dict[str, str]
+    layers: list[int]
+    names: list[str]
+
+
+@dataclass
+class Fp8Coverage:
+    linears: int
+    fp8_linears: int  # weights and activations in fp8
+    weight_only: int  # fp8 weights, activations in high precision
+    flops: float  # per token, over all linears
+    fp8_flops: float
+    schemes: dict[str, int]  # "fp8, block 128" -> linears
+
+    @property
+    def share(self) -> float:
+        return self.fp8_flops / self.flops if self.flops else 0.0
+
+
+@dataclass
+class GraphSummary:
+    role: str
+    path: str
+    ir_version: int
+    opsets: dict[str, int]
+    producer: str
+    nodes: int
+    ops: dict[str, int]
+    inputs: list[TensorSpec]
+    outputs: list[TensorSpec]
+    parameters: int
+    bytes: int
+    by_dtype: list[DtypeRow]
+    data: str  # "present", "missing", "partial (n of m tensors)"
+    custom_nodes: list[CustomNodes]
+    functions: dict[str, int]  # "dsv3c::MoE" -> nodes in its body
+    fp8: Fp8Coverage
+    cache: list[TensorSpec]
+    external_files: list[ExternalFile]
+
+
+@dataclass
+class InspectReport:
+    path: str
+    kind: str  # "onnx model" | "export folder"
+    graphs: list[GraphSummary] = field(default_factory=list)
+    manifest_cache: object = None  # the manifest's cache layout entry, verbatim
+
+
+def _spec(v: onnx.ValueInfoProto) -> TensorSpec:
+    t = v.type.tensor_type
+    dims: list[int | str] = [d.dim_param or (d.dim_value if d.HasField("dim_value") else "?") for d in t.shape.dim]
+    return TensorSpec(v.name, dtype_name(t.elem_type), dims)
+
+
+def function_label(f: onnx.FunctionProto) -> str:
+    return f"{f.domain}::{f.name}" + (f" ({f.overload})" if f.overload else "")
+
+
+def _custom(index: GraphIndex) -> list[CustomNodes]:
+    groups: dict[tuple[str, tuple[tuple[str, str], ...]], CustomNodes] = {}
+    for i, node in enumerate(index.nodes):
+        if not is_custom(node):
+            continue
+        attrs = tuple(sorted((a.name, attribute_text(a)) for a in node.attribute))
+        group = groups.setdefault((op_label(node), attrs), CustomNodes(op_label(node), 0, dict(attrs), [], []))
+        group.count += 1
+        group.names.append(index.label(i))
+        layer = index.layers[i]
+        if layer is not None:
+            group.layers.append(layer)
+    return list(groups.values())
+
+
+def _coverage(index: GraphIndex) -> Fp8Coverage:
+    linears = find_linears(index)
+    schemes = Counter(lin.scheme for lin in linears if lin.fp8_weight)
+    return Fp8Coverage(
+        len(linears), sum(lin.runs_fp8 for lin in linears),
+        sum(lin.fp8_weight and not lin.fp8_activation for lin in linears),
+        sum(lin.flops for lin in linears), sum(lin.flops for lin in linears if lin.runs_fp8), dict(schemes),
+    )  # fmt: skip
+
+
+def summarize(g: LoadedGraph) -> GraphSummary:
+    index = GraphIndex(g.graph)
+    rows: dict[str, DtypeRow] = {}
+    for t in g.tensors.values():
+        row = rows.setdefault(t.dtype, DtypeRow(t.dtype, 0, 0, 0, 0))
+        row.tensors += 1
+        row.parameters += t.numel
+        row.bytes += t.nbytes
+        row.without_data += t.data == "missing"
+    missing = sum(r.without_data for r in rows.values())
+    data = (
+        "present"
+        if not missing
+        else "missing"
+        if missing == len(g.tensors)
+        else f"partial ({missing} of {len(g.tensors)} tensors missing)"
+    )
+    inputs = [_spec(v) for v in g.graph.input if v.name not in g.tensors]
+    model = g.model
+    return GraphSummary(
+        role=g.role, path=str(g.path), ir_version=model.ir_version,
+        opsets={o.domain or "ai.onnx": o.version for o in model.opset_import},
+        producer=f"{model.producer_name} {model.producer_version}".strip(),
+        nodes=len(index), ops=dict(Counter(index.op(i) for i in range(len(index))).most_common()),
+        inputs=inputs, outputs=[_spec(v) for v in g.graph.output],
+        parameters=sum(r.parameters for r in rows.values()), bytes=sum(r.bytes for r in rows.values()),
+        by_dtype=sorted(rows.values(), key=lambda r: -r.bytes), data=data, custom_nodes=_custom(index),
+        functions={function_label(f): len(f.node) for f in model.functions}, fp8=_coverage(index),
+        cache=[s for s in inputs if _CACHE_NAME.search(s.name)], external_files=g.external_files,
+    )  # fmt: skip
+
+
+def inspect_path(path: Path) -> InspectReport:
+    """Summaries of one .onnx file, or of every graph an export folder's manifest names."""
+    path = Path(path)
+    if path.is_dir() and (path / MANIFEST).is_file():
+        roles, manifest = read_export_manifest(path)
+        report = InspectReport(str(path), "export folder")
+        report.manifest_cache = manifest.get("cache")
+        report.graphs = [summarize(load_graph(p, role)) for role, p in roles.items()]
+        return report
+    return InspectReport(str(path), "onnx model", [summarize(load_graph(path))])
