@@ -62,7 +62,9 @@ def test_v3_is_refused_with_its_size_unless_config_only(tmp_path: Path) -> None:
         (("generate", "{ckpt}", "--prompt-ids", "x,y"), "comma-separated token ids"),
     ],
 )
-def test_bad_input_is_one_line_and_exit_2(checkpoint: Path, tmp_path: Path, args: tuple[str, ...], message: str) -> None:
+def test_bad_input_is_one_line_and_exit_2(
+    checkpoint: Path, tmp_path: Path, args: tuple[str, ...], message: str
+) -> None:
     result = run(*(a.format(tmp=tmp_path, ckpt=checkpoint) for a in args))
     assert result.returncode == 2, result.stderr
     assert message in result.stderr
