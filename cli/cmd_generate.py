@@ -1,4 +1,9 @@
-"""dsv3c generate: greedy or sampled generation from a checkpoint (PyTorch) over the latent cache."""
+"""dsv3c generate: greedy or sampled generation over the latent cache, with PyTorch or onnxruntime.
+
+    dsv3c generate CKPT --prompt-ids 1,2,3 --prompt-ids 4,5        # PyTorch, a batch of two prompts
+    dsv3c generate EXPORT --runtime ort --mtp --json               # onnxruntime, MTP speculative decoding
+    dsv3c generate EXPORT --prompt "Hello" --device cuda           # text via tokenizer.json, CUDA EP
+"""
 
 from __future__ import annotations
 
@@ -6,11 +11,12 @@ import argparse
 import json
 import sys
 from pathlib import Path
+from typing import Any
 
 from dsv3c.errors import UserError
 from dsv3c.runtime.sampling import SamplingConfig
 
-HELP = "generate tokens from a checkpoint folder"
+HELP = "generate tokens from a checkpoint folder (PyTorch) or an export folder (onnxruntime)"
 
 
 def _ids(text: str) -> list[int]:
@@ -21,56 +27,94 @@ def _ids(text: str) -> list[int]:
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("model", type=Path, help="checkpoint folder (config.json + safetensors)")
+    p.add_argument("model", type=Path, help="checkpoint folder (config.json + safetensors) or export folder")
     p.add_argument("--prompt-ids", type=_ids, action="append", default=[], metavar="IDS",
                    help="comma-separated prompt token ids; repeat for a batch")  # fmt: skip
+    p.add_argument("--prompt", action="append", default=[], metavar="TEXT",
+                   help="prompt text (needs tokenizer.json and the tokenizers package); repeat for a batch")  # fmt: skip
     p.add_argument("--max-new-tokens", type=int, default=16)
-    p.add_argument("--runtime", choices=["torch"], default="torch")
-    p.add_argument("--dtype", choices=["fp32", "bf16"], default="fp32", help="compute dtype")
+    p.add_argument("--runtime", choices=["auto", "torch", "ort"], default="auto",
+                   help="auto (default): ort for an export folder, torch for a checkpoint folder")  # fmt: skip
+    p.add_argument("--device", choices=["cpu", "cuda"], default="cpu",
+                   help="cuda: torch on the GPU, or onnxruntime-gpu's CUDA execution provider")  # fmt: skip
+    p.add_argument("--dtype", choices=["fp32", "bf16"], default="fp32", help="compute dtype (torch runtime)")
+    p.add_argument("--threads", type=int, default=0, help="intra-op threads (0: the runtime's default)")
+    p.add_argument("--mtp", action="store_true", help="speculative decoding with the model's MTP module")
     p.add_argument("--temperature", type=float, default=0.0, help="0 (default): greedy")
     p.add_argument("--top-k", type=int, default=0)
     p.add_argument("--top-p", type=float, default=1.0)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--stop-ids", type=_ids, default=[], help="ids that end a row (EOS from generation_config.json too)")
-    p.add_argument("--json", action="store_true", help='print {"ids": [...]} (a list per prompt with several)')
+    p.add_argument("--json", action="store_true",
+                   help='print {"ids": [...]} (a list per prompt with several), plus "text" and "mtp" stats')  # fmt: skip
 
 
 def stop_ids(folder: Path, extra: list[int]) -> list[int]:
     """--stop-ids plus eos_token_id from generation_config.json when the folder has one."""
-    ids = list(extra)
-    path = folder / "generation_config.json"
-    if path.is_file():
-        try:
-            eos = json.loads(path.read_text()).get("eos_token_id")
-        except (OSError, json.JSONDecodeError, AttributeError):
-            raise UserError(f"{path}: not a valid generation config (expected a JSON object)") from None
-        ids += [eos] if isinstance(eos, int) else [e for e in eos or [] if isinstance(e, int)]
-    return ids
+    from dsv3c.runtime.loading import eos_ids
+
+    return list(extra) + eos_ids(folder)
+
+
+def _prompts(args: argparse.Namespace) -> tuple[list[list[int]], Any]:
+    if args.prompt and args.prompt_ids:
+        raise UserError("give either --prompt or --prompt-ids, not both")
+    if not args.prompt and not args.prompt_ids:
+        raise UserError("no prompt given; pass --prompt-ids 1,2,3 or --prompt TEXT (repeat either for a batch)")
+    if not args.prompt:
+        return args.prompt_ids, None
+    from dsv3c.runtime.loading import load_tokenizer
+
+    tokenizer = load_tokenizer(args.model)
+    return [tokenizer.encode(text).ids for text in args.prompt], tokenizer
+
+
+class _Stream:
+    """Prints one row's tokens as they arrive (ids, or text decoded incrementally)."""
+
+    def __init__(self, tokenizer: Any):
+        self.tokenizer, self.ids, self.shown = tokenizer, [], ""
+
+    def __call__(self, row: int, token: int) -> None:
+        if self.tokenizer is None:
+            print(token, end=" ", flush=True)
+            return
+        self.ids.append(token)
+        text = self.tokenizer.decode(self.ids)
+        print(text[len(self.shown) :], end="", flush=True)
+        self.shown = text
 
 
 def run(args: argparse.Namespace) -> int:
-    import torch
-    from dsv3c.models.checkpoint import load_model
+    from dsv3c.runtime.engine import EngineBackend
     from dsv3c.runtime.generate import generate
-    from dsv3c.runtime.torch_backend import TorchBackend
+    from dsv3c.runtime.loading import open_engine
+    from dsv3c.runtime.speculative import generate_mtp
 
     sampling = SamplingConfig(args.temperature, args.top_k, args.top_p, args.seed)
-    if not args.prompt_ids:
-        raise UserError("no prompt given; pass --prompt-ids 1,2,3 (repeat it for a batch)")
-    dtype = torch.bfloat16 if args.dtype == "bf16" else torch.float32
-    backend = TorchBackend(load_model(args.model, dtype=dtype))
-    stream = not args.json and len(args.prompt_ids) == 1
-
-    def on_token(row: int, token: int) -> None:
-        print(token, end=" ", flush=True)
-
-    ids = generate(backend, args.prompt_ids, args.max_new_tokens, sampling, stop_ids(args.model, args.stop_ids),
-                   on_token if stream else None)  # fmt: skip
-    if args.json:
-        print(json.dumps({"ids": ids[0] if len(ids) == 1 else ids}))
-    elif stream:
-        print(file=sys.stdout)
+    prompts, tokenizer = _prompts(args)
+    engine = open_engine(args.model, args.runtime, args.device, args.dtype, args.threads)
+    stops = stop_ids(args.model, args.stop_ids)
+    stream = _Stream(tokenizer) if not args.json and len(prompts) == 1 else None
+    stats = None
+    if args.mtp:
+        ids, stats = generate_mtp(engine, prompts, args.max_new_tokens, sampling, stops, stream)
+        print(f"mtp: acceptance {stats.acceptance_rate:.1%} ({stats.accepted}/{stats.drafted} drafts), "
+              f"{stats.tokens_per_call:.2f} tokens per main-model call", file=sys.stderr)  # fmt: skip
     else:
-        for row in ids:
-            print(" ".join(map(str, row)))
+        ids = generate(EngineBackend(engine), prompts, args.max_new_tokens, sampling, stops, stream)
+    texts = [tokenizer.decode(row) for row in ids] if tokenizer is not None else None
+    if args.json:
+        one = len(ids) == 1
+        result: dict[str, Any] = {"ids": ids[0] if one else ids}
+        if texts is not None:
+            result["text"] = texts[0] if one else texts
+        if stats is not None:
+            result["mtp"] = stats.to_dict()
+        print(json.dumps(result))
+    elif stream is not None:
+        print()
+    else:
+        for i, row in enumerate(ids):
+            print(texts[i] if texts is not None else " ".join(map(str, row)))
     return 0

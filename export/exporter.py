@@ -3,7 +3,7 @@
     OUT/prefill.onnx   input_ids, positions -> logits, hidden, new_ckv.{i}, new_kpe.{i}   (naive MLA)
     OUT/decode.onnx    ... + past_ckv.{i}, past_kpe.{i} -> the same                       (absorbed MLA)
     OUT/mtp.onnx       next_ids, hidden, positions, past_ckv.0, past_kpe.0 -> ...          (when the model has MTP)
-    OUT/weights.bin    every weight once, referenced by all graphs (absent for --weights none)
+    OUT/weights.bin    every weight once, referenced by all graphs (--weights none: an empty placeholder)
     OUT/manifest.json  see manifest.py
 
 The pipeline is `export()`: trace on meta -> lay out the weights -> bind, finish and save each graph ->
@@ -70,7 +70,9 @@ def export(
             proto = finish_graph(g, layout)
             onnx.save(proto, tmp / f"{g.role}.onnx")
             signatures[g.role] = signature(proto)
-        if weights != "none":
+        if weights == "none":
+            (tmp / WEIGHTS_FILE).touch()  # an empty placeholder: see manifest.py
+        else:
             _write_weights(tmp / WEIGHTS_FILE, layout, _weight_source(source, weights, dtype, seed))
         manifest = _manifest(source, weights, dtype, seed, opset, {g.role for g in traced}, signatures)
         write_manifest(manifest, tmp)

@@ -121,7 +121,7 @@ class MoEVariant:
     scoring_func: str  # "sigmoid" | "softmax"
     grouped: bool  # group-limited selection (topk_method != greedy and n_group > 1)
     has_bias: bool  # noaux_tc: the bias selects, and groups rank by their two best biased scores
-    normalize: bool  # norm_topk_prob and top_k > 1
+    normalize: bool  # norm_topk_prob: weights divided by their sum over the top-k
 
     @property
     def name(self) -> str:
@@ -176,7 +176,7 @@ def moe_variant(node: onnx.NodeProto) -> MoEVariant:
     a = {x.name: helper.get_attribute_value(x) for x in node.attribute}
     has_bias = len(node.input) > 2 and node.input[2] != ""
     grouped = _str(a["topk_method"]) != "greedy" and a["n_group"] > 1
-    return MoEVariant(_str(a["scoring_func"]), grouped, has_bias, bool(a["norm_topk_prob"]) and a["top_k"] > 1)
+    return MoEVariant(_str(a["scoring_func"]), grouped, has_bias, bool(a["norm_topk_prob"]))
 
 
 def _str(value: Any) -> str:

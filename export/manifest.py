@@ -4,7 +4,7 @@
       "format_version": 1,
       "dsv3c_version": "0.1.0",
       "config": {...config.json...},
-      "weights": "checkpoint" | "random" | "none",     # none: initializers declared, weights.bin absent
+      "weights": "checkpoint" | "random" | "none",     # none: see below
       "weights_file": "weights.bin",
       "dtype": "float32" | "bfloat16",
       "opset": 21,
@@ -15,6 +15,12 @@
     }
 
 A pass that rewrites the folder appends its own stage (`Manifest.with_stage`) and writes it back.
+
+`weights: none` folders declare every weight (name, dtype, shape, and the external-data offset and
+length it would have) but hold no data: `weights.bin` is an empty placeholder, so that
+`onnx.checker.check_model(path)` accepts the graphs, while `onnx.load(path)` stops with "External data
+offset ... exceeds file size (0)" instead of reading garbage. Work on structure with
+`Manifest.load_structure(role)` (= `onnx.load(path, load_external_data=False)`) or `onnx_ir.load(path)`.
 """
 
 from __future__ import annotations
@@ -24,6 +30,8 @@ import json
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal, cast
+
+import onnx
 
 from dsv3c.errors import UserError
 from dsv3c.models.config import DeepseekV3Config
@@ -95,6 +103,10 @@ class Manifest:
         if file is None or self.folder is None:
             raise ManifestError(f"{self.folder}: this export has no {role} graph")
         return self.folder / file
+
+    def load_structure(self, role: str) -> onnx.ModelProto:
+        """The graph for `role` without its weights' bytes (works for every `weights` kind)."""
+        return onnx.load(self.graph_path(role), load_external_data=False)
 
     def with_stage(self, stage: dict[str, Any]) -> Manifest:
         return dataclasses.replace(self, stages=[*self.stages, stage])

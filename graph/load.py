@@ -173,7 +173,10 @@ def load_graph(path: Path, role: str = "") -> LoadedGraph:
 
 
 def read_export_manifest(folder: Path) -> tuple[dict[str, Path], dict[str, object]]:
-    """Graphs of an export folder by role ({"prefill": folder/"prefill.onnx", ...}) and its cache layout."""
+    """Graphs of an export folder by role ({"prefill": folder/"prefill.onnx", ...}) and its cache layout.
+
+    Reads through `dsv3c.export.manifest`, the format's owner, with one extra check: graph files stay inside.
+    """
     from dsv3c.export.manifest import read_manifest  # imports torch (via dsv3c.models): only for folders
 
     manifest = read_manifest(folder)
@@ -182,7 +185,7 @@ def read_export_manifest(folder: Path) -> tuple[dict[str, Path], dict[str, objec
         if name is not None:
             _check_location(folder.resolve(), name, folder / MANIFEST)
             roles[role] = folder / name
-    return roles, {"cache": dataclasses.asdict(manifest.cache)}
+    return roles, dataclasses.asdict(manifest.cache)
 
 
 def graph_paths(path: Path) -> dict[str, Path]:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import math
 from html import escape
+from pathlib import Path
 
 from dsv3c.graph.diff_types import DiffReport, GraphDiff
 from dsv3c.graph.render_text import initializer_line, node_line, numeric_lines, rewrite_lines
@@ -15,7 +16,7 @@ from dsv3c.graph.render_text import initializer_line, node_line, numeric_lines, 
 _CSS = """
 body{font:14px/1.45 system-ui,sans-serif;margin:1.5em auto;max-width:1100px;color:#1d1f23;padding:0 1em}
 h1{font-size:1.4em}h2{font-size:1.15em;margin-top:2em;border-bottom:1px solid #ccd}
-code,li,pre{font-family:ui-monospace,Menlo,monospace;font-size:12.5px}
+code,li,pre{font-family:ui-monospace,Menlo,monospace;font-size:12.5px}pre{white-space:pre-wrap}
 .same{color:#17692f}.differ{color:#a3280f}.verdict{font-weight:600;font-size:1.1em}
 details{border:1px solid #dde;border-radius:6px;margin:.35em 0;padding:.2em .6em;background:#fbfbfd}
 summary{cursor:pointer;font-weight:600}summary .tag{font-weight:400;color:#556;margin-left:.6em}
@@ -63,13 +64,15 @@ def _chart(g: GraphDiff, anchor: str) -> str:
     if not values:
         return ""
     logs = [math.log10(v) for _, v, _ in values if v > 0]
-    top, bottom = (max(logs) + 0.5, min(logs) - 0.5) if logs else (1.0, 0.0)
-    width, height, pad = max(320, 14 * len(values) + 60), 180, 40
-    step = (width - pad - 10) / len(values)
+    top, bottom = (math.ceil(max(logs) + 0.01), math.floor(min(logs) - 0.01)) if logs else (1, 0)
+    step = min(36.0, max(6.0, 900 / len(values)))
+    width, height, pad = int(max(320, step * len(values) + 60)), 180, 40
     parts = [f'<svg xmlns="http://www.w3.org/2000/svg" width="{width}" height="{height + 30}" role="img" '
              f'aria-label="{escape(title)}"><text x="{pad}" y="12">{escape(title)}</text>',
              f'<line class="axis" x1="{pad}" y1="{height}" x2="{width - 10}" y2="{height}"/>',
-             f'<text x="2" y="24">1e{top:.1f}</text><text x="2" y="{height}">1e{bottom:.1f}</text>']  # fmt: skip
+             f'<text x="2" y="24">1e{top}</text><text x="2" y="{height}">1e{bottom}</text>']  # fmt: skip
+    if numeric:
+        parts.append(f'<text x="{pad + 300}" y="12" fill="#d0602c">■ first jump</text>')
     for k, (layer, value, jump) in enumerate(values):
         frac = (math.log10(value) - bottom) / (top - bottom) if value > 0 and top > bottom else 0.0
         h = max(1.0, frac * (height - 24))
@@ -92,7 +95,7 @@ def _layer_details(g: GraphDiff, anchor: str) -> list[str]:
         rows = [("rewrite", x) for x in rewrite_lines([r for r in g.rewrites if r.layer == layer])]
         rows += [(e.kind, node_line(e)) for e in g.nodes if e.layer == layer]
         rows += [(e.kind, initializer_line(e)) for e in g.initializers if e.layer == layer]
-        tags = [f"{len(rows)} differences"] if rows else []
+        tags = [f"{len(rows)} difference{'s' if len(rows) > 1 else ''}"] if rows else []
         if layer in errors:
             tags.append(f"max rel err {errors[layer].max_rel:.3g}")
         name = "outside layers" if layer is None else f"layer {layer}"
@@ -109,7 +112,7 @@ def _layer_details(g: GraphDiff, anchor: str) -> list[str]:
 def _graph(g: GraphDiff, k: int) -> str:
     anchor = f"g{k}"
     matched = ", ".join(f"{m} {n}" for m, n in g.matched.items()) or "none"
-    parts = [f'<section class="graph" data-role="{escape(g.role)}"><h2>graph {escape(g.role or "")}</h2>',
+    parts = [f'<section class="graph" data-role="{escape(g.role)}"><h2>graph {escape(g.role or Path(g.b).name)}</h2>',
              f"<p><code>{escape(g.a)}</code> → <code>{escape(g.b)}</code>: {g.nodes_a} → {g.nodes_b} nodes, "
              f"matched {sum(g.matched.values())} ({escape(matched)}); "
              f"{g.differences or 'no'} differences</p>"]  # fmt: skip

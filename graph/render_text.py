@@ -93,8 +93,8 @@ def render_inspect(report: InspectReport) -> str:
     lines = [
         f"{report.kind} {report.path}" + (f" ({len(report.graphs)} graphs)" if report.kind != "onnx model" else "")
     ]
-    if report.manifest_cache is not None:
-        lines.append(f"cache layout (manifest): {json.dumps(report.manifest_cache)}")
+    if report.cache_layout is not None:
+        lines.append(f"cache layout (manifest): {json.dumps(report.cache_layout)}")
     for g in report.graphs:
         lines += ["", *_graph_summary(g)]
     return "\n".join(lines) + "\n"

@@ -83,7 +83,7 @@ class InspectReport:
     path: str
     kind: str  # "onnx model" | "export folder"
     graphs: list[GraphSummary] = field(default_factory=list)
-    manifest_cache: object = None  # the manifest's cache layout entry, verbatim
+    cache_layout: dict[str, object] | None = None  # from an export folder's manifest
 
 
 def _spec(v: onnx.ValueInfoProto) -> TensorSpec:
@@ -157,9 +157,8 @@ def inspect_path(path: Path) -> InspectReport:
     """Summaries of one .onnx file, or of every graph an export folder's manifest names."""
     path = Path(path)
     if path.is_dir() and (path / MANIFEST).is_file():
-        roles, manifest = read_export_manifest(path)
-        report = InspectReport(str(path), "export folder")
-        report.manifest_cache = manifest.get("cache")
+        roles, cache = read_export_manifest(path)
+        report = InspectReport(str(path), "export folder", cache_layout=cache)
         report.graphs = [summarize(load_graph(p, role)) for role, p in roles.items()]
         return report
     return InspectReport(str(path), "onnx model", [summarize(load_graph(path))])

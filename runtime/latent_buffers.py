@@ -1,44 +1,59 @@
 """Preallocated latent-cache buffers: per layer c_kv [B, capacity, r] and k_pe [B, capacity, rope].
 
-The decode graph masks every slot j >= positions[b, 0], so the whole buffer can be bound as the past
-without copying. Capacity grows in chunks (one copy per chunk, never per step), which bounds the
-wasted attention work to one chunk.
+The graphs mask every past slot j >= positions[b, 0], so a whole buffer can be bound as the past without
+copying, and a step's new entries are scattered to slots positions[b, i] (B * q entries, never the whole
+cache). Capacity grows by whole chunks (one copy per chunk, never per step), which also bounds the masked
+attention work wasted on unused slots. Buffers are torch tensors, so the same code serves onnxruntime
+(bound by pointer) and PyTorch, on CPU or CUDA.
 """
 
 from __future__ import annotations
 
-import numpy as np
+import torch
 
-GROWTH_CHUNK = 64
+GROWTH_CHUNK = 256
 
 
 class LatentBuffers:
-    def __init__(self, layers: int, batch: int, widths: tuple[int, int], dtype: np.dtype, capacity: int):
-        self.widths, self.dtype = widths, dtype
-        self.lengths = np.zeros(batch, dtype=np.int64)
-        self.ckv = [np.zeros((batch, capacity, widths[0]), dtype) for _ in range(layers)]
-        self.kpe = [np.zeros((batch, capacity, widths[1]), dtype) for _ in range(layers)]
+    def __init__(
+        self, layers: int, batch: int, widths: tuple[int, int], dtype: torch.dtype, device: torch.device,
+        capacity: int,
+    ):  # fmt: skip
+        self.widths, self.dtype, self.device = widths, dtype, device
+        capacity = _round_up(max(capacity, 1))
+        self.ckv = [torch.zeros(batch, capacity, widths[0], dtype=dtype, device=device) for _ in range(layers)]
+        self.kpe = [torch.zeros(batch, capacity, widths[1], dtype=dtype, device=device) for _ in range(layers)]
 
     @property
     def capacity(self) -> int:
         return self.ckv[0].shape[1]
 
+    @property
+    def batch(self) -> int:
+        return self.ckv[0].shape[0]
+
+    @property
+    def bytes_per_token(self) -> int:
+        """Bytes one token adds to one row: (r + rope) x layers x bytes per value."""
+        return (self.widths[0] + self.widths[1]) * len(self.ckv) * self.dtype.itemsize
+
     def reserve(self, needed: int) -> None:
-        """Make room for `needed` slots per row, growing by whole chunks."""
+        """Make room for `needed` slots per row, growing by whole chunks (one copy per chunk)."""
         if needed <= self.capacity:
             return
-        capacity = -(-needed // GROWTH_CHUNK) * GROWTH_CHUNK
+        capacity = _round_up(max(needed, self.capacity + self.capacity // 4))
         for buffers in (self.ckv, self.kpe):
             for i, old in enumerate(buffers):
-                new = np.zeros((old.shape[0], capacity, old.shape[2]), old.dtype)
+                new = old.new_zeros(old.shape[0], capacity, old.shape[2])
                 new[:, : old.shape[1]] = old
                 buffers[i] = new
 
-    def write(self, layer: int, ckv: np.ndarray, kpe: np.ndarray, start: np.ndarray) -> None:
-        """Store q new entries per row [B, q, *] at slots start[b] .. start[b] + q - 1."""
-        q = ckv.shape[1]
-        self.reserve(int(start.max()) + q)
-        rows = np.arange(len(start))[:, None]
-        slots = start[:, None] + np.arange(q)  # [B, q]
-        self.ckv[layer][rows, slots] = ckv
-        self.kpe[layer][rows, slots] = kpe
+    def write(self, layer: int, ckv: torch.Tensor, kpe: torch.Tensor, positions: torch.Tensor) -> None:
+        """Store the q new entries of each row [B, q, *] at slots positions[b, i] ([B, q])."""
+        rows = torch.arange(positions.shape[0], device=positions.device)[:, None]  # [B, 1]
+        self.ckv[layer][rows, positions] = ckv.to(self.dtype)
+        self.kpe[layer][rows, positions] = kpe.to(self.dtype)
+
+
+def _round_up(n: int) -> int:
+    return -(-n // GROWTH_CHUNK) * GROWTH_CHUNK

@@ -1,35 +1,58 @@
-"""onnxruntime sessions: CPU by default, CUDA when onnxruntime-gpu is installed and asked for."""
+"""onnxruntime sessions: CPU by default, CUDA when onnxruntime-gpu is installed and asked for.
+
+onnxruntime-gpu replaces onnxruntime (the same import name): uninstall one before installing the other,
+never both (README: Switching to GPU onnxruntime).
+"""
 
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 from dsv3c.errors import UserError
 
 Device = Literal["cpu", "cuda", "auto"]
 
 
-def providers_for(device: Device) -> list[str]:
-    import onnxruntime as ort
+def import_ort() -> Any:
+    try:
+        import onnxruntime as ort
+    except ImportError:
+        raise UserError("onnxruntime is not installed; install onnxruntime (CPU) or onnxruntime-gpu") from None
+    return ort
 
-    available = ort.get_available_providers()
-    cuda = "CUDAExecutionProvider" in available
+
+def resolve_device(device: Device) -> Literal["cpu", "cuda"]:
+    """The device a run will use: `auto` means CUDA when onnxruntime-gpu and a GPU are there."""
+    ort = import_ort()
+    cuda = "CUDAExecutionProvider" in ort.get_available_providers()
     if device == "cuda" and not cuda:
         raise UserError(
             "--device cuda needs onnxruntime-gpu (it replaces onnxruntime; see README: Switching to GPU onnxruntime)"
         )
-    if device == "cuda" or (device == "auto" and cuda):
+    if device == "cpu" or not cuda:
+        return "cpu"
+    import torch
+
+    if not torch.cuda.is_available():
+        if device == "cuda":
+            raise UserError("--device cuda: onnxruntime-gpu is installed but torch sees no CUDA device")
+        return "cpu"
+    return "cuda"
+
+
+def providers_for(device: Device) -> list[str]:
+    if resolve_device(device) == "cuda":
+        ort = import_ort()
         if hasattr(ort, "preload_dlls"):
             ort.preload_dlls()
         return ["CUDAExecutionProvider", "CPUExecutionProvider"]
     return ["CPUExecutionProvider"]
 
 
-def make_session(path: Path, device: Device = "cpu", threads: int = 0):  # type: ignore[no-untyped-def]
+def make_session(path: Path, device: Device = "cpu", threads: int = 0) -> Any:
     """An InferenceSession with full graph optimization; a clear error for a file that will not load."""
-    import onnxruntime as ort
-
+    ort = import_ort()
     if not path.is_file():
         raise UserError(f"{path}: no such graph; is this an export folder written by `dsv3c export`?")
     options = ort.SessionOptions()

@@ -1,53 +1,80 @@
-"""PyTorch runtime: the reference model with its latent cache in preallocated per-layer buffers."""
+"""PyTorch runtime: the reference model with its latent caches in preallocated per-layer buffers."""
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-
-import numpy as np
 import torch
 from dsv3c.models.deepseek_v3 import AttentionPath, DeepseekV3ForCausalLM, LayerCache
+from dsv3c.runtime.engine import EngineBackend, StepOutput
+from dsv3c.runtime.latent_buffers import LatentBuffers
 
 
-class TorchBackend:
-    """Prefill uses the naive MLA path (compute-bound), decode the absorbed one over the latent cache."""
+class TorchEngine:
+    """Prefill uses the naive MLA path (compute-bound), decode the absorbed one over the latent cache.
+
+    The past handed to the model is the buffer's prefix up to the longest row (a view, no copy); rows
+    shorter than that are masked by `past_lengths` = positions[:, 0].
+    """
 
     def __init__(self, model: DeepseekV3ForCausalLM, decode_path: AttentionPath = "absorbed"):
         self.model = model.eval()
-        self.vocab_size = model.config.vocab_size
-        self.max_positions = model.config.max_position_embeddings
+        self.config = model.config
+        self.device = model.lm_head.weight.device
+        self.dtype = model.lm_head.weight.dtype
+        self.has_mtp = len(model.mtp) > 0
         self.decode_path = decode_path
-        self.cache: list[LayerCache] = []
-        self.lengths = torch.zeros(0, dtype=torch.long)
+        self.cache: LatentBuffers | None = None
+        self.mtp_cache: LatentBuffers | None = None
+
+    def start(self, batch: int, capacity: int) -> None:
+        c = self.config
+        widths = (c.kv_lora_rank, c.qk_rope_head_dim)
+        self.cache = LatentBuffers(c.num_hidden_layers, batch, widths, self.dtype, self.device, capacity)
+        self.mtp_cache = LatentBuffers(1, batch, widths, self.dtype, self.device, capacity) if self.has_mtp else None
+
+    def cache_bytes_per_token(self) -> int:
+        c = self.config
+        return (c.kv_lora_rank + c.qk_rope_head_dim) * c.num_hidden_layers * self.dtype.itemsize
 
     @torch.inference_mode()
-    def prefill(self, prompts: Sequence[Sequence[int]], capacity: int) -> np.ndarray:
-        c, batch = self.model.config, len(prompts)
-        seq = max(len(p) for p in prompts)
-        ids = torch.zeros(batch, seq, dtype=torch.long)  # right-padded; padding is never attended
-        for row, prompt in enumerate(prompts):
-            ids[row, : len(prompt)] = torch.tensor(prompt)
-        self.lengths = torch.tensor([len(p) for p in prompts])
-        dtype = self.model.lm_head.weight.dtype
-        self.cache = [
-            LayerCache(torch.zeros(batch, capacity, c.kv_lora_rank, dtype=dtype),
-                       torch.zeros(batch, capacity, c.qk_rope_head_dim, dtype=dtype))
-            for _ in range(c.num_hidden_layers)
-        ]  # fmt: skip
-        out = self.model(ids, path="naive")
-        for layer, new in zip(self.cache, out.new_cache, strict=True):
-            layer.ckv[:, :seq], layer.kpe[:, :seq] = new.ckv, new.kpe
-        last = out.logits[torch.arange(batch), self.lengths - 1]  # [B, V]
-        return last.float().numpy()
+    def prefill(self, ids: torch.Tensor, positions: torch.Tensor) -> StepOutput:
+        cache = self._cache(positions)
+        out = self.model(ids, positions=positions, path="naive")
+        for i, new in enumerate(out.new_cache):
+            cache.write(i, new.ckv, new.kpe, positions)
+        return StepOutput(out.logits, out.hidden_states)
 
     @torch.inference_mode()
-    def decode(self, tokens: np.ndarray) -> np.ndarray:
-        ids = torch.from_numpy(tokens).long()[:, None]  # [B, 1]
-        used = int(self.lengths.max())
-        past = [LayerCache(layer.ckv[:, :used], layer.kpe[:, :used]) for layer in self.cache]
-        out = self.model(ids, past=past, past_lengths=self.lengths, path=self.decode_path)
-        rows = torch.arange(len(tokens))
-        for layer, new in zip(self.cache, out.new_cache, strict=True):
-            layer.ckv[rows, self.lengths], layer.kpe[rows, self.lengths] = new.ckv[:, 0], new.kpe[:, 0]
-        self.lengths = self.lengths + 1
-        return out.logits[:, -1].float().numpy()
+    def decode(self, ids: torch.Tensor, positions: torch.Tensor) -> StepOutput:
+        cache = self._cache(positions)
+        lengths, used = positions[:, 0], int(positions[:, 0].max())
+        past = [LayerCache(ckv[:, :used], kpe[:, :used]) for ckv, kpe in zip(cache.ckv, cache.kpe, strict=True)]
+        out = self.model(ids, positions=positions, past=past, past_lengths=lengths, path=self.decode_path)
+        for i, new in enumerate(out.new_cache):
+            cache.write(i, new.ckv, new.kpe, positions)
+        return StepOutput(out.logits, out.hidden_states)
+
+    @torch.inference_mode()
+    def mtp(self, next_ids: torch.Tensor, hidden: torch.Tensor, positions: torch.Tensor) -> StepOutput:
+        if not self.has_mtp or self.mtp_cache is None:
+            raise RuntimeError("this model has no MTP module, or start() was not called")
+        cache = self.mtp_cache
+        cache.reserve(int(positions.max()) + 1)
+        lengths, used = positions[:, 0], int(positions[:, 0].max())
+        past = LayerCache(cache.ckv[0][:, :used], cache.kpe[0][:, :used])
+        path = self.decode_path if used else "naive"
+        logits, state, new = self.model.forward_mtp(next_ids, hidden.to(self.dtype), positions, past, lengths, path=path)
+        cache.write(0, new.ckv, new.kpe, positions)
+        return StepOutput(logits, state)
+
+    def _cache(self, positions: torch.Tensor) -> LatentBuffers:
+        if self.cache is None:
+            raise RuntimeError("start() must be called before prefill or decode")
+        self.cache.reserve(int(positions.max()) + 1)
+        return self.cache
+
+
+class TorchBackend(EngineBackend):
+    """The generation loop's Backend over the PyTorch model."""
+
+    def __init__(self, model: DeepseekV3ForCausalLM, decode_path: AttentionPath = "absorbed"):
+        super().__init__(TorchEngine(model, decode_path))

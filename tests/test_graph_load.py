@@ -23,8 +23,9 @@ def _run_cli(argv: list[str], monkeypatch: pytest.MonkeyPatch) -> int:
 
 def _tiny_with(initializer: onnx.TensorProto) -> onnx.ModelProto:
     node = helper.make_node("MatMul", ["x", initializer.name], ["y"], name="mm")
-    graph = helper.make_graph([node], "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["n", 4])],
-                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["n", 4])], [initializer])  # fmt: skip
+    x = helper.make_tensor_value_info("x", TensorProto.FLOAT, ["n", 4])
+    y = helper.make_tensor_value_info("y", TensorProto.FLOAT, ["n", 4])
+    graph = helper.make_graph([node], "g", [x], [y], [initializer])
     return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 21)])
 
 
@@ -47,7 +48,7 @@ def test_missing_paths(tmp_path: Path) -> None:
         load_graph(tmp_path / "nope.onnx")
     with pytest.raises(UserError, match="no such file or folder"):
         graph_paths(tmp_path / "nope")
-    with pytest.raises(UserError, match="without manifest.json"):
+    with pytest.raises(UserError, match=r"without manifest\.json"):
         graph_paths(tmp_path)
 
 
@@ -100,7 +101,9 @@ def test_weights_none_is_described_not_read(tmp_path: Path, monkeypatch: pytest.
     assert not g.has_all_data
     summary = inspect_path(tmp_path / "m.onnx").graphs[0]
     assert summary.data.startswith("partial")  # the small constants (axes, eps) stay inline
-    assert [(f.location, f.size) for f in summary.external_files] == [("weights.bin", None if data_file == "absent" else 0)]
+    assert [(f.location, f.size) for f in summary.external_files] == [
+        ("weights.bin", None if data_file == "absent" else 0)
+    ]
 
 
 def test_external_data_present_is_streamed(tmp_path: Path) -> None:

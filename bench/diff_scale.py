@@ -1,0 +1,114 @@
+"""Time `dsv3c diff` on the full DeepSeek-V3 topology (weights declared, not written), before vs after fp8.
+
+    python bench/diff_scale.py [--source synthetic|export] [--layers 61] [--linears-per-layer 25] [--out DIR]
+
+--source synthetic (default) builds the v3 topology with dsv3c.graph.synthetic: 61 layers (3 dense, 58 MoE
+with 256 experts), v3's dimensions, `--linears-per-layer` MatMul linears per layer (the real 7, plus extra
+[hidden, hidden] ones up to the count), as prefill, decode and mtp graphs of an export folder.
+--source export runs the real exporter (`--weights none`, preset v3). Either way the "after" folder is
+made by `synthetic.quantize_fp8`, the stand-in for the FP8 pass (issue 4) until it exists.
+
+Prints seconds for load + match + diff, for each renderer, and for inspect, and peak RSS.
+Goal (issue 7): the whole diff under 60 s on the 2-core CPU machine.
+"""
+
+from __future__ import annotations
+
+import argparse
+import resource
+import shutil
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import onnx
+
+
+def synthetic_folder(out: Path, layers: int, linears: int) -> None:
+    from dsv3c.graph.synthetic import Topology, build_model, write_export
+
+    v3 = dict(hidden=7168, q_rank=1536, kv_rank=576, heads_dim=128 * 192, ff=18432, dense_layers=3, experts=256,
+              top_k=8, moe_ff=2048, vocab=129280, data=False)  # fmt: skip
+    main = Topology(layers=layers, extra_linears=max(linears - 7, 0), **v3)  # type: ignore[arg-type]
+    mtp = Topology(layers=1, extra_linears=max(linears - 7, 0), **{**v3, "dense_layers": 0})  # type: ignore[arg-type]
+    model = build_model(main)
+    write_export(out, {"prefill": model, "decode": model, "mtp": build_model(mtp)}, layers=layers)
+
+
+def exported_folder(out: Path, layers: int) -> None:
+    from dsv3c.export.exporter import export
+    from dsv3c.export.source import Source
+    from dsv3c.models.config import DeepseekV3Config
+
+    config = DeepseekV3Config.from_preset("v3")
+    if layers != config.num_hidden_layers:
+        dense = min(config.first_k_dense_replace, layers)
+        config = config.replace(num_hidden_layers=layers, first_k_dense_replace=dense)
+    export(Source("preset", "v3", config, None), out, weights="none", force=True)
+
+
+def quantized_copy(src: Path, dst: Path) -> None:
+    from dsv3c.graph.load import read_export_manifest
+    from dsv3c.graph.synthetic import quantize_fp8
+
+    shutil.copytree(src, dst)
+    for path in read_export_manifest(src)[0].values():
+        onnx.save(quantize_fp8(onnx.load(str(path), load_external_data=False)), str(dst / path.name))
+
+
+def timed(label: str, fn, *args):  # type: ignore[no-untyped-def]
+    start = time.perf_counter()
+    result = fn(*args)
+    print(f"{label:<34} {time.perf_counter() - start:>7.2f} s", flush=True)
+    return result
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--source", choices=["synthetic", "export"], default="synthetic")
+    p.add_argument("--layers", type=int, default=61)
+    p.add_argument("--linears-per-layer", type=int, default=25, help="synthetic only")
+    p.add_argument("--out", type=Path, default=None, help="scratch folder (default: a temporary one)")
+    args = p.parse_args()
+    from dsv3c.graph.diff import diff_paths
+    from dsv3c.graph.render_html import render_html
+    from dsv3c.graph.render_json import render_json
+    from dsv3c.graph.render_text import render_diff
+    from dsv3c.graph.summary import inspect_path
+
+    scratch = args.out or Path(tempfile.mkdtemp(prefix="dsv3c-diff-bench-"))
+    scratch.mkdir(parents=True, exist_ok=True)
+    a, b = scratch / "a", scratch / "b"
+    shutil.rmtree(a, ignore_errors=True)
+    shutil.rmtree(b, ignore_errors=True)
+    try:
+        if args.source == "synthetic":
+            timed(
+                f"build synthetic v3 ({args.layers} layers)", synthetic_folder, a, args.layers, args.linears_per_layer
+            )
+        else:
+            timed(f"export v3 --weights none ({args.layers} layers)", exported_folder, a, args.layers)
+        timed("quantize (synthetic fp8 pass)", quantized_copy, a, b)
+        start = time.perf_counter()
+        report = timed("diff: load + match + group", diff_paths, a, b)
+        text = timed("render text", render_diff, report)
+        timed("render json", render_json, report)
+        html = timed("render html", render_html, report)
+        total = time.perf_counter() - start
+        timed("inspect (after)", inspect_path, b)
+        nodes = sum(g.nodes_a + g.nodes_b for g in report.graphs)
+        rewrites = sum(len(g.rewrites) for g in report.graphs)
+        other = sum(g.differences - len(g.rewrites) for g in report.graphs)
+        print(f"{'diff total (load .. html)':<34} {total:>7.2f} s  (goal: < 60 s)")
+        print(f"graphs {len(report.graphs)}, nodes A+B {nodes}, rewrites {rewrites}, other differences {other}, "
+              f"text {len(text) / 1024:.0f} KiB, html {len(html) / 1024:.0f} KiB")  # fmt: skip
+        print(f"peak RSS {resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20:.2f} GB")
+        return 0 if total < 60 else 1
+    finally:
+        if args.out is None:
+            shutil.rmtree(scratch, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

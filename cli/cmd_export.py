@@ -1,0 +1,59 @@
+"""dsv3c export: canonical ONNX graphs (prefill, decode, MTP) with the latent cache as I/O, plus manifest.json."""
+
+from __future__ import annotations
+
+import argparse
+import signal
+import time
+from pathlib import Path
+from types import FrameType
+
+from dsv3c.errors import UserError
+from dsv3c.models.config import preset_names
+
+NAME = "export"
+HELP = "export a checkpoint (or a config / preset) to ONNX graphs with MLA and MoE custom ops"
+WEIGHTS = ("checkpoint", "random", "none")
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("checkpoint", nargs="?", type=Path,
+                   help="checkpoint folder (config.json + safetensors), or a folder holding only config.json")  # fmt: skip
+    p.add_argument("--preset", help=f"export a preset's topology instead: {', '.join(preset_names())}")
+    p.add_argument("--out", required=True, type=Path, help="export folder to create")
+    p.add_argument("--weights", choices=WEIGHTS, default=None,
+                   help="checkpoint: the folder's weights (default when it has some); random: init_random's "
+                        "weights for --seed; none: declare every weight, write no data (structure only)")  # fmt: skip
+    p.add_argument("--dtype", choices=("fp32", "bf16"), default="fp32", help="weight and activation dtype")
+    p.add_argument("--seed", type=int, default=0, help="seed of --weights random (same seed, same bytes)")
+    p.add_argument("--opset", type=int, default=21, help="ONNX opset, 21 to 23 (default 21)")
+    p.add_argument("--force", action="store_true", help="replace OUT if it exists")
+
+
+def _interrupted(signum: int, frame: FrameType | None) -> None:
+    raise KeyboardInterrupt  # so the temporary folder is removed, as on Ctrl-C
+
+
+def run(args: argparse.Namespace) -> int:
+    from dsv3c.export.exporter import export
+    from dsv3c.export.source import from_folder, from_preset
+
+    if (args.checkpoint is None) == (args.preset is None):
+        raise UserError("give either a checkpoint folder or --preset NAME (not both)")
+    if args.out.exists() and not args.force:
+        raise UserError(f"{args.out} already exists; choose another --out or pass --force")
+    source = from_preset(args.preset) if args.preset else from_folder(args.checkpoint)
+    weights = args.weights or ("checkpoint" if source.has_weights else None)
+    if weights is None:
+        raise UserError(f"{source.name} has no weights; pass --weights random or --weights none")
+    start = time.perf_counter()
+    previous = signal.signal(signal.SIGTERM, _interrupted)
+    try:
+        manifest = export(source, args.out, weights=weights, dtype=args.dtype, seed=args.seed, opset=args.opset,
+                          force=args.force)  # fmt: skip
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+    graphs = ", ".join(f for f in manifest.graphs.values() if f)
+    size = sum(f.stat().st_size for f in args.out.iterdir())
+    print(f"wrote {args.out}: {graphs}, weights {weights} ({size / 2**20:.1f} MiB) in {time.perf_counter() - start:.1f} s")
+    return 0

@@ -1,0 +1,74 @@
+"""A few lines of sugar for passes that add nodes: named nodes and values, constants, insertion."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+import onnx_ir as ir
+
+
+class Builder:
+    """Collects new nodes named `{prefix}/{what}` (values the same) and inserts them into a graph."""
+
+    def __init__(self, prefix: str) -> None:
+        self.prefix = prefix
+        self.nodes: list[ir.Node] = []
+        self._count: dict[str, int] = {}
+
+    def _name(self, what: str) -> str:
+        n = self._count.get(what, 0)
+        self._count[what] = n + 1
+        return f"{self.prefix}/{what}" if n == 0 else f"{self.prefix}/{what}_{n}"
+
+    def op(self, op_type: str, *inputs: ir.Value | None, name: str | None = None, domain: str = "",
+           num_outputs: int = 1, **attrs: Any) -> Any:  # fmt: skip
+        """Add a node; returns its output value (or the tuple of them when num_outputs > 1)."""
+        node_name = self._name(name or op_type.lower())
+        node = ir.node(op_type, list(inputs), attributes=attrs or None, domain=domain, num_outputs=num_outputs,
+                       name=node_name)  # fmt: skip
+        for i, out in enumerate(node.outputs):
+            out.name = node_name if num_outputs == 1 else f"{node_name}:{i}"
+        self.nodes.append(node)
+        return node.outputs[0] if num_outputs == 1 else tuple(node.outputs)
+
+    def const(self, value: Any, dtype: Any = None, name: str = "const") -> ir.Value:
+        """A Constant node holding `value` (numpy-convertible; ints default to int64)."""
+        array = np.asarray(value, dtype=dtype)
+        if dtype is None and array.dtype.kind == "i":
+            array = array.astype(np.int64)
+        elif dtype is None and array.dtype.kind == "f":
+            array = array.astype(np.float32)
+        return self.op("Constant", name=name, value=ir.tensor(array))  # type: ignore[no-any-return]
+
+    def ints(self, *values: int, name: str = "shape") -> ir.Value:
+        return self.const(np.array(values, dtype=np.int64), name=name)
+
+    def insert_before(self, graph: ir.Graph, node: ir.Node) -> None:
+        if self.nodes:
+            graph.insert_before(node, self.nodes)
+            self.nodes = []
+
+    def insert_after(self, graph: ir.Graph, node: ir.Node) -> None:
+        if self.nodes:
+            graph.insert_after(node, self.nodes)
+            self.nodes = []
+
+
+def first_user(graph: ir.Graph, users: Sequence[ir.Node]) -> ir.Node:
+    """Of `users` (nodes of `graph`), the one that comes first in graph order."""
+    wanted = set(users)
+    for node in graph:
+        if node in wanted:
+            return node
+    raise ValueError("bug: none of the users is in the graph")
+
+
+def initializer(graph: ir.Graph, name: str, tensor: ir.TensorProtocol) -> ir.Value:
+    """Register a new initializer `name` holding `tensor` (replacing none: the name must be free)."""
+    if name in graph.initializers:
+        raise ValueError(f"bug: initializer {name} exists already")
+    value = ir.Value(name=name, shape=ir.Shape(tensor.shape.dims), type=ir.TensorType(tensor.dtype), const_value=tensor)
+    graph.register_initializer(value)
+    return value

@@ -1,0 +1,101 @@
+"""Named pipelines: an explicit list of (stage name, pass), run on every graph of an export folder.
+
+Every pass follows onnx-ir's contract (`ir.passes.InPlacePass`: `requires()` checks preconditions, `call()`
+returns `PassResult(model, modified)`). `run_pipeline` applies each stage to each graph role in order,
+optionally writes the graph after every stage to `dump_dir/{role}/NN-{stage}.onnx` (weights declared,
+no data), and returns one record per stage for the manifest: what changed in which graph.
+"""
+
+from __future__ import annotations
+
+import collections
+import re
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import onnx_ir as ir
+
+from dsv3c.errors import UserError
+from dsv3c.passes.export_io import ExportGraphs, weights_declared
+
+_STAGE_NAME = re.compile(r"^[a-z0-9][a-z0-9-]*$")
+
+
+class DsPass(ir.passes.InPlacePass):
+    """An in-place pass that also reports what it changed (`changes`, filled by `call`) for the manifest."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.changes: dict[str, Any] = {}
+
+
+@dataclass(frozen=True)
+class Stage:
+    name: str  # lower-case words joined by '-': used in dump file names and the manifest
+    pass_: ir.passes.PassBase
+    roles: tuple[str, ...] | None = None  # None: every graph
+
+    def __post_init__(self) -> None:
+        if not _STAGE_NAME.match(self.name):
+            raise ValueError(f"bug: stage name {self.name!r} is not lower-case-with-dashes")
+
+
+@dataclass
+class StageRecord:
+    name: str
+    pass_name: str
+    modified: dict[str, bool] = field(default_factory=dict)  # role -> modified
+    changes: dict[str, Any] = field(default_factory=dict)  # role -> the pass's own summary + op counts
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"stage": self.name, "pass": self.pass_name, "modified": self.modified, "changes": self.changes}
+
+
+def op_counts(model: ir.Model) -> collections.Counter[str]:
+    return collections.Counter(f"{n.domain}::{n.op_type}" if n.domain else n.op_type for n in model.graph)
+
+
+def _delta(before: collections.Counter[str], after: collections.Counter[str]) -> dict[str, int]:
+    return {op: after[op] - before[op] for op in sorted(set(before) | set(after)) if after[op] != before[op]}
+
+
+def dump(model: ir.Model, path: Path) -> None:
+    """The graph without weight data (weights declared as external data that is not written)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with weights_declared(model):
+        ir.save(model, path)
+
+
+def run_pipeline(graphs: ExportGraphs, stages: Sequence[Stage], dump_dir: Path | None = None) -> list[StageRecord]:
+    """Run `stages` in order on every graph; UserError (with the stage's name) when a precondition fails."""
+    names = [s.name for s in stages]
+    if len(set(names)) != len(names):
+        raise ValueError(f"bug: stage names repeat in {names}")
+    if dump_dir is not None:
+        for role, model in graphs.models.items():
+            dump(model, dump_dir / role / "00-input.onnx")
+    records = []
+    for index, stage in enumerate(stages, start=1):
+        record = StageRecord(stage.name, type(stage.pass_).__name__)
+        for role, model in graphs.models.items():
+            if stage.roles is not None and role not in stage.roles:
+                continue
+            before = op_counts(model)
+            try:
+                result = stage.pass_(model)
+            except ir.passes.PreconditionError as e:
+                cause = e.__cause__ if e.__cause__ is not None else e
+                raise UserError(f"stage '{stage.name}' cannot run on the {role} graph: {cause}") from None
+            record.modified[role] = bool(result.modified)
+            summary = dict(getattr(stage.pass_, "changes", {}) or {})
+            ops = _delta(before, op_counts(model))
+            if ops:
+                summary["ops"] = ops
+            if summary:
+                record.changes[role] = summary
+            if dump_dir is not None:
+                dump(model, dump_dir / role / f"{index:02d}-{stage.name}.onnx")
+        records.append(record)
+    return records

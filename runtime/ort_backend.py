@@ -1,0 +1,152 @@
+"""onnxruntime runtime over an export folder: prefill.onnx, decode.onnx and mtp.onnx with I/O binding.
+
+Every tensor a graph reads or writes is a torch tensor bound by pointer (CPU, or CUDA with
+onnxruntime-gpu), so nothing is copied on the way in or out: the latent cache buffers are bound whole as
+the past (the graph masks slots at and beyond positions[b, 0]), the q new entries per row come back in
+small bound outputs and are scattered into the buffers at positions[b, i].
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import torch
+from dsv3c.errors import UserError
+from dsv3c.export.manifest import Manifest, Signature, read_manifest
+from dsv3c.runtime.engine import EngineBackend, StepOutput
+from dsv3c.runtime.latent_buffers import LatentBuffers
+from dsv3c.runtime.ort_session import Device, make_session, resolve_device
+
+TORCH_TYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16, "int64": torch.int64}
+ONNX_TYPES = {torch.float32: 1, torch.float16: 10, torch.bfloat16: 16, torch.int64: 7}  # TensorProto enum
+
+
+class OrtGraph:
+    """One session and its signature; `run` binds torch tensors in and allocates torch outputs."""
+
+    def __init__(self, manifest: Manifest, role: str, device: Device, threads: int, torch_device: torch.device):
+        self.role, self.device = role, torch_device
+        self.session = make_session(manifest.graph_path(role), device, threads)
+        self.signature: Signature = manifest.signatures[role]
+        self.inputs = [t.name for t in self.signature.inputs]
+        self.outputs = {t.name: t for t in self.signature.outputs}
+        self.widths = {t.name: [d for d in t.shape[2:] if isinstance(d, int)] for t in self.signature.outputs}
+        if any(len(w) != len(t.shape) - 2 for w, t in zip(self.widths.values(), self.signature.outputs, strict=True)):
+            raise UserError(f"{role}.onnx: an output has a symbolic width; re-export the folder")
+        self.hidden_name = next((n for n in self.outputs if n.startswith("hidden")), None)
+        if "logits" not in self.outputs or self.hidden_name is None:
+            raise UserError(f"{role}.onnx: outputs {list(self.outputs)} lack logits/hidden; re-export the folder")
+
+    def run(self, feeds: dict[str, torch.Tensor], q: tuple[int, int]) -> dict[str, torch.Tensor]:
+        """feeds: every input by name; q = (batch, new tokens). Returns every output by name."""
+        missing = [n for n in self.inputs if n not in feeds]
+        if missing:
+            raise UserError(f"{self.role}.onnx expects inputs {missing} this runtime does not provide; re-export")
+        binding = self.session.io_binding()
+        kind, index = self.device.type, self.device.index or 0
+        keep: list[Any] = []
+        for name in self.inputs:
+            tensor = feeds[name].contiguous()
+            if tensor.numel() == 0:  # an empty past: let onnxruntime own the (zero-byte) buffer
+                ort_value = _empty_ortvalue(tensor, kind, index)
+                keep.append(ort_value)
+                binding.bind_ortvalue_input(name, ort_value)
+                continue
+            keep.append(tensor)
+            binding.bind_input(name, kind, index, ONNX_TYPES[tensor.dtype], list(tensor.shape), tensor.data_ptr())
+        outputs: dict[str, torch.Tensor] = {}
+        for name, info in self.outputs.items():
+            shape = [*q, *self.widths[name]]
+            out = torch.empty(shape, dtype=TORCH_TYPES[info.dtype], device=self.device)
+            outputs[name] = out
+            binding.bind_output(name, kind, index, ONNX_TYPES[out.dtype], shape, out.data_ptr())
+        if kind == "cuda":
+            torch.cuda.synchronize()  # torch wrote the inputs on its own stream
+        self.session.run_with_iobinding(binding)
+        binding.synchronize_outputs()
+        return outputs
+
+
+def _empty_ortvalue(tensor: torch.Tensor, kind: str, index: int) -> Any:
+    import onnxruntime as ort
+
+    return ort.OrtValue.ortvalue_from_shape_and_type(list(tensor.shape), ONNX_TYPES[tensor.dtype], kind, index)
+
+
+class OrtEngine:
+    """The Engine protocol over an export folder (see engine.py)."""
+
+    def __init__(self, folder: Path, device: Device = "cpu", threads: int = 0):
+        manifest = read_manifest(folder)
+        if manifest.weights == "none":
+            raise UserError(
+                f"{folder}: exported with --weights none (no {manifest.weights_file}); re-export with weights, "
+                "or fill it with random weights: python bench/fill_random_weights.py FOLDER"
+            )
+        self.manifest = manifest
+        self.config = manifest.model_config()
+        self.device = torch.device(resolve_device(device))
+        self.dtype = TORCH_TYPES.get(manifest.cache.dtype, torch.float32)
+        roles = [r for r in ("prefill", "decode", "mtp") if manifest.graphs.get(r)]
+        self.graphs = {r: OrtGraph(manifest, r, device, threads, self.device) for r in roles}
+        self.has_mtp = "mtp" in self.graphs and manifest.cache.mtp_layers > 0
+        self.cache: LatentBuffers | None = None
+        self.mtp_cache: LatentBuffers | None = None
+
+    def start(self, batch: int, capacity: int) -> None:
+        c = self.manifest.cache
+        widths = (c.ckv_width, c.kpe_width)
+        self.cache = LatentBuffers(c.layers, batch, widths, self.dtype, self.device, capacity)
+        self.mtp_cache = LatentBuffers(1, batch, widths, self.dtype, self.device, capacity) if self.has_mtp else None
+
+    def cache_bytes_per_token(self) -> int:
+        c = self.manifest.cache
+        return c.width * c.layers * self.dtype.itemsize
+
+    def prefill(self, ids: torch.Tensor, positions: torch.Tensor) -> StepOutput:
+        return self._step("prefill", self._need(self.cache), {"input_ids": ids, "positions": positions}, positions, False)
+
+    def decode(self, ids: torch.Tensor, positions: torch.Tensor) -> StepOutput:
+        return self._step("decode", self._need(self.cache), {"input_ids": ids, "positions": positions}, positions, True)
+
+    def mtp(self, next_ids: torch.Tensor, hidden: torch.Tensor, positions: torch.Tensor) -> StepOutput:
+        if not self.has_mtp:
+            raise UserError(f"{self.manifest.folder}: this export has no MTP graph; drop --mtp")
+        feeds = {"next_ids": next_ids, "hidden": hidden.to(self.dtype), "positions": positions}
+        return self._step("mtp", self._need(self.mtp_cache), feeds, positions, True)
+
+    def _step(
+        self, role: str, cache: LatentBuffers, feeds: dict[str, torch.Tensor], positions: torch.Tensor, past: bool
+    ) -> StepOutput:
+        graph = self.graphs[role]
+        cache.reserve(int(positions.max()) + 1)
+        if past:
+            feeds.update(self._past(cache, positions))
+        out = graph.run(feeds, (positions.shape[0], positions.shape[1]))
+        for i in range(len(cache.ckv)):
+            cache.write(i, out[f"new_ckv.{i}"], out[f"new_kpe.{i}"], positions)
+        assert graph.hidden_name is not None
+        return StepOutput(out["logits"], out[graph.hidden_name])
+
+    @staticmethod
+    def _past(cache: LatentBuffers, positions: torch.Tensor) -> dict[str, torch.Tensor]:
+        """Whole buffers as the past; with one row its valid prefix is contiguous, so bind just that."""
+        used = int(positions[:, 0].max())
+        cut = used if cache.batch == 1 or used == 0 else cache.capacity
+        past = {}
+        for i, (ckv, kpe) in enumerate(zip(cache.ckv, cache.kpe, strict=True)):
+            past[f"past_ckv.{i}"], past[f"past_kpe.{i}"] = ckv[:, :cut], kpe[:, :cut]
+        return past
+
+    def _need(self, cache: LatentBuffers | None) -> LatentBuffers:
+        if cache is None:
+            raise RuntimeError("start() must be called before running a graph")
+        return cache
+
+
+class OrtBackend(EngineBackend):
+    """The generation loop's Backend over an export folder."""
+
+    def __init__(self, folder: Path, device: Device = "cpu", threads: int = 0):
+        super().__init__(OrtEngine(folder, device, threads))

@@ -1,0 +1,133 @@
+"""MTP speculative decoding: the MTP module drafts one token, one main-model call with q = 2 verifies it.
+
+Per row, n tokens are committed (prompt + generated); the main cache holds entries [0, n - 1), the MTP
+cache entries [0, n - 1) too (MTP slot t reads main hidden h_t and token t + 1), and `draft` guesses
+token n. One step:
+
+    main:  decode([x_{n-1}, draft] at positions [n-1, n])  -> g1 (token n), g2 (token n+1 if draft == g1)
+    accept when g1 == draft: commit g1, g2 (2 tokens); else commit g1 (the slot-n entry is left invalid)
+    mtp:   mtp([g1, g2], [h_{n-1}, h_n] at positions [n-1, n]) -> the next draft, read at slot 1 or 0
+
+Rows accept independently and drift apart in length; the per-row positions carry that. Tokens are chosen
+from the main model's logits exactly as plain decoding does, so greedy output is identical to plain greedy
+(and sampled output follows the same distribution). A finished row is frozen: it repeats its last step,
+which rewrites the same slots and changes nothing.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+from dsv3c.errors import UserError
+from dsv3c.runtime.engine import Engine, host, pad_prompts
+from dsv3c.runtime.generate import TokenCallback
+from dsv3c.runtime.sampling import Sampler, SamplingConfig
+from dsv3c.runtime.validate import check_prompts
+
+
+@dataclass
+class SpecStats:
+    drafted: int = 0  # drafts checked by the main model (active rows only)
+    accepted: int = 0
+    tokens: int = 0  # tokens emitted, all rows
+    row_calls: int = 0  # (row, main-model call) pairs while the row was active, prefill included
+    main_calls: int = 0  # batched main-model calls, prefill included
+    per_row_accepted: list[int] = field(default_factory=list)
+
+    @property
+    def acceptance_rate(self) -> float:
+        return self.accepted / self.drafted if self.drafted else 0.0
+
+    @property
+    def tokens_per_call(self) -> float:
+        """Tokens per main-model call per row (plain decoding: 1.0)."""
+        return self.tokens / self.row_calls if self.row_calls else 0.0
+
+    def to_dict(self) -> dict[str, float | int]:
+        return {"drafted": self.drafted, "accepted": self.accepted, "acceptance_rate": self.acceptance_rate,
+                "tokens": self.tokens, "main_calls": self.main_calls, "tokens_per_call": self.tokens_per_call}  # fmt: skip
+
+
+class _Rows:
+    """Per-row output, stop and length bookkeeping."""
+
+    def __init__(self, batch: int, max_new: int, stop_ids: Sequence[int], on_token: TokenCallback | None):
+        self.out: list[list[int]] = [[] for _ in range(batch)]
+        self.done = np.zeros(batch, dtype=bool)
+        self.max_new, self.stop_ids, self.on_token = max_new, set(stop_ids), on_token
+
+    def emit(self, row: int, token: int) -> None:
+        if self.done[row]:
+            return
+        self.out[row].append(token)
+        if self.on_token is not None:
+            self.on_token(row, token)
+        self.done[row] = token in self.stop_ids or len(self.out[row]) >= self.max_new
+
+
+def generate_mtp(
+    engine: Engine,
+    prompts: Sequence[Sequence[int]],
+    max_new_tokens: int,
+    sampling: SamplingConfig | None = None,
+    stop_ids: Sequence[int] = (),
+    on_token: TokenCallback | None = None,
+) -> tuple[list[list[int]], SpecStats]:
+    """New token ids per prompt, as `generate` would give them, and the drafting statistics."""
+    c = engine.config
+    check_prompts(prompts, c.vocab_size, c.max_position_embeddings, max_new_tokens)
+    if not engine.has_mtp:
+        raise UserError("--mtp needs a model with an MTP module (num_nextn_predict_layers >= 1) and its graph")
+    sampler, stats = Sampler(sampling or SamplingConfig()), SpecStats()
+    batch, device = len(prompts), engine.device
+    rows_state = _Rows(batch, max_new_tokens, stop_ids, on_token)
+    stats.per_row_accepted = [0] * batch
+    if max_new_tokens == 0:
+        return rows_state.out, stats
+    ids, positions = pad_prompts(prompts, device)
+    lengths = torch.tensor([len(p) for p in prompts], device=device)
+    rows = torch.arange(batch, device=device)
+    engine.start(batch, ids.shape[1] + max_new_tokens + 2)
+    out = engine.prefill(ids, positions)
+    first = torch.from_numpy(sampler(host(out.logits[rows, lengths - 1]))).to(device)  # token n-1 per row
+    _count(stats, rows_state, batch)
+    for row, token in enumerate(first.tolist()):
+        rows_state.emit(row, token)
+    next_ids = torch.roll(ids, -1, dims=1)  # MTP slot t reads token t + 1
+    next_ids[rows, lengths - 1] = first
+    draft_logits = engine.mtp(next_ids, out.hidden, positions).logits[rows, lengths - 1]
+    draft = draft_logits.argmax(-1)  # guesses token n
+    n, last = lengths + 1, first
+    while not rows_state.done.all():
+        active = torch.from_numpy(~rows_state.done).to(device)
+        step_pos = torch.stack([n - 1, n], dim=1)  # [B, 2]
+        verify = engine.decode(torch.stack([last, draft], dim=1), step_pos)
+        logits = host(verify.logits)  # [B, 2, V]
+        g1 = torch.from_numpy(sampler(logits[:, 0])).to(device)
+        g2 = torch.from_numpy(sampler(logits[:, 1])).to(device)
+        accepted = (g1 == draft) & active
+        _count(stats, rows_state, batch)
+        stats.drafted += int(active.sum())
+        stats.accepted += int(accepted.sum())
+        for row in np.flatnonzero(accepted.cpu().numpy()):
+            stats.per_row_accepted[row] += 1
+        for row, (a, b, ok) in enumerate(zip(g1.tolist(), g2.tolist(), accepted.tolist(), strict=True)):
+            rows_state.emit(row, a)
+            if ok:
+                rows_state.emit(row, b)
+        mtp_ids = torch.stack([g1, torch.where(accepted, g2, g1)], dim=1)
+        mtp_logits = engine.mtp(mtp_ids, verify.hidden, step_pos).logits[rows, accepted.long()]
+        new_draft = mtp_logits.argmax(-1)
+        draft = torch.where(active, new_draft, draft)
+        last = torch.where(active, torch.where(accepted, g2, g1), last)
+        n = n + active.long() + accepted.long()
+    stats.tokens = sum(len(o) for o in rows_state.out)
+    return rows_state.out, stats
+
+
+def _count(stats: SpecStats, rows: _Rows, batch: int) -> None:
+    stats.main_calls += 1
+    stats.row_calls += int((~rows.done).sum())

@@ -1,0 +1,104 @@
+"""dsv3c inspect: ops, parameters by dtype, custom nodes, FP8 coverage, cache layout, external data."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import onnx
+import pytest
+from dsv3c.cli import main as cli
+from dsv3c.errors import UserError
+from dsv3c.graph import inspect as inspect_mod
+from dsv3c.graph.render_text import render_inspect
+from dsv3c.graph.summary import inspect_path
+from dsv3c.graph.synthetic import Topology, build_model, inline_custom, quantize_fp8, write_export
+
+TOPO = Topology(layers=2, dense_layers=1)
+
+
+def _run_cli(argv: list[str], monkeypatch: pytest.MonkeyPatch) -> int:
+    monkeypatch.setattr(cli, "COMMANDS", [*dict.fromkeys([*cli.COMMANDS, "inspect", "diff"])])
+    return cli.main(argv)
+
+
+def _linear_flops(t: Topology) -> tuple[float, float]:
+    """(all linear FLOPs per token, those quantize_fp8 puts in fp8): everything but lm_head."""
+    d = t.hidden
+    attn = d * t.q_rank + t.q_rank * t.heads_dim + d * t.kv_rank + t.heads_dim * d
+    dense = 3 * d * t.ff
+    moe = 3 * d * t.moe_ff + 3 * t.moe_ff * d * t.top_k  # shared experts + routed (E experts, top_k of them)
+    body = 2.0 * (2 * attn + dense + moe)
+    return body + 2.0 * d * t.vocab, body
+
+
+def test_summary_of_a_plain_graph(tmp_path: Path) -> None:
+    model = build_model(TOPO)
+    onnx.save(model, tmp_path / "m.onnx")
+    (s,) = inspect_path(tmp_path / "m.onnx").graphs
+    assert s.nodes == len(model.graph.node) and s.ops["MatMul"] == 15 and s.ops["dsv3c::MoE"] == 1
+    assert (s.ir_version, s.opsets) == (10, {"ai.onnx": 21, "dsv3c": 1})
+    assert s.parameters == sum(onnx.numpy_helper.to_array(x).size for x in model.graph.initializer)
+    assert {r.dtype for r in s.by_dtype} == {"float", "int64"} and s.data == "present"
+    custom = {c.op: c for c in s.custom_nodes}
+    assert custom["dsv3c::MLAAttention"].count == 2 and custom["dsv3c::MLAAttention"].layers == [0, 1]
+    moe = custom["dsv3c::MoE"].attributes
+    assert moe["top_k"] == "2" and moe["scoring_func"] == "sigmoid"
+    assert s.functions == {"dsv3c::MLAAttention": 3, "dsv3c::MoE": 13}
+    flops, _ = _linear_flops(TOPO)
+    assert s.fp8.linears == 16 and s.fp8.flops == pytest.approx(flops) and s.fp8.share == 0.0
+    text = render_inspect(inspect_path(tmp_path / "m.onnx"))
+    assert "dsv3c::MLAAttention x2 (layers 0-1): num_heads=2, softmax_scale=0.125" in text
+    assert "fp8: 0.0% of linear FLOPs" in text and "external data: (none)" in text
+
+
+def test_fp8_coverage_counts_linears_and_experts(tmp_path: Path) -> None:
+    onnx.save(quantize_fp8(build_model(TOPO)), tmp_path / "q.onnx")
+    (s,) = inspect_path(tmp_path / "q.onnx").graphs
+    flops, fp8 = _linear_flops(TOPO)
+    assert s.fp8.fp8_linears == 15 and s.fp8.linears == 16  # all but lm_head; the MoE node counts as one
+    assert s.fp8.share == pytest.approx(fp8 / flops)
+    assert s.fp8.schemes == {"fp8, block 128": 15} and s.fp8.weight_only == 0
+    assert "float8e4m3fn" in {r.dtype for r in s.by_dtype}
+
+
+def test_weight_only_fp8_is_not_counted_as_fp8(tmp_path: Path) -> None:
+    """Dropping the activation Q/DQ leaves fp8 weights whose matmul still runs in high precision."""
+    q = quantize_fp8(build_model(Topology(layers=1)), skip=("lm_head",), experts=False)
+    for node in q.graph.node:
+        if node.op_type == "MatMul" and node.input[0].endswith("/act_dq"):
+            node.input[0] = next(n.input[0] for n in q.graph.node if n.name == f"{node.name}/act_reshape")
+    onnx.save(q, tmp_path / "w.onnx")
+    (s,) = inspect_path(tmp_path / "w.onnx").graphs
+    assert s.fp8.fp8_linears == 0 and s.fp8.weight_only == 7 and s.fp8.share == 0.0
+
+
+def test_export_folder_with_weights_none(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                         capsys: pytest.CaptureFixture[str]) -> None:  # fmt: skip
+    model = build_model(Topology(layers=2, data=False))
+    write_export(tmp_path / "exp", {"prefill": model, "decode": inline_custom(model)}, layers=2)
+    report = inspect_path(tmp_path / "exp")
+    assert report.kind == "export folder" and [g.role for g in report.graphs] == ["prefill", "decode"]
+    assert report.cache_layout is not None and report.cache_layout["ckv_width"] == 512
+    prefill = report.graphs[0]
+    assert prefill.external_files[0].location == "weights.bin" and prefill.external_files[0].size is None
+    assert report.graphs[1].custom_nodes == [] and report.graphs[1].functions == {}
+    assert _run_cli(["inspect", str(tmp_path / "exp"), "--format", "json"], monkeypatch) == 0
+    data = json.loads(capsys.readouterr().out)
+    assert data["graphs"][0]["fp8"]["share"] == 0.0 and data["cache_layout"]["layers"] == 2
+    assert _run_cli(["inspect", str(tmp_path / "exp")], monkeypatch) == 0
+    text = capsys.readouterr().out
+    assert text.startswith("export folder") and "weights.bin: missing" in text and "== decode:" in text
+
+
+def test_handlers_dispatch_on_what_a_folder_holds(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    (tmp_path / "engines").mkdir()
+    (tmp_path / "engines" / "engine_manifest.json").write_text("{}")
+    with pytest.raises(UserError, match="not something dsv3c can inspect"):
+        inspect_mod.find_handler(tmp_path / "engines")
+    engine = inspect_mod.Handler("tensorrt engine folder", lambda p: (p / "engine_manifest.json").is_file(),
+                                 "json:loads", "builtins:str")  # fmt: skip
+    monkeypatch.setattr(inspect_mod, "HANDLERS", [engine, *inspect_mod.HANDLERS])
+    handler = inspect_mod.find_handler(tmp_path / "engines")
+    assert handler.kind == "tensorrt engine folder"
+    assert handler.call("inspect", "[1]") == [1]
