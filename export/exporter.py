@@ -158,8 +158,7 @@ def _weight_source(source: Source, weights: WeightsKind, dtype: ExportDtype, see
 
 
 def _write_weights(path: Path, layout: Layout, tensors: Iterator[tuple[str, torch.Tensor]]) -> None:
-    aliases = {"model.embed_tokens.weight": ["lm_head.weight"]}  # a tied head is not streamed on its own
-    with WeightWriter(path, layout, aliases) as writer:
+    with WeightWriter(path, layout) as writer:
         for name, tensor in tensors:
             writer.write(name, tensor)
         missing = writer.missing()

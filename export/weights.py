@@ -93,8 +93,8 @@ def slot_of(name: str) -> tuple[str, int | None]:
 class WeightWriter:
     """Writes tensors into their slots of `weights.bin`; `missing()` names slots not fully written."""
 
-    def __init__(self, path: Path, layout: Layout, aliases: dict[str, list[str]] | None = None):
-        self.layout, self.aliases = layout, aliases or {}
+    def __init__(self, path: Path, layout: Layout):
+        self.layout = layout
         self._done: dict[str, set[int | None]] = {}
         self._fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
         os.ftruncate(self._fd, layout.total)
@@ -107,11 +107,10 @@ class WeightWriter:
 
     def write(self, name: str, tensor: torch.Tensor) -> None:
         """Write a model tensor (state_dict name) to its slot; names the graphs do not use are skipped."""
-        for target in [name, *self.aliases.get(name, [])]:
-            slot_name, index = slot_of(target)
-            slot = self.layout.slots.get(slot_name)
-            if slot is not None:
-                self._write(slot, index, tensor)
+        slot_name, index = slot_of(name)
+        slot = self.layout.slots.get(slot_name)
+        if slot is not None:
+            self._write(slot, index, tensor)
 
     def _write(self, slot: Slot, index: int | None, tensor: torch.Tensor) -> None:
         shape = slot.shape if index is None else slot.shape[1:]

@@ -100,10 +100,11 @@ def element_bytes(elem_type: int) -> float:
 
 
 def _check_location(folder: Path, location: str, model: Path) -> Path:
+    if not location:
+        raise UserError(f"{model}: an initializer declares external data without a location; re-export the model")
     parts = Path(location.replace("\\", "/")).parts
     if (
-        not location
-        or os.path.isabs(location)
+        os.path.isabs(location)
         or location.startswith(("/", "\\"))
         or ".." in parts
         or (len(location) > 1 and location[1] == ":")
@@ -130,7 +131,9 @@ def _describe(t: TensorProto, folder: Path, model: Path, sizes: dict[str, int | 
     try:
         offset, length = int(entries.get("offset", 0)), int(entries.get("length", nbytes))
     except ValueError:
-        raise UserError(f"{model}: initializer {t.name!r} has a non-numeric external data offset/length") from None
+        offset = length = -1
+    if offset < 0 or length < 0:
+        raise UserError(f"{model}: initializer {t.name!r} has an invalid external data offset/length")
     if location not in sizes:
         target = _check_location(folder, location, model)
         sizes[location] = target.stat().st_size if target.is_file() else None

@@ -23,7 +23,7 @@ summary{cursor:pointer;font-weight:600}summary .tag{font-weight:400;color:#556;m
 ul{margin:.3em 0 .5em;padding-left:1.2em}li{margin:.1em 0;white-space:pre-wrap}
 li.rewrite{color:#234e9a}li.added{color:#17692f}li.removed{color:#a3280f}
 .toolbar{margin:.8em 0}.toolbar button,.toolbar input{font:inherit;margin-right:.4em}
-svg .bar{fill:#5b7fc7}svg .bar.jump{fill:#d0602c}svg text{font:10px system-ui,sans-serif;fill:#445}
+svg .bar{fill:#5b7fc7}svg .jump{fill:#d0602c}svg text{font:10px system-ui,sans-serif;fill:#445}
 svg .axis{stroke:#99a;stroke-width:1}.hidden{display:none}
 """
 
@@ -72,7 +72,8 @@ def _chart(g: GraphDiff, anchor: str) -> str:
              f'<line class="axis" x1="{pad}" y1="{height}" x2="{width - 10}" y2="{height}"/>',
              f'<text x="2" y="24">1e{top}</text><text x="2" y="{height}">1e{bottom}</text>']  # fmt: skip
     if numeric:
-        parts.append(f'<text x="{pad + 300}" y="12" fill="#d0602c">■ first jump</text>')
+        parts.append(f'<rect class="swatch jump" x="{pad + 300}" y="4" width="9" height="9"/>'
+                     f'<text x="{pad + 313}" y="12">first jump</text>')  # fmt: skip
     for k, (layer, value, jump) in enumerate(values):
         frac = (math.log10(value) - bottom) / (top - bottom) if value > 0 and top > bottom else 0.0
         h = max(1.0, frac * (height - 24))
@@ -95,7 +96,8 @@ def _layer_details(g: GraphDiff, anchor: str) -> list[str]:
         rows = [("rewrite", x) for x in rewrite_lines([r for r in g.rewrites if r.layer == layer])]
         rows += [(e.kind, node_line(e)) for e in g.nodes if e.layer == layer]
         rows += [(e.kind, initializer_line(e)) for e in g.initializers if e.layer == layer]
-        tags = [f"{len(rows)} difference{'s' if len(rows) > 1 else ''}"] if rows else []
+        n = sum(e.layer == layer for e in g.entries())
+        tags = [f"{n} difference{'s' if n > 1 else ''}"] if n else []
         if layer in errors:
             tags.append(f"max rel err {errors[layer].max_rel:.3g}")
         name = "outside layers" if layer is None else f"layer {layer}"

@@ -161,8 +161,9 @@ def numeric_lines(n: NumericReport) -> list[str]:
         return [f"numeric: skipped: {n.reason}"]
     inputs = ", ".join(f"{k}{v}" for k, v in n.inputs.items())
     lines = [f"numeric (seed {n.seed}; inputs {inputs}): {n.compared} tensors compared"]
-    lines += [f"  {_layer_title(e.layer)}: max rel err {e.max_rel:.3g} over {e.tensors} tensors (worst: {e.worst})"
-              for e in n.layers]  # fmt: skip
+    for e in n.layers:
+        error = f"max rel err {e.max_rel:.3g} over {e.tensors} tensors (worst: {e.worst})" if e.max_rel else "exact"
+        lines.append(f"  {_layer_title(e.layer)}: {error}" + ("" if e.max_rel else f" over {e.tensors} tensors"))
     lines += [f"  output {e.tensor}: max rel err {e.max_rel:.3g} (max abs {e.max_abs:.3g})" for e in n.outputs]
     j = n.first_jump
     lines.append(f"  first jump: {_layer_title(j.layer)}, {j.op} {j.node} -> {j.tensor}: max rel err {j.max_rel:.3g}"

@@ -10,6 +10,7 @@
 
 from __future__ import annotations
 
+import itertools
 from dataclasses import dataclass, field
 
 from dsv3c.graph.diff_types import Rewrite
@@ -129,7 +130,7 @@ class _Grouper:
 def _experts_name(weights: tuple[str, ...]) -> str:
     """`model.layers.3.mlp.experts.gate_proj`, `...up_proj`, `...down_proj` -> `mlp.experts`."""
     parts = [short_name(w).split(".") for w in weights]
-    common = [p[0] for p in zip(*parts, strict=False) if len(set(p)) == 1]
+    common = [p[0] for p in itertools.takewhile(lambda p: len(set(p)) == 1, zip(*parts, strict=False))]
     return ".".join(common) or short_name(weights[0])
 
 

@@ -8,6 +8,7 @@ small bound outputs and are scattered into the buffers at positions[b, i].
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -77,7 +78,9 @@ def _empty_ortvalue(tensor: torch.Tensor, kind: str, index: int) -> Any:
 class OrtEngine:
     """The Engine protocol over an export folder (see engine.py)."""
 
-    def __init__(self, folder: Path, device: Device = "cpu", threads: int = 0):
+    def __init__(
+        self, folder: Path, device: Device = "cpu", threads: int = 0, roles: Sequence[str] = ("prefill", "decode", "mtp")
+    ):
         manifest = read_manifest(folder)
         if manifest.weights == "none":
             raise UserError(
@@ -88,8 +91,8 @@ class OrtEngine:
         self.config = manifest.model_config()
         self.device = torch.device(resolve_device(device))
         self.dtype = TORCH_TYPES.get(manifest.cache.dtype, torch.float32)
-        roles = [r for r in ("prefill", "decode", "mtp") if manifest.graphs.get(r)]
-        self.graphs = {r: OrtGraph(manifest, r, device, threads, self.device) for r in roles}
+        present = [r for r in roles if manifest.graphs.get(r)]
+        self.graphs = {r: OrtGraph(manifest, r, device, threads, self.device) for r in present}
         self.has_mtp = "mtp" in self.graphs and manifest.cache.mtp_layers > 0
         self.cache: LatentBuffers | None = None
         self.mtp_cache: LatentBuffers | None = None

@@ -1,5 +1,7 @@
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 import torch
 from dsv3c.models.config import DeepseekV3Config
@@ -29,3 +31,24 @@ def tiny_config() -> DeepseekV3Config:
 @pytest.fixture(scope="session")
 def tiny_model(tiny_config: DeepseekV3Config) -> DeepseekV3ForCausalLM:
     return random_model(tiny_config)
+
+
+@pytest.fixture(scope="session")
+def tiny_checkpoint(tiny_model: DeepseekV3ForCausalLM, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """`tiny_model` saved as a checkpoint folder (fp32: loading it gives the same weights)."""
+    from dsv3c.models.checkpoint import save_model
+
+    folder = tmp_path_factory.mktemp("runtime") / "tiny-checkpoint"
+    save_model(tiny_model, folder)
+    return folder
+
+
+@pytest.fixture(scope="session")
+def tiny_export(tiny_checkpoint: Path) -> Path:
+    """The export folder of `tiny_checkpoint`, with its weights (shared by the runtime tests)."""
+    from dsv3c.export.exporter import export
+    from dsv3c.export.source import from_folder
+
+    folder = tiny_checkpoint.parent / "tiny-export"
+    export(from_folder(tiny_checkpoint), folder, weights="checkpoint")
+    return folder

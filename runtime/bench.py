@@ -1,0 +1,119 @@
+"""Prefill and decode throughput of onnxruntime, our PyTorch model and transformers, side by side in one run.
+
+For every runtime (loaded one at a time, so that only one copy of the weights is in memory), batch and
+context: prefill random prompts of `context` tokens (timed: prefill tokens/s), take one untimed decode step,
+then time `decode_steps` steps (decode tokens/s at that context). Each row also reports the bytes a call
+must read (weights it touches, plus the latent or K/V cache in decode) and the rate achieved against the
+measured memory bandwidth: decode on a CPU is bound by memory bandwidth, so that fraction says how close a
+runtime comes to the floor.
+"""
+
+from __future__ import annotations
+
+import gc
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass, field
+from typing import Any, Literal
+
+import torch
+from dsv3c.runtime.bench_models import Runner, weight_bytes_per_step
+
+RuntimeName = Literal["ort", "torch", "transformers"]
+Phase = Literal["prefill", "decode"]
+RUNTIMES: tuple[RuntimeName, ...] = ("ort", "torch", "transformers")
+
+
+@dataclass
+class BenchRow:
+    runtime: str
+    phase: Phase
+    context: int
+    batch: int
+    tokens_per_s: float
+    cache_bytes_per_token: int
+    ms_per_call: float  # prefill: the whole prompt; decode: one step (one token per row)
+    bytes_per_call: int  # weights the call reads, plus the cache it attends over (decode)
+    achieved_bytes_per_s: float
+    bandwidth_fraction: float  # achieved / measured copy bandwidth
+    device: str = "cpu"
+    model: str = ""
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    def to_dict(self) -> dict[str, Any]:
+        d = asdict(self)
+        return {**{k: v for k, v in d.items() if k != "extra"}, **d["extra"]}
+
+
+@dataclass(frozen=True)
+class BenchPlan:
+    contexts: Sequence[int] = (128, 1024, 4096)
+    batches: Sequence[int] = (1, 8)
+    runtimes: Sequence[RuntimeName] = RUNTIMES
+    decode_steps: int = 8
+    prefill_chunk: int = 1024
+    seed: int = 0
+    model: str = ""
+    device: str = "cpu"
+
+
+Progress = Callable[[str], None]
+
+
+def run_bench(
+    plan: BenchPlan, factories: dict[str, Callable[[], Runner]], bandwidth: float, progress: Progress = print
+) -> list[BenchRow]:
+    rows: list[BenchRow] = []
+    for name in plan.runtimes:
+        progress(f"loading {name}")
+        runner = factories[name]()
+        _warm_up(runner, plan)
+        for batch in plan.batches:
+            for context in plan.contexts:
+                try:
+                    rows += measure(runner, plan, batch, context, bandwidth)
+                except (RuntimeError, MemoryError) as e:  # onnxruntime's errors derive from RuntimeError
+                    progress(f"{name} batch {batch} context {context}: skipped ({str(e).splitlines()[0][:160]})")
+                    continue
+                progress("  ".join(f"{r.runtime} {r.phase} ctx {r.context} b {r.batch}: {r.tokens_per_s:.1f} tok/s"
+                                   for r in rows[-2:]))  # fmt: skip
+        del runner
+        gc.collect()
+    return rows
+
+
+def _warm_up(runner: Runner, plan: BenchPlan) -> None:
+    ids = _ids(runner, plan, 1, 8)
+    runner.prefill(ids, plan.prefill_chunk, 4)
+    runner.decode(ids[:, :1])
+
+
+def _ids(runner: Runner, plan: BenchPlan, batch: int, seq: int) -> torch.Tensor:
+    generator = torch.Generator().manual_seed(plan.seed + 1000 * batch + seq)
+    return torch.randint(0, runner.config.vocab_size, (batch, seq), generator=generator)
+
+
+def measure(runner: Runner, plan: BenchPlan, batch: int, context: int, bandwidth: float) -> list[BenchRow]:
+    ids = _ids(runner, plan, batch, context + plan.decode_steps + 1)
+    start = time.perf_counter()
+    runner.prefill(ids[:, :context], plan.prefill_chunk, plan.decode_steps + 2)
+    prefill_s = time.perf_counter() - start
+    runner.decode(ids[:, context : context + 1])  # untimed: first-call allocations at this size
+    start = time.perf_counter()
+    for i in range(plan.decode_steps):
+        runner.decode(ids[:, context + 1 + i : context + 2 + i])
+    step_s = (time.perf_counter() - start) / plan.decode_steps
+    cache = runner.cache_bytes_per_token()
+    config, item = runner.config, runner.weight_itemsize
+    chunks = -(-context // plan.prefill_chunk)
+    prefill_bytes = chunks * weight_bytes_per_step(config, batch * min(context, plan.prefill_chunk), item)
+    mean_context = context + 1 + plan.decode_steps // 2
+    decode_bytes = weight_bytes_per_step(config, batch, item) + batch * mean_context * cache
+    extra = {"decode_steps": plan.decode_steps, "prefill_chunk": plan.prefill_chunk, "bandwidth_bytes_per_s": bandwidth}
+
+    def row(phase: Phase, tokens: int, seconds: float, nbytes: int) -> BenchRow:
+        achieved = nbytes / seconds
+        return BenchRow(runner.name, phase, context, batch, tokens / seconds, cache, seconds * 1e3, nbytes,
+                        achieved, achieved / bandwidth, plan.device, plan.model, dict(extra))  # fmt: skip
+
+    return [row("prefill", batch * context, prefill_s, prefill_bytes), row("decode", batch, step_s, decode_bytes)]

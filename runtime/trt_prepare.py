@@ -1,0 +1,123 @@
+"""From an export folder to what TensorRT's ONNX parser reads: lowering, inlining, checks that name the node.
+
+    folder, how = lowered_folder(export_dir, scratch)      # `dsv3c lower --target trt` once passes/ has it
+    graph = load_for_parser(read_manifest(folder), "decode")
+    parser.parse(graph.model_bytes, str(graph.path))       # external data resolves beside graph.path
+
+Until the passes issue's `trt` lowering exists, preparation is minimal: the custom nodes' model-local
+functions (their reference bodies) are inlined, so no plugin lookup can happen (TensorRT-RTX aborts the
+process on a node that maps to a registered Python plugin, FACTS.md), and inlined nodes are named after
+their call site (`layers.0/node_mla_attention/Softmax_58`) so that errors can name them. Weights stay in
+weights.bin: the graph is serialized without them and the parser reads them from the folder.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+import onnx
+import onnx.inliner
+
+from dsv3c.errors import UserError
+from dsv3c.export.manifest import Manifest, read_manifest
+
+FP8_TYPES = {onnx.TensorProto.FLOAT8E4M3FN, onnx.TensorProto.FLOAT8E5M2}
+_INLINED = re.compile(r"^(?P<name>.+)__(?P<call>\d+)$")
+
+
+@dataclass(frozen=True)
+class NodeRef:
+    index: int
+    name: str
+    op_type: str
+
+    def describe(self) -> str:
+        return f"node {self.index} '{self.name}' ({self.op_type})"
+
+
+@dataclass(frozen=True)
+class ParserInput:
+    role: str
+    path: Path  # the graph file; its folder holds the external weights
+    model_bytes: bytes  # the inlined graph without weight data
+    nodes: list[NodeRef]
+    has_fp8: bool  # FLOAT8 initializers (quantized weights)
+
+
+# ---- lowering: the one switch between the passes issue's lowering and the minimal preparation -----------
+
+
+def lowered_folder(folder: Path, scratch: Path) -> tuple[Path, str]:
+    """The export folder to parse and how it was prepared: lowered for TensorRT when dsv3c.passes can."""
+    manifest = read_manifest(folder)
+    if any(s.get("target") == "trt" for s in manifest.stages):
+        return folder, "lowered for trt before the build"
+    import dsv3c.passes
+    from dsv3c.cli.main import COMMANDS
+
+    has_trt_pass = any(Path(dsv3c.passes.__file__).parent.glob("*trt*.py"))
+    if not (has_trt_pass and "lower" in COMMANDS):
+        return folder, "minimal: local functions inlined (no trt lowering in dsv3c.passes yet)"
+    from dsv3c.cli.main import main
+
+    out = scratch / "lowered-trt"
+    if main(["lower", str(folder), "--target", "trt", "--out", str(out)]) != 0:
+        raise UserError(f"{folder}: `dsv3c lower --target trt` failed (its error is above)")
+    return out, "dsv3c lower --target trt"
+
+
+# ---- one graph -----------------------------------------------------------------------------------------
+
+
+def load_for_parser(manifest: Manifest, role: str) -> ParserInput:
+    """The graph of `role` inlined and checked; UserError naming the node TensorRT could not take."""
+    path = manifest.graph_path(role)
+    try:
+        model = onnx.load(str(path), load_external_data=False)
+    except Exception as e:  # protobuf raises several types; one line
+        raise UserError(f"{path}: not a readable ONNX file ({type(e).__name__})") from None
+    model = _inline(model)
+    nodes = [NodeRef(i, n.name or f"#{i}", f"{n.domain}::{n.op_type}" if n.domain else n.op_type)
+             for i, n in enumerate(model.graph.node)]  # fmt: skip
+    _check(model, path, nodes)
+    has_fp8 = any(t.data_type in FP8_TYPES for t in model.graph.initializer)
+    return ParserInput(role, path, model.SerializeToString(), nodes, has_fp8)
+
+
+def _inline(model: onnx.ModelProto) -> onnx.ModelProto:
+    """Inline model-local functions; inlined nodes are named '{call site}/{op}_{k}'."""
+    if not model.functions:
+        return model
+    local = {(f.domain, f.name) for f in model.functions}
+    calls = [n.name or f"{n.op_type}" for n in model.graph.node if (n.domain, n.op_type) in local]
+    for f in model.functions:
+        for k, n in enumerate(f.node):
+            n.name = n.name or f"{n.op_type}_{k}"
+    inlined = onnx.inliner.inline_local_functions(model)
+    for n in inlined.graph.node:
+        m = _INLINED.match(n.name)
+        if m and 0 < int(m["call"]) <= len(calls):  # onnx.inliner suffixes '__{call number}'
+            n.name = f"{calls[int(m['call']) - 1]}/{m['name']}"
+    return inlined
+
+
+def _check(model: onnx.ModelProto, path: Path, nodes: list[NodeRef]) -> None:
+    """What TensorRT cannot build, found before the parser: custom nodes, fp8 casts, computed Q/DQ scales."""
+    constant = {t.name for t in model.graph.initializer}
+    for ref, n in zip(nodes, model.graph.node, strict=True):
+        where = f"{path.name}: {ref.describe()}"
+        if n.domain not in ("", "ai.onnx"):
+            raise UserError(f"{where} has no reference body to inline; TensorRT-RTX cannot host plugins, "
+                            "so lower it first (dsv3c lower --target trt)")  # fmt: skip
+        if n.op_type == "Cast" and any(a.name == "to" and a.i in FP8_TYPES for a in n.attribute):
+            raise UserError(f"{where} casts to fp8; TensorRT takes fp8 only from QuantizeLinear (use Q/DQ)")
+        if n.op_type in ("QuantizeLinear", "DequantizeLinear") and len(n.input) > 1 and n.input[1] not in constant:
+            raise UserError(
+                f"{where} has a scale computed in the graph ({n.input[1]}); TensorRT needs build-time constant "
+                "Q/DQ scales: quantize with static activation scales (dsv3c quantize --calibrate N)"
+            )
+        if n.op_type == "Constant" or all(i in constant for i in n.input if i):
+            if n.op_type not in ("Shape", "Size"):  # constant-foldable: its outputs count as constants
+                constant.update(o for o in n.output if o)

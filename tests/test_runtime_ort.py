@@ -1,0 +1,112 @@
+"""onnxruntime over an export folder against the PyTorch model; the cache buffers; bad input through the CLI."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+from dsv3c.cli.main import main
+from dsv3c.errors import UserError
+from dsv3c.models.checkpoint import load_model
+from dsv3c.runtime.generate import generate
+from dsv3c.runtime.latent_buffers import GROWTH_CHUNK, LatentBuffers
+from dsv3c.runtime.ort_backend import OrtBackend, OrtEngine
+from dsv3c.runtime.sampling import SamplingConfig
+from dsv3c.runtime.torch_backend import TorchBackend
+
+PROMPTS = [[5, 17, 301, 42, 9, 77, 120], [3, 4], [250, 251, 252, 253]]  # three lengths
+
+
+@pytest.fixture(scope="module")
+def torch_tokens(tiny_checkpoint: Path) -> list[list[int]]:
+    return generate(TorchBackend(load_model(tiny_checkpoint)), PROMPTS, 32)
+
+
+def test_ort_greedy_equals_torch_token_for_token(tiny_export: Path, torch_tokens: list[list[int]]) -> None:
+    ort_tokens = generate(OrtBackend(tiny_export), PROMPTS, 32)
+    assert [len(t) for t in ort_tokens] == [32, 32, 32]
+    assert ort_tokens == torch_tokens
+
+
+def test_ort_rows_do_not_depend_on_their_batch(tiny_export: Path, torch_tokens: list[list[int]]) -> None:
+    backend = OrtBackend(tiny_export)
+    assert generate(backend, [PROMPTS[1]], 32) == [torch_tokens[1]]
+
+
+def test_ort_logits_match_torch_through_decode(tiny_export: Path, tiny_checkpoint: Path) -> None:
+    ours, theirs = TorchBackend(load_model(tiny_checkpoint)), OrtBackend(tiny_export)
+    a, b = ours.prefill(PROMPTS, 16), theirs.prefill(PROMPTS, 16)
+    assert abs(a - b).max() < 1e-4 * abs(a).max()
+    tokens = a.argmax(-1)
+    a, b = ours.decode(tokens), theirs.decode(tokens)
+    assert abs(a - b).max() < 1e-4 * abs(a).max()
+
+
+def test_seeded_sampling_and_stop_ids(tiny_export: Path, torch_tokens: list[list[int]]) -> None:
+    backend = OrtBackend(tiny_export)
+    sampled = SamplingConfig(temperature=0.9, top_k=50, top_p=0.95, seed=7)
+    first, again = generate(backend, PROMPTS, 8, sampled), generate(backend, PROMPTS, 8, sampled)
+    assert first == again
+    stop = torch_tokens[0][3]
+    stopped = generate(backend, PROMPTS, 32, stop_ids=[stop])
+    assert stopped[0] == torch_tokens[0][: torch_tokens[0].index(stop) + 1]
+
+
+def test_cache_grows_by_chunks_and_writes_per_row_slots() -> None:
+    cache = LatentBuffers(2, 2, (4, 2), torch.float32, torch.device("cpu"), 10)
+    assert cache.capacity == GROWTH_CHUNK
+    first = cache.ckv[0]
+    cache.reserve(GROWTH_CHUNK)  # fits: no new buffer
+    assert cache.ckv[0] is first
+    positions = torch.tensor([[3, 4], [0, 1]])
+    cache.write(1, torch.ones(2, 2, 4), torch.full((2, 2, 2), 2.0), positions)
+    cache.reserve(GROWTH_CHUNK + 1)
+    assert cache.capacity == 2 * GROWTH_CHUNK and cache.ckv[0] is not first
+    assert cache.ckv[1][0, 3:5].eq(1).all() and cache.ckv[1][1, :2].eq(1).all() and cache.ckv[1][0, :3].eq(0).all()
+    assert cache.bytes_per_token == (4 + 2) * 2 * 4
+
+
+def test_weights_none_export_is_refused(tmp_path: Path, tiny_export: Path) -> None:
+    import shutil
+
+    folder = tmp_path / "no-weights"
+    shutil.copytree(tiny_export, folder)
+    text = (folder / "manifest.json").read_text().replace('"weights": "checkpoint"', '"weights": "none"')
+    (folder / "manifest.json").write_text(text)
+    with pytest.raises(UserError, match="weights none"):
+        OrtEngine(folder)
+
+
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        (["{nowhere}", "--prompt-ids", "1"], "no such folder"),
+        (["{tmp}", "--prompt-ids", "1"], "neither a checkpoint folder"),
+        (["{export}", "--prompt-ids", "1,2,999"], "outside the vocabulary"),
+        (["{export}", "--prompt-ids", "1,2", "--max-new-tokens", "1023"], "maximum context"),
+        (["{export}", "--prompt-ids", "-1"], "outside the vocabulary"),
+        (["{checkpoint}", "--runtime", "ort", "--prompt-ids", "1"], "dsv3c export first"),
+        (["{export}", "--prompt", "hello"], "tokenizer.json"),
+        (["{export}"], "no prompt given"),
+    ],
+)
+def test_bad_input_is_one_line_and_exit_2(
+    argv: list[str], message: str, tiny_export: Path, tiny_checkpoint: Path, tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+) -> None:  # fmt: skip
+    paths = {"nowhere": tmp_path / "missing", "tmp": tmp_path, "export": tiny_export, "checkpoint": tiny_checkpoint}
+    code = main(["generate", *(a.format(**paths) for a in argv)])
+    err = capsys.readouterr().err
+    assert code == 2
+    assert message in err and err.count("\n") == 1 and "Traceback" not in err
+
+
+def test_cli_generate_ort_json(tiny_export: Path, torch_tokens: list[list[int]], capsys: pytest.CaptureFixture[str]) -> None:
+    import json
+
+    argv = ["generate", str(tiny_export), "--max-new-tokens", "32", "--json"]
+    for prompt in PROMPTS:
+        argv += ["--prompt-ids", ",".join(map(str, prompt))]
+    assert main(argv) == 0
+    assert json.loads(capsys.readouterr().out)["ids"] == torch_tokens
