@@ -26,7 +26,9 @@ def one(layers: int, out: Path) -> dict[str, float]:
 
     config = DeepseekV3Config.from_preset("v3")
     if layers != config.num_hidden_layers:
-        config = config.replace(num_hidden_layers=layers, first_k_dense_replace=min(config.first_k_dense_replace, layers))
+        config = config.replace(
+            num_hidden_layers=layers, first_k_dense_replace=min(config.first_k_dense_replace, layers)
+        )
     start = time.perf_counter()
     export(Source("preset", "v3", config, None), out, weights="none", force=True)
     seconds = time.perf_counter() - start
@@ -58,7 +60,8 @@ def main() -> int:
                 print(f"{n:>6} failed after {time.perf_counter() - start:.0f} s:\n{child.stderr[-2000:]}")
                 return 1
             r = json.loads(child.stdout.strip().splitlines()[-1])
-            print(f"{n:>6} {r['seconds']:>8.1f} {r['peak_rss_bytes'] / 2**30:>8.2f} GB {r['folder_bytes'] / 2**20:>6.1f} MB")
+            rss, size = r["peak_rss_bytes"] / 2**30, r["folder_bytes"] / 2**20
+            print(f"{n:>6} {r['seconds']:>8.1f} {rss:>8.2f} GB {size:>6.1f} MB")
     finally:
         if args.out is None:
             shutil.rmtree(scratch, ignore_errors=True)

@@ -35,6 +35,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--steps", type=int, default=8, help="timed decode steps per row (after one untimed)")
     p.add_argument("--prefill-chunk", type=int, default=1024, help="longest prefill call; longer prompts go in chunks")
     p.add_argument("--threads", type=int, default=0, help="intra-op threads for every runtime (0: default)")
+    p.add_argument("--bandwidth-mb", type=int, default=512, help="size of the copy that measures memory bandwidth")
     p.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
     p.add_argument("--json", action="store_true", help="print the rows as JSON on stdout (the table goes to stderr)")
     p.add_argument("--out", type=Path, help="write the rows as JSON here (and a PNG plot beside it)")
@@ -112,7 +113,7 @@ def run(args: argparse.Namespace) -> int:
     checkpoint, folder, temporary, label = prepare(args, say)
     try:
         check_pair(checkpoint, folder)
-        bandwidth = copy_bandwidth() if args.device == "cpu" else device_bandwidth()
+        bandwidth = copy_bandwidth(args.bandwidth_mb) if args.device == "cpu" else device_bandwidth(args.bandwidth_mb)
         plan = BenchPlan(args.contexts, args.batches, args.runtimes, args.steps, args.prefill_chunk,
                          model=label, device=args.device)  # fmt: skip
         rows = run_bench(plan, factories(checkpoint, folder, args), bandwidth, say)  # type: ignore[arg-type]

@@ -17,8 +17,12 @@ WEIGHTS = ("checkpoint", "random", "none")
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("checkpoint", nargs="?", type=Path,
-                   help="checkpoint folder (config.json + safetensors), or a folder holding only config.json")  # fmt: skip
+    p.add_argument(
+        "checkpoint",
+        nargs="?",
+        type=Path,
+        help="checkpoint folder (config.json + safetensors), or one with only config.json",
+    )
     p.add_argument("--preset", help=f"export a preset's topology instead: {', '.join(preset_names())}")
     p.add_argument("--out", required=True, type=Path, help="export folder to create")
     p.add_argument("--weights", choices=WEIGHTS, default=None,
@@ -36,6 +40,7 @@ def _interrupted(signum: int, frame: FrameType | None) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from dsv3c.export.exporter import export
+    from dsv3c.export.manifest import WeightsKind
     from dsv3c.export.source import from_folder, from_preset
 
     if (args.checkpoint is None) == (args.preset is None):
@@ -43,7 +48,7 @@ def run(args: argparse.Namespace) -> int:
     if args.out.exists() and not args.force:
         raise UserError(f"{args.out} already exists; choose another --out or pass --force")
     source = from_preset(args.preset) if args.preset else from_folder(args.checkpoint)
-    weights = args.weights or ("checkpoint" if source.has_weights else None)
+    weights: WeightsKind | None = args.weights or ("checkpoint" if source.has_weights else None)
     if weights is None:
         raise UserError(f"{source.name} has no weights; pass --weights random or --weights none")
     start = time.perf_counter()
@@ -55,5 +60,7 @@ def run(args: argparse.Namespace) -> int:
         signal.signal(signal.SIGTERM, previous)
     graphs = ", ".join(f for f in manifest.graphs.values() if f)
     size = sum(f.stat().st_size for f in args.out.iterdir())
-    print(f"wrote {args.out}: {graphs}, weights {weights} ({size / 2**20:.1f} MiB) in {time.perf_counter() - start:.1f} s")
+    print(
+        f"wrote {args.out}: {graphs}, weights {weights} ({size / 2**20:.1f} MiB) in {time.perf_counter() - start:.1f} s"
+    )
     return 0

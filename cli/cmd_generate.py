@@ -1,8 +1,8 @@
 """dsv3c generate: greedy or sampled generation over the latent cache, with PyTorch or onnxruntime.
 
-    dsv3c generate CKPT --prompt-ids 1,2,3 --prompt-ids 4,5        # PyTorch, a batch of two prompts
-    dsv3c generate EXPORT --runtime ort --mtp --json               # onnxruntime, MTP speculative decoding
-    dsv3c generate EXPORT --prompt "Hello" --device cuda           # text via tokenizer.json, CUDA EP
+dsv3c generate CKPT --prompt-ids 1,2,3 --prompt-ids 4,5        # PyTorch, a batch of two prompts
+dsv3c generate EXPORT --runtime ort --mtp --json               # onnxruntime, MTP speculative decoding
+dsv3c generate EXPORT --prompt "Hello" --device cuda           # text via tokenizer.json, CUDA EP
 """
 
 from __future__ import annotations
@@ -31,7 +31,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--prompt-ids", type=_ids, action="append", default=[], metavar="IDS",
                    help="comma-separated prompt token ids; repeat for a batch")  # fmt: skip
     p.add_argument("--prompt", action="append", default=[], metavar="TEXT",
-                   help="prompt text (needs tokenizer.json and the tokenizers package); repeat for a batch")  # fmt: skip
+                   help="prompt text (needs tokenizer.json and the tokenizers package); repeatable")  # fmt: skip
     p.add_argument("--max-new-tokens", type=int, default=16)
     p.add_argument("--runtime", choices=["auto", "torch", "ort"], default="auto",
                    help="auto (default): ort for an export folder, torch for a checkpoint folder")  # fmt: skip
@@ -46,7 +46,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--stop-ids", type=_ids, default=[], help="ids that end a row (EOS from generation_config.json too)")
     p.add_argument("--json", action="store_true",
-                   help='print {"ids": [...]} (a list per prompt with several), plus "text" and "mtp" stats')  # fmt: skip
+                   help='print {"ids": [...]} (a list per prompt with several), "text" and "mtp" if any')  # fmt: skip
 
 
 def stop_ids(folder: Path, extra: list[int]) -> list[int]:
@@ -73,7 +73,8 @@ class _Stream:
     """Prints one row's tokens as they arrive (ids, or text decoded incrementally)."""
 
     def __init__(self, tokenizer: Any):
-        self.tokenizer, self.ids, self.shown = tokenizer, [], ""
+        self.tokenizer, self.shown = tokenizer, ""
+        self.ids: list[int] = []
 
     def __call__(self, row: int, token: int) -> None:
         if self.tokenizer is None:
@@ -97,6 +98,7 @@ def run(args: argparse.Namespace) -> int:
     stops = stop_ids(args.model, args.stop_ids)
     stream = _Stream(tokenizer) if not args.json and len(prompts) == 1 else None
     stats = None
+    ids: list[list[int]]
     if args.mtp:
         ids, stats = generate_mtp(engine, prompts, args.max_new_tokens, sampling, stops, stream)
         print(f"mtp: acceptance {stats.acceptance_rate:.1%} ({stats.accepted}/{stats.drafted} drafts), "

@@ -16,7 +16,6 @@ from typing import cast
 
 import torch
 import torch.nn.functional as F
-
 from dsv3c.models.deepseek_v3 import Router, mla_absorbed, mla_naive, route
 
 
@@ -81,7 +80,9 @@ class Routing:
     topk_method: str
 
 
-def route_tokens(x: torch.Tensor, router: torch.Tensor, bias: torch.Tensor | None, r: Routing) -> tuple[torch.Tensor, torch.Tensor]:
+def route_tokens(
+    x: torch.Tensor, router: torch.Tensor, bias: torch.Tensor | None, r: Routing
+) -> tuple[torch.Tensor, torch.Tensor]:
     """x [N, D] -> (weights [N, k] float32, indices [N, k]), exactly as the model's Router."""
     logits = F.linear(x.float(), router.float())  # [N, E]
     scores = logits.sigmoid() if r.scoring_func == "sigmoid" else logits.softmax(dim=-1)

@@ -19,10 +19,9 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Literal
 
+import dsv3c
 import onnx
 import torch
-
-import dsv3c
 from dsv3c.errors import CheckpointError, UserError
 from dsv3c.export.functions import attach_functions
 from dsv3c.export.manifest import CacheLayout, Manifest, Signature, TensorInfo, WeightsKind, write_manifest
@@ -65,7 +64,7 @@ def export(
     with atomic_folder(out, overwrite=force) as tmp:
         traced = trace_graphs(source.config, TORCH_DTYPES[dtype], opset)
         layout = plan_layout(w for g in traced for w in g.weights)
-        signatures = {}
+        signatures: dict[str, Signature] = {}
         for g in traced:
             proto = finish_graph(g, layout)
             onnx.save(proto, tmp / f"{g.role}.onnx")
@@ -92,7 +91,9 @@ def _check_request(source: Source, weights: WeightsKind, dtype: str, opset: int)
 
 def estimate_weight_bytes(config: DeepseekV3Config, dtype: torch.dtype) -> int:
     """Bytes of weights.bin before alignment (the router bias stays float32)."""
-    return sum(math.prod(s) * (4 if n.endswith(BIAS_FP32) else dtype.itemsize) for n, s in parameter_shapes(config).items())
+    return sum(
+        math.prod(s) * (4 if n.endswith(BIAS_FP32) else dtype.itemsize) for n, s in parameter_shapes(config).items()
+    )
 
 
 def _check_disk(out: Path, needed: int, weights: WeightsKind) -> None:
@@ -146,10 +147,14 @@ def signature(proto: onnx.ModelProto) -> Signature:
 
 
 def _dtype_name(elem_type: int) -> str:
-    return "bfloat16" if elem_type == onnx.TensorProto.BFLOAT16 else str(onnx.helper.tensor_dtype_to_np_dtype(elem_type))
+    return (
+        "bfloat16" if elem_type == onnx.TensorProto.BFLOAT16 else str(onnx.helper.tensor_dtype_to_np_dtype(elem_type))
+    )
 
 
-def _weight_source(source: Source, weights: WeightsKind, dtype: ExportDtype, seed: int) -> Iterator[tuple[str, torch.Tensor]]:
+def _weight_source(
+    source: Source, weights: WeightsKind, dtype: ExportDtype, seed: int
+) -> Iterator[tuple[str, torch.Tensor]]:
     if weights == "checkpoint":
         assert source.folder is not None
         return checkpoint_source(source.folder, source.config)

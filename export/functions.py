@@ -17,11 +17,18 @@ from dataclasses import astuple, dataclass
 from typing import Any
 
 import onnx
+from dsv3c.export.onnx_ops import DOMAIN, MLA_OP, MOE_OP
 from onnx import TensorProto, helper
 
-from dsv3c.export.onnx_ops import DOMAIN, MLA_OP, MOE_OP
-
-MLA_ATTRS = ["num_heads", "qk_nope_head_dim", "qk_rope_head_dim", "v_head_dim", "kv_lora_rank", "softmax_scale", "absorbed"]
+MLA_ATTRS = [
+    "num_heads",
+    "qk_nope_head_dim",
+    "qk_rope_head_dim",
+    "v_head_dim",
+    "kv_lora_rank",
+    "softmax_scale",
+    "absorbed",
+]
 MOE_ATTRS = ["top_k", "n_group", "topk_group", "routed_scaling_factor", "norm_topk_prob", "scoring_func", "topk_method"]
 _FLOAT = TensorProto.FLOAT
 _INT64 = TensorProto.INT64
@@ -33,8 +40,9 @@ class _Body:
     def __init__(self) -> None:
         self.nodes: list[onnx.NodeProto] = []
 
-    def op(self, op_type: str, *inputs: str, n_out: int = 1, **attrs: Any) -> Any:
-        outs = [f"{op_type.lower()}_{len(self.nodes)}_{k}" for k in range(n_out)]
+    def op(self, op_type: str, *inputs: str, n_out: int = 1, out: str | None = None, **attrs: Any) -> Any:
+        """Append a node; returns its output name (or names, when n_out > 1). `out` names a single output."""
+        outs = [out] if out else [f"{op_type.lower()}_{len(self.nodes)}_{k}" for k in range(n_out)]
         self.nodes.append(helper.make_node(op_type, list(inputs), outs, **attrs))
         return outs[0] if n_out == 1 else outs
 
@@ -44,7 +52,7 @@ class _Body:
     def scalar(self, value: float) -> str:
         return self.op("Constant", value=helper.make_tensor("v", _FLOAT, [], [value]))
 
-    def attr(self, name: str, kind: int) -> str:
+    def attr(self, name: str, kind: onnx.AttributeProto.AttributeType) -> str:
         """A Constant read from the calling node's attribute `name`: a scalar (float) or a [1] int64."""
         field = "value_float" if kind == onnx.AttributeProto.FLOAT else "value_int"
         out = f"attr_{name}_{len(self.nodes)}"
@@ -101,13 +109,13 @@ def mla_function(absorbed: bool, opset: int, overload: str = "") -> onnx.Functio
         scores = b.op("Mul", b.op("MatMul", q, b.t(k, 0, 1, 3, 2)), scale)  # [B, H, S, T]
     masked = b.op("Where", _mla_mask(b, "ckv", "positions"), b.op("Cast", scores, to=_FLOAT), b.scalar(float("-inf")))
     probs = b.op("CastLike", b.op("Softmax", masked, axis=-1), "q_nope")  # [B, H, S, T]
-    if absorbed:
-        out = b.op("MatMul", b.op("MatMul", probs, ckv4), b.t(w_v, 0, 2, 1))  # [B, H, S, r] @ [H, r, v]
-    else:
-        out = b.op("MatMul", probs, values)  # [B, H, S, v]
+    out = (
+        b.op("MatMul", b.op("MatMul", probs, ckv4), b.t(w_v, 0, 2, 1))  # [B, H, S, r] @ [H, r, v]
+        if absorbed
+        else b.op("MatMul", probs, values)  # [B, H, S, v]
+    )
     flat = b.op("Concat", b.shape("q_nope", 0, 2), b.ints(-1), axis=0)
-    b.op("Reshape", b.t(out, 0, 2, 1, 3), flat)  # [B, S, H * v]
-    b.nodes[-1].output[0] = "output"
+    b.op("Reshape", b.t(out, 0, 2, 1, 3), flat, out="output")  # [B, S, H * v]
     return _function(MLA_OP, ["q_nope", "q_pe", "ckv", "kpe", "wkv_b", "positions"], b, MLA_ATTRS, opset, overload)
 
 
@@ -134,7 +142,8 @@ def _moe_routing(b: _Body, v: MoEVariant) -> str:
     scores = b.op("Sigmoid", logits) if v.scoring_func == "sigmoid" else b.op("Softmax", logits, axis=-1)
     choice = b.op("Add", scores, b.op("Cast", "bias", to=_FLOAT)) if v.has_bias else scores
     if v.grouped:
-        groups = b.op("Reshape", choice, b.op("Concat", b.ints(0), b.attr("n_group", onnx.AttributeProto.INT), b.ints(-1), axis=0))  # [N, G, E/G]  # fmt: skip
+        n_group = b.attr("n_group", onnx.AttributeProto.INT)
+        groups = b.op("Reshape", choice, b.op("Concat", b.ints(0), n_group, b.ints(-1), axis=0))  # [N, G, E/G]
         if v.has_bias:
             top2, _ = b.op("TopK", groups, b.ints(2), axis=-1, n_out=2)
             group_scores = b.op("ReduceSum", top2, b.ints(-1), keepdims=0)  # [N, G]
@@ -166,8 +175,7 @@ def moe_function(v: MoEVariant, opset: int, overload: str = "") -> onnx.Function
     act = b.op("Mul", b.op("Mul", g, b.op("Sigmoid", g)), u)  # silu(g) * u
     out = b.op("Cast", b.op("MatMul", act, b.t("down", 0, 2, 1)), to=_FLOAT)  # [E, N, D]
     weighted = b.op("Mul", out, b.op("Unsqueeze", b.t(routing, 1, 0), b.ints(2)))  # [E, N, D] * [E, N, 1]
-    b.op("CastLike", b.op("ReduceSum", weighted, b.ints(0), keepdims=0), "x")
-    b.nodes[-1].output[0] = "output"
+    b.op("CastLike", b.op("ReduceSum", weighted, b.ints(0), keepdims=0), "x", out="output")
     inputs = ["x", "router", "bias", "gate", "up", "down"]
     return _function(MOE_OP, inputs, b, MOE_ATTRS, opset, overload)
 

@@ -16,11 +16,10 @@ Graph signatures (inputs -> outputs); per layer i the cache is `ckv.{i}` [B, *, 
 from __future__ import annotations
 
 import torch
-from torch import nn
-
 from dsv3c.export import custom_ops  # noqa: F401  (registers torch.ops.dsv3c.*)
 from dsv3c.models.deepseek_v3 import MLA, MLP, DecoderLayer, DeepseekV3ForCausalLM, LayerCache, MoE, MTPModule
 from dsv3c.models.rope import apply_rope, cos_sin
+from torch import nn
 
 Cache = tuple[torch.Tensor, torch.Tensor]  # (ckv [B, P, r], kpe [B, P, rope])
 
@@ -105,6 +104,8 @@ class ExportLayer(nn.Module):
 class Embed(nn.Module):
     """(input_ids, positions) -> (x [B, S, D], cos, sin [B, S, rope / 2]). Weights: model.embed_tokens, inv_freq."""
 
+    inv_freq: torch.Tensor
+
     def __init__(self, model: DeepseekV3ForCausalLM):
         super().__init__()
         self.model = nn.ModuleDict({"embed_tokens": model.model.embed_tokens})
@@ -158,17 +159,22 @@ class ExportMTP(nn.Module):
     def __init__(self, mtp: MTPModule, absorbed: bool):
         super().__init__()
         self.embed_tokens, self.enorm, self.hnorm, self.eh_proj = mtp.embed_tokens, mtp.enorm, mtp.hnorm, mtp.eh_proj
-        self.block = ExportLayer(mtp.block, absorbed)  # type: ignore[arg-type]
+        assert isinstance(mtp.block, DecoderLayer)
+        self.block = ExportLayer(mtp.block, absorbed)
         self.shared_head = mtp.shared_head
 
 
 class MTPGraph(nn.Module):
     """MTP depth `depth` over its own one-layer latent cache (`model.forward_mtp`), traced whole."""
 
+    inv_freq: torch.Tensor
+
     def __init__(self, model: DeepseekV3ForCausalLM, depth: int = 0, absorbed: bool = True):
         super().__init__()
+        module = model.mtp[depth]
+        assert isinstance(module, MTPModule)
         self.depth = depth
-        self.mtp = nn.ModuleList(ExportMTP(m, absorbed) if k == depth else nn.Identity() for k, m in enumerate(model.mtp))  # type: ignore[arg-type]
+        self.mtp = nn.ModuleDict({str(depth): ExportMTP(module, absorbed)})  # weights: mtp.{depth}.*
         self.register_buffer("inv_freq", model.inv_freq.clone())
         self.rope_factor = model.rope_factor
 
@@ -176,7 +182,8 @@ class MTPGraph(nn.Module):
         self, next_ids: torch.Tensor, hidden: torch.Tensor, positions: torch.Tensor,
         past_ckv: torch.Tensor | None = None, past_kpe: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, ...]:  # fmt: skip
-        m = self.mtp[self.depth]
+        m = self.mtp[str(self.depth)]
+        assert isinstance(m, ExportMTP)
         cos, sin = cos_sin(positions, self.inv_freq, self.rope_factor)
         h = m.eh_proj(torch.cat([m.enorm(m.embed_tokens(next_ids)), m.hnorm(hidden)], dim=-1))  # [B, S, D]
         h, ckv, kpe = m.block(h, cos, sin, positions, past_ckv, past_kpe)

@@ -19,7 +19,7 @@ A pass that rewrites the folder appends its own stage (`Manifest.with_stage`) an
 `weights: none` folders declare every weight (name, dtype, shape, and the external-data offset and
 length it would have) but hold no data: `weights.bin` is an empty placeholder, so that
 `onnx.checker.check_model(path)` accepts the graphs, while `onnx.load(path)` stops with "External data
-offset ... exceeds file size (0)" instead of reading garbage. Work on structure with
+... exceeds ..." instead of reading garbage. Work on structure with
 `Manifest.load_structure(role)` (= `onnx.load(path, load_external_data=False)`) or `onnx_ir.load(path)`.
 """
 
@@ -32,7 +32,6 @@ from pathlib import Path
 from typing import Any, Literal, cast
 
 import onnx
-
 from dsv3c.errors import UserError
 from dsv3c.models.config import DeepseekV3Config
 
@@ -167,8 +166,14 @@ def _parse(raw: dict[str, Any]) -> Manifest:
         opset=int(raw["opset"]),
         graphs={str(k): (None if v is None else str(v)) for k, v in raw["graphs"].items()},
         signatures=signatures,
-        cache=CacheLayout(int(cache["layers"]), int(cache["mtp_layers"]), int(cache["ckv_width"]),
-                          int(cache["kpe_width"]), str(cache["dtype"]), str(cache["append_rule"])),  # fmt: skip
+        cache=CacheLayout(
+            int(cache["layers"]),
+            int(cache["mtp_layers"]),
+            int(cache["ckv_width"]),
+            int(cache["kpe_width"]),
+            str(cache["dtype"]),
+            str(cache["append_rule"]),
+        ),
         stages=list(raw["stages"]),
         weights_file=raw.get("weights_file"),
         dsv3c_version=str(raw["dsv3c_version"]),

@@ -26,9 +26,8 @@ from typing import Any
 import onnx
 import onnxscript
 import torch
-from onnx import defs
-
 from dsv3c.export import custom_ops  # noqa: F401  (registers torch.ops.dsv3c.*)
+from onnx import defs
 
 DOMAIN = "dsv3c"
 VERSION = 1

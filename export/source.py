@@ -32,7 +32,9 @@ class Source:
             return [PRESETS_DIR / f"{self.name}.json"]
         files = [self.folder / "config.json"]
         if with_weights:
-            files += sorted(p for p in self.folder.iterdir() if p.name.endswith((".safetensors", ".safetensors.index.json")))
+            files += sorted(
+                p for p in self.folder.iterdir() if p.name.endswith((".safetensors", ".safetensors.index.json"))
+            )
         return files
 
 

@@ -22,8 +22,6 @@ import onnx
 import onnx_ir as ir
 import onnxscript
 import torch
-from torch import nn
-
 from dsv3c.export.compose import Block, Composer, rename_dim
 from dsv3c.export.graphs import Embed, ExportLayer, Head, MTPGraph
 from dsv3c.export.onnx_ops import translation_table
@@ -31,6 +29,7 @@ from dsv3c.models.checkpoint_layout import BIAS_FP32
 from dsv3c.models.config import DeepseekV3Config
 from dsv3c.models.deepseek_v3 import DecoderLayer, DeepseekV3ForCausalLM
 from dsv3c.models.rope import inv_frequencies
+from torch import nn
 
 Role = Literal["prefill", "decode", "mtp"]
 DEFAULT_OPSET = 21
@@ -62,7 +61,9 @@ def trace_graphs(config: DeepseekV3Config, dtype: torch.dtype, opset: int = DEFA
     tracer = _Tracer(model, opset)
     embed = tracer.block("embed", Embed(model), (tracer.ids, tracer.ids), tracer.token_dims(2),
                          ["input_ids", "positions"], ["x", "cos", "sin"])  # fmt: skip
-    head = tracer.block("head", Head(model), (tracer.x,), ({0: tracer.batch, 1: tracer.seq},), ["x"], ["logits", "hidden"])
+    head = tracer.block(
+        "head", Head(model), (tracer.x,), ({0: tracer.batch, 1: tracer.seq},), ["x"], ["logits", "hidden"]
+    )
     graphs = [_compose_lm(tracer, "prefill", embed, head), _compose_lm(tracer, "decode", embed, head)]
     if config.num_nextn_predict_layers:
         graphs.append(_compose_mtp(tracer))
@@ -119,16 +120,19 @@ def _compose_lm(tracer: _Tracer, role: Role, embed: Block, head: Block) -> Trace
     model, decode = tracer.model, role == "decode"
     c, n = model.config, model.config.num_hidden_layers
     composer = Composer()
-    composer.add(embed, "embed", {"input_ids": "input_ids", "positions": "positions"}, {"x": "x.0", "cos": "cos", "sin": "sin"})
+    composer.add(
+        embed, "embed", {"input_ids": "input_ids", "positions": "positions"}, {"x": "x.0", "cos": "cos", "sin": "sin"}
+    )
     kinds: dict[bool, Block] = {}
     for i, layer in enumerate(model.model.layers):
         moe = c.is_moe_layer(i)
         if moe not in kinds:
-            kinds[moe] = tracer.layer(layer, f"{'moe' if moe else 'dense'}_{role}", absorbed=decode, with_past=decode)  # type: ignore[arg-type]
-        inputs = {"x": f"x.{i}", "cos": "cos", "sin": "sin", "positions": "positions",
-                  "past_ckv": f"past_ckv.{i}", "past_kpe": f"past_kpe.{i}"}  # fmt: skip
-        outputs = {"x_out": f"x.{i + 1}", "new_ckv": f"new_ckv.{i}", "new_kpe": f"new_kpe.{i}"}
-        composer.add(kinds[moe], f"layers.{i}", inputs, outputs, weight_prefix=f"model.layers.{i}.")
+            assert isinstance(layer, DecoderLayer)
+            kinds[moe] = tracer.layer(layer, f"{'moe' if moe else 'dense'}_{role}", absorbed=decode, with_past=decode)
+        wires = {"x": f"x.{i}", "cos": "cos", "sin": "sin", "positions": "positions",
+                 "past_ckv": f"past_ckv.{i}", "past_kpe": f"past_kpe.{i}"}  # fmt: skip
+        results = {"x_out": f"x.{i + 1}", "new_ckv": f"new_ckv.{i}", "new_kpe": f"new_kpe.{i}"}
+        composer.add(kinds[moe], f"layers.{i}", wires, results, weight_prefix=f"model.layers.{i}.")
     tied = {"lm_head.weight": "model.embed_tokens.weight"} if c.tie_word_embeddings else {}
     composer.add(head, "head", {"x": f"x.{n}"}, {"logits": "logits", "hidden": "hidden"}, weight_names=tied)
     cache = [f"{kind}.{i}" for i in range(n) for kind in ("ckv", "kpe")]

@@ -21,16 +21,15 @@ from pathlib import Path
 
 import onnx
 import torch
-from torch import nn
-
 from dsv3c.errors import CheckpointError
 from dsv3c.models.checkpoint_layout import copy_source, parameter_shapes
 from dsv3c.models.config import DeepseekV3Config
 from dsv3c.models.deepseek_v3 import RMSNorm
+from torch import nn
 
 WEIGHTS_FILE = "weights.bin"
 ALIGN = 4096
-_DTYPES = {onnx.TensorProto.FLOAT: torch.float32, onnx.TensorProto.BFLOAT16: torch.bfloat16,
+_DTYPES: dict[int, torch.dtype] = {onnx.TensorProto.FLOAT: torch.float32, onnx.TensorProto.BFLOAT16: torch.bfloat16,
            onnx.TensorProto.FLOAT16: torch.float16}  # fmt: skip
 _EXPERT = re.compile(r"^(.*\.mlp\.experts)\.(\d+)\.(gate_proj|up_proj|down_proj)\.weight$")
 
@@ -118,7 +117,7 @@ class WeightWriter:
             raise CheckpointError(f"tensor for {slot.name} has shape {list(tensor.shape)}, expected {list(shape)}")
         data = tensor.detach().to(slot.dtype).contiguous().view(torch.uint8).numpy()  # raw bytes
         offset = slot.offset + (0 if index is None else index * data.nbytes)
-        view = memoryview(data).cast("B")
+        view = data.data.cast("B")
         while view:
             written = os.pwrite(self._fd, view, offset)
             view, offset = view[written:], offset + written
@@ -174,4 +173,3 @@ def checkpoint_source(path: Path, config: DeepseekV3Config) -> Iterator[tuple[st
     from dsv3c.models.checkpoint import load_state_dict_streaming
 
     yield from load_state_dict_streaming(path, config)
-

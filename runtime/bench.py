@@ -11,12 +11,14 @@ runtime comes to the floor.
 from __future__ import annotations
 
 import gc
+import os
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any, Literal
 
 import torch
+from dsv3c.errors import UserError
 from dsv3c.runtime.bench_models import Runner, weight_bytes_per_step
 
 RuntimeName = Literal["ort", "torch", "transformers"]
@@ -66,20 +68,34 @@ def run_bench(
     rows: list[BenchRow] = []
     for name in plan.runtimes:
         progress(f"loading {name}")
-        runner = factories[name]()
-        _warm_up(runner, plan)
+        try:
+            runner = factories[name]()
+            _warm_up(runner, plan)
+        except (UserError, RuntimeError, ImportError, MemoryError) as e:
+            progress(f"{name}: skipped ({_first_line(e)})")
+            continue
         for batch in plan.batches:
             for context in plan.contexts:
                 try:
                     rows += measure(runner, plan, batch, context, bandwidth)
                 except (RuntimeError, MemoryError) as e:  # onnxruntime's errors derive from RuntimeError
-                    progress(f"{name} batch {batch} context {context}: skipped ({str(e).splitlines()[0][:160]})")
+                    progress(f"{name} batch {batch} context {context}: skipped ({_first_line(e)})")
                     continue
                 progress("  ".join(f"{r.runtime} {r.phase} ctx {r.context} b {r.batch}: {r.tokens_per_s:.1f} tok/s"
                                    for r in rows[-2:]))  # fmt: skip
         del runner
         gc.collect()
     return rows
+
+
+def _first_line(e: BaseException) -> str:
+    text = str(e).strip()
+    return text.splitlines()[0][:200] if text else type(e).__name__
+
+
+def _sync(device: str) -> None:
+    if device == "cuda":
+        torch.cuda.synchronize()
 
 
 def _warm_up(runner: Runner, plan: BenchPlan) -> None:
@@ -95,13 +111,17 @@ def _ids(runner: Runner, plan: BenchPlan, batch: int, seq: int) -> torch.Tensor:
 
 def measure(runner: Runner, plan: BenchPlan, batch: int, context: int, bandwidth: float) -> list[BenchRow]:
     ids = _ids(runner, plan, batch, context + plan.decode_steps + 1)
+    _sync(plan.device)
     start = time.perf_counter()
     runner.prefill(ids[:, :context], plan.prefill_chunk, plan.decode_steps + 2)
+    _sync(plan.device)
     prefill_s = time.perf_counter() - start
     runner.decode(ids[:, context : context + 1])  # untimed: first-call allocations at this size
+    _sync(plan.device)
     start = time.perf_counter()
     for i in range(plan.decode_steps):
         runner.decode(ids[:, context + 1 + i : context + 2 + i])
+    _sync(plan.device)
     step_s = (time.perf_counter() - start) / plan.decode_steps
     cache = runner.cache_bytes_per_token()
     config, item = runner.config, runner.weight_itemsize
@@ -109,7 +129,8 @@ def measure(runner: Runner, plan: BenchPlan, batch: int, context: int, bandwidth
     prefill_bytes = chunks * weight_bytes_per_step(config, batch * min(context, plan.prefill_chunk), item)
     mean_context = context + 1 + plan.decode_steps // 2
     decode_bytes = weight_bytes_per_step(config, batch, item) + batch * mean_context * cache
-    extra = {"decode_steps": plan.decode_steps, "prefill_chunk": plan.prefill_chunk, "bandwidth_bytes_per_s": bandwidth}
+    extra = {"decode_steps": plan.decode_steps, "prefill_chunk": plan.prefill_chunk, "bandwidth_bytes_per_s": bandwidth,
+             "loadavg_1m": os.getloadavg()[0]}  # fmt: skip
 
     def row(phase: Phase, tokens: int, seconds: float, nbytes: int) -> BenchRow:
         achieved = nbytes / seconds

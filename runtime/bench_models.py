@@ -78,7 +78,8 @@ class TransformersRunner:
             raise ImportError("transformers is not installed (pip install 'dsv3c[bench]')") from None
         kwargs: dict[str, Any] = {"dtype": dtype, "attn_implementation": "eager", "experts_implementation": "eager"}
         with _quiet_transformers(transformers):
-            self.model = transformers.DeepseekV3ForCausalLM.from_pretrained(str(checkpoint), **kwargs)
+            model: Any = transformers.DeepseekV3ForCausalLM
+            self.model = model.from_pretrained(str(checkpoint), **kwargs)
         self.model = self.model.to(device).eval()
         self.device = torch.device(device)
         self.config = DeepseekV3Config.from_json(checkpoint / "config.json")

@@ -34,7 +34,11 @@ def format_ratios(rows: Sequence[BenchRow]) -> list[str]:
         b = base.get((r.phase, r.context, r.batch))
         if b is None or r.runtime == BASELINE:
             continue
-        cache = f", cache {b.cache_bytes_per_token / r.cache_bytes_per_token:.1f}x smaller" if r.cache_bytes_per_token else ""
+        cache = (
+            f", cache {b.cache_bytes_per_token / r.cache_bytes_per_token:.1f}x smaller"
+            if r.cache_bytes_per_token
+            else ""
+        )
         out.append(f"{r.runtime} vs {BASELINE}, {r.phase} ctx {r.context} b {r.batch}: "
                    f"{r.tokens_per_s / b.tokens_per_s:.2f}x tokens/s{cache}")  # fmt: skip
     return ["", *out] if out else []

@@ -30,7 +30,10 @@ class OrtGraph:
         self.role, self.device = role, torch_device
         self.session = make_session(manifest.graph_path(role), device, threads)
         self.signature: Signature = manifest.signatures[role]
-        self.inputs = [t.name for t in self.signature.inputs]
+        unknown = [t.name for t in (*self.signature.inputs, *self.signature.outputs) if t.dtype not in TORCH_TYPES]
+        if unknown:
+            raise UserError(f"{role}.onnx: {unknown[0]} has a dtype this runtime does not bind; re-export the folder")
+        self.inputs = {t.name: TORCH_TYPES[t.dtype] for t in self.signature.inputs}
         self.outputs = {t.name: t for t in self.signature.outputs}
         self.widths = {t.name: [d for d in t.shape[2:] if isinstance(d, int)] for t in self.signature.outputs}
         if any(len(w) != len(t.shape) - 2 for w, t in zip(self.widths.values(), self.signature.outputs, strict=True)):
@@ -47,8 +50,8 @@ class OrtGraph:
         binding = self.session.io_binding()
         kind, index = self.device.type, self.device.index or 0
         keep: list[Any] = []
-        for name in self.inputs:
-            tensor = feeds[name].contiguous()
+        for name, dtype in self.inputs.items():
+            tensor = feeds[name].to(dtype).contiguous()  # no copy when it already is (the cache buffers)
             if tensor.numel() == 0:  # an empty past: let onnxruntime own the (zero-byte) buffer
                 ort_value = _empty_ortvalue(tensor, kind, index)
                 keep.append(ort_value)
@@ -79,7 +82,11 @@ class OrtEngine:
     """The Engine protocol over an export folder (see engine.py)."""
 
     def __init__(
-        self, folder: Path, device: Device = "cpu", threads: int = 0, roles: Sequence[str] = ("prefill", "decode", "mtp")
+        self,
+        folder: Path,
+        device: Device = "cpu",
+        threads: int = 0,
+        roles: Sequence[str] = ("prefill", "decode", "mtp"),
     ):
         manifest = read_manifest(folder)
         if manifest.weights == "none":
@@ -108,7 +115,9 @@ class OrtEngine:
         return c.width * c.layers * self.dtype.itemsize
 
     def prefill(self, ids: torch.Tensor, positions: torch.Tensor) -> StepOutput:
-        return self._step("prefill", self._need(self.cache), {"input_ids": ids, "positions": positions}, positions, False)
+        return self._step(
+            "prefill", self._need(self.cache), {"input_ids": ids, "positions": positions}, positions, False
+        )
 
     def decode(self, ids: torch.Tensor, positions: torch.Tensor) -> StepOutput:
         return self._step("decode", self._need(self.cache), {"input_ids": ids, "positions": positions}, positions, True)

@@ -47,8 +47,8 @@ class SpecStats:
         return self.tokens / self.row_calls if self.row_calls else 0.0
 
     def to_dict(self) -> dict[str, float | int]:
-        return {"drafted": self.drafted, "accepted": self.accepted, "acceptance_rate": self.acceptance_rate,
-                "tokens": self.tokens, "main_calls": self.main_calls, "tokens_per_call": self.tokens_per_call}  # fmt: skip
+        keys = ("drafted", "accepted", "acceptance_rate", "tokens", "main_calls", "tokens_per_call")
+        return {k: getattr(self, k) for k in keys}
 
 
 class _Rows:
@@ -112,9 +112,8 @@ def generate_mtp(
         _count(stats, rows_state, batch)
         stats.drafted += int(active.sum())
         stats.accepted += int(accepted.sum())
-        for row in np.flatnonzero(accepted.cpu().numpy()):
-            stats.per_row_accepted[row] += 1
         for row, (a, b, ok) in enumerate(zip(g1.tolist(), g2.tolist(), accepted.tolist(), strict=True)):
+            stats.per_row_accepted[row] += int(ok)
             rows_state.emit(row, a)
             if ok:
                 rows_state.emit(row, b)

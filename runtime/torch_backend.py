@@ -62,7 +62,9 @@ class TorchEngine:
         lengths, used = positions[:, 0], int(positions[:, 0].max())
         past = LayerCache(cache.ckv[0][:, :used], cache.kpe[0][:, :used])
         path = self.decode_path if used else "naive"
-        logits, state, new = self.model.forward_mtp(next_ids, hidden.to(self.dtype), positions, past, lengths, path=path)
+        logits, state, new = self.model.forward_mtp(
+            next_ids, hidden.to(self.dtype), positions, past, lengths, path=path
+        )
         cache.write(0, new.ckv, new.kpe, positions)
         return StepOutput(logits, state)
 

@@ -71,7 +71,7 @@ def make_logger(backend: Backend) -> Any:
     """An ILogger that keeps warnings and errors (minus GPU-less noise) instead of printing them."""
     trt = backend.trt
 
-    class CollectingLogger(trt.ILogger):  # type: ignore[misc,name-defined]
+    class CollectingLogger(trt.ILogger):  # type: ignore[name-defined]
         def __init__(self) -> None:
             trt.ILogger.__init__(self)
             self.errors: list[str] = []

@@ -36,7 +36,7 @@ _NO_FUSED_ATTENTION = "Attention operation was not supported by a dedicated kern
 _HINTS = {
     "HW-specific datatypes: fp8": "fp8 needs compute capability 8.9 or newer: drop 8.0/8.6 from --target-cc",
     "CHECK(is_constant())": "TensorRT needs build-time constant Q/DQ scales, and TensorRT-RTX 1.7 cannot pair "
-    "128x128 block-scaled fp8 weights with fp8 activations; use per-channel weight scales for fp8 GEMMs, "
+    "block-scaled fp8 weights with fp8 activations; use per-channel weight scales for fp8 GEMMs, "
     "or leave the activations unquantized (weight-only fp8)",
 }
 _DTYPES = {"FLOAT": "float32", "HALF": "float16", "BF16": "bfloat16", "INT64": "int64", "INT32": "int32",
@@ -71,6 +71,8 @@ def build_engines(
         precision = _precision(options, manifest, graphs)
         check_names(options.profiles, {r: manifest.signatures[r] for r in roles})
         cache = _read_cache(options.timing_cache)
+        if options.timing_cache and backend.is_rtx:
+            log("timing cache: not used, TensorRT-RTX has none (it compiles kernels at run time)")
         config = manifest.model_config()
         engines = {}
         with atomic_folder(out, overwrite=options.force) as tmp:
@@ -80,16 +82,17 @@ def build_engines(
                     backend, graphs[role], manifest.signatures[role], profile, options.target_cc, cache, tmp
                 )
                 log(_line(engines[role]))
+            names = {"name": backend.name, "version": backend.version, "onnx_parser_version": backend.parser_version}
             result = EngineManifest(
-                backend={"name": backend.name, "version": backend.version, "onnx_parser_version": backend.parser_version},
+                backend=names,
                 precision=precision, target_cc=list(options.target_cc),
                 source={"folder": str(Path(export_dir).resolve()), "preparation": how, "stages": manifest.stages},
                 config=manifest.config, cache=_cache_layout(manifest), engines=engines,
-                timing_cache=str(options.timing_cache) if options.timing_cache else None,
+                timing_cache=str(options.timing_cache) if options.timing_cache and not backend.is_rtx else None,
                 dsv3c_version=dsv3c.__version__,
             )  # fmt: skip
             write_engine_manifest(result, tmp)
-        if options.timing_cache and cache:
+        if options.timing_cache and cache and not backend.is_rtx:
             with atomic_file(options.timing_cache) as t:
                 t.write_bytes(cache)
     return result
@@ -110,8 +113,8 @@ def build_one(
         raise _parse_error(parser, graph)
     summary = summarize(backend, network)
     config = _config(backend, builder, network, profile, target_cc, graph, logger)
-    timing = config.create_timing_cache(cache)
-    config.set_timing_cache(timing, False)
+    if not backend.is_rtx:  # TensorRT-RTX: timing cache operations are no-ops (deprecated since 1.2)
+        config.set_timing_cache(config.create_timing_cache(cache), False)
     start = time.perf_counter()
     serialized = builder.build_serialized_network(network, config)
     if serialized is None and any(_NO_FUSED_ATTENTION in e for e in logger.errors):
@@ -132,7 +135,7 @@ def build_one(
         build_seconds=round(seconds, 3), inputs=inputs, outputs=outputs, profiles=[profile], layers=summary,
         engine_cc=read_header(path).cc,
     )  # fmt: skip
-    return record, bytes(config.get_timing_cache().serialize())
+    return record, cache if backend.is_rtx else bytes(config.get_timing_cache().serialize())
 
 
 def _config(
@@ -159,7 +162,7 @@ def _config(
 def _parse_error(parser: Any, graph: ParserInput) -> UserError:
     e = parser.get_error(0)
     index = e.node()
-    node = graph.nodes[index].describe() if 0 <= index < len(graph.nodes) else f"node {index}"
+    node = graph.nodes[index].describe() if 0 <= index < len(graph.nodes) else "the graph"
     lines = [ln.strip() for ln in e.desc().splitlines() if ln.strip()]
     useful = [ln for ln in lines if not ln.startswith(("Invalid Node", "[checkMacros", "In node"))] or lines
     more = f" ({parser.num_errors - 1} more)" if parser.num_errors > 1 else ""

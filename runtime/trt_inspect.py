@@ -16,8 +16,8 @@ from pathlib import Path
 
 from dsv3c.errors import UserError
 from dsv3c.runtime.trt_header import EngineHeader, read_header
-from dsv3c.runtime.trt_manifest import LayerSummary, TensorRecord, read_engine_manifest
-from dsv3c.runtime.trt_profiles import ShapeRange
+from dsv3c.runtime.trt_manifest import EngineRecord, LayerSummary, TensorRecord, read_engine_manifest
+from dsv3c.runtime.trt_profiles import ShapeRange, dim_ranges
 
 
 @dataclass
@@ -68,10 +68,7 @@ def inspect_engine_folder(folder: Path, target_cc: list[str] | None = None) -> E
 inspect_engine_dir = inspect_engine_folder  # the name graph/inspect.py's handler comment uses
 
 
-def _engine(folder: Path, role: str, record: object) -> EngineReport:
-    from dsv3c.runtime.trt_manifest import EngineRecord
-
-    assert isinstance(record, EngineRecord)
+def _engine(folder: Path, role: str, record: EngineRecord) -> EngineReport:
     path = folder / record.file
     problems = []
     if not path.is_file():
@@ -150,9 +147,10 @@ def render_text(report: EngineFolderReport) -> str:
         lines += [f"  ! {p}" for p in e.problems]
         lines.append("  inputs   " + "; ".join(_shape(t) for t in e.inputs))
         lines.append("  outputs  " + "; ".join(_shape(t) for t in e.outputs))
+        shapes = {t.name: t.shape for t in e.inputs}
         for i, profile in enumerate(e.profiles):
-            ranges = [f"{n} {r.min}..{r.opt}..{r.max}" for n, r in profile.items() if r.min != r.max]
-            lines.append(f"  profile {i} " + "; ".join(ranges))
+            ranges = [f"{n} {lo}..{opt}..{hi}" for n, (lo, opt, hi) in dim_ranges(shapes, profile).items()]
+            lines.append(f"  profile {i}: min..opt..max " + "; ".join(ranges))
         top = ", ".join(f"{k} {v}" for k, v in list(s.by_type.items())[:8])
         lines.append(f"  layers   {s.total}: {top}{', ...' if len(s.by_type) > 8 else ''}")
         lines.append(f"  fp8      layers {_names(s.fp8)}; fp8 GEMMs {_names(s.fp8_gemms)}; "

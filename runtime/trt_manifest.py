@@ -1,15 +1,15 @@
 """`engine_manifest.json`: what an engine folder holds, recorded at build time (no GPU needed to read it).
 
-    {
-      "format_version": 1, "dsv3c_version": "0.1.0",
-      "backend": {"name": "tensorrt_rtx", "version": "1.7.1.116", "onnx_parser_version": "..."},
-      "precision": "fp32" | "bf16" | "fp8",
-      "target_cc": ["8.0", ...],             # requested (empty: the backend's default set)
-      "source": {"folder": ..., "preparation": ..., "stages": [...]},
-      "config": {...}, "cache": {...},      # from the export manifest, for the runner
-      "timing_cache": null | "path",
-      "engines": {role: EngineRecord}       # file, bytes, sha256, build_seconds, inputs, outputs, profiles,
-    }                                       # engine_cc (from the file header), layers (LayerSummary)
+{
+  "format_version": 1, "dsv3c_version": "0.1.0",
+  "backend": {"name": "tensorrt_rtx", "version": "1.7.1.116", "onnx_parser_version": "..."},
+  "precision": "fp32" | "bf16" | "fp8",
+  "target_cc": ["8.0", ...],             # requested (empty: the backend's default set)
+  "source": {"folder": ..., "preparation": ..., "stages": [...]},
+  "config": {...}, "cache": {...},      # from the export manifest, for the runner
+  "timing_cache": null | "path",
+  "engines": {role: EngineRecord}       # file, bytes, sha256, build_seconds, inputs, outputs, profiles,
+}                                       # engine_cc (from the file header), layers (LayerSummary)
 """
 
 from __future__ import annotations
@@ -79,7 +79,9 @@ class EngineManifest:
     format_version: int = FORMAT_VERSION
 
     def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
+        d = dataclasses.asdict(self)
+        first = ["format_version", "dsv3c_version", "backend", "precision", "target_cc"]
+        return {k: d[k] for k in [*first, *(k for k in d if k not in first)]}
 
 
 def write_engine_manifest(manifest: EngineManifest, folder: Path) -> None:

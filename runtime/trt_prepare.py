@@ -19,7 +19,6 @@ from pathlib import Path
 
 import onnx
 import onnx.inliner
-
 from dsv3c.errors import UserError
 from dsv3c.export.manifest import Manifest, read_manifest
 
@@ -118,6 +117,6 @@ def _check(model: onnx.ModelProto, path: Path, nodes: list[NodeRef]) -> None:
                 f"{where} has a scale computed in the graph ({n.input[1]}); TensorRT needs build-time constant "
                 "Q/DQ scales: quantize with static activation scales (dsv3c quantize --calibrate N)"
             )
-        if n.op_type == "Constant" or all(i in constant for i in n.input if i):
-            if n.op_type not in ("Shape", "Size"):  # constant-foldable: its outputs count as constants
-                constant.update(o for o in n.output if o)
+        foldable = n.op_type == "Constant" or all(i in constant for i in n.input if i)
+        if foldable and n.op_type not in ("Shape", "Size"):  # its outputs count as constants
+            constant.update(o for o in n.output if o)

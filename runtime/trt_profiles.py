@@ -9,7 +9,8 @@ dimension and applied to every input that has it (shapes of one graph stay consi
 
 Defaults: batch 1..8 (opt 1); prefill seq 1..max_tokens (opt 128); decode q 1..1+num_nextn_predict_layers
 (MTP drafts verified in one step, opt 1); past 0..max_tokens (opt 256, one latent-buffer growth chunk; 0
-is an empty cache); mtp seq as decode q. max_tokens = min(max_position_embeddings, 8192).
+is an empty cache); mtp seq 1..max_tokens (the whole prompt once, then 1 + nextn per step; opt 1 + nextn).
+max_tokens = min(max_position_embeddings, 8192).
 """
 
 from __future__ import annotations
@@ -44,7 +45,7 @@ def default_dims(config: DeepseekV3Config, role: str) -> dict[str, Range]:
     tokens = min(config.max_position_embeddings, MAX_TOKENS)
     q_max = 1 + max(config.num_nextn_predict_layers, 1)
     dims = {"batch": (1, 1, MAX_BATCH), "past": (0, min(256, tokens), tokens)}
-    dims["seq"] = (1, min(128, tokens), tokens) if role == "prefill" else (1, 1, q_max)
+    dims["seq"] = (1, min(128, tokens), tokens) if role == "prefill" else (1, q_max, tokens)
     dims["q"] = (1, 1, q_max)
     return dims
 
@@ -85,19 +86,19 @@ def profile_for(role: str, signature: Signature, config: DeepseekV3Config, spec:
     dims = default_dims(config, role)
     names = {d for t in signature.inputs for d in t.shape if isinstance(d, str)}
     inputs = {t.name: t for t in signature.inputs}
-    for (r, name), rng in spec.dims.items():
+    for (r, name), dim_range in spec.dims.items():
         if r in ("*", role) and name in names:
-            dims[name] = rng
+            dims[name] = dim_range
         elif r == role and name not in inputs:
             raise UserError(f"--profile {role}:{name}: {role} has no dimension or input {name!r} "
                             f"(dimensions: {', '.join(sorted(names))})")  # fmt: skip
     out = {}
     for t in signature.inputs:
-        rng = [dims.get(d, (0, 0, 0)) if isinstance(d, str) else (d, d, d) for d in t.shape]
+        per_dim = [dims.get(d, (0, 0, 0)) if isinstance(d, str) else (d, d, d) for d in t.shape]
         unknown = [d for d in t.shape if isinstance(d, str) and d not in dims]
         if unknown:
             raise UserError(f"{role} input {t.name} has dimension {unknown[0]!r} with no default; pass --profile")
-        out[t.name] = ShapeRange([r[0] for r in rng], [r[1] for r in rng], [r[2] for r in rng])
+        out[t.name] = ShapeRange([r[0] for r in per_dim], [r[1] for r in per_dim], [r[2] for r in per_dim])
     for (r, name), (lo, opt, hi) in spec.inputs.items():
         if r not in ("*", role):
             continue
@@ -106,7 +107,9 @@ def profile_for(role: str, signature: Signature, config: DeepseekV3Config, spec:
                 raise UserError(f"--profile {role}:{name}: {role} has no input {name!r} (inputs: {', '.join(inputs)})")
             continue
         fixed = inputs[name].shape
-        if len(lo) != len(fixed) or any(isinstance(d, int) and d not in (a, c) for d, a, c in zip(fixed, lo, hi, strict=True)):
+        if len(lo) != len(fixed) or any(
+            isinstance(d, int) and d not in (a, c) for d, a, c in zip(fixed, lo, hi, strict=True)
+        ):
             raise UserError(f"--profile {role}:{name}: shape must match {fixed} (fixed sizes kept)")
         out[name] = ShapeRange(lo, opt, hi)
     return out
@@ -122,3 +125,13 @@ def check_names(spec: ProfileSpec, signatures: dict[str, Signature]) -> None:
                             f"(dimensions: {', '.join(sorted(dims))})")  # fmt: skip
         if role != "*" and role not in signatures:
             raise UserError(f"--profile {role}:{name}: no {role} graph (graphs: {', '.join(signatures)})")
+
+
+def dim_ranges(shapes: dict[str, list[int | str]], profile: dict[str, ShapeRange]) -> dict[str, Range]:
+    """The profile by dimension name ({'batch': (1, 1, 8), ...}), given the inputs' symbolic shapes."""
+    out: dict[str, Range] = {}
+    for name, r in profile.items():
+        for i, d in enumerate(shapes.get(name, [])):
+            if isinstance(d, str) and i < len(r.min):
+                out.setdefault(d, (r.min[i], r.opt[i], r.max[i]))
+    return out

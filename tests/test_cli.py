@@ -55,7 +55,7 @@ def test_v3_is_refused_with_its_size_unless_config_only(tmp_path: Path) -> None:
     ("args", "message"),
     [
         (("init", "--preset", "huge", "--out", "{tmp}/x"), "unknown preset 'huge'"),
-        (("generate", "{tmp}/absent", "--prompt-ids", "1"), "no such checkpoint folder"),
+        (("generate", "{tmp}/absent", "--prompt-ids", "1"), "no such folder"),
         (("generate", "{ckpt}", "--prompt-ids", "1,100000"), "outside the vocabulary"),
         (("generate", "{ckpt}", "--prompt-ids", "1", "--max-new-tokens", "5000"), "maximum context"),
         (("generate", "{ckpt}", "--prompt-ids", "1", "--top-p", "0"), "--top-p"),

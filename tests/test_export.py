@@ -87,11 +87,29 @@ def test_mtp_graph_matches_forward_mtp_with_and_without_past(tiny: Exported) -> 
     config = tiny.model.config
     empty = {"past_ckv.0": np.zeros((2, 0, config.kv_lora_rank), np.float32),
              "past_kpe.0": np.zeros((2, 0, config.qk_rope_head_dim), np.float32)}  # fmt: skip
-    whole = run(mtp, {"next_ids": ids[:, 1:].numpy(), "hidden": hidden.numpy(), "positions": arange_positions(2, 0, 8), **empty})
+    whole = run(
+        mtp, {"next_ids": ids[:, 1:].numpy(), "hidden": hidden.numpy(), "positions": arange_positions(2, 0, 8), **empty}
+    )
     assert rel(whole["logits"], ref_logits.numpy()) < 1e-4
     assert rel(whole["hidden_out"], ref_hidden.numpy()) < 1e-4
     assert rel(whole["new_ckv.0"], ref_new.ckv.numpy()) < 1e-4
-    first = run(mtp, {"next_ids": ids[:, 1:6].numpy(), "hidden": hidden[:, :5].numpy(), "positions": arange_positions(2, 0, 5), **empty})
+    first = run(
+        mtp,
+        {
+            "next_ids": ids[:, 1:6].numpy(),
+            "hidden": hidden[:, :5].numpy(),
+            "positions": arange_positions(2, 0, 5),
+            **empty,
+        },
+    )
     past = {"past_ckv.0": first["new_ckv.0"], "past_kpe.0": first["new_kpe.0"]}
-    rest = run(mtp, {"next_ids": ids[:, 6:].numpy(), "hidden": hidden[:, 5:].numpy(), "positions": arange_positions(2, 5, 3), **past})
+    rest = run(
+        mtp,
+        {
+            "next_ids": ids[:, 6:].numpy(),
+            "hidden": hidden[:, 5:].numpy(),
+            "positions": arange_positions(2, 5, 3),
+            **past,
+        },
+    )
     assert rel(rest["logits"], ref_logits[:, 5:].numpy()) < 1e-4

@@ -8,7 +8,6 @@ from pathlib import Path
 import numpy as np
 import onnxruntime as ort
 import pytest
-
 from dsv3c.export.exporter import export
 from dsv3c.export.manifest import Manifest
 from dsv3c.export.source import from_folder

@@ -7,22 +7,23 @@ import onnx
 import onnxruntime as ort
 import pytest
 import torch
-from onnx import TensorProto, helper
-
 from dsv3c.export import custom_ops
 from dsv3c.export.functions import attach_functions
 from dsv3c.export.graphs import CausalLMGraph
 from dsv3c.export.onnx_ops import DOMAIN, register_schemas
 from dsv3c.models.deepseek_v3 import DeepseekV3ForCausalLM
+from onnx import TensorProto, helper
 
 OPSET = 21
 
 
-def run_nodes(nodes: list[onnx.NodeProto], feeds: dict[str, np.ndarray], outputs: list[str]) -> list[np.ndarray]:
-    """One graph of dsv3c nodes with their functions attached, run by onnxruntime."""
-    inputs = [helper.make_tensor_value_info(k, helper.np_dtype_to_tensor_dtype(v.dtype), list(v.shape)) for k, v in feeds.items()]
-    outs = [helper.make_tensor_value_info(o, TensorProto.FLOAT, [None, None, None][: 3 if o == "y" and "q_nope" in feeds else 2])
-            for o in outputs]  # fmt: skip
+def run_nodes(nodes: list[onnx.NodeProto], feeds: dict[str, np.ndarray], outputs: dict[str, int]) -> list[np.ndarray]:
+    """One graph of dsv3c nodes with their functions attached, run by onnxruntime; outputs: name -> rank."""
+    inputs = [
+        helper.make_tensor_value_info(k, helper.np_dtype_to_tensor_dtype(v.dtype), list(v.shape))
+        for k, v in feeds.items()
+    ]
+    outs = [helper.make_tensor_value_info(name, TensorProto.FLOAT, [None] * rank) for name, rank in outputs.items()]
     model = helper.make_model(
         helper.make_graph(nodes, "g", inputs, outs),
         opset_imports=[helper.make_opsetid("", OPSET), helper.make_opsetid(DOMAIN, 1)], ir_version=10,
@@ -31,7 +32,7 @@ def run_nodes(nodes: list[onnx.NodeProto], feeds: dict[str, np.ndarray], outputs
     register_schemas()
     onnx.checker.check_model(model, full_check=True)
     session = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
-    return session.run(outputs, feeds)
+    return session.run(list(outputs), feeds)
 
 
 MOE_CASES = {  # (scoring_func, topk_method, n_group, topk_group, norm_topk_prob, top_k)
@@ -65,14 +66,14 @@ def moe_case(name: str, out: str, seed: int) -> tuple[onnx.NodeProto, dict[str, 
 @pytest.mark.parametrize("case", sorted(MOE_CASES))
 def test_moe_function_matches_torch_op(case: str) -> None:
     node, feeds, expected = moe_case(case, "y", seed=1)
-    (got,) = run_nodes([node], feeds, ["y"])
+    (got,) = run_nodes([node], feeds, {"y": 2})
     np.testing.assert_allclose(got, expected, rtol=1e-5, atol=1e-5)
 
 
 def test_two_variants_in_one_graph_get_overloads() -> None:
     a, feeds_a, expected_a = moe_case("v3", "a", seed=2)
     b, feeds_b, expected_b = moe_case("v2_lite", "b", seed=3)
-    got_a, got_b = run_nodes([a, b], {**feeds_a, **feeds_b}, ["a", "b"])
+    got_a, got_b = run_nodes([a, b], {**feeds_a, **feeds_b}, {"a": 2, "b": 2})
     np.testing.assert_allclose(got_a, expected_a, rtol=1e-5, atol=1e-5)
     np.testing.assert_allclose(got_b, expected_b, rtol=1e-5, atol=1e-5)
 
@@ -99,7 +100,7 @@ def mla_case(absorbed: bool, seed: int) -> tuple[onnx.NodeProto, dict[str, np.nd
 @pytest.mark.parametrize("absorbed", [False, True])
 def test_mla_function_matches_torch_op_over_ragged_past(absorbed: bool) -> None:
     node, feeds, expected = mla_case(absorbed, seed=4)
-    (got,) = run_nodes([node], feeds, ["y"])
+    (got,) = run_nodes([node], feeds, {"y": 3})
     np.testing.assert_allclose(got, expected, rtol=1e-5, atol=1e-5)
 
 

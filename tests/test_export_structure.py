@@ -2,13 +2,13 @@
 
 from __future__ import annotations
 
+import itertools
 import json
 from collections import Counter
 from pathlib import Path
 
 import onnx
 import pytest
-
 from dsv3c.export.manifest import ManifestError, read_manifest
 from dsv3c.export.onnx_ops import DOMAIN, register_schemas
 from dsv3c.export.source import sha256_files
@@ -96,7 +96,7 @@ def test_weights_are_stored_once_for_all_graphs(tiny: Exported) -> None:
     assert not set(mtp) & set(prefill)  # MTP has its own weights (mtp.0.*)
     slots = sorted({**prefill, **mtp}.values())
     assert all(offset % ALIGN == 0 for offset, _ in slots)
-    assert all(a[0] + a[1] <= b[0] for a, b in zip(slots, slots[1:], strict=False))  # no overlap
+    assert all(a[0] + a[1] <= b[0] for a, b in itertools.pairwise(slots))  # no overlap
     assert (tiny.out / WEIGHTS_FILE).stat().st_size == slots[-1][0] + slots[-1][1]
     stacked = [n for n in prefill if n.endswith("mlp.experts.gate_proj.weight")]
     assert len(stacked) == sum(tiny.model.config.is_moe_layer(i) for i in range(tiny.model.config.num_hidden_layers))

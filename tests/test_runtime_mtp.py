@@ -31,8 +31,8 @@ def test_mtp_on_ort_equals_greedy(tiny_export: Path, greedy: list[list[int]]) ->
 
 
 def test_mtp_on_torch_equals_greedy(tiny_checkpoint: Path, greedy: list[list[int]]) -> None:
-    tokens, stats = generate_mtp(TorchEngine(load_model(tiny_checkpoint)), PROMPTS, 32)
-    assert tokens == greedy
+    tokens, stats = generate_mtp(TorchEngine(load_model(tiny_checkpoint)), PROMPTS, 12)
+    assert tokens == [row[:12] for row in greedy]
     assert stats.drafted > 0
 
 
@@ -66,7 +66,9 @@ def test_accepted_drafts_keep_the_greedy_output(tiny_export: Path, greedy: list[
     assert len(set(stats.per_row_accepted)) > 1  # rows accepted different numbers: they drifted apart
 
 
-def test_cli_mtp_reports_acceptance(tiny_export: Path, greedy: list[list[int]], capsys: pytest.CaptureFixture[str]) -> None:
+def test_cli_mtp_reports_acceptance(
+    tiny_export: Path, greedy: list[list[int]], capsys: pytest.CaptureFixture[str]
+) -> None:
     argv = ["generate", str(tiny_export), "--mtp", "--json", "--max-new-tokens", "32"]
     for prompt in PROMPTS:
         argv += ["--prompt-ids", ",".join(map(str, prompt))]

@@ -102,7 +102,9 @@ def test_bad_input_is_one_line_and_exit_2(
     assert message in err and err.count("\n") == 1 and "Traceback" not in err
 
 
-def test_cli_generate_ort_json(tiny_export: Path, torch_tokens: list[list[int]], capsys: pytest.CaptureFixture[str]) -> None:
+def test_cli_generate_ort_json(
+    tiny_export: Path, torch_tokens: list[list[int]], capsys: pytest.CaptureFixture[str]
+) -> None:
     import json
 
     argv = ["generate", str(tiny_export), "--max-new-tokens", "32", "--json"]

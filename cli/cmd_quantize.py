@@ -1,0 +1,81 @@
+"""dsv3c quantize: DeepSeek-style FP8 (128x128 weight blocks, 1x128 online activation tiles) on every graph."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import tempfile
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from dsv3c.errors import UserError
+
+if TYPE_CHECKING:
+    from dsv3c.passes.pipelines import QuantizeOptions
+
+HELP = "quantize an export folder to FP8 (DeepSeek's block scheme) into a new export folder"
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("export_dir", type=Path, metavar="EXPORT_DIR", help="export folder written by 'dsv3c export'")
+    p.add_argument("--out", required=True, type=Path, help="export folder to create")
+    p.add_argument("--policy", default="", metavar="PATTERNS",
+                   help="comma-separated fnmatch patterns on weight names, '+PAT' adds linears to FP8, '-PAT' "
+                        "keeps them high precision, applied in order after DeepSeek's default "
+                        "(e.g. '+*.o_proj,-model.layers.0.*')")  # fmt: skip
+    p.add_argument("--pow2-scales", action="store_true", help="round activation scales up to powers of two")
+    p.add_argument("--calibrate", type=int, default=0, metavar="N",
+                   help="static per-tensor activation scales from N random batches (for TensorRT)")  # fmt: skip
+    p.add_argument("--weight-scheme", choices=("block", "tensor"), default="block",
+                   help="block: one scale per 128x128 block (default); tensor: one per matrix")  # fmt: skip
+    p.add_argument("--report", action="store_true",
+                   help="print per-layer error vs the unquantized graph, block-wise next to per-tensor FP8")  # fmt: skip
+    p.add_argument("--dump-dir", type=Path, help="write every graph after every stage here (no weight data)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the random calibration and report inputs")
+    p.add_argument("--force", action="store_true", help="replace OUT if it exists")
+
+
+def run(args: argparse.Namespace) -> int:
+    from dsv3c.passes.fp8_math import ActScheme, WeightScheme
+    from dsv3c.passes.pipelines import QuantizeOptions
+    from dsv3c.passes.policy import Policy
+    from dsv3c.passes.quantize import quantize_folder
+
+    if args.calibrate < 0:
+        raise UserError(f"--calibrate must be a number of batches >= 1, got {args.calibrate}")
+    if args.out.exists() and not args.force:
+        raise UserError(f"{args.out} already exists; choose another --out or pass --force")
+    options = QuantizeOptions(
+        policy=Policy.parse(args.policy),
+        weights=WeightScheme(args.weight_scheme),
+        activations=ActScheme.STATIC if args.calibrate else ActScheme.TILE,
+        pow2_scales=args.pow2_scales,
+    )
+    manifest = quantize_folder(args.export_dir, args.out, options, calibrate=args.calibrate, seed=args.seed,
+                               dump_dir=args.dump_dir, force=args.force)  # fmt: skip
+    stage = manifest.stages[-1]
+    counts = {role: c.get("fp8_weights", 0) for role, c in stage["changes"].get("fp8-weights", {}).items()}
+    print(f"wrote {args.out}: fp8 linears per graph {json.dumps(counts)}"
+          f"{', static activation scales from ' + str(args.calibrate) + ' batches' if args.calibrate else ''}")  # fmt: skip
+    if args.report:
+        _report(args, options)
+    return 0
+
+
+def _report(args: argparse.Namespace, options: QuantizeOptions) -> None:
+    """Quantize again per-tensor (same activation mode: online or calibrated) and compare both."""
+    import dataclasses
+
+    from dsv3c.passes.fp8_math import ActScheme, WeightScheme
+    from dsv3c.passes.quantize import quantize_folder
+    from dsv3c.passes.report import compare_exports, format_report
+
+    if options.weights != WeightScheme.BLOCK:
+        raise UserError("--report compares block-wise with per-tensor FP8; leave --weight-scheme at block")
+    activations = ActScheme.STATIC if options.activations == ActScheme.STATIC else ActScheme.TENSOR
+    tensor_options = dataclasses.replace(options, weights=WeightScheme.TENSOR, activations=activations)
+    with tempfile.TemporaryDirectory(prefix=".dsv3c-report-", dir=args.out.resolve().parent) as tmp:
+        per_tensor = Path(tmp) / "per-tensor"
+        quantize_folder(args.export_dir, per_tensor, tensor_options, calibrate=args.calibrate, seed=args.seed)
+        report = compare_exports(args.export_dir, {"block fp8": args.out, "per-tensor fp8": per_tensor}, seed=args.seed)
+    print(format_report(report))

@@ -1,0 +1,54 @@
+"""Quantize an export folder: read -> (calibrate) -> the quantize pipeline -> write a new folder."""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+
+from dsv3c.errors import UserError
+from dsv3c.export.manifest import Manifest
+from dsv3c.passes.calibrate import calibrate as run_calibration
+from dsv3c.passes.export_io import ExportGraphs, read_export, write_export
+from dsv3c.passes.fp8_math import ActScheme
+from dsv3c.passes.linears import LinearKind, find_linears
+from dsv3c.passes.pipeline import run_pipeline
+from dsv3c.passes.pipelines import QuantizeOptions, quantize_pipeline
+
+
+def linear_names(graphs: ExportGraphs) -> dict[str, LinearKind]:
+    """Every linear weight name of every graph, with its kind."""
+    return {lin.name: lin.kind for model in graphs.models.values() for lin in find_linears(model.graph)}
+
+
+def quantize_folder(src: Path, out: Path, options: QuantizeOptions, *, calibrate: int = 0, seed: int = 0,
+                    dump_dir: Path | None = None, force: bool = False) -> Manifest:  # fmt: skip
+    """Write `out`, the FP8 version of the export folder `src`; returns its manifest."""
+    graphs = read_export(src)
+    if any(s.get("stage") == "quantize" for s in graphs.manifest.stages):
+        raise UserError(f"{src} is quantized already (its manifest has a 'quantize' stage); quantize the export")
+    if any(s.get("stage") == "lower" for s in graphs.manifest.stages):
+        raise UserError(f"{src} is lowered; quantize the canonical export, then lower the quantized folder")
+    names = linear_names(graphs)
+    options.policy.check(names)
+    selected = {n for n in names if options.policy.selects(n)}
+    stage_extra = {}
+    if calibrate:
+        if options.activations != ActScheme.STATIC:
+            raise UserError("--calibrate sets static activation scales; it cannot be combined with online scales")
+        matmuls = {n for n in selected if names[n] == LinearKind.MATMUL}
+        amax = run_calibration(graphs, matmuls, calibrate, seed)
+        options = dataclasses.replace(options, static_amax=amax)
+        stage_extra = {"calibration": {"batches": calibrate, "seed": seed, "amax": amax}}
+    elif options.activations == ActScheme.STATIC and not options.static_amax:
+        raise UserError("static activation scales need --calibrate N")
+    stages = quantize_pipeline(options)
+    records = run_pipeline(graphs, stages, dump_dir)
+    stage = {
+        "stage": "quantize",
+        "pipeline": [s.name for s in stages],
+        "options": options.to_dict(),
+        **stage_extra,
+        "fp8_linears": sorted(selected),
+        "changes": {r.name: r.changes for r in records if r.changes},
+    }
+    return write_export(graphs, out, stage, force=force)

@@ -1,0 +1,125 @@
+"""`dsv3c quantize --report`: how far quantized graphs move from the unquantized one, per layer.
+
+Each graph of the reference export and of every candidate export runs on the same seeded random inputs.
+Per layer, the residual stream leaving the layer (the input of the next RMSNorm) is compared; per graph,
+the logits; overall, all graphs' logits together. Error = ||candidate - reference|| / ||reference||.
+"""
+
+from __future__ import annotations
+
+import collections
+import re
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import onnx_ir as ir
+
+from dsv3c.export.manifest import read_manifest
+from dsv3c.passes.ort_run import FeedShape, GraphRunner, load_graph, random_feeds, relative_error
+
+_NORMS = (
+    (re.compile(r"^model\.layers\.(\d+)\.input_layernorm\.weight$"), lambda i: f"layers.{i - 1}" if i else None),
+    (re.compile(r"^mtp\.(\d+)\.shared_head\.norm\.weight$"), lambda i: f"mtp.{i}"),
+)
+_FINAL_NORM = "model.norm.weight"
+OUTPUT = "logits"
+
+
+@dataclass(frozen=True)
+class ErrorRow:
+    graph: str  # prefill, decode, mtp, or "all"
+    tensor: str  # layers.{i}, mtp.{k}, logits
+    errors: dict[str, float]  # scheme -> relative error
+
+
+@dataclass
+class QuantReport:
+    schemes: list[str]
+    rows: list[ErrorRow] = field(default_factory=list)
+
+    def error(self, graph: str, tensor: str, scheme: str) -> float:
+        return next(r.errors[scheme] for r in self.rows if r.graph == graph and r.tensor == tensor)
+
+
+def _norm_input(weight: ir.Value) -> str | None:
+    """The x of RMSNorm(x) = weight * x * rsqrt(mean(x^2) + eps): the Pow(x, 2) input upstream of weight's Mul."""
+    for use in weight.uses():
+        near = {v for n in _producers(use.node) for v in n.inputs} | set(use.node.inputs)  # x * rsqrt(...) reads x
+        todo, seen = collections.deque([use.node]), {use.node}
+        while todo and len(seen) < 64:  # breadth first: the norm's own Pow is a few nodes up
+            node = todo.popleft()
+            if node.op_type == "Pow" and node.inputs[0] is not None and node.inputs[0] in near:
+                return node.inputs[0].name
+            for producer in _producers(node):
+                if producer not in seen:
+                    seen.add(producer)
+                    todo.append(producer)
+    return None
+
+
+def _producers(node: ir.Node) -> list[ir.Node]:
+    return [p for v in node.inputs if v is not None and (p := v.producer()) is not None]
+
+
+def layer_probes(model: ir.Model) -> list[tuple[str, str]]:
+    """(label, tensor name) of the residual stream after each layer, in layer order."""
+    found: list[tuple[str, str]] = []
+    last = -1
+    for name, value in model.graph.initializers.items():
+        for pattern, label_of in _NORMS:
+            m = pattern.match(name)
+            if m is None:
+                continue
+            index = int(m[1])
+            if pattern.pattern.startswith("^model"):
+                last = max(last, index)
+            label, tensor = label_of(index), _norm_input(value)
+            if label is not None and tensor is not None:
+                found.append((label, tensor))
+    final = model.graph.initializers.get(_FINAL_NORM)
+    tensor = _norm_input(final) if final is not None else None
+    if tensor is not None and last >= 0:
+        found.append((f"layers.{last}", tensor))
+    return sorted(found, key=lambda p: (p[0].split(".")[0], int(p[0].split(".")[1])))
+
+
+def compare_exports(reference: Path, candidates: dict[str, Path], seed: int = 0, batches: int = 2,
+                    shape: FeedShape = FeedShape()) -> QuantReport:  # fmt: skip
+    """Errors of each candidate export against `reference`, per graph and layer."""
+    manifest = read_manifest(reference)
+    report = QuantReport(list(candidates))
+    all_logits: dict[str, list[np.ndarray]] = {s: [] for s in ["reference", *candidates]}
+    for role, file in manifest.graphs.items():
+        if file is None:
+            continue
+        ref_model = load_graph(reference, role)
+        probes = layer_probes(ref_model)
+        names = [t for _, t in probes]
+        runners = {"reference": GraphRunner(ref_model, reference, names)}
+        runners |= {s: GraphRunner(load_graph(folder, role), folder, names) for s, folder in candidates.items()}
+        rng = np.random.default_rng(seed)
+        outputs: dict[str, list[dict[str, np.ndarray]]] = {s: [] for s in runners}
+        for _ in range(batches):
+            feeds = random_feeds(manifest, role, rng, shape)
+            for s, runner in runners.items():
+                outputs[s].append(runner.run(feeds))
+        for label, tensor in [*probes, (OUTPUT, OUTPUT)]:
+            ref = np.concatenate([o[tensor].ravel() for o in outputs["reference"]])
+            errors = {s: relative_error(np.concatenate([o[tensor].ravel() for o in outputs[s]]), ref) for s in candidates}
+            report.rows.append(ErrorRow(role, label, errors))
+        for s in all_logits:
+            all_logits[s].extend(o[OUTPUT].ravel() for o in outputs[s])
+    ref_all = np.concatenate(all_logits["reference"])
+    report.rows.append(ErrorRow("all", OUTPUT, {s: relative_error(np.concatenate(all_logits[s]), ref_all) for s in candidates}))
+    return report
+
+
+def format_report(report: QuantReport, title: str = "relative error vs the unquantized graph") -> str:
+    schemes: Sequence[str] = report.schemes
+    width = max(12, *(len(s) for s in schemes))
+    lines = [title, f"{'graph':<8} {'tensor':<10} " + " ".join(f"{s:>{width}}" for s in schemes)]
+    for row in report.rows:
+        lines.append(f"{row.graph:<8} {row.tensor:<10} " + " ".join(f"{row.errors[s]:>{width}.3e}" for s in schemes))
+    return "\n".join(lines)
