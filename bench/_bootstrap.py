@@ -12,7 +12,9 @@ def import_dsv3c() -> None:
         import dsv3c  # noqa: F401
     except ImportError:
         root = Path(__file__).resolve().parents[1]
-        spec = importlib.util.spec_from_file_location("dsv3c", root / "__init__.py", submodule_search_locations=[str(root)])
+        spec = importlib.util.spec_from_file_location(
+            "dsv3c", root / "__init__.py", submodule_search_locations=[str(root)]
+        )
         assert spec is not None and spec.loader is not None
         module = importlib.util.module_from_spec(spec)
         sys.modules["dsv3c"] = module

@@ -21,16 +21,16 @@ from pathlib import Path
 
 def one(layers: int, out: Path) -> dict[str, float]:
     from dsv3c.export.exporter import export
-    from dsv3c.export.source import Source
-    from dsv3c.models.config import DeepseekV3Config
+    from dsv3c.export.source import from_config, from_preset
 
-    config = DeepseekV3Config.from_preset("v3")
-    if layers != config.num_hidden_layers:
-        config = config.replace(
-            num_hidden_layers=layers, first_k_dense_replace=min(config.first_k_dense_replace, layers)
+    source = from_preset("v3")
+    if layers != source.config.num_hidden_layers:
+        dense = min(source.config.first_k_dense_replace, layers)
+        source = from_config(
+            source.config.replace(num_hidden_layers=layers, first_k_dense_replace=dense), f"v3-{layers}"
         )
     start = time.perf_counter()
-    export(Source("preset", "v3", config, None), out, weights="none", force=True)
+    export(source, out, weights="none", force=True)
     seconds = time.perf_counter() - start
     rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
     size = sum(f.stat().st_size for f in out.iterdir())

@@ -1,6 +1,6 @@
 """Fill a `--weights none` export folder with random weights, in place (see dsv3c.runtime.random_weights).
 
-    python bench/fill_random_weights.py EXPORT_DIR [--seed 0] [--std 0.02] [--device cuda]
+python bench/fill_random_weights.py EXPORT_DIR [--seed 0] [--std 0.02] [--device cuda]
 """
 
 from __future__ import annotations

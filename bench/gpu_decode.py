@@ -75,7 +75,7 @@ def bench_folder(folder: Path, args: argparse.Namespace, bandwidth: float) -> li
         return EngineRunner("torch", TorchEngine(random_model(config, dtype, args.device, args.seed)), dtype.itemsize)
 
     plan = BenchPlan(args.contexts, args.batches, args.runtimes, args.steps, args.prefill_chunk, args.seed,
-                     model=label, device=args.device)  # fmt: skip
+                     model=label, device=args.device, one_at_a_time=args.one_at_a_time)  # fmt: skip
     rows = run_bench(plan, {"ort": ort, "torch": eager}, bandwidth, lambda m: print(m, flush=True))
     gc.collect()
     if args.device == "cuda":
@@ -84,8 +84,8 @@ def bench_folder(folder: Path, args: argparse.Namespace, bandwidth: float) -> li
 
 
 def floor_table(rows: list[Any], bandwidth: float) -> str:
-    lines = [f"device copy bandwidth (read + write): {bandwidth / 1e9:.0f} GB/s",
-             f"{'model':<10}{'runtime':<9}{'context':>8}{'batch':>6}{'ms/token':>10}{'floor ms':>10}{'x floor':>9}"]  # fmt: skip
+    head = f"{'model':<10}{'runtime':<9}{'context':>8}{'batch':>6}{'ms/token':>10}{'floor ms':>10}{'x floor':>9}"
+    lines = [f"device copy bandwidth (read + write): {bandwidth / 1e9:.0f} GB/s", head]
     for r in rows:
         if r.phase == "decode":
             floor = r.bytes_per_call / bandwidth * 1e3
@@ -109,6 +109,7 @@ def main() -> int:
     p.add_argument("--steps", type=int, default=16, help="timed decode steps (after one untimed)")
     p.add_argument("--prefill-chunk", type=int, default=2048)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--one-at-a-time", action="store_true", help="load one runtime at a time (less GPU memory)")
     p.add_argument("--out", type=Path, help="write the rows as JSON here")
     p.add_argument("--device", choices=["cuda", "cpu"], default="cuda", help="cpu: a dry run on a CPU machine")
     args = p.parse_args()

@@ -34,6 +34,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    default=["ort", "torch", "transformers"])  # fmt: skip
     p.add_argument("--steps", type=int, default=8, help="timed decode steps per row (after one untimed)")
     p.add_argument("--prefill-chunk", type=int, default=1024, help="longest prefill call; longer prompts go in chunks")
+    p.add_argument("--one-at-a-time", action="store_true",
+                   help="load one runtime at a time (less memory; default: all loaded, taking turns)")  # fmt: skip
     p.add_argument("--threads", type=int, default=0, help="intra-op threads for every runtime (0: default)")
     p.add_argument("--bandwidth-mb", type=int, default=512, help="size of the copy that measures memory bandwidth")
     p.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
@@ -115,7 +117,7 @@ def run(args: argparse.Namespace) -> int:
         check_pair(checkpoint, folder)
         bandwidth = copy_bandwidth(args.bandwidth_mb) if args.device == "cpu" else device_bandwidth(args.bandwidth_mb)
         plan = BenchPlan(args.contexts, args.batches, args.runtimes, args.steps, args.prefill_chunk,
-                         model=label, device=args.device)  # fmt: skip
+                         model=label, device=args.device, one_at_a_time=args.one_at_a_time)  # fmt: skip
         rows = run_bench(plan, factories(checkpoint, folder, args), bandwidth, say)  # type: ignore[arg-type]
     finally:
         if temporary is not None:

@@ -30,6 +30,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         metavar="CC,...",
         help="compute capabilities to build for, e.g. 8.9,12.0 (TensorRT-RTX; default: its whole set)",
     )
+    p.add_argument("--lowering", choices=("auto", "passes", "inline"), default="auto",
+                   help="auto: `dsv3c lower --target trt` when available, else inline the reference bodies")
     p.add_argument("--roles", metavar="ROLE,...", help="build only these graphs (prefill, decode, mtp)")
     p.add_argument("--force", action="store_true", help="replace ENGINE_DIR if it exists")  # fmt: skip
 
@@ -46,6 +48,7 @@ def run(args: argparse.Namespace) -> int:
         target_cc=parse_cc_list(args.target_cc) if args.target_cc else [],
         roles=[r.strip() for r in args.roles.split(",") if r.strip()] if args.roles else None,
         force=args.force,
+        lowering=args.lowering,
     )
     manifest = build_engines(args.export_dir, args.out, options)
     total = sum(e.bytes for e in manifest.engines.values()) / 2**20

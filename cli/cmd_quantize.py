@@ -29,7 +29,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--weight-scheme", choices=("block", "tensor"), default="block",
                    help="block: one scale per 128x128 block (default); tensor: one per matrix")  # fmt: skip
     p.add_argument("--report", action="store_true",
-                   help="print per-layer error vs the unquantized graph, block-wise next to per-tensor FP8")  # fmt: skip
+                   help="print per-layer error vs the unquantized graph, block next to per-tensor FP8")  # fmt: skip
     p.add_argument("--dump-dir", type=Path, help="write every graph after every stage here (no weight data)")
     p.add_argument("--seed", type=int, default=0, help="seed of the random calibration and report inputs")
     p.add_argument("--force", action="store_true", help="replace OUT if it exists")
@@ -55,8 +55,8 @@ def run(args: argparse.Namespace) -> int:
                                dump_dir=args.dump_dir, force=args.force)  # fmt: skip
     stage = manifest.stages[-1]
     counts = {role: c.get("fp8_weights", 0) for role, c in stage["changes"].get("fp8-weights", {}).items()}
-    print(f"wrote {args.out}: fp8 linears per graph {json.dumps(counts)}"
-          f"{', static activation scales from ' + str(args.calibrate) + ' batches' if args.calibrate else ''}")  # fmt: skip
+    static = f", static activation scales from {args.calibrate} batches" if args.calibrate else ""
+    print(f"wrote {args.out}: fp8 linears per graph {json.dumps(counts)}{static}")
     if args.report:
         _report(args, options)
     return 0

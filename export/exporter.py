@@ -14,6 +14,7 @@ renamed into place at the end, so an interrupted export leaves nothing behind. S
 from __future__ import annotations
 
 import math
+import os
 import shutil
 from collections.abc import Iterator
 from pathlib import Path
@@ -62,6 +63,7 @@ def export(
     if weights != "none":
         _check_disk(out, estimate_weight_bytes(source.config, TORCH_DTYPES[dtype]), weights)
     with atomic_folder(out, overwrite=force) as tmp:
+        tmp.chmod(0o777 & ~_umask())  # a temporary folder is private; the export is an ordinary one
         traced = trace_graphs(source.config, TORCH_DTYPES[dtype], opset)
         layout = plan_layout(w for g in traced for w in g.weights)
         signatures: dict[str, Signature] = {}
@@ -77,6 +79,12 @@ def export(
         write_manifest(manifest, tmp)
     manifest.folder = out
     return manifest
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
 
 
 def _check_request(source: Source, weights: WeightsKind, dtype: str, opset: int) -> None:
@@ -182,7 +190,7 @@ def _manifest(
         "source": source.name,
         "source_kind": source.kind,
         "source_files": [f.name for f in files],
-        "source_sha256": sha256_files(files, source.folder),
+        "source_sha256": sha256_files(files, source.folder) if files else config_sha256(config),
         "config_sha256": config_sha256(config),
         "weights": weights,
         **({"seed": seed} if weights == "random" else {}),

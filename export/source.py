@@ -11,7 +11,7 @@ from typing import Literal
 from dsv3c.errors import UserError
 from dsv3c.models.config import PRESETS_DIR, DeepseekV3Config
 
-SourceKind = Literal["checkpoint", "config", "preset"]
+SourceKind = Literal["checkpoint", "config", "preset"]  # config: a config-only folder, or a config in memory
 _CHUNK = 1 << 24
 
 
@@ -20,7 +20,7 @@ class Source:
     kind: SourceKind
     name: str  # the folder path or the preset name, as the user gave it
     config: DeepseekV3Config
-    folder: Path | None  # None for a preset
+    folder: Path | None  # None for a preset or a config in memory
 
     @property
     def has_weights(self) -> bool:
@@ -29,7 +29,7 @@ class Source:
     def files(self, with_weights: bool) -> list[Path]:
         """What the export read: config.json, plus the safetensors (and their index) when weights are read."""
         if self.folder is None:
-            return [PRESETS_DIR / f"{self.name}.json"]
+            return [PRESETS_DIR / f"{self.name}.json"] if self.kind == "preset" else []
         files = [self.folder / "config.json"]
         if with_weights:
             files += sorted(
@@ -40,6 +40,11 @@ class Source:
 
 def from_preset(name: str) -> Source:
     return Source("preset", name, DeepseekV3Config.from_preset(name), None)
+
+
+def from_config(config: DeepseekV3Config, name: str = "config") -> Source:
+    """A config built in memory (a preset with fewer layers, a test variant): no weights, no files."""
+    return Source("config", name, config, None)
 
 
 def from_folder(path: Path) -> Source:
@@ -60,7 +65,7 @@ def from_folder(path: Path) -> Source:
 
 
 def sha256_files(files: list[Path], root: Path | None) -> str:
-    """sha256 over `name  sha256(content)` lines of every file, in order (sha256sum's format)."""
+    """sha256 over `sha256(content)  name` lines of every file, in order (sha256sum's format)."""
     lines = []
     for f in files:
         h = hashlib.sha256()

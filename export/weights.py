@@ -5,8 +5,8 @@ to the same slots through ONNX external data (location, offset, length), so shar
 once. Writers fill slots in any order with `pwrite`, so a checkpoint streams shard by shard with memory
 bounded by one tensor; a routed expert of a checkpoint lands at its index inside the stacked slot.
 
-Sources yield (model state_dict name, tensor): a model in memory, `init_random`'s weights regenerated
-one tensor at a time, or a checkpoint through `load_state_dict_streaming`.
+Sources yield (model state_dict name, tensor): `init_random`'s weights regenerated one tensor at a time,
+or a checkpoint through `load_state_dict_streaming`.
 """
 
 from __future__ import annotations
@@ -29,8 +29,11 @@ from torch import nn
 
 WEIGHTS_FILE = "weights.bin"
 ALIGN = 4096
-_DTYPES: dict[int, torch.dtype] = {onnx.TensorProto.FLOAT: torch.float32, onnx.TensorProto.BFLOAT16: torch.bfloat16,
-           onnx.TensorProto.FLOAT16: torch.float16}  # fmt: skip
+_DTYPES: dict[int, torch.dtype] = {
+    onnx.TensorProto.FLOAT: torch.float32,
+    onnx.TensorProto.BFLOAT16: torch.bfloat16,
+    onnx.TensorProto.FLOAT16: torch.float16,
+}
 _EXPERT = re.compile(r"^(.*\.mlp\.experts)\.(\d+)\.(gate_proj|up_proj|down_proj)\.weight$")
 
 
@@ -134,11 +137,6 @@ class WeightWriter:
 
 
 # ---- sources -----------------------------------------------------------------------------------------
-
-
-def model_source(model: nn.Module) -> Iterator[tuple[str, torch.Tensor]]:
-    """A model in memory: its state_dict."""
-    yield from model.state_dict().items()
 
 
 def random_source(config: DeepseekV3Config, seed: int, norm_names: set[str]) -> Iterator[tuple[str, torch.Tensor]]:

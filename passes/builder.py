@@ -40,7 +40,8 @@ class Builder:
             array = array.astype(np.int64)
         elif dtype is None and array.dtype.kind == "f":
             array = array.astype(np.float32)
-        return self.op("Constant", name=name, value=ir.tensor(array))  # type: ignore[no-any-return]
+        out: ir.Value = self.op("Constant", name=name, value=ir.tensor(array))
+        return out
 
     def ints(self, *values: int, name: str = "shape") -> ir.Value:
         return self.const(np.array(values, dtype=np.int64), name=name)
@@ -65,10 +66,19 @@ def first_user(graph: ir.Graph, users: Sequence[ir.Node]) -> ir.Node:
     raise ValueError("bug: none of the users is in the graph")
 
 
+def static_dims(shape: ir.ShapeProtocol | None) -> tuple[int, ...]:
+    """The dims of a fully static shape; ValueError when a dim is symbolic or the shape unknown."""
+    if shape is None or not all(isinstance(d, int) for d in shape.dims):
+        raise ValueError(f"bug: expected a static shape, got {shape}")
+    return tuple(int(d) for d in shape.dims)  # type: ignore[arg-type]
+
+
 def initializer(graph: ir.Graph, name: str, tensor: ir.TensorProtocol) -> ir.Value:
     """Register a new initializer `name` holding `tensor` (replacing none: the name must be free)."""
     if name in graph.initializers:
         raise ValueError(f"bug: initializer {name} exists already")
-    value = ir.Value(name=name, shape=ir.Shape(tensor.shape.dims), type=ir.TensorType(tensor.dtype), const_value=tensor)
+    value = ir.Value(
+        name=name, shape=ir.Shape(static_dims(tensor.shape)), type=ir.TensorType(tensor.dtype), const_value=tensor
+    )
     graph.register_initializer(value)
     return value

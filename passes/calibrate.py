@@ -8,7 +8,6 @@ graph uses is derived from it by the activation pass (amax / 448, or its power o
 from __future__ import annotations
 
 import numpy as np
-
 from dsv3c.errors import UserError
 from dsv3c.passes.export_io import ExportGraphs
 from dsv3c.passes.linears import LinearKind, find_linears
@@ -16,7 +15,7 @@ from dsv3c.passes.ort_run import FeedShape, GraphRunner, random_feeds
 
 
 def calibrate(graphs: ExportGraphs, linears: set[str], batches: int, seed: int = 0,
-              shape: FeedShape = FeedShape()) -> dict[str, float]:  # fmt: skip
+              shape: FeedShape | None = None) -> dict[str, float]:  # fmt: skip
     """{weight name: activation amax} for the MatMul linears in `linears`."""
     if batches < 1:
         raise UserError(f"--calibrate needs at least 1 batch, got {batches}")
@@ -34,7 +33,7 @@ def calibrate(graphs: ExportGraphs, linears: set[str], batches: int, seed: int =
             continue
         runner = GraphRunner(model, graphs.folder, extra_outputs=list(inputs))
         for _ in range(batches):
-            outputs = runner.run(random_feeds(graphs.manifest, role, rng, shape))
+            outputs = runner.run(random_feeds(graphs.manifest, role, rng, shape or FeedShape()))
             for tensor, names in inputs.items():
                 value = float(np.abs(outputs[tensor]).max())
                 for name in names:

@@ -8,11 +8,10 @@ from __future__ import annotations
 
 import onnx_ir as ir
 import onnx_ir.passes.common as common
-from onnxscript.optimizer import _constant_folding
-
 from dsv3c.export.onnx_ops import register_schemas
 from dsv3c.passes.export_io import is_weight, weights_declared
 from dsv3c.passes.pipeline import Stage
+from onnxscript.optimizer import _constant_folding
 
 FOLD_INPUT_LIMIT = 8192  # elements: the library's default
 FOLD_OUTPUT_LIMIT = 65536
@@ -54,6 +53,7 @@ def cleanup_stages(prefix: str = "") -> list[Stage]:
     """The cleanup stages; `prefix` keeps names unique when a pipeline cleans up more than once."""
     p = f"{prefix}-" if prefix else ""
     return [
+        Stage(f"{p}infer-shapes-first", InferShapesPass()),
         Stage(f"{p}fold-constants", FoldConstantsPass()),
         Stage(f"{p}remove-unused", common.RemoveUnusedNodesPass()),
         Stage(f"{p}cse", common.CommonSubexpressionEliminationPass()),

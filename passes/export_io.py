@@ -18,16 +18,16 @@ from __future__ import annotations
 import dataclasses
 import math
 import os
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import onnx_ir as ir
-
 from dsv3c.errors import UserError
 from dsv3c.export.manifest import Manifest, Signature, TensorInfo, read_manifest, write_manifest
+from dsv3c.passes.builder import static_dims
 from dsv3c.runtime.atomic import atomic_folder
 
 WEIGHTS_FILE = "weights.bin"
@@ -115,11 +115,13 @@ def plan_slots(graphs: ExportGraphs) -> dict[str, _Slot]:
     for value in _weights(graphs):
         tensor = value.const_value
         assert value.name is not None and tensor is not None
-        shape = tuple(int(d) for d in tensor.shape.dims)
+        shape = static_dims(tensor.shape)
         known = slots.get(value.name)
         if known is not None:
             if (known.dtype, known.shape) != (tensor.dtype, shape):
-                raise RuntimeError(f"bug: weight {value.name} differs between graphs: {known} vs {tensor.dtype} {shape}")
+                raise RuntimeError(
+                    f"bug: weight {value.name} differs between graphs: {known} vs {tensor.dtype} {shape}"
+                )
             continue
         offset = -(-end // ALIGN) * ALIGN
         nbytes = math.ceil(math.prod(shape) * tensor.dtype.bitwidth / 8)
@@ -170,10 +172,15 @@ def signature(model: ir.Model) -> Signature:
     return Signature([info(v) for v in model.graph.inputs], [info(v) for v in model.graph.outputs])
 
 
-def write_export(graphs: ExportGraphs, out: Path, stage: dict[str, Any], *, force: bool = False) -> Manifest:
+def write_export(
+    graphs: ExportGraphs, out: Path, stage: dict[str, Any], *, force: bool = False,
+    finish: Callable[[Path], dict[str, Any]] | None = None,
+) -> Manifest:  # fmt: skip
     """Write `graphs` as the export folder `out` (atomically) with `stage` appended to the manifest.
 
-    Afterwards the models' weights refer to `out/weights.bin`; the returned manifest has its folder set.
+    `finish(folder)`, when given, runs on the written (temporary) folder before the manifest and returns
+    entries to add to the stage (e.g. files it wrote). Afterwards the models' weights refer to
+    `out/weights.bin`; the returned manifest has its folder set.
     """
     out = Path(out)
     if out.resolve() == graphs.folder.resolve():
@@ -185,6 +192,8 @@ def write_export(graphs: ExportGraphs, out: Path, stage: dict[str, Any], *, forc
         _bind(graphs, slots, tmp)
         for role, model in graphs.models.items():
             ir.save(model, tmp / f"{role}.onnx")
+        if finish is not None:
+            stage = {**stage, **finish(tmp)}
         opsets = {m.opset_imports.get("", graphs.manifest.opset) for m in graphs.models.values()}
         manifest = dataclasses.replace(
             graphs.manifest.with_stage(stage),
@@ -213,9 +222,10 @@ def weights_declared(model: ir.Model) -> Iterator[ir.Model]:
         if not is_weight(value) or tensor is None:
             continue
         saved[value] = tensor
-        nbytes = math.ceil(math.prod(int(d) for d in tensor.shape.dims) * tensor.dtype.bitwidth / 8)
+        shape = static_dims(tensor.shape)
+        nbytes = math.ceil(math.prod(shape) * tensor.dtype.bitwidth / 8)
         value.const_value = ir.ExternalTensor(
-            WEIGHTS_FILE, offset, nbytes, tensor.dtype, shape=tensor.shape, name=value.name or "", base_dir=""
+            WEIGHTS_FILE, offset, nbytes, tensor.dtype, shape=ir.Shape(shape), name=value.name or "", base_dir=""
         )
         offset += -(-nbytes // ALIGN) * ALIGN
     try:

@@ -16,11 +16,11 @@ activations inside their custom nodes; those stay high precision here (a lowerin
 from __future__ import annotations
 
 import math
+from typing import Any
 
 import numpy as np
 import onnx_ir as ir
 import torch
-
 from dsv3c.errors import UserError
 from dsv3c.models.fp8 import FP8_MAX
 from dsv3c.passes.builder import Builder, first_user
@@ -78,30 +78,38 @@ class Fp8ActivationsPass(DsPass):
             s = self._scale(b, b.op("ReduceMax", b.op("Abs", h), keepdims=0, name="amax"))
             out = self._roundtrip(b, h, s, {})
         else:
-            out = self._tiles(b, h, len(x.shape), int(x.shape[-1]))
-        return out if dtype == ir.DataType.FLOAT else b.op("Cast", out, name="cast_out", to=dtype)  # type: ignore[no-any-return]
+            channels = x.shape[-1]
+            assert isinstance(channels, int)  # requires() checked it
+            out = self._tiles(b, h, len(x.shape), channels)
+        if dtype != ir.DataType.FLOAT:
+            out = b.op("Cast", out, name="cast_out", to=dtype)
+        return out
 
     def _tiles(self, b: Builder, h: ir.Value, rank: int, k: int) -> ir.Value:
         tiles = -(-k // TILE)
         pad = tiles * TILE - k
         if pad:
             h = b.op("Pad", h, b.ints(*([0] * (2 * rank - 1) + [pad]), name="pads"), name="pad")  # [..., Kp]
-        t = b.op("Reshape", h, b.ints(*([0] * (rank - 1) + [tiles, TILE]), name="tiles"), name="to_tiles")  # [..., C, 128]
+        t = b.op(
+            "Reshape", h, b.ints(*([0] * (rank - 1) + [tiles, TILE]), name="tiles"), name="to_tiles"
+        )  # [..., C, 128]
         amax = b.op("ReduceMax", b.op("Abs", t), b.ints(-1, name="axes"), keepdims=1, name="amax")  # [..., C, 1]
         q = self._roundtrip(b, t, self._scale(b, amax), {"axis": -1, "block_size": TILE})
         y = b.op("Reshape", q, b.ints(*([0] * (rank - 1) + [tiles * TILE]), name="channels"), name="from_tiles")
         if pad:
             start, end, axes = b.ints(0, name="start"), b.ints(k, name="end"), b.ints(-1, name="axes")
             y = b.op("Slice", y, start, end, axes, name="crop")  # [..., K]
-        return y  # type: ignore[no-any-return]
+        return y
 
     def _scale(self, b: Builder, amax: ir.Value) -> ir.Value:
-        s = b.op("Div", b.op("Max", amax, b.const(np.float32(AMAX_FLOOR), name="floor")), b.const(np.float32(FP8_MAX), name="fp8_max"), name="scale")  # fmt: skip
+        floor, fp8_max = b.const(np.float32(AMAX_FLOOR), name="floor"), b.const(np.float32(FP8_MAX), name="fp8_max")
+        s = b.op("Div", b.op("Max", amax, floor), fp8_max, name="scale")
         if self.pow2:  # 2^ceil(log2 s)
             log2 = b.op("Div", b.op("Log", s), b.const(np.float32(math.log(2.0)), name="ln2"), name="log2")
             s = b.op("Pow", b.const(np.float32(2.0), name="two"), b.op("Ceil", log2), name="scale_pow2")
         return s
 
-    def _roundtrip(self, b: Builder, h: ir.Value, s: ir.Value, axis: dict[str, int]) -> ir.Value:
+    def _roundtrip(self, b: Builder, h: ir.Value, s: ir.Value, axis: dict[str, Any]) -> ir.Value:
         q = b.op("QuantizeLinear", h, s, name="quantize", output_dtype=FP8, **axis)
-        return b.op("DequantizeLinear", q, s, name="dequantize", **axis)  # type: ignore[no-any-return]
+        out: ir.Value = b.op("DequantizeLinear", q, s, name="dequantize", **axis)
+        return out

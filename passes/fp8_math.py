@@ -17,8 +17,8 @@ import ml_dtypes
 import numpy as np
 import onnx_ir as ir
 import torch
-
 from dsv3c.models.fp8 import FP8_DTYPE, FP8_MAX, Block, quantize_block_fp8
+from dsv3c.passes.builder import static_dims
 
 AMAX_FLOOR = 1e-4  # DeepGEMM's clamp: an all-zero tile gets a finite scale
 TILE = 128
@@ -41,7 +41,9 @@ def act_scale(amax: torch.Tensor, pow2: bool) -> torch.Tensor:
     return torch.pow(2.0, torch.ceil(torch.log(s) / math.log(2.0))) if pow2 else s
 
 
-def fake_quant_activation(x: torch.Tensor, scheme: ActScheme, pow2: bool, static_amax: float | None = None) -> torch.Tensor:
+def fake_quant_activation(
+    x: torch.Tensor, scheme: ActScheme, pow2: bool, static_amax: float | None = None
+) -> torch.Tensor:
     """PyTorch reference of the graph's activation Q/DQ: x [..., K] -> dequantized fp8 x (float32)."""
     x = x.float()
     if scheme == ActScheme.STATIC:
@@ -109,7 +111,7 @@ class WeightQuantizer:
 
     def lazy(self, name: str, source: ir.TensorProtocol) -> tuple[ir.LazyTensor, ir.LazyTensor]:
         """(fp8 weight, float32 scales) for the float weight `source`, computed on first use."""
-        shape = tuple(int(d) for d in source.shape.dims)
+        shape = static_dims(source.shape)
 
         def part(i: int) -> Callable[[], ir.TensorProtocol]:
             return lambda: ir.tensor(self._quantized(name, source)[i])

@@ -16,11 +16,11 @@ a lowering can fuse it. Tensor scheme (for comparison): one scale per matrix (pe
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import Any
 
 import onnx_ir as ir
-
 from dsv3c.models.fp8 import DEFAULT_BLOCK, Block
-from dsv3c.passes.builder import Builder, first_user, initializer
+from dsv3c.passes.builder import Builder, first_user, initializer, static_dims
 from dsv3c.passes.export_io import mark_weight
 from dsv3c.passes.fp8_math import WeightQuantizer, WeightScheme
 from dsv3c.passes.linears import Linear, find_linears
@@ -33,7 +33,9 @@ MIN_OPSET = 21  # DequantizeLinear with block_size
 def _require_opset(model: ir.Model, what: str) -> None:
     opset = model.opset_imports.get("", 0)
     if opset < MIN_OPSET:
-        raise ir.passes.PreconditionError(f"{what} needs ONNX opset >= {MIN_OPSET}, the graph has {opset}; re-export with --opset 21")
+        raise ir.passes.PreconditionError(
+            f"{what} needs ONNX opset >= {MIN_OPSET}, the graph has {opset}; re-export with --opset 21"
+        )
 
 
 class Fp8WeightsPass(DsPass):
@@ -48,7 +50,9 @@ class Fp8WeightsPass(DsPass):
             if linear.weight.dtype is not None and not linear.weight.dtype.is_floating_point():
                 raise ir.passes.PreconditionError(f"weight {linear.name} is {linear.weight.dtype}, not a float")
             if linear.weight.dtype == ir.DataType.FLOAT8E4M3FN:
-                raise ir.passes.PreconditionError(f"weight {linear.name} is fp8 already; quantize an unquantized export")
+                raise ir.passes.PreconditionError(
+                    f"weight {linear.name} is fp8 already; quantize an unquantized export"
+                )
 
     def call(self, model: ir.Model) -> ir.passes.PassResult:
         graph = model.graph
@@ -76,7 +80,7 @@ class Fp8WeightsPass(DsPass):
         w = mark_weight(initializer(graph, name, fp8))
         s = mark_weight(initializer(graph, str(scales.name), scales))
         b = Builder(name.removesuffix(".weight"))
-        dequantized = self._dequantize(b, w, s, tuple(int(d) for d in fp8.shape.dims))
+        dequantized = self._dequantize(b, w, s, static_dims(fp8.shape))
         if dtype != ir.DataType.FLOAT:
             dequantized = b.op("Cast", dequantized, name="cast", to=dtype)
         b.insert_before(graph, first_user(graph, users))
@@ -88,17 +92,19 @@ class Fp8WeightsPass(DsPass):
     def _dequantize(self, b: Builder, w: ir.Value, s: ir.Value, shape: tuple[int, ...]) -> ir.Value:
         """DequantizeLinear of `w` [(E,) out, in] with its scales expanded to what the op takes."""
         if self.scheme == WeightScheme.TENSOR:
-            axis = {2: {}, 3: {"axis": 0}}[len(shape)]  # per-tensor, or one scale per expert
-            return b.op("DequantizeLinear", w, s, name="dequantize", **axis)  # type: ignore[no-any-return]
-        *lead, out, _ = shape
-        rows = -(-out // self.block[0])
+            axis: dict[str, Any] = {"axis": 0} if len(shape) == 3 else {}  # one scale per expert, or per tensor
+            out: ir.Value = b.op("DequantizeLinear", w, s, name="dequantize", **axis)
+            return out
+        *lead, n_out, _ = shape
+        rows = -(-n_out // self.block[0])
         r = len(lead)  # 0 or 1 (experts)
         expanded = b.op("Unsqueeze", s, b.ints(r + 1, name="axes"), name="scale_unsqueeze")  # [(E,) R, 1, C]
         tile = [1] * (r + 1) + [self.block[0], 1]
         expanded = b.op("Expand", expanded, b.ints(*tile, name="tile"), name="scale_expand")  # [(E,) R, 128, C]
         flat = [0] * r + [rows * self.block[0], -1]
         expanded = b.op("Reshape", expanded, b.ints(*flat, name="rows"), name="scale_rows")  # [(E,) R*128, C]
-        if rows * self.block[0] != out:  # a partial edge block: crop the repeated rows
-            start, end, axes = b.ints(0, name="start"), b.ints(out, name="end"), b.ints(r, name="axes")
+        if rows * self.block[0] != n_out:  # a partial edge block: crop the repeated rows
+            start, end, axes = b.ints(0, name="start"), b.ints(n_out, name="end"), b.ints(r, name="axes")
             expanded = b.op("Slice", expanded, start, end, axes, name="scale_crop")  # [(E,) out, C]
-        return b.op("DequantizeLinear", w, expanded, name="dequantize", axis=-1, block_size=self.block[1])  # type: ignore[no-any-return]
+        dq: ir.Value = b.op("DequantizeLinear", w, expanded, name="dequantize", axis=-1, block_size=self.block[1])
+        return dq

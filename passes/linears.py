@@ -12,7 +12,6 @@ import enum
 from dataclasses import dataclass
 
 import onnx_ir as ir
-
 from dsv3c.export.onnx_ops import DOMAIN, MLA_OP, MOE_OP
 
 MLA_WEIGHT_INPUT = 4
@@ -44,7 +43,9 @@ class Linear:
         return self.user.inputs[0] if self.kind == LinearKind.MATMUL else None
 
 
-def weight_source(value: ir.Value | None, through: frozenset[str] = frozenset({"DequantizeLinear", "Cast"})) -> ir.Value | None:
+def weight_source(
+    value: ir.Value | None, through: frozenset[str] = frozenset({"DequantizeLinear", "Cast"})
+) -> ir.Value | None:
     """The initializer behind `value`, looking through a weight's DequantizeLinear / Cast; None if none."""
     for _ in range(3):
         if value is None:

@@ -16,7 +16,6 @@ from typing import Any
 import numpy as np
 import onnx
 import onnx_ir as ir
-
 from dsv3c.errors import UserError
 from dsv3c.export.manifest import Manifest
 from dsv3c.runtime.ort_session import import_ort
@@ -30,7 +29,9 @@ class FeedShape:
     past: int = 8  # cache entries before the new tokens (decode and MTP)
 
 
-def random_feeds(manifest: Manifest, role: str, rng: np.random.Generator, shape: FeedShape = FeedShape()) -> dict[str, np.ndarray]:
+def random_feeds(
+    manifest: Manifest, role: str, rng: np.random.Generator, shape: FeedShape = FeedShape()
+) -> dict[str, np.ndarray]:
     """Seeded inputs for the `role` graph, from its signature."""
     sig = manifest.signatures[role]
     has_past = any(t.name.startswith("past_") for t in sig.inputs)

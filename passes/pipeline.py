@@ -16,7 +16,6 @@ from pathlib import Path
 from typing import Any
 
 import onnx_ir as ir
-
 from dsv3c.errors import UserError
 from dsv3c.passes.export_io import ExportGraphs, weights_declared
 

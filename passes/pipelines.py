@@ -2,14 +2,20 @@
 
 from __future__ import annotations
 
+import enum
 from dataclasses import dataclass, field
 from typing import Any
 
+import onnx_ir.passes.common as common
 from dsv3c.models.fp8 import DEFAULT_BLOCK, Block
 from dsv3c.passes.cleanup import cleanup_stages
 from dsv3c.passes.fp8_activations import Fp8ActivationsPass
 from dsv3c.passes.fp8_math import ActScheme, WeightScheme
 from dsv3c.passes.fp8_weights import Fp8WeightsPass
+from dsv3c.passes.inline import InlineCustomPass
+from dsv3c.passes.lower_iree import DEFAULT_DIMS, BlockedQdqToMulPass, StaticShapesPass
+from dsv3c.passes.lower_ort import LowerMoEToOrtPass
+from dsv3c.passes.lower_trt import ATTENTION_OPSET, MlaToAttentionPass, TrtQdqPass, UpgradeOpsetPass
 from dsv3c.passes.pipeline import Stage
 from dsv3c.passes.policy import Policy
 
@@ -32,5 +38,40 @@ def quantize_pipeline(options: QuantizeOptions) -> list[Stage]:
     return [
         Stage("fp8-weights", Fp8WeightsPass(options.policy, options.weights, options.block)),
         Stage("fp8-activations", Fp8ActivationsPass(options.activations, options.pow2_scales, options.static_amax)),
+        *cleanup_stages(),
+    ]
+
+
+class Target(enum.Enum):
+    PORTABLE = "portable"  # standard ONNX only: the custom nodes' reference bodies inlined
+    ORT = "ort"  # onnxruntime: com.microsoft::MoE, MLA inlined
+    TRT = "trt"  # TensorRT: opset 23 Attention for MLA, MoE decomposed, constant Q/DQ scales
+    IREE = "iree"  # IREE: inlined, fixed shapes, blocked Q/DQ as element-wise math
+
+
+def lower_pipeline(target: Target, dims: dict[str, int] | None = None) -> list[Stage]:
+    """The stages that take a canonical (or quantized) export to `target`; `dims` fixes shapes (iree)."""
+    if target == Target.PORTABLE:
+        return [Stage("inline-custom", InlineCustomPass()), *cleanup_stages()]
+    if target == Target.ORT:
+        return [
+            Stage("moe-to-com-microsoft", LowerMoEToOrtPass()),
+            Stage("inline-custom", InlineCustomPass()),
+            *cleanup_stages(),
+        ]
+    if target == Target.TRT:
+        return [
+            Stage("opset-23", UpgradeOpsetPass(ATTENTION_OPSET)),
+            Stage("mla-to-attention", MlaToAttentionPass()),
+            Stage("inline-custom", InlineCustomPass()),
+            Stage("constant-qdq-scales", TrtQdqPass()),
+            Stage("lift-constants", common.LiftConstantsToInitializersPass(lift_all_constants=False, size_limit=1)),
+            *cleanup_stages(),
+        ]
+    return [
+        Stage("inline-custom", InlineCustomPass()),
+        Stage("static-shapes", StaticShapesPass({**DEFAULT_DIMS, **(dims or {})})),
+        *cleanup_stages("shapes"),
+        Stage("blocked-qdq-to-mul", BlockedQdqToMulPass()),
         *cleanup_stages(),
     ]

@@ -15,7 +15,6 @@ from pathlib import Path
 
 import numpy as np
 import onnx_ir as ir
-
 from dsv3c.export.manifest import read_manifest
 from dsv3c.passes.ort_run import FeedShape, GraphRunner, load_graph, random_feeds, relative_error
 
@@ -86,7 +85,7 @@ def layer_probes(model: ir.Model) -> list[tuple[str, str]]:
 
 
 def compare_exports(reference: Path, candidates: dict[str, Path], seed: int = 0, batches: int = 2,
-                    shape: FeedShape = FeedShape()) -> QuantReport:  # fmt: skip
+                    shape: FeedShape | None = None) -> QuantReport:  # fmt: skip
     """Errors of each candidate export against `reference`, per graph and layer."""
     manifest = read_manifest(reference)
     report = QuantReport(list(candidates))
@@ -102,17 +101,21 @@ def compare_exports(reference: Path, candidates: dict[str, Path], seed: int = 0,
         rng = np.random.default_rng(seed)
         outputs: dict[str, list[dict[str, np.ndarray]]] = {s: [] for s in runners}
         for _ in range(batches):
-            feeds = random_feeds(manifest, role, rng, shape)
+            feeds = random_feeds(manifest, role, rng, shape or FeedShape())
             for s, runner in runners.items():
                 outputs[s].append(runner.run(feeds))
         for label, tensor in [*probes, (OUTPUT, OUTPUT)]:
             ref = np.concatenate([o[tensor].ravel() for o in outputs["reference"]])
-            errors = {s: relative_error(np.concatenate([o[tensor].ravel() for o in outputs[s]]), ref) for s in candidates}
+            errors = {
+                s: relative_error(np.concatenate([o[tensor].ravel() for o in outputs[s]]), ref) for s in candidates
+            }
             report.rows.append(ErrorRow(role, label, errors))
         for s in all_logits:
             all_logits[s].extend(o[OUTPUT].ravel() for o in outputs[s])
     ref_all = np.concatenate(all_logits["reference"])
-    report.rows.append(ErrorRow("all", OUTPUT, {s: relative_error(np.concatenate(all_logits[s]), ref_all) for s in candidates}))
+    report.rows.append(
+        ErrorRow("all", OUTPUT, {s: relative_error(np.concatenate(all_logits[s]), ref_all) for s in candidates})
+    )
     return report
 
 

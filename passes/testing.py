@@ -16,8 +16,8 @@ from pathlib import Path
 import numpy as np
 import onnx_ir as ir
 import torch
-
 from dsv3c.export.manifest import read_manifest, write_manifest
+from dsv3c.models.checkpoint_layout import CheckpointDtype
 from dsv3c.models.config import DeepseekV3Config
 from dsv3c.models.deepseek_v3 import DeepseekV3ForCausalLM
 from dsv3c.passes.export_io import read_export, write_export
@@ -33,7 +33,7 @@ def mini_config(**overrides: object) -> DeepseekV3Config:
 
 
 @functools.cache
-def mini_export(root: Path, dtype: str = "fp8", **overrides: object) -> Path:
+def mini_export(root: Path, dtype: CheckpointDtype = "fp8", **overrides: object) -> Path:
     """root/export-{dtype}: the mini model exported from a random `dtype` checkpoint (seed 0)."""
     from dsv3c.export.exporter import export
     from dsv3c.export.source import from_folder

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import gc
 import os
+import statistics
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
@@ -34,7 +35,7 @@ class BenchRow:
     batch: int
     tokens_per_s: float
     cache_bytes_per_token: int
-    ms_per_call: float  # prefill: the whole prompt; decode: one step (one token per row)
+    ms_per_call: float  # prefill: the whole prompt; decode: one step, one token per row (median of steps)
     bytes_per_call: int  # weights the call reads, plus the cache it attends over (decode)
     achieved_bytes_per_s: float
     bandwidth_fraction: float  # achieved / measured copy bandwidth
@@ -57,6 +58,7 @@ class BenchPlan:
     seed: int = 0
     model: str = ""
     device: str = "cpu"
+    one_at_a_time: bool = False
 
 
 Progress = Callable[[str], None]
@@ -65,27 +67,36 @@ Progress = Callable[[str], None]
 def run_bench(
     plan: BenchPlan, factories: dict[str, Callable[[], Runner]], bandwidth: float, progress: Progress = print
 ) -> list[BenchRow]:
+    """Every runtime is loaded first, then each (batch, context) cell is measured on all of them in turn,
+    so that a change in machine load over the run touches every runtime alike (`one_at_a_time` loads one
+    runtime at a time instead, for weights that do not fit in memory more than once)."""
     rows: list[BenchRow] = []
-    for name in plan.runtimes:
-        progress(f"loading {name}")
-        try:
-            runner = factories[name]()
-            _warm_up(runner, plan)
-        except (UserError, RuntimeError, ImportError, MemoryError) as e:
-            progress(f"{name}: skipped ({_first_line(e)})")
-            continue
+    names: list[str] = [n for n in plan.runtimes if n in factories]
+    groups = [[n] for n in names] if plan.one_at_a_time else [names]
+    for group in groups:
+        runners = {}
+        for name in group:
+            progress(f"loading {name}")
+            try:
+                runners[name] = factories[name]()
+                _warm_up(runners[name], plan)
+            except (UserError, RuntimeError, ImportError, MemoryError) as e:
+                progress(f"{name}: skipped ({_first_line(e)})")
+                runners.pop(name, None)
         for batch in plan.batches:
             for context in plan.contexts:
-                try:
-                    rows += measure(runner, plan, batch, context, bandwidth)
-                except (RuntimeError, MemoryError) as e:  # onnxruntime's errors derive from RuntimeError
-                    progress(f"{name} batch {batch} context {context}: skipped ({_first_line(e)})")
-                    continue
-                progress("  ".join(f"{r.runtime} {r.phase} ctx {r.context} b {r.batch}: {r.tokens_per_s:.1f} tok/s"
-                                   for r in rows[-2:]))  # fmt: skip
-        del runner
+                for name, runner in runners.items():
+                    try:
+                        cell = measure(runner, plan, batch, context, bandwidth)
+                    except (RuntimeError, MemoryError) as e:  # onnxruntime's errors derive from RuntimeError
+                        progress(f"{name} batch {batch} context {context}: skipped ({_first_line(e)})")
+                        continue
+                    rows += cell
+                    progress("  ".join(f"{r.runtime} {r.phase} ctx {r.context} b {r.batch}: {r.tokens_per_s:.1f} tok/s"
+                                       for r in cell))  # fmt: skip
+        del runners
         gc.collect()
-    return rows
+    return sorted(rows, key=lambda r: (names.index(r.runtime), r.batch, r.context, r.phase != "prefill"))
 
 
 def _first_line(e: BaseException) -> str:
@@ -117,12 +128,14 @@ def measure(runner: Runner, plan: BenchPlan, batch: int, context: int, bandwidth
     _sync(plan.device)
     prefill_s = time.perf_counter() - start
     runner.decode(ids[:, context : context + 1])  # untimed: first-call allocations at this size
-    _sync(plan.device)
-    start = time.perf_counter()
+    steps = []
     for i in range(plan.decode_steps):
+        _sync(plan.device)
+        start = time.perf_counter()
         runner.decode(ids[:, context + 1 + i : context + 2 + i])
-    _sync(plan.device)
-    step_s = (time.perf_counter() - start) / plan.decode_steps
+        _sync(plan.device)
+        steps.append(time.perf_counter() - start)
+    step_s = statistics.median(steps)  # robust to a step that another process on the machine delayed
     cache = runner.cache_bytes_per_token()
     config, item = runner.config, runner.weight_itemsize
     chunks = -(-context // plan.prefill_chunk)

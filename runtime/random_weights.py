@@ -58,7 +58,9 @@ def external_regions(folder: Path, graphs: list[str]) -> tuple[str, list[Region]
 def random_tensor(region: Region, seed: int, std: float, device: torch.device) -> torch.Tensor:
     if region.name.endswith("norm.weight"):
         return torch.ones(region.shape, dtype=region.dtype, device=device)
-    generator = torch.Generator(device=device).manual_seed((seed * 0x9E3779B1 + zlib.crc32(region.name.encode())) % 2**63)
+    generator = torch.Generator(device=device).manual_seed(
+        (seed * 0x9E3779B1 + zlib.crc32(region.name.encode())) % 2**63
+    )
     values = torch.empty(region.shape, dtype=torch.float32, device=device).normal_(0.0, std, generator=generator)
     return values.to(region.dtype)
 
@@ -77,7 +79,7 @@ def fill_random(folder: Path, seed: int = 0, std: float = 0.02, device: str = "c
         os.ftruncate(fd, total)
         for region in regions:
             tensor = random_tensor(region, seed, std, target).cpu().contiguous()
-            view = memoryview(tensor.view(torch.uint8).numpy()).cast("B")
+            view = tensor.view(torch.uint8).numpy().data.cast("B")
             if len(view) != region.length:
                 raise UserError(f"{region.name}: {len(view)} bytes for a region of {region.length}; re-export")
             offset = region.offset

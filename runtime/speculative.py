@@ -81,52 +81,64 @@ def generate_mtp(
     check_prompts(prompts, c.vocab_size, c.max_position_embeddings, max_new_tokens)
     if not engine.has_mtp:
         raise UserError("--mtp needs a model with an MTP module (num_nextn_predict_layers >= 1) and its graph")
-    sampler, stats = Sampler(sampling or SamplingConfig()), SpecStats()
-    batch, device = len(prompts), engine.device
-    rows_state = _Rows(batch, max_new_tokens, stop_ids, on_token)
-    stats.per_row_accepted = [0] * batch
-    if max_new_tokens == 0:
-        return rows_state.out, stats
-    ids, positions = pad_prompts(prompts, device)
-    lengths = torch.tensor([len(p) for p in prompts], device=device)
-    rows = torch.arange(batch, device=device)
-    engine.start(batch, ids.shape[1] + max_new_tokens + 2)
-    out = engine.prefill(ids, positions)
-    first = torch.from_numpy(sampler(host(out.logits[rows, lengths - 1]))).to(device)  # token n-1 per row
-    _count(stats, rows_state, batch)
-    for row, token in enumerate(first.tolist()):
-        rows_state.emit(row, token)
-    next_ids = torch.roll(ids, -1, dims=1)  # MTP slot t reads token t + 1
-    next_ids[rows, lengths - 1] = first
-    draft_logits = engine.mtp(next_ids, out.hidden, positions).logits[rows, lengths - 1]
-    draft = draft_logits.argmax(-1)  # guesses token n
-    n, last = lengths + 1, first
-    while not rows_state.done.all():
-        active = torch.from_numpy(~rows_state.done).to(device)
-        step_pos = torch.stack([n - 1, n], dim=1)  # [B, 2]
-        verify = engine.decode(torch.stack([last, draft], dim=1), step_pos)
-        logits = host(verify.logits)  # [B, 2, V]
-        g1 = torch.from_numpy(sampler(logits[:, 0])).to(device)
-        g2 = torch.from_numpy(sampler(logits[:, 1])).to(device)
-        accepted = (g1 == draft) & active
-        _count(stats, rows_state, batch)
-        stats.drafted += int(active.sum())
-        stats.accepted += int(accepted.sum())
+    rows = _Rows(len(prompts), max_new_tokens, stop_ids, on_token)
+    stats = SpecStats(per_row_accepted=[0] * len(prompts))
+    if max_new_tokens > 0:
+        loop = _Speculation(engine, Sampler(sampling or SamplingConfig()), rows, stats)
+        loop.prefill(prompts, max_new_tokens)
+        while not rows.done.all():
+            loop.step()
+    stats.tokens = sum(len(o) for o in rows.out)
+    return rows.out, stats
+
+
+class _Speculation:
+    """Per-row state: n tokens committed, the last of them not yet fed to the main model, and a draft."""
+
+    def __init__(self, engine: Engine, sampler: Sampler, rows: _Rows, stats: SpecStats):
+        self.engine, self.sampler, self.rows, self.stats = engine, sampler, rows, stats
+        self.device = engine.device
+        self.index = torch.arange(len(rows.out), device=self.device)
+
+    def prefill(self, prompts: Sequence[Sequence[int]], max_new_tokens: int) -> None:
+        ids, positions = pad_prompts(prompts, self.device)
+        lengths = torch.tensor([len(p) for p in prompts], device=self.device)
+        self.engine.start(len(prompts), ids.shape[1] + max_new_tokens + 2)
+        out = self.engine.prefill(ids, positions)
+        first = self._choose(out.logits[self.index, lengths - 1])  # token L per row
+        self._count()
+        for row, token in enumerate(first.tolist()):
+            self.rows.emit(row, token)
+        next_ids = torch.roll(ids, -1, dims=1)  # MTP slot t reads token t + 1
+        next_ids[self.index, lengths - 1] = first
+        drafts = self.engine.mtp(next_ids, out.hidden, positions).logits[self.index, lengths - 1]
+        self.draft = drafts.argmax(-1)  # guesses token L + 1
+        self.n, self.last = lengths + 1, first
+
+    def step(self) -> None:
+        active = torch.from_numpy(~self.rows.done).to(self.device)
+        positions = torch.stack([self.n - 1, self.n], dim=1)  # [B, 2]
+        verify = self.engine.decode(torch.stack([self.last, self.draft], dim=1), positions)
+        g1, g2 = self._choose(verify.logits[:, 0]), self._choose(verify.logits[:, 1])
+        accepted = (g1 == self.draft) & active
+        self._count()
+        self.stats.drafted += int(active.sum())
+        self.stats.accepted += int(accepted.sum())
         for row, (a, b, ok) in enumerate(zip(g1.tolist(), g2.tolist(), accepted.tolist(), strict=True)):
-            stats.per_row_accepted[row] += int(ok)
-            rows_state.emit(row, a)
+            self.stats.per_row_accepted[row] += int(ok)
+            self.rows.emit(row, a)
             if ok:
-                rows_state.emit(row, b)
+                self.rows.emit(row, b)
         mtp_ids = torch.stack([g1, torch.where(accepted, g2, g1)], dim=1)
-        mtp_logits = engine.mtp(mtp_ids, verify.hidden, step_pos).logits[rows, accepted.long()]
-        new_draft = mtp_logits.argmax(-1)
-        draft = torch.where(active, new_draft, draft)
-        last = torch.where(active, torch.where(accepted, g2, g1), last)
-        n = n + active.long() + accepted.long()
-    stats.tokens = sum(len(o) for o in rows_state.out)
-    return rows_state.out, stats
+        drafts = self.engine.mtp(mtp_ids, verify.hidden, positions).logits[self.index, accepted.long()]
+        self.draft = torch.where(active, drafts.argmax(-1), self.draft)  # a finished row is frozen
+        self.last = torch.where(active, torch.where(accepted, g2, g1), self.last)
+        self.n = self.n + active.long() + accepted.long()
 
+    def _choose(self, logits: torch.Tensor) -> torch.Tensor:
+        """The main model's choice [B], exactly as plain decoding makes it (same sampler)."""
+        return torch.from_numpy(self.sampler(host(logits))).to(self.device)
 
-def _count(stats: SpecStats, rows: _Rows, batch: int) -> None:
-    stats.main_calls += 1
-    stats.row_calls += int((~rows.done).sum())
+    def _count(self) -> None:
+        self.stats.main_calls += 1
+        self.stats.row_calls += int((~self.rows.done).sum())

@@ -7,8 +7,13 @@ TensorRT-RTX builds ahead of time without a GPU, for compute capabilities 8.0 to
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import importlib
+import os
+import sys
+import tempfile
+from collections.abc import Iterator
 from dataclasses import dataclass
 from types import ModuleType
 from typing import Any
@@ -89,6 +94,22 @@ def make_logger(backend: Backend) -> Any:
             return _one_line(self.errors[0]) if self.errors else "no message from TensorRT"
 
     return CollectingLogger()
+
+
+@contextlib.contextmanager
+def native_stderr(lines: list[str]) -> Iterator[None]:
+    """Collect what TensorRT's C++ code prints on file descriptor 2 (it bypasses the logger) into `lines`."""
+    sys.stderr.flush()
+    saved = os.dup(2)
+    with tempfile.TemporaryFile() as f:
+        os.dup2(f.fileno(), 2)
+        try:
+            yield
+        finally:
+            os.dup2(saved, 2)
+            os.close(saved)
+            f.seek(0)
+            lines.extend(ln.strip() for ln in f.read().decode(errors="replace").splitlines() if ln.strip())
 
 
 def _one_line(text: str, limit: int = 400) -> str:

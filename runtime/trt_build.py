@@ -22,11 +22,11 @@ import dsv3c
 from dsv3c.errors import UserError
 from dsv3c.export.manifest import Manifest, Signature, read_manifest
 from dsv3c.runtime.atomic import atomic_file, atomic_folder
-from dsv3c.runtime.trt_backend import Backend, cc_enum, load_backend, make_logger
+from dsv3c.runtime.trt_backend import Backend, cc_enum, load_backend, make_logger, native_stderr
 from dsv3c.runtime.trt_header import read_header
 from dsv3c.runtime.trt_layers import allow_attention_decomposition, summarize
 from dsv3c.runtime.trt_manifest import EngineManifest, EngineRecord, TensorRecord, write_engine_manifest
-from dsv3c.runtime.trt_prepare import ParserInput, load_for_parser, lowered_folder
+from dsv3c.runtime.trt_prepare import Lowering, ParserInput, load_for_parser, lowered_folder
 from dsv3c.runtime.trt_profiles import ProfileSpec, ShapeRange, check_names, profile_for
 
 Precision = Literal["fp32", "bf16", "fp8"]
@@ -50,6 +50,7 @@ class BuildOptions:
     timing_cache: Path | None = None
     target_cc: list[str] = field(default_factory=list)  # empty: the backend's default set
     roles: list[str] | None = None  # None: every graph in the manifest
+    lowering: Lowering = "auto"  # see trt_prepare.lowered_folder
     force: bool = False
 
 
@@ -64,7 +65,7 @@ def build_engines(
     if options.target_cc and not backend.is_rtx:
         raise UserError("--target-cc needs TensorRT-RTX; full TensorRT builds for the GPU it runs on")
     with tempfile.TemporaryDirectory(prefix="dsv3c-build-") as scratch:
-        folder, how = lowered_folder(Path(export_dir), Path(scratch))
+        folder, how = lowered_folder(Path(export_dir), Path(scratch), options.lowering)
         manifest = read_manifest(folder)
         roles = _roles(manifest, options.roles)
         graphs = {role: load_for_parser(manifest, role) for role in roles}
@@ -115,15 +116,16 @@ def build_one(
     config = _config(backend, builder, network, profile, target_cc, graph, logger)
     if not backend.is_rtx:  # TensorRT-RTX: timing cache operations are no-ops (deprecated since 1.2)
         config.set_timing_cache(config.create_timing_cache(cache), False)
-    start = time.perf_counter()
-    serialized = builder.build_serialized_network(network, config)
-    if serialized is None and any(_NO_FUSED_ATTENTION in e for e in logger.errors):
-        summary.attention_decomposable = allow_attention_decomposition(backend, network) > 0
-        logger.errors.clear()
+    start, printed = time.perf_counter(), list[str]()
+    with native_stderr(printed):  # Myelin prints "Internal Error: ..." past the logger
         serialized = builder.build_serialized_network(network, config)
+        if serialized is None and any(_NO_FUSED_ATTENTION in e for e in logger.errors):
+            summary.attention_decomposable = allow_attention_decomposition(backend, network) > 0
+            logger.errors.clear()
+            serialized = builder.build_serialized_network(network, config)
     seconds = time.perf_counter() - start
     if serialized is None:
-        raise _build_error(logger.errors, graph)
+        raise _build_error(logger.errors or printed, graph)
     path = out_dir / f"{graph.role}.engine"
     data = bytes(serialized)
     path.write_bytes(data)
@@ -173,6 +175,8 @@ def _build_error(errors: list[str], graph: ParserInput) -> UserError:
     text = " ".join(" ".join(errors).split()) or "no message from TensorRT"
     named = sorted((n for n in graph.nodes if len(n.name) > 3 and n.name in text), key=lambda n: -len(n.name))
     where = f" at {named[0].describe()}" if named else ""
+    if not named and "is_constant" in text and graph.blocked_dq:
+        where = f" (first block-scaled dequantization: {graph.blocked_dq[0].describe()})"
     hint = next((f"; {h}" for key, h in _HINTS.items() if key in text), "")
     return UserError(f"{graph.path.name}: TensorRT build failed{where}: {text[:300]}{hint}")
 

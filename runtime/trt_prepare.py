@@ -1,6 +1,6 @@
 """From an export folder to what TensorRT's ONNX parser reads: lowering, inlining, checks that name the node.
 
-    folder, how = lowered_folder(export_dir, scratch)      # `dsv3c lower --target trt` once passes/ has it
+    folder, how = lowered_folder(export_dir, scratch)      # `dsv3c lower --target trt` once dsv3c has it
     graph = load_for_parser(read_manifest(folder), "decode")
     parser.parse(graph.model_bytes, str(graph.path))       # external data resolves beside graph.path
 
@@ -13,9 +13,12 @@ weights.bin: the graph is serialized without them and the parser reads them from
 
 from __future__ import annotations
 
+import argparse
 import re
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Literal
 
 import onnx
 import onnx.inliner
@@ -43,28 +46,55 @@ class ParserInput:
     model_bytes: bytes  # the inlined graph without weight data
     nodes: list[NodeRef]
     has_fp8: bool  # FLOAT8 initializers (quantized weights)
+    blocked_dq: list[NodeRef]  # DequantizeLinear nodes with block_size (named when a build fails on them)
 
 
 # ---- lowering: the one switch between the passes issue's lowering and the minimal preparation -----------
 
+Lowering = Literal["auto", "passes", "inline"]
 
-def lowered_folder(folder: Path, scratch: Path) -> tuple[Path, str]:
-    """The export folder to parse and how it was prepared: lowered for TensorRT when dsv3c.passes can."""
+
+def lowered_folder(folder: Path, scratch: Path, lowering: Lowering = "auto") -> tuple[Path, str]:
+    """The export folder to parse and how it was prepared.
+
+    auto: `dsv3c lower --target trt` when dsv3c has it (cli/cmd_lower.py and a passes/*trt* module), else
+    inline; passes: that lowering or a UserError; inline: only the minimal preparation of load_for_parser.
+    """
     manifest = read_manifest(folder)
-    if any(s.get("target") == "trt" for s in manifest.stages):
+    if any(s.get("target") == "trt" or "trt" in str(s.get("stage", "")) for s in manifest.stages):
         return folder, "lowered for trt before the build"
-    import dsv3c.passes
-    from dsv3c.cli.main import COMMANDS
-
-    has_trt_pass = any(Path(dsv3c.passes.__file__).parent.glob("*trt*.py"))
-    if not (has_trt_pass and "lower" in COMMANDS):
-        return folder, "minimal: local functions inlined (no trt lowering in dsv3c.passes yet)"
-    from dsv3c.cli.main import main
-
+    lower = _passes_lowering() if lowering != "inline" else None
+    if lower is None:
+        if lowering == "passes":
+            raise UserError("--lowering passes: this dsv3c has no `dsv3c lower --target trt` yet; use auto or inline")
+        return folder, "inline: local functions inlined" + ("" if lowering == "inline" else " (no trt lowering yet)")
     out = scratch / "lowered-trt"
-    if main(["lower", str(folder), "--target", "trt", "--out", str(out)]) != 0:
-        raise UserError(f"{folder}: `dsv3c lower --target trt` failed (its error is above)")
+    lower(folder, out)
     return out, "dsv3c lower --target trt"
+
+
+def _passes_lowering() -> Callable[[Path, Path], None] | None:
+    import importlib.util
+
+    import dsv3c.passes
+
+    if importlib.util.find_spec("dsv3c.cli.cmd_lower") is None:
+        return None
+    if not any(Path(dsv3c.passes.__file__).parent.glob("*trt*.py")):
+        return None
+    from dsv3c.cli import cmd_lower
+
+    def lower(src: Path, dst: Path) -> None:
+        parser = argparse.ArgumentParser(prog="dsv3c lower")
+        cmd_lower.add_arguments(parser)
+        try:
+            args = parser.parse_args([str(src), "--target", "trt", "--out", str(dst)])
+        except SystemExit:
+            raise UserError("`dsv3c lower` does not take --target trt yet; build with --lowering inline") from None
+        if cmd_lower.run(args) != 0:
+            raise UserError(f"{src}: `dsv3c lower --target trt` failed")
+
+    return lower
 
 
 # ---- one graph -----------------------------------------------------------------------------------------
@@ -82,7 +112,12 @@ def load_for_parser(manifest: Manifest, role: str) -> ParserInput:
              for i, n in enumerate(model.graph.node)]  # fmt: skip
     _check(model, path, nodes)
     has_fp8 = any(t.data_type in FP8_TYPES for t in model.graph.initializer)
-    return ParserInput(role, path, model.SerializeToString(), nodes, has_fp8)
+    blocked = [ref for ref, n in zip(nodes, model.graph.node, strict=True) if _blocked_dq(n)]
+    return ParserInput(role, path, model.SerializeToString(), nodes, has_fp8, blocked)
+
+
+def _blocked_dq(n: onnx.NodeProto) -> bool:
+    return n.op_type == "DequantizeLinear" and any(a.name == "block_size" and a.i for a in n.attribute)
 
 
 def _inline(model: onnx.ModelProto) -> onnx.ModelProto:

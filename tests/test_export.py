@@ -3,8 +3,13 @@
 from __future__ import annotations
 
 import numpy as np
+import onnxruntime as ort
 import pytest
 import torch
+from dsv3c.export.exporter import export
+from dsv3c.export.source import from_config
+from dsv3c.models.checkpoint import init_random
+from dsv3c.models.config import DeepseekV3Config
 
 from .test_export_common import Exported, exported_tiny, rel
 
@@ -113,3 +118,21 @@ def test_mtp_graph_matches_forward_mtp_with_and_without_past(tiny: Exported) -> 
         },
     )
     assert rel(rest["logits"], ref_logits[:, 5:].numpy()) < 1e-4
+
+
+@torch.no_grad()
+def test_v2_lite_shaped_config_with_tied_embeddings(tmp_path_factory: pytest.TempPathFactory) -> None:
+    """Plain q_proj, softmax greedy routing without bias, tied head, no MTP; random weights = init_random's."""
+    config = DeepseekV3Config.from_preset("tiny").replace(
+        q_lora_rank=None, scoring_func="softmax", topk_method="greedy", norm_topk_prob=False, n_group=1,
+        topk_group=1, routed_scaling_factor=1.0, num_nextn_predict_layers=0, tie_word_embeddings=True,
+    )  # fmt: skip
+    out = tmp_path_factory.mktemp("variant") / "out"
+    manifest = export(from_config(config, "v2-lite-like"), out, weights="random", seed=4)
+    assert manifest.graphs["mtp"] is None and not (out / "mtp.onnx").exists()
+    names = {t.name for t in manifest.load_structure("prefill").graph.initializer}
+    assert "model.embed_tokens.weight" in names and "lm_head.weight" not in names  # tied: stored once
+    ids = torch.randint(0, 512, (3, 6), generator=torch.Generator().manual_seed(5))
+    session = ort.InferenceSession(str(out / "prefill.onnx"), providers=["CPUExecutionProvider"])
+    logits = session.run(["logits"], {"input_ids": ids.numpy(), "positions": arange_positions(3, 0, 6)})[0]
+    assert rel(logits, init_random(config, seed=4)(ids).logits.numpy()) < 1e-4

@@ -54,26 +54,35 @@ def test_structure(quantized: Path) -> None:
         inits = model.graph.initializers
         for linear in find_linears(model.graph):
             name, kind = linear.name, linear.kind
-            fp8 = any(f".{p}." in name for p in ATTENTION) or ".mlp." in name and "_proj" in name
+            fp8 = any(f".{p}." in name for p in ATTENTION) or (".mlp." in name and "_proj" in name)
             assert (linear.weight.dtype == FP8) == fp8, (role, name)
             if not fp8:
                 continue
             scale = inits[name + "_scale_inv"]
             *lead, out, inp = linear.weight.shape.dims
-            assert scale.dtype == ir.DataType.FLOAT and tuple(scale.shape.dims) == (*lead, -(-out // 128), -(-inp // 128))
+            assert scale.dtype == ir.DataType.FLOAT and tuple(scale.shape.dims) == (
+                *lead,
+                -(-out // 128),
+                -(-inp // 128),
+            )
             dq = linear.user.inputs[linear.input_index].producer()
             if kind == LinearKind.MATMUL:  # DequantizeLinear -> Transpose -> MatMul, activation Q/DQ in front
                 assert dq.op_type == "Transpose" and dq.inputs[0].producer().op_type == "DequantizeLinear"
                 act = linear.activation.producer()
-                assert act.op_type in ("Slice", "Reshape") and "QuantizeLinear" in {n.op_type for n in _upstream(act, 6)}
+                assert act.op_type in ("Slice", "Reshape") and "QuantizeLinear" in {
+                    n.op_type for n in _upstream(act, 6)
+                }
             else:  # kv_b_proj and stacked experts: the DQ feeds the custom node
                 assert dq.op_type == "DequantizeLinear" and linear.user.domain == "dsv3c"
-        high = [n for n in inits if n.endswith(("gate.weight", "lm_head.weight", "embed_tokens.weight", "eh_proj.weight",
-                                               "shared_head.head.weight", "norm.weight", "layernorm.weight"))]  # fmt: skip
+        kept = ("gate.weight", "lm_head.weight", "embed_tokens.weight", "eh_proj.weight", "shared_head.head.weight",
+                "norm.weight", "layernorm.weight")  # fmt: skip
+        high = [n for n in inits if n.endswith(kept)]
         assert high and all(inits[n].dtype == ir.DataType.FLOAT for n in high)
     stage = read_manifest(quantized).stages[-1]
     assert stage["stage"] == "quantize" and stage["pipeline"][:2] == ["fp8-weights", "fp8-activations"]
-    assert stage["changes"]["fp8-weights"]["prefill"]["fp8_weights"] == 2 * 5 + 3 + 6  # attention, dense, shared + experts
+    assert (
+        stage["changes"]["fp8-weights"]["prefill"]["fp8_weights"] == 2 * 5 + 3 + 6
+    )  # attention, dense, shared + experts
 
 
 def _upstream(node: ir.Node, depth: int) -> list[ir.Node]:
@@ -92,7 +101,9 @@ def _fake_quant_model(folder: Path) -> torch.nn.Module:
         for name, module in model.named_modules():
             if not isinstance(module, torch.nn.Linear):
                 continue
-            stacked = name.rsplit(".", 2)[0].rsplit(".", 1)[0] + "." + name.rsplit(".", 1)[1] if ".experts." in name else name
+            stacked = (
+                name.rsplit(".", 2)[0].rsplit(".", 1)[0] + "." + name.rsplit(".", 1)[1] if ".experts." in name else name
+            )
             if not policy.selects(stacked + ".weight"):
                 continue
             q, s = quantize_weight(module.weight, WeightScheme.BLOCK, (128, 128))
@@ -113,11 +124,16 @@ def test_numbers_match_pytorch_reference(off_grid: Path, quantized: Path) -> Non
         if role == "decode":
             from dsv3c.models.deepseek_v3 import LayerCache
 
-            past = [LayerCache(torch.from_numpy(feeds[f"past_ckv.{i}"]), torch.from_numpy(feeds[f"past_kpe.{i}"])) for i in range(layers)]
+            past = [
+                LayerCache(torch.from_numpy(feeds[f"past_ckv.{i}"]), torch.from_numpy(feeds[f"past_kpe.{i}"]))
+                for i in range(layers)
+            ]
         with torch.no_grad():
             positions = torch.from_numpy(feeds["positions"])
             lengths = positions[:, 0] if past is not None else None
-            ref = model(torch.from_numpy(feeds["input_ids"]), positions, past, lengths, path="absorbed" if past else "naive")
+            ref = model(
+                torch.from_numpy(feeds["input_ids"]), positions, past, lengths, path="absorbed" if past else "naive"
+            )
         assert relative_error(got["logits"], ref.logits.numpy()) < 1e-3, role
         assert relative_error(got["new_ckv.1"], ref.new_cache[1].ckv.numpy()) < 1e-3, role
 
@@ -134,7 +150,9 @@ def test_fp8_checkpoint_survives_bit_for_bit(export_dir: Path, tmp_path: Path) -
         if ".experts." in name:
             prefix, proj = name.split(".experts.")
             ref = torch.stack([checkpoint[f"{prefix}.experts.{e}.{proj}"] for e in range(value.shape[0])])
-            ref_scale = torch.stack([checkpoint[f"{prefix}.experts.{e}.{proj}_scale_inv"] for e in range(value.shape[0])])
+            ref_scale = torch.stack(
+                [checkpoint[f"{prefix}.experts.{e}.{proj}_scale_inv"] for e in range(value.shape[0])]
+            )
         else:
             ref, ref_scale = checkpoint[name], checkpoint[name + "_scale_inv"]
         assert value.const_value.tobytes() == ref.view(torch.uint8).numpy().tobytes(), name
@@ -157,7 +175,9 @@ def test_weightless_folder_quantizes_structurally(export_dir: Path, tmp_path: Pa
 def test_policy_patterns(export_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     policy = Policy.parse("+lm_head,-model.layers.0.*")
     assert policy.selects("lm_head.weight") and not policy.selects("model.layers.0.self_attn.o_proj.weight")
-    assert policy.selects("model.layers.1.self_attn.o_proj.weight") and not policy.selects("model.layers.1.mlp.gate.weight")
+    assert policy.selects("model.layers.1.self_attn.o_proj.weight") and not policy.selects(
+        "model.layers.1.mlp.gate.weight"
+    )
     code = _cli(["quantize", str(export_dir), "--out", str(tmp_path / "q"), "--policy", "+*.no_such_proj"])
     assert code == 2 and "matches no linear" in capsys.readouterr().err
     assert _cli(["quantize", str(tmp_path), "--out", str(tmp_path / "q")]) == 2
@@ -173,18 +193,19 @@ def _cli(argv: list[str]) -> int:
 
 
 def test_block_error_well_below_per_tensor_with_outlier_channels(export_dir: Path, tmp_path: Path) -> None:
-    """Massive activations: a few norm channels 10^4 larger, ignored by the weights (as in trained LLMs).
-    Per-tensor scales push every other channel into fp8's subnormal range; 1x128 tiles keep them."""
+    """Massive activations: one 128-channel tile of the norms' outputs 10^5 larger and ignored by the weights
+    (as massive activations act in trained LLMs). FP8 spans 448 / 2^-9 ~ 2.3e5, so a per-tensor scale set
+    by the outliers pushes every other channel to fp8's few subnormals; 1x128 tiles keep them exact-ish."""
     hidden = read_manifest(export_dir).config["hidden_size"]
-    outliers = slice(hidden - 8, hidden)
+    outliers = slice(128, hidden)  # the second tile of each token
 
     def edit(name: str, w: np.ndarray) -> np.ndarray | None:
         if name.endswith(("input_layernorm.weight", "post_attention_layernorm.weight")):
             w = w.copy()
-            w[outliers] = 1e4
+            w[outliers] = 1e5
             return w
-        if w.ndim >= 2 and w.shape[-1] == hidden and name.endswith(("q_a_proj.weight", "kv_a_proj_with_mqa.weight",
-                                                                     "gate_proj.weight", "up_proj.weight", "gate.weight")):  # fmt: skip
+        readers = ("q_a_proj.weight", "kv_a_proj_with_mqa.weight", "gate_proj.weight", "up_proj.weight", "gate.weight")
+        if w.ndim >= 2 and w.shape[-1] == hidden and name.endswith(readers):
             w = w.copy()
             w[..., outliers] = 0.0
             return w
@@ -196,11 +217,13 @@ def test_block_error_well_below_per_tensor_with_outlier_channels(export_dir: Pat
     per_tensor = quantize_folder(src, tmp_path / "tensor", tensor).folder
     report = compare_exports(src, {"block": block, "tensor": per_tensor})
     for role in ("prefill", "decode"):
-        assert report.error(role, "logits", "block") * 3 < report.error(role, "logits", "tensor"), report
-    assert report.error("prefill", "layers.0", "block") * 3 < report.error("prefill", "layers.0", "tensor")
+        assert report.error(role, "layers.0", "block") * 5 < report.error(role, "layers.0", "tensor"), report
+    assert report.error("all", "logits", "block") * 3 < report.error("all", "logits", "tensor"), report
 
 
-def test_cli_quantize_calibrated_with_report(export_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+def test_cli_quantize_calibrated_with_report(
+    export_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     out = tmp_path / "static"
     assert _cli(["quantize", str(export_dir), "--out", str(out), "--calibrate", "2", "--pow2-scales", "--report"]) == 0
     text = capsys.readouterr().out

@@ -47,11 +47,11 @@ def _quantize_linear(graph: onnx.GraphProto, matmul: onnx.NodeProto, weight: onn
     if static:
         x, s = matmul.input[0], f"{matmul.name}.input_scale"
         graph.initializer.append(numpy_helper.from_array(np.array(0.05, np.float32), s))
-        q, dq = f"{matmul.name}.x_q", f"{matmul.name}.x_dq"  # linears reading one activation get one pair each
-        nodes += [helper.make_node("QuantizeLinear", [x, s], [q], name=f"{matmul.name}/q",
+        xq, xdq = f"{matmul.name}.x_q", f"{matmul.name}.x_dq"  # linears reading one activation: a pair each
+        nodes += [helper.make_node("QuantizeLinear", [x, s], [xq], name=f"{matmul.name}/q",
                                    output_dtype=TensorProto.FLOAT8E4M3FN),
-                  helper.make_node("DequantizeLinear", [q, s], [dq], name=f"{matmul.name}/dq")]  # fmt: skip
-        matmul.input[0] = dq
+                  helper.make_node("DequantizeLinear", [xq, s], [xdq], name=f"{matmul.name}/dq")]  # fmt: skip
+        matmul.input[0] = xdq
     return nodes
 
 
@@ -89,6 +89,11 @@ def fp8_export(src: Path, dst: Path, role: str = "decode", block: int = 0, stati
 # ---- fixtures: one fp32 engine folder and one fp8 folder for the module ----------------------------------
 
 
+def _log(lines: list[str], line: str) -> None:
+    lines.append(line)
+    print(line)  # build times show with pytest -s
+
+
 @pytest.fixture(scope="module")
 def fp32_engines(tiny_export: Path, tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, list[str]]:
     from dsv3c.runtime.trt_build import BuildOptions, build_engines
@@ -96,7 +101,7 @@ def fp32_engines(tiny_export: Path, tmp_path_factory: pytest.TempPathFactory) ->
     out = tmp_path_factory.mktemp("trt") / "engines"
     lines: list[str] = []
     options = BuildOptions(timing_cache=out.parent / "timing.cache")
-    build_engines(tiny_export, out, options, log=lambda line: (lines.append(line), print(line)))
+    build_engines(tiny_export, out, options, log=lambda line: _log(lines, line))
     return out, lines
 
 
@@ -108,7 +113,7 @@ def fp8_engines(tiny_export: Path, tmp_path_factory: pytest.TempPathFactory) -> 
     assert fp8_export(tiny_export, root / "exp") > 0
     lines: list[str] = []
     options = BuildOptions(precision="fp8", roles=["decode"], target_cc=["8.9", "12.0"])
-    build_engines(root / "exp", root / "engines", options, log=lambda line: (lines.append(line), print(line)))
+    build_engines(root / "exp", root / "engines", options, log=lambda line: _log(lines, line))
     return root / "engines", lines
 
 
@@ -187,11 +192,21 @@ def test_weight_only_block_fp8_builds(tiny_export: Path, tmp_path: Path) -> None
     assert len(m.engines["decode"].layers.fp8_weight_gemms) == 21 and not m.engines["decode"].layers.fp8_gemms
 
 
+def test_block_fp8_weights_with_fp8_activations_fail_clearly(tiny_export: Path, tmp_path: Path) -> None:
+    from dsv3c.runtime.trt_build import BuildOptions, build_engines
+
+    fp8_export(tiny_export, tmp_path / "exp", block=32, static=True)
+    with pytest.raises(UserError, match=r"first block-scaled dequantization: node \d+ '.*/dq'.*cannot pair"):
+        build_engines(tmp_path / "exp", tmp_path / "e", BuildOptions(roles=["decode"], target_cc=["8.9"]))
+
+
 def test_partial_fp8_blocks_name_the_node(tiny_export: Path, tmp_path: Path) -> None:
     from dsv3c.runtime.trt_build import BuildOptions, build_engines
 
     fp8_export(tiny_export, tmp_path / "exp", block=128, static=False)  # 128 does not divide tiny's 160 columns
-    with pytest.raises(UserError, match=r"TensorRT cannot parse node \d+ 'model\.layers\.0\..*/dq' \(DequantizeLinear\)"):
+    with pytest.raises(
+        UserError, match=r"TensorRT cannot parse node \d+ 'model\.layers\.0\..*/dq' \(DequantizeLinear\)"
+    ):
         build_engines(tmp_path / "exp", tmp_path / "e", BuildOptions(roles=["decode"]))
     assert not (tmp_path / "e").exists()
 

@@ -10,7 +10,9 @@ lowering can change with it: update FACTS.md.
 
 from __future__ import annotations
 
+from collections.abc import Callable, Sequence
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import onnx
@@ -24,7 +26,7 @@ pytestmark = pytest.mark.skipif(available() is not None, reason=f"TensorRT not i
 Ranges = dict[str, tuple[list[int], list[int], list[int]]]
 
 
-def _build(model: onnx.ModelProto, ranges: Ranges, tmp_path: Path):  # type: ignore[no-untyped-def]
+def _build(model: onnx.ModelProto, ranges: Ranges, tmp_path: Path) -> Any:
     from dsv3c.runtime.trt_backend import load_backend
     from dsv3c.runtime.trt_build import build_one
     from dsv3c.runtime.trt_prepare import NodeRef, ParserInput
@@ -41,13 +43,13 @@ def _build(model: onnx.ModelProto, ranges: Ranges, tmp_path: Path):  # type: ign
 
     signature = Signature([info(v) for v in model.graph.input], [info(v) for v in model.graph.output])
     profile = {name: ShapeRange(*r) for name, r in ranges.items()}
-    graph = ParserInput("decode", path, model.SerializeToString(), nodes, False)
+    graph = ParserInput("decode", path, model.SerializeToString(), nodes, False, [])
     record, _ = build_one(load_backend(), graph, signature, profile, [], b"", tmp_path)
     return record
 
 
 def _model(nodes: list[onnx.NodeProto], inputs: list[onnx.ValueInfoProto], output: onnx.ValueInfoProto,
-           inits: list[onnx.TensorProto] = ()) -> onnx.ModelProto:  # type: ignore[assignment]  # fmt: skip
+           inits: Sequence[onnx.TensorProto] = ()) -> onnx.ModelProto:  # fmt: skip
     model = helper.make_model(helper.make_graph(nodes, "g", inputs, [output], list(inits)),
                               opset_imports=[helper.make_opsetid("", 23)])  # fmt: skip
     model.ir_version = 10
@@ -99,7 +101,7 @@ def test_attention_with_unequal_head_sizes_is_refused_by_name(tmp_path: Path) ->
 # ---- the network API (no ONNX operator maps to these) ----------------------------------------------------
 
 
-def _network_build(make, cc: str = "12.0") -> bool:  # type: ignore[no-untyped-def]
+def _network_build(make: Callable[[Any, Any], dict[str, Any]], cc: str = "12.0") -> bool:
     from dsv3c.runtime.trt_backend import cc_enum, load_backend, make_logger
 
     backend = load_backend()
@@ -124,13 +126,13 @@ def _network_build(make, cc: str = "12.0") -> bool:  # type: ignore[no-untyped-d
 def test_native_moe_does_not_build(cc: str) -> None:
     experts, hidden, ff, k = 8, 256, 128, 2
 
-    def make(trt, net):  # type: ignore[no-untyped-def]
+    def make(trt: Any, net: Any) -> dict[str, Any]:
         h = net.add_input("h", trt.float16, (-1, -1, hidden))  # 3-D hidden states: the layer requires them
         sel = net.add_input("sel", trt.int32, (-1, -1, k))
         score = net.add_input("score", trt.float16, (-1, -1, k))
         moe = net.add_moe(h, sel, score)
 
-        def w(shape):  # type: ignore[no-untyped-def]
+        def w(shape: tuple[int, ...]) -> Any:
             return net.add_constant(shape, np.random.rand(*shape).astype(np.float16)).get_output(0)
 
         moe.set_gated_weights(w((experts, hidden, ff)), w((experts, hidden, ff)), w((experts, ff, hidden)),
@@ -143,7 +145,7 @@ def test_native_moe_does_not_build(cc: str) -> None:
 
 @pytest.mark.parametrize(("block", "scale", "builds"), [(32, "e8m0", True), (128, "float32", False)])
 def test_dynamic_quantize_takes_mxfp8_blocks_only(block: int, scale: str, builds: bool) -> None:
-    def make(trt, net):  # type: ignore[no-untyped-def]
+    def make(trt: Any, net: Any) -> dict[str, Any]:
         x = net.add_input("x", trt.float16, (-1, 256))
         dq = net.add_dynamic_quantize_v2(x, trt.Dims([1, block]), trt.fp8, getattr(trt, scale))
         net.mark_output(dq.get_output(0))

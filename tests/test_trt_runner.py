@@ -56,11 +56,11 @@ def test_cache_is_carried_between_decode_steps(engines: Path) -> None:
     torch.testing.assert_close(step, whole, rtol=2e-3, atol=2e-3)
 
 
-def test_no_supported_gpu_is_a_clear_error(tiny_export: Path) -> None:
+def test_no_supported_gpu_is_a_clear_error(tmp_path: Path) -> None:
     if REASON is None:
         pytest.skip("a GPU TensorRT runs on is present: the runner tests above ran instead")
     from dsv3c.runtime.trt_runner import TrtEngine
 
     with pytest.raises(UserError) as e:
-        TrtEngine(tiny_export)
+        TrtEngine(tmp_path)  # refused before the folder is read
     assert str(e.value) == REASON and ("GPU" in REASON or "TensorRT" in REASON)

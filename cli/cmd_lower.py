@@ -1,0 +1,51 @@
+"""dsv3c lower: take an export folder (canonical or quantized) to one backend's graphs."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+from dsv3c.errors import UserError
+
+HELP = "lower an export folder for a backend: portable (standard ONNX), ort, trt or iree (with --emit mlir)"
+TARGETS = ("portable", "ort", "trt", "iree")
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("export_dir", type=Path, metavar="EXPORT_DIR", help="export folder (from 'dsv3c export' or quantize)")
+    p.add_argument("--target", required=True, choices=TARGETS,
+                   help="portable: custom nodes inlined; ort: com.microsoft.MoE; trt: opset-23 Attention, static "
+                        "Q/DQ; iree: fixed shapes, element-wise Q/DQ")  # fmt: skip
+    p.add_argument("--out", required=True, type=Path, help="export folder to create")
+    p.add_argument("--emit", choices=("mlir",), help="also write {graph}.mlir through IREE's importer (--target iree)")
+    p.add_argument("--shape", action="append", default=[], metavar="DIM=N",
+                   help="fix a symbolic dimension for --target iree (batch, seq, q, past); repeatable or "
+                        "comma-separated; defaults batch=1,seq=16,q=1,past=16")  # fmt: skip
+    p.add_argument("--dump-dir", type=Path, help="write every graph after every stage here (no weight data)")
+    p.add_argument("--force", action="store_true", help="replace OUT if it exists")
+
+
+def parse_dims(items: list[str]) -> dict[str, int]:
+    dims: dict[str, int] = {}
+    for item in ",".join(items).split(","):
+        if not item.strip():
+            continue
+        name, sep, value = item.partition("=")
+        if not sep or not name.strip() or not value.strip().isdigit() or int(value) < 1:
+            raise UserError(f"--shape: '{item}' is not DIM=N with N >= 1 (e.g. --shape batch=1,seq=32)")
+        dims[name.strip()] = int(value)
+    return dims
+
+
+def run(args: argparse.Namespace) -> int:
+    from dsv3c.passes.lower import lower_folder
+    from dsv3c.passes.pipelines import Target
+
+    if args.out.exists() and not args.force:
+        raise UserError(f"{args.out} already exists; choose another --out or pass --force")
+    manifest = lower_folder(args.export_dir, args.out, Target(args.target), dims=parse_dims(args.shape) or None,
+                            emit_mlir=args.emit == "mlir", dump_dir=args.dump_dir, force=args.force)  # fmt: skip
+    stage = manifest.stages[-1]
+    extra = f" and {', '.join(stage['mlir'].values())}" if "mlir" in stage else ""
+    print(f"wrote {args.out}: {', '.join(r for r, f in manifest.graphs.items() if f)} for {args.target}{extra}")
+    return 0

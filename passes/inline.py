@@ -1,0 +1,90 @@
+"""Inline the custom nodes' reference bodies (model-local functions) into the graph: standard ONNX only.
+
+An inlined node of custom node `N` is named `N/<body node>` (a body node's name, or its first output's
+name), and its values `N/<body value>`, so the diff tool recognises what came from where; the custom
+node's outputs keep their names. Attribute references in the body (`softmax_scale`, `top_k`, ...) take
+the custom node's values. onnx-ir's InlinePass does the same but names the nodes `node`, `node_2`, ...
+"""
+
+from __future__ import annotations
+
+import onnx_ir as ir
+from dsv3c.export.onnx_ops import DOMAIN
+from dsv3c.passes.pipeline import DsPass
+
+
+def _resolve(attr: ir.Attr, call: ir.Node, function: ir.Function) -> ir.Attr | None:
+    if not attr.is_ref():
+        return attr
+    assert attr.ref_attr_name is not None
+    given = call.attributes.get(attr.ref_attr_name)
+    if given is None:
+        default = function.attributes.get(attr.ref_attr_name)
+        given = default if default is not None and default.value is not None else None
+    if given is None:
+        return None  # an unset optional attribute: the body node goes without it
+    return ir.Attr(attr.name, given.type, given.value)
+
+
+def inline_call(
+    graph: ir.Graph, call: ir.Node, function: ir.Function, prefix: str | None = None
+) -> tuple[list[ir.Node], list[ir.Value]]:
+    """Replace `call` by a copy of `function`'s body; returns the new nodes (in order) and the outputs."""
+    prefix = prefix or call.name or f"{call.op_type}_{id(call)}"
+    values: dict[ir.Value, ir.Value | None] = {}
+    for i, formal in enumerate(function.inputs):
+        values[formal] = call.inputs[i] if i < len(call.inputs) else None
+    nodes = []
+    for body in function:
+        if any(a.type in (ir.AttributeType.GRAPH, ir.AttributeType.GRAPHS) for a in body.attributes.values()):
+            raise NotImplementedError(f"inlining {function.name}: body node {body.op_type} has a subgraph")
+        attrs = [a for a in (_resolve(x, call, function) for x in body.attributes.values()) if a is not None]
+        inputs = [values[v] if v is not None else None for v in body.inputs]
+        label = body.name or (body.outputs[0].name if body.outputs and body.outputs[0].name else body.op_type.lower())
+        node = ir.Node(body.domain, body.op_type, inputs, attrs, overload=body.overload, num_outputs=len(body.outputs),
+                       version=body.version, name=f"{prefix}/{label}")  # fmt: skip
+        for old, new in zip(body.outputs, node.outputs, strict=True):
+            new.name = f"{prefix}/{old.name}" if old.name else None
+            new.type, new.shape = old.type, old.shape
+            values[old] = new
+        nodes.append(node)
+    outputs = [values[v] for v in function.outputs]
+    if any(v is None for v in outputs):
+        raise ValueError(f"bug: the body of {function.name} leaves an output undefined")
+    ir.convenience.replace_nodes_and_values(
+        graph, insertion_point=call, old_nodes=[call], new_nodes=nodes, old_values=call.outputs,
+        new_values=outputs,  # type: ignore[arg-type]
+    )  # fmt: skip
+    return nodes, outputs  # type: ignore[return-value]
+
+
+class InlineCustomPass(DsPass):
+    """Inline every `dsv3c` node whose op is in `ops` (default: all of them)."""
+
+    def __init__(self, ops: frozenset[str] | None = None) -> None:
+        super().__init__()
+        self.ops = ops
+
+    def _calls(self, model: ir.Model) -> list[ir.Node]:
+        return [n for n in model.graph if n.domain == DOMAIN and (self.ops is None or n.op_type in self.ops)]
+
+    def requires(self, model: ir.Model) -> None:
+        for node in self._calls(model):
+            if node.op_identifier() not in model.functions:
+                raise ir.passes.PreconditionError(
+                    f"node {node.name} ({DOMAIN}::{node.op_type}) has no reference body in the model; "
+                    "was this graph written by 'dsv3c export'?"
+                )
+
+    def call(self, model: ir.Model) -> ir.passes.PassResult:
+        calls = self._calls(model)
+        counts: dict[str, int] = {}
+        for node in calls:
+            added, _ = inline_call(model.graph, node, model.functions[node.op_identifier()])
+            counts[node.op_type] = counts.get(node.op_type, 0) + 1
+            counts[f"{node.op_type}_body_nodes"] = counts.get(f"{node.op_type}_body_nodes", 0) + len(added)
+        used = {n.op_identifier() for n in model.graph}
+        for key in [k for k in model.functions if k[0] == DOMAIN and k not in used]:
+            del model.functions[key]
+        self.changes = {"inlined": counts}
+        return ir.passes.PassResult(model, bool(calls))

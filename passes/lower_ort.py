@@ -1,0 +1,95 @@
+"""dsv3c::MoE -> routing in the graph + onnxruntime's `com.microsoft::MoE` (CPU and CUDA kernels).
+
+    R = routing(x, router, bias)            [N, E]: DeepSeek's weights at the top-k experts, 0 elsewhere
+                                            (the canonical body's own routing subgraph, inlined)
+    y = com.microsoft::MoE(x, Log(R), fc1, -, down, k=top_k, swiglu, swiglu_fusion=1)
+    out = y * sum_e R[:, e]
+
+The kernel picks the top-k of its router_probs and mixes the experts with softmax over them; with
+Log(R) (-inf where R = 0) it picks exactly the selected experts and mixes with R / sum(R), so the
+sum brings back DeepSeek's scale (norm_topk_prob or not, routed_scaling_factor). fc1 is [E, 2 ff, D]
+with gate and up rows interleaved (g0, u0, g1, u1, ...), built in the graph from the expert weights
+(or their DequantizeLinear: fp8 expert weights stay fp8 in the file). FACTS.md: swiglu_fusion=1 and
+activation_alpha=1, activation_beta=0 are what the CPU kernel implements.
+"""
+
+from __future__ import annotations
+
+import onnx_ir as ir
+from dsv3c.export.functions import MOE_ATTRS, _Body, _moe_routing, moe_variant
+from dsv3c.export.onnx_ops import DOMAIN, MOE_OP
+from dsv3c.passes.builder import Builder, static_dims
+from dsv3c.passes.inline import inline_call
+from dsv3c.passes.linears import MOE_EXPERT_INPUTS
+from dsv3c.passes.pipeline import DsPass
+from onnx import helper
+
+MS_DOMAIN = "com.microsoft"
+ROUTING_OP = "MoERouting"
+
+
+def routing_function(node: ir.Node, opset: int) -> ir.Function:
+    """The canonical MoE body's routing for `node`'s variant, as a function x, router, bias -> R [N, E]."""
+    variant = moe_variant(ir.serde.serialize_node(node))
+    b = _Body()
+    _moe_routing(b, variant)
+    b.nodes[-1].output[0] = "output"
+    proto = helper.make_function(DOMAIN, ROUTING_OP, ["x", "router", "bias"], ["output"], b.nodes,
+                                 [helper.make_opsetid("", opset)], attributes=MOE_ATTRS)  # fmt: skip
+    return ir.serde.deserialize_function(proto)
+
+
+def expert_shape(value: ir.Value) -> tuple[int, int, int]:
+    shape = static_dims(value.shape)
+    if len(shape) != 3:
+        raise ir.passes.PreconditionError(f"expert weights {value.name} have shape {list(shape)}, not [E, out, in]")
+    return shape  # type: ignore[return-value]
+
+
+def routing(graph: ir.Graph, moe: ir.Node, opset: int) -> ir.Value:
+    """Insert DeepSeek's routing for `moe` before it; returns R [N, E] (float32)."""
+    inputs = list(moe.inputs[:3]) + [None] * max(0, 3 - len(moe.inputs))
+    call = ir.Node(DOMAIN, ROUTING_OP, inputs, list(moe.attributes.values()), name=f"{moe.name}/routing")
+    call.outputs[0].name = f"{moe.name}/routing"
+    graph.insert_before(moe, call)
+    _, outputs = inline_call(graph, call, routing_function(moe, opset))
+    return outputs[0]
+
+
+class LowerMoEToOrtPass(DsPass):
+    def requires(self, model: ir.Model) -> None:
+        for node in self._moes(model):
+            for index in MOE_EXPERT_INPUTS:
+                expert_shape(node.inputs[index])  # type: ignore[arg-type]
+
+    def _moes(self, model: ir.Model) -> list[ir.Node]:
+        return [n for n in model.graph if n.domain == DOMAIN and n.op_type == MOE_OP]
+
+    def call(self, model: ir.Model) -> ir.passes.PassResult:
+        graph, opset = model.graph, model.opset_imports[""]
+        moes = self._moes(model)
+        for moe in moes:
+            self._lower(graph, moe, opset)
+        if moes:
+            model.opset_imports[MS_DOMAIN] = 1
+        self.changes = {"moe_to_com_microsoft": len(moes)}
+        return ir.passes.PassResult(model, bool(moes))
+
+    def _lower(self, graph: ir.Graph, moe: ir.Node, opset: int) -> None:
+        x, gate, up, down = moe.inputs[0], *(moe.inputs[i] for i in MOE_EXPERT_INPUTS)
+        assert x is not None and gate is not None and up is not None and down is not None
+        r = routing(graph, moe, opset)
+        experts, ff, hidden = expert_shape(gate)
+        b = Builder(moe.name or "moe")
+        axis = b.ints(2, name="axis")
+        pairs = b.op("Concat", b.op("Unsqueeze", gate, axis), b.op("Unsqueeze", up, axis), axis=2, name="gate_up")
+        fc1 = b.op("Reshape", pairs, b.ints(experts, 2 * ff, hidden, name="fc1_shape"), name="fc1")  # [E, 2ff, D]
+        top_k = moe.attributes["top_k"].as_int()
+        y = b.op("MoE", x, b.op("Log", r, name="router_log"), fc1, None, down, domain=MS_DOMAIN, name="moe", k=top_k,
+                 activation_type="swiglu", swiglu_fusion=1, activation_alpha=1.0, activation_beta=0.0,
+                 normalize_routing_weights=1)  # fmt: skip
+        total = b.op("ReduceSum", r, b.ints(-1, name="axes"), keepdims=1, name="weight_sum")  # [N, 1]
+        out = b.op("Mul", y, b.op("CastLike", total, x), name="scaled")
+        b.insert_before(graph, moe)
+        ir.convenience.replace_nodes_and_values(graph, insertion_point=moe, old_nodes=[moe], new_nodes=[],
+                                                old_values=moe.outputs, new_values=[out])  # fmt: skip

@@ -1,0 +1,182 @@
+"""TensorRT lowering: opset 23, MLA through the standard `Attention` op, Q/DQ in the form TensorRT parses.
+
+MLAAttention -> Attention (opset 23), which TensorRT's parser recognises; the heads' projections stay
+MatMuls around it:
+
+    naive     Q = [q_nope, q_pe]                    K = [ckv W_k^T, k_pe (every head)]   V = ckv W_v^T
+    absorbed  Q = [q_nope W_k, q_pe] (latent)       K = [ckv, kpe] (one kv head)          V = ckv
+              and the output leaves the latent through W_v: o W_v^T
+
+with the latent cache's visibility rule as a boolean mask [B, 1, S, T] (past slot j visible iff
+j < positions[b, 0]; new token i' visible to i iff positions[b, i'] <= positions[b, i]).
+
+Q/DQ: TensorRT takes constant scales only. A blocked weight DequantizeLinear gets its row-expanded
+scales as an initializer (the expansion subgraph folded); activation quantization must be static
+(`dsv3c quantize --calibrate N`): online scales computed in the graph are refused with that advice.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+import onnx_ir as ir
+from dsv3c.errors import UserError
+from dsv3c.export.onnx_ops import DOMAIN, MLA_OP
+from dsv3c.passes.builder import Builder, initializer, static_dims
+from dsv3c.passes.export_io import mark_weight
+from dsv3c.passes.pipeline import DsPass
+from onnxscript import version_converter
+
+ATTENTION_OPSET = 23
+_EXPANSION = ("Slice", "Reshape", "Expand", "Unsqueeze")
+
+
+class UpgradeOpsetPass(DsPass):
+    """Convert the graph (and its functions' bodies) to `target` with onnxscript's version converter."""
+
+    def __init__(self, target: int = ATTENTION_OPSET) -> None:
+        super().__init__()
+        self.target = target
+
+    def call(self, model: ir.Model) -> ir.passes.PassResult:
+        before = model.opset_imports.get("", 0)
+        if before >= self.target:
+            return ir.passes.PassResult(model, False)
+        version_converter.convert_version(model, self.target)
+        for function in model.functions.values():
+            function.opset_imports[""] = self.target
+        self.changes = {"opset": [before, self.target]}
+        return ir.passes.PassResult(model, True)
+
+
+def mla_mask(b: Builder, ckv: ir.Value, positions: ir.Value) -> ir.Value:
+    """[B, 1, S, T] bool, True where query i may attend to cache slot j (see the module docstring)."""
+
+    def unsqueeze(x: ir.Value, *axes: int) -> ir.Value:
+        out: ir.Value = b.op("Unsqueeze", x, b.ints(*axes, name="axes"))
+        return out
+
+    total = b.op("Shape", ckv, start=1, end=2, name="total")  # [1]: T
+    seq = b.op("Shape", positions, start=1, end=2, name="seq")  # [1]: S
+    past = b.op("Squeeze", b.op("Sub", total, seq, name="past"), b.ints(0, name="axes"))  # P
+    slots = b.op("Range", b.const(np.int64(0), name="zero"), past, b.const(np.int64(1), name="one"), name="slots")
+    first = b.op("Slice", positions, b.ints(0, name="start"), b.ints(1, name="end"), b.ints(1, name="axes"))  # [B, 1]
+    past_ok = b.op("Less", unsqueeze(slots, 0, 1), unsqueeze(first, 2), name="past_ok")  # [B, 1, P]
+    rows = b.op("Concat", b.op("Shape", positions, start=0, end=1), seq, unsqueeze(past, 0), axis=0)
+    past_ok = b.op("Expand", past_ok, rows, name="past_ok_rows")  # [B, S, P]
+    new_ok = b.op("LessOrEqual", unsqueeze(positions, 1), unsqueeze(positions, 2), name="new_ok")  # [B, S, S]
+    return unsqueeze(b.op("Concat", past_ok, new_ok, axis=2, name="visible"), 1)  # [B, 1, S, T]
+
+
+def mla_attention(b: Builder, node: ir.Node) -> ir.Value:
+    """The MLA node's computation around one opset-23 Attention; returns [B, S, H * v]."""
+    q_nope, q_pe, ckv, kpe, wkv_b, positions = node.inputs
+    assert q_nope and q_pe and ckv and kpe and wkv_b and positions
+    a = {k: v.value for k, v in node.attributes.items()}
+    heads, nope = int(a["num_heads"]), int(a["qk_nope_head_dim"])
+    v_dim, rank = int(a["v_head_dim"]), int(a["kv_lora_rank"])
+    w = b.op("Reshape", wkv_b, b.ints(heads, nope + v_dim, rank, name="heads"), name="wkv_b")  # [H, nope + v, r]
+    w_k, w_v = b.op("Split", w, b.ints(nope, v_dim, name="split"), axis=1, num_outputs=2, name="w_kv")
+    qn = b.op("Transpose", q_nope, perm=[0, 2, 1, 3], name="q_nope_heads")  # [B, H, S, nope]
+    qp = b.op("Transpose", q_pe, perm=[0, 2, 1, 3], name="q_pe_heads")  # [B, H, S, rope]
+    latent = b.op("Unsqueeze", ckv, b.ints(1, name="axes"), name="ckv_heads")  # [B, 1, T, r]
+    mask = mla_mask(b, ckv, positions)
+    attrs: dict[str, Any] = {"scale": float(a["softmax_scale"])}
+    if int(a["absorbed"]):
+        q = b.op("Concat", b.op("MatMul", qn, w_k, name="q_latent"), qp, axis=3, name="q")  # [B, H, S, r + rope]
+        k = b.op("Unsqueeze", b.op("Concat", ckv, kpe, axis=2), b.ints(1, name="axes"), name="k")  # [B, 1, T, r + rope]
+        o = b.op("Attention", q, k, latent, mask, name="attention", **attrs)  # [B, H, S, r]
+        o = b.op("MatMul", o, b.op("Transpose", w_v, perm=[0, 2, 1]), name="out_heads")  # [B, H, S, v]
+    else:
+        k_nope = b.op("MatMul", latent, b.op("Transpose", w_k, perm=[0, 2, 1]), name="k_nope")  # [B, H, T, nope]
+        values = b.op("MatMul", latent, b.op("Transpose", w_v, perm=[0, 2, 1]), name="v")  # [B, H, T, v]
+        k_pe = b.op("Expand", b.op("Unsqueeze", kpe, b.ints(1, name="axes")), b.ints(1, heads, 1, 1, name="heads"))
+        k = b.op("Concat", k_nope, k_pe, axis=3, name="k")  # [B, H, T, nope + rope]
+        q = b.op("Concat", qn, qp, axis=3, name="q")  # [B, H, S, nope + rope]
+        o = b.op("Attention", q, k, values, mask, name="attention", **attrs)  # [B, H, S, v]
+    o = b.op("Transpose", o, perm=[0, 2, 1, 3], name="out_tokens")  # [B, S, H, v]
+    out: ir.Value = b.op("Reshape", o, b.ints(0, 0, heads * v_dim, name="flat"), name="out")  # [B, S, H * v]
+    return out
+
+
+class MlaToAttentionPass(DsPass):
+    def requires(self, model: ir.Model) -> None:
+        if model.opset_imports.get("", 0) < ATTENTION_OPSET:
+            raise ir.passes.PreconditionError(f"Attention needs opset {ATTENTION_OPSET}; run the opset upgrade first")
+
+    def call(self, model: ir.Model) -> ir.passes.PassResult:
+        nodes = [n for n in model.graph if n.domain == DOMAIN and n.op_type == MLA_OP]
+        for node in nodes:
+            b = Builder(node.name or "mla")
+            out = mla_attention(b, node)
+            b.insert_before(model.graph, node)
+            ir.convenience.replace_nodes_and_values(model.graph, insertion_point=node, old_nodes=[node], new_nodes=[],
+                                                    old_values=node.outputs, new_values=[out])  # fmt: skip
+        self.changes = {"mla_to_attention": len(nodes)}
+        return ir.passes.PassResult(model, bool(nodes))
+
+
+def _constant(value: ir.Value | None) -> bool:
+    if value is None:
+        return True
+    if value.const_value is not None:
+        return True
+    producer = value.producer()
+    return producer is not None and producer.op_type == "Constant"
+
+
+def _expansion_source(value: ir.Value) -> tuple[ir.Value, int] | None:
+    """(scale initializer, rows per block) behind an Unsqueeze -> Expand -> Reshape (-> Slice) chain, or None."""
+    block = 0
+    while not value.is_initializer():
+        producer = value.producer()
+        if producer is None or producer.op_type not in _EXPANSION or not all(_constant(v) for v in producer.inputs[1:]):
+            return None
+        if producer.op_type == "Expand":
+            tile = ir.convenience.get_const_tensor(producer.inputs[1])  # type: ignore[arg-type]
+            block = int(tile.numpy()[-2]) if tile is not None else 0
+        value = producer.inputs[0]  # type: ignore[assignment]
+    return (value, block) if block else None
+
+
+def _expanded_scales(source: ir.TensorProtocol, rows: int, block: int, dims: tuple[int, ...]) -> ir.LazyTensor:
+    def compute() -> ir.TensorProtocol:
+        s = np.asarray(source.numpy(), dtype=np.float32)
+        return ir.tensor(np.ascontiguousarray(np.repeat(s, block, axis=-2)[..., :rows, :]))
+
+    return ir.LazyTensor(compute, ir.DataType.FLOAT, ir.Shape(dims))
+
+
+class TrtQdqPass(DsPass):
+    """Constant scales everywhere: fold blocked weight-scale expansions into initializers; refuse online scales."""
+
+    def requires(self, model: ir.Model) -> None:
+        for node in model.graph:
+            if node.op_type == "QuantizeLinear" and not _constant(node.inputs[1]):
+                raise UserError(
+                    "TensorRT needs static activation scales, but this graph computes them online (node "
+                    f"{node.name}); quantize the export with 'dsv3c quantize --calibrate N' and lower that folder"
+                )
+
+    def call(self, model: ir.Model) -> ir.passes.PassResult:
+        folded = 0
+        for node in model.graph:
+            if node.op_type != "DequantizeLinear" or "block_size" not in node.attributes or _constant(node.inputs[1]):
+                continue
+            scale = node.inputs[1]
+            assert scale is not None
+            found = _expansion_source(scale)
+            if found is None or found[0].const_value is None or found[0].name is None:
+                continue
+            source, block = found
+            dims = static_dims(scale.shape)
+            rows = dims[-2]
+            name = source.name.removesuffix("_scale_inv") + "_scale_inv_rows"
+            assert source.const_value is not None and source.name is not None
+            tensor = _expanded_scales(source.const_value, rows, block, dims)
+            value = model.graph.initializers.get(name) or mark_weight(initializer(model.graph, name, tensor))
+            node.replace_input_with(1, value)
+            folded += 1
+        self.changes = {"folded_scale_expansions": folded}
+        return ir.passes.PassResult(model, bool(folded))
