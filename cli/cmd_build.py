@@ -30,8 +30,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         metavar="CC,...",
         help="compute capabilities to build for, e.g. 8.9,12.0 (TensorRT-RTX; default: its whole set)",
     )
-    p.add_argument("--lowering", choices=("auto", "passes", "inline"), default="auto",
-                   help="auto: `dsv3c lower --target trt` when available, else inline the reference bodies")
+    p.add_argument(
+        "--lowering",
+        choices=("auto", "passes", "inline"),
+        default="auto",
+        help="auto: `dsv3c lower --target trt` when available, else inline the reference bodies",
+    )
     p.add_argument("--roles", metavar="ROLE,...", help="build only these graphs (prefill, decode, mtp)")
     p.add_argument("--force", action="store_true", help="replace ENGINE_DIR if it exists")  # fmt: skip
 

@@ -2,7 +2,7 @@
 
     OUT/prefill.onnx   input_ids, positions -> logits, hidden, new_ckv.{i}, new_kpe.{i}   (naive MLA)
     OUT/decode.onnx    ... + past_ckv.{i}, past_kpe.{i} -> the same                       (absorbed MLA)
-    OUT/mtp.onnx       next_ids, hidden, positions, past_ckv.0, past_kpe.0 -> ...          (when the model has MTP)
+    OUT/mtp.onnx       next_ids, hidden, positions, past_ckv.0, past_kpe.0 -> logits, hidden_out, new_*.0 (MTP)
     OUT/weights.bin    every weight once, referenced by all graphs (--weights none: an empty placeholder)
     OUT/manifest.json  see manifest.py
 

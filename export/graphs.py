@@ -10,7 +10,7 @@ Graph signatures (inputs -> outputs); per layer i the cache is `ckv.{i}` [B, *, 
 `kpe.{i}` [B, *, qk_rope_head_dim]:
     prefill  input_ids, positions -> logits, hidden, new_ckv.{i}, new_kpe.{i}
     decode   input_ids, positions, past_ckv.{i}, past_kpe.{i} -> same as prefill
-    mtp      next_ids, hidden, positions, past_ckv.0, past_kpe.0 -> logits, hidden, new_ckv.0, new_kpe.0
+    mtp      next_ids, hidden, positions, past_ckv.0, past_kpe.0 -> logits, hidden_out, new_ckv.0, new_kpe.0
 """
 
 from __future__ import annotations

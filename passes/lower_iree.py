@@ -7,14 +7,15 @@ with dynamic batch/sequence dims while it compiles and runs with fixed ones. So:
 - `StaticShapesPass`: every symbolic input/output dim (batch, seq, q, past) becomes a given integer;
   shapes inside the graph are recomputed by the cleanup's shape inference, and constant folding then
   removes the Shape arithmetic;
-- `BlockedQdqToMulPass`: DequantizeLinear(x, s, axis, block_size) -> Cast(x, float) * S and
-  QuantizeLinear(x, s, axis, block_size) -> Cast(x / S, fp8) with S the scales repeated over each
-  block (broadcast when one block spans the axis, as for the 1x128 activation tiles). Same numbers:
-  Cast to FLOAT8E4M3FN rounds to nearest even and saturates, as QuantizeLinear does.
+- `BlockedQdqToMulPass`: DequantizeLinear(x, s, axis, block_size) -> DequantizeLinear(x, 1) * S and
+  QuantizeLinear(x, s, axis, block_size) -> QuantizeLinear(x / S, 1) with S the scales repeated over
+  each block (broadcast when one block spans the axis, as for the 1x128 activation tiles): the same
+  numbers, through the per-tensor Q/DQ IREE compiles (its importer rejects Cast to float8 types).
 """
 
 from __future__ import annotations
 
+import numpy as np
 import onnx_ir as ir
 from dsv3c.passes.builder import Builder, static_dims
 from dsv3c.passes.pipeline import DsPass
@@ -99,14 +100,16 @@ class BlockedQdqToMulPass(DsPass):
             axis = found[0] % len(x_dims)
             b = Builder(node.name or node.op_type)
             s = _expanded(b, scale, x_dims, axis, found[1])
+            one = b.const(np.float32(1.0), name="one")
             if node.op_type == "DequantizeLinear":
-                out = b.op("Mul", b.op("Cast", x, to=ir.DataType.FLOAT, name="cast"), s, name="dequantized")
+                out = b.op("Mul", b.op("DequantizeLinear", x, one, name="to_float"), s, name="dequantized")
             else:
                 to = node.attributes["output_dtype"].as_int() if "output_dtype" in node.attributes else None
                 if to is None and len(node.inputs) > 2 and node.inputs[2] is not None:
                     assert node.inputs[2].dtype is not None
                     to = node.inputs[2].dtype
-                out = b.op("Cast", b.op("Div", x, s, name="scaled"), to=ir.DataType(to), saturate=1, name="quantized")
+                scaled = b.op("Div", x, s, name="scaled")
+                out = b.op("QuantizeLinear", scaled, one, output_dtype=ir.DataType(to), name="quantized")
             b.insert_before(model.graph, node)
             ir.convenience.replace_nodes_and_values(model.graph, insertion_point=node, old_nodes=[node], new_nodes=[],
                                                     old_values=node.outputs, new_values=[out])  # fmt: skip

@@ -101,9 +101,7 @@ def mla_attention(b: Builder, node: ir.Node) -> ir.Value:
 
 
 class MlaToAttentionPass(DsPass):
-    def requires(self, model: ir.Model) -> None:
-        if model.opset_imports.get("", 0) < ATTENTION_OPSET:
-            raise ir.passes.PreconditionError(f"Attention needs opset {ATTENTION_OPSET}; run the opset upgrade first")
+    """MLAAttention -> Attention; the graph needs opset 23 afterwards (UpgradeOpsetPass, once inlined)."""
 
     def call(self, model: ir.Model) -> ir.passes.PassResult:
         nodes = [n for n in model.graph if n.domain == DOMAIN and n.op_type == MLA_OP]

@@ -61,9 +61,9 @@ def lower_pipeline(target: Target, dims: dict[str, int] | None = None) -> list[S
         ]
     if target == Target.TRT:
         return [
-            Stage("opset-23", UpgradeOpsetPass(ATTENTION_OPSET)),
             Stage("mla-to-attention", MlaToAttentionPass()),
             Stage("inline-custom", InlineCustomPass()),
+            Stage("opset-23", UpgradeOpsetPass(ATTENTION_OPSET)),
             Stage("constant-qdq-scales", TrtQdqPass()),
             Stage("lift-constants", common.LiftConstantsToInitializersPass(lift_all_constants=False, size_limit=1)),
             *cleanup_stages(),

@@ -66,6 +66,7 @@ def build_engines(
         raise UserError("--target-cc needs TensorRT-RTX; full TensorRT builds for the GPU it runs on")
     with tempfile.TemporaryDirectory(prefix="dsv3c-build-") as scratch:
         folder, how = lowered_folder(Path(export_dir), Path(scratch), options.lowering)
+        log(f"graphs: {how}")
         manifest = read_manifest(folder)
         roles = _roles(manifest, options.roles)
         graphs = {role: load_for_parser(manifest, role) for role in roles}

@@ -24,10 +24,8 @@ def tiny(tmp_path_factory: pytest.TempPathFactory) -> Exported:
 
 
 @pytest.fixture
-def cli(monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> Cli:
+def cli(capsys: pytest.CaptureFixture[str]) -> Cli:
     """Run `dsv3c ARGS` in this process: (exit code, stdout, stderr)."""
-    if "export" not in cli_main.COMMANDS:
-        monkeypatch.setattr(cli_main, "COMMANDS", [*cli_main.COMMANDS, "export"])
 
     def call(*args: str | Path) -> tuple[int, str, str]:
         capsys.readouterr()

@@ -112,14 +112,14 @@ def fp8_engines(tiny_export: Path, tmp_path_factory: pytest.TempPathFactory) -> 
     root = tmp_path_factory.mktemp("trt-fp8")
     assert fp8_export(tiny_export, root / "exp") > 0
     lines: list[str] = []
-    options = BuildOptions(precision="fp8", roles=["decode"], target_cc=["8.9", "12.0"])
+    options = BuildOptions(precision="fp8", roles=["decode"], target_cc=["8.9", "12.0"], lowering="inline")
     build_engines(root / "exp", root / "engines", options, log=lambda line: _log(lines, line))
     return root / "engines", lines
 
 
 def test_fp32_engines_build_with_times_printed(fp32_engines: tuple[Path, list[str]]) -> None:
     folder, lines = fp32_engines
-    assert lines[0].startswith("backend: tensorrt")
+    assert lines[0].startswith("backend: tensorrt") and lines[1].startswith("graphs: ")
     for role in ("prefill", "decode", "mtp"):
         assert (folder / f"{role}.engine").stat().st_size > 1_000_000
         assert any(line.startswith(f"{role}: built in ") for line in lines)
@@ -188,7 +188,9 @@ def test_weight_only_block_fp8_builds(tiny_export: Path, tmp_path: Path) -> None
     from dsv3c.runtime.trt_build import BuildOptions, build_engines
 
     fp8_export(tiny_export, tmp_path / "exp", block=32, static=False)  # tiny's widths are multiples of 32
-    m = build_engines(tmp_path / "exp", tmp_path / "e", BuildOptions(roles=["decode"], target_cc=["8.9"]))
+    m = build_engines(
+        tmp_path / "exp", tmp_path / "e", BuildOptions(roles=["decode"], target_cc=["8.9"], lowering="inline")
+    )
     assert len(m.engines["decode"].layers.fp8_weight_gemms) == 21 and not m.engines["decode"].layers.fp8_gemms
 
 
@@ -197,7 +199,9 @@ def test_block_fp8_weights_with_fp8_activations_fail_clearly(tiny_export: Path, 
 
     fp8_export(tiny_export, tmp_path / "exp", block=32, static=True)
     with pytest.raises(UserError, match=r"first block-scaled dequantization: node \d+ '.*/dq'.*cannot pair"):
-        build_engines(tmp_path / "exp", tmp_path / "e", BuildOptions(roles=["decode"], target_cc=["8.9"]))
+        build_engines(
+            tmp_path / "exp", tmp_path / "e", BuildOptions(roles=["decode"], target_cc=["8.9"], lowering="inline")
+        )
 
 
 def test_partial_fp8_blocks_name_the_node(tiny_export: Path, tmp_path: Path) -> None:
@@ -207,7 +211,7 @@ def test_partial_fp8_blocks_name_the_node(tiny_export: Path, tmp_path: Path) -> 
     with pytest.raises(
         UserError, match=r"TensorRT cannot parse node \d+ 'model\.layers\.0\..*/dq' \(DequantizeLinear\)"
     ):
-        build_engines(tmp_path / "exp", tmp_path / "e", BuildOptions(roles=["decode"]))
+        build_engines(tmp_path / "exp", tmp_path / "e", BuildOptions(roles=["decode"], lowering="inline"))
     assert not (tmp_path / "e").exists()
 
 
@@ -219,7 +223,7 @@ def test_custom_node_without_body_is_named(tiny_export: Path, tmp_path: Path) ->
     del model.functions[:]
     onnx.save(model, str(tmp_path / "exp" / "decode.onnx"))
     with pytest.raises(UserError, match=r"node \d+ 'layers\.0/node_mla_attention' \(dsv3c::MLAAttention\).*plugins"):
-        build_engines(tmp_path / "exp", tmp_path / "e", BuildOptions(roles=["decode"]))
+        build_engines(tmp_path / "exp", tmp_path / "e", BuildOptions(roles=["decode"], lowering="inline"))
 
 
 # ---- the command line: one line, exit 2 -------------------------------------------------------------------
