@@ -12,7 +12,9 @@ TARGETS = ("portable", "ort", "trt", "iree")
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("export_dir", type=Path, metavar="EXPORT_DIR", help="export folder (from 'dsv3c export' or quantize)")
+    p.add_argument(
+        "export_dir", type=Path, metavar="EXPORT_DIR", help="export folder (from 'dsv3c export' or quantize)"
+    )
     p.add_argument("--target", required=True, choices=TARGETS,
                    help="portable: custom nodes inlined; ort: com.microsoft.MoE; trt: opset-23 Attention, static "
                         "Q/DQ; iree: fixed shapes, element-wise Q/DQ")  # fmt: skip

@@ -28,17 +28,16 @@ from dsv3c.export.functions import attach_functions
 from dsv3c.export.manifest import CacheLayout, Manifest, Signature, TensorInfo, WeightsKind, write_manifest
 from dsv3c.export.onnx_ops import register_schemas
 from dsv3c.export.source import Source, config_sha256, sha256_files
-from dsv3c.export.trace import DEFAULT_OPSET, TracedGraph, skeleton, trace_graphs
+from dsv3c.export.trace import DEFAULT_OPSET, TracedGraph, trace_graphs
 from dsv3c.export.weights import (
     WEIGHTS_FILE,
     Layout,
     WeightWriter,
     checkpoint_source,
-    norm_parameter_names,
     plan_layout,
-    random_source,
 )
 from dsv3c.models.checkpoint_layout import BIAS_FP32, parameter_shapes
+from dsv3c.models.checkpoint_save import random_state
 from dsv3c.models.config import DeepseekV3Config
 from dsv3c.runtime.atomic import atomic_folder
 
@@ -166,8 +165,7 @@ def _weight_source(
     if weights == "checkpoint":
         assert source.folder is not None
         return checkpoint_source(source.folder, source.config)
-    norms = norm_parameter_names(skeleton(source.config, TORCH_DTYPES[dtype]))
-    return random_source(source.config, seed, norms)
+    return random_state(source.config, seed)  # init_random's weights, one tensor at a time
 
 
 def _write_weights(path: Path, layout: Layout, tensors: Iterator[tuple[str, torch.Tensor]]) -> None:

@@ -14,7 +14,6 @@ from __future__ import annotations
 import math
 import os
 import re
-import zlib
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -22,10 +21,7 @@ from pathlib import Path
 import onnx
 import torch
 from dsv3c.errors import CheckpointError
-from dsv3c.models.checkpoint_layout import copy_source, parameter_shapes
 from dsv3c.models.config import DeepseekV3Config
-from dsv3c.models.deepseek_v3 import RMSNorm
-from torch import nn
 
 WEIGHTS_FILE = "weights.bin"
 ALIGN = 4096
@@ -137,33 +133,6 @@ class WeightWriter:
 
 
 # ---- sources -----------------------------------------------------------------------------------------
-
-
-def random_source(config: DeepseekV3Config, seed: int, norm_names: set[str]) -> Iterator[tuple[str, torch.Tensor]]:
-    """`init_random(config, seed)`'s weights, regenerated one tensor at a time (same values, bounded memory).
-
-    Matrices and the router bias: N(0, initializer_range) from a generator seeded by (seed, name); norms:
-    ones; Linear biases: zeros; MTP embed / head: copies of the main ones (regenerated from their name).
-    """
-    std = float(config.extra.get("initializer_range", 0.02))
-    shapes = parameter_shapes(config)
-    for name, shape in shapes.items():
-        source = copy_source(name, config) or name
-        yield name, _random_tensor(source, shapes.get(source, shape), seed, std, norm_names)
-
-
-def _random_tensor(name: str, shape: tuple[int, ...], seed: int, std: float, norm_names: set[str]) -> torch.Tensor:
-    if name in norm_names:
-        return torch.ones(shape)
-    if name.endswith(".bias"):
-        return torch.zeros(shape)
-    generator = torch.Generator().manual_seed((seed * 0x9E3779B1 + zlib.crc32(name.encode())) % 2**63)
-    return torch.empty(shape).normal_(0.0, std, generator=generator)
-
-
-def norm_parameter_names(model: nn.Module) -> set[str]:
-    return {f"{m_name}.{p_name}" for m_name, m in model.named_modules() if isinstance(m, RMSNorm)
-            for p_name, _ in m.named_parameters()}  # fmt: skip
 
 
 def checkpoint_source(path: Path, config: DeepseekV3Config) -> Iterator[tuple[str, torch.Tensor]]:

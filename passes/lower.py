@@ -24,6 +24,12 @@ def lower_folder(src: Path, out: Path, target: Target, *, dims: dict[str, int] |
     lowered = [s for s in graphs.manifest.stages if s.get("stage") == "lower"]
     if lowered:
         raise UserError(f"{src} is lowered already (to {lowered[-1].get('target')}); lower the canonical export")
+    symbolic = {str(d) for sig in graphs.manifest.signatures.values() for t in sig.inputs for d in t.shape
+                if not isinstance(d, int)}  # fmt: skip
+    unknown = sorted(set(dims or {}) - symbolic)
+    if unknown:
+        known = ", ".join(sorted(symbolic))
+        raise UserError(f"--shape: no graph has a dimension named {', '.join(unknown)}; the dimensions are {known}")
     if emit_mlir and not graphs.has_weights:
         raise UserError(f"{src} has no weights (--weights none); MLIR embeds the weights, so it needs them")
     stages = lower_pipeline(target, dims)

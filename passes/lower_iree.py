@@ -108,6 +108,8 @@ class BlockedQdqToMulPass(DsPass):
                 if to is None and len(node.inputs) > 2 and node.inputs[2] is not None:
                     assert node.inputs[2].dtype is not None
                     to = node.inputs[2].dtype
+                if to is None:
+                    raise ir.passes.PreconditionError(f"{node.name}: QuantizeLinear without an output type")
                 scaled = b.op("Div", x, s, name="scaled")
                 out = b.op("QuantizeLinear", scaled, one, output_dtype=ir.DataType(to), name="quantized")
             b.insert_before(model.graph, node)

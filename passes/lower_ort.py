@@ -43,7 +43,7 @@ def expert_shape(value: ir.Value) -> tuple[int, int, int]:
     shape = static_dims(value.shape)
     if len(shape) != 3:
         raise ir.passes.PreconditionError(f"expert weights {value.name} have shape {list(shape)}, not [E, out, in]")
-    return shape  # type: ignore[return-value]
+    return shape[0], shape[1], shape[2]
 
 
 def routing(graph: ir.Graph, moe: ir.Node, opset: int) -> ir.Value:

@@ -170,8 +170,8 @@ class TrtQdqPass(DsPass):
             source, block = found
             dims = static_dims(scale.shape)
             rows = dims[-2]
-            name = source.name.removesuffix("_scale_inv") + "_scale_inv_rows"
             assert source.const_value is not None and source.name is not None
+            name = source.name.removesuffix("_scale_inv") + "_scale_inv_rows"
             tensor = _expanded_scales(source.const_value, rows, block, dims)
             value = model.graph.initializers.get(name) or mark_weight(initializer(model.graph, name, tensor))
             node.replace_input_with(1, value)

@@ -38,7 +38,8 @@ def quantized(export_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Pat
     return out
 
 
-def _parity(src: Path, lowered: Path, shape: FeedShape = FeedShape(), tol: float = 1e-4) -> None:
+def _parity(src: Path, lowered: Path, shape: FeedShape | None = None, tol: float = 1e-4) -> None:
+    shape = shape or FeedShape()
     a, b = read_export(src), read_export(lowered)
     assert set(a.models) == set(b.models)
     for role in a.models:
