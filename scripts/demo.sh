@@ -17,3 +17,9 @@ dsv3c generate "$OUT/ckpt" --prompt-ids 1,2,3,4 --max-new-tokens 16
 
 step "3. a batch of two prompts, as JSON"
 dsv3c generate "$OUT/ckpt" --prompt-ids 5,6,7 --prompt-ids 8,9 --max-new-tokens 8 --json
+
+step "4. export: prefill, decode (over the latent cache) and MTP graphs with MLA and MoE custom nodes"
+dsv3c export "$OUT/ckpt" --out "$OUT/export"
+
+step "5. what the export holds"
+dsv3c inspect "$OUT/export"
