@@ -22,7 +22,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--policy", default="", metavar="PATTERNS",
                    help="comma-separated fnmatch patterns on weight names, '+PAT' adds linears to FP8, '-PAT' "
                         "keeps them high precision, applied in order after DeepSeek's default "
-                        "(e.g. '+*.o_proj,-model.layers.0.*')")  # fmt: skip
+                        "(e.g. '+*.o_proj,-model.layers.0.*'); write --policy=-PAT when the list starts "
+                        "with '-'")  # fmt: skip
     p.add_argument("--pow2-scales", action="store_true", help="round activation scales up to powers of two")
     p.add_argument("--calibrate", type=int, default=0, metavar="N",
                    help="static per-tensor activation scales from N random batches (for TensorRT)")  # fmt: skip

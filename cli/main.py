@@ -16,7 +16,7 @@ from typing import NoReturn
 from dsv3c.errors import UserError
 
 # module names under dsv3c.cli; imported lazily so optional backends never slow or break start-up
-COMMANDS = ["init", "generate", "export", "inspect", "diff", "bench"]
+COMMANDS = ["init", "generate", "export", "quantize", "lower", "build", "inspect", "diff", "bench"]
 
 
 def _load(name: str) -> ModuleType:

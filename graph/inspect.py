@@ -4,10 +4,7 @@ A handler names a cheap `detect(path)` test and, as "module:function" strings, t
 the path (returning a dataclass) and the one that renders that dataclass as text (JSON is generic). The
 modules are imported only when their handler is chosen, so an optional backend (TensorRT for engine
 folders) never slows down or breaks the others. To add a kind, put a Handler in HANDLERS before the more
-general ones, e.g. for TensorRT engine folders (issue 6):
-
-    Handler("tensorrt engine folder", lambda p: (p / "engine_manifest.json").is_file(),
-            "dsv3c.runtime.trt_inspect:inspect_engine_dir", "dsv3c.runtime.trt_inspect:render_text"),
+general ones. `options` names the command-line options the inspect function accepts as keywords.
 """
 
 from __future__ import annotations
@@ -28,13 +25,17 @@ class Handler:
     detect: Callable[[Path], bool]
     inspect: str  # "module:function", called with the path, returning a dataclass
     render_text: str  # "module:function", called with that dataclass, returning text
+    options: tuple[str, ...] = ()  # keyword options of `inspect`, e.g. target_cc
 
-    def call(self, which: str, arg: Any) -> Any:
+    def call(self, which: str, arg: Any, **options: Any) -> Any:
         module, _, function = getattr(self, which).partition(":")
-        return getattr(importlib.import_module(module), function)(arg)
+        return getattr(importlib.import_module(module), function)(arg, **options)
 
 
 HANDLERS: list[Handler] = [
+    Handler("tensorrt engine folder", lambda p: p.is_dir() and (p / "engine_manifest.json").is_file(),
+            "dsv3c.runtime.trt_inspect:inspect_engine_folder", "dsv3c.runtime.trt_inspect:render_text",
+            options=("target_cc",)),
     Handler("export folder", lambda p: p.is_dir() and (p / MANIFEST).is_file(),
             "dsv3c.graph.summary:inspect_path", "dsv3c.graph.render_text:render_inspect"),
     Handler("onnx model", lambda p: p.is_file(),

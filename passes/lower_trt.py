@@ -4,19 +4,24 @@ MLAAttention -> Attention (opset 23), which TensorRT's parser recognises; the he
 MatMuls around it:
 
     naive     Q = [q_nope, q_pe]                    K = [ckv W_k^T, k_pe (every head)]   V = ckv W_v^T
-    absorbed  Q = [q_nope W_k, q_pe] (latent)       K = [ckv, kpe] (one kv head)          V = ckv
-              and the output leaves the latent through W_v: o W_v^T
+    absorbed  Q = [q_nope W_k, q_pe] (latent)       K = [ckv, kpe] (one kv head)          V = K
+              and the output keeps its first r columns (= probs @ ckv), then leaves the latent: o W_v^T
+
+TensorRT's Attention wants one head size for Q, K and V (measured with TensorRT-RTX 1.7: "Query, Key,
+Value tensors must have the same head dimension"): hence V = K in the absorbed form, and in the naive
+form V padded with zero columns to the query/key head size and the output cut back.
 
 with the latent cache's visibility rule as a boolean mask [B, 1, S, T] (past slot j visible iff
 j < positions[b, 0]; new token i' visible to i iff positions[b, i'] <= positions[b, i]).
 
-Q/DQ: TensorRT takes constant scales only. A blocked weight DequantizeLinear gets its row-expanded
-scales as an initializer (the expansion subgraph folded); activation quantization must be static
+Q/DQ: TensorRT takes constant scales only, and builds no blocked FP8 GEMM (TrtQdqPass says what the
+weights become instead); activation quantization must be static
 (`dsv3c quantize --calibrate N`): online scales computed in the graph are refused with that advice.
 """
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 import numpy as np
@@ -69,6 +74,13 @@ def mla_mask(b: Builder, ckv: ir.Value, positions: ir.Value) -> ir.Value:
     return unsqueeze(b.op("Concat", past_ok, new_ok, axis=2, name="visible"), 1)  # [B, 1, S, T]
 
 
+def _narrow(b: Builder, x: ir.Value, width: int, name: str) -> ir.Value:
+    """x[..., :width]"""
+    start, end, axes = b.ints(0, name="start"), b.ints(width, name="end"), b.ints(-1, name="axes")
+    out: ir.Value = b.op("Slice", x, start, end, axes, name=name)
+    return out
+
+
 def mla_attention(b: Builder, node: ir.Node) -> ir.Value:
     """The MLA node's computation around one opset-23 Attention; returns [B, S, H * v]."""
     q_nope, q_pe, ckv, kpe, wkv_b, positions = node.inputs
@@ -86,7 +98,8 @@ def mla_attention(b: Builder, node: ir.Node) -> ir.Value:
     if int(a["absorbed"]):
         q = b.op("Concat", b.op("MatMul", qn, w_k, name="q_latent"), qp, axis=3, name="q")  # [B, H, S, r + rope]
         k = b.op("Unsqueeze", b.op("Concat", ckv, kpe, axis=2), b.ints(1, name="axes"), name="k")  # [B, 1, T, r + rope]
-        o = b.op("Attention", q, k, latent, mask, name="attention", **attrs)  # [B, H, S, r]
+        o = b.op("Attention", q, k, k, mask, name="attention", **attrs)  # V = K: [B, H, S, r + rope]
+        o = _narrow(b, o, rank, "out_latent")  # [B, H, S, r]: probs @ K[..., :r] = probs @ ckv
         o = b.op("MatMul", o, b.op("Transpose", w_v, perm=[0, 2, 1]), name="out_heads")  # [B, H, S, v]
     else:
         k_nope = b.op("MatMul", latent, b.op("Transpose", w_k, perm=[0, 2, 1]), name="k_nope")  # [B, H, T, nope]
@@ -94,7 +107,14 @@ def mla_attention(b: Builder, node: ir.Node) -> ir.Value:
         k_pe = b.op("Expand", b.op("Unsqueeze", kpe, b.ints(1, name="axes")), b.ints(1, heads, 1, 1, name="heads"))
         k = b.op("Concat", k_nope, k_pe, axis=3, name="k")  # [B, H, T, nope + rope]
         q = b.op("Concat", qn, qp, axis=3, name="q")  # [B, H, S, nope + rope]
-        o = b.op("Attention", q, k, values, mask, name="attention", **attrs)  # [B, H, S, v]
+        width = nope + int(a["qk_rope_head_dim"])
+        if v_dim < width:  # TensorRT wants one head size for Q, K and V: zero columns, cut afterwards
+            values = b.op("Pad", values, b.ints(0, 0, 0, 0, 0, 0, 0, width - v_dim, name="pads"), name="v_padded")
+        elif v_dim > width:  # zero columns in Q and K leave the scores as they are
+            pads = b.ints(0, 0, 0, 0, 0, 0, 0, v_dim - width, name="pads")
+            q, k = b.op("Pad", q, pads, name="q_padded"), b.op("Pad", k, pads, name="k_padded")
+        o = b.op("Attention", q, k, values, mask, name="attention", **attrs)  # [B, H, S, max(v, nope + rope)]
+        o = _narrow(b, o, v_dim, "out_values") if v_dim < width else o  # [B, H, S, v]
     o = b.op("Transpose", o, perm=[0, 2, 1, 3], name="out_tokens")  # [B, S, H, v]
     out: ir.Value = b.op("Reshape", o, b.ints(0, 0, heads * v_dim, name="flat"), name="out")  # [B, S, H * v]
     return out
@@ -138,16 +158,32 @@ def _expansion_source(value: ir.Value) -> tuple[ir.Value, int] | None:
     return (value, block) if block else None
 
 
-def _expanded_scales(source: ir.TensorProtocol, rows: int, block: int, dims: tuple[int, ...]) -> ir.LazyTensor:
+def _expanded_scales(source: ir.TensorProtocol, block: int, col_repeat: int, dims: tuple[int, ...]) -> ir.LazyTensor:
+    """DeepSeek's scales [(E,) R, C] repeated `block` times over rows and `col_repeat` times over columns,
+    cropped to `dims` [(E,) out, in / sub-block, 1]."""
+
     def compute() -> ir.TensorProtocol:
         s = np.asarray(source.numpy(), dtype=np.float32)
-        return ir.tensor(np.ascontiguousarray(np.repeat(s, block, axis=-2)[..., :rows, :]))
+        s = np.repeat(np.repeat(s, block, axis=-2), col_repeat, axis=-1)
+        return ir.tensor(np.ascontiguousarray(s[..., : dims[-3], : dims[-2], None]))
 
     return ir.LazyTensor(compute, ir.DataType.FLOAT, ir.Shape(dims))
 
 
 class TrtQdqPass(DsPass):
-    """Constant scales everywhere: fold blocked weight-scale expansions into initializers; refuse online scales."""
+    """Q/DQ as TensorRT builds them: constant scales, no blocked weight DequantizeLinear.
+
+    Measured with TensorRT-RTX 1.7: a blocked weight DequantizeLinear with more than one block along
+    the input dim next to a Q/DQ'd activation fails the build (it attempts an FP8 GEMM it has no kernel
+    for), while per-tensor DQ followed by a Mul builds. So a blocked weight DQ becomes
+
+        DequantizeLinear(w, 1.0) -> Reshape [(E,) out, in / b, b] -> Mul(scales [(E,) out, in / b, 1])
+        -> Reshape [(E,) out, in]
+
+    with b = gcd(128, in) (whole blocks for any width; b = 128 for DeepSeek's sizes) and the scales
+    repeated over each block's rows: the same numbers, scales 1/b the size of the weight. Online
+    activation scales are refused: TensorRT needs them static (calibrated).
+    """
 
     def requires(self, model: ir.Model) -> None:
         for node in model.graph:
@@ -158,23 +194,33 @@ class TrtQdqPass(DsPass):
                 )
 
     def call(self, model: ir.Model) -> ir.passes.PassResult:
-        folded = 0
-        for node in model.graph:
+        rewritten = 0
+        for node in list(model.graph):
             if node.op_type != "DequantizeLinear" or "block_size" not in node.attributes or _constant(node.inputs[1]):
                 continue
-            scale = node.inputs[1]
-            assert scale is not None
-            found = _expansion_source(scale)
+            found = _expansion_source(node.inputs[1])  # type: ignore[arg-type]
             if found is None or found[0].const_value is None or found[0].name is None:
                 continue
-            source, block = found
-            dims = static_dims(scale.shape)
-            rows = dims[-2]
-            assert source.const_value is not None and source.name is not None
-            name = source.name.removesuffix("_scale_inv") + "_scale_inv_rows"
-            tensor = _expanded_scales(source.const_value, rows, block, dims)
-            value = model.graph.initializers.get(name) or mark_weight(initializer(model.graph, name, tensor))
-            node.replace_input_with(1, value)
-            folded += 1
-        self.changes = {"folded_scale_expansions": folded}
-        return ir.passes.PassResult(model, bool(folded))
+            self._rewrite(model.graph, node, *found)
+            rewritten += 1
+        self.changes = {"blocked_weight_dq_to_mul": rewritten}
+        return ir.passes.PassResult(model, bool(rewritten))
+
+    def _rewrite(self, graph: ir.Graph, node: ir.Node, source: ir.Value, rows_per_block: int) -> None:
+        w = node.inputs[0]
+        assert w is not None and source.const_value is not None and source.name is not None
+        *lead, width = static_dims(w.shape)
+        size = node.attributes["block_size"].as_int()
+        sub = math.gcd(size, width)
+        dims = (*lead, width // sub, 1)
+        name = source.name.removesuffix("_scale_inv") + f"_scale_inv_trt{sub}"
+        tensor = _expanded_scales(source.const_value, rows_per_block, size // sub, dims)
+        scales = graph.initializers.get(name) or mark_weight(initializer(graph, name, tensor))
+        b = Builder(node.name or "dequantize")
+        values = b.op("DequantizeLinear", w, b.const(np.float32(1.0), name="one"), name="to_float")
+        blocks = b.op("Reshape", values, b.ints(*lead, width // sub, sub, name="blocks"), name="blocks")
+        scaled = b.op("Mul", blocks, scales, name="scaled")
+        out = b.op("Reshape", scaled, b.ints(*lead, width, name="rows"), name="dequantized")
+        b.insert_before(graph, node)
+        ir.convenience.replace_nodes_and_values(graph, insertion_point=node, old_nodes=[node], new_nodes=[],
+                                                old_values=node.outputs, new_values=[out])  # fmt: skip

@@ -18,6 +18,7 @@ from dsv3c.passes.lower_ort import LowerMoEToOrtPass
 from dsv3c.passes.lower_trt import ATTENTION_OPSET, MlaToAttentionPass, TrtQdqPass, UpgradeOpsetPass
 from dsv3c.passes.pipeline import Stage
 from dsv3c.passes.policy import Policy
+from dsv3c.passes.rope import RopeToRotaryEmbeddingPass
 
 
 @dataclass(frozen=True)
@@ -64,6 +65,7 @@ def lower_pipeline(target: Target, dims: dict[str, int] | None = None) -> list[S
             Stage("mla-to-attention", MlaToAttentionPass()),
             Stage("inline-custom", InlineCustomPass()),
             Stage("opset-23", UpgradeOpsetPass(ATTENTION_OPSET)),
+            Stage("rope-to-rotary-embedding", RopeToRotaryEmbeddingPass()),
             Stage("constant-qdq-scales", TrtQdqPass()),
             Stage("lift-constants", common.LiftConstantsToInitializersPass(lift_all_constants=False, size_limit=1)),
             *cleanup_stages(),

@@ -3,8 +3,7 @@
     report = inspect_engine_folder(Path("engines"), target_cc=["8.9"])
     print(render_text(report))        # or render_json(report)
 
-`dsv3c inspect` dispatches here for folders with engine_manifest.json (graph/inspect.py's handler list);
-`inspect_engine_dir` is the same function under the name that list expects.
+`dsv3c inspect` dispatches here for folders with engine_manifest.json (graph/inspect.py's handler list).
 """
 
 from __future__ import annotations
@@ -65,7 +64,6 @@ def inspect_engine_folder(folder: Path, target_cc: list[str] | None = None) -> E
     return report
 
 
-inspect_engine_dir = inspect_engine_folder  # the name graph/inspect.py's handler comment uses
 
 
 def _engine(folder: Path, role: str, record: EngineRecord) -> EngineReport:

@@ -4,16 +4,16 @@
     graph = load_for_parser(read_manifest(folder), "decode")
     parser.parse(graph.model_bytes, str(graph.path))       # external data resolves beside graph.path
 
-Until the passes issue's `trt` lowering exists, preparation is minimal: the custom nodes' model-local
-functions (their reference bodies) are inlined, so no plugin lookup can happen (TensorRT-RTX aborts the
-process on a node that maps to a registered Python plugin, FACTS.md), and inlined nodes are named after
-their call site (`layers.0/node_mla_attention/Softmax_58`) so that errors can name them. Weights stay in
-weights.bin: the graph is serialized without them and the parser reads them from the folder.
+The passes issue's `trt` lowering (MLA through opset-23 Attention, RoPE through RotaryEmbedding, constant
+Q/DQ scales) runs first when dsv3c has it (`lowered_folder`, the one switch). Whatever remains is prepared
+minimally: model-local functions (the reference bodies) are inlined, so no plugin lookup can happen
+(TensorRT-RTX aborts the process on a node that maps to a registered Python plugin, FACTS.md), and inlined
+nodes are named after their call site (`layers.0/node_moe/TopK_15`) so that errors can name them. Weights
+stay in weights.bin: the graph is serialized without them and the parser reads them from the folder.
 """
 
 from __future__ import annotations
 
-import argparse
 import re
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -57,44 +57,35 @@ Lowering = Literal["auto", "passes", "inline"]
 def lowered_folder(folder: Path, scratch: Path, lowering: Lowering = "auto") -> tuple[Path, str]:
     """The export folder to parse and how it was prepared.
 
-    auto: `dsv3c lower --target trt` when dsv3c has it (cli/cmd_lower.py and a passes/*trt* module), else
-    inline; passes: that lowering or a UserError; inline: only the minimal preparation of load_for_parser.
+    auto: the passes issue's `trt` lowering (dsv3c.passes.lower) when this dsv3c has it, else inline;
+    passes: that lowering or a UserError; inline: only the minimal preparation of load_for_parser.
     """
     manifest = read_manifest(folder)
-    if any(s.get("target") == "trt" or "trt" in str(s.get("stage", "")) for s in manifest.stages):
+    lowered = [s.get("target") for s in manifest.stages if s.get("stage") == "lower"]
+    if lowered and lowered[-1] != "trt":
+        raise UserError(f"{folder} is lowered for {lowered[-1]}; build the canonical export or its trt lowering")
+    if lowered:
         return folder, "lowered for trt before the build"
     lower = _passes_lowering() if lowering != "inline" else None
     if lower is None:
         if lowering == "passes":
-            raise UserError("--lowering passes: this dsv3c has no `dsv3c lower --target trt` yet; use auto or inline")
+            raise UserError("--lowering passes: this dsv3c has no trt lowering (dsv3c.passes.lower) yet")
         return folder, "inline: local functions inlined" + ("" if lowering == "inline" else " (no trt lowering yet)")
     out = scratch / "lowered-trt"
     lower(folder, out)
     return out, "dsv3c lower --target trt"
 
 
-def _passes_lowering() -> Callable[[Path, Path], None] | None:
-    import importlib.util
-
-    import dsv3c.passes
-
-    if importlib.util.find_spec("dsv3c.cli.cmd_lower") is None:
+def _passes_lowering() -> Callable[[Path, Path], object] | None:
+    """dsv3c.passes' trt lowering (`dsv3c lower --target trt`), or None while it does not exist."""
+    try:
+        from dsv3c.passes.lower import lower_folder
+        from dsv3c.passes.pipelines import Target
+    except ImportError:
         return None
-    if not any(Path(dsv3c.passes.__file__).parent.glob("*trt*.py")):
+    if "TRT" not in Target.__members__:
         return None
-    from dsv3c.cli import cmd_lower
-
-    def lower(src: Path, dst: Path) -> None:
-        parser = argparse.ArgumentParser(prog="dsv3c lower")
-        cmd_lower.add_arguments(parser)
-        try:
-            args = parser.parse_args([str(src), "--target", "trt", "--out", str(dst)])
-        except SystemExit:
-            raise UserError("`dsv3c lower` does not take --target trt yet; build with --lowering inline") from None
-        if cmd_lower.run(args) != 0:
-            raise UserError(f"{src}: `dsv3c lower --target trt` failed")
-
-    return lower
+    return lambda src, dst: lower_folder(src, dst, Target.TRT)
 
 
 # ---- one graph -----------------------------------------------------------------------------------------

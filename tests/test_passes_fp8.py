@@ -184,12 +184,7 @@ def test_policy_patterns(export_dir: Path, tmp_path: Path, capsys: pytest.Captur
 
 
 def _cli(argv: list[str]) -> int:
-    old = list(cli.COMMANDS)
-    cli.COMMANDS[:] = list(dict.fromkeys([*old, "quantize"]))  # until cli/main.py lists it
-    try:
-        return cli.main(argv)
-    finally:
-        cli.COMMANDS[:] = old
+    return cli.main(argv)
 
 
 def test_block_error_well_below_per_tensor_with_outlier_channels(export_dir: Path, tmp_path: Path) -> None:
