@@ -17,8 +17,9 @@ import ml_dtypes
 import numpy as np
 import onnx_ir as ir
 import torch
-from dsv3c.models.fp8 import FP8_DTYPE, FP8_MAX, Block, quantize_block_fp8
+from dsv3c.models.fp8 import DEFAULT_BLOCK, FP8_DTYPE, FP8_MAX, Block, quantize_block_fp8
 from dsv3c.passes.builder import static_dims
+from dsv3c.passes.fp8_source import CheckpointFp8, as_numpy, matches
 
 AMAX_FLOOR = 1e-4  # DeepGEMM's clamp: an all-zero tile gets a finite scale
 TILE = 128
@@ -94,16 +95,42 @@ def fp8_to_numpy(q: torch.Tensor) -> np.ndarray:
 
 class WeightQuantizer:
     """Lazy fp8 tensors for a weight: the fp8 bytes and the scales come from one quantization, computed
-    when the writer asks for them (a small cache holds the last few, so the pair is computed once)."""
+    when the writer asks for them (a small cache holds the last few, so the pair is computed once).
 
-    def __init__(self, scheme: WeightScheme, block: Block, cache_size: int = 4) -> None:
+    With `original` (the export's FP8 source checkpoint), a weight whose exported values are that
+    checkpoint's dequantized weight takes the checkpoint's bytes and scales as they are.
+    """
+
+    def __init__(self, scheme: WeightScheme, block: Block, original: CheckpointFp8 | None = None,
+                 cache_size: int = 4) -> None:  # fmt: skip
         self.scheme, self.block, self.cache_size = scheme, block, cache_size
+        self.original = original if scheme == WeightScheme.BLOCK and block == DEFAULT_BLOCK else None
+        self.from_checkpoint: list[str] = []
+        self.requantized: list[str] = []
         self._cache: OrderedDict[str, tuple[np.ndarray, np.ndarray]] = OrderedDict()
+
+    def _from_checkpoint(
+        self, name: str, source: ir.TensorProtocol, w: torch.Tensor
+    ) -> tuple[np.ndarray, np.ndarray] | None:
+        if self.original is None:
+            return None
+        shape = static_dims(source.shape)
+        found = self.original.get(name, shape[0] if len(shape) == 3 else None)
+        if found is None or not matches(*found, w):
+            return None
+        return as_numpy(found[0]), found[1].numpy()
 
     def _quantized(self, name: str, source: ir.TensorProtocol) -> tuple[np.ndarray, np.ndarray]:
         if name not in self._cache:
-            q, s = quantize_weight(to_torch(source), self.scheme, self.block)
-            self._cache[name] = (fp8_to_numpy(q), s.float().numpy())
+            w = to_torch(source)
+            original = self._from_checkpoint(name, source, w)
+            if original is not None:
+                self._cache[name] = original
+                self.from_checkpoint.append(name)
+            else:
+                q, s = quantize_weight(w, self.scheme, self.block)
+                self._cache[name] = (fp8_to_numpy(q), s.float().numpy())
+                self.requantized.append(name)
             while len(self._cache) > self.cache_size:
                 self._cache.popitem(last=False)
         self._cache.move_to_end(name)

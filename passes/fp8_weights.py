@@ -23,6 +23,7 @@ from dsv3c.models.fp8 import DEFAULT_BLOCK, Block
 from dsv3c.passes.builder import Builder, first_user, initializer, static_dims
 from dsv3c.passes.export_io import mark_weight
 from dsv3c.passes.fp8_math import WeightQuantizer, WeightScheme
+from dsv3c.passes.fp8_source import CheckpointFp8
 from dsv3c.passes.linears import Linear, find_linears
 from dsv3c.passes.pipeline import DsPass
 from dsv3c.passes.policy import Policy
@@ -39,10 +40,11 @@ def _require_opset(model: ir.Model, what: str) -> None:
 
 
 class Fp8WeightsPass(DsPass):
-    def __init__(self, policy: Policy, scheme: WeightScheme = WeightScheme.BLOCK, block: Block = DEFAULT_BLOCK) -> None:
+    def __init__(self, policy: Policy, scheme: WeightScheme = WeightScheme.BLOCK, block: Block = DEFAULT_BLOCK,
+                 original: CheckpointFp8 | None = None) -> None:  # fmt: skip
         super().__init__()
         self.policy, self.scheme, self.block = policy, scheme, block
-        self.quantizer = WeightQuantizer(scheme, block)
+        self.quantizer = WeightQuantizer(scheme, block, original)
 
     def requires(self, model: ir.Model) -> None:
         _require_opset(model, "fp8 weights")

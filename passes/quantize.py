@@ -4,12 +4,15 @@ from __future__ import annotations
 
 import dataclasses
 from pathlib import Path
+from typing import Any
 
 from dsv3c.errors import UserError
 from dsv3c.export.manifest import Manifest
 from dsv3c.passes.calibrate import calibrate as run_calibration
 from dsv3c.passes.export_io import ExportGraphs, read_export, write_export
-from dsv3c.passes.fp8_math import ActScheme
+from dsv3c.passes.fp8_math import ActScheme, WeightScheme
+from dsv3c.passes.fp8_source import CheckpointFp8
+from dsv3c.passes.fp8_weights import Fp8WeightsPass
 from dsv3c.passes.linears import LinearKind, find_linears
 from dsv3c.passes.pipeline import run_pipeline
 from dsv3c.passes.pipelines import QuantizeOptions, quantize_pipeline
@@ -41,14 +44,26 @@ def quantize_folder(src: Path, out: Path, options: QuantizeOptions, *, calibrate
         stage_extra = {"calibration": {"batches": calibrate, "seed": seed, "amax": amax}}
     elif options.activations == ActScheme.STATIC and not options.static_amax:
         raise UserError("static activation scales need --calibrate N")
-    stages = quantize_pipeline(options)
+    original, fp8_source = None, "quantized from the export's weights"
+    if options.weights == WeightScheme.BLOCK and graphs.has_weights:
+        original, reason = CheckpointFp8.for_export(graphs.manifest)
+        fp8_source = reason if original is not None else f"{fp8_source} ({reason})"
+    stages = quantize_pipeline(options, original)
     records = run_pipeline(graphs, stages, dump_dir)
+    quantizer = next(s.pass_.quantizer for s in stages if isinstance(s.pass_, Fp8WeightsPass))
     stage = {
         "stage": "quantize",
         "pipeline": [s.name for s in stages],
         "options": options.to_dict(),
         **stage_extra,
         "fp8_linears": sorted(selected),
+        "fp8_source": fp8_source,
         "changes": {r.name: r.changes for r in records if r.changes},
     }
-    return write_export(graphs, out, stage, force=force)
+
+    def provenance(_: Path) -> dict[str, Any]:  # after the weights are written: which came from where
+        if original is None:
+            return {}
+        return {"fp8_from_checkpoint": len(quantizer.from_checkpoint), "fp8_requantized": sorted(quantizer.requantized)}
+
+    return write_export(graphs, out, stage, force=force, finish=provenance)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -10,7 +11,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 from dsv3c.cli import main as cli
-from dsv3c.export.manifest import read_manifest
+from dsv3c.export.manifest import read_manifest, write_manifest
 from dsv3c.models.fp8 import dequantize_block_fp8
 from dsv3c.passes.export_io import read_export
 from dsv3c.passes.fp8_math import ActScheme, WeightScheme, fake_quant_activation, quantize_weight
@@ -138,27 +139,58 @@ def test_numbers_match_pytorch_reference(off_grid: Path, quantized: Path) -> Non
         assert relative_error(got["new_ckv.1"], ref.new_cache[1].ckv.numpy()) < 1e-3, role
 
 
-def test_fp8_checkpoint_survives_bit_for_bit(export_dir: Path, tmp_path: Path) -> None:
-    out = quantize_folder(export_dir, tmp_path / "q", QuantizeOptions()).folder
-    checkpoint = load_file(export_dir.parent / "ckpt-fp8" / "model.safetensors")
+def _differing_from_checkpoint(out: Path, checkpoint: dict[str, torch.Tensor]) -> list[str]:
+    """The fp8 weights (prefill graph) whose bytes or scales differ from the FP8 checkpoint's."""
     model = ir.load(out / "prefill.onnx")
-    checked = 0
+    differ, checked = [], 0
     for name, value in model.graph.initializers.items():
         if value.dtype != FP8:
             continue
         scale = model.graph.initializers[name + "_scale_inv"].const_value.numpy()
+        keys = [name]
         if ".experts." in name:
             prefix, proj = name.split(".experts.")
-            ref = torch.stack([checkpoint[f"{prefix}.experts.{e}.{proj}"] for e in range(value.shape[0])])
-            ref_scale = torch.stack(
-                [checkpoint[f"{prefix}.experts.{e}.{proj}_scale_inv"] for e in range(value.shape[0])]
-            )
-        else:
-            ref, ref_scale = checkpoint[name], checkpoint[name + "_scale_inv"]
-        assert value.const_value.tobytes() == ref.view(torch.uint8).numpy().tobytes(), name
-        assert np.array_equal(scale, ref_scale.float().numpy()), name
+            keys = [f"{prefix}.experts.{e}.{proj}" for e in range(value.shape[0])]
+        ref = torch.stack([checkpoint[k] for k in keys]).reshape(tuple(value.shape.dims))
+        ref_scale = torch.stack([checkpoint[k + "_scale_inv"] for k in keys]).reshape(scale.shape)
+        same = value.const_value.tobytes() == ref.view(torch.uint8).numpy().tobytes()
+        if not (same and np.array_equal(scale, ref_scale.float().numpy())):
+            differ.append(name)
         checked += 1
     assert checked == 19
+    return differ
+
+
+def test_fp8_checkpoint_survives_bit_for_bit(export_dir: Path, tmp_path: Path) -> None:
+    checkpoint = load_file(export_dir.parent / "ckpt-fp8" / "model.safetensors")
+    out = quantize_folder(export_dir, tmp_path / "q", QuantizeOptions()).folder
+    assert out is not None and _differing_from_checkpoint(out, checkpoint) == []
+    stage = read_manifest(out).stages[-1]
+    assert stage["fp8_source"].startswith("fp8 bytes from") and stage["fp8_requantized"] == []
+    # a float32 export holds the dequantized weights: even without the checkpoint, re-quantizing them
+    # gives its bytes back (models/fp8.py recognises the grid)
+    alone = _without_source(shutil.copytree(export_dir, tmp_path / "alone"), tmp_path)
+    out = quantize_folder(alone, tmp_path / "q-alone", QuantizeOptions()).folder
+    assert out is not None and _differing_from_checkpoint(out, checkpoint) == []
+    assert "not found" in read_manifest(out).stages[-1]["fp8_source"]
+    # a bfloat16 export has lost the low bits: the bytes come from the checkpoint, when it is there
+    bf16 = edit_weights(export_dir, tmp_path / "bf16", lambda _, w: _to_bf16(w) if w.ndim >= 2 else None)
+    out = quantize_folder(bf16, tmp_path / "q16", QuantizeOptions()).folder
+    assert out is not None and _differing_from_checkpoint(out, checkpoint) == []
+    out = quantize_folder(_without_source(bf16, tmp_path), tmp_path / "q16-requantized", QuantizeOptions()).folder
+    assert out is not None and len(_differing_from_checkpoint(out, checkpoint)) > 10
+
+
+def _without_source(folder: Path, tmp_path: Path) -> Path:
+    """The export folder with its source checkpoint 'moved away' (the manifest points elsewhere)."""
+    manifest = read_manifest(folder)
+    manifest.stages[0]["source"] = str(tmp_path / "moved-away")
+    write_manifest(manifest, folder)
+    return folder
+
+
+def _to_bf16(w: np.ndarray) -> np.ndarray:
+    return torch.from_numpy(w).to(torch.bfloat16).float().numpy()
 
 
 def test_weightless_folder_quantizes_structurally(export_dir: Path, tmp_path: Path) -> None:
