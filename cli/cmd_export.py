@@ -4,12 +4,18 @@ from __future__ import annotations
 
 import argparse
 import signal
+import tempfile
 import time
 from pathlib import Path
 from types import FrameType
+from typing import TYPE_CHECKING
 
 from dsv3c.errors import UserError
 from dsv3c.models.config import preset_names
+
+if TYPE_CHECKING:
+    from dsv3c.export.manifest import WeightsKind
+    from dsv3c.export.source import Source
 
 NAME = "export"
 HELP = "export a checkpoint (or a config / preset) to ONNX graphs with MLA and MoE custom ops"
@@ -31,6 +37,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--dtype", choices=("fp32", "bf16"), default="fp32", help="weight and activation dtype")
     p.add_argument("--seed", type=int, default=0, help="seed of --weights random (same seed, same bytes)")
     p.add_argument("--opset", type=int, default=21, help="ONNX opset, 21 to 23 (default 21)")
+    p.add_argument("--format", choices=("onnx", "mlir"), default="onnx",
+                   help="mlir: the iree lowering, then {role}.mlir through IREE's ONNX importer")  # fmt: skip
     p.add_argument("--force", action="store_true", help="replace OUT if it exists")
 
 
@@ -38,9 +46,24 @@ def _interrupted(signum: int, frame: FrameType | None) -> None:
     raise KeyboardInterrupt  # so the temporary folder is removed, as on Ctrl-C
 
 
+def _export_mlir(source: Source, args: argparse.Namespace, weights: WeightsKind) -> None:
+    """The canonical export into a temporary folder, then the same pipeline as `dsv3c lower --target iree
+    --emit mlir` into OUT: one path to MLIR, not two."""
+    from dsv3c.export.exporter import export
+    from dsv3c.passes.lower import lower_folder
+    from dsv3c.passes.pipelines import Target
+
+    parent = args.out.resolve().parent
+    if not parent.is_dir():
+        raise UserError(f"{args.out}: parent folder {parent} does not exist")
+    with tempfile.TemporaryDirectory(prefix=f".{args.out.name}.", dir=parent) as tmp:
+        canonical = Path(tmp) / "canonical"
+        export(source, canonical, weights=weights, dtype=args.dtype, seed=args.seed, opset=args.opset)
+        lower_folder(canonical, args.out, Target.IREE, emit_mlir=True, force=args.force)
+
+
 def run(args: argparse.Namespace) -> int:
     from dsv3c.export.exporter import export
-    from dsv3c.export.manifest import WeightsKind
     from dsv3c.export.source import from_folder, from_preset
 
     if (args.checkpoint is None) == (args.preset is None):
@@ -54,11 +77,14 @@ def run(args: argparse.Namespace) -> int:
     start = time.perf_counter()
     previous = signal.signal(signal.SIGTERM, _interrupted)
     try:
-        manifest = export(source, args.out, weights=weights, dtype=args.dtype, seed=args.seed, opset=args.opset,
-                          force=args.force)  # fmt: skip
+        if args.format == "mlir":
+            _export_mlir(source, args, weights)
+        else:
+            export(source, args.out, weights=weights, dtype=args.dtype, seed=args.seed,
+                              opset=args.opset, force=args.force)  # fmt: skip
     finally:
         signal.signal(signal.SIGTERM, previous)
-    graphs = ", ".join(f for f in manifest.graphs.values() if f)
+    graphs = ", ".join(sorted(p.name for p in args.out.iterdir() if p.suffix in (".onnx", ".mlir")))
     size = sum(f.stat().st_size for f in args.out.iterdir())
     print(
         f"wrote {args.out}: {graphs}, weights {weights} ({size / 2**20:.1f} MiB) in {time.perf_counter() - start:.1f} s"

@@ -186,6 +186,7 @@ def _manifest(
     stage = {
         "stage": "export",
         "source": source.name,
+        **({"source_path": str(source.folder.resolve())} if source.folder is not None else {}),
         "source_kind": source.kind,
         "source_files": [f.name for f in files],
         "source_sha256": sha256_files(files, source.folder) if files else config_sha256(config),

@@ -34,7 +34,7 @@ _FLOAT = TensorProto.FLOAT
 _INT64 = TensorProto.INT64
 
 
-class _Body:
+class Body:
     """Collects nodes of one function body with deterministic value names."""
 
     def __init__(self) -> None:
@@ -71,7 +71,7 @@ class _Body:
 # ---- MLAAttention ------------------------------------------------------------------------------------
 
 
-def _mla_mask(b: _Body, ckv: str, positions: str) -> str:
+def _mla_mask(b: Body, ckv: str, positions: str) -> str:
     """[B, 1, S, T] bool: past slot j visible iff j < positions[b, 0]; new i' iff pos[i'] <= pos[i]."""
     total, seq, batch = b.shape(ckv, 1, 2), b.shape(positions, 1, 2), b.shape(positions, 0, 1)
     past = b.op("Sub", total, seq)  # [1]
@@ -86,7 +86,7 @@ def _mla_mask(b: _Body, ckv: str, positions: str) -> str:
 
 def mla_function(absorbed: bool, opset: int, overload: str = "") -> onnx.FunctionProto:
     """Inputs q_nope, q_pe, ckv, kpe, wkv_b, positions -> output [B, S, H * v] (model.mla_naive/absorbed)."""
-    b = _Body()
+    b = Body()
     heads, nope, rank = b.shape("q_nope", 2, 3), b.shape("q_nope", 3, 4), b.shape("ckv", 2, 3)
     w = b.op("Reshape", "wkv_b", b.op("Concat", heads, b.ints(-1), rank, axis=0))  # [H, nope + v, r]
     v_dim = b.op("Sub", b.shape(w, 1, 2), nope)
@@ -136,7 +136,7 @@ class MoEVariant:
         return "_".join(str(int(v)) if isinstance(v, bool) else v for v in astuple(self))
 
 
-def _moe_routing(b: _Body, v: MoEVariant) -> str:
+def moe_routing(b: Body, v: MoEVariant) -> str:
     """The dense routing matrix [N, E] float: scaled weights at the top-k experts, 0 elsewhere."""
     logits = b.op("MatMul", b.op("Cast", "x", to=_FLOAT), b.t(b.op("Cast", "router", to=_FLOAT), 1, 0))  # [N, E]
     scores = b.op("Sigmoid", logits) if v.scoring_func == "sigmoid" else b.op("Softmax", logits, axis=-1)
@@ -167,8 +167,8 @@ def _moe_routing(b: _Body, v: MoEVariant) -> str:
 def moe_function(v: MoEVariant, opset: int, overload: str = "") -> onnx.FunctionProto:
     """Inputs x, router, bias, gate, up, down -> output [N, D]. Every expert runs densely; the routing
     matrix zeroes the unselected ones (correct for any E; fast kernels come from later lowerings)."""
-    b = _Body()
-    routing = _moe_routing(b, v)
+    b = Body()
+    routing = moe_routing(b, v)
     h = b.op("Unsqueeze", "x", b.ints(0))  # [1, N, D]
     g = b.op("MatMul", h, b.t("gate", 0, 2, 1))  # [E, N, ff]
     u = b.op("MatMul", h, b.t("up", 0, 2, 1))
@@ -191,9 +191,7 @@ def _str(value: Any) -> str:
     return value.decode() if isinstance(value, bytes) else str(value)
 
 
-def _function(
-    name: str, inputs: list[str], b: _Body, attrs: list[str], opset: int, overload: str
-) -> onnx.FunctionProto:
+def _function(name: str, inputs: list[str], b: Body, attrs: list[str], opset: int, overload: str) -> onnx.FunctionProto:
     return helper.make_function(
         DOMAIN, name, inputs, ["output"], b.nodes, [helper.make_opsetid("", opset)],
         attributes=attrs, overload=overload or None,

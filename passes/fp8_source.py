@@ -38,7 +38,7 @@ class CheckpointFp8:
         stage = manifest.stages[0] if manifest.stages else {}
         if stage.get("source_kind") != "checkpoint":
             return None, "the export was not made from a checkpoint"
-        source = Path(str(stage.get("source", "")))
+        source = Path(str(stage.get("source_path") or stage.get("source", "")))  # older exports: as given
         candidates = [source] if source.is_absolute() else [Path.cwd() / source]
         if manifest.folder is not None and not source.is_absolute():
             candidates.append(manifest.folder.resolve().parent / source)

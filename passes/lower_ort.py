@@ -16,7 +16,7 @@ activation_alpha=1, activation_beta=0 are what the CPU kernel implements.
 from __future__ import annotations
 
 import onnx_ir as ir
-from dsv3c.export.functions import MOE_ATTRS, _Body, _moe_routing, moe_variant
+from dsv3c.export.functions import MOE_ATTRS, Body, moe_routing, moe_variant
 from dsv3c.export.onnx_ops import DOMAIN, MOE_OP
 from dsv3c.passes.builder import Builder, static_dims
 from dsv3c.passes.inline import inline_call
@@ -31,8 +31,8 @@ ROUTING_OP = "MoERouting"
 def routing_function(node: ir.Node, opset: int) -> ir.Function:
     """The canonical MoE body's routing for `node`'s variant, as a function x, router, bias -> R [N, E]."""
     variant = moe_variant(ir.serde.serialize_node(node))
-    b = _Body()
-    _moe_routing(b, variant)
+    b = Body()
+    moe_routing(b, variant)
     b.nodes[-1].output[0] = "output"
     proto = helper.make_function(DOMAIN, ROUTING_OP, ["x", "router", "bias"], ["output"], b.nodes,
                                  [helper.make_opsetid("", opset)], attributes=MOE_ATTRS)  # fmt: skip
