@@ -14,7 +14,7 @@ from dsv3c.errors import UserError
 from dsv3c.models.config import preset_names
 
 if TYPE_CHECKING:
-    from dsv3c.export.manifest import WeightsKind
+    from dsv3c.export.manifest import Manifest, WeightsKind
     from dsv3c.export.source import Source
 
 NAME = "export"
@@ -46,7 +46,7 @@ def _interrupted(signum: int, frame: FrameType | None) -> None:
     raise KeyboardInterrupt  # so the temporary folder is removed, as on Ctrl-C
 
 
-def _export_mlir(source: Source, args: argparse.Namespace, weights: WeightsKind) -> None:
+def _export_mlir(source: Source, args: argparse.Namespace, weights: WeightsKind) -> Manifest:
     """The canonical export into a temporary folder, then the same pipeline as `dsv3c lower --target iree
     --emit mlir` into OUT: one path to MLIR, not two."""
     from dsv3c.export.exporter import export
@@ -59,7 +59,7 @@ def _export_mlir(source: Source, args: argparse.Namespace, weights: WeightsKind)
     with tempfile.TemporaryDirectory(prefix=f".{args.out.name}.", dir=parent) as tmp:
         canonical = Path(tmp) / "canonical"
         export(source, canonical, weights=weights, dtype=args.dtype, seed=args.seed, opset=args.opset)
-        lower_folder(canonical, args.out, Target.IREE, emit_mlir=True, force=args.force)
+        return lower_folder(canonical, args.out, Target.IREE, emit_mlir=True, force=args.force)
 
 
 def run(args: argparse.Namespace) -> int:
@@ -78,13 +78,14 @@ def run(args: argparse.Namespace) -> int:
     previous = signal.signal(signal.SIGTERM, _interrupted)
     try:
         if args.format == "mlir":
-            _export_mlir(source, args, weights)
+            manifest = _export_mlir(source, args, weights)
         else:
-            export(source, args.out, weights=weights, dtype=args.dtype, seed=args.seed,
+            manifest = export(source, args.out, weights=weights, dtype=args.dtype, seed=args.seed,
                               opset=args.opset, force=args.force)  # fmt: skip
     finally:
         signal.signal(signal.SIGTERM, previous)
-    graphs = ", ".join(sorted(p.name for p in args.out.iterdir() if p.suffix in (".onnx", ".mlir")))
+    mlir = [f"{role}.mlir" for role in manifest.graphs if (args.out / f"{role}.mlir").is_file()]
+    graphs = ", ".join([f for f in manifest.graphs.values() if f] + mlir)
     size = sum(f.stat().st_size for f in args.out.iterdir())
     print(
         f"wrote {args.out}: {graphs}, weights {weights} ({size / 2**20:.1f} MiB) in {time.perf_counter() - start:.1f} s"

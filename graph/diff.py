@@ -13,8 +13,7 @@ from pathlib import Path
 import onnx
 from dsv3c.errors import UserError
 from dsv3c.graph.diff_types import Change, DiffReport, EntryKind, GraphDiff, InitializerChange, NodeChange
-from dsv3c.graph.index import GraphIndex, attribute_text, layer_of_name
-from dsv3c.graph.linears import find_linears
+from dsv3c.graph.index import GraphIndex, attribute_text, constant_key, layer_of_name
 from dsv3c.graph.load import LoadedGraph, dtype_name, graph_paths, load_graph
 from dsv3c.graph.match import Matching, match_initializers, match_nodes
 from dsv3c.graph.rewrites import Claims, group_rewrites
@@ -23,17 +22,27 @@ from dsv3c.graph.summary import function_label
 
 
 class _Sources:
-    """Where each input of a node comes from, in A's terms, so that renamed tensors compare equal."""
+    """Where each input of a node comes from, in A's terms, so that renamed tensors compare equal.
 
-    def __init__(self, a: GraphIndex, b: GraphIndex, m: Matching, inits: dict[str, str]) -> None:
-        self.a, self.b, self.m = a, b, m
+    A Constant is its value; a duplicate that the cleanup merged is the node it was merged into; what a
+    lowered node produced, and what replaced it in B, is that lowered node.
+    """
+
+    def __init__(self, a: GraphIndex, b: GraphIndex, m: Matching, inits: dict[str, str], claims: Claims) -> None:
+        self.a, self.b, self.m, self.claims = a, b, m, claims
         self.inits_back = {y: x for x, y in inits.items()}
 
     def of_a(self, name: str) -> Hashable:
         if not name:
             return ""
         if name in self.a.producer:
-            return ("n", *self.a.producer[name])
+            p, k = self.a.producer[name]
+            value = constant_key(self.a.nodes[p])
+            if value is not None:
+                return value
+            if p in self.claims.lowered_a:
+                return ("lowered", self.claims.lowered_a[p])
+            return ("n", self.claims.merged_a.get(p, p), k)
         return ("i", name) if name in self.a.initializers else ("g", name)
 
     def of_b(self, name: str) -> Hashable:
@@ -41,13 +50,19 @@ class _Sources:
             return ""
         if name in self.b.producer:
             p, k = self.b.producer[name]
+            value = constant_key(self.b.nodes[p])
+            if value is not None:
+                return value
+            if p in self.claims.lowered_b:
+                return ("lowered", self.claims.lowered_b[p])
             return ("n", self.m.b_to_a.get(p, ("b", p)), k)
         if name in self.b.initializers:
             return ("i", self.inits_back.get(name, ("b", name)))
         return ("g", name)
 
 
-def _node_changes(a: GraphIndex, b: GraphIndex, i: int, j: int, src: _Sources) -> list[Change]:
+def _node_changes(a: GraphIndex, b: GraphIndex, i: int, j: int, src: _Sources,
+                  explained: frozenset[int] | set[int] = frozenset()) -> list[Change]:  # fmt: skip
     na, nb = a.nodes[i], b.nodes[j]
     changes = []
     if a.op(i) != b.op(j):
@@ -62,8 +77,9 @@ def _node_changes(a: GraphIndex, b: GraphIndex, i: int, j: int, src: _Sources) -
     if len(na.input) != len(nb.input):
         changes.append(Change("inputs", str(len(na.input)), str(len(nb.input))))
     for k, (x, y) in enumerate(zip(na.input, nb.input, strict=False)):
-        same_tensor = x == y and x in a.producer and y in b.producer  # e.g. a lowering kept the output name
-        if not same_tensor and src.of_a(x) != src.of_b(y):
+        # the same computed tensor name: e.g. a lowering kept the output name, or it was folded to a constant
+        same_tensor = x == y and x in a.producer and (y in b.producer or y in b.initializers)
+        if k not in explained and not same_tensor and src.of_a(x) != src.of_b(y):
             changes.append(Change(f"input {k}", x or "(none)", y or "(none)"))
     if len(na.output) != len(nb.output):
         changes.append(Change("outputs", str(len(na.output)), str(len(nb.output))))
@@ -95,7 +111,7 @@ def _model_changes(a: LoadedGraph, b: LoadedGraph) -> list[Change]:
                               {o.domain or "ai.onnx": str(o.version) for o in mb.opset_import})  # fmt: skip
 
     def functions(m: onnx.ModelProto) -> dict[str, str]:
-        return {function_label(f): f"{len(f.node)} nodes #{_digest(f)}" for f in m.functions}
+        return {function_label(f): f"{len(f.node)} nodes #{_function_digest(f)}" for f in m.functions}
 
     changes += _keyed_changes("function", functions(ma), functions(mb))
     inits_a, inits_b = set(a.tensors), set(b.tensors)
@@ -107,8 +123,13 @@ def _model_changes(a: LoadedGraph, b: LoadedGraph) -> list[Change]:
     return changes
 
 
-def _digest(proto: onnx.FunctionProto) -> str:
-    return hashlib.sha1(proto.SerializeToString(deterministic=True)).hexdigest()[:10]
+def _function_digest(proto: onnx.FunctionProto) -> str:
+    """A digest of what a function computes: its value_info (shape annotations a cleanup adds) and docs left out."""
+    copy = onnx.FunctionProto()
+    copy.CopyFrom(proto)
+    del copy.value_info[:]
+    copy.doc_string = ""
+    return hashlib.sha1(copy.SerializeToString(deterministic=True)).hexdigest()[:10]
 
 
 def _initializer_changes(
@@ -143,7 +164,7 @@ def _node_entries(a: GraphIndex, b: GraphIndex, m: Matching, src: _Sources, clai
     for i, j in m.a_to_b.items():
         if i in claims.pairs:
             continue
-        changes = _node_changes(a, b, i, j, src)
+        changes = _node_changes(a, b, i, j, src, claims.inputs.get(i, set()))
         if changes:
             kind: EntryKind = "renamed" if all(c.field == "name" for c in changes) else "changed"
             entries.append(NodeChange(kind, a.op(i), a.nodes[i].name, b.nodes[j].name, a.layers[i], m.method[i],
@@ -164,7 +185,7 @@ def diff_graphs(a: LoadedGraph, b: LoadedGraph, values: bool = True) -> tuple[Gr
     inits = match_initializers(ia, ib, m)
     init_entries = _initializer_changes(a, b, inits, values)
     changed = {e.name_a for e in init_entries if e.kind == "changed"}
-    rewrites, claims = group_rewrites(ia, ib, m, inits, find_linears(ia), find_linears(ib), changed)
+    rewrites, claims = group_rewrites(ia, ib, m, inits, changed)
     init_entries = [e for e in init_entries if e.name_a not in claims.inits_a]
     init_entries += [InitializerChange("removed", x, "", layer_of_name(x)) for x in a.tensors
                      if x not in inits and x not in claims.inits_a]  # fmt: skip
@@ -172,7 +193,7 @@ def diff_graphs(a: LoadedGraph, b: LoadedGraph, values: bool = True) -> tuple[Gr
     init_entries += [InitializerChange("added", "", y, layer_of_name(y)) for y in b.tensors
                      if y not in matched_b and y not in claims.inits_b]  # fmt: skip
     result = GraphDiff(a.role or b.role, str(a.path), str(b.path), len(ia), len(ib), m.counts(),
-                       _model_changes(a, b), rewrites, _node_entries(ia, ib, m, _Sources(ia, ib, m, inits), claims),
+                       _model_changes(a, b), rewrites, _node_entries(ia, ib, m, _Sources(ia, ib, m, inits, claims), claims),
                        init_entries)  # fmt: skip
     return result, m
 

@@ -8,7 +8,7 @@ from typing import Literal
 from dsv3c.graph.stats import TensorStats
 
 EntryKind = Literal["added", "removed", "changed", "renamed"]
-RewriteKind = Literal["quantized", "lowered"]
+RewriteKind = Literal["quantized", "lowered", "merged", "folded"]
 
 
 @dataclass
@@ -45,18 +45,30 @@ class InitializerChange:
 
 @dataclass
 class Rewrite:
-    """A change the pipeline makes on purpose, reported as one entry: a quantized linear, a lowered node."""
+    """A change the pipeline makes on purpose, reported as one entry: a quantized linear, a lowered node,
+    duplicates merged or nodes folded by the cleanup (graph/rewrites.py)."""
 
     kind: RewriteKind
     label: str  # "quantized (fp8, block 128)", "lowered (inlined, 41 nodes)", "lowered (to com.microsoft::MoE)"
     layer: int | None
-    target: str  # the linear (short weight name) or the custom node
-    op: str
+    target: str  # the linear (short weight name), the lowered node, or what was merged / folded
+    op: str  # the linear's op in A (MatMul, dsv3c::MoE, ...), the lowered node's op
     added_nodes: list[str] = field(default_factory=list)
     removed_nodes: list[str] = field(default_factory=list)
     added_initializers: list[str] = field(default_factory=list)
     removed_initializers: list[str] = field(default_factory=list)
     changed_initializers: list[str] = field(default_factory=list)
+    # quantized only
+    weights: list[str] = field(default_factory=list)  # the weight initializers ("old -> new" when renamed)
+    weight_dtype: str = ""  # in B: float8e4m3fn
+    weight_shapes: list[list[int]] = field(default_factory=list)  # in B, one per weight
+    scale_shapes: list[list[int]] = field(default_factory=list)  # the stored scales, [] for a weight without
+    activation: str = ""  # "fp8, 1x128 tiles (online)", ...; "" for a weight-only linear
+    shared_activation: str = ""  # the linear whose activation Q/DQ this one reads too
+
+    @property
+    def weight_only(self) -> bool:
+        return self.kind == "quantized" and not self.activation
 
 
 @dataclass

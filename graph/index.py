@@ -9,9 +9,12 @@ from __future__ import annotations
 import functools
 import hashlib
 import re
+from collections.abc import Hashable
 from typing import Any
 
+import numpy as np
 import onnx
+from onnx import numpy_helper
 
 # domains of standard ONNX; any other domain (dsv3c, com.microsoft, ...) is a custom node
 STANDARD_DOMAINS = frozenset({"", "ai.onnx", "ai.onnx.ml"})
@@ -108,3 +111,27 @@ def attribute_text(a: onnx.AttributeProto) -> str:
 
 def _digest(proto: Any) -> str:
     return hashlib.sha1(proto.SerializeToString(deterministic=True)).hexdigest()[:10]
+
+
+def constant_key(node: onnx.NodeProto) -> Hashable | None:
+    """A Constant node's value as a hashable key (dtype, shape, bytes), whatever attribute holds it; else None."""
+    if node.op_type != "Constant" or node.input or node.domain not in ("", "ai.onnx") or len(node.attribute) != 1:
+        return None
+    a = node.attribute[0]
+    if a.name == "value":
+        t = onnx.TensorProto()
+        t.CopyFrom(a.t)
+        t.name = ""
+        if t.data_location == onnx.TensorProto.EXTERNAL:
+            return ("c", _digest(t))
+        try:
+            array = np.asarray(numpy_helper.to_array(t))
+        except Exception:  # an odd tensor: its proto then
+            return ("c", _digest(t))
+    elif a.name in ("value_int", "value_ints"):
+        array = np.asarray(a.i if a.name == "value_int" else list(a.ints), np.int64)
+    elif a.name in ("value_float", "value_floats"):
+        array = np.asarray(a.f if a.name == "value_float" else list(a.floats), np.float32)
+    else:
+        return ("c", _digest(a))
+    return ("c", array.dtype.str, array.shape, hashlib.sha1(np.ascontiguousarray(array).tobytes()).hexdigest())

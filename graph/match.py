@@ -1,13 +1,16 @@
 """Match the nodes of two graphs, in passes from most to least certain, each a dict lookup (near-linear).
 
 1. name: a name that is unique in both graphs;
-2. inlined: nodes of B named `<custom node of A>/<body node>` came from inlining that custom node
-   (they are set aside for the lowering report, not matched one to one);
+2. derived: nodes of B named `<node of A>/<what>` came from rewriting that node of A (a lowering inlining a
+   custom node, replacing it by a kernel, rewriting a blocked DequantizeLinear, a RoPE pattern): they are
+   set aside for the rewrite report, not matched one to one (A's node must be gone from B, or changed op);
 3. outputs: a node of B that produces a tensor name produced by an unmatched node of A with the same op
    (or any op, for a custom node of A: a lowering kept its output);
 4. neighbours: same op and the same inputs once the producers are matched (first with attributes and
-   initializer names, then without), walking B in topological order so that chains resolve in one pass;
-5. position: what is left, by op and layer, zipped in order where both sides have the same count.
+   initializer names, then without, and then only for nodes with inputs), walking B in topological order
+   so that chains resolve in one pass;
+5. position: what is left, by op and layer, zipped in order where both sides have the same count
+   (Constants excepted: two constants are the same only if their values are).
 """
 
 from __future__ import annotations
@@ -28,8 +31,8 @@ class Matching:
     a_to_b: dict[int, int] = field(default_factory=dict)
     b_to_a: dict[int, int] = field(default_factory=dict)
     method: dict[int, str] = field(default_factory=dict)  # by node index in A
-    inlined: dict[int, list[int]] = field(default_factory=dict)  # custom node of A -> B nodes inlined from it
-    inlined_b: set[int] = field(default_factory=set)
+    derived: dict[int, list[int]] = field(default_factory=dict)  # node of A -> B nodes named `<its name>/...`
+    derived_b: dict[int, int] = field(default_factory=dict)  # and back: B node -> the node of A
 
     def add(self, a: int, b: int, method: str) -> None:
         self.a_to_b[a] = b
@@ -57,30 +60,31 @@ def _by_name(a: GraphIndex, b: GraphIndex, m: Matching) -> None:
             m.add(i, where_b[node.name], "name")
 
 
-def _inlined(a: GraphIndex, b: GraphIndex, m: Matching) -> None:
-    # a custom node that B still has (same name, same op) was not lowered: `<name>/...` nodes are the pass's helpers
+def _derived(a: GraphIndex, b: GraphIndex, m: Matching) -> None:
+    # a node that B still has (same name, same op) was kept: `<name>/...` nodes are some pass's helpers
     kept = {i for i, j in m.a_to_b.items() if a.op(i) == b.op(j)}
-    custom = {n.name: i for i, n in enumerate(a.nodes) if n.name and is_custom(n) and i not in kept}
-    if not custom:
+    rewritten = {n.name: i for i, n in enumerate(a.nodes) if n.name and i not in kept}
+    if not rewritten:
         return
     for j, node in enumerate(b.nodes):
         if j in m.b_to_a or "/" not in node.name:
             continue
         name, cut = node.name, len(node.name)
         while (cut := name.rfind("/", 0, cut)) > 0:  # longest prefix first
-            if name[:cut] in custom:
-                m.inlined.setdefault(custom[name[:cut]], []).append(j)
-                m.inlined_b.add(j)
+            if name[:cut] in rewritten:
+                i = rewritten[name[:cut]]
+                m.derived.setdefault(i, []).append(j)
+                m.derived_b[j] = i
                 break
 
 
 def _by_outputs(a: GraphIndex, b: GraphIndex, m: Matching) -> None:
     for i, node in enumerate(a.nodes):
-        if i in m.a_to_b:
+        if i in m.a_to_b or i in m.derived:
             continue
         for name in node.output:
             j = b.producer.get(name, (None, 0))[0] if name else None
-            if j is None or j in m.b_to_a or j in m.inlined_b:
+            if j is None or j in m.b_to_a or j in m.derived_b:
                 continue
             if b.op(j) == a.op(i) or is_custom(node):
                 m.add(i, j, "outputs")
@@ -109,12 +113,12 @@ def _signature(index: GraphIndex, i: int, partner: Callable[[int], int | None], 
 def _by_neighbours(a: GraphIndex, b: GraphIndex, m: Matching, strict: bool) -> None:
     candidates: dict[Hashable, list[int]] = {}
     for i in range(len(a)):
-        if i not in m.a_to_b and i not in m.inlined:
+        if i not in m.a_to_b and i not in m.derived and (strict or a.nodes[i].input):
             sig = _signature(a, i, lambda p: p, strict)
             candidates.setdefault(sig, []).append(i)
     taken: Counter[Hashable] = Counter()
     for j in range(len(b)):
-        if j in m.b_to_a or j in m.inlined_b:
+        if j in m.b_to_a or j in m.derived_b or not (strict or b.nodes[j].input):
             continue
         sig = _signature(b, j, m.b_to_a.get, strict)
         if sig is None or sig not in candidates:
@@ -131,10 +135,10 @@ def _by_position(a: GraphIndex, b: GraphIndex, m: Matching) -> None:
     groups_a: dict[tuple[str, int | None], list[int]] = {}
     groups_b: dict[tuple[str, int | None], list[int]] = {}
     for i in range(len(a)):
-        if i not in m.a_to_b and i not in m.inlined:
+        if i not in m.a_to_b and i not in m.derived and a.op(i) != "Constant":
             groups_a.setdefault((a.op(i), a.layers[i]), []).append(i)
     for j in range(len(b)):
-        if j not in m.b_to_a and j not in m.inlined_b:
+        if j not in m.b_to_a and j not in m.derived_b and b.op(j) != "Constant":
             groups_b.setdefault((b.op(j), b.layers[j]), []).append(j)
     for key, left in groups_a.items():
         right = groups_b.get(key, [])
@@ -146,7 +150,7 @@ def _by_position(a: GraphIndex, b: GraphIndex, m: Matching) -> None:
 def match_nodes(a: GraphIndex, b: GraphIndex) -> Matching:
     m = Matching()
     _by_name(a, b, m)
-    _inlined(a, b, m)
+    _derived(a, b, m)
     _by_outputs(a, b, m)
     _by_neighbours(a, b, m, strict=True)
     _by_neighbours(a, b, m, strict=False)

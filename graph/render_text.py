@@ -103,22 +103,52 @@ def render_inspect(report: InspectReport) -> str:
 # ---- diff ----------------------------------------------------------------------------------------------
 
 
+def _shape(dims: list[int]) -> str:
+    return "[" + ", ".join(map(str, dims)) + "]"
+
+
+def quantized_line(rw: Rewrite) -> str:
+    """One quantized linear: its op, weight and scale shapes, and how its activation runs."""
+    many = "s" if len(rw.weights) > 1 else ""
+    parts = [f"weight{many} {rw.weight_dtype}" + ", ".join(_shape(d) for d in rw.weight_shapes)]
+    if any(rw.scale_shapes):
+        parts.append(f"scale{many} " + ", ".join(_shape(d) if d else "(none)" for d in rw.scale_shapes))
+    if rw.activation:
+        shared = f", shares {rw.shared_activation}'s Q/DQ" if rw.shared_activation else ""
+        act = f"activations {rw.activation}{shared}"
+    else:
+        act = "weight-only (activations stay high precision" + (f" inside {rw.op})" if "::" in rw.op else ")")
+    op = f" ({rw.op})" if rw.op else ""
+    return f"{rw.target}{op}: {', '.join(parts)}; {act}"
+
+
 def rewrite_lines(rewrites: list[Rewrite]) -> list[str]:
-    """Quantized linears of one layer on one line per label; each lowering on its own line."""
+    """The rewrites of one layer: quantized linears under one summary line per scheme, one line per linear
+    below it; each lowering, merge or fold on its own line."""
     by_label: dict[str, list[Rewrite]] = defaultdict(list)
     lines = []
     for rw in rewrites:
         if rw.kind == "quantized":
             by_label[rw.label].append(rw)
+        elif rw.kind == "lowered":
+            removed = f", -{len(rw.removed_nodes)} nodes" if rw.removed_nodes else ""
+            lines.append(f"{rw.label}: {rw.op} {rw.target} (+{len(rw.added_nodes)} nodes{removed})")
         else:
-            lines.append(f"{rw.label}: {rw.op} {rw.target}")
+            lines.append(f"{rw.label}: {rw.target}")
+    head = []
     for label, group in by_label.items():
         nodes = sum(len(r.added_nodes) for r in group)
         inits = sum(len(r.added_initializers) for r in group)
-        changed = sum(len(r.changed_initializers) for r in group)
-        detail = f"+{nodes} nodes, +{inits} initializers" + (f", {changed} weights retyped" if changed else "")
-        lines.insert(0, f"{label}: {', '.join(r.target for r in group)} ({len(group)} linears; {detail})")
-    return lines
+        retyped = sum(len(r.changed_initializers) + len(r.removed_initializers) for r in group)
+        only = sum(r.weight_only for r in group)
+        kinds = [f"{len(group) - only} with fp8 activations" if len(group) > only else "",
+                 f"{only} weight-only" if only else ""]  # fmt: skip
+        dtype = group[0].weight_dtype or "fp8"
+        detail = f"+{nodes} nodes, +{inits} initializers" + (f", {retyped} weights now {dtype}" if retyped else "")
+        head.append(f"{label}: {len(group)} linear{'s' if len(group) > 1 else ''} "
+                    f"({', '.join(k for k in kinds if k)}); {detail}")  # fmt: skip
+        head += [f"  {quantized_line(r)}" for r in group]
+    return head + lines
 
 
 def node_line(e: NodeChange) -> str:

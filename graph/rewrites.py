@@ -1,30 +1,62 @@
 """Recognise the pipeline's own rewrites in a node matching, so that the diff reports them as one entry each.
 
-- quantized: a matched linear whose weight became float8 (MatMul/Gemm, or a MoE node's expert weights).
-  It claims the unmatched nodes feeding it on either side (weight DequantizeLinear, Reshape/Mul, the
-  activation's ReduceMax(Abs) / 448 -> QuantizeLinear -> DequantizeLinear, a removed Transpose) and the
-  initializers they read that changed, appeared or disappeared.
-- lowered: a custom node of A replaced by nodes of B named `<custom node>/<body node>` (inlined), or by
-  a node of another op (com.microsoft::MoE for dsv3c::MoE) plus what was added to feed it.
+Found from the graphs' structure, not from names (names only help the matching, graph/match.py):
+
+- quantized: an initializer that is float in A and float8 in B (the same name, or a renamed one found
+  through the nodes that read it) is a quantized weight. On B's side the rewrite takes the unmatched
+  nodes on the weight's way to its reader (DequantizeLinear, a Cast) and the constant subgraph feeding
+  them (the scales' Unsqueeze/Expand/Reshape/Slice); the reader (the Transpose of a MatMul linear, a
+  dsv3c::MLAAttention or MoE node) keeps its match, and its rewired input is explained. For a MatMul
+  linear, the activation's online or static Q/DQ in front of its data input belongs to the rewrite
+  too (shared by the linears that read one activation: the first one claims it). A MoE node's expert
+  weights make one rewrite. Each says its scheme, weight and scale shapes, and how the activation runs.
+- merged: a node of A that is gone from B because it computes what another, matched node of A computes
+  (common subexpression elimination: the same op, attributes and inputs), or a Constant whose value a
+  constant of B still holds. Consumers rewired to the survivor are not changes.
+- lowered: a node of A replaced by nodes of B named `<node>/<what>` (inlined custom nodes, a MoE turned
+  into com.microsoft::MoE plus routing, MLA into opset-23 Attention, a RoPE pattern into
+  RotaryEmbedding, a blocked DequantizeLinear into per-tensor DequantizeLinear * scales), or by a node
+  of another op that kept its output name, or, without either clue, by the unmatched nodes of B between
+  the custom node's matched neighbours. Labelled by the kernel it became ("to com.microsoft::MoE",
+  "to Attention") or "inlined, N nodes". The nodes of A that only fed the replaced node go with it.
+- folded: nodes of A whose outputs are constants in B under the same name (constant folding once the
+  shapes are static).
 """
 
 from __future__ import annotations
 
+import heapq
 import itertools
+from collections import Counter
+from collections.abc import Callable, Hashable, Iterable
 from dataclasses import dataclass, field
 
 from dsv3c.graph.diff_types import Rewrite
-from dsv3c.graph.index import GraphIndex, is_custom
-from dsv3c.graph.linears import Linear, short_name
-from dsv3c.graph.match import Matching
+from dsv3c.graph.index import GraphIndex, constant_key, is_custom, layer_of_name
+from dsv3c.graph.linears import FP8_TYPES, MOE_OPS, WEIGHT_PATH, Linear, LinearFinder, short_name
+from dsv3c.graph.load import dtype_name
+from dsv3c.graph.match import Matching, attribute_digest
 
 # ops that online activation quantization and weight dequantization are built from
 _QDQ_HELPERS = frozenset(
     {"QuantizeLinear", "DequantizeLinear", "DynamicQuantizeLinear", "Reshape", "Abs", "ReduceMax", "Div", "Mul",
      "Max", "Min", "Clip", "Cast", "CastLike", "Transpose", "Constant", "Expand", "Tile", "Unsqueeze", "Squeeze",
      "Shape", "Gather", "Slice", "Concat", "Floor", "Ceil", "Log", "Exp", "Pow", "Reciprocal", "Identity",
-     "Flatten", "Sqrt"}
+     "Flatten", "Sqrt", "Pad"}
 )  # fmt: skip
+# ops a lowering may lower to that are worth naming: "lowered (to Attention)"
+FUSED_OPS = frozenset(
+    {"Attention", "RotaryEmbedding", "RMSNormalization", "LayerNormalization", "MultiHeadAttention",
+     "GroupQueryAttention", "SkipLayerNormalization", "MoE", "QMoE"}
+)  # fmt: skip
+# ops that only move, reshape or make data: left out of a lowering's "to X + Y" label
+_PLUMBING = frozenset(
+    {"Constant", "Shape", "Reshape", "Transpose", "Unsqueeze", "Squeeze", "Concat", "Slice", "Gather", "Expand",
+     "Cast", "CastLike", "Split", "Identity", "Range", "Flatten", "Pad", "Tile", "ConstantOfShape", "Size"}
+)  # fmt: skip
+# ops between a weight's reader and the linear that uses it (a Transpose of the weight, a Cast)
+_TO_USER = frozenset({"Transpose", "Cast", "CastLike", "Reshape", "Identity", "Squeeze", "Unsqueeze"})
+_FORWARD_DEPTH = 8
 
 
 @dataclass
@@ -33,96 +65,362 @@ class Claims:
 
     nodes_a: set[int] = field(default_factory=set)  # removed nodes of A
     nodes_b: set[int] = field(default_factory=set)  # added nodes of B
-    pairs: set[int] = field(default_factory=set)  # matched nodes (A index) whose changes are explained
+    pairs: set[int] = field(default_factory=set)  # matched nodes (A index) whose changes are all explained
+    inputs: dict[int, set[int]] = field(default_factory=dict)  # matched node of A -> inputs rewired on purpose
     inits_a: set[str] = field(default_factory=set)
     inits_b: set[str] = field(default_factory=set)
+    merged_a: dict[int, int] = field(default_factory=dict)  # removed duplicate of A -> the matched node of A
+    lowered_a: dict[int, int] = field(default_factory=dict)  # node of A -> the lowered node of A it went with
+    lowered_b: dict[int, int] = field(default_factory=dict)  # node of B -> the lowered node of A it came from
+
+    def explain(self, node: int, k: int) -> None:
+        self.inputs.setdefault(node, set()).add(k)
 
 
 class _Grouper:
-    def __init__(self, a: GraphIndex, b: GraphIndex, m: Matching, inits: dict[str, str]) -> None:
-        self.a, self.b, self.m, self.inits = a, b, m, inits
-        self.inits_b = set(inits.values())
+    def __init__(self, a: GraphIndex, b: GraphIndex, m: Matching, inits: dict[str, str], changed: set[str]) -> None:
+        self.a, self.b, self.m, self.inits, self.changed = a, b, m, inits, changed
+        self.inits_back = {y: x for x, y in inits.items()}
         self.claims = Claims()
+        self.finder_a, self.finder_b = LinearFinder(a), LinearFinder(b)
+        self.linear_of_weight: dict[str, Linear] = {}
+        for linear in self.finder_b.find():
+            for w in linear.weights:
+                self.linear_of_weight.setdefault(w, linear)
+        self.activation_owner: dict[int, Rewrite] = {}  # B node of an activation Q/DQ -> the rewrite claiming it
 
-    def _upstream(self, index: GraphIndex, starts: list[int], matched: dict[int, int], claimed: set[int],
-                  only_helpers: bool) -> list[int]:  # fmt: skip
-        """Unmatched, unclaimed nodes reachable backwards from the inputs of `starts` (claimed on the way)."""
-        found, todo = [], [n for s in starts for n in index.nodes[s].input if n]
+    # ---- helpers ---------------------------------------------------------------------------------------
+
+    def free_a(self, i: int) -> bool:
+        return i not in self.m.a_to_b and i not in self.claims.nodes_a and i not in self.m.derived
+
+    def free_b(self, j: int) -> bool:
+        return j not in self.m.b_to_a and j not in self.claims.nodes_b and j not in self.m.derived_b
+
+    def _upstream(self, index: GraphIndex, tensors: Iterable[str], free: Callable[[int], bool], claimed: set[int],
+                  ops: frozenset[str] | None) -> list[int]:  # fmt: skip
+        """Free nodes reachable backwards from `tensors` (claimed on the way); `ops`: only through these."""
+        found, todo = [], [t for t in tensors if t]
         while todo:
             tensor = todo.pop()
             if tensor not in index.producer:
                 continue
             p = index.producer[tensor][0]
-            if p in matched or p in claimed or (only_helpers and index.nodes[p].op_type not in _QDQ_HELPERS):
+            if not free(p) or (ops is not None and index.nodes[p].op_type not in ops):
                 continue
             claimed.add(p)
             found.append(p)
             todo.extend(n for n in index.nodes[p].input if n)
         return found
 
-    def _initializers(self, rw: Rewrite, nodes_a: list[int], nodes_b: list[int], changed: set[str]) -> None:
+    def _dominated(self, index: GraphIndex, starts: list[int], free: Callable[[int], bool]) -> list[int]:
+        """Free nodes upstream of `starts` whose outputs are read only inside the region (nodes that only fed it)."""
+        region, heap, seen = set(starts), [-s for s in starts], set(starts)
+        found = []
+        while heap:
+            i = -heapq.heappop(heap)
+            if i not in starts:
+                users = {c for out in index.nodes[i].output for c, _ in index.consumers.get(out, [])}
+                graph_out = any(out in index.outputs for out in index.nodes[i].output)
+                if graph_out or not users <= region or not free(i):
+                    continue
+                region.add(i)
+                found.append(i)
+            for name in index.nodes[i].input:
+                if name in index.producer and (p := index.producer[name][0]) not in seen:
+                    seen.add(p)
+                    heapq.heappush(heap, -p)
+        return found
+
+    def _forward(self, index: GraphIndex, tensor: str, free: Callable[[int], bool]) -> tuple[list[int], list[tuple[int, int]]]:  # fmt: skip
+        """From a weight: the free constant-path nodes it flows through, and where it is read after them."""
+        path, readers, todo, seen = [], [], [(tensor, 0)], set()
+        while todo:
+            name, depth = todo.pop()
+            for j, k in index.consumers.get(name, []):
+                node = index.nodes[j]
+                if j in seen:
+                    continue
+                seen.add(j)
+                if free(j) and node.op_type in WEIGHT_PATH and node.domain in ("", "ai.onnx") and depth < _FORWARD_DEPTH:
+                    path.append(j)
+                    todo += [(out, depth + 1) for out in node.output if out]
+                else:
+                    readers.append((j, k))
+        return path, readers
+
+    def _user(self, index: GraphIndex, j: int) -> int:
+        """From a weight's reader, the linear that uses it: through a Transpose/Cast to the MatMul or custom node."""
+        for _ in range(4):
+            node = index.nodes[j]
+            if node.op_type not in _TO_USER or len(node.output) != 1:
+                return j
+            users = index.consumers.get(node.output[0], [])
+            if len(users) != 1:
+                return j
+            j = users[0][0]
+        return j
+
+    def _initializers(self, rw: Rewrite, nodes_a: Iterable[int], nodes_b: Iterable[int]) -> None:
         """Claim the initializers read by the rewrite's nodes that were removed, added or changed."""
-        for name in {n for i in nodes_a for n in self.a.nodes[i].input if n in self.a.initializers}:
+        for name in sorted({n for i in nodes_a for n in self.a.nodes[i].input if n in self.a.initializers}):
             if name in self.claims.inits_a:
                 continue
             if name not in self.inits:
                 rw.removed_initializers.append(name)
                 self.claims.inits_a.add(name)
-            elif name in changed:
+            elif name in self.changed:
                 rw.changed_initializers.append(name)
                 self.claims.inits_a.add(name)
-        for name in {n for j in nodes_b for n in self.b.nodes[j].input if n in self.b.initializers}:
-            if name not in self.inits_b and name not in self.claims.inits_b:
+        for name in sorted({n for j in nodes_b for n in self.b.nodes[j].input if n in self.b.initializers}):
+            if name not in self.inits_back and name not in self.claims.inits_b:
                 rw.added_initializers.append(name)
                 self.claims.inits_b.add(name)
-        for values in (rw.removed_initializers, rw.added_initializers, rw.changed_initializers):
-            values.sort()
 
-    def quantized(self, linears_a: list[Linear], linears_b: list[Linear], changed: set[str]) -> list[Rewrite]:
-        by_b = {lin.node: lin for lin in linears_b}
-        found = []
-        for old in linears_a:
-            j = self.m.a_to_b.get(old.node)
-            new = by_b.get(j) if j is not None else None
-            if new is None or j is None or old.fp8_weight or not new.fp8_weight:
+    # ---- merged (common subexpressions) ------------------------------------------------------------------
+
+    def merged(self) -> list[Rewrite]:
+        a, b = self.a, self.b
+        values: dict[str, Hashable] = {}
+        first: dict[Hashable, int] = {}
+        b_constants = {k for j in range(len(b)) if (k := constant_key(b.nodes[j])) is not None}
+        by_layer: dict[int | None, list[tuple[int, int | None]]] = {}
+        for i, node in enumerate(a.nodes):
+            key = (a.op(i), attribute_digest(node), tuple(values.get(x, x) for x in node.input))
+            rep = first.setdefault(key, i)
+            for k, out in enumerate(node.output):
+                values[out] = ("v", rep, k)
+            if not self.free_a(i):
                 continue
-            i = old.node
-            # the weight path may keep matched nodes (a Transpose): their changes belong to this rewrite too
-            kept_a = [t for t in old.trace_nodes if t in self.m.a_to_b]
-            kept_b = [t for t in new.trace_nodes if t in self.m.b_to_a]
-            self.claims.pairs.update([*kept_a, *(self.m.b_to_a[t] for t in kept_b)])
-            removed = self._upstream(self.a, [i, *kept_a], self.m.a_to_b, self.claims.nodes_a, only_helpers=True)
-            added = self._upstream(self.b, [j, *kept_b], self.m.b_to_a, self.claims.nodes_b, only_helpers=True)
-            moe = self.b.nodes[j].op_type in ("MoE", "QMoE")
-            target = _experts_name(new.weights) if moe else ", ".join(short_name(w) for w in new.weights)
-            rw = Rewrite("quantized", f"quantized ({new.scheme})", self.a.layers[i], target, self.a.op(i),
-                         [self.b.label(x) for x in added], [self.a.label(x) for x in removed])  # fmt: skip
-            self._initializers(rw, [i, *kept_a, *removed], [j, *kept_b, *added], changed)
-            self.claims.pairs.add(i)
+            if rep != i and rep in self.m.a_to_b:
+                self.claims.merged_a[i] = rep
+            elif constant_key(a.nodes[i]) in b_constants:
+                rep = -1  # a constant whose value B still has (its readers compare constants by value)
+            else:
+                continue
+            self.claims.nodes_a.add(i)
+            by_layer.setdefault(a.layers[i], []).append((i, rep if rep >= 0 else None))
+        found = []
+        for layer, items in by_layer.items():
+            ops = Counter(a.op(i) for i, _ in items)
+            into = sorted({x for _, r in items if r is not None and (x := a.layers[r]) is not None})
+            where = f" of layer{'s' if len(into) > 1 else ''} {', '.join(map(str, into))}" if into else ""
+            same = (["identical nodes" + where] if any(r is not None for _, r in items) else []) + (
+                ["equal constants"] if any(r is None for _, r in items) else [])  # fmt: skip
+            target = ", ".join(f"{op} x{n}" if n > 1 else op for op, n in ops.items()) + " -> " + " / ".join(same)
+            rw = Rewrite("merged", f"merged ({len(items)} duplicate node{'s' if len(items) > 1 else ''})", layer,
+                         target, "", removed_nodes=[a.label(i) for i, _ in items])  # fmt: skip
             found.append(rw)
         return found
 
-    def lowered(self, changed: set[str]) -> list[Rewrite]:
-        found = []
-        for i, node in enumerate(self.a.nodes):
-            inlined = self.m.inlined.get(i, [])
-            j = self.m.a_to_b.get(i)
-            replaced = j is not None and self.b.op(j) != self.a.op(i)
-            if not is_custom(node) or not (inlined or replaced):
+    # ---- quantized weights -------------------------------------------------------------------------------
+
+    def _renamed_weight(self, y: str) -> str | None:
+        """The float initializer of A that the fp8 initializer `y` of B replaces under another name, if any."""
+        _, readers = self._forward(self.b, y, self.free_b)
+        for j, k in readers:
+            i = self.m.b_to_a.get(j)
+            if i is None or k >= len(self.a.nodes[i].input):
                 continue
-            self.claims.nodes_b.update(inlined)
-            starts = [*inlined, *([j] if j is not None else [])]
-            fed = self._upstream(self.b, starts, self.m.b_to_a, self.claims.nodes_b, only_helpers=False)
-            added = [*inlined, *fed]
-            if j is not None:
-                label = f"lowered (to {self.b.op(j)})"
-                self.claims.pairs.add(i)
-            else:
-                label = f"lowered (inlined, {len(inlined)} nodes)"
-                self.claims.nodes_a.add(i)
-            rw = Rewrite("lowered", label, self.a.layers[i], self.a.label(i), self.a.op(i),
-                         [self.b.label(x) for x in added])  # fmt: skip
-            self._initializers(rw, [i], [*starts, *fed], changed)
+            trace = self.finder_a.trace(self.a.nodes[i].input[k])
+            weights = self.finder_a.weights(trace) if trace else []
+            dims = list(self.b.initializers[y].dims)
+            for w in weights:
+                if w.name not in self.inits and list(w.dims) == dims:
+                    return w.name
+        return None
+
+    def quantized(self) -> list[Rewrite]:
+        groups: dict[Hashable, tuple[int, Rewrite]] = {}
+        for y, t in self.b.initializers.items():
+            if t.data_type not in FP8_TYPES or y in self.claims.inits_b:
+                continue
+            x = self.inits_back.get(y) or self._renamed_weight(y)
+            if x is None or self.a.initializers[x].data_type in FP8_TYPES or len(self.a.initializers[x].dims) < 2:
+                continue
+            self._weight(x, y, groups)
+        return [rw for _, rw in sorted(groups.values(), key=lambda item: item[0])]
+
+    def _weight(self, x: str, y: str, groups: dict[Hashable, tuple[int, Rewrite]]) -> None:
+        a, b, m, claims = self.a, self.b, self.m, self.claims
+        path_b, readers_b = self._forward(b, y, self.free_b)
+        claims.nodes_b.update(path_b)
+        scales_b = self._upstream(b, [n for j in path_b for n in b.nodes[j].input], self.free_b, claims.nodes_b,
+                                  _QDQ_HELPERS)  # fmt: skip
+        path_a, readers_a = self._forward(a, x, self.free_a)
+        claims.nodes_a.update(path_a)
+        scales_a = self._upstream(a, [n for i in path_a for n in a.nodes[i].input], self.free_a, claims.nodes_a,
+                                  _QDQ_HELPERS)  # fmt: skip
+        user_a: int | None = None
+        user_b: int | None = None
+        for j, k in readers_b:
+            if j in m.b_to_a:
+                claims.explain(m.b_to_a[j], k)
+                user_b = self._user(b, j) if user_b is None else user_b
+            elif j in m.derived_b and user_a is None:
+                user_a = m.derived_b[j]  # read inside a lowered node: the lowering reports the rest
+        if user_b is not None and user_a is None:
+            user_a = m.b_to_a.get(user_b)
+        if user_a is None and readers_a:
+            user_a = self._user(a, readers_a[0][0])
+        linear = self.linear_of_weight.get(y)
+        experts = len(b.initializers[y].dims) == 3 and (
+            (user_a is not None and a.nodes[user_a].op_type in MOE_OPS) or (linear is not None and linear.kind == "experts")
+        )  # fmt: skip
+        key: Hashable = ("experts", user_a) if experts else ("weight", y)
+        order = user_a if user_a is not None else len(a) + len(groups)
+        if key not in groups:
+            scheme = linear.scheme if linear is not None and linear.scheme else dtype_name(b.initializers[y].data_type)
+            layer = a.layers[user_a] if user_a is not None else layer_of_name(x)
+            rw = Rewrite("quantized", f"quantized ({scheme})", layer, "", a.op(user_a) if user_a is not None else "")
+            rw.weight_dtype = dtype_name(b.initializers[y].data_type)
+            groups[key] = (order, rw)
+        rw = groups[key][1]
+        rw.weights.append(x if x == y else f"{x} -> {y}")
+        rw.weight_shapes.append(list(b.initializers[y].dims))
+        scale = self.finder_b.scale_of(y)
+        if scale is None and linear is not None and len(linear.weights) == 1:
+            scale = linear.scale_shape
+        rw.scale_shapes.append(list(scale) if scale is not None else [])
+        names = [w.split(" -> ")[0] for w in rw.weights]
+        rw.target = _experts_name(tuple(names)) if experts else short_name(names[0])
+        rw.added_nodes += [b.label(j) for j in [*path_b, *scales_b]]
+        rw.removed_nodes += [a.label(i) for i in [*path_a, *scales_a]]
+        self._initializers(rw, [*path_a, *scales_a], [*path_b, *scales_b])
+        if x != y:
+            if x not in claims.inits_a:
+                rw.removed_initializers.append(x)
+                claims.inits_a.add(x)
+            if y not in claims.inits_b:
+                rw.added_initializers.append(y)
+                claims.inits_b.add(y)
+        elif x in self.changed and x not in claims.inits_a:
+            rw.changed_initializers.append(x)
+            claims.inits_a.add(x)
+        if user_b is not None and b.nodes[user_b].op_type in ("MatMul", "Gemm") and user_b in m.b_to_a:
+            self._activation(rw, m.b_to_a[user_b], user_b)
+
+    def _activation(self, rw: Rewrite, user_a: int, user_b: int) -> None:
+        """Claim the Q/DQ in front of the linear's data input (or note whose it shares)."""
+        b, claims = self.b, self.claims
+        description = self.finder_b.activation(b.nodes[user_b].input[0])
+        if not description:
+            return
+        rw.activation = description
+        claims.explain(user_a, 0)
+        tensor = b.nodes[user_b].input[0]
+        producer = b.producer.get(tensor, (None, 0))[0]
+        if producer is not None and producer in self.activation_owner and self.activation_owner[producer] is not rw:
+            rw.shared_activation = self.activation_owner[producer].target
+            return
+        found = self._upstream(b, [tensor], self.free_b, set(), _QDQ_HELPERS)
+        if not any(b.nodes[j].op_type in ("QuantizeLinear", "Cast") for j in found):
+            return
+        claims.nodes_b.update(found)
+        for j in found:
+            self.activation_owner[j] = rw
+        rw.added_nodes += [b.label(j) for j in sorted(found)]
+        self._initializers(rw, [], found)
+
+    # ---- lowered -----------------------------------------------------------------------------------------
+
+    def _seeds(self, i: int) -> list[int]:
+        """Without a naming clue: the free nodes of B that now produce what the matched readers of i's outputs read."""
+        a, b, m = self.a, self.b, self.m
+        seeds = []
+        for out in a.nodes[i].output:
+            for c, k in a.consumers.get(out, []):
+                j = m.a_to_b.get(c)
+                if j is not None and k < len(b.nodes[j].input) and (t := b.nodes[j].input[k]) in b.producer:
+                    p = b.producer[t][0]
+                    if self.free_b(p) and p not in seeds:
+                        seeds.append(p)
+            if out in a.outputs and out in b.producer and self.free_b(p := b.producer[out][0]) and p not in seeds:
+                seeds.append(p)
+        return seeds
+
+    def lowered(self) -> list[Rewrite]:
+        a, b, m, claims = self.a, self.b, self.m, self.claims
+        found = []
+        for i, node in enumerate(a.nodes):
+            if i in claims.nodes_a:
+                continue
+            derived = [j for j in m.derived.get(i, []) if j not in claims.nodes_b]
+            j = m.a_to_b.get(i)
+            replaced = j is not None and b.op(j) != a.op(i)
+            if not derived and not replaced:
+                if not (is_custom(node) and j is None):
+                    continue
+                derived = self._seeds(i)  # no naming clue: what sits where the custom node was
+                if not derived:
+                    continue
+            starts = [*derived, *([j] if replaced and j is not None else [])]
+            claims.nodes_b.update(derived)
+            fed = self._upstream(b, [n for s in starts for n in b.nodes[s].input], self.free_b, claims.nodes_b, None)
+            group = sorted({*starts, *fed})
+            removed = []
+            if replaced:
+                claims.pairs.add(i)
+            elif j is None:
+                claims.nodes_a.add(i)
+                removed = self._dominated(a, [i], self.free_a)
+                claims.nodes_a.update(removed)
+            for x in (i, *removed):
+                claims.lowered_a[x] = i
+            for y in group:
+                claims.lowered_b[y] = i
+            rw = Rewrite("lowered", self._label(i, group), a.layers[i], a.label(i), a.op(i),
+                         [b.label(x) for x in group], [a.label(x) for x in removed])  # fmt: skip
+            self._initializers(rw, [i, *removed], group)
+            found.append(rw)
+        return found
+
+    def _label(self, i: int, group: list[int]) -> str:
+        b = self.b
+        kernels = [b.op(j) for j in group if is_custom(b.nodes[j]) or b.nodes[j].op_type in FUSED_OPS]
+        if kernels:
+            return f"lowered (to {' + '.join(dict.fromkeys(kernels))})"
+        if is_custom(self.a.nodes[i]):
+            return f"lowered (inlined, {len(group)} nodes)"
+        ops = [b.op(j) for j in group if b.nodes[j].op_type not in _PLUMBING]
+        return f"lowered (to {' + '.join(dict.fromkeys(ops))}, {len(group)} nodes)" if ops else \
+            f"lowered ({len(group)} nodes)"  # fmt: skip
+
+    # ---- folded ------------------------------------------------------------------------------------------
+
+    def folded(self) -> list[Rewrite]:
+        a, b, claims = self.a, self.b, self.claims
+
+        def constant_in_b(name: str) -> bool:
+            if name in b.initializers:
+                return True
+            p = b.producer.get(name)
+            return p is not None and b.nodes[p[0]].op_type == "Constant" and not b.nodes[p[0]].input
+
+        starts = [i for i in range(len(a)) if self.free_a(i) and a.nodes[i].output
+                  and all(constant_in_b(o) for o in a.nodes[i].output if o)]  # fmt: skip
+        if not starts:
+            return []
+        claims.nodes_a.update(starts)
+        extra = self._dominated(a, starts, self.free_a)
+        claims.nodes_a.update(extra)
+        by_layer: dict[int | None, list[int]] = {}
+        for i in sorted({*starts, *extra}):
+            by_layer.setdefault(a.layers[i], []).append(i)
+        found = []
+        for layer, nodes in by_layer.items():
+            outs = [o for i in nodes for o in a.nodes[i].output if o and constant_in_b(o)]
+            made = [p for o in outs if (q := b.producer.get(o)) is not None and self.free_b(p := q[0])]
+            claims.nodes_b.update(made)
+            ops = Counter(a.op(i) for i in nodes)
+            rw = Rewrite("folded", f"folded to constants ({len(nodes)} node{'s' if len(nodes) > 1 else ''})", layer,
+                         ", ".join(f"{op} x{n}" if n > 1 else op for op, n in ops.items()), "",
+                         [b.label(j) for j in made], [a.label(i) for i in nodes])  # fmt: skip
+            self._initializers(rw, nodes, made)
+            for o in outs:
+                if o in b.initializers and o not in self.inits_back and o not in claims.inits_b:
+                    rw.added_initializers.append(o)
+                    claims.inits_b.add(o)
             found.append(rw)
         return found
 
@@ -134,9 +432,12 @@ def _experts_name(weights: tuple[str, ...]) -> str:
     return ".".join(common) or short_name(weights[0])
 
 
-def group_rewrites(a: GraphIndex, b: GraphIndex, m: Matching, inits: dict[str, str], linears_a: list[Linear],
-                   linears_b: list[Linear], changed: set[str]) -> tuple[list[Rewrite], Claims]:  # fmt: skip
+def group_rewrites(a: GraphIndex, b: GraphIndex, m: Matching, inits: dict[str, str],
+                   changed: set[str]) -> tuple[list[Rewrite], Claims]:  # fmt: skip
     """The pipeline rewrites between A and B; `changed`: initializers of A whose B counterpart differs."""
-    grouper = _Grouper(a, b, m, inits)
-    rewrites = grouper.lowered(changed) + grouper.quantized(linears_a, linears_b, changed)
-    return rewrites, grouper.claims
+    grouper = _Grouper(a, b, m, inits, changed)
+    merged = grouper.merged()
+    quantized = grouper.quantized()
+    lowered = grouper.lowered()
+    folded = grouper.folded()
+    return [*quantized, *lowered, *merged, *folded], grouper.claims

@@ -80,3 +80,15 @@ def test_truncated_safetensors_is_a_clear_error(checkpoint: Path, tmp_path: Path
     result = run("generate", str(broken), "--prompt-ids", "1")
     assert result.returncode == 2 and "Traceback" not in result.stderr
     assert "safetensors" in result.stderr
+
+
+def test_export_format_mlir_runs_the_iree_lowering(checkpoint: Path, tmp_path: Path) -> None:
+    pytest.importorskip("iree.compiler", reason="the mlir extra (iree-base-compiler) is not installed")
+    out = tmp_path / "mlir"
+    result = run("export", str(checkpoint), "--out", str(out), "--format", "mlir")
+    assert result.returncode == 0, result.stderr
+    for role in ("prefill", "decode", "mtp"):
+        assert (out / f"{role}.mlir").read_text().lstrip().startswith("module")
+    stages = [s["stage"] for s in json.loads((out / "manifest.json").read_text())["stages"]]
+    assert stages == ["export", "lower"]
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]  # no temporary folder left behind

@@ -94,11 +94,12 @@ def test_export_folder_with_weights_none(tmp_path: Path, monkeypatch: pytest.Mon
 def test_handlers_dispatch_on_what_a_folder_holds(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     (tmp_path / "engines").mkdir()
     (tmp_path / "engines" / "engine_manifest.json").write_text("{}")
+    assert inspect_mod.find_handler(tmp_path / "engines").kind == "tensorrt engine folder"
+    (tmp_path / "other").mkdir()
     with pytest.raises(UserError, match="not something dsv3c can inspect"):
-        inspect_mod.find_handler(tmp_path / "engines")
-    engine = inspect_mod.Handler("tensorrt engine folder", lambda p: (p / "engine_manifest.json").is_file(),
-                                 "json:loads", "builtins:str")  # fmt: skip
-    monkeypatch.setattr(inspect_mod, "HANDLERS", [engine, *inspect_mod.HANDLERS])
-    handler = inspect_mod.find_handler(tmp_path / "engines")
-    assert handler.kind == "tensorrt engine folder"
+        inspect_mod.find_handler(tmp_path / "other")
+    custom = inspect_mod.Handler("json list", lambda p: p.suffix == ".jsonl", "json:loads", "builtins:str")
+    monkeypatch.setattr(inspect_mod, "HANDLERS", [custom, *inspect_mod.HANDLERS])
+    handler = inspect_mod.find_handler(tmp_path / "x.jsonl") if (tmp_path / "x.jsonl").touch() is None else None
+    assert handler is not None and handler.kind == "json list"
     assert handler.call("inspect", "[1]") == [1]

@@ -184,7 +184,7 @@ def test_fp8_checkpoint_survives_bit_for_bit(export_dir: Path, tmp_path: Path) -
 def _without_source(folder: Path, tmp_path: Path) -> Path:
     """The export folder with its source checkpoint 'moved away' (the manifest points elsewhere)."""
     manifest = read_manifest(folder)
-    manifest.stages[0]["source"] = str(tmp_path / "moved-away")
+    manifest.stages[0]["source"] = manifest.stages[0]["source_path"] = str(tmp_path / "moved-away")
     write_manifest(manifest, folder)
     return folder
 
