@@ -192,9 +192,9 @@ def diff_graphs(a: LoadedGraph, b: LoadedGraph, values: bool = True) -> tuple[Gr
     matched_b = set(inits.values())
     init_entries += [InitializerChange("added", "", y, layer_of_name(y)) for y in b.tensors
                      if y not in matched_b and y not in claims.inits_b]  # fmt: skip
+    nodes = _node_entries(ia, ib, m, _Sources(ia, ib, m, inits, claims), claims)
     result = GraphDiff(a.role or b.role, str(a.path), str(b.path), len(ia), len(ib), m.counts(),
-                       _model_changes(a, b), rewrites, _node_entries(ia, ib, m, _Sources(ia, ib, m, inits, claims), claims),
-                       init_entries)  # fmt: skip
+                       _model_changes(a, b), rewrites, nodes, init_entries)  # fmt: skip
     return result, m
 
 

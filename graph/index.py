@@ -54,9 +54,14 @@ class GraphIndex:
                 if name:
                     self.consumers.setdefault(name, []).append((i, k))
         self.elem_types: dict[str, int] = {t.name: t.data_type for t in graph.initializer}
+        self.shapes: dict[str, tuple[int | str, ...]] = {t.name: tuple(t.dims) for t in graph.initializer}
         for v in (*graph.input, *graph.output, *graph.value_info):
             if v.type.HasField("tensor_type") and v.type.tensor_type.elem_type:
                 self.elem_types[v.name] = v.type.tensor_type.elem_type
+            if v.type.HasField("tensor_type") and v.type.tensor_type.HasField("shape"):
+                dims = v.type.tensor_type.shape.dim
+                self.shapes[v.name] = tuple(d.dim_value if d.HasField("dim_value") else d.dim_param or "?"
+                                            for d in dims)  # fmt: skip
 
     def __len__(self) -> int:
         return len(self.nodes)

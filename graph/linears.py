@@ -16,6 +16,7 @@ fp8 weights are weight-only (the reference body and onnxruntime's MoE kernel deq
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from dataclasses import dataclass
 
@@ -115,9 +116,15 @@ class LinearFinder:
                     scales = frozenset().union(*(p.scales for p in parts if p))
                     if node.op_type == "DequantizeLinear":
                         scales |= frozenset().union(*(p.initializers for p in parts[1:] if p))
+                    elif node.op_type in ("Mul", "Div") and any(self._has_fp8(p) for p in parts if p):
+                        # DequantizeLinear(w, 1) * block scales: the operand without the fp8 weight is a scale
+                        scales |= frozenset().union(*(p.initializers for p in parts if p and not self._has_fp8(p)))
                     result = Trace(inits, nodes, scales)
         self._memo[tensor] = result
         return result
+
+    def _has_fp8(self, trace: Trace) -> bool:
+        return any(self.index.initializers[n].data_type in FP8_TYPES for n in trace.initializers - trace.scales)
 
     def weights(self, trace: Trace) -> list[onnx.TensorProto]:
         """The weight initializers of a constant subgraph: its fp8 ones, else its largest float ones (rank >= 2)."""
@@ -133,6 +140,8 @@ class LinearFinder:
         index = self.index
         found = [index.initializers[n] for n in sorted(trace.scales)]
         found = [t for t in found if t.data_type in _FLOATS and t is not weight]
+        if len(found) > 1:  # a DequantizeLinear of scale 1 next to the real scales: the scalar says nothing
+            found = [t for t in found if math.prod(t.dims) > 1] or found
         if not found:  # a scale read another way (a Mul after a DequantizeLinear of scale 1)
             found = [t for n in sorted(trace.initializers) if (t := index.initializers[n]) is not weight
                      and t.data_type in _FLOATS and math.prod(t.dims) < math.prod(weight.dims)]  # fmt: skip
@@ -216,6 +225,22 @@ class LinearFinder:
         return 0
 
     def find(self) -> list[Linear]:
+        """Every linear, one per weight (a weight that several MatMuls read, as an inlined attention core's
+        kv_b_proj split in two, is one linear with their FLOPs summed)."""
+        merged: dict[tuple[str, ...], Linear] = {}
+        for linear in self._find():
+            old = merged.get(linear.weights)
+            if old is None:
+                merged[linear.weights] = linear
+            else:
+                both = old.fp8_activation and linear.fp8_activation
+                merged[linear.weights] = dataclasses.replace(
+                    old, flops=old.flops + linear.flops, fp8_activation=both, activation=old.activation if both else "",
+                    trace_nodes=old.trace_nodes | linear.trace_nodes,
+                )  # fmt: skip
+        return list(merged.values())
+
+    def _find(self) -> list[Linear]:
         found: list[Linear] = []
         for i, node in enumerate(self.index.nodes):
             if node.op_type in ("MatMul", "Gemm") and node.domain in ("", "ai.onnx") and len(node.input) > 1:
@@ -239,7 +264,10 @@ class LinearFinder:
         if not weights or trace is None:
             return None
         weight = weights[0]
-        flops = 2.0 * sum(math.prod(w.dims) for w in weights)
+        # the operand's shape when known (a slice of the weight, per-head blocks), else the weights' own
+        operand = [d for d in self.index.shapes.get(node.input[1], ()) if isinstance(d, int)]
+        static = bool(operand) and len(operand) == len(self.index.shapes[node.input[1]])
+        flops = 2.0 * (math.prod(operand) if static else sum(math.prod(w.dims) for w in weights))
         return self._linear(i, trace, weight, flops, "matmul", self.activation(node.input[0]))
 
     def _custom(self, i: int, node: onnx.NodeProto) -> list[Linear]:
@@ -271,21 +299,39 @@ def _dtype(elem_type: int) -> str:
     return onnx.helper.tensor_dtype_to_string(elem_type).removeprefix("TensorProto.").lower()
 
 
+def _block(w: int, s: int) -> int:
+    """The block size that maps `w` elements onto `s` scales: the smallest power of two if one fits (DeepSeek's
+    128 blocks on a dimension smaller than 128), else ceil(w / s)."""
+    if s >= w:
+        return 1
+    b = 1
+    while math.ceil(w / b) > s:
+        b *= 2
+    return b if math.ceil(w / b) == s else math.ceil(w / s)
+
+
 def _granularity(weight: tuple[int, ...], scale: tuple[int, ...]) -> str:
-    """Name the scale layout: per-tensor, per-channel, or the block size that maps `weight` onto `scale`."""
+    """Name the scale layout: per-tensor, per-channel, per-expert, or the blocks that map `weight` onto `scale`."""
+    while len(scale) > len(weight) and scale[-1] == 1:  # [out, in / b, 1]: scales broadcast over a block
+        scale = scale[:-1]
     dims = [d for d in scale if d != 1]
     if not dims:
         return "per-tensor"
     if len(weight) == 3 and tuple(scale) == weight[:1]:
         return "per-expert"
-    if len(dims) == 1 and dims[0] in weight:
+    if len(scale) == 1 and dims[0] in weight:
         return "per-channel"
     if len(scale) != len(weight):
         return f"scale {list(scale)}"
-    blocks = {math.ceil(w / s) for w, s in zip(weight, scale, strict=True) if s not in (0, w)}
-    if len(blocks) == 1:
-        return f"block {blocks.pop()}"
-    return "block " + "x".join(str(math.ceil(w / max(s, 1))) for w, s in zip(weight, scale, strict=True))
+    pairs = list(zip(weight, scale, strict=True))
+    if len(weight) == 3 and pairs[0][0] == pairs[0][1]:
+        pairs = pairs[1:]  # one block per expert
+    # one scale over a whole dimension fits any block at least that long: take the other dimensions' block
+    sized = [_block(w, s) for w, s in pairs if s > 1 or w == 1]
+    blocks = [_block(w, s) if s > 1 or w == 1 or not sized else max(max(sized), w) for w, s in pairs]
+    if len(set(blocks)) == 1:
+        return f"block {blocks[0]}"
+    return "block " + "x".join(map(str, blocks))
 
 
 def find_linears(index: GraphIndex) -> list[Linear]:

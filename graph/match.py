@@ -80,7 +80,7 @@ def _derived(a: GraphIndex, b: GraphIndex, m: Matching) -> None:
 
 def _by_outputs(a: GraphIndex, b: GraphIndex, m: Matching) -> None:
     for i, node in enumerate(a.nodes):
-        if i in m.a_to_b or i in m.derived:
+        if i in m.a_to_b:
             continue
         for name in node.output:
             j = b.producer.get(name, (None, 0))[0] if name else None

@@ -75,9 +75,12 @@ def _graph_summary(s: GraphSummary) -> list[str]:
         lines.append("functions: " + ", ".join(f"{f} ({n} nodes)" for f, n in s.functions.items()))
     f = s.fp8
     schemes = "; ".join(f"{k}: {v}" for k, v in f.schemes.items())
+    acts = "; ".join(f"{k}: {v}" for k, v in f.activations.items())
     lines.append(f"fp8: {100 * f.share:.1f}% of linear FLOPs ({count(f.fp8_flops)} of {count(f.flops)} per token); "
-                 f"{f.fp8_linears} of {f.linears} linears in fp8" + (f" ({schemes})" if schemes else "")
-                 + (f"; {f.weight_only} with fp8 weights only" if f.weight_only else ""))  # fmt: skip
+                 f"{f.fp8_linears} of {f.linears} linears in fp8" + (f" (activations {acts})" if acts else "")
+                 + (f"; {f.weight_only} more with fp8 weights only ({100 * f.weight_only_share:.1f}% of FLOPs)"
+                    if f.weight_only else "")
+                 + (f"; weight schemes: {schemes}" if schemes else ""))  # fmt: skip
     lines.append(f"cache inputs: {_specs(s.cache)}")
     for e in s.external_files:
         state = "missing" if e.size is None else f"{size(e.size)} on disk"
@@ -107,6 +110,10 @@ def _shape(dims: list[int]) -> str:
     return "[" + ", ".join(map(str, dims)) + "]"
 
 
+def _nodes(n: int) -> str:
+    return f"{n} node{'s' if n != 1 else ''}"
+
+
 def quantized_line(rw: Rewrite) -> str:
     """One quantized linear: its op, weight and scale shapes, and how its activation runs."""
     many = "s" if len(rw.weights) > 1 else ""
@@ -126,15 +133,25 @@ def rewrite_lines(rewrites: list[Rewrite]) -> list[str]:
     """The rewrites of one layer: quantized linears under one summary line per scheme, one line per linear
     below it; each lowering, merge or fold on its own line."""
     by_label: dict[str, list[Rewrite]] = defaultdict(list)
+    lowered: dict[tuple[str, str], list[Rewrite]] = defaultdict(list)
     lines = []
     for rw in rewrites:
         if rw.kind == "quantized":
             by_label[rw.label].append(rw)
         elif rw.kind == "lowered":
-            removed = f", -{len(rw.removed_nodes)} nodes" if rw.removed_nodes else ""
-            lines.append(f"{rw.label}: {rw.op} {rw.target} (+{len(rw.added_nodes)} nodes{removed})")
+            lowered[(rw.label, rw.op)].append(rw)
         else:
             lines.append(f"{rw.label}: {rw.target}")
+    lowered_lines = []
+    for (label, op), group in lowered.items():
+        added, removed = sum(len(r.added_nodes) for r in group), sum(len(r.removed_nodes) for r in group)
+        delta = f"+{_nodes(added)}" + (f", -{_nodes(removed)}" if removed else "")
+        if len(group) == 1:
+            lowered_lines.append(f"{label}: {op} {group[0].target} ({delta})")
+        else:
+            names = ", ".join(r.target for r in group[:3]) + (", ..." if len(group) > 3 else "")
+            lowered_lines.append(f"{label}: {len(group)} {op} nodes ({names}; {delta})")
+    lines = lowered_lines + lines
     head = []
     for label, group in by_label.items():
         nodes = sum(len(r.added_nodes) for r in group)

@@ -83,11 +83,18 @@ class _Grouper:
         self.inits_back = {y: x for x, y in inits.items()}
         self.claims = Claims()
         self.finder_a, self.finder_b = LinearFinder(a), LinearFinder(b)
+        self.linear_a = {linear.node: linear for linear in self.finder_a.find()}
         self.linear_of_weight: dict[str, Linear] = {}
         for linear in self.finder_b.find():
             for w in linear.weights:
                 self.linear_of_weight.setdefault(w, linear)
         self.activation_owner: dict[int, Rewrite] = {}  # B node of an activation Q/DQ -> the rewrite claiming it
+        self.owner_a: dict[int, Rewrite] = {}  # claimed node -> its rewrite
+        self.owner_b: dict[int, Rewrite] = {}
+
+    def _own(self, rw: Rewrite, nodes_a: Iterable[int], nodes_b: Iterable[int]) -> None:
+        self.owner_a.update(dict.fromkeys(nodes_a, rw))
+        self.owner_b.update(dict.fromkeys(nodes_b, rw))
 
     # ---- helpers ---------------------------------------------------------------------------------------
 
@@ -106,7 +113,7 @@ class _Grouper:
             if tensor not in index.producer:
                 continue
             p = index.producer[tensor][0]
-            if not free(p) or (ops is not None and index.nodes[p].op_type not in ops):
+            if p in claimed or not free(p) or (ops is not None and index.nodes[p].op_type not in ops):
                 continue
             claimed.add(p)
             found.append(p)
@@ -115,11 +122,13 @@ class _Grouper:
 
     def _dominated(self, index: GraphIndex, starts: list[int], free: Callable[[int], bool]) -> list[int]:
         """Free nodes upstream of `starts` whose outputs are read only inside the region (nodes that only fed it)."""
+        first = set(starts)
         region, heap, seen = set(starts), [-s for s in starts], set(starts)
+        heapq.heapify(heap)  # the latest node first: its readers are decided before it
         found = []
         while heap:
             i = -heapq.heappop(heap)
-            if i not in starts:
+            if i not in first:
                 users = {c for out in index.nodes[i].output for c, _ in index.consumers.get(out, [])}
                 graph_out = any(out in index.outputs for out in index.nodes[i].output)
                 if graph_out or not users <= region or not free(i):
@@ -132,7 +141,9 @@ class _Grouper:
                     heapq.heappush(heap, -p)
         return found
 
-    def _forward(self, index: GraphIndex, tensor: str, free: Callable[[int], bool]) -> tuple[list[int], list[tuple[int, int]]]:  # fmt: skip
+    def _forward(
+        self, index: GraphIndex, tensor: str, free: Callable[[int], bool]
+    ) -> tuple[list[int], list[tuple[int, int]]]:
         """From a weight: the free constant-path nodes it flows through, and where it is read after them."""
         path, readers, todo, seen = [], [], [(tensor, 0)], set()
         while todo:
@@ -142,7 +153,8 @@ class _Grouper:
                 if j in seen:
                     continue
                 seen.add(j)
-                if free(j) and node.op_type in WEIGHT_PATH and node.domain in ("", "ai.onnx") and depth < _FORWARD_DEPTH:
+                on_path = node.op_type in WEIGHT_PATH and node.domain in ("", "ai.onnx")
+                if free(j) and on_path and depth < _FORWARD_DEPTH:
                     path.append(j)
                     todo += [(out, depth + 1) for out in node.output if out]
                 else:
@@ -177,6 +189,27 @@ class _Grouper:
                 rw.added_initializers.append(name)
                 self.claims.inits_b.add(name)
 
+    def sweep(self) -> None:
+        """Nodes left over that only fed nodes of rewrites (a constant shared by several) go with the first."""
+        for index, free, owner, removed in ((self.a, self.free_a, self.owner_a, True),
+                                            (self.b, self.free_b, self.owner_b, False)):  # fmt: skip
+            for i in reversed(range(len(index))):
+                node = index.nodes[i]
+                users = sorted({c for out in node.output for c, _ in index.consumers.get(out, [])})
+                if not free(i) or not users or any(out in index.outputs for out in node.output):
+                    continue
+                if all(u in owner for u in users):
+                    rw = owner[users[0]]
+                    owner[i] = rw
+                    if removed:
+                        self.claims.nodes_a.add(i)
+                        rw.removed_nodes.append(self.a.label(i))
+                        self._initializers(rw, [i], [])
+                    else:
+                        self.claims.nodes_b.add(i)
+                        rw.added_nodes.append(self.b.label(i))
+                        self._initializers(rw, [], [i])
+
     # ---- merged (common subexpressions) ------------------------------------------------------------------
 
     def merged(self) -> list[Rewrite]:
@@ -210,6 +243,7 @@ class _Grouper:
             target = ", ".join(f"{op} x{n}" if n > 1 else op for op, n in ops.items()) + " -> " + " / ".join(same)
             rw = Rewrite("merged", f"merged ({len(items)} duplicate node{'s' if len(items) > 1 else ''})", layer,
                          target, "", removed_nodes=[a.label(i) for i, _ in items])  # fmt: skip
+            self._own(rw, [i for i, _ in items], [])
             found.append(rw)
         return found
 
@@ -239,7 +273,11 @@ class _Grouper:
             if x is None or self.a.initializers[x].data_type in FP8_TYPES or len(self.a.initializers[x].dims) < 2:
                 continue
             self._weight(x, y, groups)
-        return [rw for _, rw in sorted(groups.values(), key=lambda item: item[0])]
+        found = [rw for _, rw in sorted(groups.values(), key=lambda item: item[0])]
+        for rw in found:
+            rw.added_initializers.sort()
+            rw.removed_initializers.sort()
+        return found
 
     def _weight(self, x: str, y: str, groups: dict[Hashable, tuple[int, Rewrite]]) -> None:
         a, b, m, claims = self.a, self.b, self.m, self.claims
@@ -264,9 +302,8 @@ class _Grouper:
         if user_a is None and readers_a:
             user_a = self._user(a, readers_a[0][0])
         linear = self.linear_of_weight.get(y)
-        experts = len(b.initializers[y].dims) == 3 and (
-            (user_a is not None and a.nodes[user_a].op_type in MOE_OPS) or (linear is not None and linear.kind == "experts")
-        )  # fmt: skip
+        moe = user_a is not None and a.nodes[user_a].op_type in MOE_OPS
+        experts = len(b.initializers[y].dims) == 3 and (moe or (linear is not None and linear.kind == "experts"))
         key: Hashable = ("experts", user_a) if experts else ("weight", y)
         order = user_a if user_a is not None else len(a) + len(groups)
         if key not in groups:
@@ -286,6 +323,7 @@ class _Grouper:
         rw.target = _experts_name(tuple(names)) if experts else short_name(names[0])
         rw.added_nodes += [b.label(j) for j in [*path_b, *scales_b]]
         rw.removed_nodes += [a.label(i) for i in [*path_a, *scales_a]]
+        self._own(rw, [*path_a, *scales_a], [*path_b, *scales_b])
         self._initializers(rw, [*path_a, *scales_a], [*path_b, *scales_b])
         if x != y:
             if x not in claims.inits_a:
@@ -319,6 +357,7 @@ class _Grouper:
         claims.nodes_b.update(found)
         for j in found:
             self.activation_owner[j] = rw
+        self._own(rw, [], found)
         rw.added_nodes += [b.label(j) for j in sorted(found)]
         self._initializers(rw, [], found)
 
@@ -369,9 +408,12 @@ class _Grouper:
                 claims.lowered_a[x] = i
             for y in group:
                 claims.lowered_b[y] = i
-            rw = Rewrite("lowered", self._label(i, group), a.layers[i], a.label(i), a.op(i),
+            linear = self.linear_a.get(i) if node.op_type in ("MatMul", "Gemm") else None
+            target = short_name(linear.weights[0]) if linear is not None else a.label(i)  # a linear by its weight
+            rw = Rewrite("lowered", self._label(i, group), a.layers[i], target, a.op(i),
                          [b.label(x) for x in group], [a.label(x) for x in removed])  # fmt: skip
             self._initializers(rw, [i, *removed], group)
+            self._own(rw, [i, *removed], group)
             found.append(rw)
         return found
 
@@ -380,11 +422,15 @@ class _Grouper:
         kernels = [b.op(j) for j in group if is_custom(b.nodes[j]) or b.nodes[j].op_type in FUSED_OPS]
         if kernels:
             return f"lowered (to {' + '.join(dict.fromkeys(kernels))})"
-        if is_custom(self.a.nodes[i]):
+        node = self.a.nodes[i]
+        if is_custom(node):
             return f"lowered (inlined, {len(group)} nodes)"
-        ops = [b.op(j) for j in group if b.nodes[j].op_type not in _PLUMBING]
-        return f"lowered (to {' + '.join(dict.fromkeys(ops))}, {len(group)} nodes)" if ops else \
-            f"lowered ({len(group)} nodes)"  # fmt: skip
+        ops = " + ".join(dict.fromkeys(b.op(j) for j in group if b.nodes[j].op_type not in _PLUMBING))
+        if node.op_type in ("QuantizeLinear", "DequantizeLinear") and any(
+            a.name == "block_size" and a.i for a in node.attribute
+        ):
+            return f"lowered (blocked {node.op_type} as {ops or 'constants'})"
+        return f"lowered (to {ops})" if ops else "lowered (rewritten)"
 
     # ---- folded ------------------------------------------------------------------------------------------
 
@@ -413,10 +459,14 @@ class _Grouper:
             made = [p for o in outs if (q := b.producer.get(o)) is not None and self.free_b(p := q[0])]
             claims.nodes_b.update(made)
             ops = Counter(a.op(i) for i in nodes)
-            rw = Rewrite("folded", f"folded to constants ({len(nodes)} node{'s' if len(nodes) > 1 else ''})", layer,
+            n, s = len(nodes), "s" if len(nodes) > 1 else ""
+            label = f"lifted to initializers ({n} constant{s})" if set(ops) == {"Constant"} else \
+                f"folded to constants ({n} node{s})"  # fmt: skip
+            rw = Rewrite("folded", label, layer,
                          ", ".join(f"{op} x{n}" if n > 1 else op for op, n in ops.items()), "",
                          [b.label(j) for j in made], [a.label(i) for i in nodes])  # fmt: skip
             self._initializers(rw, nodes, made)
+            self._own(rw, nodes, made)
             for o in outs:
                 if o in b.initializers and o not in self.inits_back and o not in claims.inits_b:
                     rw.added_initializers.append(o)
@@ -440,4 +490,5 @@ def group_rewrites(a: GraphIndex, b: GraphIndex, m: Matching, inits: dict[str, s
     quantized = grouper.quantized()
     lowered = grouper.lowered()
     folded = grouper.folded()
+    grouper.sweep()
     return [*quantized, *lowered, *merged, *folded], grouper.claims

@@ -49,11 +49,17 @@ class Fp8Coverage:
     weight_only: int  # fp8 weights, activations in high precision
     flops: float  # per token, over all linears
     fp8_flops: float
-    schemes: dict[str, int]  # "fp8, block 128" -> linears
+    schemes: dict[str, int]  # "fp8, block 128" -> linears with fp8 weights
+    weight_only_flops: float = 0.0  # fp8 weights whose activations stay high precision
+    activations: dict[str, int] = field(default_factory=dict)  # "fp8, 1x128 tiles (online)" -> linears
 
     @property
     def share(self) -> float:
         return self.fp8_flops / self.flops if self.flops else 0.0
+
+    @property
+    def weight_only_share(self) -> float:
+        return self.weight_only_flops / self.flops if self.flops else 0.0
 
 
 @dataclass
@@ -112,12 +118,15 @@ def _custom(index: GraphIndex) -> list[CustomNodes]:
 
 
 def _coverage(index: GraphIndex) -> Fp8Coverage:
+    """Linears run in fp8 when both the weight and the activation are fp8 (graph/linears.py says how each is
+    found); fp8 weights next to a high-precision activation (a custom node's, a MoE's experts) are weight-only."""
     linears = find_linears(index)
     schemes = Counter(lin.scheme for lin in linears if lin.fp8_weight)
+    weight_only = [lin for lin in linears if lin.fp8_weight and not lin.fp8_activation]
     return Fp8Coverage(
-        len(linears), sum(lin.runs_fp8 for lin in linears),
-        sum(lin.fp8_weight and not lin.fp8_activation for lin in linears),
+        len(linears), sum(lin.runs_fp8 for lin in linears), len(weight_only),
         sum(lin.flops for lin in linears), sum(lin.flops for lin in linears if lin.runs_fp8), dict(schemes),
+        sum(lin.flops for lin in weight_only), dict(Counter(lin.activation for lin in linears if lin.runs_fp8)),
     )  # fmt: skip
 
 

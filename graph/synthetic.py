@@ -3,8 +3,11 @@
 `build_model` writes a decoder in the exporter's vocabulary: checkpoint-named weight initializers
 (`model.layers.{i}.self_attn.q_a_proj.weight`), `/model/layers.{i}/...` node names, RMSNorms, residual
 adds, `dsv3c::MLAAttention` and `dsv3c::MoE` nodes with model-local functions as their bodies. The bodies
-are simplified stand-ins (they run, they are not MLA or DeepSeekMoE). `quantize_fp8`, `inline_custom` and
-`lower_moe_ort` mimic the passes' rewrites (issue 4) until the real passes exist.
+are simplified stand-ins (they run, they are not MLA or DeepSeekMoE). `quantize_fp8` builds what the real
+FP8 passes build (names, scale expansion, DequantizeLinear in front of the weight's reader, tiled activation
+Q/DQ), so that the graph tests and the scale benchmark need no export; `inline_custom` and `lower_moe_ort`
+mimic lowerings in two other conventions (custom node name kept, output names kept) that the diff must also
+recognise. Pairs from the real pipeline are tested in tests/test_graph_pipeline.py.
 """
 
 from __future__ import annotations
@@ -204,109 +207,125 @@ def _block_quantize(w: np.ndarray, block: int) -> tuple[np.ndarray, np.ndarray]:
     return (w / full).astype(ml_dtypes.float8_e4m3fn), scale
 
 
-def quantize_fp8(model: onnx.ModelProto, block: int = 128, skip: tuple[str, ...] = ("lm_head",),
-                 experts: bool = True) -> onnx.ModelProto:  # fmt: skip
-    """Every MatMul over a float weight initializer (direct or behind a Transpose) -> block fp8, like issue 4.
+class _Named:
+    """Nodes named `{prefix}/{what}` (a repeated name gets `_1`, `_2`), outputs named as their node: the
+    naming of the passes' Builder (passes/builder.py)."""
 
-    The weight keeps its name and becomes FLOAT8E4M3FN; `<weight>_scale_inv` holds the 128x128 block scales
-    repeated along the weight's columns (opset-21 DequantizeLinear blocks one axis); the activation is
-    quantized per token and per `block` channels: ReduceMax(Abs) / 448 -> QuantizeLinear -> DequantizeLinear.
+    def __init__(self, prefix: str) -> None:
+        self.prefix, self.nodes, self.count = prefix, list[onnx.NodeProto](), dict[str, int]()
+
+    def op(self, op: str, inputs: list[str], what: str, **attrs: Any) -> str:
+        n = self.count.get(what, 0)
+        self.count[what] = n + 1
+        name = f"{self.prefix}/{what}" + (f"_{n}" if n else "")
+        self.nodes.append(helper.make_node(op, inputs, [name], name=name, **attrs))
+        return name
+
+    def ints(self, *values: int, what: str) -> str:
+        return self.op("Constant", [], what, value=nh.from_array(np.array(values, np.int64)))
+
+    def const(self, value: float, what: str) -> str:
+        return self.op("Constant", [], what, value=nh.from_array(np.array(value, np.float32)))
+
+
+def _quantize_weight(g: onnx.GraphProto, w: onnx.TensorProto, block: int) -> tuple[list[onnx.NodeProto], str]:
+    """`w` [(E,) R, C] -> the same name in FLOAT8E4M3FN, `{w}_scale_inv` [(E,) ceil(R/b), ceil(C/b)] (DeepSeek's
+    128x128 block scales, stored as they are), and the pass's dequantization: the scales repeated over each
+    block's rows (Unsqueeze -> Expand -> Reshape, -> Slice for a partial edge block), then
+    DequantizeLinear(w, scales, axis=-1, block_size=b). Returns the nodes and the dequantized tensor."""
+    *lead, rows, cols = (int(d) for d in w.dims)
+    r = len(lead)
+    scale_dims = (*lead, math.ceil(rows / block), math.ceil(cols / block))
+    scale_name = f"{w.name}_scale_inv"
+    if w.data_location == TensorProto.EXTERNAL:
+        fp8, scale_t = declared(w.name, FP8, tuple(w.dims)), declared(scale_name, FLOAT, scale_dims)
+    else:
+        array = nh.to_array(w).reshape(-1, rows, cols)
+        parts = [_block_quantize(x, block) for x in array]
+        q = np.stack([p[0] for p in parts]).reshape(tuple(w.dims))
+        fp8 = helper.make_tensor(w.name, FP8, tuple(w.dims), q.view(np.uint8).tobytes(), raw=True)
+        scale_t = nh.from_array(np.stack([p[1] for p in parts]).reshape(scale_dims), scale_name)
+    w.CopyFrom(fp8)
+    g.initializer.append(scale_t)
+    b = _Named(w.name.removesuffix(".weight"))
+    s = b.op("Unsqueeze", [scale_name, b.ints(r + 1, what="axes")], "scale_unsqueeze")
+    s = b.op("Expand", [s, b.ints(*([1] * (r + 1) + [block, 1]), what="tile")], "scale_expand")
+    s = b.op("Reshape", [s, b.ints(*([0] * r + [scale_dims[-2] * block, -1]), what="rows")], "scale_rows")
+    if scale_dims[-2] * block != rows:
+        s = b.op("Slice", [s, b.ints(0, what="start"), b.ints(rows, what="end"), b.ints(r, what="axes")], "scale_crop")
+    dq = b.op("DequantizeLinear", [w.name, s], "dequantize", axis=-1, block_size=block)
+    return b.nodes, dq
+
+
+def _quantize_activation(prefix: str, x: str, k: int, block: int) -> tuple[list[onnx.NodeProto], str]:
+    """The pass's online activation Q/DQ of x [T, k] (per token, per `block` channels), named `{prefix}/input/...`."""
+    b = _Named(prefix + "/input")
+    tiles, pad = math.ceil(k / block), -k % block
+    h = b.op("Pad", [x, b.ints(0, 0, 0, pad, what="pads")], "pad") if pad else x
+    t = b.op("Reshape", [h, b.ints(0, tiles, block, what="tiles")], "to_tiles")
+    amax = b.op("ReduceMax", [b.op("Abs", [t], "abs"), b.ints(-1, what="axes")], "amax", keepdims=1)
+    top = b.op("Max", [amax, b.const(1e-4, "floor")], "max")
+    scale = b.op("Div", [top, b.const(448.0, "fp8_max")], "scale")
+    q = b.op("QuantizeLinear", [t, scale], "quantize", output_dtype=FP8, axis=-1, block_size=block)
+    dq = b.op("DequantizeLinear", [q, scale], "dequantize", axis=-1, block_size=block)
+    y = b.op("Reshape", [dq, b.ints(0, tiles * block, what="channels")], "from_tiles")
+    if pad:
+        y = b.op("Slice", [y, b.ints(0, what="start"), b.ints(k, what="end"), b.ints(-1, what="axes")], "crop")
+    return b.nodes, y
+
+
+def quantize_fp8(model: onnx.ModelProto, block: int = 128, skip: tuple[str, ...] = ("lm_head",),
+                 experts: bool = True, activations: bool = True) -> onnx.ModelProto:  # fmt: skip
+    """What `dsv3c quantize` does (passes/fp8_weights.py, fp8_activations.py), on these hand-made graphs.
+
+    Every MatMul over a float weight initializer (the checkpoint's [out, in] behind a Transpose, or [in, out]
+    read directly) and the weights the custom nodes read (MLA's kv_b_proj, the MoE's stacked experts; not
+    the router) get fp8 weights in DeepSeek's block scheme, dequantized in the graph in front of their reader;
+    the MatMuls' activations get online Q/DQ in 1 x `block` tiles, one per activation tensor, named after the
+    first linear that reads it. `skip`: weight names left in high precision; `activations=False`: weights only.
     """
     out = onnx.ModelProto()
     out.CopyFrom(model)
     g = out.graph
     inits = {t.name: t for t in g.initializer}
     producers = {o: n for n in g.node for o in n.output}
-    new_nodes: list[onnx.NodeProto] = []
-    consts = [
-        nh.from_array(np.array(448.0, np.float32), "fp8/448"),
-        nh.from_array(np.array(1e-12, np.float32), "fp8/eps"),
-    ]
-    g.initializer.extend(consts)
+    before: dict[int, list[onnx.NodeProto]] = {}  # id(node) -> nodes to insert in front of it
+    users: dict[str, list[tuple[onnx.NodeProto, int, str]]] = {}  # activation -> (MatMul, channels, weight)
+
+    def quantize(w: onnx.TensorProto, reader: onnx.NodeProto, k: int) -> None:
+        nodes, dq = _quantize_weight(g, w, block)
+        before.setdefault(id(reader), []).extend(nodes)
+        reader.input[k] = dq
+
     for node in g.node:
-        if (node.domain, node.op_type) == ("dsv3c", "MoE") and experts:
-            new_nodes += _quantize_experts(g, inits, node, block)
-        weight_in = node.input[1] if node.op_type == "MatMul" else ""
-        src = producers.get(weight_in)
-        name = src.input[0] if src is not None and src.op_type == "Transpose" else weight_in
-        w = inits.get(name)
-        if w is None or w.data_type != FLOAT or any(s in name for s in skip):
-            new_nodes.append(node)
-            continue
-        transpose = src if src is not None and src.op_type == "Transpose" else None
-        new_nodes += _quantize_weight(g, w, transpose or node, block, node)
-        new_nodes.append(node)
+        if node.op_type == "MatMul":
+            src = producers.get(node.input[1])
+            transposed = src is not None and src.op_type == "Transpose"
+            name = src.input[0] if src is not None and transposed else node.input[1]
+            w = inits.get(name)
+            if w is None or w.data_type != FLOAT or len(w.dims) != 2 or any(x in name for x in skip):
+                continue
+            quantize(w, src if src is not None and transposed else node, 0 if transposed else 1)
+            users.setdefault(node.input[0], []).append((node, int(w.dims[1] if transposed else w.dims[0]), name))
+        elif node.domain == "dsv3c":
+            for k, name in enumerate(node.input):
+                w = inits.get(name)
+                if w is None or w.data_type != FLOAT or len(w.dims) < 2 or any(x in name for x in skip):
+                    continue
+                if "kv_b_proj" in name or (experts and ".experts." in name):
+                    quantize(w, node, k)
+    if activations:
+        order = {id(n): k for k, n in enumerate(g.node)}
+        for x, readers in users.items():
+            first = min(readers, key=lambda r: order[id(r[0])])
+            nodes, y = _quantize_activation(readers[0][2].removesuffix(".weight"), x, readers[0][1], block)
+            before.setdefault(id(first[0]), []).extend(nodes)
+            for mm, _, _ in readers:
+                mm.input[0] = y
+    nodes = [n for node in g.node for n in (*before.get(id(node), []), node)]
     del g.node[:]
-    g.node.extend(new_nodes)
+    g.node.extend(nodes)
     return out
-
-
-def _quantize_weight(g: onnx.GraphProto, w: onnx.TensorProto, reader: onnx.NodeProto, block: int,
-                     mm: onnx.NodeProto) -> list[onnx.NodeProto]:  # fmt: skip
-    """Rewrite one linear: `reader` (the MatMul, or the Transpose in front of it) reads the weight `w`."""
-    rows, cols = w.dims
-    external = w.data_location == TensorProto.EXTERNAL
-    scale_name = f"{w.name}_scale_inv"
-    if external:
-        fp8 = declared(w.name, FP8, (rows, cols))
-        scale_t = declared(scale_name, FLOAT, (math.ceil(rows / block), cols))
-    else:
-        q, scale = _block_quantize(nh.to_array(w), block)
-        fp8 = helper.make_tensor(w.name, FP8, (rows, cols), q.view(np.uint8).tobytes(), raw=True)
-        scale_t = nh.from_array(np.repeat(scale, block, 1)[:, :cols].copy(), scale_name)
-    w.CopyFrom(fp8)
-    g.initializer.append(scale_t)
-    p = mm.name
-    nodes = [helper.make_node("DequantizeLinear", [w.name, scale_name], [f"{p}/weight_dq"], name=f"{p}/weight_dq",
-                              axis=0, block_size=block)]  # fmt: skip
-    reader.input[1 if reader is mm else 0] = f"{p}/weight_dq"
-    k_in = rows if reader is mm else cols  # [in, out] read directly, or the checkpoint's [out, in] transposed
-    shape = nh.from_array(np.array([0, k_in // block, block], np.int64), f"{p}/act_shape")
-    axes = nh.from_array(np.array([-1], np.int64), f"{p}/act_axes")
-    g.initializer.extend([shape, axes])
-    x = mm.input[0]
-    nodes += [
-        helper.make_node("Reshape", [x, shape.name], [f"{p}/act_blocks"], name=f"{p}/act_reshape"),
-        helper.make_node("Abs", [f"{p}/act_blocks"], [f"{p}/act_abs"], name=f"{p}/act_abs"),
-        helper.make_node("ReduceMax", [f"{p}/act_abs", axes.name], [f"{p}/act_amax"], name=f"{p}/act_amax", keepdims=0),
-        helper.make_node("Div", [f"{p}/act_amax", "fp8/448"], [f"{p}/act_s0"], name=f"{p}/act_div"),
-        helper.make_node("Max", [f"{p}/act_s0", "fp8/eps"], [f"{p}/act_scale"], name=f"{p}/act_max"),
-        helper.make_node("QuantizeLinear", [x, f"{p}/act_scale"], [f"{p}/act_q"], name=f"{p}/act_q", axis=1,
-                         block_size=block, output_dtype=FP8),
-        helper.make_node("DequantizeLinear", [f"{p}/act_q", f"{p}/act_scale"], [f"{p}/act_dq"], name=f"{p}/act_dq",
-                         axis=1, block_size=block),
-    ]  # fmt: skip
-    mm.input[0] = f"{p}/act_dq"
-    return nodes
-
-
-def _quantize_experts(g: onnx.GraphProto, inits: dict[str, onnx.TensorProto], moe: onnx.NodeProto,
-                      block: int) -> list[onnx.NodeProto]:  # fmt: skip
-    """MoE expert weights [E, R, C] -> fp8 + scales [E, ceil(R/b), C] feeding the MoE node through DequantizeLinear."""
-    nodes = []
-    for k in (3, 4, 5):  # gate, up, down
-        w = inits[moe.input[k]]
-        e, rows, cols = w.dims
-        scale_name = f"{w.name}_scale_inv"
-        if w.data_location == TensorProto.EXTERNAL:
-            fp8, scale_t = (
-                declared(w.name, FP8, (e, rows, cols)),
-                declared(scale_name, FLOAT, (e, math.ceil(rows / block), cols)),
-            )
-        else:
-            parts = [_block_quantize(x, block) for x in nh.to_array(w)]
-            q = np.stack([p[0] for p in parts])
-            fp8 = helper.make_tensor(w.name, FP8, (e, rows, cols), q.view(np.uint8).tobytes(), raw=True)
-            scale = np.stack([np.repeat(p[1], block, 1)[:, :cols] for p in parts])
-            scale_t = nh.from_array(np.ascontiguousarray(scale), scale_name)
-        w.CopyFrom(fp8)
-        g.initializer.append(scale_t)
-        out = f"{moe.name}/{w.name}_dq"
-        nodes.append(
-            helper.make_node("DequantizeLinear", [w.name, scale_name], [out], name=out, axis=1, block_size=block)
-        )
-        moe.input[k] = out
-    return nodes
 
 
 def inline_custom(model: onnx.ModelProto) -> onnx.ModelProto:

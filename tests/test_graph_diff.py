@@ -131,14 +131,25 @@ def test_quantized_linears_grouped_per_layer(tmp_path: Path, data: bool) -> None
     assert labels == {(layer, "quantized (fp8, block 128)") for layer in range(3)}
     per_layer = {layer: [r.target for r in g.rewrites if r.layer == layer] for layer in range(3)}
     assert per_layer[0] == ["self_attn.q_a_proj", "self_attn.q_b_proj", "self_attn.kv_a_proj_with_mqa",
-                            "self_attn.o_proj", "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj"]  # fmt: skip
+                            "self_attn.kv_b_proj", "self_attn.o_proj", "mlp.gate_proj", "mlp.up_proj",
+                            "mlp.down_proj"]  # fmt: skip
     assert "mlp.experts" in per_layer[1] and "mlp.shared_experts.down_proj" in per_layer[2]
-    o_proj = next(r for r in g.rewrites if r.layer == 0 and r.target == "self_attn.o_proj")
+    rewrites = {(r.layer, r.target): r for r in g.rewrites}
+    o_proj = rewrites[0, "self_attn.o_proj"]
     assert o_proj.changed_initializers == ["model.layers.0.self_attn.o_proj.weight"]  # float -> fp8, same name
-    assert "model.layers.0.self_attn.o_proj.weight_scale_inv" in o_proj.added_initializers
-    assert {n.rsplit("/", 1)[-1] for n in o_proj.added_nodes} >= {"weight_dq", "act_q", "act_dq", "act_amax"}
+    assert o_proj.added_initializers == ["model.layers.0.self_attn.o_proj.weight_scale_inv"]
+    assert {n.rsplit("/", 1)[-1] for n in o_proj.added_nodes} >= {"dequantize", "scale_expand", "quantize", "amax"}
+    assert (o_proj.op, o_proj.weight_shapes, o_proj.scale_shapes) == ("MatMul", [[256, 256]], [[2, 2]])
+    assert o_proj.activation == "fp8, 1x128 tiles (online)" and not o_proj.weight_only
+    kv_a = rewrites[0, "self_attn.kv_a_proj_with_mqa"]  # reads q_a_proj's input: one Q/DQ for both
+    assert kv_a.shared_activation == "self_attn.q_a_proj" and not any("/input/" in n for n in kv_a.added_nodes)
+    experts, kv_b = rewrites[1, "mlp.experts"], rewrites[1, "self_attn.kv_b_proj"]
+    assert experts.weight_only and kv_b.weight_only and experts.op == "dsv3c::MoE"
+    assert experts.weights == [f"model.layers.1.mlp.experts.{p}_proj.weight" for p in ("gate", "up", "down")]
+    assert experts.scale_shapes == [[4, 1, 2], [4, 1, 2], [4, 2, 1]]
     text = render_diff(DiffReport("a", "b", [g]))
-    assert "layer 1:\n    quantized (fp8, block 128): self_attn.q_a_proj," in text
+    assert "layer 1:\n    quantized (fp8, block 128): 9 linears (7 with fp8 activations, 2 weight-only)" in text
+    assert "self_attn.o_proj (MatMul): weight float8e4m3fn[256, 256], scale [2, 2]; activations fp8" in text
     assert "added" not in text.replace("+", "")
 
 
@@ -160,20 +171,29 @@ def test_lowered_to_com_microsoft_moe(tmp_path: Path, base: onnx.ModelProto) -> 
     assert not g.nodes and not g.initializers, render_diff(DiffReport("a", "b", [g]))
     assert [(r.layer, r.label) for r in g.rewrites] == [(1, "lowered (to com.microsoft::MoE)"),
                                                          (2, "lowered (to com.microsoft::MoE)")]  # fmt: skip
-    assert len(g.rewrites[0].added_nodes) == 3  # router Transpose + MatMul, fc1 Concat: fed into the new node
+    # the new node, and what was added to feed it: router Transpose + MatMul, fc1 Concat
+    assert len(g.rewrites[0].added_nodes) == 4
 
 
 def test_lowered_without_the_naming_convention(tmp_path: Path, base: onnx.ModelProto) -> None:
-    """A lowering that renames everything is still found: the custom node's output tensor names survive."""
+    """A lowering that renames every node is still found: by the custom node's output names when they survive,
+    else by what now sits between the custom node's matched neighbours."""
     inlined = inline_custom(base)
     for k, node in enumerate(inlined.graph.node):
         if "MLAAttention/" in node.name or "MoE/" in node.name:
             node.name = f"body_{k}"
+    renamed = _copy(inlined)  # the outputs renamed too: only the structure is left
+    new = {o: f"t{k}" for k, n in enumerate(renamed.graph.node) if n.name.startswith("body_") for o in n.output}
+    for node in renamed.graph.node:
+        for field in (node.input, node.output):
+            for k, x in enumerate(field):
+                field[k] = new.get(x, x)
     ort = lower_moe_ort(base)
     for node in ort.graph.node:
         if node.domain == "com.microsoft":
             node.name = "moe_ort"
-    for b, label in ((inlined, "lowered (to Mul)"), (ort, "lowered (to com.microsoft::MoE)")):
+    for b, label in ((inlined, "lowered (inlined, 3 nodes)"), (renamed, "lowered (inlined, 3 nodes)"),
+                     (ort, "lowered (to com.microsoft::MoE)")):  # fmt: skip
         g = _diff(tmp_path, base, b)
         assert not g.nodes and not g.initializers, render_diff(DiffReport("a", "b", [g]))
         assert label in {r.label for r in g.rewrites}

@@ -47,7 +47,8 @@ def test_chromium_shows_the_report(report_html: Path, tmp_path: Path) -> None:
     assert re.search(r'id="status">rendered: 1 graphs, 4 layers, 4 bars<', dom), dom[:2000]
     summaries = re.findall(r"<summary>(.*?)<span", dom)
     assert summaries == ["layer 0", "layer 1", "layer 2", "outside layers"]
-    assert "quantized (fp8, block 128): self_attn.q_a_proj" in dom
+    assert "quantized (fp8, block 128): 8 linears (7 with fp8 activations, 1 weight-only)" in dom
+    assert "self_attn.q_a_proj (MatMul): weight float8e4m3fn[256, 256], scale [2, 2]" in dom
     bars = re.findall(r'<rect class="bar( jump)?" data-layer="([^"]+)"', dom)
     assert [layer for _, layer in bars] == ["0", "1", "2", "None"]
     assert bars[0][0] == " jump"  # the first quantized linear is in layer 0

@@ -1,0 +1,252 @@
+"""dsv3c diff / inspect on pairs the real pipeline makes from one tiny export: export vs quantize (FP8 passes),
+export vs lower portable, quantize vs lower ort. Every difference must be one of the pipeline's rewrites,
+grouped per layer: quantized linears (weights + activations, or weight-only), lowered custom nodes, and the
+cleanup's merged duplicates; nothing left as raw added/removed nodes."""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+
+import onnx
+import pytest
+from dsv3c.cli import main as cli
+from dsv3c.graph.diff import diff_paths
+from dsv3c.graph.diff_types import DiffReport, GraphDiff, Rewrite
+from dsv3c.graph.linears import FP8_TYPES
+from dsv3c.graph.render_text import render_diff
+from dsv3c.graph.summary import inspect_path
+
+ROLES = ["prefill", "decode", "mtp"]
+ATTENTION = ["self_attn.q_a_proj", "self_attn.q_b_proj", "self_attn.kv_a_proj_with_mqa", "self_attn.kv_b_proj",
+             "self_attn.o_proj"]  # fmt: skip
+DENSE = ["mlp.gate_proj", "mlp.up_proj", "mlp.down_proj"]
+MOE = ["mlp.experts", "mlp.shared_experts.gate_proj", "mlp.shared_experts.up_proj", "mlp.shared_experts.down_proj"]
+WEIGHT_ONLY = {"self_attn.kv_b_proj", "mlp.experts"}  # read inside dsv3c::MLAAttention / dsv3c::MoE
+
+
+@pytest.fixture(scope="module")
+def folders(tiny_export: Path, tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    """The tiny export, its FP8 version, the export lowered to portable and trt, the FP8 version to ort and iree."""
+    from dsv3c.passes.lower import lower_folder
+    from dsv3c.passes.pipelines import QuantizeOptions, Target
+    from dsv3c.passes.quantize import quantize_folder
+
+    root = tmp_path_factory.mktemp("pipeline")
+    out = {"export": tiny_export, "quantized": root / "q"}
+    quantize_folder(tiny_export, out["quantized"], QuantizeOptions())
+    for source, target in (("export", Target.PORTABLE), ("export", Target.TRT), ("quantized", Target.ORT),
+                           ("quantized", Target.IREE)):  # fmt: skip
+        out[target.value] = root / target.value
+        lower_folder(out[source], out[target.value], target)
+    return out
+
+
+@pytest.fixture(scope="module")
+def quantized(folders: dict[str, Path]) -> DiffReport:
+    return diff_paths(folders["export"], folders["quantized"])
+
+
+def _run_cli(argv: list[str], capsys: pytest.CaptureFixture[str]) -> tuple[int, str]:
+    capsys.readouterr()
+    code = cli.main(argv)
+    return code, capsys.readouterr().out
+
+
+def _only_rewrites(g: GraphDiff) -> None:
+    """Nothing reported outside the rewrites: no raw node or initializer entries."""
+    assert not g.nodes and not g.initializers, render_diff(DiffReport("a", "b", [g]))
+
+
+def _fp8_weights(path: Path) -> set[str]:
+    model = onnx.load(str(path), load_external_data=False)
+    return {t.name for t in model.graph.initializer if t.data_type in FP8_TYPES}
+
+
+def _scales(path: Path) -> dict[str, list[int]]:
+    model = onnx.load(str(path), load_external_data=False)
+    return {t.name: list(t.dims) for t in model.graph.initializer if t.name.endswith("_scale_inv")}
+
+
+def test_export_vs_quantize_is_grouped_per_layer(quantized: DiffReport, folders: dict[str, Path]) -> None:
+    assert [g.role for g in quantized.graphs] == ROLES and not quantized.identical
+    for g in quantized.graphs:
+        _only_rewrites(g)
+        assert not g.model  # the functions' bodies are unchanged (shape annotations aside)
+        assert {r.kind for r in g.rewrites} <= {"quantized", "merged"}
+        # every fp8 weight of the quantized graph belongs to exactly one reported linear
+        weights = [w for r in g.rewrites for w in r.weights]
+        assert sorted(weights) == sorted(_fp8_weights(folders["quantized"] / f"{g.role}.onnx"))
+    prefill = quantized.graphs[0]
+    targets = {layer: [r.target for r in prefill.rewrites if r.layer == layer and r.kind == "quantized"]
+               for layer in (0, 1, 2)}  # fmt: skip
+    assert targets[0] == ATTENTION + DENSE  # the dense layer
+    assert sorted(targets[1]) == sorted(targets[2]) == sorted(ATTENTION + MOE)  # the MoE layers
+    scales = _scales(folders["quantized"] / "prefill.onnx")
+    for r in (r for r in prefill.rewrites if r.kind == "quantized"):
+        assert r.label == "quantized (fp8, block 128)" and r.weight_dtype == "float8e4m3fn"
+        assert r.weight_only == (r.target in WEIGHT_ONLY), r
+        assert r.activation in ("", "fp8, 1x128 tiles (online)")
+        assert sorted(r.changed_initializers) == sorted(r.weights)  # float -> fp8 under the same name
+        assert r.scale_shapes == [scales[w + "_scale_inv"] for w in r.weights]
+        assert r.added_initializers == sorted(w + "_scale_inv" for w in r.weights)
+        assert any(n.endswith("/dequantize") for n in r.added_nodes)
+    by_target = {(r.layer, r.target): r for r in prefill.rewrites}
+    experts = by_target[1, "mlp.experts"]
+    assert experts.op == "dsv3c::MoE" and [w.rsplit(".", 2)[-2] for w in experts.weights] == [
+        "gate_proj", "up_proj", "down_proj"]  # fmt: skip
+    assert by_target[0, "self_attn.kv_b_proj"].op == "dsv3c::MLAAttention"
+    q_a, kv_a = by_target[0, "self_attn.q_a_proj"], by_target[0, "self_attn.kv_a_proj_with_mqa"]
+    assert any(n.endswith("/input/quantize") for n in q_a.added_nodes)  # the activation's Q/DQ: once, here
+    assert kv_a.shared_activation == "self_attn.q_a_proj" and not any("/input/" in n for n in kv_a.added_nodes)
+    # the cleanup's CSE merged shape computations of later layers into earlier ones: said so, per layer
+    assert all(r.removed_nodes and "identical nodes" in r.target for r in prefill.rewrites if r.kind == "merged")
+
+
+def test_quantize_text_and_json(folders: dict[str, Path], tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    a, b = str(folders["export"]), str(folders["quantized"])
+    code, text = _run_cli(["diff", a, b], capsys)
+    assert code == 1
+    assert "  layer 0:\n    quantized (fp8, block 128): 8 linears (7 with fp8 activations, 1 weight-only); " in text
+    assert "  layer 1:\n    quantized (fp8, block 128): 9 linears (7 with fp8 activations, 2 weight-only); " in text
+    assert re.search(r"self_attn\.kv_b_proj \(dsv3c::MLAAttention\): weight float8e4m3fn\[\d+, \d+\], "
+                     r"scale \[\d+, \d+\]; weight-only", text)  # fmt: skip
+    assert "mlp.experts (dsv3c::MoE): weights float8e4m3fn[" in text
+    assert "activations fp8, 1x128 tiles (online), shares self_attn.q_a_proj's Q/DQ" in text
+    assert not re.search(r"^\s+(added|removed|changed|renamed) ", text, re.MULTILINE), text
+    out = tmp_path / "diff.json"
+    code, _ = _run_cli(["diff", a, b, "--format", "json", "--out", str(out)], capsys)
+    data = json.loads(out.read_text())
+    assert code == 1 and data["identical"] is False and [g["role"] for g in data["graphs"]] == ROLES
+    graph = data["graphs"][0]
+    assert graph["nodes"] == [] and graph["initializers"] == []
+    rows = {(r["layer"], r["target"]): r for r in graph["rewrites"]}
+    assert rows[0, "self_attn.kv_b_proj"]["weight_only"] is True and rows[0, "self_attn.o_proj"]["weight_only"] is False
+    assert rows[1, "mlp.experts"]["kind"] == "quantized" and len(rows[1, "mlp.experts"]["scale_shapes"]) == 3
+    assert rows[0, "self_attn.o_proj"]["activation"] == "fp8, 1x128 tiles (online)"
+
+
+def test_identical_folders(folders: dict[str, Path], capsys: pytest.CaptureFixture[str]) -> None:
+    code, text = _run_cli(["diff", str(folders["quantized"]), str(folders["quantized"])], capsys)
+    assert code == 0 and text.strip().endswith("no differences")
+
+
+def test_structure_not_names(folders: dict[str, Path], tmp_path: Path) -> None:
+    """Every node and every fp8 weight of the quantized graph renamed: the linears are still found, from the
+    float -> fp8 initializers and the DequantizeLinear on their way to the MatMul/MLA/MoE reading them."""
+    model = onnx.load(str(folders["quantized"] / "prefill.onnx"))
+    names = {t.name: f"w{k}" for k, t in enumerate(model.graph.initializer) if t.data_type in FP8_TYPES}
+    for t in model.graph.initializer:
+        t.name = names.get(t.name, t.name)
+    for k, node in enumerate(model.graph.node):
+        node.name = f"n{k}"
+        for i, x in enumerate(node.input):
+            node.input[i] = names.get(x, x)
+    onnx.save(model, tmp_path / "renamed.onnx")
+    expected = diff_paths(folders["export"] / "prefill.onnx", folders["quantized"] / "prefill.onnx").graphs[0]
+    (g,) = diff_paths(folders["export"] / "prefill.onnx", tmp_path / "renamed.onnx").graphs
+    got = [(r.layer, r.target, r.label, r.weight_only, len(r.weights)) for r in g.rewrites if r.kind == "quantized"]
+    assert got == [(r.layer, r.target, r.label, r.weight_only, len(r.weights)) for r in expected.rewrites
+                   if r.kind == "quantized"]  # fmt: skip
+    assert not g.initializers and {e.kind for e in g.nodes} == {"renamed"}  # the renames, and only them
+    renamed = next(r for r in g.rewrites if r.target == "self_attn.o_proj")
+    assert renamed.removed_initializers == ["model.layers.0.self_attn.o_proj.weight"]
+    assert names["model.layers.0.self_attn.o_proj.weight"] in renamed.added_initializers
+
+
+def test_lowered_portable(folders: dict[str, Path]) -> None:
+    report = diff_paths(folders["export"], folders["portable"])
+    for g in report.graphs:
+        _only_rewrites(g)
+        assert {c.field for c in g.model} == {"opset dsv3c", "function dsv3c::MLAAttention", "function dsv3c::MoE"}
+        lowered = [r for r in g.rewrites if r.kind == "lowered"]
+        assert all(re.fullmatch(r"lowered \(inlined, \d+ nodes\)", r.label) for r in lowered)
+        assert all(len(r.added_nodes) == int(r.label.split()[2]) for r in lowered)
+    prefill = report.graphs[0]
+    assert sorted((r.layer, r.op) for r in prefill.rewrites if r.kind == "lowered") == [
+        (0, "dsv3c::MLAAttention"), (1, "dsv3c::MLAAttention"), (1, "dsv3c::MoE"), (2, "dsv3c::MLAAttention"),
+        (2, "dsv3c::MoE")]  # fmt: skip
+
+
+def test_lowered_to_onnxruntime_moe(folders: dict[str, Path], capsys: pytest.CaptureFixture[str]) -> None:
+    report = diff_paths(folders["quantized"], folders["ort"])
+    for g in report.graphs:
+        _only_rewrites(g)
+        moe = [r for r in g.rewrites if r.op == "dsv3c::MoE"]
+        assert moe and all(r.label == "lowered (to com.microsoft::MoE)" for r in moe)
+        mla = [r for r in g.rewrites if r.op == "dsv3c::MLAAttention"]
+        assert mla and all(r.label.startswith("lowered (inlined, ") for r in mla)
+    code, text = _run_cli(["diff", str(folders["quantized"]), str(folders["ort"])], capsys)
+    assert code == 1 and "lowered (to com.microsoft::MoE): dsv3c::MoE layers.1/" in text
+    # export -> ort: quantized and lowered at once; the experts' fp8 weights now feed com.microsoft::MoE
+    both = diff_paths(folders["export"] / "prefill.onnx", folders["ort"] / "prefill.onnx").graphs[0]
+    _only_rewrites(both)
+    kinds = {(r.kind, r.layer) for r in both.rewrites}
+    assert {(k, layer) for k in ("quantized", "lowered") for layer in range(3)} <= kinds
+    experts = next(r for r in both.rewrites if r.target == "mlp.experts" and r.layer == 1)
+    assert experts.op == "dsv3c::MoE" and experts.weight_only and len(experts.weights) == 3
+
+
+def test_lowered_for_tensorrt_and_iree(folders: dict[str, Path]) -> None:
+    trt = diff_paths(folders["export"] / "prefill.onnx", folders["trt"] / "prefill.onnx").graphs[0]
+    _only_rewrites(trt)
+    assert "opset ai.onnx" in {c.field for c in trt.model}
+    labels = {(r.layer, r.op, r.label) for r in trt.rewrites if r.kind == "lowered"}
+    for layer in range(3):
+        assert (layer, "dsv3c::MLAAttention", "lowered (to Attention)") in labels
+        assert (layer, "Reshape", "lowered (to RotaryEmbedding)") in labels  # the RoPE pattern, by its last node
+    rope = next(r for r in trt.rewrites if r.label == "lowered (to RotaryEmbedding)")
+    assert len(rope.removed_nodes) > 5  # the pattern's Gather/Mul/Sub/Add/Concat... went with it
+    # iree: every blocked Q/DQ becomes a per-tensor one next to a Mul / Div by the expanded scales
+    iree = diff_paths(folders["quantized"] / "prefill.onnx", folders["iree"] / "prefill.onnx").graphs[0]
+    _only_rewrites(iree)
+    model = onnx.load(str(folders["quantized"] / "prefill.onnx"), load_external_data=False)
+    blocked = [n for n in model.graph.node if n.op_type in ("QuantizeLinear", "DequantizeLinear")
+               and any(a.name == "block_size" and a.i for a in n.attribute)]  # fmt: skip
+    rewritten = [r for r in iree.rewrites if r.label.startswith("lowered (blocked ")]
+    assert sorted(r.target for r in rewritten) == sorted(n.name for n in blocked)
+    assert {r.label for r in rewritten} == {"lowered (blocked DequantizeLinear as DequantizeLinear + Mul)",
+                                            "lowered (blocked QuantizeLinear as Div + QuantizeLinear)"}  # fmt: skip
+
+
+def test_numeric_export_vs_quantize(folders: dict[str, Path]) -> None:
+    (g,) = diff_paths(folders["export"] / "prefill.onnx", folders["quantized"] / "prefill.onnx", numeric=True).graphs
+    n = g.numeric
+    assert n is not None and n.status == "ok", n
+    assert [e.layer for e in n.layers] == [0, 1, 2, None] and n.compared > 200
+    assert all(1e-3 < e.max_rel < 2 for e in n.layers)  # fp8: percent-level per layer
+    assert n.first_jump is not None and n.first_jump.layer == 0 and n.first_jump.max_rel > 1e-3
+    # the first error is in layer 0's first linear: its dequantized weight, or what it computes
+    assert n.first_jump.node.startswith("layers.0/") and n.first_jump.op in ("Transpose", "MatMul")
+    assert {o.tensor for o in n.outputs} >= {"logits", "hidden"}
+    text = render_diff(DiffReport("a", "b", [g]))
+    assert re.search(r"numeric \(seed 0; inputs input_ids\[1, 4\], positions\[1, 4\]\): \d+ tensors compared", text)
+    assert "    layer 0: max rel err " in text and "  first jump: layer 0, " in text
+
+
+def test_inspect_fp8_coverage(folders: dict[str, Path]) -> None:
+    (before,) = [g for g in inspect_path(folders["export"]).graphs if g.role == "prefill"]
+    (after,) = [g for g in inspect_path(folders["quantized"]).graphs if g.role == "prefill"]
+    (ort,) = [g for g in inspect_path(folders["ort"]).graphs if g.role == "prefill"]
+    # 3 layers: 8 + 10 + 10 linears (MoE router and experts included), and lm_head
+    assert before.fp8.linears == after.fp8.linears == 29 and before.fp8.share == 0.0
+    f = after.fp8
+    assert (f.fp8_linears, f.weight_only) == (21, 5)  # kv_b_proj x3 and experts x2 are weight-only
+    assert f.schemes == {"fp8, block 128": 26} and f.activations == {"fp8, 1x128 tiles (online)": 21}
+    assert f.flops == pytest.approx(before.fp8.flops) and 0.3 < f.share < 0.9 and 0.05 < f.weight_only_share < 0.5
+    # onnxruntime's lowering does not change what runs in fp8
+    assert (ort.fp8.fp8_linears, ort.fp8.weight_only, ort.fp8.share) == (21, 5, pytest.approx(f.share))
+
+
+def test_rewrite_lists_name_real_nodes(quantized: DiffReport, folders: dict[str, Path]) -> None:
+    """The nodes folded under each rewrite exist in B (added) or A (removed) and are not listed twice."""
+    g = quantized.graphs[0]
+    b = {n.name for n in onnx.load(str(folders["quantized"] / "prefill.onnx"), load_external_data=False).graph.node}
+    a = {n.name for n in onnx.load(str(folders["export"] / "prefill.onnx"), load_external_data=False).graph.node}
+    rewrites: list[Rewrite] = g.rewrites
+    added = [n for r in rewrites for n in r.added_nodes]
+    removed = [n for r in rewrites for n in r.removed_nodes]
+    assert len(added) == len(set(added)) and set(added) <= b - a
+    assert len(removed) == len(set(removed)) and set(removed) <= a - b
+    assert len(added) == len(b - a)  # every node the passes added is explained by a rewrite
