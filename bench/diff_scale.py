@@ -1,12 +1,11 @@
 """Time `dsv3c diff` on the full DeepSeek-V3 topology (weights declared, not written), before vs after fp8.
 
-    python bench/diff_scale.py [--source synthetic|export] [--layers 61] [--linears-per-layer 25] [--out DIR]
+    python bench/diff_scale.py [--source export|synthetic] [--layers 61] [--linears-per-layer 25] [--out DIR]
 
---source synthetic (default) builds the v3 topology with dsv3c.graph.synthetic: 61 layers (3 dense, 58 MoE
-with 256 experts), v3's dimensions, `--linears-per-layer` MatMul linears per layer (the real 7, plus extra
-[hidden, hidden] ones up to the count), as prefill, decode and mtp graphs of an export folder.
---source export runs the real exporter (`--weights none`, preset v3). Either way the "after" folder is
-made by `synthetic.quantize_fp8`, the stand-in for the FP8 pass (issue 4) until it exists.
+--source export (default) runs the real pipeline: `dsv3c export --preset v3 --weights none`, then
+`dsv3c quantize` of that folder. --source synthetic builds the v3 topology with dsv3c.graph.synthetic
+(61 layers, 3 dense, 58 MoE with 256 experts, `--linears-per-layer` MatMul linears per layer) and
+quantizes it with `synthetic.quantize_fp8`, which builds the same structure as the real pass.
 
 Prints seconds for load + match + diff, for each renderer, and for inspect, and peak RSS.
 Goal (issue 7): the whole diff under 60 s on the 2-core CPU machine.
@@ -48,6 +47,13 @@ def exported_folder(out: Path, layers: int) -> None:
     export(Source("preset", "v3", config, None), out, weights="none", force=True)
 
 
+def quantized_folder(src: Path, dst: Path) -> None:
+    from dsv3c.passes.pipelines import QuantizeOptions
+    from dsv3c.passes.quantize import quantize_folder
+
+    quantize_folder(src, dst, QuantizeOptions())
+
+
 def quantized_copy(src: Path, dst: Path) -> None:
     from dsv3c.graph.load import read_export_manifest
     from dsv3c.graph.synthetic import quantize_fp8
@@ -66,7 +72,7 @@ def timed(label: str, fn, *args):  # type: ignore[no-untyped-def]
 
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--source", choices=["synthetic", "export"], default="synthetic")
+    p.add_argument("--source", choices=["export", "synthetic"], default="export")
     p.add_argument("--layers", type=int, default=61)
     p.add_argument("--linears-per-layer", type=int, default=25, help="synthetic only")
     p.add_argument("--out", type=Path, default=None, help="scratch folder (default: a temporary one)")
@@ -89,7 +95,10 @@ def main() -> int:
             )
         else:
             timed(f"export v3 --weights none ({args.layers} layers)", exported_folder, a, args.layers)
-        timed("quantize (synthetic fp8 pass)", quantized_copy, a, b)
+        if args.source == "synthetic":
+            timed("quantize (synthetic fp8 pass)", quantized_copy, a, b)
+        else:
+            timed("quantize (dsv3c quantize)", quantized_folder, a, b)
         start = time.perf_counter()
         report = timed("diff: load + match + group", diff_paths, a, b)
         text = timed("render text", render_diff, report)

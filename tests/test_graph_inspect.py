@@ -107,6 +107,7 @@ def test_handlers_dispatch_on_what_a_folder_holds(tmp_path: Path, monkeypatch: p
         inspect_mod.find_handler(tmp_path / "other")
     custom = inspect_mod.Handler("json list", lambda p: p.suffix == ".jsonl", "json:loads", "builtins:str")
     monkeypatch.setattr(inspect_mod, "HANDLERS", [custom, *inspect_mod.HANDLERS])
-    handler = inspect_mod.find_handler(tmp_path / "x.jsonl") if (tmp_path / "x.jsonl").touch() is None else None
-    assert handler is not None and handler.kind == "json list"
+    (tmp_path / "x.jsonl").touch()
+    handler = inspect_mod.find_handler(tmp_path / "x.jsonl")
+    assert handler.kind == "json list"
     assert handler.call("inspect", "[1]") == [1]
