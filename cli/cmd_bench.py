@@ -84,7 +84,7 @@ def check_pair(checkpoint: Path, folder: Path) -> None:
 def factories(checkpoint: Path, folder: Path, args: argparse.Namespace) -> dict[str, Callable[[], object]]:
     import torch
     from dsv3c.models.checkpoint import load_model
-    from dsv3c.runtime.bench_models import EngineRunner, TransformersRunner
+    from dsv3c.runtime.bench_models import EngineRunner, TransformersRunner, graph_weight_bytes
     from dsv3c.runtime.ort_backend import OrtEngine
     from dsv3c.runtime.torch_backend import TorchEngine
 
@@ -93,7 +93,7 @@ def factories(checkpoint: Path, folder: Path, args: argparse.Namespace) -> dict[
 
     def ort() -> EngineRunner:
         engine = OrtEngine(folder, args.device, args.threads, roles=("prefill", "decode"))
-        return EngineRunner("ort", engine, engine.dtype.itemsize)
+        return EngineRunner("ort", engine, engine.dtype.itemsize, graph_weight_bytes(engine.manifest))
 
     def eager() -> EngineRunner:
         return EngineRunner("torch", TorchEngine(load_model(checkpoint).to(args.device)), 4)

@@ -1,21 +1,34 @@
-"""Lower an export folder to a target: read -> the target's pipeline -> write (-> MLIR for iree)."""
+"""Lower an export folder to a target: read -> the target's pipeline -> write (-> MLIR for iree).
+
+With 8-bit weights (ort), the stage also records the error the lowering adds: every graph of the written
+folder against the same graph of the source folder, both in onnxruntime on seeded random inputs
+(ort_run.random_feeds), as ||lowered - source|| / ||source|| per output.
+"""
 
 from __future__ import annotations
 
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 from dsv3c.errors import UserError
 from dsv3c.export.manifest import Manifest
-from dsv3c.passes.export_io import read_export, write_export
+from dsv3c.models.fp8 import DEFAULT_BLOCK, Block
+from dsv3c.passes.export_io import ExportGraphs, read_export, write_export
+from dsv3c.passes.lower_ort_8bit import Int8Options
 from dsv3c.passes.mlir import import_onnx
+from dsv3c.passes.ort_run import FeedShape, GraphRunner, random_feeds, relative_error
 from dsv3c.passes.pipeline import run_pipeline
 from dsv3c.passes.pipelines import Target, lower_pipeline
 
 
 def lower_folder(src: Path, out: Path, target: Target, *, dims: dict[str, int] | None = None, emit_mlir: bool = False,
-                 dump_dir: Path | None = None, force: bool = False) -> Manifest:  # fmt: skip
-    """Write `out`: the export folder `src` lowered to `target` (plus `{role}.mlir` with emit_mlir)."""
+                 dump_dir: Path | None = None, force: bool = False,
+                 weights_8bit: int | None = None) -> Manifest:  # fmt: skip
+    """Write `out`: the export folder `src` lowered to `target` (plus `{role}.mlir` with emit_mlir);
+    `weights_8bit`: the block size of 8-bit weights (ort only)."""
+    if weights_8bit is not None and target != Target.ORT:
+        raise UserError("--weights-8bit stores weights for onnxruntime's kernels; use it with --target ort")
     if emit_mlir and target != Target.IREE:
         raise UserError("--emit mlir goes through IREE's importer; use it with --target iree")
     if dims and target != Target.IREE:
@@ -32,18 +45,76 @@ def lower_folder(src: Path, out: Path, target: Target, *, dims: dict[str, int] |
         raise UserError(f"--shape: no graph has a dimension named {', '.join(unknown)}; the dimensions are {known}")
     if emit_mlir and not graphs.has_weights:
         raise UserError(f"{src} has no weights (--weights none); MLIR embeds the weights, so it needs them")
-    stages = lower_pipeline(target, dims)
+    int8 = None
+    if weights_8bit is not None:
+        if weights_8bit < 16 or weights_8bit & (weights_8bit - 1):
+            raise UserError(f"--block-8bit {weights_8bit}: the kernels take a power of two >= 16 (e.g. 32, 128)")
+        int8 = Int8Options(weights_8bit, fp8_block(graphs))
+    stages = lower_pipeline(target, dims, int8)
     records = run_pipeline(graphs, stages, dump_dir)
     stage = {
         "stage": "lower",
         "target": target.value,
         "pipeline": [s.name for s in stages],
         **({"dims": dims} if dims else {}),
+        **({"weights_8bit": int8.to_dict()} if int8 is not None else {}),
         "changes": {r.name: r.changes for r in records if r.changes},
     }
 
-    def mlir(folder: Path) -> dict[str, Any]:
-        files = {role: import_onnx(folder / f"{role}.onnx", folder / f"{role}.mlir") for role in graphs.models}
-        return {"mlir": {role: path.name for role, path in files.items()}}
+    def finish(folder: Path) -> dict[str, Any]:
+        extra: dict[str, Any] = {}
+        if emit_mlir:
+            files = {role: import_onnx(folder / f"{role}.onnx", folder / f"{role}.mlir") for role in graphs.models}
+            extra["mlir"] = {role: path.name for role, path in files.items()}
+        if int8 is not None:
+            extra["error_vs_source"] = error_vs_source(src, graphs, folder)
+        return extra
 
-    return write_export(graphs, out, stage, force=force, finish=mlir if emit_mlir else None)
+    return write_export(graphs, out, stage, force=force, finish=finish if emit_mlir or int8 else None)
+
+
+def fp8_block(graphs: ExportGraphs) -> Block:
+    """The FP8 block shape of a quantized export (its quantize stage's options), else DeepSeek's."""
+    for stage in graphs.manifest.stages:
+        if stage.get("stage") == "quantize":
+            block = stage.get("options", {}).get("block")
+            if isinstance(block, list) and len(block) == 2:
+                return int(block[0]), int(block[1])
+    return DEFAULT_BLOCK
+
+
+ERROR_FEEDS = FeedShape(batch=2, seq=8, decode_seq=1, past=8)
+ERROR_SEED = 0
+
+
+def error_vs_source(src: Path, lowered: ExportGraphs, folder: Path) -> dict[str, Any]:
+    """Relative error of every output of every lowered graph (weights in `folder`) against the source
+    folder's graph, on the same seeded random inputs. For logits also per token (the median over tokens:
+    a token whose routing flips to another expert has a large error of its own) and top-1 agreement."""
+    if not lowered.has_weights:
+        return {"measured": False, "reason": "the folder has no weights (--weights none)"}
+    source = read_export(src)
+    errors: dict[str, dict[str, float]] = {}
+    logits: dict[str, dict[str, float]] = {}
+    for role, model in lowered.models.items():
+        feeds = random_feeds(source.manifest, role, np.random.default_rng(ERROR_SEED), ERROR_FEEDS)
+        want = GraphRunner(source.models[role], src).run(feeds)
+        got = GraphRunner(model, folder).run(feeds)
+        errors[role] = {name: relative_error(got[name], value) for name, value in want.items()}
+        if "logits" in want:
+            a, b = np.asarray(got["logits"], np.float64), np.asarray(want["logits"], np.float64)
+            per_token = np.linalg.norm(a - b, axis=-1) / np.maximum(np.linalg.norm(b, axis=-1), 1e-30)
+            logits[role] = {"relative": errors[role]["logits"], "median_token": float(np.median(per_token)),
+                            "max_token": float(per_token.max()),
+                            "top1_agreement": float((a.argmax(-1) == b.argmax(-1)).mean())}  # fmt: skip
+    return {
+        "measured": True,
+        "metric": "||lowered - source|| / ||source|| (Frobenius; onnxruntime CPU)",
+        "seed": ERROR_SEED,
+        "feeds": vars(ERROR_FEEDS),
+        "max_logits": max((d["relative"] for d in logits.values()), default=0.0),
+        "max_median_token_logits": max((d["median_token"] for d in logits.values()), default=0.0),
+        "max": max((e for role in errors.values() for e in role.values()), default=0.0),
+        "logits": logits,
+        "outputs": errors,
+    }

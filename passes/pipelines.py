@@ -16,6 +16,7 @@ from dsv3c.passes.fp8_weights import Fp8WeightsPass
 from dsv3c.passes.inline import InlineCustomPass
 from dsv3c.passes.lower_iree import DEFAULT_DIMS, BlockedQdqToMulPass, StaticShapesPass
 from dsv3c.passes.lower_ort import LowerMoEToOrtPass
+from dsv3c.passes.lower_ort_8bit import Int8Options, MatMulNBitsPass, MoEToQMoEPass
 from dsv3c.passes.lower_trt import ATTENTION_OPSET, MlaToAttentionPass, TrtQdqPass, UpgradeOpsetPass
 from dsv3c.passes.pipeline import Stage
 from dsv3c.passes.policy import Policy
@@ -52,12 +53,20 @@ class Target(enum.Enum):
     IREE = "iree"  # IREE: inlined, fixed shapes, blocked Q/DQ as element-wise math
 
 
-def lower_pipeline(target: Target, dims: dict[str, int] | None = None) -> list[Stage]:
-    """The stages that take a canonical (or quantized) export to `target`; `dims` fixes shapes (iree)."""
+def lower_pipeline(target: Target, dims: dict[str, int] | None = None, int8: Int8Options | None = None) -> list[Stage]:
+    """The stages that take a canonical (or quantized) export to `target`; `dims` fixes shapes (iree);
+    `int8` (ort): 8-bit weights in MatMulNBits / QMoE (a MoE QMoE cannot take keeps float experts)."""
     if target == Target.PORTABLE:
         return [Stage("inline-custom", InlineCustomPass()), *cleanup_stages()]
     if target == Target.ORT:
+        eight_bit = []
+        if int8 is not None:
+            eight_bit = [
+                Stage("linears-to-matmul-nbits", MatMulNBitsPass(int8)),
+                Stage("moe-to-qmoe", MoEToQMoEPass(int8)),
+            ]
         return [
+            *eight_bit,
             Stage("moe-to-com-microsoft", LowerMoEToOrtPass()),
             Stage("inline-custom", InlineCustomPass()),
             *cleanup_stages(),

@@ -20,7 +20,7 @@ from typing import Any, Literal
 
 import torch
 from dsv3c.errors import UserError
-from dsv3c.runtime.bench_models import Runner, weight_bytes_per_step
+from dsv3c.runtime.bench_models import Runner
 
 RuntimeName = Literal["ort", "torch", "transformers"]
 Phase = Literal["prefill", "decode"]
@@ -137,11 +137,10 @@ def measure(runner: Runner, plan: BenchPlan, batch: int, context: int, bandwidth
         steps.append(time.perf_counter() - start)
     step_s = statistics.median(steps)  # robust to a step that another process on the machine delayed
     cache = runner.cache_bytes_per_token()
-    config, item = runner.config, runner.weight_itemsize
     chunks = -(-context // plan.prefill_chunk)
-    prefill_bytes = chunks * weight_bytes_per_step(config, batch * min(context, plan.prefill_chunk), item)
+    prefill_bytes = chunks * runner.step_weight_bytes(batch * min(context, plan.prefill_chunk))
     mean_context = context + 1 + plan.decode_steps // 2
-    decode_bytes = weight_bytes_per_step(config, batch, item) + batch * mean_context * cache
+    decode_bytes = runner.step_weight_bytes(batch) + batch * mean_context * cache
     extra = {"decode_steps": plan.decode_steps, "prefill_chunk": plan.prefill_chunk, "bandwidth_bytes_per_s": bandwidth,
              "loadavg_1m": os.getloadavg()[0]}  # fmt: skip
 

@@ -3,6 +3,9 @@
 A runner prefills a batch of random prompts (in chunks of at most `chunk` tokens, so that a long context
 fits in memory: the first chunk through the prefill graph, the rest through decode over the past) and then
 decodes one token per row per step. Runners own their cache; `cache_bytes_per_token` is measured from it.
+`step_weight_bytes(tokens)` is what one call must read of the weights: for PyTorch and transformers from the
+checkpoint's shapes at the model's dtype, for onnxruntime from the graph's weights as stored (an 8-bit
+weight is 1 byte, its scales count too: `graph_weight_bytes`).
 """
 
 from __future__ import annotations
@@ -10,11 +13,15 @@ from __future__ import annotations
 import inspect
 import math
 import re
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any, Protocol
 
 import numpy as np
+import onnx
+import onnx_ir as ir
 import torch
+from dsv3c.export.manifest import Manifest
 from dsv3c.models.checkpoint_layout import parameter_shapes
 from dsv3c.models.config import DeepseekV3Config
 from dsv3c.runtime.engine import Engine
@@ -37,14 +44,26 @@ class Runner(Protocol):
 
     def cache_bytes_per_token(self) -> int: ...
 
+    def step_weight_bytes(self, tokens: int) -> int:
+        """Weight bytes one call over `tokens` tokens (all rows) must read."""
+        ...
+
 
 class EngineRunner:
-    """Our runtimes (onnxruntime, PyTorch) through the Engine protocol."""
+    """Our runtimes (onnxruntime, PyTorch) through the Engine protocol; `weight_bytes` (tokens -> bytes)
+    replaces the checkpoint-shape count at `weight_itemsize` (e.g. `graph_weight_bytes` for onnxruntime)."""
 
-    def __init__(self, name: str, engine: Engine, weight_itemsize: int):
+    def __init__(self, name: str, engine: Engine, weight_itemsize: int,
+                 weight_bytes: Callable[[int], int] | None = None):  # fmt: skip
         self.name, self.engine, self.config = name, engine, engine.config
         self.weight_itemsize = weight_itemsize
+        self.weight_bytes = weight_bytes
         self.position = 0
+
+    def step_weight_bytes(self, tokens: int) -> int:
+        if self.weight_bytes is not None:
+            return self.weight_bytes(tokens)
+        return weight_bytes_per_step(self.config, tokens, self.weight_itemsize)
 
     def prefill(self, ids: torch.Tensor, chunk: int, reserve: int) -> None:
         batch, seq = ids.shape
@@ -88,6 +107,9 @@ class TransformersRunner:
         self.seen, self.batch = 0, 1
         # transformers 5.2x renamed past_key_values to cache (input and output); accept either
         self.cache_arg = "cache" if "cache" in inspect.signature(self.model.forward).parameters else "past_key_values"
+
+    def step_weight_bytes(self, tokens: int) -> int:
+        return weight_bytes_per_step(self.config, tokens, self.weight_itemsize)
 
     def _step(self, ids: torch.Tensor) -> None:
         out = self.model(input_ids=ids, use_cache=True, **{self.cache_arg: self.cache})
@@ -147,6 +169,32 @@ def weight_bytes_per_step(config: DeepseekV3Config, tokens: int, itemsize: int) 
             size = size * reached // max(experts, 1)  # summed over all experts: scale to those reached
         total += size * itemsize
     return total
+
+
+def graph_weight_bytes(manifest: Manifest, role: str = "decode") -> Callable[[int], int]:
+    """Weight bytes per call read from an export's `role` graph: every weight as stored (its dtype's size:
+    4 for float32, 1 for fp8 or 8-bit integers, plus their scales), the embedding rows looked up, and the
+    stacked routed experts (names with `.experts.`) scaled to those reachable (at most tokens x top-k)."""
+    config = manifest.model_config()
+    proto = manifest.load_structure(role)
+    embed, experts, dense = 0, 0, 0
+    for t in proto.graph.initializer:
+        if t.data_location != onnx.TensorProto.EXTERNAL:
+            continue  # small constants inline in the graph file
+        nbytes = math.ceil(math.prod(t.dims) * ir.DataType(t.data_type).bitwidth / 8)
+        if "embed_tokens" in t.name:
+            embed += nbytes
+        elif ".experts." in t.name:
+            experts += nbytes
+        else:
+            dense += nbytes
+    n_experts, top_k, vocab = config.n_routed_experts or 0, config.num_experts_per_tok or 0, config.vocab_size
+
+    def per_step(tokens: int) -> int:
+        reached = min(n_experts, tokens * top_k)
+        return dense + embed * min(tokens, vocab) // vocab + experts * reached // max(n_experts, 1)
+
+    return per_step
 
 
 def copy_bandwidth(megabytes: int = 512, repeats: int = 5) -> float:
