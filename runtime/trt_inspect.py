@@ -64,8 +64,6 @@ def inspect_engine_folder(folder: Path, target_cc: list[str] | None = None) -> E
     return report
 
 
-
-
 def _engine(folder: Path, role: str, record: EngineRecord) -> EngineReport:
     path = folder / record.file
     problems = []
