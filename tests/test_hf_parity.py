@@ -54,6 +54,7 @@ def random_hf_config(seed: int) -> dict[str, Any]:
         "rms_norm_eps": 1e-6,
         "tie_word_embeddings": rng.random() < 0.25,
         "initializer_range": 0.1,
+        "attention_bias": rng.random() < 0.3,
         "num_nextn_predict_layers": 0,
     }
     if rng.random() < 0.6:
@@ -77,6 +78,9 @@ def save_hf_model(config: dict[str, Any], seed: int, folder: Path) -> Any:
             gate = getattr(layer.mlp, "gate", None)
             if gate is not None:  # a non-zero selection bias, some of it large enough to go negative
                 gate.e_score_correction_bias.normal_(0.0, 0.3)
+        for name, p in model.named_parameters():
+            if name.endswith(".bias"):  # attention_bias: transformers initializes them to zero
+                p.normal_(0.0, 0.1)
     model.save_pretrained(folder)
     return model
 
