@@ -18,6 +18,7 @@ import tempfile
 from collections.abc import Callable
 from pathlib import Path
 
+from dsv3c.cli.args import thread_count
 from dsv3c.errors import UserError
 
 HELP = "benchmark prefill and decode: onnxruntime vs PyTorch vs transformers (tokens/s, cache, bandwidth)"
@@ -36,7 +37,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--prefill-chunk", type=int, default=1024, help="longest prefill call; longer prompts go in chunks")
     p.add_argument("--one-at-a-time", action="store_true",
                    help="load one runtime at a time (less memory; default: all loaded, taking turns)")  # fmt: skip
-    p.add_argument("--threads", type=int, default=0, help="intra-op threads for every runtime (0: default)")
+    p.add_argument("--threads", type=thread_count, default=0, help="intra-op threads for every runtime (0: default)")
     p.add_argument("--bandwidth-mb", type=int, default=512, help="size of the copy that measures memory bandwidth")
     p.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
     p.add_argument("--json", action="store_true", help="print the rows as JSON on stdout (the table goes to stderr)")

@@ -13,6 +13,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from dsv3c.cli.args import thread_count
 from dsv3c.errors import UserError
 from dsv3c.runtime.sampling import SamplingConfig
 
@@ -38,7 +39,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--device", choices=["cpu", "cuda"], default="cpu",
                    help="cuda: torch on the GPU, or onnxruntime-gpu's CUDA execution provider")  # fmt: skip
     p.add_argument("--dtype", choices=["fp32", "bf16"], default="fp32", help="compute dtype (torch runtime)")
-    p.add_argument("--threads", type=int, default=0, help="intra-op threads (0: the runtime's default)")
+    p.add_argument("--threads", type=thread_count, default=0, help="intra-op threads (0: the runtime's default)")
     p.add_argument("--mtp", action="store_true", help="speculative decoding with the model's MTP module")
     p.add_argument("--temperature", type=float, default=0.0, help="0 (default): greedy")
     p.add_argument("--top-k", type=int, default=0)

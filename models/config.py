@@ -250,6 +250,11 @@ class DeepseekV3Config:
             raise ConfigError(
                 f"config: 'topk_group' ({self.topk_group}) must be between 1 and n_group ({self.n_group})"
             )
+        if self.topk_method == "noaux_tc" and self.n_group > 1 and n // self.n_group < 2:
+            raise ConfigError(
+                f"config: noaux_tc ranks expert groups by their two best experts, so n_routed_experts ({n}) / "
+                f"n_group ({self.n_group}) must be at least 2"
+            )
         reachable = self.topk_group * (n // self.n_group)
         if self.num_experts_per_tok > reachable:
             raise ConfigError(
@@ -321,15 +326,12 @@ def _read_rope(data: dict[str, Any]) -> tuple[float, YarnScaling | None]:
         return theta, None
     if kind != "yarn":
         raise ConfigError(f"config: 'rope_scaling.type' {kind!r} is not supported; DeepSeek models use 'yarn'")
-    try:
-        factor = float(scaling["factor"])
-        original = int(scaling["original_max_position_embeddings"])
-    except KeyError as e:
-        raise ConfigError(f"config: 'rope_scaling.{e.args[0]}' is missing (YaRN needs it)") from None
-    except (TypeError, ValueError):
-        raise ConfigError(
-            "config: 'rope_scaling.factor' and 'original_max_position_embeddings' must be numbers"
-        ) from None
+    for key in ("factor", "original_max_position_embeddings"):
+        if key not in scaling:
+            raise ConfigError(f"config: 'rope_scaling.{key}' is missing (YaRN needs it)")
+    factor = float(_check_type("rope_scaling.factor", scaling["factor"], "float"))
+    original = int(_check_type("rope_scaling.original_max_position_embeddings",
+                               scaling["original_max_position_embeddings"], "int"))  # fmt: skip
     keys = ("beta_fast", "beta_slow", "mscale", "mscale_all_dim")
     defaults = YarnScaling(factor, original)
     values = {k: float(_check_type(f"rope_scaling.{k}", scaling.get(k, getattr(defaults, k)), "float")) for k in keys}

@@ -10,8 +10,8 @@ token n. One step:
 
 Rows accept independently and drift apart in length; the per-row positions carry that. Tokens are chosen
 from the main model's logits exactly as plain decoding does, so greedy output is identical to plain greedy
-(and sampled output follows the same distribution). A finished row is frozen: it repeats its last step,
-which rewrites the same slots and changes nothing.
+(and sampled output follows the same distribution). A finished row is frozen: its tokens are no longer
+emitted, and the slots it still writes lie past its end, where nothing reads them.
 """
 
 from __future__ import annotations

@@ -58,6 +58,11 @@ def test_rope_parameters_of_transformers_5() -> None:
         ({"qk_rope_head_dim": 15}, "'qk_rope_head_dim' must be even"),
         ({"rope_scaling": {"type": "yarn", "factor": 4}}, "'rope_scaling.original_max_position_embeddings'"),
         ({"quantization_config": {"quant_method": "awq"}}, "'quantization_config.quant_method'"),
+        ({"n_group": 8, "topk_group": 4}, "n_group (8) must be at least 2"),
+        (
+            {"rope_scaling": {"type": "yarn", "factor": "4", "original_max_position_embeddings": 256}},
+            "'rope_scaling.factor' must be float",
+        ),
     ],
 )
 def test_bad_fields_are_named(change: dict, message: str) -> None:

@@ -78,3 +78,32 @@ def test_cli_mtp_reports_acceptance(
     assert result["ids"] == greedy
     assert {"acceptance_rate", "tokens_per_call", "drafted", "accepted"} <= result["mtp"].keys()
     assert "acceptance" in captured.err
+
+
+@pytest.mark.parametrize("runtime", ["torch", "ort"])
+def test_every_draft_is_the_reference_mtp_prediction(tiny_checkpoint: Path, tiny_export: Path, runtime: str) -> None:
+    """Greedy output cannot reveal a wrong draft (verification hides it): check each draft directly against
+    the reference MTP module run from scratch on the committed tokens."""
+    from dsv3c.runtime.sampling import Sampler, SamplingConfig
+    from dsv3c.runtime.speculative import SpecStats, _Rows, _Speculation
+
+    model = load_model(tiny_checkpoint)
+    engine = TorchEngine(model) if runtime == "torch" else OrtEngine(tiny_export)
+    prompts = [[5, 17, 301, 42, 9], [3, 4]]
+    rows = _Rows(len(prompts), 10, (), None)
+    loop = _Speculation(engine, Sampler(SamplingConfig()), rows, SpecStats(per_row_accepted=[0, 0]))
+    loop.prefill(prompts, 10)
+    checked = 0
+    while not rows.done.all():
+        for row, prompt in enumerate(prompts):
+            if rows.done[row]:
+                continue
+            seq = prompt + rows.out[row]  # n committed tokens; the draft guesses token n
+            assert len(seq) == int(loop.n[row])
+            with torch.no_grad():
+                hidden = model(torch.tensor([seq[:-1]])).hidden_states  # h_t for t < n - 1
+                logits, _, _ = model.forward_mtp(torch.tensor([seq[1:]]), hidden)  # slot n - 2 predicts token n
+            assert int(loop.draft[row]) == int(logits[0, -1].argmax())
+            checked += 1
+        loop.step()
+    assert checked >= 10
