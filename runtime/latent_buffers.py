@@ -9,9 +9,34 @@ attention work wasted on unused slots. Buffers are torch tensors, so the same co
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 
 GROWTH_CHUNK = 256
+
+
+@dataclass(frozen=True)
+class CacheShape:
+    """What every engine's latent cache looks like: decoder layers, c_kv and k_pe widths, value dtype."""
+
+    layers: int
+    ckv_width: int
+    kpe_width: int
+    dtype: torch.dtype
+
+    @property
+    def bytes_per_token(self) -> int:
+        """Bytes one token adds to one row: (r + rope) x layers x bytes per value."""
+        return (self.ckv_width + self.kpe_width) * self.layers * self.dtype.itemsize
+
+    def allocate(
+        self, batch: int, capacity: int, device: torch.device, mtp: bool
+    ) -> tuple[LatentBuffers, LatentBuffers | None]:
+        """The main cache, and the MTP module's one-layer cache when `mtp`."""
+        widths = (self.ckv_width, self.kpe_width)
+        main = LatentBuffers(self.layers, batch, widths, self.dtype, device, capacity)
+        return main, LatentBuffers(1, batch, widths, self.dtype, device, capacity) if mtp else None
 
 
 class LatentBuffers:
@@ -34,8 +59,7 @@ class LatentBuffers:
 
     @property
     def bytes_per_token(self) -> int:
-        """Bytes one token adds to one row: (r + rope) x layers x bytes per value."""
-        return (self.widths[0] + self.widths[1]) * len(self.ckv) * self.dtype.itemsize
+        return CacheShape(len(self.ckv), *self.widths, self.dtype).bytes_per_token
 
     def reserve(self, needed: int) -> None:
         """Make room for `needed` slots per row, growing by whole chunks (one copy per chunk)."""

@@ -16,7 +16,7 @@ import torch
 from dsv3c.errors import UserError
 from dsv3c.export.manifest import Manifest, Signature, read_manifest
 from dsv3c.runtime.engine import EngineBackend, StepOutput
-from dsv3c.runtime.latent_buffers import LatentBuffers
+from dsv3c.runtime.latent_buffers import CacheShape, LatentBuffers
 from dsv3c.runtime.ort_session import Device, make_session, resolve_device
 
 TORCH_TYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16, "int64": torch.int64}
@@ -101,18 +101,16 @@ class OrtEngine:
         present = [r for r in roles if manifest.graphs.get(r)]
         self.graphs = {r: OrtGraph(manifest, r, device, threads, self.device) for r in present}
         self.has_mtp = "mtp" in self.graphs and manifest.cache.mtp_layers > 0
+        c = manifest.cache
+        self.cache_shape = CacheShape(c.layers, c.ckv_width, c.kpe_width, self.dtype)
         self.cache: LatentBuffers | None = None
         self.mtp_cache: LatentBuffers | None = None
 
     def start(self, batch: int, capacity: int) -> None:
-        c = self.manifest.cache
-        widths = (c.ckv_width, c.kpe_width)
-        self.cache = LatentBuffers(c.layers, batch, widths, self.dtype, self.device, capacity)
-        self.mtp_cache = LatentBuffers(1, batch, widths, self.dtype, self.device, capacity) if self.has_mtp else None
+        self.cache, self.mtp_cache = self.cache_shape.allocate(batch, capacity, self.device, self.has_mtp)
 
     def cache_bytes_per_token(self) -> int:
-        c = self.manifest.cache
-        return c.width * c.layers * self.dtype.itemsize
+        return self.cache_shape.bytes_per_token
 
     def prefill(self, ids: torch.Tensor, positions: torch.Tensor) -> StepOutput:
         return self._step(

@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 from dsv3c.models.deepseek_v3 import AttentionPath, DeepseekV3ForCausalLM, LayerCache
 from dsv3c.runtime.engine import EngineBackend, StepOutput
-from dsv3c.runtime.latent_buffers import LatentBuffers
+from dsv3c.runtime.latent_buffers import CacheShape, LatentBuffers
 
 
 class TorchEngine:
@@ -21,19 +21,17 @@ class TorchEngine:
         self.device = model.lm_head.weight.device
         self.dtype = model.lm_head.weight.dtype
         self.has_mtp = len(model.mtp) > 0
+        c = self.config
+        self.cache_shape = CacheShape(c.num_hidden_layers, c.kv_lora_rank, c.qk_rope_head_dim, self.dtype)
         self.decode_path = decode_path
         self.cache: LatentBuffers | None = None
         self.mtp_cache: LatentBuffers | None = None
 
     def start(self, batch: int, capacity: int) -> None:
-        c = self.config
-        widths = (c.kv_lora_rank, c.qk_rope_head_dim)
-        self.cache = LatentBuffers(c.num_hidden_layers, batch, widths, self.dtype, self.device, capacity)
-        self.mtp_cache = LatentBuffers(1, batch, widths, self.dtype, self.device, capacity) if self.has_mtp else None
+        self.cache, self.mtp_cache = self.cache_shape.allocate(batch, capacity, self.device, self.has_mtp)
 
     def cache_bytes_per_token(self) -> int:
-        c = self.config
-        return (c.kv_lora_rank + c.qk_rope_head_dim) * c.num_hidden_layers * self.dtype.itemsize
+        return self.cache_shape.bytes_per_token
 
     @torch.inference_mode()
     def prefill(self, ids: torch.Tensor, positions: torch.Tensor) -> StepOutput:

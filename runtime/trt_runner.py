@@ -17,7 +17,7 @@ import torch
 from dsv3c.errors import UserError
 from dsv3c.models.config import DeepseekV3Config
 from dsv3c.runtime.engine import EngineBackend, StepOutput
-from dsv3c.runtime.latent_buffers import LatentBuffers
+from dsv3c.runtime.latent_buffers import CacheShape, LatentBuffers
 from dsv3c.runtime.trt_backend import Backend, load_backend, make_logger
 from dsv3c.runtime.trt_manifest import EngineManifest, read_engine_manifest
 
@@ -102,18 +102,16 @@ class TrtEngine:
         self.graphs = {role: TrtGraph(backend, self.runtime, folder / e.file, role)
                        for role, e in self.manifest.engines.items()}  # fmt: skip
         self.has_mtp = "mtp" in self.graphs and int(self.manifest.cache["mtp_layers"]) > 0
+        c = self.manifest.cache
+        self.cache_shape = CacheShape(int(c["layers"]), int(c["ckv_width"]), int(c["kpe_width"]), self.dtype)
         self.cache: LatentBuffers | None = None
         self.mtp_cache: LatentBuffers | None = None
 
     def start(self, batch: int, capacity: int) -> None:
-        c = self.manifest.cache
-        widths = (int(c["ckv_width"]), int(c["kpe_width"]))
-        self.cache = LatentBuffers(int(c["layers"]), batch, widths, self.dtype, self.device, capacity)
-        self.mtp_cache = LatentBuffers(1, batch, widths, self.dtype, self.device, capacity) if self.has_mtp else None
+        self.cache, self.mtp_cache = self.cache_shape.allocate(batch, capacity, self.device, self.has_mtp)
 
     def cache_bytes_per_token(self) -> int:
-        c = self.manifest.cache
-        return (int(c["ckv_width"]) + int(c["kpe_width"])) * int(c["layers"]) * self.dtype.itemsize
+        return self.cache_shape.bytes_per_token
 
     def prefill(self, ids: torch.Tensor, positions: torch.Tensor) -> StepOutput:
         return self._step("prefill", self.cache, {"input_ids": ids, "positions": positions}, positions, False)
