@@ -27,8 +27,19 @@ import onnx
 def synthetic_folder(out: Path, layers: int, linears: int) -> None:
     from dsv3c.graph.synthetic import Topology, build_model, write_export
 
-    v3 = dict(hidden=7168, q_rank=1536, kv_rank=576, heads_dim=128 * 192, ff=18432, dense_layers=3, experts=256,
-              top_k=8, moe_ff=2048, vocab=129280, data=False)  # fmt: skip
+    v3 = dict(
+        hidden=7168,
+        q_rank=1536,
+        kv_rank=576,
+        heads_dim=128 * 192,
+        ff=18432,
+        dense_layers=3,
+        experts=256,
+        top_k=8,
+        moe_ff=2048,
+        vocab=129280,
+        data=False,
+    )
     main = Topology(layers=layers, extra_linears=max(linears - 7, 0), **v3)  # type: ignore[arg-type]
     mtp = Topology(layers=1, extra_linears=max(linears - 7, 0), **{**v3, "dense_layers": 0})  # type: ignore[arg-type]
     model = build_model(main)
@@ -110,8 +121,10 @@ def main() -> int:
         rewrites = sum(len(g.rewrites) for g in report.graphs)
         other = sum(g.differences - len(g.rewrites) for g in report.graphs)
         print(f"{'diff total (load .. html)':<34} {total:>7.2f} s  (goal: < 60 s)")
-        print(f"graphs {len(report.graphs)}, nodes A+B {nodes}, rewrites {rewrites}, other differences {other}, "
-              f"text {len(text) / 1024:.0f} KiB, html {len(html) / 1024:.0f} KiB")  # fmt: skip
+        print(
+            f"graphs {len(report.graphs)}, nodes A+B {nodes}, rewrites {rewrites}, other differences {other}, "
+            f"text {len(text) / 1024:.0f} KiB, html {len(html) / 1024:.0f} KiB"
+        )
         print(f"peak RSS {resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20:.2f} GB")
         return 0 if total < 60 else 1
     finally:

@@ -54,8 +54,10 @@ def main() -> int:
             start = time.perf_counter()
             child = subprocess.run(
                 [sys.executable, __file__, "--one", str(n), "--out", str(scratch)],
-                capture_output=True, text=True, check=False,
-            )  # fmt: skip
+                capture_output=True,
+                text=True,
+                check=False,
+            )
             if child.returncode:
                 print(f"{n:>6} failed after {time.perf_counter() - start:.0f} s:\n{child.stderr[-2000:]}")
                 return 1

@@ -74,8 +74,17 @@ def bench_folder(folder: Path, args: argparse.Namespace, bandwidth: float) -> li
     def eager() -> EngineRunner:
         return EngineRunner("torch", TorchEngine(random_model(config, dtype, args.device, args.seed)), dtype.itemsize)
 
-    plan = BenchPlan(args.contexts, args.batches, args.runtimes, args.steps, args.prefill_chunk, args.seed,
-                     model=label, device=args.device, one_at_a_time=args.one_at_a_time)  # fmt: skip
+    plan = BenchPlan(
+        args.contexts,
+        args.batches,
+        args.runtimes,
+        args.steps,
+        args.prefill_chunk,
+        args.seed,
+        model=label,
+        device=args.device,
+        one_at_a_time=args.one_at_a_time,
+    )
     rows = run_bench(plan, {"ort": ort, "torch": eager}, bandwidth, lambda m: print(m, flush=True))
     gc.collect()
     if args.device == "cuda":
@@ -89,8 +98,10 @@ def floor_table(rows: list[Any], bandwidth: float) -> str:
     for r in rows:
         if r.phase == "decode":
             floor = r.bytes_per_call / bandwidth * 1e3
-            lines.append(f"{r.model:<10}{r.runtime:<9}{r.context:>8}{r.batch:>6}{r.ms_per_call:>10.2f}{floor:>10.3f}"
-                         f"{r.ms_per_call / floor:>9.1f}")  # fmt: skip
+            lines.append(
+                f"{r.model:<10}{r.runtime:<9}{r.context:>8}{r.batch:>6}{r.ms_per_call:>10.2f}{floor:>10.3f}"
+                f"{r.ms_per_call / floor:>9.1f}"
+            )
     return "\n".join(lines)
 
 

@@ -31,12 +31,16 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--work", type=Path, help="folder for the generated checkpoint and export (kept and reused)")
     p.add_argument("--contexts", type=int, nargs="+", default=[128, 1024, 4096])
     p.add_argument("--batches", type=int, nargs="+", default=[1, 8])
-    p.add_argument("--runtimes", nargs="+", choices=["ort", "torch", "transformers"],
-                   default=["ort", "torch", "transformers"])  # fmt: skip
+    p.add_argument(
+        "--runtimes", nargs="+", choices=["ort", "torch", "transformers"], default=["ort", "torch", "transformers"]
+    )
     p.add_argument("--steps", type=int, default=8, help="timed decode steps per row (after one untimed)")
     p.add_argument("--prefill-chunk", type=int, default=1024, help="longest prefill call; longer prompts go in chunks")
-    p.add_argument("--one-at-a-time", action="store_true",
-                   help="load one runtime at a time (less memory; default: all loaded, taking turns)")  # fmt: skip
+    p.add_argument(
+        "--one-at-a-time",
+        action="store_true",
+        help="load one runtime at a time (less memory; default: all loaded, taking turns)",
+    )
     p.add_argument("--threads", type=thread_count, default=0, help="intra-op threads for every runtime (0: default)")
     p.add_argument("--bandwidth-mb", type=int, default=512, help="size of the copy that measures memory bandwidth")
     p.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
@@ -117,8 +121,16 @@ def run(args: argparse.Namespace) -> int:
     try:
         check_pair(checkpoint, folder)
         bandwidth = copy_bandwidth(args.bandwidth_mb) if args.device == "cpu" else device_bandwidth(args.bandwidth_mb)
-        plan = BenchPlan(args.contexts, args.batches, args.runtimes, args.steps, args.prefill_chunk,
-                         model=label, device=args.device, one_at_a_time=args.one_at_a_time)  # fmt: skip
+        plan = BenchPlan(
+            args.contexts,
+            args.batches,
+            args.runtimes,
+            args.steps,
+            args.prefill_chunk,
+            model=label,
+            device=args.device,
+            one_at_a_time=args.one_at_a_time,
+        )
         rows = run_bench(plan, factories(checkpoint, folder, args), bandwidth, say)  # type: ignore[arg-type]
     finally:
         if temporary is not None:

@@ -37,7 +37,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         help="auto: `dsv3c lower --target trt` when available, else inline the reference bodies",
     )
     p.add_argument("--roles", metavar="ROLE,...", help="build only these graphs (prefill, decode, mtp)")
-    p.add_argument("--force", action="store_true", help="replace ENGINE_DIR if it exists")  # fmt: skip
+    p.add_argument("--force", action="store_true", help="replace ENGINE_DIR if it exists")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -57,6 +57,8 @@ def run(args: argparse.Namespace) -> int:
     manifest = build_engines(args.export_dir, args.out, options)
     total = sum(e.bytes for e in manifest.engines.values()) / 2**20
     seconds = sum(e.build_seconds for e in manifest.engines.values())
-    print(f"wrote {args.out} ({len(manifest.engines)} engines, {total:.1f} MiB, {manifest.precision}, "
-          f"built in {seconds:.2f} s)")  # fmt: skip
+    print(
+        f"wrote {args.out} ({len(manifest.engines)} engines, {total:.1f} MiB, {manifest.precision}, "
+        f"built in {seconds:.2f} s)"
+    )
     return 0

@@ -23,11 +23,15 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("b", type=Path, metavar="B", help="the same kind as A")
     p.add_argument("--format", choices=FORMATS, default="text")
     p.add_argument("--out", type=Path, help="write the report here instead of standard output")
-    p.add_argument("--numeric", action="store_true",
-                   help="run both graphs (onnxruntime, seeded inputs) and compare every shared tensor")  # fmt: skip
+    p.add_argument(
+        "--numeric",
+        action="store_true",
+        help="run both graphs (onnxruntime, seeded inputs) and compare every shared tensor",
+    )
     p.add_argument("--seed", type=int, default=0, help="seed of the --numeric inputs")
-    p.add_argument("--no-values", action="store_true",
-                   help="compare initializers by dtype and shape only (never read weight data)")  # fmt: skip
+    p.add_argument(
+        "--no-values", action="store_true", help="compare initializers by dtype and shape only (never read weight data)"
+    )
 
 
 def _render(report: DiffReport, fmt: str) -> str:

@@ -31,14 +31,22 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     )
     p.add_argument("--preset", help=f"export a preset's topology instead: {', '.join(preset_names())}")
     p.add_argument("--out", required=True, type=Path, help="export folder to create")
-    p.add_argument("--weights", choices=WEIGHTS, default=None,
-                   help="checkpoint: the folder's weights (default when it has some); random: init_random's "
-                        "weights for --seed; none: declare every weight, write no data (structure only)")  # fmt: skip
+    p.add_argument(
+        "--weights",
+        choices=WEIGHTS,
+        default=None,
+        help="checkpoint: the folder's weights (default when it has some); random: init_random's "
+        "weights for --seed; none: declare every weight, write no data (structure only)",
+    )
     p.add_argument("--dtype", choices=("fp32", "bf16"), default="fp32", help="weight and activation dtype")
     p.add_argument("--seed", type=int, default=0, help="seed of --weights random (same seed, same bytes)")
     p.add_argument("--opset", type=int, default=21, help="ONNX opset, 21 to 23 (default 21)")
-    p.add_argument("--format", choices=("onnx", "mlir"), default="onnx",
-                   help="mlir: the iree lowering, then {role}.mlir through IREE's ONNX importer")  # fmt: skip
+    p.add_argument(
+        "--format",
+        choices=("onnx", "mlir"),
+        default="onnx",
+        help="mlir: the iree lowering, then {role}.mlir through IREE's ONNX importer",
+    )
     p.add_argument("--force", action="store_true", help="replace OUT if it exists")
 
 
@@ -80,8 +88,9 @@ def run(args: argparse.Namespace) -> int:
         if args.format == "mlir":
             manifest = _export_mlir(source, args, weights)
         else:
-            manifest = export(source, args.out, weights=weights, dtype=args.dtype, seed=args.seed,
-                              opset=args.opset, force=args.force)  # fmt: skip
+            manifest = export(
+                source, args.out, weights=weights, dtype=args.dtype, seed=args.seed, opset=args.opset, force=args.force
+            )
     finally:
         signal.signal(signal.SIGTERM, previous)
     mlir = [f"{role}.mlir" for role in manifest.graphs if (args.out / f"{role}.mlir").is_file()]

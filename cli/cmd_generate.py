@@ -29,15 +29,34 @@ def _ids(text: str) -> list[int]:
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("model", type=Path, help="checkpoint folder (config.json + safetensors) or export folder")
-    p.add_argument("--prompt-ids", type=_ids, action="append", default=[], metavar="IDS",
-                   help="comma-separated prompt token ids; repeat for a batch")  # fmt: skip
-    p.add_argument("--prompt", action="append", default=[], metavar="TEXT",
-                   help="prompt text (needs tokenizer.json and the tokenizers package); repeatable")  # fmt: skip
+    p.add_argument(
+        "--prompt-ids",
+        type=_ids,
+        action="append",
+        default=[],
+        metavar="IDS",
+        help="comma-separated prompt token ids; repeat for a batch",
+    )
+    p.add_argument(
+        "--prompt",
+        action="append",
+        default=[],
+        metavar="TEXT",
+        help="prompt text (needs tokenizer.json and the tokenizers package); repeatable",
+    )
     p.add_argument("--max-new-tokens", type=int, default=16)
-    p.add_argument("--runtime", choices=["auto", "torch", "ort"], default="auto",
-                   help="auto (default): ort for an export folder, torch for a checkpoint folder")  # fmt: skip
-    p.add_argument("--device", choices=["cpu", "cuda"], default="cpu",
-                   help="cuda: torch on the GPU, or onnxruntime-gpu's CUDA execution provider")  # fmt: skip
+    p.add_argument(
+        "--runtime",
+        choices=["auto", "torch", "ort"],
+        default="auto",
+        help="auto (default): ort for an export folder, torch for a checkpoint folder",
+    )
+    p.add_argument(
+        "--device",
+        choices=["cpu", "cuda"],
+        default="cpu",
+        help="cuda: torch on the GPU, or onnxruntime-gpu's CUDA execution provider",
+    )
     p.add_argument("--dtype", choices=["fp32", "bf16"], default="fp32", help="compute dtype (torch runtime)")
     p.add_argument("--threads", type=thread_count, default=0, help="intra-op threads (0: the runtime's default)")
     p.add_argument("--mtp", action="store_true", help="speculative decoding with the model's MTP module")
@@ -46,8 +65,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--top-p", type=float, default=1.0)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--stop-ids", type=_ids, default=[], help="ids that end a row (EOS from generation_config.json too)")
-    p.add_argument("--json", action="store_true",
-                   help='print {"ids": [...]} (a list per prompt with several), "text" and "mtp" if any')  # fmt: skip
+    p.add_argument(
+        "--json",
+        action="store_true",
+        help='print {"ids": [...]} (a list per prompt with several), "text" and "mtp" if any',
+    )
 
 
 def stop_ids(folder: Path, extra: list[int]) -> list[int]:
@@ -102,8 +124,11 @@ def run(args: argparse.Namespace) -> int:
     ids: list[list[int]]
     if args.mtp:
         ids, stats = generate_mtp(engine, prompts, args.max_new_tokens, sampling, stops, stream)
-        print(f"mtp: acceptance {stats.acceptance_rate:.1%} ({stats.accepted}/{stats.drafted} drafts), "
-              f"{stats.tokens_per_call:.2f} tokens per main-model call", file=sys.stderr)  # fmt: skip
+        print(
+            f"mtp: acceptance {stats.acceptance_rate:.1%} ({stats.accepted}/{stats.drafted} drafts), "
+            f"{stats.tokens_per_call:.2f} tokens per main-model call",
+            file=sys.stderr,
+        )
     else:
         ids = generate(EngineBackend(engine), prompts, args.max_new_tokens, sampling, stops, stream)
     texts = [tokenizer.decode(row) for row in ids] if tokenizer is not None else None

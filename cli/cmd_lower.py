@@ -15,21 +15,37 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "export_dir", type=Path, metavar="EXPORT_DIR", help="export folder (from 'dsv3c export' or quantize)"
     )
-    p.add_argument("--target", required=True, choices=TARGETS,
-                   help="portable: custom nodes inlined; ort: com.microsoft.MoE; trt: opset-23 Attention, static "
-                        "Q/DQ; iree: fixed shapes, element-wise Q/DQ")  # fmt: skip
+    p.add_argument(
+        "--target",
+        required=True,
+        choices=TARGETS,
+        help="portable: custom nodes inlined; ort: com.microsoft.MoE; trt: opset-23 Attention, static "
+        "Q/DQ; iree: fixed shapes, element-wise Q/DQ",
+    )
     p.add_argument("--out", required=True, type=Path, help="export folder to create")
     p.add_argument("--emit", choices=("mlir",), help="also write {graph}.mlir through IREE's importer (--target iree)")
-    p.add_argument("--shape", action="append", default=[], metavar="DIM=N",
-                   help="fix a symbolic dimension for --target iree (batch, seq, q, past); repeatable or "
-                        "comma-separated; defaults batch=1,seq=16,q=1,past=16")  # fmt: skip
-    p.add_argument("--weights-8bit", action="store_true",
-                   help="--target ort: store the linears and routed experts as 8-bit integers that onnxruntime's "
-                        "CPU kernels read directly (MatMulNBits, QMoE), from FP8 or float weights; the manifest "
-                        "records the error this adds")  # fmt: skip
-    p.add_argument("--block-8bit", type=int, default=128, metavar="N",
-                   help="with --weights-8bit: weights per scale along the input dimension (16, 32, 64, 128; "
-                        "default 128)")  # fmt: skip
+    p.add_argument(
+        "--shape",
+        action="append",
+        default=[],
+        metavar="DIM=N",
+        help="fix a symbolic dimension for --target iree (batch, seq, q, past); repeatable or "
+        "comma-separated; defaults batch=1,seq=16,q=1,past=16",
+    )
+    p.add_argument(
+        "--weights-8bit",
+        action="store_true",
+        help="--target ort: store the linears and routed experts as 8-bit integers that onnxruntime's "
+        "CPU kernels read directly (MatMulNBits, QMoE), from FP8 or float weights; the manifest "
+        "records the error this adds",
+    )
+    p.add_argument(
+        "--block-8bit",
+        type=int,
+        default=128,
+        metavar="N",
+        help="with --weights-8bit: weights per scale along the input dimension (16, 32, 64, 128; default 128)",
+    )
     p.add_argument("--dump-dir", type=Path, help="write every graph after every stage here (no weight data)")
     p.add_argument("--force", action="store_true", help="replace OUT if it exists")
 
@@ -54,15 +70,24 @@ def run(args: argparse.Namespace) -> int:
         raise UserError(f"{args.out} already exists; choose another --out or pass --force")
     if args.block_8bit != 128 and not args.weights_8bit:
         raise UserError("--block-8bit sets the block of --weights-8bit; pass --weights-8bit too")
-    manifest = lower_folder(args.export_dir, args.out, Target(args.target), dims=parse_dims(args.shape) or None,
-                            emit_mlir=args.emit == "mlir", dump_dir=args.dump_dir, force=args.force,
-                            weights_8bit=args.block_8bit if args.weights_8bit else None)  # fmt: skip
+    manifest = lower_folder(
+        args.export_dir,
+        args.out,
+        Target(args.target),
+        dims=parse_dims(args.shape) or None,
+        emit_mlir=args.emit == "mlir",
+        dump_dir=args.dump_dir,
+        force=args.force,
+        weights_8bit=args.block_8bit if args.weights_8bit else None,
+    )
     stage = manifest.stages[-1]
     extra = f" and {', '.join(stage['mlir'].values())}" if "mlir" in stage else ""
     eight = " with 8-bit weights" if args.weights_8bit else ""
     print(f"wrote {args.out}: {', '.join(r for r, f in manifest.graphs.items() if f)} for {args.target}{eight}{extra}")
     error = stage.get("error_vs_source", {})
     if error.get("measured"):
-        print(f"error vs {args.export_dir} (seeded random inputs): logits {error['max_logits']:.2e} relative "
-              f"(median token {error['max_median_token_logits']:.2e}), any output {error['max']:.2e}")  # fmt: skip
+        print(
+            f"error vs {args.export_dir} (seeded random inputs): logits {error['max_logits']:.2e} relative "
+            f"(median token {error['max_median_token_logits']:.2e}), any output {error['max']:.2e}"
+        )
     return 0

@@ -19,18 +19,34 @@ HELP = "quantize an export folder to FP8 (DeepSeek's block scheme) into a new ex
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("export_dir", type=Path, metavar="EXPORT_DIR", help="export folder written by 'dsv3c export'")
     p.add_argument("--out", required=True, type=Path, help="export folder to create")
-    p.add_argument("--policy", default="", metavar="PATTERNS",
-                   help="comma-separated fnmatch patterns on weight names, '+PAT' adds linears to FP8, '-PAT' "
-                        "keeps them high precision, applied in order after DeepSeek's default "
-                        "(e.g. '+*.o_proj,-model.layers.0.*'); write --policy=-PAT when the list starts "
-                        "with '-'")  # fmt: skip
+    p.add_argument(
+        "--policy",
+        default="",
+        metavar="PATTERNS",
+        help="comma-separated fnmatch patterns on weight names, '+PAT' adds linears to FP8, '-PAT' "
+        "keeps them high precision, applied in order after DeepSeek's default "
+        "(e.g. '+*.o_proj,-model.layers.0.*'); write --policy=-PAT when the list starts "
+        "with '-'",
+    )
     p.add_argument("--pow2-scales", action="store_true", help="round activation scales up to powers of two")
-    p.add_argument("--calibrate", type=int, default=0, metavar="N",
-                   help="static per-tensor activation scales from N random batches (for TensorRT)")  # fmt: skip
-    p.add_argument("--weight-scheme", choices=("block", "tensor"), default="block",
-                   help="block: one scale per 128x128 block (default); tensor: one per matrix")  # fmt: skip
-    p.add_argument("--report", action="store_true",
-                   help="print per-layer error vs the unquantized graph, block next to per-tensor FP8")  # fmt: skip
+    p.add_argument(
+        "--calibrate",
+        type=int,
+        default=0,
+        metavar="N",
+        help="static per-tensor activation scales from N random batches (for TensorRT)",
+    )
+    p.add_argument(
+        "--weight-scheme",
+        choices=("block", "tensor"),
+        default="block",
+        help="block: one scale per 128x128 block (default); tensor: one per matrix",
+    )
+    p.add_argument(
+        "--report",
+        action="store_true",
+        help="print per-layer error vs the unquantized graph, block next to per-tensor FP8",
+    )
     p.add_argument("--dump-dir", type=Path, help="write every graph after every stage here (no weight data)")
     p.add_argument("--seed", type=int, default=0, help="seed of the random calibration and report inputs")
     p.add_argument("--force", action="store_true", help="replace OUT if it exists")
@@ -57,8 +73,15 @@ def run(args: argparse.Namespace) -> int:
         activations=ActScheme.STATIC if args.calibrate else ActScheme.TILE,
         pow2_scales=args.pow2_scales,
     )
-    manifest = quantize_folder(args.export_dir, args.out, options, calibrate=args.calibrate, seed=args.seed,
-                               dump_dir=args.dump_dir, force=args.force)  # fmt: skip
+    manifest = quantize_folder(
+        args.export_dir,
+        args.out,
+        options,
+        calibrate=args.calibrate,
+        seed=args.seed,
+        dump_dir=args.dump_dir,
+        force=args.force,
+    )
     stage = manifest.stages[-1]
     counts = {role: c.get("fp8_weights", 0) for role, c in stage["changes"].get("fp8-weights", {}).items()}
     static = f", static activation scales from {args.calibrate} batches" if args.calibrate else ""

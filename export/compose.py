@@ -35,9 +35,14 @@ class Composer:
     opsets: dict[str, int] = field(default_factory=dict)
 
     def add(
-        self, block: Block, prefix: str, inputs: dict[str, str], outputs: dict[str, str],
-        weight_prefix: str = "", weight_names: dict[str, str] | None = None,
-    ) -> None:  # fmt: skip
+        self,
+        block: Block,
+        prefix: str,
+        inputs: dict[str, str],
+        outputs: dict[str, str],
+        weight_prefix: str = "",
+        weight_names: dict[str, str] | None = None,
+    ) -> None:
         """Instance `block`: its inputs/outputs wired to graph names, its weights renamed."""
         g, weight_names = block.proto.graph, weight_names or {}
         rename: dict[str, str] = {"": ""}
@@ -76,9 +81,13 @@ class Composer:
     def model(self, name: str, inputs: list[str], outputs: list[str], template: onnx.ModelProto) -> onnx.ModelProto:
         """The composed model (weights declared in `self.weights`, not yet initializers)."""
         graph = onnx.helper.make_graph(
-            self.nodes, name, [self.io[n] for n in inputs], [self.io[n] for n in outputs],
-            initializer=list(self.constants.values()), value_info=self.value_info,
-        )  # fmt: skip
+            self.nodes,
+            name,
+            [self.io[n] for n in inputs],
+            [self.io[n] for n in outputs],
+            initializer=list(self.constants.values()),
+            value_info=self.value_info,
+        )
         opsets = [onnx.helper.make_opsetid(d, v) for d, v in sorted(self.opsets.items())]
         model = onnx.helper.make_model(graph, opset_imports=opsets, ir_version=template.ir_version)
         return model

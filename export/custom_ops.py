@@ -59,10 +59,20 @@ def mla_attention(
 
 @mla_attention.register_fake
 def _mla_attention_fake(
-    q_nope: torch.Tensor, q_pe: torch.Tensor, ckv: torch.Tensor, kpe: torch.Tensor, wkv_b: torch.Tensor,
-    positions: torch.Tensor, num_heads: int, qk_nope_head_dim: int, qk_rope_head_dim: int,
-    v_head_dim: int, kv_lora_rank: int, softmax_scale: float, absorbed: bool,
-) -> torch.Tensor:  # fmt: skip
+    q_nope: torch.Tensor,
+    q_pe: torch.Tensor,
+    ckv: torch.Tensor,
+    kpe: torch.Tensor,
+    wkv_b: torch.Tensor,
+    positions: torch.Tensor,
+    num_heads: int,
+    qk_nope_head_dim: int,
+    qk_rope_head_dim: int,
+    v_head_dim: int,
+    kv_lora_rank: int,
+    softmax_scale: float,
+    absorbed: bool,
+) -> torch.Tensor:
     batch, seq = q_nope.shape[0], q_nope.shape[1]
     return q_nope.new_empty(batch, seq, num_heads * v_head_dim)
 
@@ -119,8 +129,18 @@ def moe(
 
 @moe.register_fake
 def _moe_fake(
-    x: torch.Tensor, router: torch.Tensor, bias: torch.Tensor | None, gate: torch.Tensor, up: torch.Tensor,
-    down: torch.Tensor, top_k: int, n_group: int, topk_group: int, routed_scaling_factor: float,
-    norm_topk_prob: bool, scoring_func: str, topk_method: str,
-) -> torch.Tensor:  # fmt: skip
+    x: torch.Tensor,
+    router: torch.Tensor,
+    bias: torch.Tensor | None,
+    gate: torch.Tensor,
+    up: torch.Tensor,
+    down: torch.Tensor,
+    top_k: int,
+    n_group: int,
+    topk_group: int,
+    routed_scaling_factor: float,
+    norm_topk_prob: bool,
+    scoring_func: str,
+    topk_method: str,
+) -> torch.Tensor:
     return torch.empty_like(x)

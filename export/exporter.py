@@ -178,9 +178,14 @@ def _write_weights(path: Path, layout: Layout, tensors: Iterator[tuple[str, torc
 
 
 def _manifest(
-    source: Source, weights: WeightsKind, dtype: ExportDtype, seed: int, opset: int, roles: set[str],
+    source: Source,
+    weights: WeightsKind,
+    dtype: ExportDtype,
+    seed: int,
+    opset: int,
+    roles: set[str],
     signatures: dict[str, Signature],
-) -> Manifest:  # fmt: skip
+) -> Manifest:
     config = source.config
     files = source.files(with_weights=weights == "checkpoint")
     stage = {
@@ -199,12 +204,21 @@ def _manifest(
         "onnx_version": onnx.__version__,
     }
     cache = CacheLayout(
-        layers=config.num_hidden_layers, mtp_layers=1 if "mtp" in roles else 0, ckv_width=config.kv_lora_rank,
-        kpe_width=config.qk_rope_head_dim, dtype=_dtype_name(_ONNX_DTYPES[dtype]),
-    )  # fmt: skip
+        layers=config.num_hidden_layers,
+        mtp_layers=1 if "mtp" in roles else 0,
+        ckv_width=config.kv_lora_rank,
+        kpe_width=config.qk_rope_head_dim,
+        dtype=_dtype_name(_ONNX_DTYPES[dtype]),
+    )
     return Manifest(
-        config=config.to_dict(), weights=weights, dtype=cache.dtype, opset=opset,
+        config=config.to_dict(),
+        weights=weights,
+        dtype=cache.dtype,
+        opset=opset,
         graphs={role: (f"{role}.onnx" if role in roles else None) for role in ("prefill", "decode", "mtp")},
-        signatures=signatures, cache=cache, stages=[stage],
-        weights_file=WEIGHTS_FILE, dsv3c_version=dsv3c.__version__,
-    )  # fmt: skip
+        signatures=signatures,
+        cache=cache,
+        stages=[stage],
+        weights_file=WEIGHTS_FILE,
+        dsv3c_version=dsv3c.__version__,
+    )

@@ -193,9 +193,15 @@ def _str(value: Any) -> str:
 
 def _function(name: str, inputs: list[str], b: Body, attrs: list[str], opset: int, overload: str) -> onnx.FunctionProto:
     return helper.make_function(
-        DOMAIN, name, inputs, ["output"], b.nodes, [helper.make_opsetid("", opset)],
-        attributes=attrs, overload=overload or None,
-    )  # fmt: skip
+        DOMAIN,
+        name,
+        inputs,
+        ["output"],
+        b.nodes,
+        [helper.make_opsetid("", opset)],
+        attributes=attrs,
+        overload=overload or None,
+    )
 
 
 # ---- attaching -----------------------------------------------------------------------------------------

@@ -54,17 +54,32 @@ class ExportMoE(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         g = self.gate
         routed = torch.ops.dsv3c.moe(
-            x.flatten(0, -2), g.weight, g.e_score_correction_bias,  # [N, D], [E, D], [E] or None
-            self.experts.gate_proj.weight, self.experts.up_proj.weight, self.experts.down_proj.weight,
-            g.top_k, g.n_group, g.topk_group, g.scaling, g.norm_topk_prob, g.scoring_func, g.topk_method,
-        ).view_as(x)  # fmt: skip
+            x.flatten(0, -2),
+            g.weight,
+            g.e_score_correction_bias,  # [N, D], [E, D], [E] or None
+            self.experts.gate_proj.weight,
+            self.experts.up_proj.weight,
+            self.experts.down_proj.weight,
+            g.top_k,
+            g.n_group,
+            g.topk_group,
+            g.scaling,
+            g.norm_topk_prob,
+            g.scoring_func,
+            g.topk_method,
+        ).view_as(x)
         return routed if self.shared_experts is None else routed + self.shared_experts(x)
 
 
 def attention(
-    attn: MLA, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, positions: torch.Tensor,
-    past: Cache | None, absorbed: bool,
-) -> tuple[torch.Tensor, LayerCache]:  # fmt: skip
+    attn: MLA,
+    x: torch.Tensor,
+    cos: torch.Tensor,
+    sin: torch.Tensor,
+    positions: torch.Tensor,
+    past: Cache | None,
+    absorbed: bool,
+) -> tuple[torch.Tensor, LayerCache]:
     """`MLA.forward` with its core as `dsv3c::mla_attention`. x [B, S, D] -> [B, S, D], the S new entries."""
     q_nope, q_pe = attn.project_q(x).split([attn.nope, attn.rope], dim=-1)  # [B, S, H, nope], [B, S, H, rope]
     q_pe = apply_rope(q_pe, cos, sin)
@@ -73,9 +88,20 @@ def attention(
     if past is not None:
         ckv, kpe = torch.cat([past[0], ckv], dim=1), torch.cat([past[1], kpe], dim=1)  # [B, T, *]
     out = torch.ops.dsv3c.mla_attention(
-        q_nope, q_pe, ckv, kpe, attn.kv_b_proj.weight, positions,
-        attn.n_heads, attn.nope, attn.rope, attn.v_dim, attn.kv_lora_rank, attn.softmax_scale, absorbed,
-    )  # [B, S, H * v]  # fmt: skip
+        q_nope,
+        q_pe,
+        ckv,
+        kpe,
+        attn.kv_b_proj.weight,
+        positions,
+        attn.n_heads,
+        attn.nope,
+        attn.rope,
+        attn.v_dim,
+        attn.kv_lora_rank,
+        attn.softmax_scale,
+        absorbed,
+    )  # [B, S, H * v]
     return attn.o_proj(out), new
 
 
@@ -91,9 +117,14 @@ class ExportLayer(nn.Module):
         self.absorbed = absorbed
 
     def forward(
-        self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, positions: torch.Tensor,
-        past_ckv: torch.Tensor | None = None, past_kpe: torch.Tensor | None = None,
-    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:  # fmt: skip
+        self,
+        x: torch.Tensor,
+        cos: torch.Tensor,
+        sin: torch.Tensor,
+        positions: torch.Tensor,
+        past_ckv: torch.Tensor | None = None,
+        past_kpe: torch.Tensor | None = None,
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         assert isinstance(self.self_attn, MLA)
         past = None if past_ckv is None or past_kpe is None else (past_ckv, past_kpe)
         attn, new = attention(self.self_attn, self.input_layernorm(x), cos, sin, positions, past, self.absorbed)
@@ -179,9 +210,13 @@ class MTPGraph(nn.Module):
         self.rope_factor = model.rope_factor
 
     def forward(
-        self, next_ids: torch.Tensor, hidden: torch.Tensor, positions: torch.Tensor,
-        past_ckv: torch.Tensor | None = None, past_kpe: torch.Tensor | None = None,
-    ) -> tuple[torch.Tensor, ...]:  # fmt: skip
+        self,
+        next_ids: torch.Tensor,
+        hidden: torch.Tensor,
+        positions: torch.Tensor,
+        past_ckv: torch.Tensor | None = None,
+        past_kpe: torch.Tensor | None = None,
+    ) -> tuple[torch.Tensor, ...]:
         m = self.mtp[str(self.depth)]
         assert isinstance(m, ExportMTP)
         cos, sin = cos_sin(positions, self.inv_freq, self.rope_factor)

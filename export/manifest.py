@@ -114,8 +114,19 @@ class Manifest:
         d = dataclasses.asdict(self)
         d.pop("folder")
         d["cache"]["width"] = self.cache.width
-        order = ["format_version", "dsv3c_version", "config", "weights", "weights_file", "dtype", "opset",
-                 "graphs", "signatures", "cache", "stages"]  # fmt: skip
+        order = [
+            "format_version",
+            "dsv3c_version",
+            "config",
+            "weights",
+            "weights_file",
+            "dtype",
+            "opset",
+            "graphs",
+            "signatures",
+            "cache",
+            "stages",
+        ]
         return {k: d[k] for k in order}
 
 

@@ -74,32 +74,55 @@ def _infer_moe(ctx: Any) -> None:
 
 def _mla_schema() -> defs.OpSchema:
     schema = defs.OpSchema(
-        MLA_OP, DOMAIN, VERSION,
+        MLA_OP,
+        DOMAIN,
+        VERSION,
         "Multi-head latent attention core over a latent cache (see dsv3c/export/onnx_ops.py).",
-        inputs=[_Param("q_nope", "T"), _Param("q_pe", "T"), _Param("ckv", "T"), _Param("kpe", "T"),
-                _Param("wkv_b", "T"), _Param("positions", "I")],
+        inputs=[
+            _Param("q_nope", "T"),
+            _Param("q_pe", "T"),
+            _Param("ckv", "T"),
+            _Param("kpe", "T"),
+            _Param("wkv_b", "T"),
+            _Param("positions", "I"),
+        ],
         outputs=[_Param("output", "T")],
         type_constraints=[("T", FLOAT_TYPES, "float activations and weights"), ("I", ["tensor(int64)"], "positions")],
-        attributes=[*(_Attr(n, _Type.INT) for n in ("num_heads", "qk_nope_head_dim", "qk_rope_head_dim",
-                                                     "v_head_dim", "kv_lora_rank", "absorbed")),
-                    _Attr("softmax_scale", _Type.FLOAT)],
-    )  # fmt: skip
+        attributes=[
+            *(
+                _Attr(n, _Type.INT)
+                for n in ("num_heads", "qk_nope_head_dim", "qk_rope_head_dim", "v_head_dim", "kv_lora_rank", "absorbed")
+            ),
+            _Attr("softmax_scale", _Type.FLOAT),
+        ],
+    )
     schema.set_type_and_shape_inference_function(_infer_mla)
     return schema
 
 
 def _moe_schema() -> defs.OpSchema:
     schema = defs.OpSchema(
-        MOE_OP, DOMAIN, VERSION,
+        MOE_OP,
+        DOMAIN,
+        VERSION,
         "DeepSeekMoE routed experts: router, group-limited top-k, SwiGLU experts (see dsv3c/export/onnx_ops.py).",
-        inputs=[_Param("x", "T"), _Param("router", "T"), _Param("bias", "B", param_option=_OPTIONAL),
-                _Param("gate", "T"), _Param("up", "T"), _Param("down", "T")],
+        inputs=[
+            _Param("x", "T"),
+            _Param("router", "T"),
+            _Param("bias", "B", param_option=_OPTIONAL),
+            _Param("gate", "T"),
+            _Param("up", "T"),
+            _Param("down", "T"),
+        ],
         outputs=[_Param("output", "T")],
         type_constraints=[("T", FLOAT_TYPES, "float activations and weights"), ("B", FLOAT_TYPES, "bias")],
-        attributes=[*(_Attr(n, _Type.INT) for n in ("top_k", "n_group", "topk_group", "norm_topk_prob")),
-                    _Attr("routed_scaling_factor", _Type.FLOAT),
-                    _Attr("scoring_func", _Type.STRING), _Attr("topk_method", _Type.STRING)],
-    )  # fmt: skip
+        attributes=[
+            *(_Attr(n, _Type.INT) for n in ("top_k", "n_group", "topk_group", "norm_topk_prob")),
+            _Attr("routed_scaling_factor", _Type.FLOAT),
+            _Attr("scoring_func", _Type.STRING),
+            _Attr("topk_method", _Type.STRING),
+        ],
+    )
     schema.set_type_and_shape_inference_function(_infer_moe)
     return schema
 
@@ -118,27 +141,67 @@ _opset = onnxscript.values.Opset(DOMAIN, VERSION)
 
 
 def _translate_mla(
-    q_nope: Any, q_pe: Any, ckv: Any, kpe: Any, wkv_b: Any, positions: Any,
-    num_heads: int, qk_nope_head_dim: int, qk_rope_head_dim: int, v_head_dim: int, kv_lora_rank: int,
-    softmax_scale: float, absorbed: bool,
-) -> Any:  # fmt: skip
+    q_nope: Any,
+    q_pe: Any,
+    ckv: Any,
+    kpe: Any,
+    wkv_b: Any,
+    positions: Any,
+    num_heads: int,
+    qk_nope_head_dim: int,
+    qk_rope_head_dim: int,
+    v_head_dim: int,
+    kv_lora_rank: int,
+    softmax_scale: float,
+    absorbed: bool,
+) -> Any:
     return _opset.MLAAttention(
-        q_nope, q_pe, ckv, kpe, wkv_b, positions,
-        num_heads=num_heads, qk_nope_head_dim=qk_nope_head_dim, qk_rope_head_dim=qk_rope_head_dim,
-        v_head_dim=v_head_dim, kv_lora_rank=kv_lora_rank, softmax_scale=float(softmax_scale),
+        q_nope,
+        q_pe,
+        ckv,
+        kpe,
+        wkv_b,
+        positions,
+        num_heads=num_heads,
+        qk_nope_head_dim=qk_nope_head_dim,
+        qk_rope_head_dim=qk_rope_head_dim,
+        v_head_dim=v_head_dim,
+        kv_lora_rank=kv_lora_rank,
+        softmax_scale=float(softmax_scale),
         absorbed=int(absorbed),
-    )  # fmt: skip
+    )
 
 
 def _translate_moe(
-    x: Any, router: Any, bias: Any, gate: Any, up: Any, down: Any, top_k: int, n_group: int, topk_group: int,
-    routed_scaling_factor: float, norm_topk_prob: bool, scoring_func: str, topk_method: str,
-) -> Any:  # fmt: skip
+    x: Any,
+    router: Any,
+    bias: Any,
+    gate: Any,
+    up: Any,
+    down: Any,
+    top_k: int,
+    n_group: int,
+    topk_group: int,
+    routed_scaling_factor: float,
+    norm_topk_prob: bool,
+    scoring_func: str,
+    topk_method: str,
+) -> Any:
     return _opset.MoE(
-        x, router, bias, gate, up, down,
-        top_k=top_k, n_group=n_group, topk_group=topk_group, routed_scaling_factor=float(routed_scaling_factor),
-        norm_topk_prob=int(norm_topk_prob), scoring_func=scoring_func, topk_method=topk_method,
-    )  # fmt: skip
+        x,
+        router,
+        bias,
+        gate,
+        up,
+        down,
+        top_k=top_k,
+        n_group=n_group,
+        topk_group=topk_group,
+        routed_scaling_factor=float(routed_scaling_factor),
+        norm_topk_prob=int(norm_topk_prob),
+        scoring_func=scoring_func,
+        topk_method=topk_method,
+    )
 
 
 def translation_table() -> dict[Callable[..., Any], Callable[..., Any]]:

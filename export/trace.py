@@ -59,8 +59,14 @@ def trace_graphs(config: DeepseekV3Config, dtype: torch.dtype, opset: int = DEFA
     """prefill, decode and (when the config has MTP) mtp, traced on meta."""
     model = skeleton(config, dtype)
     tracer = _Tracer(model, opset)
-    embed = tracer.block("embed", Embed(model), (tracer.ids, tracer.ids), tracer.token_dims(2),
-                         ["input_ids", "positions"], ["x", "cos", "sin"])  # fmt: skip
+    embed = tracer.block(
+        "embed",
+        Embed(model),
+        (tracer.ids, tracer.ids),
+        tracer.token_dims(2),
+        ["input_ids", "positions"],
+        ["x", "cos", "sin"],
+    )
     head = tracer.block(
         "head", Head(model), (tracer.x,), ({0: tracer.batch, 1: tracer.seq},), ["x"], ["logits", "hidden"]
     )
@@ -81,8 +87,10 @@ class _Tracer:
         self.ids = torch.zeros(b, s, dtype=torch.long, device="meta")
         self.x = torch.zeros(b, s, c.hidden_size, dtype=dtype, device="meta")
         self.rope = torch.zeros(b, s, c.qk_rope_head_dim // 2, device="meta")
-        self.cache = (torch.zeros(b, p, c.kv_lora_rank, dtype=dtype, device="meta"),
-                      torch.zeros(b, p, c.qk_rope_head_dim, dtype=dtype, device="meta"))  # fmt: skip
+        self.cache = (
+            torch.zeros(b, p, c.kv_lora_rank, dtype=dtype, device="meta"),
+            torch.zeros(b, p, c.qk_rope_head_dim, dtype=dtype, device="meta"),
+        )
 
     def token_dims(self, n: int) -> tuple[dict[int, Any], ...]:
         return tuple({0: self.batch, 1: self.seq} for _ in range(n))
@@ -97,16 +105,28 @@ class _Tracer:
         return self.block(name, ExportLayer(layer, absorbed), args, dims, inputs, ["x_out", "new_ckv", "new_kpe"])
 
     def block(
-        self, name: str, module: nn.Module, args: tuple[Any, ...], dims: tuple[Any, ...],
-        inputs: list[str], outputs: list[str],
-    ) -> Block:  # fmt: skip
+        self,
+        name: str,
+        module: nn.Module,
+        args: tuple[Any, ...],
+        dims: tuple[Any, ...],
+        inputs: list[str],
+        outputs: list[str],
+    ) -> Block:
         module.eval()
         args = tuple(a.clone() for a in args)  # distinct tensors: one shared object would tie two inputs
         with _quiet():
             program = torch.onnx.export(
-                module, args, dynamo=True, dynamic_shapes=dims, input_names=inputs, output_names=outputs,
-                opset_version=self.opset, custom_translation_table=translation_table(), optimize=False,
-            )  # fmt: skip
+                module,
+                args,
+                dynamo=True,
+                dynamic_shapes=dims,
+                input_names=inputs,
+                output_names=outputs,
+                opset_version=self.opset,
+                custom_translation_table=translation_table(),
+                optimize=False,
+            )
         assert program is not None
         model = program.model
         weights = _weights_to_inputs(model, self.model.config)
@@ -129,8 +149,14 @@ def _compose_lm(tracer: _Tracer, role: Role, embed: Block, head: Block) -> Trace
         if moe not in kinds:
             assert isinstance(layer, DecoderLayer)
             kinds[moe] = tracer.layer(layer, f"{'moe' if moe else 'dense'}_{role}", absorbed=decode, with_past=decode)
-        wires = {"x": f"x.{i}", "cos": "cos", "sin": "sin", "positions": "positions",
-                 "past_ckv": f"past_ckv.{i}", "past_kpe": f"past_kpe.{i}"}  # fmt: skip
+        wires = {
+            "x": f"x.{i}",
+            "cos": "cos",
+            "sin": "sin",
+            "positions": "positions",
+            "past_ckv": f"past_ckv.{i}",
+            "past_kpe": f"past_kpe.{i}",
+        }
         results = {"x_out": f"x.{i + 1}", "new_ckv": f"new_ckv.{i}", "new_kpe": f"new_kpe.{i}"}
         composer.add(kinds[moe], f"layers.{i}", wires, results, weight_prefix=f"model.layers.{i}.")
     tied = {"lm_head.weight": "model.embed_tokens.weight"} if c.tie_word_embeddings else {}

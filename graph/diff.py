@@ -61,8 +61,9 @@ class _Sources:
         return ("g", name)
 
 
-def _node_changes(a: GraphIndex, b: GraphIndex, i: int, j: int, src: _Sources,
-                  explained: frozenset[int] | set[int] = frozenset()) -> list[Change]:  # fmt: skip
+def _node_changes(
+    a: GraphIndex, b: GraphIndex, i: int, j: int, src: _Sources, explained: frozenset[int] | set[int] = frozenset()
+) -> list[Change]:
     na, nb = a.nodes[i], b.nodes[j]
     changes = []
     if a.op(i) != b.op(j):
@@ -100,23 +101,32 @@ def _value_infos(values: list[onnx.ValueInfoProto]) -> dict[str, str]:
 
 
 def _keyed_changes(what: str, a: dict[str, str], b: dict[str, str]) -> list[Change]:
-    return [Change(f"{what} {k}", a.get(k, "(none)"), b.get(k, "(none)")) for k in sorted(a.keys() | b.keys())
-            if a.get(k) != b.get(k)]  # fmt: skip
+    return [
+        Change(f"{what} {k}", a.get(k, "(none)"), b.get(k, "(none)"))
+        for k in sorted(a.keys() | b.keys())
+        if a.get(k) != b.get(k)
+    ]
 
 
 def _model_changes(a: LoadedGraph, b: LoadedGraph) -> list[Change]:
     ma, mb = a.model, b.model
     changes = _keyed_changes("", {"ir_version": str(ma.ir_version)}, {"ir_version": str(mb.ir_version)})
-    changes += _keyed_changes("opset", {o.domain or "ai.onnx": str(o.version) for o in ma.opset_import},
-                              {o.domain or "ai.onnx": str(o.version) for o in mb.opset_import})  # fmt: skip
+    changes += _keyed_changes(
+        "opset",
+        {o.domain or "ai.onnx": str(o.version) for o in ma.opset_import},
+        {o.domain or "ai.onnx": str(o.version) for o in mb.opset_import},
+    )
 
     def functions(m: onnx.ModelProto) -> dict[str, str]:
         return {function_label(f): f"{len(f.node)} nodes #{_function_digest(f)}" for f in m.functions}
 
     changes += _keyed_changes("function", functions(ma), functions(mb))
     inits_a, inits_b = set(a.tensors), set(b.tensors)
-    changes += _keyed_changes("input", _value_infos([v for v in a.graph.input if v.name not in inits_a]),
-                              _value_infos([v for v in b.graph.input if v.name not in inits_b]))  # fmt: skip
+    changes += _keyed_changes(
+        "input",
+        _value_infos([v for v in a.graph.input if v.name not in inits_a]),
+        _value_infos([v for v in b.graph.input if v.name not in inits_b]),
+    )
     changes += _keyed_changes("output", _value_infos(list(a.graph.output)), _value_infos(list(b.graph.output)))
     for c in changes:
         c.field = c.field.strip()
@@ -144,8 +154,13 @@ def _initializer_changes(
         if ta.shape != tb.shape:
             changes.append(Change("shape", str(list(ta.shape)), str(list(tb.shape))))
         if (ta.data == "missing") != (tb.data == "missing"):
-            changes.append(Change("data", "missing" if ta.data == "missing" else "present",
-                                  "missing" if tb.data == "missing" else "present"))  # fmt: skip
+            changes.append(
+                Change(
+                    "data",
+                    "missing" if ta.data == "missing" else "present",
+                    "missing" if tb.data == "missing" else "present",
+                )
+            )
         cmp = compare_tensors(a, x, b, y) if values else None
         if cmp is not None and not cmp.equal and not changes:
             changes.append(Change("values", "", "differ"))
@@ -153,9 +168,18 @@ def _initializer_changes(
             changes.insert(0, Change("name", x, y))
         if changes:
             kind: EntryKind = "changed" if any(c.field != "name" for c in changes) else "renamed"
-            found.append(InitializerChange(kind, x, y, layer_of_name(x), changes,
-                                           cmp.stats_a if cmp else None, cmp.stats_b if cmp else None,
-                                           cmp.max_abs_diff if cmp and not cmp.equal else None))  # fmt: skip
+            found.append(
+                InitializerChange(
+                    kind,
+                    x,
+                    y,
+                    layer_of_name(x),
+                    changes,
+                    cmp.stats_a if cmp else None,
+                    cmp.stats_b if cmp else None,
+                    cmp.max_abs_diff if cmp and not cmp.equal else None,
+                )
+            )
     return found
 
 
@@ -167,8 +191,9 @@ def _node_entries(a: GraphIndex, b: GraphIndex, m: Matching, src: _Sources, clai
         changes = _node_changes(a, b, i, j, src, claims.inputs.get(i, set()))
         if changes:
             kind: EntryKind = "renamed" if all(c.field == "name" for c in changes) else "changed"
-            entries.append(NodeChange(kind, a.op(i), a.nodes[i].name, b.nodes[j].name, a.layers[i], m.method[i],
-                                      changes))  # fmt: skip
+            entries.append(
+                NodeChange(kind, a.op(i), a.nodes[i].name, b.nodes[j].name, a.layers[i], m.method[i], changes)
+            )
     for i in range(len(a)):
         if i not in m.a_to_b and i not in claims.nodes_a:
             entries.append(NodeChange("removed", a.op(i), a.label(i), "", a.layers[i]))
@@ -187,14 +212,30 @@ def diff_graphs(a: LoadedGraph, b: LoadedGraph, values: bool = True) -> tuple[Gr
     changed = {e.name_a for e in init_entries if e.kind == "changed"}
     rewrites, claims = group_rewrites(ia, ib, m, inits, changed)
     init_entries = [e for e in init_entries if e.name_a not in claims.inits_a]
-    init_entries += [InitializerChange("removed", x, "", layer_of_name(x)) for x in a.tensors
-                     if x not in inits and x not in claims.inits_a]  # fmt: skip
+    init_entries += [
+        InitializerChange("removed", x, "", layer_of_name(x))
+        for x in a.tensors
+        if x not in inits and x not in claims.inits_a
+    ]
     matched_b = set(inits.values())
-    init_entries += [InitializerChange("added", "", y, layer_of_name(y)) for y in b.tensors
-                     if y not in matched_b and y not in claims.inits_b]  # fmt: skip
+    init_entries += [
+        InitializerChange("added", "", y, layer_of_name(y))
+        for y in b.tensors
+        if y not in matched_b and y not in claims.inits_b
+    ]
     nodes = _node_entries(ia, ib, m, _Sources(ia, ib, m, inits, claims), claims)
-    result = GraphDiff(a.role or b.role, str(a.path), str(b.path), len(ia), len(ib), m.counts(),
-                       _model_changes(a, b), rewrites, nodes, init_entries)  # fmt: skip
+    result = GraphDiff(
+        a.role or b.role,
+        str(a.path),
+        str(b.path),
+        len(ia),
+        len(ib),
+        m.counts(),
+        _model_changes(a, b),
+        rewrites,
+        nodes,
+        init_entries,
+    )
     return result, m
 
 

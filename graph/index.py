@@ -60,8 +60,9 @@ class GraphIndex:
                 self.elem_types[v.name] = v.type.tensor_type.elem_type
             if v.type.HasField("tensor_type") and v.type.tensor_type.HasField("shape"):
                 dims = v.type.tensor_type.shape.dim
-                self.shapes[v.name] = tuple(d.dim_value if d.HasField("dim_value") else d.dim_param or "?"
-                                            for d in dims)  # fmt: skip
+                self.shapes[v.name] = tuple(
+                    d.dim_value if d.HasField("dim_value") else d.dim_param or "?" for d in dims
+                )
 
     def __len__(self) -> int:
         return len(self.nodes)

@@ -33,14 +33,26 @@ class Handler:
 
 
 HANDLERS: list[Handler] = [
-    Handler("tensorrt engine folder", lambda p: p.is_dir() and (p / "engine_manifest.json").is_file(),
-            "dsv3c.runtime.trt_inspect:inspect_engine_folder", "dsv3c.runtime.trt_inspect:render_text",
-            options=("target_cc",)),
-    Handler("export folder", lambda p: p.is_dir() and (p / MANIFEST).is_file(),
-            "dsv3c.graph.summary:inspect_path", "dsv3c.graph.render_text:render_inspect"),
-    Handler("onnx model", lambda p: p.is_file(),
-            "dsv3c.graph.summary:inspect_path", "dsv3c.graph.render_text:render_inspect"),
-]  # fmt: skip
+    Handler(
+        "tensorrt engine folder",
+        lambda p: p.is_dir() and (p / "engine_manifest.json").is_file(),
+        "dsv3c.runtime.trt_inspect:inspect_engine_folder",
+        "dsv3c.runtime.trt_inspect:render_text",
+        options=("target_cc",),
+    ),
+    Handler(
+        "export folder",
+        lambda p: p.is_dir() and (p / MANIFEST).is_file(),
+        "dsv3c.graph.summary:inspect_path",
+        "dsv3c.graph.render_text:render_inspect",
+    ),
+    Handler(
+        "onnx model",
+        lambda p: p.is_file(),
+        "dsv3c.graph.summary:inspect_path",
+        "dsv3c.graph.render_text:render_inspect",
+    ),
+]
 
 
 def find_handler(path: Path) -> Handler:

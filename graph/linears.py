@@ -30,14 +30,44 @@ FP8_TYPES = frozenset(
 _FLOATS = FP8_TYPES | {TensorProto.FLOAT, TensorProto.FLOAT16, TensorProto.BFLOAT16, TensorProto.DOUBLE}
 # ops that may sit between a weight initializer and the linear (constant subgraph of the weight)
 WEIGHT_PATH = frozenset(
-    {"Transpose", "Cast", "CastLike", "DequantizeLinear", "Reshape", "Mul", "Div", "Identity", "Squeeze",
-     "Unsqueeze", "Flatten", "Expand", "Tile", "Concat", "Constant", "Slice", "Split"}
-)  # fmt: skip
+    {
+        "Transpose",
+        "Cast",
+        "CastLike",
+        "DequantizeLinear",
+        "Reshape",
+        "Mul",
+        "Div",
+        "Identity",
+        "Squeeze",
+        "Unsqueeze",
+        "Flatten",
+        "Expand",
+        "Tile",
+        "Concat",
+        "Constant",
+        "Slice",
+        "Split",
+    }
+)
 # ops that may sit between an activation's online quantization and the linear
 _ACT_PATH = frozenset(
-    {"DequantizeLinear", "QuantizeLinear", "Reshape", "Cast", "Mul", "Div", "Transpose", "Identity", "Squeeze",
-     "Unsqueeze", "Flatten", "Slice", "Pad"}
-)  # fmt: skip
+    {
+        "DequantizeLinear",
+        "QuantizeLinear",
+        "Reshape",
+        "Cast",
+        "Mul",
+        "Div",
+        "Transpose",
+        "Identity",
+        "Squeeze",
+        "Unsqueeze",
+        "Flatten",
+        "Slice",
+        "Pad",
+    }
+)
 MOE_OPS = frozenset({"MoE", "QMoE"})
 _MAX_DEPTH = 12
 
@@ -143,8 +173,13 @@ class LinearFinder:
         if len(found) > 1:  # a DequantizeLinear of scale 1 next to the real scales: the scalar says nothing
             found = [t for t in found if math.prod(t.dims) > 1] or found
         if not found:  # a scale read another way (a Mul after a DequantizeLinear of scale 1)
-            found = [t for n in sorted(trace.initializers) if (t := index.initializers[n]) is not weight
-                     and t.data_type in _FLOATS and math.prod(t.dims) < math.prod(weight.dims)]  # fmt: skip
+            found = [
+                t
+                for n in sorted(trace.initializers)
+                if (t := index.initializers[n]) is not weight
+                and t.data_type in _FLOATS
+                and math.prod(t.dims) < math.prod(weight.dims)
+            ]
         return found
 
     def _scheme(self, weight: onnx.TensorProto, trace: Trace) -> tuple[str, tuple[int, ...] | None]:
@@ -235,9 +270,12 @@ class LinearFinder:
             else:
                 both = old.fp8_activation and linear.fp8_activation
                 merged[linear.weights] = dataclasses.replace(
-                    old, flops=old.flops + linear.flops, fp8_activation=both, activation=old.activation if both else "",
+                    old,
+                    flops=old.flops + linear.flops,
+                    fp8_activation=both,
+                    activation=old.activation if both else "",
                     trace_nodes=old.trace_nodes | linear.trace_nodes,
-                )  # fmt: skip
+                )
         return list(merged.values())
 
     def _find(self) -> list[Linear]:
@@ -251,12 +289,25 @@ class LinearFinder:
                 found += self._custom(i, node)
         return found
 
-    def _linear(self, i: int, trace: Trace, weight: onnx.TensorProto, flops: float, kind: str,
-                activation: str) -> Linear:  # fmt: skip
+    def _linear(
+        self, i: int, trace: Trace, weight: onnx.TensorProto, flops: float, kind: str, activation: str
+    ) -> Linear:
         scheme, scale = self._scheme(weight, trace)
         fp8 = weight.data_type in FP8_TYPES
-        return Linear(i, (weight.name,), flops, _dtype(weight.data_type), fp8, bool(activation), scheme,
-                      trace.nodes, kind, tuple(weight.dims), scale, activation)  # fmt: skip
+        return Linear(
+            i,
+            (weight.name,),
+            flops,
+            _dtype(weight.data_type),
+            fp8,
+            bool(activation),
+            scheme,
+            trace.nodes,
+            kind,
+            tuple(weight.dims),
+            scale,
+            activation,
+        )
 
     def _matmul(self, i: int, node: onnx.NodeProto) -> Linear | None:
         trace = self.trace(node.input[1])
@@ -289,9 +340,22 @@ class LinearFinder:
             flops = sum(2.0 * math.prod(w.dims) * top_k / max(w.dims[0], 1) for w, _ in experts)
             scheme, scale = self._scheme(w0, t0)
             fp8 = all(w.data_type in FP8_TYPES for w, _ in experts)
-            found.append(Linear(i, tuple(w.name for w, _ in experts), flops, _dtype(w0.data_type), fp8, False,
-                                scheme if fp8 else "", frozenset().union(*(t.nodes for _, t in experts)), "experts",
-                                tuple(w0.dims), scale if fp8 else None, ""))  # fmt: skip
+            found.append(
+                Linear(
+                    i,
+                    tuple(w.name for w, _ in experts),
+                    flops,
+                    _dtype(w0.data_type),
+                    fp8,
+                    False,
+                    scheme if fp8 else "",
+                    frozenset().union(*(t.nodes for _, t in experts)),
+                    "experts",
+                    tuple(w0.dims),
+                    scale if fp8 else None,
+                    "",
+                )
+            )
         return found
 
 

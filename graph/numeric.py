@@ -59,14 +59,23 @@ def make_inputs(graphs: list[tuple[LoadedGraph, GraphIndex]], seed: int) -> dict
     dims: dict[str, int] = {}
     for g, index in graphs:
         specs = [v for v in g.graph.input if v.name in index.inputs]
-        past = next((dims.setdefault(d.dim_param, _dim_value(d.dim_param)) for v in specs
-                     for d in v.type.tensor_type.shape.dim if "past" in d.dim_param.lower()), 0)  # fmt: skip
+        past = next(
+            (
+                dims.setdefault(d.dim_param, _dim_value(d.dim_param))
+                for v in specs
+                for d in v.type.tensor_type.shape.dim
+                if "past" in d.dim_param.lower()
+            ),
+            0,
+        )
         for v in specs:
             if v.name in feeds:
                 continue
             t = v.type.tensor_type
-            shape = [d.dim_value if d.HasField("dim_value") else dims.setdefault(d.dim_param, _dim_value(d.dim_param))
-                     for d in t.shape.dim]  # fmt: skip
+            shape = [
+                d.dim_value if d.HasField("dim_value") else dims.setdefault(d.dim_param, _dim_value(d.dim_param))
+                for d in t.shape.dim
+            ]
             rng = np.random.default_rng([seed, zlib.crc32(v.name.encode())])
             dtype = numpy_dtype(t.elem_type) or np.dtype(np.float32)
             lower = v.name.lower()
@@ -160,8 +169,12 @@ def compare_numeric(a: LoadedGraph, b: LoadedGraph, m: Matching, seed: int = 0) 
     for g in (a, b):
         missing = [t.name for t in g.tensors.values() if t.data == "missing"]
         if missing:
-            return NumericReport("skipped", f"{g.path.name} has no data for {len(missing)} initializers "
-                                 f"(e.g. {missing[0]}; a --weights none export?)", seed)  # fmt: skip
+            return NumericReport(
+                "skipped",
+                f"{g.path.name} has no data for {len(missing)} initializers "
+                f"(e.g. {missing[0]}; a --weights none export?)",
+                seed,
+            )
     try:
         import onnxruntime  # noqa: F401
     except ImportError:

@@ -67,22 +67,28 @@ def _chart(g: GraphDiff, anchor: str) -> str:
     top, bottom = (math.ceil(max(logs) + 0.01), math.floor(min(logs) - 0.01)) if logs else (1, 0)
     step = min(36.0, max(6.0, 900 / len(values)))
     width, height, pad = int(max(320, step * len(values) + 60)), 180, 40
-    parts = [f'<svg xmlns="http://www.w3.org/2000/svg" width="{width}" height="{height + 30}" role="img" '
-             f'aria-label="{escape(title)}"><text x="{pad}" y="12">{escape(title)}</text>',
-             f'<line class="axis" x1="{pad}" y1="{height}" x2="{width - 10}" y2="{height}"/>',
-             f'<text x="2" y="24">1e{top}</text><text x="2" y="{height}">1e{bottom}</text>']  # fmt: skip
+    parts = [
+        f'<svg xmlns="http://www.w3.org/2000/svg" width="{width}" height="{height + 30}" role="img" '
+        f'aria-label="{escape(title)}"><text x="{pad}" y="12">{escape(title)}</text>',
+        f'<line class="axis" x1="{pad}" y1="{height}" x2="{width - 10}" y2="{height}"/>',
+        f'<text x="2" y="24">1e{top}</text><text x="2" y="{height}">1e{bottom}</text>',
+    ]
     if numeric:
-        parts.append(f'<rect class="swatch jump" x="{pad + 300}" y="4" width="9" height="9"/>'
-                     f'<text x="{pad + 313}" y="12">first jump</text>')  # fmt: skip
+        parts.append(
+            f'<rect class="swatch jump" x="{pad + 300}" y="4" width="9" height="9"/>'
+            f'<text x="{pad + 313}" y="12">first jump</text>'
+        )
     for k, (layer, value, jump) in enumerate(values):
         frac = (math.log10(value) - bottom) / (top - bottom) if value > 0 and top > bottom else 0.0
         h = max(1.0, frac * (height - 24))
         x = pad + k * step
         name = "outside layers" if layer is None else f"layer {layer}"
         target = f"{anchor}-layer-{'none' if layer is None else layer}"
-        parts.append(f'<rect class="bar{" jump" if jump else ""}" data-layer="{escape(str(layer))}" '
-                     f'data-target="{target}" x="{x:.1f}" y="{height - h:.1f}" width="{max(step - 2, 1):.1f}" '
-                     f'height="{h:.1f}"><title>{escape(name)}: {value:.3g}</title></rect>')  # fmt: skip
+        parts.append(
+            f'<rect class="bar{" jump" if jump else ""}" data-layer="{escape(str(layer))}" '
+            f'data-target="{target}" x="{x:.1f}" y="{height - h:.1f}" width="{max(step - 2, 1):.1f}" '
+            f'height="{h:.1f}"><title>{escape(name)}: {value:.3g}</title></rect>'
+        )
         if len(values) <= 40 or k % 5 == 0:
             parts.append(f'<text x="{x:.1f}" y="{height + 12}">{"-" if layer is None else layer}</text>')
     parts.append("</svg>")
@@ -105,19 +111,23 @@ def _layer_details(g: GraphDiff, anchor: str) -> list[str]:
             "".join(f'<li class="{kind}">{escape(text)}</li>' for kind, text in rows)
             or "<li>no structural differences</li>"
         )
-        out.append(f'<details class="layer" id="{anchor}-layer-{"none" if layer is None else layer}">'
-                   f'<summary>{escape(name)}<span class="tag">{escape(" · ".join(tags))}</span></summary>'
-                   f"<ul>{items}</ul></details>")  # fmt: skip
+        out.append(
+            f'<details class="layer" id="{anchor}-layer-{"none" if layer is None else layer}">'
+            f'<summary>{escape(name)}<span class="tag">{escape(" · ".join(tags))}</span></summary>'
+            f"<ul>{items}</ul></details>"
+        )
     return out
 
 
 def _graph(g: GraphDiff, k: int) -> str:
     anchor = f"g{k}"
     matched = ", ".join(f"{m} {n}" for m, n in g.matched.items()) or "none"
-    parts = [f'<section class="graph" data-role="{escape(g.role)}"><h2>graph {escape(g.role or Path(g.b).name)}</h2>',
-             f"<p><code>{escape(g.a)}</code> → <code>{escape(g.b)}</code>: {g.nodes_a} → {g.nodes_b} nodes, "
-             f"matched {sum(g.matched.values())} ({escape(matched)}); "
-             f"{g.differences or 'no'} differences</p>"]  # fmt: skip
+    parts = [
+        f'<section class="graph" data-role="{escape(g.role)}"><h2>graph {escape(g.role or Path(g.b).name)}</h2>',
+        f"<p><code>{escape(g.a)}</code> → <code>{escape(g.b)}</code>: {g.nodes_a} → {g.nodes_b} nodes, "
+        f"matched {sum(g.matched.values())} ({escape(matched)}); "
+        f"{g.differences or 'no'} differences</p>",
+    ]
     if g.model:
         items = "".join(f"<li>{escape(f'{c.field}: {c.before} -> {c.after}')}</li>" for c in g.model)
         parts.append(f"<h3>model</h3><ul>{items}</ul>")
@@ -132,16 +142,21 @@ def _graph(g: GraphDiff, k: int) -> str:
 def render_html(report: DiffReport) -> str:
     total = sum(g.differences for g in report.graphs) + len(report.only_a) + len(report.only_b)
     verdict = "no differences" if report.identical else f"{total} differences"
-    only = [f"<li>graph {escape(r)}: only in {escape(side)}</li>" for side, roles in
-            ((report.a, report.only_a), (report.b, report.only_b)) for r in roles]  # fmt: skip
-    return "".join([
-        '<!doctype html><html lang="en"><head><meta charset="utf-8">',
-        f"<title>dsv3c diff: {escape(verdict)}</title><style>{_CSS}</style></head><body>",
-        f"<h1>dsv3c diff</h1><p>A: <code>{escape(report.a)}</code><br>B: <code>{escape(report.b)}</code></p>",
-        f'<p class="verdict {"same" if report.identical else "differ"}" id="verdict">{escape(verdict)}</p>',
-        f"<ul>{''.join(only)}</ul>" if only else "",
-        '<div class="toolbar"><button id="expand">expand all</button><button id="collapse">collapse all</button>'
-        '<input id="filter" placeholder="filter layers"></div><p id="status"></p>',
-        *(_graph(g, k) for k, g in enumerate(report.graphs)),
-        f"<script>{_JS}</script></body></html>\n",
-    ])  # fmt: skip
+    only = [
+        f"<li>graph {escape(r)}: only in {escape(side)}</li>"
+        for side, roles in ((report.a, report.only_a), (report.b, report.only_b))
+        for r in roles
+    ]
+    return "".join(
+        [
+            '<!doctype html><html lang="en"><head><meta charset="utf-8">',
+            f"<title>dsv3c diff: {escape(verdict)}</title><style>{_CSS}</style></head><body>",
+            f"<h1>dsv3c diff</h1><p>A: <code>{escape(report.a)}</code><br>B: <code>{escape(report.b)}</code></p>",
+            f'<p class="verdict {"same" if report.identical else "differ"}" id="verdict">{escape(verdict)}</p>',
+            f"<ul>{''.join(only)}</ul>" if only else "",
+            '<div class="toolbar"><button id="expand">expand all</button><button id="collapse">collapse all</button>'
+            '<input id="filter" placeholder="filter layers"></div><p id="status"></p>',
+            *(_graph(g, k) for k, g in enumerate(report.graphs)),
+            f"<script>{_JS}</script></body></html>\n",
+        ]
+    )

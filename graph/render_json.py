@@ -8,8 +8,12 @@ import math
 from typing import Any
 
 # computed properties worth having in JSON, by class name
-_PROPERTIES = {"Fp8Coverage": ("share", "weight_only_share"), "GraphDiff": ("differences",),
-               "DiffReport": ("identical",), "Rewrite": ("weight_only",)}  # fmt: skip
+_PROPERTIES = {
+    "Fp8Coverage": ("share", "weight_only_share"),
+    "GraphDiff": ("differences",),
+    "DiffReport": ("identical",),
+    "Rewrite": ("weight_only",),
+}
 
 
 def to_data(value: Any) -> Any:

@@ -43,8 +43,10 @@ def _specs(specs: list[TensorSpec]) -> str:
     for s in specs:
         key = (re.sub(r"(?<=[._])\d+(?=$|[._])", "{i}", s.name), s.dtype, ", ".join(map(str, s.shape)))
         groups.setdefault(key, []).append(s.name)
-    texts = [f"{name} {dtype}[{shape}] x{len(names)}" if len(names) > 1 else f"{names[0]} {dtype}[{shape}]"
-             for (name, dtype, shape), names in groups.items()]  # fmt: skip
+    texts = [
+        f"{name} {dtype}[{shape}] x{len(names)}" if len(names) > 1 else f"{names[0]} {dtype}[{shape}]"
+        for (name, dtype, shape), names in groups.items()
+    ]
     return ", ".join(texts) or "(none)"
 
 
@@ -54,16 +56,22 @@ def _specs(specs: list[TensorSpec]) -> str:
 def _graph_summary(s: GraphSummary) -> list[str]:
     title = f"{s.role}: {s.path}" if s.role else s.path
     opsets = ", ".join(f"{d} {v}" for d, v in s.opsets.items())
-    lines = [f"== {title}", f"ir {s.ir_version} · opsets {opsets} · producer {s.producer or '(none)'}",
-             f"nodes {s.nodes}; inputs {_specs(s.inputs)}; outputs {_specs(s.outputs)}"]  # fmt: skip
+    lines = [
+        f"== {title}",
+        f"ir {s.ir_version} · opsets {opsets} · producer {s.producer or '(none)'}",
+        f"nodes {s.nodes}; inputs {_specs(s.inputs)}; outputs {_specs(s.outputs)}",
+    ]
     ops = list(s.ops.items())
     more = f", ... {len(ops) - 25} more" if len(ops) > 25 else ""
     lines.append("ops: " + ", ".join(f"{op} {n}" for op, n in ops[:25]) + more)
     lines.append(
         f"parameters {count(s.parameters)} in {sum(r.tensors for r in s.by_dtype)} initializers, {size(s.bytes)}"
     )
-    lines += [f"  {r.dtype:<14} {r.tensors:>6} tensors {count(r.parameters):>10} params {size(r.bytes):>10}"
-              + (f"  ({r.without_data} without data)" if r.without_data else "") for r in s.by_dtype]  # fmt: skip
+    lines += [
+        f"  {r.dtype:<14} {r.tensors:>6} tensors {count(r.parameters):>10} params {size(r.bytes):>10}"
+        + (f"  ({r.without_data} without data)" if r.without_data else "")
+        for r in s.by_dtype
+    ]
     note = {"missing": " (every initializer is declared without data, as in a --weights none export)"}
     lines.append(f"weight data: {s.data}{note.get(s.data, '')}")
     lines.append("custom nodes:" if s.custom_nodes else "custom nodes: (none)")
@@ -76,11 +84,17 @@ def _graph_summary(s: GraphSummary) -> list[str]:
     f = s.fp8
     schemes = "; ".join(f"{k}: {v}" for k, v in f.schemes.items())
     acts = "; ".join(f"{k}: {v}" for k, v in f.activations.items())
-    lines.append(f"fp8: {100 * f.share:.1f}% of linear FLOPs ({count(f.fp8_flops)} of {count(f.flops)} per token); "
-                 f"{f.fp8_linears} of {f.linears} linears in fp8" + (f" (activations {acts})" if acts else "")
-                 + (f"; {f.weight_only} more with fp8 weights only ({100 * f.weight_only_share:.1f}% of FLOPs)"
-                    if f.weight_only else "")
-                 + (f"; weight schemes: {schemes}" if schemes else ""))  # fmt: skip
+    lines.append(
+        f"fp8: {100 * f.share:.1f}% of linear FLOPs ({count(f.fp8_flops)} of {count(f.flops)} per token); "
+        f"{f.fp8_linears} of {f.linears} linears in fp8"
+        + (f" (activations {acts})" if acts else "")
+        + (
+            f"; {f.weight_only} more with fp8 weights only ({100 * f.weight_only_share:.1f}% of FLOPs)"
+            if f.weight_only
+            else ""
+        )
+        + (f"; weight schemes: {schemes}" if schemes else "")
+    )
     lines.append(f"cache inputs: {_specs(s.cache)}")
     for e in s.external_files:
         state = "missing" if e.size is None else f"{size(e.size)} on disk"
@@ -158,12 +172,16 @@ def rewrite_lines(rewrites: list[Rewrite]) -> list[str]:
         inits = sum(len(r.added_initializers) for r in group)
         retyped = sum(len(r.changed_initializers) + len(r.removed_initializers) for r in group)
         only = sum(r.weight_only for r in group)
-        kinds = [f"{len(group) - only} with fp8 activations" if len(group) > only else "",
-                 f"{only} weight-only" if only else ""]  # fmt: skip
+        kinds = [
+            f"{len(group) - only} with fp8 activations" if len(group) > only else "",
+            f"{only} weight-only" if only else "",
+        ]
         dtype = group[0].weight_dtype or "fp8"
         detail = f"+{nodes} nodes, +{inits} initializers" + (f", {retyped} weights now {dtype}" if retyped else "")
-        head.append(f"{label}: {len(group)} linear{'s' if len(group) > 1 else ''} "
-                    f"({', '.join(k for k in kinds if k)}); {detail}")  # fmt: skip
+        head.append(
+            f"{label}: {len(group)} linear{'s' if len(group) > 1 else ''} "
+            f"({', '.join(k for k in kinds if k)}); {detail}"
+        )
         head += [f"  {quantized_line(r)}" for r in group]
     return head + lines
 
@@ -194,8 +212,10 @@ def initializer_line(e: InitializerChange) -> str:
         parts.append(f"max abs diff {e.max_abs_diff:.3g}")
     if e.stats_a and e.stats_b:
         a, b = e.stats_a, e.stats_b
-        parts.append(f"mean {a.mean:.3g} -> {b.mean:.3g}, std {a.std:.3g} -> {b.std:.3g}, "
-                     f"absmax {a.absmax:.3g} -> {b.absmax:.3g}")  # fmt: skip
+        parts.append(
+            f"mean {a.mean:.3g} -> {b.mean:.3g}, std {a.std:.3g} -> {b.std:.3g}, "
+            f"absmax {a.absmax:.3g} -> {b.absmax:.3g}"
+        )
     return f"initializer {e.kind} {name}: " + "; ".join(parts)
 
 
@@ -213,16 +233,21 @@ def numeric_lines(n: NumericReport) -> list[str]:
         lines.append(f"  {_layer_title(e.layer)}: {error}" + ("" if e.max_rel else f" over {e.tensors} tensors"))
     lines += [f"  output {e.tensor}: max rel err {e.max_rel:.3g} (max abs {e.max_abs:.3g})" for e in n.outputs]
     j = n.first_jump
-    lines.append(f"  first jump: {_layer_title(j.layer)}, {j.op} {j.node} -> {j.tensor}: max rel err {j.max_rel:.3g}"
-                 if j else "  first jump: none (no error above 1e-6 grows 10x)")  # fmt: skip
+    lines.append(
+        f"  first jump: {_layer_title(j.layer)}, {j.op} {j.node} -> {j.tensor}: max rel err {j.max_rel:.3g}"
+        if j
+        else "  first jump: none (no error above 1e-6 grows 10x)"
+    )
     return lines
 
 
 def graph_diff_lines(g: GraphDiff) -> list[str]:
     matched = ", ".join(f"{k} {v}" for k, v in g.matched.items())
     title = f"graph {g.role}" if g.role else "graph"
-    lines = [f"{title} ({g.a} -> {g.b}): {g.nodes_a} -> {g.nodes_b} nodes, matched {sum(g.matched.values())}"
-             f" ({matched or 'none'}); {g.differences or 'no'} differences"]  # fmt: skip
+    lines = [
+        f"{title} ({g.a} -> {g.b}): {g.nodes_a} -> {g.nodes_b} nodes, matched {sum(g.matched.values())}"
+        f" ({matched or 'none'}); {g.differences or 'no'} differences"
+    ]
     if g.model:
         lines.append("  model:")
         lines += [f"    {c.field}: {c.before} -> {c.after}" for c in g.model]

@@ -39,21 +39,81 @@ from dsv3c.graph.match import Matching, attribute_digest
 
 # ops that online activation quantization and weight dequantization are built from
 _QDQ_HELPERS = frozenset(
-    {"QuantizeLinear", "DequantizeLinear", "DynamicQuantizeLinear", "Reshape", "Abs", "ReduceMax", "Div", "Mul",
-     "Max", "Min", "Clip", "Cast", "CastLike", "Transpose", "Constant", "Expand", "Tile", "Unsqueeze", "Squeeze",
-     "Shape", "Gather", "Slice", "Concat", "Floor", "Ceil", "Log", "Exp", "Pow", "Reciprocal", "Identity",
-     "Flatten", "Sqrt", "Pad"}
-)  # fmt: skip
+    {
+        "QuantizeLinear",
+        "DequantizeLinear",
+        "DynamicQuantizeLinear",
+        "Reshape",
+        "Abs",
+        "ReduceMax",
+        "Div",
+        "Mul",
+        "Max",
+        "Min",
+        "Clip",
+        "Cast",
+        "CastLike",
+        "Transpose",
+        "Constant",
+        "Expand",
+        "Tile",
+        "Unsqueeze",
+        "Squeeze",
+        "Shape",
+        "Gather",
+        "Slice",
+        "Concat",
+        "Floor",
+        "Ceil",
+        "Log",
+        "Exp",
+        "Pow",
+        "Reciprocal",
+        "Identity",
+        "Flatten",
+        "Sqrt",
+        "Pad",
+    }
+)
 # ops a lowering may lower to that are worth naming: "lowered (to Attention)"
 FUSED_OPS = frozenset(
-    {"Attention", "RotaryEmbedding", "RMSNormalization", "LayerNormalization", "MultiHeadAttention",
-     "GroupQueryAttention", "SkipLayerNormalization", "MoE", "QMoE"}
-)  # fmt: skip
+    {
+        "Attention",
+        "RotaryEmbedding",
+        "RMSNormalization",
+        "LayerNormalization",
+        "MultiHeadAttention",
+        "GroupQueryAttention",
+        "SkipLayerNormalization",
+        "MoE",
+        "QMoE",
+    }
+)
 # ops that only move, reshape or make data: left out of a lowering's "to X + Y" label
 _PLUMBING = frozenset(
-    {"Constant", "Shape", "Reshape", "Transpose", "Unsqueeze", "Squeeze", "Concat", "Slice", "Gather", "Expand",
-     "Cast", "CastLike", "Split", "Identity", "Range", "Flatten", "Pad", "Tile", "ConstantOfShape", "Size"}
-)  # fmt: skip
+    {
+        "Constant",
+        "Shape",
+        "Reshape",
+        "Transpose",
+        "Unsqueeze",
+        "Squeeze",
+        "Concat",
+        "Slice",
+        "Gather",
+        "Expand",
+        "Cast",
+        "CastLike",
+        "Split",
+        "Identity",
+        "Range",
+        "Flatten",
+        "Pad",
+        "Tile",
+        "ConstantOfShape",
+        "Size",
+    }
+)
 # ops between a weight's reader and the linear that uses it (a Transpose of the weight, a Cast)
 _TO_USER = frozenset({"Transpose", "Cast", "CastLike", "Reshape", "Identity", "Squeeze", "Unsqueeze"})
 _FORWARD_DEPTH = 8
@@ -104,8 +164,14 @@ class _Grouper:
     def free_b(self, j: int) -> bool:
         return j not in self.m.b_to_a and j not in self.claims.nodes_b and j not in self.m.derived_b
 
-    def _upstream(self, index: GraphIndex, tensors: Iterable[str], free: Callable[[int], bool], claimed: set[int],
-                  ops: frozenset[str] | None) -> list[int]:  # fmt: skip
+    def _upstream(
+        self,
+        index: GraphIndex,
+        tensors: Iterable[str],
+        free: Callable[[int], bool],
+        claimed: set[int],
+        ops: frozenset[str] | None,
+    ) -> list[int]:
         """Free nodes reachable backwards from `tensors` (claimed on the way); `ops`: only through these."""
         found, todo = [], [t for t in tensors if t]
         while todo:
@@ -191,8 +257,10 @@ class _Grouper:
 
     def sweep(self) -> None:
         """Nodes left over that only fed nodes of rewrites (a constant shared by several) go with the first."""
-        for index, free, owner, removed in ((self.a, self.free_a, self.owner_a, True),
-                                            (self.b, self.free_b, self.owner_b, False)):  # fmt: skip
+        for index, free, owner, removed in (
+            (self.a, self.free_a, self.owner_a, True),
+            (self.b, self.free_b, self.owner_b, False),
+        ):
             for i in reversed(range(len(index))):
                 node = index.nodes[i]
                 users = sorted({c for out in node.output for c, _ in index.consumers.get(out, [])})
@@ -239,10 +307,17 @@ class _Grouper:
             into = sorted({x for _, r in items if r is not None and (x := a.layers[r]) is not None})
             where = f" of layer{'s' if len(into) > 1 else ''} {', '.join(map(str, into))}" if into else ""
             same = (["identical nodes" + where] if any(r is not None for _, r in items) else []) + (
-                ["equal constants"] if any(r is None for _, r in items) else [])  # fmt: skip
+                ["equal constants"] if any(r is None for _, r in items) else []
+            )
             target = ", ".join(f"{op} x{n}" if n > 1 else op for op, n in ops.items()) + " -> " + " / ".join(same)
-            rw = Rewrite("merged", f"merged ({len(items)} duplicate node{'s' if len(items) > 1 else ''})", layer,
-                         target, "", removed_nodes=[a.label(i) for i, _ in items])  # fmt: skip
+            rw = Rewrite(
+                "merged",
+                f"merged ({len(items)} duplicate node{'s' if len(items) > 1 else ''})",
+                layer,
+                target,
+                "",
+                removed_nodes=[a.label(i) for i, _ in items],
+            )
             self._own(rw, [i for i, _ in items], [])
             found.append(rw)
         return found
@@ -283,12 +358,14 @@ class _Grouper:
         a, b, m, claims = self.a, self.b, self.m, self.claims
         path_b, readers_b = self._forward(b, y, self.free_b)
         claims.nodes_b.update(path_b)
-        scales_b = self._upstream(b, [n for j in path_b for n in b.nodes[j].input], self.free_b, claims.nodes_b,
-                                  _QDQ_HELPERS)  # fmt: skip
+        scales_b = self._upstream(
+            b, [n for j in path_b for n in b.nodes[j].input], self.free_b, claims.nodes_b, _QDQ_HELPERS
+        )
         path_a, readers_a = self._forward(a, x, self.free_a)
         claims.nodes_a.update(path_a)
-        scales_a = self._upstream(a, [n for i in path_a for n in a.nodes[i].input], self.free_a, claims.nodes_a,
-                                  _QDQ_HELPERS)  # fmt: skip
+        scales_a = self._upstream(
+            a, [n for i in path_a for n in a.nodes[i].input], self.free_a, claims.nodes_a, _QDQ_HELPERS
+        )
         user_a: int | None = None
         user_b: int | None = None
         for j, k in readers_b:
@@ -410,8 +487,15 @@ class _Grouper:
                 claims.lowered_b[y] = i
             linear = self.linear_a.get(i) if node.op_type in ("MatMul", "Gemm") else None
             target = short_name(linear.weights[0]) if linear is not None else a.label(i)  # a linear by its weight
-            rw = Rewrite("lowered", self._label(i, group), a.layers[i], target, a.op(i),
-                         [b.label(x) for x in group], [a.label(x) for x in removed])  # fmt: skip
+            rw = Rewrite(
+                "lowered",
+                self._label(i, group),
+                a.layers[i],
+                target,
+                a.op(i),
+                [b.label(x) for x in group],
+                [a.label(x) for x in removed],
+            )
             self._initializers(rw, [i, *removed], group)
             self._own(rw, [i, *removed], group)
             found.append(rw)
@@ -443,8 +527,11 @@ class _Grouper:
             p = b.producer.get(name)
             return p is not None and b.nodes[p[0]].op_type == "Constant" and not b.nodes[p[0]].input
 
-        starts = [i for i in range(len(a)) if self.free_a(i) and a.nodes[i].output
-                  and all(constant_in_b(o) for o in a.nodes[i].output if o)]  # fmt: skip
+        starts = [
+            i
+            for i in range(len(a))
+            if self.free_a(i) and a.nodes[i].output and all(constant_in_b(o) for o in a.nodes[i].output if o)
+        ]
         if not starts:
             return []
         claims.nodes_a.update(starts)
@@ -460,11 +547,20 @@ class _Grouper:
             claims.nodes_b.update(made)
             ops = Counter(a.op(i) for i in nodes)
             n, s = len(nodes), "s" if len(nodes) > 1 else ""
-            label = f"lifted to initializers ({n} constant{s})" if set(ops) == {"Constant"} else \
-                f"folded to constants ({n} node{s})"  # fmt: skip
-            rw = Rewrite("folded", label, layer,
-                         ", ".join(f"{op} x{n}" if n > 1 else op for op, n in ops.items()), "",
-                         [b.label(j) for j in made], [a.label(i) for i in nodes])  # fmt: skip
+            label = (
+                f"lifted to initializers ({n} constant{s})"
+                if set(ops) == {"Constant"}
+                else f"folded to constants ({n} node{s})"
+            )
+            rw = Rewrite(
+                "folded",
+                label,
+                layer,
+                ", ".join(f"{op} x{n}" if n > 1 else op for op, n in ops.items()),
+                "",
+                [b.label(j) for j in made],
+                [a.label(i) for i in nodes],
+            )
             self._initializers(rw, nodes, made)
             self._own(rw, nodes, made)
             for o in outs:
@@ -482,8 +578,9 @@ def _experts_name(weights: tuple[str, ...]) -> str:
     return ".".join(common) or short_name(weights[0])
 
 
-def group_rewrites(a: GraphIndex, b: GraphIndex, m: Matching, inits: dict[str, str],
-                   changed: set[str]) -> tuple[list[Rewrite], Claims]:  # fmt: skip
+def group_rewrites(
+    a: GraphIndex, b: GraphIndex, m: Matching, inits: dict[str, str], changed: set[str]
+) -> tuple[list[Rewrite], Claims]:
     """The pipeline rewrites between A and B; `changed`: initializers of A whose B counterpart differs."""
     grouper = _Grouper(a, b, m, inits, changed)
     merged = grouper.merged()

@@ -124,10 +124,15 @@ def _coverage(index: GraphIndex) -> Fp8Coverage:
     schemes = Counter(lin.scheme for lin in linears if lin.fp8_weight)
     weight_only = [lin for lin in linears if lin.fp8_weight and not lin.fp8_activation]
     return Fp8Coverage(
-        len(linears), sum(lin.runs_fp8 for lin in linears), len(weight_only),
-        sum(lin.flops for lin in linears), sum(lin.flops for lin in linears if lin.runs_fp8), dict(schemes),
-        sum(lin.flops for lin in weight_only), dict(Counter(lin.activation for lin in linears if lin.runs_fp8)),
-    )  # fmt: skip
+        len(linears),
+        sum(lin.runs_fp8 for lin in linears),
+        len(weight_only),
+        sum(lin.flops for lin in linears),
+        sum(lin.flops for lin in linears if lin.runs_fp8),
+        dict(schemes),
+        sum(lin.flops for lin in weight_only),
+        dict(Counter(lin.activation for lin in linears if lin.runs_fp8)),
+    )
 
 
 def summarize(g: LoadedGraph) -> GraphSummary:
@@ -150,16 +155,25 @@ def summarize(g: LoadedGraph) -> GraphSummary:
     inputs = [_spec(v) for v in g.graph.input if v.name not in g.tensors]
     model = g.model
     return GraphSummary(
-        role=g.role, path=str(g.path), ir_version=model.ir_version,
+        role=g.role,
+        path=str(g.path),
+        ir_version=model.ir_version,
         opsets={o.domain or "ai.onnx": o.version for o in model.opset_import},
         producer=f"{model.producer_name} {model.producer_version}".strip(),
-        nodes=len(index), ops=dict(Counter(index.op(i) for i in range(len(index))).most_common()),
-        inputs=inputs, outputs=[_spec(v) for v in g.graph.output],
-        parameters=sum(r.parameters for r in rows.values()), bytes=sum(r.bytes for r in rows.values()),
-        by_dtype=sorted(rows.values(), key=lambda r: -r.bytes), data=data, custom_nodes=_custom(index),
-        functions={function_label(f): len(f.node) for f in model.functions}, fp8=_coverage(index),
-        cache=[s for s in inputs if _CACHE_NAME.search(s.name)], external_files=g.external_files,
-    )  # fmt: skip
+        nodes=len(index),
+        ops=dict(Counter(index.op(i) for i in range(len(index))).most_common()),
+        inputs=inputs,
+        outputs=[_spec(v) for v in g.graph.output],
+        parameters=sum(r.parameters for r in rows.values()),
+        bytes=sum(r.bytes for r in rows.values()),
+        by_dtype=sorted(rows.values(), key=lambda r: -r.bytes),
+        data=data,
+        custom_nodes=_custom(index),
+        functions={function_label(f): len(f.node) for f in model.functions},
+        fp8=_coverage(index),
+        cache=[s for s in inputs if _CACHE_NAME.search(s.name)],
+        external_files=g.external_files,
+    )
 
 
 def inspect_path(path: Path) -> InspectReport:

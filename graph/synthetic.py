@@ -104,11 +104,18 @@ class _Builder:
         q = self.linear(h, f"{p}/self_attn/q_a_proj", f"{n}.self_attn.q_a_proj.weight", (t.hidden, t.q_rank))
         q = self.rms_norm(q, f"{p}/self_attn/q_a_layernorm", f"{n}.self_attn.q_a_layernorm.weight", t.q_rank)
         q = self.linear(q, f"{p}/self_attn/q_b_proj", f"{n}.self_attn.q_b_proj.weight", (t.q_rank, t.heads_dim))
-        kv = self.linear(h, f"{p}/self_attn/kv_a_proj_with_mqa", f"{n}.self_attn.kv_a_proj_with_mqa.weight",
-                         (t.hidden, t.kv_rank))  # fmt: skip
+        kv = self.linear(
+            h, f"{p}/self_attn/kv_a_proj_with_mqa", f"{n}.self_attn.kv_a_proj_with_mqa.weight", (t.hidden, t.kv_rank)
+        )
         wkv_b = self.init(f"{n}.self_attn.kv_b_proj.weight", (t.kv_rank, t.heads_dim))
-        attn = self.node("MLAAttention", [q, kv, wkv_b, "positions"], f"{p}/self_attn/MLAAttention", domain="dsv3c",
-                         num_heads=2, softmax_scale=0.125)  # fmt: skip
+        attn = self.node(
+            "MLAAttention",
+            [q, kv, wkv_b, "positions"],
+            f"{p}/self_attn/MLAAttention",
+            domain="dsv3c",
+            num_heads=2,
+            softmax_scale=0.125,
+        )
         o = self.linear(attn, f"{p}/self_attn/o_proj", f"{n}.self_attn.o_proj.weight", (t.heads_dim, t.hidden), True)
         x = self.node("Add", [x, o], f"{p}/Add")
         h = self.rms_norm(x, f"{p}/post_attention_layernorm", f"{n}.post_attention_layernorm.weight", t.hidden)
@@ -118,13 +125,27 @@ class _Builder:
             shared = self.mlp(h, f"{p}/mlp/shared_experts", f"{n}.mlp.shared_experts", t.moe_ff)
             e, d, f = t.experts, t.hidden, t.moe_ff
             m = f"{n}.mlp"
-            inputs = [h, self.init(f"{m}.gate.weight", (e, d)), self.init(f"{m}.gate.e_score_correction_bias", (e,)),
-                      self.init(f"{m}.experts.gate_proj.weight", (e, f, d)),
-                      self.init(f"{m}.experts.up_proj.weight", (e, f, d)),
-                      self.init(f"{m}.experts.down_proj.weight", (e, d, f))]  # fmt: skip
-            moe = self.node("MoE", inputs, f"{p}/mlp/MoE", domain="dsv3c", top_k=t.top_k, n_group=1, topk_group=1,
-                            norm_topk_prob=1, routed_scaling_factor=2.5, scoring_func="sigmoid",
-                            topk_method="noaux_tc")  # fmt: skip
+            inputs = [
+                h,
+                self.init(f"{m}.gate.weight", (e, d)),
+                self.init(f"{m}.gate.e_score_correction_bias", (e,)),
+                self.init(f"{m}.experts.gate_proj.weight", (e, f, d)),
+                self.init(f"{m}.experts.up_proj.weight", (e, f, d)),
+                self.init(f"{m}.experts.down_proj.weight", (e, d, f)),
+            ]
+            moe = self.node(
+                "MoE",
+                inputs,
+                f"{p}/mlp/MoE",
+                domain="dsv3c",
+                top_k=t.top_k,
+                n_group=1,
+                topk_group=1,
+                norm_topk_prob=1,
+                routed_scaling_factor=2.5,
+                scoring_func="sigmoid",
+                topk_method="noaux_tc",
+            )
             y = self.node("Add", [shared, moe], f"{p}/mlp/Add")
         for k in range(t.extra_linears):
             y = self.linear(y, f"{p}/mlp/extra.{k}", f"{n}.mlp.extra.{k}.weight", (t.hidden, t.hidden))
@@ -144,27 +165,50 @@ def _functions() -> list[onnx.FunctionProto]:
     """Stand-in bodies: they run in onnxruntime and read every input; they are not the real algorithms."""
     std = [helper.make_opsetid("", OPSET)]
     axes = helper.make_node("Constant", [], ["axes0"], name="axes0", value=nh.from_array(np.array([0], np.int64)))
-    mla = helper.make_function("dsv3c", "MLAAttention", ["q", "ckv", "wkv_b", "positions"], ["out"], [
-        helper.make_node("MatMul", ["ckv", "wkv_b"], ["kv"], name="MatMul"),
-        helper.make_node("Sigmoid", ["kv"], ["gate"], name="Sigmoid"),
-        helper.make_node("Mul", ["q", "gate"], ["out"], name="Mul"),
-    ], std, attributes=["num_heads", "softmax_scale"])  # fmt: skip
-    moe = helper.make_function("dsv3c", "MoE", ["x", "router", "bias", "gate", "up", "down"], ["y"], [
-        axes,
-        helper.make_node("ReduceMean", ["gate", "axes0"], ["g"], name="ReduceMean", keepdims=0),
-        helper.make_node("ReduceMean", ["up", "axes0"], ["u"], name="ReduceMean_1", keepdims=0),
-        helper.make_node("ReduceMean", ["down", "axes0"], ["d"], name="ReduceMean_2", keepdims=0),
-        helper.make_node("Transpose", ["g"], ["gt"], name="Transpose", perm=[1, 0]),
-        helper.make_node("Transpose", ["u"], ["ut"], name="Transpose_1", perm=[1, 0]),
-        helper.make_node("Transpose", ["d"], ["dt"], name="Transpose_2", perm=[1, 0]),
-        helper.make_node("MatMul", ["x", "gt"], ["hg"], name="MatMul"),
-        helper.make_node("MatMul", ["x", "ut"], ["hu"], name="MatMul_1"),
-        helper.make_node("Sigmoid", ["hg"], ["sg"], name="Sigmoid"),
-        helper.make_node("Mul", ["hg", "sg"], ["act"], name="Mul"),
-        helper.make_node("Mul", ["act", "hu"], ["hidden"], name="Mul_1"),
-        helper.make_node("MatMul", ["hidden", "dt"], ["y"], name="MatMul_2"),
-    ], std, attributes=["top_k", "n_group", "topk_group", "norm_topk_prob", "routed_scaling_factor",
-                        "scoring_func", "topk_method"])  # fmt: skip
+    mla = helper.make_function(
+        "dsv3c",
+        "MLAAttention",
+        ["q", "ckv", "wkv_b", "positions"],
+        ["out"],
+        [
+            helper.make_node("MatMul", ["ckv", "wkv_b"], ["kv"], name="MatMul"),
+            helper.make_node("Sigmoid", ["kv"], ["gate"], name="Sigmoid"),
+            helper.make_node("Mul", ["q", "gate"], ["out"], name="Mul"),
+        ],
+        std,
+        attributes=["num_heads", "softmax_scale"],
+    )
+    moe = helper.make_function(
+        "dsv3c",
+        "MoE",
+        ["x", "router", "bias", "gate", "up", "down"],
+        ["y"],
+        [
+            axes,
+            helper.make_node("ReduceMean", ["gate", "axes0"], ["g"], name="ReduceMean", keepdims=0),
+            helper.make_node("ReduceMean", ["up", "axes0"], ["u"], name="ReduceMean_1", keepdims=0),
+            helper.make_node("ReduceMean", ["down", "axes0"], ["d"], name="ReduceMean_2", keepdims=0),
+            helper.make_node("Transpose", ["g"], ["gt"], name="Transpose", perm=[1, 0]),
+            helper.make_node("Transpose", ["u"], ["ut"], name="Transpose_1", perm=[1, 0]),
+            helper.make_node("Transpose", ["d"], ["dt"], name="Transpose_2", perm=[1, 0]),
+            helper.make_node("MatMul", ["x", "gt"], ["hg"], name="MatMul"),
+            helper.make_node("MatMul", ["x", "ut"], ["hu"], name="MatMul_1"),
+            helper.make_node("Sigmoid", ["hg"], ["sg"], name="Sigmoid"),
+            helper.make_node("Mul", ["hg", "sg"], ["act"], name="Mul"),
+            helper.make_node("Mul", ["act", "hu"], ["hidden"], name="Mul_1"),
+            helper.make_node("MatMul", ["hidden", "dt"], ["y"], name="MatMul_2"),
+        ],
+        std,
+        attributes=[
+            "top_k",
+            "n_group",
+            "topk_group",
+            "norm_topk_prob",
+            "routed_scaling_factor",
+            "scoring_func",
+            "topk_method",
+        ],
+    )
     return [mla, moe]
 
 
@@ -172,18 +216,23 @@ def build_model(topo: Topology | None = None, seed: int = 0) -> onnx.ModelProto:
     """A decoder over `tokens` positions: input_ids, positions [tokens] -> logits [tokens, vocab]."""
     topo = topo or Topology()
     b = _Builder(topo, seed)
-    x = b.node("Gather", [b.init("model.embed_tokens.weight", (topo.vocab, topo.hidden), 1.0), "input_ids"],
-               "/model/embed_tokens/Gather")  # fmt: skip
+    x = b.node(
+        "Gather",
+        [b.init("model.embed_tokens.weight", (topo.vocab, topo.hidden), 1.0), "input_ids"],
+        "/model/embed_tokens/Gather",
+    )
     for i in range(topo.layers):
         x = b.layer(i, x)
     x = b.rms_norm(x, "/model/norm", "model.norm.weight", topo.hidden)
     b.linear(x, "/lm_head", "lm_head.weight", (topo.hidden, topo.vocab))
     b.nodes[-1].output[0] = "logits"
     graph = helper.make_graph(
-        b.nodes, "dsv3c_synthetic",
+        b.nodes,
+        "dsv3c_synthetic",
         [helper.make_tensor_value_info(n, TensorProto.INT64, ["tokens"]) for n in ("input_ids", "positions")],
-        [helper.make_tensor_value_info("logits", FLOAT, ["tokens", topo.vocab])], b.inits,
-    )  # fmt: skip
+        [helper.make_tensor_value_info("logits", FLOAT, ["tokens", topo.vocab])],
+        b.inits,
+    )
     opsets = [helper.make_opsetid("", OPSET), helper.make_opsetid("dsv3c", 1)]
     return helper.make_model(graph, opset_imports=opsets, functions=_functions(), ir_version=10, producer_name="dsv3c")
 
@@ -274,8 +323,13 @@ def _quantize_activation(prefix: str, x: str, k: int, block: int) -> tuple[list[
     return b.nodes, y
 
 
-def quantize_fp8(model: onnx.ModelProto, block: int = 128, skip: tuple[str, ...] = ("lm_head",),
-                 experts: bool = True, activations: bool = True) -> onnx.ModelProto:  # fmt: skip
+def quantize_fp8(
+    model: onnx.ModelProto,
+    block: int = 128,
+    skip: tuple[str, ...] = ("lm_head",),
+    experts: bool = True,
+    activations: bool = True,
+) -> onnx.ModelProto:
     """What `dsv3c quantize` does (passes/fp8_weights.py, fp8_activations.py), on these hand-made graphs.
 
     Every MatMul over a float weight initializer (the checkpoint's [out, in] behind a Transpose, or [in, out]
@@ -376,9 +430,18 @@ def lower_moe_ort(model: onnx.ModelProto) -> onnx.ModelProto:
         )
         nodes.append(helper.make_node("Concat", [gate, up], [f"{p}/fc1"], name=f"{p}/fc1/Concat", axis=1))
         top_k = next(a.i for a in node.attribute if a.name == "top_k")
-        nodes.append(helper.make_node("MoE", [x, f"{p}/router/logits", f"{p}/fc1", "", down], list(node.output),
-                                      name=p, domain="com.microsoft", k=top_k, activation_type="swiglu",
-                                      swiglu_fusion=1))  # fmt: skip
+        nodes.append(
+            helper.make_node(
+                "MoE",
+                [x, f"{p}/router/logits", f"{p}/fc1", "", down],
+                list(node.output),
+                name=p,
+                domain="com.microsoft",
+                k=top_k,
+                activation_type="swiglu",
+                swiglu_fusion=1,
+            )
+        )
     del out.graph.node[:]
     out.graph.node.extend(nodes)
     out.opset_import.append(helper.make_opsetid("com.microsoft", 1))
@@ -399,13 +462,26 @@ def write_export(folder: Path, models: dict[str, onnx.ModelProto], layers: int =
         copy.CopyFrom(model)
         inline = any(t.data_location != TensorProto.EXTERNAL for t in copy.graph.initializer)
         if inline:
-            onnx.save_model(copy, folder / f"{role}.onnx", save_as_external_data=True,
-                            location=f"{role}.weights.bin", size_threshold=1024)  # fmt: skip
+            onnx.save_model(
+                copy,
+                folder / f"{role}.onnx",
+                save_as_external_data=True,
+                location=f"{role}.weights.bin",
+                size_threshold=1024,
+            )
         else:
             onnx.save_model(copy, folder / f"{role}.onnx")
     graphs: dict[str, str | None] = {"prefill": None, "decode": None, "mtp": None}
     graphs.update({role: f"{role}.onnx" for role in models})
-    manifest = Manifest(config={}, weights="random", dtype="float32", opset=OPSET, graphs=graphs,
-                        signatures={role: Signature([], []) for role in models},
-                        cache=CacheLayout(layers, 1, 512, 64, "float32"), stages=[], weights_file=None)  # fmt: skip
+    manifest = Manifest(
+        config={},
+        weights="random",
+        dtype="float32",
+        opset=OPSET,
+        graphs=graphs,
+        signatures={role: Signature([], []) for role in models},
+        cache=CacheLayout(layers, 1, 512, 64, "float32"),
+        stages=[],
+        weights_file=None,
+    )
     write_manifest(manifest, folder)

@@ -105,9 +105,12 @@ def _plan_shards(
 
 
 def _write_shards(
-    state: dict[str, torch.Tensor], shards: list[list[str]], folder: Path, config: DeepseekV3Config,
+    state: dict[str, torch.Tensor],
+    shards: list[list[str]],
+    folder: Path,
+    config: DeepseekV3Config,
     dtype: CheckpointDtype,
-) -> None:  # fmt: skip
+) -> None:
     weight_map: dict[str, str] = {}
     total = 0
     for i, names in enumerate(shards):

@@ -197,9 +197,17 @@ class DeepseekV3Config:
     # ---- consistency -------------------------------------------------------------------------------
     def validate(self) -> None:
         positive = [
-            "vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
-            "kv_lora_rank", "qk_nope_head_dim", "qk_rope_head_dim", "v_head_dim", "max_position_embeddings",
-        ]  # fmt: skip
+            "vocab_size",
+            "hidden_size",
+            "intermediate_size",
+            "num_hidden_layers",
+            "num_attention_heads",
+            "kv_lora_rank",
+            "qk_nope_head_dim",
+            "qk_rope_head_dim",
+            "v_head_dim",
+            "max_position_embeddings",
+        ]
         for name in positive:
             if getattr(self, name) <= 0:
                 raise ConfigError(f"config: '{name}' must be positive, got {getattr(self, name)}")
@@ -330,8 +338,9 @@ def _read_rope(data: dict[str, Any]) -> tuple[float, YarnScaling | None]:
         if key not in scaling:
             raise ConfigError(f"config: 'rope_scaling.{key}' is missing (YaRN needs it)")
     factor = float(_check_type("rope_scaling.factor", scaling["factor"], "float"))
-    original = int(_check_type("rope_scaling.original_max_position_embeddings",
-                               scaling["original_max_position_embeddings"], "int"))  # fmt: skip
+    original = int(
+        _check_type("rope_scaling.original_max_position_embeddings", scaling["original_max_position_embeddings"], "int")
+    )
     keys = ("beta_fast", "beta_slow", "mscale", "mscale_all_dim")
     defaults = YarnScaling(factor, original)
     values = {k: float(_check_type(f"rope_scaling.{k}", scaling.get(k, getattr(defaults, k)), "float")) for k in keys}

@@ -117,9 +117,14 @@ class MLA(nn.Module):
 
 
 def mla_naive(
-    q_nope: torch.Tensor, q_pe: torch.Tensor, ckv: torch.Tensor, kpe: torch.Tensor,
-    wkv_b: torch.Tensor, mask: torch.Tensor, scale: float,
-) -> torch.Tensor:  # fmt: skip
+    q_nope: torch.Tensor,
+    q_pe: torch.Tensor,
+    ckv: torch.Tensor,
+    kpe: torch.Tensor,
+    wkv_b: torch.Tensor,
+    mask: torch.Tensor,
+    scale: float,
+) -> torch.Tensor:
     """Expand the latent into per-head keys and values, then attend. Returns [B, S, H, v]."""
     n_heads, nope = q_nope.shape[2], q_nope.shape[3]
     kv = F.linear(ckv, wkv_b).unflatten(-1, (n_heads, -1))  # [B, T, H, nope + v]
@@ -132,9 +137,14 @@ def mla_naive(
 
 
 def mla_absorbed(
-    q_nope: torch.Tensor, q_pe: torch.Tensor, ckv: torch.Tensor, kpe: torch.Tensor,
-    wkv_b: torch.Tensor, mask: torch.Tensor, scale: float,
-) -> torch.Tensor:  # fmt: skip
+    q_nope: torch.Tensor,
+    q_pe: torch.Tensor,
+    ckv: torch.Tensor,
+    kpe: torch.Tensor,
+    wkv_b: torch.Tensor,
+    mask: torch.Tensor,
+    scale: float,
+) -> torch.Tensor:
     """Fold kv_b_proj into the query and the output: attention runs over the latent cache itself."""
     n_heads, nope = q_nope.shape[2], q_nope.shape[3]
     w = wkv_b.unflatten(0, (n_heads, -1))  # [H, nope + v, r]
@@ -235,9 +245,14 @@ class DecoderLayer(nn.Module):
         self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
 
     def forward(
-        self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, mask: torch.Tensor,
-        past: LayerCache | None, path: AttentionPath,
-    ) -> tuple[torch.Tensor, LayerCache]:  # fmt: skip
+        self,
+        x: torch.Tensor,
+        cos: torch.Tensor,
+        sin: torch.Tensor,
+        mask: torch.Tensor,
+        past: LayerCache | None,
+        path: AttentionPath,
+    ) -> tuple[torch.Tensor, LayerCache]:
         attn, new = self.self_attn(self.input_layernorm(x), cos, sin, mask, past, path)
         x = x + attn
         return x + self.mlp(self.post_attention_layernorm(x)), new
@@ -254,14 +269,22 @@ class MTPModule(nn.Module):
         self.eh_proj = nn.Linear(2 * config.hidden_size, config.hidden_size, bias=False)
         self.block = DecoderLayer(config, index)
         self.shared_head = nn.ModuleDict(
-            {"norm": RMSNorm(config.hidden_size, config.rms_norm_eps),
-             "head": nn.Linear(config.hidden_size, config.vocab_size, bias=False)}
-        )  # fmt: skip
+            {
+                "norm": RMSNorm(config.hidden_size, config.rms_norm_eps),
+                "head": nn.Linear(config.hidden_size, config.vocab_size, bias=False),
+            }
+        )
 
     def forward(
-        self, next_ids: torch.Tensor, hidden: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
-        mask: torch.Tensor, past: LayerCache | None, path: AttentionPath,
-    ) -> tuple[torch.Tensor, torch.Tensor, LayerCache]:  # fmt: skip
+        self,
+        next_ids: torch.Tensor,
+        hidden: torch.Tensor,
+        cos: torch.Tensor,
+        sin: torch.Tensor,
+        mask: torch.Tensor,
+        past: LayerCache | None,
+        path: AttentionPath,
+    ) -> tuple[torch.Tensor, torch.Tensor, LayerCache]:
         """next_ids [B, S] (token t+1 at slot t); hidden [B, S, D]. Returns logits, state, new cache."""
         h = self.eh_proj(torch.cat([self.enorm(self.embed_tokens(next_ids)), self.hnorm(hidden)], dim=-1))
         h, new = self.block(h, cos, sin, mask, past, path)

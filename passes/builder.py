@@ -22,12 +22,20 @@ class Builder:
         self._count[what] = n + 1
         return f"{self.prefix}/{what}" if n == 0 else f"{self.prefix}/{what}_{n}"
 
-    def op(self, op_type: str, *inputs: ir.Value | None, name: str | None = None, domain: str = "",
-           num_outputs: int = 1, **attrs: Any) -> Any:  # fmt: skip
+    def op(
+        self,
+        op_type: str,
+        *inputs: ir.Value | None,
+        name: str | None = None,
+        domain: str = "",
+        num_outputs: int = 1,
+        **attrs: Any,
+    ) -> Any:
         """Add a node; returns its output value (or the tuple of them when num_outputs > 1)."""
         node_name = self._name(name or op_type.lower())
-        node = ir.node(op_type, list(inputs), attributes=attrs or None, domain=domain, num_outputs=num_outputs,
-                       name=node_name)  # fmt: skip
+        node = ir.node(
+            op_type, list(inputs), attributes=attrs or None, domain=domain, num_outputs=num_outputs, name=node_name
+        )
         for i, out in enumerate(node.outputs):
             out.name = node_name if num_outputs == 1 else f"{node_name}:{i}"
         self.nodes.append(node)

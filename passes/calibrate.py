@@ -14,8 +14,9 @@ from dsv3c.passes.linears import LinearKind, find_linears
 from dsv3c.passes.ort_run import FeedShape, GraphRunner, random_feeds
 
 
-def calibrate(graphs: ExportGraphs, linears: set[str], batches: int, seed: int = 0,
-              shape: FeedShape | None = None) -> dict[str, float]:  # fmt: skip
+def calibrate(
+    graphs: ExportGraphs, linears: set[str], batches: int, seed: int = 0, shape: FeedShape | None = None
+) -> dict[str, float]:
     """{weight name: activation amax} for the MatMul linears in `linears`."""
     if batches < 1:
         raise UserError(f"--calibrate needs at least 1 batch, got {batches}")

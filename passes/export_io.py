@@ -173,9 +173,13 @@ def signature(model: ir.Model) -> Signature:
 
 
 def write_export(
-    graphs: ExportGraphs, out: Path, stage: dict[str, Any], *, force: bool = False,
+    graphs: ExportGraphs,
+    out: Path,
+    stage: dict[str, Any],
+    *,
+    force: bool = False,
     finish: Callable[[Path], dict[str, Any]] | None = None,
-) -> Manifest:  # fmt: skip
+) -> Manifest:
     """Write `graphs` as the export folder `out` (atomically) with `stage` appended to the manifest.
 
     `finish(folder)`, when given, runs on the written (temporary) folder before the manifest and returns

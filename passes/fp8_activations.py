@@ -33,8 +33,9 @@ FP8 = ir.DataType.FLOAT8E4M3FN
 
 
 class Fp8ActivationsPass(DsPass):
-    def __init__(self, scheme: ActScheme = ActScheme.TILE, pow2: bool = False,
-                 static_amax: dict[str, float] | None = None) -> None:  # fmt: skip
+    def __init__(
+        self, scheme: ActScheme = ActScheme.TILE, pow2: bool = False, static_amax: dict[str, float] | None = None
+    ) -> None:
         super().__init__()
         self.scheme, self.pow2, self.static_amax = scheme, pow2, static_amax or {}
 

@@ -101,8 +101,9 @@ class WeightQuantizer:
     checkpoint's dequantized weight takes the checkpoint's bytes and scales as they are.
     """
 
-    def __init__(self, scheme: WeightScheme, block: Block, original: CheckpointFp8 | None = None,
-                 cache_size: int = 4) -> None:  # fmt: skip
+    def __init__(
+        self, scheme: WeightScheme, block: Block, original: CheckpointFp8 | None = None, cache_size: int = 4
+    ) -> None:
         self.scheme, self.block, self.cache_size = scheme, block, cache_size
         self.original = original if scheme == WeightScheme.BLOCK and block == DEFAULT_BLOCK else None
         self.from_checkpoint: list[str] = []

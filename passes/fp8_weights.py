@@ -40,8 +40,13 @@ def _require_opset(model: ir.Model, what: str) -> None:
 
 
 class Fp8WeightsPass(DsPass):
-    def __init__(self, policy: Policy, scheme: WeightScheme = WeightScheme.BLOCK, block: Block = DEFAULT_BLOCK,
-                 original: CheckpointFp8 | None = None) -> None:  # fmt: skip
+    def __init__(
+        self,
+        policy: Policy,
+        scheme: WeightScheme = WeightScheme.BLOCK,
+        block: Block = DEFAULT_BLOCK,
+        original: CheckpointFp8 | None = None,
+    ) -> None:
         super().__init__()
         self.policy, self.scheme, self.block = policy, scheme, block
         self.quantizer = WeightQuantizer(scheme, block, original)
@@ -68,8 +73,12 @@ class Fp8WeightsPass(DsPass):
                 continue
             self._quantize(graph, linears)
             quantized.append(name)
-        self.changes = {"fp8_weights": len(quantized), "scheme": self.scheme.value,
-                        "quantized": quantized, "high_precision": kept}  # fmt: skip
+        self.changes = {
+            "fp8_weights": len(quantized),
+            "scheme": self.scheme.value,
+            "quantized": quantized,
+            "high_precision": kept,
+        }
         return ir.passes.PassResult(model, bool(quantized))
 
     def _quantize(self, graph: ir.Graph, linears: Sequence[Linear]) -> None:

@@ -41,8 +41,16 @@ def inline_call(
         attrs = [a for a in (_resolve(x, call, function) for x in body.attributes.values()) if a is not None]
         inputs = [values[v] if v is not None else None for v in body.inputs]
         label = body.name or (body.outputs[0].name if body.outputs and body.outputs[0].name else body.op_type.lower())
-        node = ir.Node(body.domain, body.op_type, inputs, attrs, overload=body.overload, num_outputs=len(body.outputs),
-                       version=body.version, name=f"{prefix}/{label}")  # fmt: skip
+        node = ir.Node(
+            body.domain,
+            body.op_type,
+            inputs,
+            attrs,
+            overload=body.overload,
+            num_outputs=len(body.outputs),
+            version=body.version,
+            name=f"{prefix}/{label}",
+        )
         for old, new in zip(body.outputs, node.outputs, strict=True):
             new.name = f"{prefix}/{old.name}" if old.name else None
             new.type, new.shape = old.type, old.shape
@@ -52,9 +60,13 @@ def inline_call(
     if any(v is None for v in outputs):
         raise ValueError(f"bug: the body of {function.name} leaves an output undefined")
     ir.convenience.replace_nodes_and_values(
-        graph, insertion_point=call, old_nodes=[call], new_nodes=nodes, old_values=call.outputs,
+        graph,
+        insertion_point=call,
+        old_nodes=[call],
+        new_nodes=nodes,
+        old_values=call.outputs,
         new_values=outputs,  # type: ignore[arg-type]
-    )  # fmt: skip
+    )
     return nodes, outputs  # type: ignore[return-value]
 
 

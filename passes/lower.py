@@ -22,9 +22,17 @@ from dsv3c.passes.pipeline import run_pipeline
 from dsv3c.passes.pipelines import Target, lower_pipeline
 
 
-def lower_folder(src: Path, out: Path, target: Target, *, dims: dict[str, int] | None = None, emit_mlir: bool = False,
-                 dump_dir: Path | None = None, force: bool = False,
-                 weights_8bit: int | None = None) -> Manifest:  # fmt: skip
+def lower_folder(
+    src: Path,
+    out: Path,
+    target: Target,
+    *,
+    dims: dict[str, int] | None = None,
+    emit_mlir: bool = False,
+    dump_dir: Path | None = None,
+    force: bool = False,
+    weights_8bit: int | None = None,
+) -> Manifest:
     """Write `out`: the export folder `src` lowered to `target` (plus `{role}.mlir` with emit_mlir);
     `weights_8bit`: the block size of 8-bit weights (ort only)."""
     if weights_8bit is not None and target != Target.ORT:
@@ -37,8 +45,13 @@ def lower_folder(src: Path, out: Path, target: Target, *, dims: dict[str, int] |
     lowered = [s for s in graphs.manifest.stages if s.get("stage") == "lower"]
     if lowered:
         raise UserError(f"{src} is lowered already (to {lowered[-1].get('target')}); lower the canonical export")
-    symbolic = {str(d) for sig in graphs.manifest.signatures.values() for t in sig.inputs for d in t.shape
-                if not isinstance(d, int)}  # fmt: skip
+    symbolic = {
+        str(d)
+        for sig in graphs.manifest.signatures.values()
+        for t in sig.inputs
+        for d in t.shape
+        if not isinstance(d, int)
+    }
     unknown = sorted(set(dims or {}) - symbolic)
     if unknown:
         known = ", ".join(sorted(symbolic))
@@ -104,9 +117,12 @@ def error_vs_source(src: Path, lowered: ExportGraphs, folder: Path) -> dict[str,
         if "logits" in want:
             a, b = np.asarray(got["logits"], np.float64), np.asarray(want["logits"], np.float64)
             per_token = np.linalg.norm(a - b, axis=-1) / np.maximum(np.linalg.norm(b, axis=-1), 1e-30)
-            logits[role] = {"relative": errors[role]["logits"], "median_token": float(np.median(per_token)),
-                            "max_token": float(per_token.max()),
-                            "top1_agreement": float((a.argmax(-1) == b.argmax(-1)).mean())}  # fmt: skip
+            logits[role] = {
+                "relative": errors[role]["logits"],
+                "median_token": float(np.median(per_token)),
+                "max_token": float(per_token.max()),
+                "top1_agreement": float((a.argmax(-1) == b.argmax(-1)).mean()),
+            }
     return {
         "measured": True,
         "metric": "||lowered - source|| / ||source|| (Frobenius; onnxruntime CPU)",

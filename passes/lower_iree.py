@@ -113,7 +113,13 @@ class BlockedQdqToMulPass(DsPass):
                 scaled = b.op("Div", x, s, name="scaled")
                 out = b.op("QuantizeLinear", scaled, one, output_dtype=ir.DataType(to), name="quantized")
             b.insert_before(model.graph, node)
-            ir.convenience.replace_nodes_and_values(model.graph, insertion_point=node, old_nodes=[node], new_nodes=[],
-                                                    old_values=node.outputs, new_values=[out])  # fmt: skip
+            ir.convenience.replace_nodes_and_values(
+                model.graph,
+                insertion_point=node,
+                old_nodes=[node],
+                new_nodes=[],
+                old_values=node.outputs,
+                new_values=[out],
+            )
         self.changes = {"blocked_qdq_rewritten": len(nodes)}
         return ir.passes.PassResult(model, bool(nodes))

@@ -34,8 +34,15 @@ def routing_function(node: ir.Node, opset: int) -> ir.Function:
     b = Body()
     moe_routing(b, variant)
     b.nodes[-1].output[0] = "output"
-    proto = helper.make_function(DOMAIN, ROUTING_OP, ["x", "router", "bias"], ["output"], b.nodes,
-                                 [helper.make_opsetid("", opset)], attributes=MOE_ATTRS)  # fmt: skip
+    proto = helper.make_function(
+        DOMAIN,
+        ROUTING_OP,
+        ["x", "router", "bias"],
+        ["output"],
+        b.nodes,
+        [helper.make_opsetid("", opset)],
+        attributes=MOE_ATTRS,
+    )
     return ir.serde.deserialize_function(proto)
 
 
@@ -85,11 +92,25 @@ class LowerMoEToOrtPass(DsPass):
         pairs = b.op("Concat", b.op("Unsqueeze", gate, axis), b.op("Unsqueeze", up, axis), axis=2, name="gate_up")
         fc1 = b.op("Reshape", pairs, b.ints(experts, 2 * ff, hidden, name="fc1_shape"), name="fc1")  # [E, 2ff, D]
         top_k = moe.attributes["top_k"].as_int()
-        y = b.op("MoE", x, b.op("Log", r, name="router_log"), fc1, None, down, domain=MS_DOMAIN, name="moe", k=top_k,
-                 activation_type="swiglu", swiglu_fusion=1, activation_alpha=1.0, activation_beta=0.0,
-                 normalize_routing_weights=1)  # fmt: skip
+        y = b.op(
+            "MoE",
+            x,
+            b.op("Log", r, name="router_log"),
+            fc1,
+            None,
+            down,
+            domain=MS_DOMAIN,
+            name="moe",
+            k=top_k,
+            activation_type="swiglu",
+            swiglu_fusion=1,
+            activation_alpha=1.0,
+            activation_beta=0.0,
+            normalize_routing_weights=1,
+        )
         total = b.op("ReduceSum", r, b.ints(-1, name="axes"), keepdims=1, name="weight_sum")  # [N, 1]
         out = b.op("Mul", y, b.op("CastLike", total, x), name="scaled")
         b.insert_before(graph, moe)
-        ir.convenience.replace_nodes_and_values(graph, insertion_point=moe, old_nodes=[moe], new_nodes=[],
-                                                old_values=moe.outputs, new_values=[out])  # fmt: skip
+        ir.convenience.replace_nodes_and_values(
+            graph, insertion_point=moe, old_nodes=[moe], new_nodes=[], old_values=moe.outputs, new_values=[out]
+        )

@@ -139,8 +139,14 @@ class _Quantized:
         self._cache.move_to_end(name)
         return self._cache[name]
 
-    def register(self, graph: ir.Graph, name: str, q_shape: tuple[int, ...], s_shape: tuple[int, ...],
-                 make: Callable[[], tuple[np.ndarray, np.ndarray]]) -> tuple[ir.Value, ir.Value]:  # fmt: skip
+    def register(
+        self,
+        graph: ir.Graph,
+        name: str,
+        q_shape: tuple[int, ...],
+        s_shape: tuple[int, ...],
+        make: Callable[[], tuple[np.ndarray, np.ndarray]],
+    ) -> tuple[ir.Value, ir.Value]:
         """Initializers `name` (uint8 `q_shape`) and `name`_scales-like (float32 `s_shape`), or the existing."""
         names = (name + SUFFIX, name + SCALES)
         if names[0] in graph.initializers:
@@ -201,13 +207,25 @@ class MatMulNBitsPass(DsPass):
 
     def _replace(self, graph: ir.Graph, matmul: ir.Node, q: ir.Value, s: ir.Value, n: int, k: int) -> None:
         b = Builder(matmul.name or "matmul")
-        out = b.op("MatMulNBits", matmul.inputs[0], q, s, domain=MS_DOMAIN, name="nbits", K=k, N=n, bits=BITS,
-                   block_size=self.options.block, accuracy_level=self.options.accuracy_level)  # fmt: skip
+        out = b.op(
+            "MatMulNBits",
+            matmul.inputs[0],
+            q,
+            s,
+            domain=MS_DOMAIN,
+            name="nbits",
+            K=k,
+            N=n,
+            bits=BITS,
+            block_size=self.options.block,
+            accuracy_level=self.options.accuracy_level,
+        )
         old = matmul.outputs[0]
         out.shape, out.type = old.shape, old.type
         b.insert_before(graph, matmul)
-        ir.convenience.replace_nodes_and_values(graph, insertion_point=matmul, old_nodes=[matmul], new_nodes=[],
-                                                old_values=[old], new_values=[out])  # fmt: skip
+        ir.convenience.replace_nodes_and_values(
+            graph, insertion_point=matmul, old_nodes=[matmul], new_nodes=[], old_values=[old], new_values=[out]
+        )
 
 
 def qmoe_block(block: int, hidden: int, ff: int) -> int | None:
@@ -271,19 +289,39 @@ class MoEToQMoEPass(DsPass):
 
         assert gate.name is not None and down.name is not None
         prefix = gate.name.removesuffix("gate_proj.weight")
-        q1, s1 = self.cache.register(graph, prefix + "gate_up_proj.weight", (experts, 2 * ff, hidden),
-                                     (experts, 2 * ff, hidden // block), fc1)  # fmt: skip
-        q2, s2 = self.cache.register(graph, down.name, (experts, hidden, ff), (experts, hidden, ff // block),
-                                     _rows(d, block))  # fmt: skip
+        q1, s1 = self.cache.register(
+            graph, prefix + "gate_up_proj.weight", (experts, 2 * ff, hidden), (experts, 2 * ff, hidden // block), fc1
+        )
+        q2, s2 = self.cache.register(
+            graph, down.name, (experts, hidden, ff), (experts, hidden, ff // block), _rows(d, block)
+        )
         r = routing(graph, moe, opset)
         b = Builder(moe.name or "moe")
-        y = b.op("QMoE", x, b.op("Log", r, name="router_log"), q1, s1, None, q2, s2, domain=MS_DOMAIN, name="qmoe",
-                 k=moe.attributes["top_k"].as_int(), activation_type="swiglu", swiglu_fusion=1, activation_alpha=1.0,
-                 activation_beta=0.0, normalize_routing_weights=1, expert_weight_bits=BITS, block_size=block,
-                 quant_type="int")  # fmt: skip
+        y = b.op(
+            "QMoE",
+            x,
+            b.op("Log", r, name="router_log"),
+            q1,
+            s1,
+            None,
+            q2,
+            s2,
+            domain=MS_DOMAIN,
+            name="qmoe",
+            k=moe.attributes["top_k"].as_int(),
+            activation_type="swiglu",
+            swiglu_fusion=1,
+            activation_alpha=1.0,
+            activation_beta=0.0,
+            normalize_routing_weights=1,
+            expert_weight_bits=BITS,
+            block_size=block,
+            quant_type="int",
+        )
         total = b.op("ReduceSum", r, b.ints(-1, name="axes"), keepdims=1, name="weight_sum")  # [N, 1]
         out = b.op("Mul", y, b.op("CastLike", total, x), name="scaled")
         b.insert_before(graph, moe)
-        ir.convenience.replace_nodes_and_values(graph, insertion_point=moe, old_nodes=[moe], new_nodes=[],
-                                                old_values=moe.outputs, new_values=[out])  # fmt: skip
+        ir.convenience.replace_nodes_and_values(
+            graph, insertion_point=moe, old_nodes=[moe], new_nodes=[], old_values=moe.outputs, new_values=[out]
+        )
         return block

@@ -129,8 +129,14 @@ class MlaToAttentionPass(DsPass):
             b = Builder(node.name or "mla")
             out = mla_attention(b, node)
             b.insert_before(model.graph, node)
-            ir.convenience.replace_nodes_and_values(model.graph, insertion_point=node, old_nodes=[node], new_nodes=[],
-                                                    old_values=node.outputs, new_values=[out])  # fmt: skip
+            ir.convenience.replace_nodes_and_values(
+                model.graph,
+                insertion_point=node,
+                old_nodes=[node],
+                new_nodes=[],
+                old_values=node.outputs,
+                new_values=[out],
+            )
         self.changes = {"mla_to_attention": len(nodes)}
         return ir.passes.PassResult(model, bool(nodes))
 
@@ -222,5 +228,6 @@ class TrtQdqPass(DsPass):
         scaled = b.op("Mul", blocks, scales, name="scaled")
         out = b.op("Reshape", scaled, b.ints(*lead, width, name="rows"), name="dequantized")
         b.insert_before(graph, node)
-        ir.convenience.replace_nodes_and_values(graph, insertion_point=node, old_nodes=[node], new_nodes=[],
-                                                old_values=node.outputs, new_values=[out])  # fmt: skip
+        ir.convenience.replace_nodes_and_values(
+            graph, insertion_point=node, old_nodes=[node], new_nodes=[], old_values=node.outputs, new_values=[out]
+        )

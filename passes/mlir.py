@@ -53,15 +53,22 @@ def import_onnx(onnx_file: Path, mlir_file: Path) -> Path:
     reason = iree_available()
     if reason:
         raise UserError(f"--emit mlir: {reason}")
-    _run([*_tool("iree-import-onnx", "iree.compiler.tools.import_onnx"), str(onnx_file), "-o", str(mlir_file)],
-         f"iree-import-onnx {onnx_file.name}")  # fmt: skip
+    _run(
+        [*_tool("iree-import-onnx", "iree.compiler.tools.import_onnx"), str(onnx_file), "-o", str(mlir_file)],
+        f"iree-import-onnx {onnx_file.name}",
+    )
     return mlir_file
 
 
 def compile_mlir(mlir_file: Path, vmfb: Path, backend: str = "llvm-cpu") -> Path:
     """iree-compile for `backend` (generic CPU for llvm-cpu)."""
-    command = [*_tool("iree-compile", "iree.compiler.tools.scripts.iree_compile"), str(mlir_file), "-o", str(vmfb),
-               f"--iree-hal-target-backends={backend}"]  # fmt: skip
+    command = [
+        *_tool("iree-compile", "iree.compiler.tools.scripts.iree_compile"),
+        str(mlir_file),
+        "-o",
+        str(vmfb),
+        f"--iree-hal-target-backends={backend}",
+    ]
     if backend == "llvm-cpu":
         command.append("--iree-llvmcpu-target-cpu=generic")
     _run(command, f"iree-compile {mlir_file.name}")

@@ -33,8 +33,13 @@ class QuantizeOptions:
     static_amax: dict[str, float] = field(default_factory=dict)  # calibrated, for ActScheme.STATIC
 
     def to_dict(self) -> dict[str, Any]:
-        return {"policy": self.policy.to_dict(), "weights": self.weights.value, "activations": self.activations.value,
-                "pow2_scales": self.pow2_scales, "block": list(self.block)}  # fmt: skip
+        return {
+            "policy": self.policy.to_dict(),
+            "weights": self.weights.value,
+            "activations": self.activations.value,
+            "pow2_scales": self.pow2_scales,
+            "block": list(self.block),
+        }
 
 
 def quantize_pipeline(options: QuantizeOptions, original: CheckpointFp8 | None = None) -> list[Stage]:

@@ -23,8 +23,16 @@ def linear_names(graphs: ExportGraphs) -> dict[str, LinearKind]:
     return {lin.name: lin.kind for model in graphs.models.values() for lin in find_linears(model.graph)}
 
 
-def quantize_folder(src: Path, out: Path, options: QuantizeOptions, *, calibrate: int = 0, seed: int = 0,
-                    dump_dir: Path | None = None, force: bool = False) -> Manifest:  # fmt: skip
+def quantize_folder(
+    src: Path,
+    out: Path,
+    options: QuantizeOptions,
+    *,
+    calibrate: int = 0,
+    seed: int = 0,
+    dump_dir: Path | None = None,
+    force: bool = False,
+) -> Manifest:
     """Write `out`, the FP8 version of the export folder `src`; returns its manifest."""
     graphs = read_export(src)
     if any(s.get("stage") == "quantize" for s in graphs.manifest.stages):

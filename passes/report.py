@@ -87,8 +87,9 @@ def layer_probes(model: ir.Model) -> list[tuple[str, str]]:
     return sorted(found, key=lambda p: (p[0].split(".")[0], int(p[0].split(".")[1])))
 
 
-def compare_exports(reference: Path, candidates: dict[str, Path], seed: int = 0, batches: int = 2,
-                    shape: FeedShape | None = None) -> QuantReport:  # fmt: skip
+def compare_exports(
+    reference: Path, candidates: dict[str, Path], seed: int = 0, batches: int = 2, shape: FeedShape | None = None
+) -> QuantReport:
     """Errors of each candidate export against `reference`, per graph and layer."""
     manifest = read_manifest(reference)
     report = QuantReport(list(candidates))

@@ -127,5 +127,6 @@ class RopeToRotaryEmbeddingPass(DsPass):
             y = b.op("RotaryEmbedding", rope.x, rope.cos, rope.sin, interleaved=1, num_heads=1, name="rotary")
         b.insert_before(graph, rope.output)
         old = rope.output
-        ir.convenience.replace_nodes_and_values(graph, insertion_point=old, old_nodes=[old], new_nodes=[],
-                                                old_values=old.outputs, new_values=[y])  # fmt: skip
+        ir.convenience.replace_nodes_and_values(
+            graph, insertion_point=old, old_nodes=[old], new_nodes=[], old_values=old.outputs, new_values=[y]
+        )

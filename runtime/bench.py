@@ -92,8 +92,12 @@ def run_bench(
                         progress(f"{name} batch {batch} context {context}: skipped ({_first_line(e)})")
                         continue
                     rows += cell
-                    progress("  ".join(f"{r.runtime} {r.phase} ctx {r.context} b {r.batch}: {r.tokens_per_s:.1f} tok/s"
-                                       for r in cell))  # fmt: skip
+                    progress(
+                        "  ".join(
+                            f"{r.runtime} {r.phase} ctx {r.context} b {r.batch}: {r.tokens_per_s:.1f} tok/s"
+                            for r in cell
+                        )
+                    )
         del runners
         gc.collect()
     return sorted(rows, key=lambda r: (names.index(r.runtime), r.batch, r.context, r.phase != "prefill"))
@@ -141,12 +145,29 @@ def measure(runner: Runner, plan: BenchPlan, batch: int, context: int, bandwidth
     prefill_bytes = chunks * runner.step_weight_bytes(batch * min(context, plan.prefill_chunk))
     mean_context = context + 1 + plan.decode_steps // 2
     decode_bytes = runner.step_weight_bytes(batch) + batch * mean_context * cache
-    extra = {"decode_steps": plan.decode_steps, "prefill_chunk": plan.prefill_chunk, "bandwidth_bytes_per_s": bandwidth,
-             "loadavg_1m": os.getloadavg()[0]}  # fmt: skip
+    extra = {
+        "decode_steps": plan.decode_steps,
+        "prefill_chunk": plan.prefill_chunk,
+        "bandwidth_bytes_per_s": bandwidth,
+        "loadavg_1m": os.getloadavg()[0],
+    }
 
     def row(phase: Phase, tokens: int, seconds: float, nbytes: int) -> BenchRow:
         achieved = nbytes / seconds
-        return BenchRow(runner.name, phase, context, batch, tokens / seconds, cache, seconds * 1e3, nbytes,
-                        achieved, achieved / bandwidth, plan.device, plan.model, dict(extra))  # fmt: skip
+        return BenchRow(
+            runner.name,
+            phase,
+            context,
+            batch,
+            tokens / seconds,
+            cache,
+            seconds * 1e3,
+            nbytes,
+            achieved,
+            achieved / bandwidth,
+            plan.device,
+            plan.model,
+            dict(extra),
+        )
 
     return [row("prefill", batch * context, prefill_s, prefill_bytes), row("decode", batch, step_s, decode_bytes)]

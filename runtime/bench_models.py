@@ -53,8 +53,9 @@ class EngineRunner:
     """Our runtimes (onnxruntime, PyTorch) through the Engine protocol; `weight_bytes` (tokens -> bytes)
     replaces the checkpoint-shape count at `weight_itemsize` (e.g. `graph_weight_bytes` for onnxruntime)."""
 
-    def __init__(self, name: str, engine: Engine, weight_itemsize: int,
-                 weight_bytes: Callable[[int], int] | None = None):  # fmt: skip
+    def __init__(
+        self, name: str, engine: Engine, weight_itemsize: int, weight_bytes: Callable[[int], int] | None = None
+    ):
         self.name, self.engine, self.config = name, engine, engine.config
         self.weight_itemsize = weight_itemsize
         self.weight_bytes = weight_bytes

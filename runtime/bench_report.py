@@ -13,8 +13,10 @@ BASELINE = "transformers"
 
 
 def format_table(rows: Sequence[BenchRow], bandwidth: float) -> str:
-    head = (f"{'runtime':<13}{'phase':<8}{'context':>8}{'batch':>6}{'tokens/s':>11}{'ms/call':>10}"
-            f"{'cache B/tok':>12}{'GB/call':>9}{'GB/s':>8}{'% bw':>7}")  # fmt: skip
+    head = (
+        f"{'runtime':<13}{'phase':<8}{'context':>8}{'batch':>6}{'tokens/s':>11}{'ms/call':>10}"
+        f"{'cache B/tok':>12}{'GB/call':>9}{'GB/s':>8}{'% bw':>7}"
+    )
     lines = [f"memory bandwidth (numpy copy, read + write): {bandwidth / 1e9:.1f} GB/s", head, "-" * len(head)]
     for r in rows:
         lines.append(
@@ -39,8 +41,10 @@ def format_ratios(rows: Sequence[BenchRow]) -> list[str]:
             if r.cache_bytes_per_token
             else ""
         )
-        out.append(f"{r.runtime} vs {BASELINE}, {r.phase} ctx {r.context} b {r.batch}: "
-                   f"{r.tokens_per_s / b.tokens_per_s:.2f}x tokens/s{cache}")  # fmt: skip
+        out.append(
+            f"{r.runtime} vs {BASELINE}, {r.phase} ctx {r.context} b {r.batch}: "
+            f"{r.tokens_per_s / b.tokens_per_s:.2f}x tokens/s{cache}"
+        )
     return ["", *out] if out else []
 
 
@@ -66,8 +70,9 @@ def plot(rows: Sequence[BenchRow], path: Path) -> str:
                 series.setdefault((r.runtime, r.batch), []).append(r)
         for (runtime, batch), points in sorted(series.items()):
             points.sort(key=lambda r: r.context)
-            ax.plot([p.context for p in points], [p.tokens_per_s for p in points], marker="o",
-                    label=f"{runtime} b{batch}")  # fmt: skip
+            ax.plot(
+                [p.context for p in points], [p.tokens_per_s for p in points], marker="o", label=f"{runtime} b{batch}"
+            )
         ax.set_xscale("log", base=2)
         ax.set_yscale("log")
         ax.set_xlabel("context (tokens)")

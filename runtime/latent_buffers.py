@@ -41,9 +41,14 @@ class CacheShape:
 
 class LatentBuffers:
     def __init__(
-        self, layers: int, batch: int, widths: tuple[int, int], dtype: torch.dtype, device: torch.device,
+        self,
+        layers: int,
+        batch: int,
+        widths: tuple[int, int],
+        dtype: torch.dtype,
+        device: torch.device,
         capacity: int,
-    ):  # fmt: skip
+    ):
         self.widths, self.dtype, self.device = widths, dtype, device
         capacity = _round_up(max(capacity, 1))
         self.ckv = [torch.zeros(batch, capacity, widths[0], dtype=dtype, device=device) for _ in range(layers)]

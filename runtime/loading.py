@@ -40,9 +40,12 @@ def choose_runtime(folder: Path, runtime: Runtime) -> Literal["torch", "ort"]:
 
 
 def open_engine(
-    folder: Path, runtime: Runtime = "auto", device: Literal["cpu", "cuda"] = "cpu", dtype: str = "fp32",
+    folder: Path,
+    runtime: Runtime = "auto",
+    device: Literal["cpu", "cuda"] = "cpu",
+    dtype: str = "fp32",
     threads: int = 0,
-) -> Engine:  # fmt: skip
+) -> Engine:
     if choose_runtime(folder, runtime) == "ort":
         from dsv3c.runtime.ort_backend import OrtEngine
 

@@ -21,8 +21,12 @@ import torch
 from dsv3c.errors import UserError
 from dsv3c.export.manifest import read_manifest, write_manifest
 
-DTYPES = {onnx.TensorProto.FLOAT: torch.float32, onnx.TensorProto.FLOAT16: torch.float16,
-          onnx.TensorProto.BFLOAT16: torch.bfloat16, onnx.TensorProto.FLOAT8E4M3FN: torch.float8_e4m3fn}  # fmt: skip
+DTYPES = {
+    onnx.TensorProto.FLOAT: torch.float32,
+    onnx.TensorProto.FLOAT16: torch.float16,
+    onnx.TensorProto.BFLOAT16: torch.bfloat16,
+    onnx.TensorProto.FLOAT8E4M3FN: torch.float8_e4m3fn,
+}
 
 
 @dataclass(frozen=True)

@@ -39,8 +39,17 @@ _HINTS = {
     "block-scaled fp8 weights with fp8 activations; use per-channel weight scales for fp8 GEMMs, "
     "or leave the activations unquantized (weight-only fp8)",
 }
-_DTYPES = {"FLOAT": "float32", "HALF": "float16", "BF16": "bfloat16", "INT64": "int64", "INT32": "int32",
-           "BOOL": "bool", "FP8": "float8_e4m3fn", "INT8": "int8", "UINT8": "uint8"}  # fmt: skip
+_DTYPES = {
+    "FLOAT": "float32",
+    "HALF": "float16",
+    "BF16": "bfloat16",
+    "INT64": "int64",
+    "INT32": "int32",
+    "BOOL": "bool",
+    "FP8": "float8_e4m3fn",
+    "INT8": "int8",
+    "UINT8": "uint8",
+}
 
 
 @dataclass
@@ -87,12 +96,15 @@ def build_engines(
             names = {"name": backend.name, "version": backend.version, "onnx_parser_version": backend.parser_version}
             result = EngineManifest(
                 backend=names,
-                precision=precision, target_cc=list(options.target_cc),
+                precision=precision,
+                target_cc=list(options.target_cc),
                 source={"folder": str(Path(export_dir).resolve()), "preparation": how, "stages": manifest.stages},
-                config=manifest.config, cache=_cache_layout(manifest), engines=engines,
+                config=manifest.config,
+                cache=_cache_layout(manifest),
+                engines=engines,
                 timing_cache=str(options.timing_cache) if options.timing_cache and not backend.is_rtx else None,
                 dsv3c_version=dsv3c.__version__,
-            )  # fmt: skip
+            )
             write_engine_manifest(result, tmp)
         if options.timing_cache and cache and not backend.is_rtx:
             with atomic_file(options.timing_cache) as t:
@@ -101,9 +113,14 @@ def build_engines(
 
 
 def build_one(
-    backend: Backend, graph: ParserInput, signature: Signature, profile: dict[str, ShapeRange],
-    target_cc: list[str], cache: bytes, out_dir: Path,
-) -> tuple[EngineRecord, bytes]:  # fmt: skip
+    backend: Backend,
+    graph: ParserInput,
+    signature: Signature,
+    profile: dict[str, ShapeRange],
+    target_cc: list[str],
+    cache: bytes,
+    out_dir: Path,
+) -> tuple[EngineRecord, bytes]:
     """Parse, summarize and build one graph into out_dir/{role}.engine; UserError naming the ONNX node."""
     trt = backend.trt
     logger = make_logger(backend)
@@ -134,17 +151,29 @@ def build_one(
     inputs = [_tensor(network.get_input(i), symbolic) for i in range(network.num_inputs)]
     outputs = [_tensor(network.get_output(i), symbolic) for i in range(network.num_outputs)]
     record = EngineRecord(
-        role=graph.role, file=path.name, bytes=len(data), sha256=hashlib.sha256(data).hexdigest(),
-        build_seconds=round(seconds, 3), inputs=inputs, outputs=outputs, profiles=[profile], layers=summary,
+        role=graph.role,
+        file=path.name,
+        bytes=len(data),
+        sha256=hashlib.sha256(data).hexdigest(),
+        build_seconds=round(seconds, 3),
+        inputs=inputs,
+        outputs=outputs,
+        profiles=[profile],
+        layers=summary,
         engine_cc=read_header(path).cc,
-    )  # fmt: skip
+    )
     return record, cache if backend.is_rtx else bytes(config.get_timing_cache().serialize())
 
 
 def _config(
-    backend: Backend, builder: Any, network: Any, profile: dict[str, ShapeRange], target_cc: list[str],
-    graph: ParserInput, logger: Any,
-) -> Any:  # fmt: skip
+    backend: Backend,
+    builder: Any,
+    network: Any,
+    profile: dict[str, ShapeRange],
+    target_cc: list[str],
+    graph: ParserInput,
+    logger: Any,
+) -> Any:
     config = builder.create_builder_config()
     if target_cc:
         config.num_compute_capabilities = len(target_cc)
@@ -152,8 +181,10 @@ def _config(
             config.set_compute_capability(cc_enum(backend, cc), i)
     names = {network.get_input(i).name for i in range(network.num_inputs)}
     if names != set(profile):
-        raise UserError(f"{graph.path.name}: the graph's inputs {sorted(names)} differ from its manifest signature "
-                        f"{sorted(profile)}; re-export the folder")  # fmt: skip
+        raise UserError(
+            f"{graph.path.name}: the graph's inputs {sorted(names)} differ from its manifest signature "
+            f"{sorted(profile)}; re-export the folder"
+        )
     p = builder.create_optimization_profile()
     for name, r in profile.items():
         p.set_shape(name, r.min, r.opt, r.max)
@@ -199,17 +230,24 @@ def _roles(manifest: Manifest, wanted: list[str] | None) -> list[str]:
 
 
 def _precision(options: BuildOptions, manifest: Manifest, graphs: dict[str, ParserInput]) -> Precision:
-    found: Precision = "fp8" if any(g.has_fp8 for g in graphs.values()) else (
-        "bf16" if manifest.dtype == "bfloat16" else "fp32")  # fmt: skip
+    found: Precision = (
+        "fp8" if any(g.has_fp8 for g in graphs.values()) else ("bf16" if manifest.dtype == "bfloat16" else "fp32")
+    )
     wanted = options.precision or found
     if wanted != found:
-        how = {"fp8": "run `dsv3c quantize` on the export first", "bf16": "export with `dsv3c export --dtype bf16`",
-               "fp32": "export with --dtype fp32 and do not quantize"}[wanted]  # fmt: skip
-        raise UserError(f"--precision {wanted}: this export's graphs are {found} (TensorRT-RTX networks are strongly "
-                        f"typed: the graph's types are the precision); {how}")  # fmt: skip
+        how = {
+            "fp8": "run `dsv3c quantize` on the export first",
+            "bf16": "export with `dsv3c export --dtype bf16`",
+            "fp32": "export with --dtype fp32 and do not quantize",
+        }[wanted]
+        raise UserError(
+            f"--precision {wanted}: this export's graphs are {found} (TensorRT-RTX networks are strongly "
+            f"typed: the graph's types are the precision); {how}"
+        )
     if wanted == "fp8" and set(options.target_cc) & set(PRE_FP8_CC):
-        raise UserError(f"--precision fp8 needs compute capability 8.9 or newer; drop {', '.join(PRE_FP8_CC)} "
-                        "from --target-cc")  # fmt: skip
+        raise UserError(
+            f"--precision fp8 needs compute capability 8.9 or newer; drop {', '.join(PRE_FP8_CC)} from --target-cc"
+        )
     return wanted
 
 
@@ -223,13 +261,20 @@ def _read_cache(path: Path | None) -> bytes:
 
 def _cache_layout(manifest: Manifest) -> dict[str, Any]:
     c = manifest.cache
-    return {"layers": c.layers, "mtp_layers": c.mtp_layers, "ckv_width": c.ckv_width, "kpe_width": c.kpe_width,
-            "dtype": c.dtype}  # fmt: skip
+    return {
+        "layers": c.layers,
+        "mtp_layers": c.mtp_layers,
+        "ckv_width": c.ckv_width,
+        "kpe_width": c.kpe_width,
+        "dtype": c.dtype,
+    }
 
 
 def _line(r: EngineRecord) -> str:
     s = r.layers
     fp8 = f", fp8 layers {len(s.fp8)} (fp8 GEMMs {len(s.fp8_gemms)}, weight-only {len(s.fp8_weight_gemms)})"
     native = f"native attention {len(s.attention)}, rotary {len(s.rotary)}, moe {len(s.moe)}"
-    return (f"{r.role}: built in {r.build_seconds:.2f} s, {r.bytes / 2**20:.1f} MiB, {s.total} layers, {native}"
-            f"{fp8 if s.fp8 else ''}")  # fmt: skip
+    return (
+        f"{r.role}: built in {r.build_seconds:.2f} s, {r.bytes / 2**20:.1f} MiB, {s.total} layers, {native}"
+        f"{fp8 if s.fp8 else ''}"
+    )

@@ -39,8 +39,9 @@ def parse_header(data: bytes) -> EngineHeader:
     version = ".".join(str(b) for b in data[24:28])
     mask = int.from_bytes(data[32:40], "little")
     bits = [b for b in range(64) if mask >> b & 1]
-    return EngineHeader(True, size, version, [CC_BITS[b] for b in bits if b in CC_BITS],
-                        [b for b in bits if b not in CC_BITS])  # fmt: skip
+    return EngineHeader(
+        True, size, version, [CC_BITS[b] for b in bits if b in CC_BITS], [b for b in bits if b not in CC_BITS]
+    )
 
 
 def read_header(path: Path) -> EngineHeader:

@@ -55,10 +55,15 @@ def inspect_engine_folder(folder: Path, target_cc: list[str] | None = None) -> E
     ccs = [set(e.header.cc) for e in engines if e.header.recognized]
     engine_cc = sorted(set.intersection(*ccs), key=_cc_key) if ccs else list(manifest.target_cc)
     report = EngineFolderReport(
-        folder=str(folder), backend=f"{manifest.backend['name']} {manifest.backend['version']}",
-        installed_backend=_installed(), precision=manifest.precision, target_cc=manifest.target_cc,
-        engine_cc=engine_cc, total_bytes=sum(e.bytes for e in engines), engines=engines,
-    )  # fmt: skip
+        folder=str(folder),
+        backend=f"{manifest.backend['name']} {manifest.backend['version']}",
+        installed_backend=_installed(),
+        precision=manifest.precision,
+        target_cc=manifest.target_cc,
+        engine_cc=engine_cc,
+        total_bytes=sum(e.bytes for e in engines),
+        engines=engines,
+    )
     if target_cc:
         _check_validity(report, manifest.backend, target_cc)
     return report
@@ -76,8 +81,18 @@ def _engine(folder: Path, role: str, record: EngineRecord) -> EngineReport:
             problems.append(f"{record.file} has {size} bytes, the manifest recorded {record.bytes}")
         if header.recognized and header.size != size:
             problems.append(f"{record.file}: header says {header.size} bytes, the file has {size} (truncated?)")
-    return EngineReport(role, record.file, size, record.build_seconds, header, record.inputs, record.outputs,
-                        record.profiles, record.layers, problems)  # fmt: skip
+    return EngineReport(
+        role,
+        record.file,
+        size,
+        record.build_seconds,
+        header,
+        record.inputs,
+        record.outputs,
+        record.profiles,
+        record.layers,
+        problems,
+    )
 
 
 def _installed() -> str | None:
@@ -94,8 +109,10 @@ def _check_validity(report: EngineFolderReport, backend: dict[str, str], target_
     reasons = []
     missing = [cc for cc in target_cc if cc not in report.engine_cc]
     if missing:
-        reasons.append(f"compute capability {', '.join(missing)} is not among the engines' targets "
-                       f"({', '.join(report.engine_cc) or 'unknown'})")  # fmt: skip
+        reasons.append(
+            f"compute capability {', '.join(missing)} is not among the engines' targets "
+            f"({', '.join(report.engine_cc) or 'unknown'})"
+        )
     for e in report.engines:
         reasons += [f"{e.role}: {p}" for p in e.problems]
     built = f"{backend['name']} {backend['version']}"
@@ -138,8 +155,10 @@ def render_text(report: EngineFolderReport) -> str:
         lines.append(f"  check {', '.join(report.check_cc)}: {verdict}")
     for e in report.engines:
         s = e.layers
-        lines.append(f"{e.role}: {e.file} {e.bytes / 2**20:.1f} MiB, built in {e.build_seconds:.2f} s, "
-                     f"header {e.header.version or e.header.note}")  # fmt: skip
+        lines.append(
+            f"{e.role}: {e.file} {e.bytes / 2**20:.1f} MiB, built in {e.build_seconds:.2f} s, "
+            f"header {e.header.version or e.header.note}"
+        )
         lines += [f"  ! {p}" for p in e.problems]
         lines.append("  inputs   " + "; ".join(_shape(t) for t in e.inputs))
         lines.append("  outputs  " + "; ".join(_shape(t) for t in e.outputs))
@@ -149,9 +168,13 @@ def render_text(report: EngineFolderReport) -> str:
             lines.append(f"  profile {i}: min..opt..max " + "; ".join(ranges))
         top = ", ".join(f"{k} {v}" for k, v in list(s.by_type.items())[:8])
         lines.append(f"  layers   {s.total}: {top}{', ...' if len(s.by_type) > 8 else ''}")
-        lines.append(f"  fp8      layers {_names(s.fp8)}; fp8 GEMMs {_names(s.fp8_gemms)}; "
-                     f"weight-only fp8 GEMMs {_names(s.fp8_weight_gemms)}")  # fmt: skip
+        lines.append(
+            f"  fp8      layers {_names(s.fp8)}; fp8 GEMMs {_names(s.fp8_gemms)}; "
+            f"weight-only fp8 GEMMs {_names(s.fp8_weight_gemms)}"
+        )
         decomposed = " (TensorRT may decompose: no fused kernel)" if s.attention_decomposable else ""
-        lines.append(f"  native   attention {_names(s.attention)}{decomposed}; rotary {_names(s.rotary)}; "
-                     f"moe {_names(s.moe)}; dynamic quantize {_names(s.dynamic_quantize)}")  # fmt: skip
+        lines.append(
+            f"  native   attention {_names(s.attention)}{decomposed}; rotary {_names(s.rotary)}; "
+            f"moe {_names(s.moe)}; dynamic quantize {_names(s.dynamic_quantize)}"
+        )
     return "\n".join(lines) + "\n"

@@ -16,8 +16,13 @@ from dsv3c.runtime.trt_backend import Backend
 from dsv3c.runtime.trt_manifest import LayerSummary
 
 _PASS_THROUGH = {"SHUFFLE", "IDENTITY", "SLICE", "CONCATENATION"}  # what may sit between a DQ and a matmul
-_NATIVE = {"ATTENTION_INPUT": "attention", "ROTARY_EMBEDDING": "rotary", "MOE": "moe",
-           "KV_CACHE_UPDATE": "kv_cache_update", "DYNAMIC_QUANTIZE": "dynamic_quantize"}  # fmt: skip
+_NATIVE = {
+    "ATTENTION_INPUT": "attention",
+    "ROTARY_EMBEDDING": "rotary",
+    "MOE": "moe",
+    "KV_CACHE_UPDATE": "kv_cache_update",
+    "DYNAMIC_QUANTIZE": "dynamic_quantize",
+}
 
 
 def layer_type(layer: Any) -> str:

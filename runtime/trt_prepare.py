@@ -99,8 +99,10 @@ def load_for_parser(manifest: Manifest, role: str) -> ParserInput:
     except Exception as e:  # protobuf raises several types; one line
         raise UserError(f"{path}: not a readable ONNX file ({type(e).__name__})") from None
     model = _inline(model)
-    nodes = [NodeRef(i, n.name or f"#{i}", f"{n.domain}::{n.op_type}" if n.domain else n.op_type)
-             for i, n in enumerate(model.graph.node)]  # fmt: skip
+    nodes = [
+        NodeRef(i, n.name or f"#{i}", f"{n.domain}::{n.op_type}" if n.domain else n.op_type)
+        for i, n in enumerate(model.graph.node)
+    ]
     _check(model, path, nodes)
     has_fp8 = any(t.data_type in FP8_TYPES for t in model.graph.initializer)
     blocked = [ref for ref, n in zip(nodes, model.graph.node, strict=True) if _blocked_dq(n)]
@@ -134,8 +136,10 @@ def _check(model: onnx.ModelProto, path: Path, nodes: list[NodeRef]) -> None:
     for ref, n in zip(nodes, model.graph.node, strict=True):
         where = f"{path.name}: {ref.describe()}"
         if n.domain not in ("", "ai.onnx"):
-            raise UserError(f"{where} has no reference body to inline; TensorRT-RTX cannot host plugins, "
-                            "so lower it first (dsv3c lower --target trt)")  # fmt: skip
+            raise UserError(
+                f"{where} has no reference body to inline; TensorRT-RTX cannot host plugins, "
+                "so lower it first (dsv3c lower --target trt)"
+            )
         if n.op_type == "Cast" and any(a.name == "to" and a.i in FP8_TYPES for a in n.attribute):
             raise UserError(f"{where} casts to fp8; TensorRT takes fp8 only from QuantizeLinear (use Q/DQ)")
         if n.op_type in ("QuantizeLinear", "DequantizeLinear") and len(n.input) > 1 and n.input[1] not in constant:

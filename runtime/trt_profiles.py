@@ -90,8 +90,10 @@ def profile_for(role: str, signature: Signature, config: DeepseekV3Config, spec:
         if r in ("*", role) and name in names:
             dims[name] = dim_range
         elif r == role and name not in inputs:
-            raise UserError(f"--profile {role}:{name}: {role} has no dimension or input {name!r} "
-                            f"(dimensions: {', '.join(sorted(names))})")  # fmt: skip
+            raise UserError(
+                f"--profile {role}:{name}: {role} has no dimension or input {name!r} "
+                f"(dimensions: {', '.join(sorted(names))})"
+            )
     out = {}
     for t in signature.inputs:
         per_dim = [dims.get(d, (0, 0, 0)) if isinstance(d, str) else (d, d, d) for d in t.shape]
@@ -121,8 +123,9 @@ def check_names(spec: ProfileSpec, signatures: dict[str, Signature]) -> None:
     inputs = {t.name for s in signatures.values() for t in s.inputs}
     for role, name in [*spec.dims, *spec.inputs]:
         if role == "*" and name not in dims | inputs:
-            raise UserError(f"--profile {name}: no graph has a dimension or input {name!r} "
-                            f"(dimensions: {', '.join(sorted(dims))})")  # fmt: skip
+            raise UserError(
+                f"--profile {name}: no graph has a dimension or input {name!r} (dimensions: {', '.join(sorted(dims))})"
+            )
         if role != "*" and role not in signatures:
             raise UserError(f"--profile {role}:{name}: no {role} graph (graphs: {', '.join(signatures)})")
 

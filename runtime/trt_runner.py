@@ -22,8 +22,14 @@ from dsv3c.runtime.trt_backend import Backend, load_backend, make_logger
 from dsv3c.runtime.trt_manifest import EngineManifest, read_engine_manifest
 
 RTX_RUNS_ON = ("8.0", "8.6", "8.9", "12.0", "12.1")  # TensorRT-RTX 1.7's message on other GPUs (FACTS.md)
-TORCH_TYPES = {"FLOAT": torch.float32, "HALF": torch.float16, "BF16": torch.bfloat16, "INT64": torch.int64,
-               "INT32": torch.int32, "BOOL": torch.bool}  # fmt: skip
+TORCH_TYPES = {
+    "FLOAT": torch.float32,
+    "HALF": torch.float16,
+    "BF16": torch.bfloat16,
+    "INT64": torch.int64,
+    "INT32": torch.int32,
+    "BOOL": torch.bool,
+}
 
 
 def unavailable_reason(folder: Path | None = None) -> str | None:
@@ -69,8 +75,10 @@ class TrtGraph:
         for name in self.inputs:
             tensor = feeds[name].to(self.dtypes[name]).contiguous()
             if not self.context.set_input_shape(name, tuple(tensor.shape)):
-                raise UserError(f"{self.role}: input {name} shape {list(tensor.shape)} is outside the engine's "
-                                f"profile; rebuild with a wider --profile")  # fmt: skip
+                raise UserError(
+                    f"{self.role}: input {name} shape {list(tensor.shape)} is outside the engine's "
+                    f"profile; rebuild with a wider --profile"
+                )
             if tensor.numel() == 0:  # an empty past still needs a valid address
                 tensor = torch.empty(1, dtype=tensor.dtype, device=tensor.device)
             self._keep.append(tensor)
@@ -99,8 +107,9 @@ class TrtEngine:
         self.config = DeepseekV3Config.from_dict(self.manifest.config)
         self.device = torch.device("cuda")
         self.dtype = TORCH_TYPES["BF16"] if self.manifest.cache["dtype"] == "bfloat16" else torch.float32
-        self.graphs = {role: TrtGraph(backend, self.runtime, folder / e.file, role)
-                       for role, e in self.manifest.engines.items()}  # fmt: skip
+        self.graphs = {
+            role: TrtGraph(backend, self.runtime, folder / e.file, role) for role, e in self.manifest.engines.items()
+        }
         self.has_mtp = "mtp" in self.graphs and int(self.manifest.cache["mtp_layers"]) > 0
         c = self.manifest.cache
         self.cache_shape = CacheShape(int(c["layers"]), int(c["ckv_width"]), int(c["kpe_width"]), self.dtype)
@@ -125,8 +134,14 @@ class TrtEngine:
         feeds = {"next_ids": next_ids, "hidden": hidden, "positions": positions}
         return self._step("mtp", self.mtp_cache, feeds, positions, True)
 
-    def _step(self, role: str, cache: LatentBuffers | None, feeds: dict[str, torch.Tensor], positions: torch.Tensor,
-              past: bool) -> StepOutput:  # fmt: skip
+    def _step(
+        self,
+        role: str,
+        cache: LatentBuffers | None,
+        feeds: dict[str, torch.Tensor],
+        positions: torch.Tensor,
+        past: bool,
+    ) -> StepOutput:
         if cache is None:
             raise RuntimeError("start() must be called before running an engine")
         graph = self.graphs[role]

@@ -109,12 +109,23 @@ def test_fp8_round_trip_is_exact_and_stable(model: DeepseekV3ForCausalLM, tmp_pa
 def test_fp8_goes_to_projections_only(model: DeepseekV3ForCausalLM, tmp_path: Path) -> None:
     save_model(model, tmp_path / "ck", "fp8")
     dtypes = {k: v.dtype for k, v in stored(tmp_path / "ck").items()}
-    fp8 = ["model.layers.0.self_attn.q_a_proj.weight", "model.layers.0.self_attn.kv_b_proj.weight",
-           "model.layers.0.mlp.down_proj.weight", "model.layers.1.mlp.experts.7.up_proj.weight",
-           "model.layers.2.mlp.shared_experts.gate_proj.weight", "model.layers.3.self_attn.o_proj.weight"]  # fmt: skip
-    bf16 = ["model.embed_tokens.weight", "lm_head.weight", "model.layers.1.mlp.gate.weight",
-            "model.layers.0.input_layernorm.weight", "model.layers.3.eh_proj.weight",
-            "model.layers.3.shared_head.head.weight", "model.layers.3.embed_tokens.weight"]  # fmt: skip
+    fp8 = [
+        "model.layers.0.self_attn.q_a_proj.weight",
+        "model.layers.0.self_attn.kv_b_proj.weight",
+        "model.layers.0.mlp.down_proj.weight",
+        "model.layers.1.mlp.experts.7.up_proj.weight",
+        "model.layers.2.mlp.shared_experts.gate_proj.weight",
+        "model.layers.3.self_attn.o_proj.weight",
+    ]
+    bf16 = [
+        "model.embed_tokens.weight",
+        "lm_head.weight",
+        "model.layers.1.mlp.gate.weight",
+        "model.layers.0.input_layernorm.weight",
+        "model.layers.3.eh_proj.weight",
+        "model.layers.3.shared_head.head.weight",
+        "model.layers.3.embed_tokens.weight",
+    ]
     assert all(dtypes[k] == torch.float8_e4m3fn and dtypes[k + "_scale_inv"] == torch.float32 for k in fp8)
     assert all(dtypes[k] == torch.bfloat16 for k in bf16)
     assert dtypes["model.layers.1.mlp.gate.e_score_correction_bias"] == torch.float32
@@ -174,10 +185,16 @@ def test_mtp_names(model: DeepseekV3ForCausalLM, tmp_path: Path) -> None:
     save_model(model, tmp_path / "ck")
     names = set(stored(tmp_path / "ck"))
     assert not any(n.startswith("mtp.") for n in names)
-    assert {"model.layers.3.enorm.weight", "model.layers.3.eh_proj.weight", "model.layers.3.embed_tokens.weight",
-            "model.layers.3.shared_head.norm.weight", "model.layers.3.shared_head.head.weight",
-            "model.layers.3.self_attn.q_a_proj.weight", "model.layers.3.mlp.experts.3.gate_proj.weight",
-            "model.layers.3.input_layernorm.weight"} <= names  # fmt: skip
+    assert {
+        "model.layers.3.enorm.weight",
+        "model.layers.3.eh_proj.weight",
+        "model.layers.3.embed_tokens.weight",
+        "model.layers.3.shared_head.norm.weight",
+        "model.layers.3.shared_head.head.weight",
+        "model.layers.3.self_attn.q_a_proj.weight",
+        "model.layers.3.mlp.experts.3.gate_proj.weight",
+        "model.layers.3.input_layernorm.weight",
+    } <= names
 
 
 def test_missing_mtp_embed_and_head_are_copied(model: DeepseekV3ForCausalLM, tmp_path: Path) -> None:

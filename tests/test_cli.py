@@ -31,15 +31,29 @@ def test_generate_prints_ids_and_json(checkpoint: Path) -> None:
     assert len(ids) == 5
     single = run("generate", str(checkpoint), "--prompt-ids", "1,2,3", "--max-new-tokens", "5", "--json")
     assert json.loads(single.stdout) == {"ids": ids}
-    batch = run("generate", str(checkpoint), "--prompt-ids", "1,2,3", "--prompt-ids", "7", "--max-new-tokens", "5",
-                "--json")  # fmt: skip
+    batch = run(
+        "generate", str(checkpoint), "--prompt-ids", "1,2,3", "--prompt-ids", "7", "--max-new-tokens", "5", "--json"
+    )
     rows = json.loads(batch.stdout)["ids"]
     assert rows[0] == ids and len(rows[1]) == 5
 
 
 def test_sampling_is_seeded(checkpoint: Path) -> None:
-    args = ("generate", str(checkpoint), "--prompt-ids", "4,5", "--max-new-tokens", "8", "--temperature", "1.5",
-            "--top-k", "50", "--top-p", "0.9", "--json")  # fmt: skip
+    args = (
+        "generate",
+        str(checkpoint),
+        "--prompt-ids",
+        "4,5",
+        "--max-new-tokens",
+        "8",
+        "--temperature",
+        "1.5",
+        "--top-k",
+        "50",
+        "--top-p",
+        "0.9",
+        "--json",
+    )
     a, b = run(*args, "--seed", "1"), run(*args, "--seed", "1")
     assert a.returncode == 0 and a.stdout == b.stdout
 

@@ -90,8 +90,10 @@ def test_mtp_graph_matches_forward_mtp_with_and_without_past(tiny: Exported) -> 
     ref_logits, ref_hidden, ref_new = tiny.model.forward_mtp(ids[:, 1:], hidden)
     mtp = tiny.session("mtp")
     config = tiny.model.config
-    empty = {"past_ckv.0": np.zeros((2, 0, config.kv_lora_rank), np.float32),
-             "past_kpe.0": np.zeros((2, 0, config.qk_rope_head_dim), np.float32)}  # fmt: skip
+    empty = {
+        "past_ckv.0": np.zeros((2, 0, config.kv_lora_rank), np.float32),
+        "past_kpe.0": np.zeros((2, 0, config.qk_rope_head_dim), np.float32),
+    }
     whole = run(
         mtp, {"next_ids": ids[:, 1:].numpy(), "hidden": hidden.numpy(), "positions": arange_positions(2, 0, 8), **empty}
     )
@@ -124,9 +126,16 @@ def test_mtp_graph_matches_forward_mtp_with_and_without_past(tiny: Exported) -> 
 def test_v2_lite_shaped_config_with_tied_embeddings(tmp_path_factory: pytest.TempPathFactory) -> None:
     """Plain q_proj, softmax greedy routing without bias, tied head, no MTP; random weights = init_random's."""
     config = DeepseekV3Config.from_preset("tiny").replace(
-        q_lora_rank=None, scoring_func="softmax", topk_method="greedy", norm_topk_prob=False, n_group=1,
-        topk_group=1, routed_scaling_factor=1.0, num_nextn_predict_layers=0, tie_word_embeddings=True,
-    )  # fmt: skip
+        q_lora_rank=None,
+        scoring_func="softmax",
+        topk_method="greedy",
+        norm_topk_prob=False,
+        n_group=1,
+        topk_group=1,
+        routed_scaling_factor=1.0,
+        num_nextn_predict_layers=0,
+        tie_word_embeddings=True,
+    )
     out = tmp_path_factory.mktemp("variant") / "out"
     manifest = export(from_config(config, "v2-lite-like"), out, weights="random", seed=4)
     assert manifest.graphs["mtp"] is None and not (out / "mtp.onnx").exists()

@@ -26,8 +26,9 @@ def run_nodes(nodes: list[onnx.NodeProto], feeds: dict[str, np.ndarray], outputs
     outs = [helper.make_tensor_value_info(name, TensorProto.FLOAT, [None] * rank) for name, rank in outputs.items()]
     model = helper.make_model(
         helper.make_graph(nodes, "g", inputs, outs),
-        opset_imports=[helper.make_opsetid("", OPSET), helper.make_opsetid(DOMAIN, 1)], ir_version=10,
-    )  # fmt: skip
+        opset_imports=[helper.make_opsetid("", OPSET), helper.make_opsetid(DOMAIN, 1)],
+        ir_version=10,
+    )
     attach_functions(model)
     register_schemas()
     onnx.checker.check_model(model, full_check=True)
@@ -55,11 +56,25 @@ def moe_case(name: str, out: str, seed: int) -> tuple[onnx.NodeProto, dict[str, 
     if bias is not None:
         feeds[f"{out}_bias"] = bias
     node = helper.make_node(
-        "MoE", [f"{out}_x", f"{out}_router", f"{out}_bias" if bias is not None else "", f"{out}_gate", f"{out}_up",
-                f"{out}_down"], [out], domain=DOMAIN,
-        top_k=top_k, n_group=groups, topk_group=topk_group, routed_scaling_factor=2.5, norm_topk_prob=int(norm),
-        scoring_func=scoring, topk_method=method,
-    )  # fmt: skip
+        "MoE",
+        [
+            f"{out}_x",
+            f"{out}_router",
+            f"{out}_bias" if bias is not None else "",
+            f"{out}_gate",
+            f"{out}_up",
+            f"{out}_down",
+        ],
+        [out],
+        domain=DOMAIN,
+        top_k=top_k,
+        n_group=groups,
+        topk_group=topk_group,
+        routed_scaling_factor=2.5,
+        norm_topk_prob=int(norm),
+        scoring_func=scoring,
+        topk_method=method,
+    )
     return node, {k: v.numpy() for k, v in feeds.items()}, expected.numpy()
 
 
@@ -90,9 +105,18 @@ def mla_case(absorbed: bool, seed: int) -> tuple[onnx.NodeProto, dict[str, np.nd
     expected = custom_ops.mla_attention(q_nope, q_pe, ckv, kpe, wkv_b, positions, h, nope, rope, v, r, scale, absorbed)
     names = ["q_nope", "q_pe", "ckv", "kpe", "wkv_b", "positions"]
     node = helper.make_node(
-        "MLAAttention", names, ["y"], domain=DOMAIN, num_heads=h, qk_nope_head_dim=nope, qk_rope_head_dim=rope,
-        v_head_dim=v, kv_lora_rank=r, softmax_scale=scale, absorbed=int(absorbed),
-    )  # fmt: skip
+        "MLAAttention",
+        names,
+        ["y"],
+        domain=DOMAIN,
+        num_heads=h,
+        qk_nope_head_dim=nope,
+        qk_rope_head_dim=rope,
+        v_head_dim=v,
+        kv_lora_rank=r,
+        softmax_scale=scale,
+        absorbed=int(absorbed),
+    )
     tensors = (q_nope, q_pe, ckv, kpe, wkv_b, positions)
     return node, {k: t.numpy() for k, t in zip(names, tensors, strict=True)}, expected.numpy()
 

@@ -46,8 +46,9 @@ def base() -> onnx.ModelProto:
     return build_model(Topology(layers=3, dense_layers=1))
 
 
-def test_identical_graphs(tmp_path: Path, base: onnx.ModelProto, monkeypatch: pytest.MonkeyPatch,
-                          capsys: pytest.CaptureFixture[str]) -> None:  # fmt: skip
+def test_identical_graphs(
+    tmp_path: Path, base: onnx.ModelProto, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
     g = _diff(tmp_path, base, _copy(base))
     assert g.differences == 0 and g.matched == {"name": len(base.graph.node)}
     assert _run_cli(["diff", str(tmp_path / "a.onnx"), str(tmp_path / "b.onnx")], monkeypatch) == 0
@@ -130,9 +131,16 @@ def test_quantized_linears_grouped_per_layer(tmp_path: Path, data: bool) -> None
     labels = {(r.layer, r.label) for r in g.rewrites}
     assert labels == {(layer, "quantized (fp8, block 128)") for layer in range(3)}
     per_layer = {layer: [r.target for r in g.rewrites if r.layer == layer] for layer in range(3)}
-    assert per_layer[0] == ["self_attn.q_a_proj", "self_attn.q_b_proj", "self_attn.kv_a_proj_with_mqa",
-                            "self_attn.kv_b_proj", "self_attn.o_proj", "mlp.gate_proj", "mlp.up_proj",
-                            "mlp.down_proj"]  # fmt: skip
+    assert per_layer[0] == [
+        "self_attn.q_a_proj",
+        "self_attn.q_b_proj",
+        "self_attn.kv_a_proj_with_mqa",
+        "self_attn.kv_b_proj",
+        "self_attn.o_proj",
+        "mlp.gate_proj",
+        "mlp.up_proj",
+        "mlp.down_proj",
+    ]
     assert "mlp.experts" in per_layer[1] and "mlp.shared_experts.down_proj" in per_layer[2]
     rewrites = {(r.layer, r.target): r for r in g.rewrites}
     o_proj = rewrites[0, "self_attn.o_proj"]
@@ -169,8 +177,10 @@ def test_lowered_by_inlining(tmp_path: Path, base: onnx.ModelProto) -> None:
 def test_lowered_to_com_microsoft_moe(tmp_path: Path, base: onnx.ModelProto) -> None:
     g = _diff(tmp_path, base, lower_moe_ort(base))
     assert not g.nodes and not g.initializers, render_diff(DiffReport("a", "b", [g]))
-    assert [(r.layer, r.label) for r in g.rewrites] == [(1, "lowered (to com.microsoft::MoE)"),
-                                                         (2, "lowered (to com.microsoft::MoE)")]  # fmt: skip
+    assert [(r.layer, r.label) for r in g.rewrites] == [
+        (1, "lowered (to com.microsoft::MoE)"),
+        (2, "lowered (to com.microsoft::MoE)"),
+    ]
     # the new node, and what was added to feed it: router Transpose + MatMul, fc1 Concat
     assert len(g.rewrites[0].added_nodes) == 4
 
@@ -192,8 +202,11 @@ def test_lowered_without_the_naming_convention(tmp_path: Path, base: onnx.ModelP
     for node in ort.graph.node:
         if node.domain == "com.microsoft":
             node.name = "moe_ort"
-    for b, label in ((inlined, "lowered (inlined, 3 nodes)"), (renamed, "lowered (inlined, 3 nodes)"),
-                     (ort, "lowered (to com.microsoft::MoE)")):  # fmt: skip
+    for b, label in (
+        (inlined, "lowered (inlined, 3 nodes)"),
+        (renamed, "lowered (inlined, 3 nodes)"),
+        (ort, "lowered (to com.microsoft::MoE)"),
+    ):
         g = _diff(tmp_path, base, b)
         assert not g.nodes and not g.initializers, render_diff(DiffReport("a", "b", [g]))
         assert label in {r.label for r in g.rewrites}
@@ -206,16 +219,19 @@ def test_quantized_then_lowered(tmp_path: Path, base: onnx.ModelProto) -> None:
     assert kinds == {(k, layer) for k in ("quantized", "lowered") for layer in range(3)}
 
 
-def test_export_folders_paired_by_role(tmp_path: Path, base: onnx.ModelProto, monkeypatch: pytest.MonkeyPatch,
-                                       capsys: pytest.CaptureFixture[str]) -> None:  # fmt: skip
+def test_export_folders_paired_by_role(
+    tmp_path: Path, base: onnx.ModelProto, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
     write_export(tmp_path / "a", {"prefill": base, "decode": base})
     write_export(tmp_path / "b", {"prefill": quantize_fp8(base), "decode": base, "mtp": base})
     report = diff_paths(tmp_path / "a", tmp_path / "b")
     assert [g.role for g in report.graphs] == ["prefill", "decode"] and report.only_b == ["mtp"]
     assert report.graphs[0].rewrites and report.graphs[1].differences == 0 and not report.identical
     out = tmp_path / "report.json"
-    assert _run_cli(["diff", str(tmp_path / "a"), str(tmp_path / "b"), "--format", "json", "--out", str(out)],
-                    monkeypatch) == 1  # fmt: skip
+    assert (
+        _run_cli(["diff", str(tmp_path / "a"), str(tmp_path / "b"), "--format", "json", "--out", str(out)], monkeypatch)
+        == 1
+    )
     data = json.loads(out.read_text())
     assert data["identical"] is False and data["only_b"] == ["mtp"]
     assert data["graphs"][0]["rewrites"][0]["label"] == "quantized (fp8, block 128)"

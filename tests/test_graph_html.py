@@ -40,8 +40,16 @@ def test_self_contained(report_html: Path) -> None:
 @pytest.mark.skipif(CHROMIUM is None, reason="chromium is not installed (apt-get install -y chromium)")
 def test_chromium_shows_the_report(report_html: Path, tmp_path: Path) -> None:
     assert CHROMIUM is not None
-    cmd = [CHROMIUM, "--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
-           f"--user-data-dir={tmp_path / 'profile'}", "--dump-dom", report_html.as_uri()]  # fmt: skip
+    cmd = [
+        CHROMIUM,
+        "--headless",
+        "--no-sandbox",
+        "--disable-gpu",
+        "--disable-background-networking",
+        f"--user-data-dir={tmp_path / 'profile'}",
+        "--dump-dom",
+        report_html.as_uri(),
+    ]
     dom = subprocess.run(cmd, capture_output=True, text=True, timeout=60, check=True).stdout
     # the inline script ran in the browser and counted what the page shows
     assert re.search(r'id="status">rendered: 1 graphs, 4 layers, 4 bars<', dom), dom[:2000]

@@ -80,8 +80,9 @@ def test_weight_only_fp8_is_not_counted_as_fp8(tmp_path: Path) -> None:
     assert s.fp8.fp8_linears == 0 and s.fp8.weight_only == 8 and s.fp8.share == 0.0  # 7 MatMuls and kv_b_proj
 
 
-def test_export_folder_with_weights_none(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
-                                         capsys: pytest.CaptureFixture[str]) -> None:  # fmt: skip
+def test_export_folder_with_weights_none(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
     model = build_model(Topology(layers=2, data=False))
     write_export(tmp_path / "exp", {"prefill": model, "decode": inline_custom(model)}, layers=2)
     report = inspect_path(tmp_path / "exp")

@@ -70,8 +70,9 @@ def test_external_data_symlink_out_of_the_folder_is_refused(tmp_path: Path) -> N
         load_graph(inner / "m.onnx")
 
 
-def test_cli_bad_input_exits_2_with_one_line(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
-                                             capsys: pytest.CaptureFixture[str]) -> None:  # fmt: skip
+def test_cli_bad_input_exits_2_with_one_line(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
     bad = tmp_path / "bad.onnx"
     bad.write_bytes(b"\x00\x01garbage")
     assert _run_cli(["inspect", str(bad)], monkeypatch) == 2

@@ -19,8 +19,13 @@ from dsv3c.graph.render_text import render_diff
 from dsv3c.graph.summary import inspect_path
 
 ROLES = ["prefill", "decode", "mtp"]
-ATTENTION = ["self_attn.q_a_proj", "self_attn.q_b_proj", "self_attn.kv_a_proj_with_mqa", "self_attn.kv_b_proj",
-             "self_attn.o_proj"]  # fmt: skip
+ATTENTION = [
+    "self_attn.q_a_proj",
+    "self_attn.q_b_proj",
+    "self_attn.kv_a_proj_with_mqa",
+    "self_attn.kv_b_proj",
+    "self_attn.o_proj",
+]
 DENSE = ["mlp.gate_proj", "mlp.up_proj", "mlp.down_proj"]
 MOE = ["mlp.experts", "mlp.shared_experts.gate_proj", "mlp.shared_experts.up_proj", "mlp.shared_experts.down_proj"]
 WEIGHT_ONLY = {"self_attn.kv_b_proj", "mlp.experts"}  # read inside dsv3c::MLAAttention / dsv3c::MoE
@@ -36,8 +41,12 @@ def folders(tiny_export: Path, tmp_path_factory: pytest.TempPathFactory) -> dict
     root = tmp_path_factory.mktemp("pipeline")
     out = {"export": tiny_export, "quantized": root / "q"}
     quantize_folder(tiny_export, out["quantized"], QuantizeOptions())
-    for source, target in (("export", Target.PORTABLE), ("export", Target.TRT), ("quantized", Target.ORT),
-                           ("quantized", Target.IREE)):  # fmt: skip
+    for source, target in (
+        ("export", Target.PORTABLE),
+        ("export", Target.TRT),
+        ("quantized", Target.ORT),
+        ("quantized", Target.IREE),
+    ):
         out[target.value] = root / target.value
         lower_folder(out[source], out[target.value], target)
     return out
@@ -79,8 +88,9 @@ def test_export_vs_quantize_is_grouped_per_layer(quantized: DiffReport, folders:
         weights = [w for r in g.rewrites for w in r.weights]
         assert sorted(weights) == sorted(_fp8_weights(folders["quantized"] / f"{g.role}.onnx"))
     prefill = quantized.graphs[0]
-    targets = {layer: [r.target for r in prefill.rewrites if r.layer == layer and r.kind == "quantized"]
-               for layer in (0, 1, 2)}  # fmt: skip
+    targets = {
+        layer: [r.target for r in prefill.rewrites if r.layer == layer and r.kind == "quantized"] for layer in (0, 1, 2)
+    }
     assert targets[0] == ATTENTION + DENSE  # the dense layer
     assert sorted(targets[1]) == sorted(targets[2]) == sorted(ATTENTION + MOE)  # the MoE layers
     scales = _scales(folders["quantized"] / "prefill.onnx")
@@ -95,7 +105,10 @@ def test_export_vs_quantize_is_grouped_per_layer(quantized: DiffReport, folders:
     by_target = {(r.layer, r.target): r for r in prefill.rewrites}
     experts = by_target[1, "mlp.experts"]
     assert experts.op == "dsv3c::MoE" and [w.rsplit(".", 2)[-2] for w in experts.weights] == [
-        "gate_proj", "up_proj", "down_proj"]  # fmt: skip
+        "gate_proj",
+        "up_proj",
+        "down_proj",
+    ]
     assert by_target[0, "self_attn.kv_b_proj"].op == "dsv3c::MLAAttention"
     q_a, kv_a = by_target[0, "self_attn.q_a_proj"], by_target[0, "self_attn.kv_a_proj_with_mqa"]
     assert any(n.endswith("/input/quantize") for n in q_a.added_nodes)  # the activation's Q/DQ: once, here
@@ -110,8 +123,11 @@ def test_quantize_text_and_json(folders: dict[str, Path], tmp_path: Path, capsys
     assert code == 1
     assert "  layer 0:\n    quantized (fp8, block 128): 8 linears (7 with fp8 activations, 1 weight-only); " in text
     assert "  layer 1:\n    quantized (fp8, block 128): 9 linears (7 with fp8 activations, 2 weight-only); " in text
-    assert re.search(r"self_attn\.kv_b_proj \(dsv3c::MLAAttention\): weight float8e4m3fn\[\d+, \d+\], "
-                     r"scale \[\d+, \d+\]; weight-only", text)  # fmt: skip
+    assert re.search(
+        r"self_attn\.kv_b_proj \(dsv3c::MLAAttention\): weight float8e4m3fn\[\d+, \d+\], "
+        r"scale \[\d+, \d+\]; weight-only",
+        text,
+    )
     assert "mlp.experts (dsv3c::MoE): weights float8e4m3fn[" in text
     assert "activations fp8, 1x128 tiles (online), shares self_attn.q_a_proj's Q/DQ" in text
     assert not re.search(r"^\s+(added|removed|changed|renamed) ", text, re.MULTILINE), text
@@ -147,8 +163,9 @@ def test_structure_not_names(folders: dict[str, Path], tmp_path: Path) -> None:
     expected = diff_paths(folders["export"] / "prefill.onnx", folders["quantized"] / "prefill.onnx").graphs[0]
     (g,) = diff_paths(folders["export"] / "prefill.onnx", tmp_path / "renamed.onnx").graphs
     got = [(r.layer, r.target, r.label, r.weight_only, len(r.weights)) for r in g.rewrites if r.kind == "quantized"]
-    assert got == [(r.layer, r.target, r.label, r.weight_only, len(r.weights)) for r in expected.rewrites
-                   if r.kind == "quantized"]  # fmt: skip
+    assert got == [
+        (r.layer, r.target, r.label, r.weight_only, len(r.weights)) for r in expected.rewrites if r.kind == "quantized"
+    ]
     assert not g.initializers and {e.kind for e in g.nodes} == {"renamed"}  # the renames, and only them
     renamed = next(r for r in g.rewrites if r.target == "self_attn.o_proj")
     assert renamed.removed_initializers == ["model.layers.0.self_attn.o_proj.weight"]
@@ -165,8 +182,12 @@ def test_lowered_portable(folders: dict[str, Path]) -> None:
         assert all(len(r.added_nodes) == int(r.label.split()[2]) for r in lowered)
     prefill = report.graphs[0]
     assert sorted((r.layer, r.op) for r in prefill.rewrites if r.kind == "lowered") == [
-        (0, "dsv3c::MLAAttention"), (1, "dsv3c::MLAAttention"), (1, "dsv3c::MoE"), (2, "dsv3c::MLAAttention"),
-        (2, "dsv3c::MoE")]  # fmt: skip
+        (0, "dsv3c::MLAAttention"),
+        (1, "dsv3c::MLAAttention"),
+        (1, "dsv3c::MoE"),
+        (2, "dsv3c::MLAAttention"),
+        (2, "dsv3c::MoE"),
+    ]
 
 
 def test_lowered_to_onnxruntime_moe(folders: dict[str, Path], capsys: pytest.CaptureFixture[str]) -> None:
@@ -202,12 +223,18 @@ def test_lowered_for_tensorrt_and_iree(folders: dict[str, Path]) -> None:
     iree = diff_paths(folders["quantized"] / "prefill.onnx", folders["iree"] / "prefill.onnx").graphs[0]
     _only_rewrites(iree)
     model = onnx.load(str(folders["quantized"] / "prefill.onnx"), load_external_data=False)
-    blocked = [n for n in model.graph.node if n.op_type in ("QuantizeLinear", "DequantizeLinear")
-               and any(a.name == "block_size" and a.i for a in n.attribute)]  # fmt: skip
+    blocked = [
+        n
+        for n in model.graph.node
+        if n.op_type in ("QuantizeLinear", "DequantizeLinear")
+        and any(a.name == "block_size" and a.i for a in n.attribute)
+    ]
     rewritten = [r for r in iree.rewrites if r.label.startswith("lowered (blocked ")]
     assert sorted(r.target for r in rewritten) == sorted(n.name for n in blocked)
-    assert {r.label for r in rewritten} == {"lowered (blocked DequantizeLinear as DequantizeLinear + Mul)",
-                                            "lowered (blocked QuantizeLinear as Div + QuantizeLinear)"}  # fmt: skip
+    assert {r.label for r in rewritten} == {
+        "lowered (blocked DequantizeLinear as DequantizeLinear + Mul)",
+        "lowered (blocked QuantizeLinear as Div + QuantizeLinear)",
+    }
 
 
 def test_numeric_export_vs_quantize(folders: dict[str, Path]) -> None:

@@ -60,10 +60,15 @@ def random_hf_config(seed: int) -> dict[str, Any]:
     if rng.random() < 0.6:
         mscale = rng.choice([1.0, 0.707])
         config["rope_parameters"] = {
-            "rope_type": "yarn", "rope_theta": 10000.0, "factor": rng.choice([4.0, 40.0]),
-            "original_max_position_embeddings": 64, "beta_fast": 32.0, "beta_slow": 1.0,
-            "mscale": mscale, "mscale_all_dim": rng.choice([mscale, 1.0]),
-        }  # fmt: skip
+            "rope_type": "yarn",
+            "rope_theta": 10000.0,
+            "factor": rng.choice([4.0, 40.0]),
+            "original_max_position_embeddings": 64,
+            "beta_fast": 32.0,
+            "beta_slow": 1.0,
+            "mscale": mscale,
+            "mscale_all_dim": rng.choice([mscale, 1.0]),
+        }
     else:
         config["rope_parameters"] = {"rope_type": "default", "rope_theta": rng.choice([10000.0, 50000.0])}
     return config

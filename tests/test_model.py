@@ -32,8 +32,10 @@ def test_cached_decode_matches_full_recompute(tiny_model: DeepseekV3ForCausalLM,
     for t in range(7, 12):  # one token at a time, growing the cache
         step = tiny_model(ids[:, t : t + 1], past=past, path=path)  # type: ignore[arg-type]
         assert rel(step.logits[:, 0], full[:, t]) < 1e-5
-        past = [LayerCache(torch.cat([p.ckv, n.ckv], 1), torch.cat([p.kpe, n.kpe], 1))
-                for p, n in zip(past, step.new_cache, strict=True)]  # fmt: skip
+        past = [
+            LayerCache(torch.cat([p.ckv, n.ckv], 1), torch.cat([p.kpe, n.kpe], 1))
+            for p, n in zip(past, step.new_cache, strict=True)
+        ]
 
 
 @torch.no_grad()
@@ -95,8 +97,15 @@ def test_norm_topk_prob_false_keeps_raw_scores(tiny_config: DeepseekV3Config) ->
 
 @torch.no_grad()
 def test_softmax_greedy_routing_of_v2_lite_shape(tiny_config: DeepseekV3Config) -> None:
-    config = tiny_config.replace(scoring_func="softmax", topk_method="greedy", norm_topk_prob=False,
-                                 routed_scaling_factor=1.0, n_group=1, topk_group=1, q_lora_rank=None)  # fmt: skip
+    config = tiny_config.replace(
+        scoring_func="softmax",
+        topk_method="greedy",
+        norm_topk_prob=False,
+        routed_scaling_factor=1.0,
+        n_group=1,
+        topk_group=1,
+        q_lora_rank=None,
+    )
     model = random_model(config)
     assert model.model.layers[1].mlp.gate.e_score_correction_bias is None
     ids = torch.randint(0, 512, (2, 6))

@@ -75,8 +75,15 @@ def test_structure(quantized: Path) -> None:
                 }
             else:  # kv_b_proj and stacked experts: the DQ feeds the custom node
                 assert dq.op_type == "DequantizeLinear" and linear.user.domain == "dsv3c"
-        kept = ("gate.weight", "lm_head.weight", "embed_tokens.weight", "eh_proj.weight", "shared_head.head.weight",
-                "norm.weight", "layernorm.weight")  # fmt: skip
+        kept = (
+            "gate.weight",
+            "lm_head.weight",
+            "embed_tokens.weight",
+            "eh_proj.weight",
+            "shared_head.head.weight",
+            "norm.weight",
+            "layernorm.weight",
+        )
         high = [n for n in inits if n.endswith(kept)]
         assert high and all(inits[n].dtype == ir.DataType.FLOAT for n in high)
     stage = read_manifest(quantized).stages[-1]

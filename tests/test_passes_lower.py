@@ -85,19 +85,38 @@ def _moe_model(scoring: str, method: str, norm: int, scale: float, groups: int, 
     def init(name: str, *shape: int) -> TensorProto:
         return onnx.numpy_helper.from_array((rng.standard_normal(shape) * 0.3).astype(np.float32), name)
 
-    inits = [init("router", experts, hidden), init("gate", experts, ff, hidden), init("up", experts, ff, hidden),
-             init("down", experts, hidden, ff)]  # fmt: skip
+    inits = [
+        init("router", experts, hidden),
+        init("gate", experts, ff, hidden),
+        init("up", experts, ff, hidden),
+        init("down", experts, hidden, ff),
+    ]
     if with_bias:
         inits.append(init("bias", experts))
     node = helper.make_node(
-        "MoE", ["x", "router", "bias" if with_bias else "", "gate", "up", "down"], ["y"], domain="dsv3c",
-        name="moe", top_k=2, n_group=groups, topk_group=2 if groups > 1 else 1, routed_scaling_factor=scale,
-        norm_topk_prob=norm, scoring_func=scoring, topk_method=method,
-    )  # fmt: skip
-    graph = helper.make_graph([node], "moe", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [n, hidden])],
-                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [n, hidden])], inits)  # fmt: skip
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 21), helper.make_opsetid("dsv3c", 1)],
-                              producer_name="dsv3c")  # fmt: skip
+        "MoE",
+        ["x", "router", "bias" if with_bias else "", "gate", "up", "down"],
+        ["y"],
+        domain="dsv3c",
+        name="moe",
+        top_k=2,
+        n_group=groups,
+        topk_group=2 if groups > 1 else 1,
+        routed_scaling_factor=scale,
+        norm_topk_prob=norm,
+        scoring_func=scoring,
+        topk_method=method,
+    )
+    graph = helper.make_graph(
+        [node],
+        "moe",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [n, hidden])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [n, hidden])],
+        inits,
+    )
+    model = helper.make_model(
+        graph, opset_imports=[helper.make_opsetid("", 21), helper.make_opsetid("dsv3c", 1)], producer_name="dsv3c"
+    )
     register_schemas()
     attach_functions(model)
     return model
@@ -112,8 +131,9 @@ def _moe_model(scoring: str, method: str, norm: int, scale: float, groups: int, 
         ("softmax", "group_limited_greedy", 1, 16.0, 4, False),
     ],
 )
-def test_ort_moe_variants(scoring: str, method: str, norm: int, scale: float, groups: int, with_bias: bool,
-                          tmp_path: Path) -> None:  # fmt: skip
+def test_ort_moe_variants(
+    scoring: str, method: str, norm: int, scale: float, groups: int, with_bias: bool, tmp_path: Path
+) -> None:
     proto = _moe_model(scoring, method, norm, scale, groups, with_bias)
     model = ir.serde.deserialize_model(proto)
     LowerMoEToOrtPass()(model)
@@ -174,8 +194,11 @@ def _trt_build(path: Path, inputs: list) -> None:  # type: ignore[type-arg]
             layer.attention.decomposable = True
     config = builder.create_builder_config()
     profile = builder.create_optimization_profile()
-    sizes = ({"batch": 1, "seq": 1, "q": 1, "past": 0}, {"batch": 2, "seq": 8, "q": 1, "past": 8},
-             {"batch": 4, "seq": 32, "q": 4, "past": 32})  # fmt: skip
+    sizes = (
+        {"batch": 1, "seq": 1, "q": 1, "past": 0},
+        {"batch": 2, "seq": 8, "q": 1, "past": 8},
+        {"batch": 4, "seq": 32, "q": 4, "past": 32},
+    )
     for t in inputs:
         profile.set_shape(t.name, *([d if isinstance(d, int) else s[d] for d in t.shape] for s in sizes))
     config.add_optimization_profile(profile)

@@ -73,21 +73,45 @@ def _one_linear_and_moe() -> onnx.ModelProto:
     def init(name: str, *shape: int) -> TensorProto:
         return onnx.numpy_helper.from_array((rng.standard_normal(shape) * 0.3).astype(np.float32), name)
 
-    inits = [init("w", hidden, hidden), init("router", experts, hidden), init("gate", experts, ff, hidden),
-             init("up", experts, ff, hidden), init("down", experts, hidden, ff)]  # fmt: skip
-    moe = helper.make_node("MoE", ["h", "router", "", "gate", "up", "down"], ["y"], domain="dsv3c", name="moe",
-                           top_k=2, n_group=1, topk_group=1, routed_scaling_factor=1.0, norm_topk_prob=1,
-                           scoring_func="softmax", topk_method="greedy")  # fmt: skip
+    inits = [
+        init("w", hidden, hidden),
+        init("router", experts, hidden),
+        init("gate", experts, ff, hidden),
+        init("up", experts, ff, hidden),
+        init("down", experts, hidden, ff),
+    ]
+    moe = helper.make_node(
+        "MoE",
+        ["h", "router", "", "gate", "up", "down"],
+        ["y"],
+        domain="dsv3c",
+        name="moe",
+        top_k=2,
+        n_group=1,
+        topk_group=1,
+        routed_scaling_factor=1.0,
+        norm_topk_prob=1,
+        scoring_func="softmax",
+        topk_method="greedy",
+    )
     nodes = [
         helper.make_node("Transpose", ["w"], ["wt"], perm=[1, 0]),
         helper.make_node("MatMul", ["x", "wt"], ["h"]),
         moe,
     ]
-    graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [n, hidden])],
-                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [n, hidden]),
-                               helper.make_tensor_value_info("h", TensorProto.FLOAT, [n, hidden])], inits)  # fmt: skip
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 21), helper.make_opsetid("dsv3c", 1)],
-                              producer_name="dsv3c")  # fmt: skip
+    graph = helper.make_graph(
+        nodes,
+        "g",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [n, hidden])],
+        [
+            helper.make_tensor_value_info("y", TensorProto.FLOAT, [n, hidden]),
+            helper.make_tensor_value_info("h", TensorProto.FLOAT, [n, hidden]),
+        ],
+        inits,
+    )
+    model = helper.make_model(
+        graph, opset_imports=[helper.make_opsetid("", 21), helper.make_opsetid("dsv3c", 1)], producer_name="dsv3c"
+    )
     register_schemas()
     attach_functions(model)
     return model
@@ -128,8 +152,13 @@ def test_ort_8bit(source: str, export_dir: Path, quantized: Path, tmp_path: Path
         qmoe = [n for n in model.graph if n.op_type == "QMoE"]
         assert nbits and all(n.attributes["bits"].as_int() == 8 and n.domain == "com.microsoft" for n in nbits)
         assert qmoe and all(n.attributes["expert_weight_bits"].as_int() == 8 for n in qmoe)
-        assert not any(n.op_type in ("MatMul", "MoE") and n.inputs[1] is not None and n.inputs[1].is_initializer()
-                       and n.inputs[1].dtype != ir.DataType.FLOAT for n in model.graph)  # fmt: skip
+        assert not any(
+            n.op_type in ("MatMul", "MoE")
+            and n.inputs[1] is not None
+            and n.inputs[1].is_initializer()
+            and n.inputs[1].dtype != ir.DataType.FLOAT
+            for n in model.graph
+        )
         assert not any(n.domain == "dsv3c" for n in model.graph)
         for node in nbits:  # B: uint8 [N, blocks, 128]; scales float32 [N, blocks]
             b, s = node.inputs[1], node.inputs[2]

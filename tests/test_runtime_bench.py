@@ -25,9 +25,25 @@ def test_bench_smoke(
     tiny_checkpoint: Path, tiny_export: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
     out = tmp_path / "bench.json"
-    code = bench("--checkpoint", str(tiny_checkpoint), "--export", str(tiny_export), "--contexts", "20",
-                 "--batches", "1", "2", "--steps", "2", "--prefill-chunk", "16", "--bandwidth-mb", "16",
-                 "--out", str(out))  # fmt: skip
+    code = bench(
+        "--checkpoint",
+        str(tiny_checkpoint),
+        "--export",
+        str(tiny_export),
+        "--contexts",
+        "20",
+        "--batches",
+        "1",
+        "2",
+        "--steps",
+        "2",
+        "--prefill-chunk",
+        "16",
+        "--bandwidth-mb",
+        "16",
+        "--out",
+        str(out),
+    )
     assert code == 0
     rows = json.loads(out.read_text())
     assert len(rows) == 3 * 2 * 2  # runtimes x batches x phases

@@ -92,9 +92,13 @@ def test_weights_none_export_is_refused(tmp_path: Path, tiny_export: Path) -> No
     ],
 )
 def test_bad_input_is_one_line_and_exit_2(
-    argv: list[str], message: str, tiny_export: Path, tiny_checkpoint: Path, tmp_path: Path,
+    argv: list[str],
+    message: str,
+    tiny_export: Path,
+    tiny_checkpoint: Path,
+    tmp_path: Path,
     capsys: pytest.CaptureFixture[str],
-) -> None:  # fmt: skip
+) -> None:
     paths = {"nowhere": tmp_path / "missing", "tmp": tmp_path, "export": tiny_export, "checkpoint": tiny_checkpoint}
     code = main(["generate", *(a.format(**paths) for a in argv)])
     err = capsys.readouterr().err

@@ -25,21 +25,29 @@ pytestmark = pytest.mark.skipif(available() is not None, reason=f"TensorRT not i
 # ---- an fp8 test graph: the linears of one graph get fp8 weights (and optionally static activation Q/DQ) ----
 
 
-def _quantize_linear(graph: onnx.GraphProto, matmul: onnx.NodeProto, weight: onnx.TensorProto, block: int,
-                     static: bool) -> list[onnx.NodeProto]:  # fmt: skip
+def _quantize_linear(
+    graph: onnx.GraphProto, matmul: onnx.NodeProto, weight: onnx.TensorProto, block: int, static: bool
+) -> list[onnx.NodeProto]:
     w = numpy_helper.to_array(weight).astype(np.float32)  # [N, K], used as Transpose(W) -> MatMul
     name = weight.name
     if block:  # one scale per row and per `block` columns, the last block partial when block does not divide K
         padded = np.pad(w, ((0, 0), (0, -w.shape[1] % block)))
         scale = np.abs(padded).reshape(w.shape[0], -1, block).max(axis=2) / 448  # [N, ceil(K / block)]
         q = w / np.repeat(scale, block, axis=1)[:, : w.shape[1]]
-        dq = helper.make_node("DequantizeLinear", [f"{name}.fp8", f"{name}.scale"], [f"{name}.deq"], name=f"{name}/dq",
-                              axis=1, block_size=block)  # fmt: skip
+        dq = helper.make_node(
+            "DequantizeLinear",
+            [f"{name}.fp8", f"{name}.scale"],
+            [f"{name}.deq"],
+            name=f"{name}/dq",
+            axis=1,
+            block_size=block,
+        )
     else:  # one scale per output channel
         scale = np.abs(w).max(axis=1) / 448  # [N]
         q = w / scale[:, None]
-        dq = helper.make_node("DequantizeLinear", [f"{name}.fp8", f"{name}.scale"], [f"{name}.deq"], name=f"{name}/dq",
-                              axis=0)  # fmt: skip
+        dq = helper.make_node(
+            "DequantizeLinear", [f"{name}.fp8", f"{name}.scale"], [f"{name}.deq"], name=f"{name}/dq", axis=0
+        )
     fp8 = q.astype(ml_dtypes.float8_e4m3fn).view(np.uint8).tobytes()
     graph.initializer.append(helper.make_tensor(f"{name}.fp8", TensorProto.FLOAT8E4M3FN, list(w.shape), fp8, raw=True))
     graph.initializer.append(numpy_helper.from_array(scale.astype(np.float32), f"{name}.scale"))
@@ -48,9 +56,12 @@ def _quantize_linear(graph: onnx.GraphProto, matmul: onnx.NodeProto, weight: onn
         x, s = matmul.input[0], f"{matmul.name}.input_scale"
         graph.initializer.append(numpy_helper.from_array(np.array(0.05, np.float32), s))
         xq, xdq = f"{matmul.name}.x_q", f"{matmul.name}.x_dq"  # linears reading one activation: a pair each
-        nodes += [helper.make_node("QuantizeLinear", [x, s], [xq], name=f"{matmul.name}/q",
-                                   output_dtype=TensorProto.FLOAT8E4M3FN),
-                  helper.make_node("DequantizeLinear", [xq, s], [xdq], name=f"{matmul.name}/dq")]  # fmt: skip
+        nodes += [
+            helper.make_node(
+                "QuantizeLinear", [x, s], [xq], name=f"{matmul.name}/q", output_dtype=TensorProto.FLOAT8E4M3FN
+            ),
+            helper.make_node("DequantizeLinear", [xq, s], [xdq], name=f"{matmul.name}/dq"),
+        ]
         matmul.input[0] = xdq
     return nodes
 
@@ -277,18 +288,34 @@ def _cli(monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str], *a
     ],
 )
 def test_bad_input_exits_2_with_one_line(
-    tiny_export: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str],
-    args: list[str], message: str,
-) -> None:  # fmt: skip
+    tiny_export: Path,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+    args: list[str],
+    message: str,
+) -> None:
     code, _, err = _cli(monkeypatch, capsys, str(tiny_export), "--out", str(tmp_path / "e"), *args)
     assert code == 2 and message in err and err.count("\n") == 1, err
     assert not (tmp_path / "e").exists()
 
 
-def test_cli_builds_one_role(tiny_export: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
-                             capsys: pytest.CaptureFixture[str]) -> None:  # fmt: skip
-    code, out, _ = _cli(monkeypatch, capsys, str(tiny_export), "--out", str(tmp_path / "e"), "--roles", "mtp",
-                        "--profile", "batch=1,2,4", "--target-cc", "8.9,12.0")  # fmt: skip
+def test_cli_builds_one_role(
+    tiny_export: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    code, out, _ = _cli(
+        monkeypatch,
+        capsys,
+        str(tiny_export),
+        "--out",
+        str(tmp_path / "e"),
+        "--roles",
+        "mtp",
+        "--profile",
+        "batch=1,2,4",
+        "--target-cc",
+        "8.9,12.0",
+    )
     assert code == 0 and "mtp: built in" in out and "wrote" in out
     code, _, err = _cli(monkeypatch, capsys, str(tiny_export), "--out", str(tmp_path / "e"))
     assert code == 2 and "already exists" in err

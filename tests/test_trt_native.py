@@ -48,17 +48,24 @@ def _build(model: onnx.ModelProto, ranges: Ranges, tmp_path: Path) -> Any:
     return record
 
 
-def _model(nodes: list[onnx.NodeProto], inputs: list[onnx.ValueInfoProto], output: onnx.ValueInfoProto,
-           inits: Sequence[onnx.TensorProto] = ()) -> onnx.ModelProto:  # fmt: skip
-    model = helper.make_model(helper.make_graph(nodes, "g", inputs, [output], list(inits)),
-                              opset_imports=[helper.make_opsetid("", 23)])  # fmt: skip
+def _model(
+    nodes: list[onnx.NodeProto],
+    inputs: list[onnx.ValueInfoProto],
+    output: onnx.ValueInfoProto,
+    inits: Sequence[onnx.TensorProto] = (),
+) -> onnx.ModelProto:
+    model = helper.make_model(
+        helper.make_graph(nodes, "g", inputs, [output], list(inits)), opset_imports=[helper.make_opsetid("", 23)]
+    )
     model.ir_version = 10
     return model
 
 
 def test_rotary_embedding_becomes_a_native_layer(tmp_path: Path) -> None:
-    table = [helper.make_tensor(n, TensorProto.FLOAT, [1024, 8], np.random.rand(1024, 8).astype(np.float32).ravel())
-             for n in ("cos", "sin")]  # fmt: skip
+    table = [
+        helper.make_tensor(n, TensorProto.FLOAT, [1024, 8], np.random.rand(1024, 8).astype(np.float32).ravel())
+        for n in ("cos", "sin")
+    ]
     node = helper.make_node("RotaryEmbedding", ["x", "cos", "sin", "pos"], ["y"], name="rope", interleaved=1)
     x = helper.make_tensor_value_info("x", TensorProto.FLOAT, ["batch", 4, "seq", 16])
     pos = helper.make_tensor_value_info("pos", TensorProto.INT64, ["batch", "seq"])
@@ -71,15 +78,19 @@ def test_rotary_embedding_becomes_a_native_layer(tmp_path: Path) -> None:
 def _attention(dtype: int, q_dim: int, v_dim: int) -> tuple[onnx.ModelProto, Ranges]:
     """MLA absorbed form: 4 query heads over one shared latent K/V head, with a boolean mask [B, 1, S, T]."""
     node = helper.make_node("Attention", ["q", "k", "v", "mask"], ["o"], name="attn", scale=0.125)
-    inputs = [helper.make_tensor_value_info("q", dtype, ["batch", 4, "q", q_dim]),
-              helper.make_tensor_value_info("k", dtype, ["batch", 1, "past", q_dim]),
-              helper.make_tensor_value_info("v", dtype, ["batch", 1, "past", v_dim]),
-              helper.make_tensor_value_info("mask", TensorProto.BOOL, ["batch", 1, "q", "past"])]  # fmt: skip
+    inputs = [
+        helper.make_tensor_value_info("q", dtype, ["batch", 4, "q", q_dim]),
+        helper.make_tensor_value_info("k", dtype, ["batch", 1, "past", q_dim]),
+        helper.make_tensor_value_info("v", dtype, ["batch", 1, "past", v_dim]),
+        helper.make_tensor_value_info("mask", TensorProto.BOOL, ["batch", 1, "q", "past"]),
+    ]
     out = helper.make_tensor_value_info("o", dtype, ["batch", 4, "q", v_dim])
-    ranges = {"q": ([1, 4, 1, q_dim], [1, 4, 1, q_dim], [8, 4, 2, q_dim]),
-              "k": ([1, 1, 1, q_dim], [1, 1, 256, q_dim], [8, 1, 1024, q_dim]),
-              "v": ([1, 1, 1, v_dim], [1, 1, 256, v_dim], [8, 1, 1024, v_dim]),
-              "mask": ([1, 1, 1, 1], [1, 1, 1, 256], [8, 1, 2, 1024])}  # fmt: skip
+    ranges = {
+        "q": ([1, 4, 1, q_dim], [1, 4, 1, q_dim], [8, 4, 2, q_dim]),
+        "k": ([1, 1, 1, q_dim], [1, 1, 256, q_dim], [8, 1, 1024, q_dim]),
+        "v": ([1, 1, 1, v_dim], [1, 1, 256, v_dim], [8, 1, 1024, v_dim]),
+        "mask": ([1, 1, 1, 1], [1, 1, 1, 256], [8, 1, 2, 1024]),
+    }
     return _model([node], inputs, out), ranges
 
 
@@ -136,8 +147,9 @@ def test_native_moe_does_not_build(cc: str) -> None:
         def w(shape: tuple[int, ...]) -> Any:
             return net.add_constant(shape, np.random.rand(*shape).astype(np.float16)).get_output(0)
 
-        moe.set_gated_weights(w((experts, hidden, ff)), w((experts, hidden, ff)), w((experts, ff, hidden)),
-                              trt.MoEActType.SILU)  # fmt: skip
+        moe.set_gated_weights(
+            w((experts, hidden, ff)), w((experts, hidden, ff)), w((experts, ff, hidden)), trt.MoEActType.SILU
+        )
         net.mark_output(moe.get_output(0))
         return {n: ((1, 1, d), (1, 8, d), (4, 64, d)) for n, d in (("h", hidden), ("sel", k), ("score", k))}
 

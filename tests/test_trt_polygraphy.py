@@ -28,8 +28,9 @@ def test_documented_command_works(block: str, tiny_export: Path, tmp_path: Path)
     if "TENSORRT_RTX" in block and not _has_rtx():
         pytest.skip("TensorRT-RTX is not installed")
     env = {**os.environ, "EXP": str(tiny_export), "OUT": str(tmp_path), "PATH": f"{BIN}:{os.environ['PATH']}"}
-    done = subprocess.run(["bash", "-euo", "pipefail", "-c", block], env=env, capture_output=True, text=True,
-                          timeout=300)  # fmt: skip
+    done = subprocess.run(
+        ["bash", "-euo", "pipefail", "-c", block], env=env, capture_output=True, text=True, timeout=300
+    )
     assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
     assert "[!]" not in done.stdout + done.stderr  # polygraphy's error marker
     if "--convert-to trt" in block:
