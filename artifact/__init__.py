@@ -1,0 +1,1 @@
+"""The one owner of what an export or engine folder is: manifests, weight layout, atomic writes, op names."""

@@ -1,0 +1,1 @@
+"""Expert parallelism over torch.distributed: partition plans and all-to-all dispatch."""

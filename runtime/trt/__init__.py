@@ -1,0 +1,1 @@
+"""TensorRT / TensorRT-RTX: graph preparation, engine builds, engine inspection."""
