@@ -1,0 +1,139 @@
+"""Provenance marks: what every dsv3c pass stamps on the nodes it creates, and how tools read them back.
+
+A pass that creates a node says so on the node (as onnxscript's optimizer stamps
+`pkg.onnxscript.optimizer.folded_from`), so that `dsv3c diff` and `dsv3c inspect` read what happened
+instead of inferring it from the graph's shape. The marks are ONNX node `metadata_props` (string to
+string), so they survive saving and loading and are visible in any ONNX viewer:
+
+- `dsv3c.stage`: the pipeline stage that created the node (`fp8-weights`, `moe-to-com-microsoft`).
+- `dsv3c.rewrite`: what the stage did, as `kind(detail, detail)`: `quantized(fp8, block 128)`,
+  `lowered(com.microsoft.MoE)`, `inlined(dsv3c.MoE)`, `merged`.
+- `dsv3c.origin`: the names of the node(s) the new node replaced or was derived from, one per line.
+
+The model itself carries `dsv3c.stages` (the stage names that ran, one per line) so a reader can tell a
+graph dsv3c wrote from a foreign one. A node keeps the marks of the stage that created it: a later stage
+stamps only nodes that carry no stage yet.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Iterable
+from dataclasses import dataclass
+
+import onnx_ir as ir
+
+STAGE = "dsv3c.stage"
+REWRITE = "dsv3c.rewrite"
+ORIGIN = "dsv3c.origin"
+MODEL_STAGES = "dsv3c.stages"
+KEYS = (STAGE, REWRITE, ORIGIN)
+
+# The rewrite kinds the passes use; a reader treats any other kind as opaque text.
+QUANTIZED = "quantized"
+LOWERED = "lowered"
+INLINED = "inlined"
+MERGED = "merged"
+REWRITTEN = "rewritten"
+
+_REWRITE = re.compile(r"^(?P<kind>[a-z][a-z0-9_-]*)(?:\((?P<details>.*)\))?$")
+
+
+@dataclass(frozen=True)
+class Rewrite:
+    """`kind(detail, ...)`: what a stage did to make a node."""
+
+    kind: str
+    details: tuple[str, ...] = ()
+
+    def __str__(self) -> str:
+        return f"{self.kind}({', '.join(self.details)})" if self.details else self.kind
+
+    @classmethod
+    def parse(cls, text: str) -> Rewrite:
+        """The inverse of `str`; text that does not follow the form is kept whole as the kind."""
+        m = _REWRITE.match(text.strip())
+        if m is None:
+            return cls(text.strip())
+        details = m.group("details")
+        return cls(m.group("kind"), tuple(d.strip() for d in details.split(",")) if details else ())
+
+
+def quantized(fmt: str, *details: str) -> Rewrite:
+    return Rewrite(QUANTIZED, (fmt, *details))
+
+
+def lowered(target_op: str) -> Rewrite:
+    return Rewrite(LOWERED, (target_op,))
+
+
+def inlined(custom_op: str) -> Rewrite:
+    return Rewrite(INLINED, (custom_op,))
+
+
+@dataclass(frozen=True)
+class Provenance:
+    """The marks of one node; `stage` None: no dsv3c pass created it."""
+
+    stage: str | None = None
+    rewrite: Rewrite | None = None
+    origin: tuple[str, ...] = ()
+
+    @property
+    def stamped(self) -> bool:
+        return self.stage is not None or self.rewrite is not None or bool(self.origin)
+
+
+def _origin_names(origin: ir.Node | str | Iterable[ir.Node | str]) -> tuple[str, ...]:
+    items = [origin] if isinstance(origin, ir.Node | str) else list(origin)
+    names = [(o.name or o.op_type) if isinstance(o, ir.Node) else o for o in items]
+    return tuple(dict.fromkeys(n for n in names if n))
+
+
+def stamp(
+    node: ir.Node,
+    *,
+    stage: str | None = None,
+    rewrite: Rewrite | str | None = None,
+    origin: ir.Node | str | Iterable[ir.Node | str] = (),
+    overwrite: bool = False,
+) -> ir.Node:
+    """Write the given marks on `node`; marks already there stay unless `overwrite`. Returns `node`."""
+    meta = node.metadata_props
+    values = {
+        STAGE: stage,
+        REWRITE: None if rewrite is None else str(rewrite),
+        ORIGIN: "\n".join(_origin_names(origin)) or None,
+    }
+    for key, value in values.items():
+        if value is not None and (overwrite or key not in meta):
+            meta[key] = value
+    return node
+
+
+def read(node: ir.Node) -> Provenance:
+    """The marks on `node` (an empty Provenance when it has none)."""
+    meta = node.metadata_props
+    rewrite = meta.get(REWRITE)
+    origin = meta.get(ORIGIN, "")
+    return Provenance(
+        stage=meta.get(STAGE),
+        rewrite=Rewrite.parse(rewrite) if rewrite else None,
+        origin=tuple(line for line in origin.split("\n") if line),
+    )
+
+
+def record_stage(model: ir.Model, stage: str) -> None:
+    """Append `stage` to the model's list of stages that ran."""
+    stages = model_stages(model)
+    model.metadata_props[MODEL_STAGES] = "\n".join([*stages, stage])
+
+
+def model_stages(model: ir.Model) -> list[str]:
+    """The stages dsv3c ran on `model`, in order; empty for a graph dsv3c did not transform."""
+    return [line for line in model.metadata_props.get(MODEL_STAGES, "").split("\n") if line]
+
+
+def has_provenance(model: ir.Model) -> bool:
+    """Whether dsv3c's passes wrote this graph (it then explains itself; no structural inference needed)."""
+    return bool(model_stages(model)) or any(STAGE in n.metadata_props for n in model.graph.all_nodes())
