@@ -12,7 +12,7 @@ model returns only the new latent entries per layer; appending them is the calle
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Literal
+from typing import Literal, Protocol
 
 import torch
 import torch.nn.functional as F
@@ -207,6 +207,12 @@ def route(scores: torch.Tensor, bias: torch.Tensor | None, r: Router) -> tuple[t
     return weights * r.scaling, indices
 
 
+class ExpertDispatch(Protocol):
+    """Replaces MoE.routed: same inputs, same [N, D] float32 result, the experts possibly elsewhere."""
+
+    def __call__(self, moe: MoE, flat: torch.Tensor, weights: torch.Tensor, indices: torch.Tensor) -> torch.Tensor: ...
+
+
 class MoE(nn.Module):
     """Shared experts see every token; each token also visits its top-k routed experts."""
 
@@ -221,17 +227,27 @@ class MoE(nn.Module):
             self.shared_experts: MLP | None = MLP(config.hidden_size, shared)
         else:
             self.shared_experts = None
+        # expert parallelism (dsv3c.parallel) sets this: routed experts then run on the ranks that hold them
+        self.dispatch: ExpertDispatch | None = None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         flat = x.flatten(0, -2)  # [N, D]
         weights, indices = self.gate(flat)  # [N, k]
+        if self.dispatch is None:
+            out = self.routed(flat, weights, indices)
+        else:
+            out = self.dispatch(self, flat, weights, indices)
+        routed = out.to(x.dtype).view_as(x)
+        return routed if self.shared_experts is None else routed + self.shared_experts(x)
+
+    def routed(self, flat: torch.Tensor, weights: torch.Tensor, indices: torch.Tensor) -> torch.Tensor:
+        """Each token's weighted sum over its top-k experts, added in ascending expert order: [N, D] float32."""
         out = torch.zeros_like(flat, dtype=torch.float32)
         for e in indices.unique().tolist():
             token, slot = (indices == e).nonzero(as_tuple=True)
             expert_out = self.experts[e](flat[token]).float()
             out.index_add_(0, token, expert_out * weights[token, slot, None])
-        routed = out.to(x.dtype).view_as(x)
-        return routed if self.shared_experts is None else routed + self.shared_experts(x)
+        return out
 
 
 class DecoderLayer(nn.Module):
