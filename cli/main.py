@@ -13,10 +13,11 @@ from collections.abc import Sequence
 from types import ModuleType
 from typing import NoReturn
 
+from dsv3c import progress
 from dsv3c.errors import UserError
 
 # module names under dsv3c.cli; imported lazily so optional backends never slow or break start-up
-COMMANDS = ["init", "generate", "export", "quantize", "lower", "build", "inspect", "diff", "bench"]
+COMMANDS = ["init", "generate", "export", "quantize", "lower", "build", "inspect", "diff", "bench", "eval"]
 
 
 def _load(name: str) -> ModuleType:
@@ -44,8 +45,11 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)  # argparse itself exits 2 with a one-line usage error
+    # --json (or --format json) output is machine-read: no progress bars, whatever the terminal
+    machine_read = bool(getattr(args, "json", False)) or getattr(args, "format", None) == "json"
     try:
-        return int(args._run(args))
+        with progress.session(quiet=machine_read):
+            return int(args._run(args))
     except UserError as e:
         print(f"dsv3c {args.command}: error: {e}", file=sys.stderr)
         return 2
