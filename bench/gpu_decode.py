@@ -53,7 +53,8 @@ def random_model(config: Any, dtype: Any, device: str, seed: int = 0) -> Any:
 
 def bench_folder(folder: Path, args: argparse.Namespace, bandwidth: float) -> list[Any]:
     import torch
-    from dsv3c.export.manifest import read_manifest
+    from dsv3c.artifact.manifest import read_manifest
+    from dsv3c.models.config import DeepseekV3Config
     from dsv3c.runtime.bench import BenchPlan, run_bench
     from dsv3c.runtime.bench_models import EngineRunner
     from dsv3c.runtime.ort_backend import TORCH_TYPES, OrtEngine
@@ -65,7 +66,7 @@ def bench_folder(folder: Path, args: argparse.Namespace, bandwidth: float) -> li
         start = time.perf_counter()
         size = fill_random(folder, seed=args.seed, device=args.device)
         print(f"{folder}: filled {size / 2**30:.1f} GiB of random weights in {time.perf_counter() - start:.0f} s")
-    config, dtype = manifest.model_config(), TORCH_TYPES[manifest.cache.dtype]
+    config, dtype = DeepseekV3Config.from_dict(manifest.config), TORCH_TYPES[manifest.cache.dtype]
     label = str(manifest.stages[0].get("source", folder.name)) if manifest.stages else folder.name
 
     def ort() -> EngineRunner:

@@ -74,7 +74,7 @@ def prepare(args: argparse.Namespace, say: Callable[[str], None]) -> tuple[Path,
 
 
 def check_pair(checkpoint: Path, folder: Path) -> None:
-    from dsv3c.export.manifest import read_manifest
+    from dsv3c.artifact.manifest import read_manifest
     from dsv3c.models.config import DeepseekV3Config
 
     if not (checkpoint / "config.json").is_file():

@@ -14,7 +14,7 @@ from dsv3c.errors import UserError
 from dsv3c.models.config import preset_names
 
 if TYPE_CHECKING:
-    from dsv3c.export.manifest import Manifest, WeightsKind
+    from dsv3c.artifact.manifest import Manifest, WeightsKind
     from dsv3c.export.source import Source
 
 NAME = "export"

@@ -61,7 +61,7 @@ def run(args: argparse.Namespace) -> int:
     if args.calibrate < 0:
         raise UserError(f"--calibrate must be a number of batches >= 1, got {args.calibrate}")
     if args.report:
-        from dsv3c.export.manifest import read_manifest
+        from dsv3c.artifact.manifest import read_manifest
 
         if read_manifest(args.export_dir).weights == "none":
             raise UserError(f"--report runs the model, but {args.export_dir} has no weights (--weights none)")

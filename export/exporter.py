@@ -23,9 +23,9 @@ from typing import Literal
 import dsv3c
 import onnx
 import torch
+from dsv3c.artifact.manifest import CacheLayout, Manifest, Signature, TensorInfo, WeightsKind, write_manifest
 from dsv3c.errors import CheckpointError, UserError
 from dsv3c.export.functions import attach_functions
-from dsv3c.export.manifest import CacheLayout, Manifest, Signature, TensorInfo, WeightsKind, write_manifest
 from dsv3c.export.onnx_ops import register_schemas
 from dsv3c.export.source import Source, config_sha256, sha256_files
 from dsv3c.export.trace import DEFAULT_OPSET, TracedGraph, trace_graphs

@@ -178,9 +178,9 @@ def load_graph(path: Path, role: str = "") -> LoadedGraph:
 def read_export_manifest(folder: Path) -> tuple[dict[str, Path], dict[str, object]]:
     """Graphs of an export folder by role ({"prefill": folder/"prefill.onnx", ...}) and its cache layout.
 
-    Reads through `dsv3c.export.manifest`, the format's owner, with one extra check: graph files stay inside.
+    Reads through `dsv3c.artifact.manifest`, the format's owner, with one extra check: graph files stay inside.
     """
-    from dsv3c.export.manifest import read_manifest  # imports torch (via dsv3c.models): only for folders
+    from dsv3c.artifact.manifest import read_manifest  # imports torch (via dsv3c.models): only for folders
 
     manifest = read_manifest(folder)
     roles = {}

@@ -454,7 +454,7 @@ def write_export(folder: Path, models: dict[str, onnx.ModelProto], layers: int =
     Models with inline data get it moved to `<role>.weights.bin`; declared-only models keep pointing at their
     missing `weights.bin`, as a `--weights none` export does.
     """
-    from dsv3c.export.manifest import CacheLayout, Manifest, Signature, write_manifest
+    from dsv3c.artifact.manifest import CacheLayout, Manifest, Signature, write_manifest
 
     folder.mkdir(parents=True, exist_ok=True)
     for role, model in models.items():

@@ -25,8 +25,8 @@ from pathlib import Path
 from typing import Any
 
 import onnx_ir as ir
+from dsv3c.artifact.manifest import Manifest, Signature, TensorInfo, read_manifest, write_manifest
 from dsv3c.errors import UserError
-from dsv3c.export.manifest import Manifest, Signature, TensorInfo, read_manifest, write_manifest
 from dsv3c.passes.builder import static_dims
 from dsv3c.runtime.atomic import atomic_folder
 

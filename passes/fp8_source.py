@@ -14,8 +14,8 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from dsv3c.artifact.manifest import Manifest
 from dsv3c.errors import UserError
-from dsv3c.export.manifest import Manifest
 from dsv3c.export.source import config_sha256
 from dsv3c.models.checkpoint import CheckpointIndex, read_index
 from dsv3c.models.checkpoint_layout import SCALE_SUFFIX

@@ -11,8 +11,8 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+from dsv3c.artifact.manifest import Manifest
 from dsv3c.errors import UserError
-from dsv3c.export.manifest import Manifest
 from dsv3c.models.fp8 import DEFAULT_BLOCK, Block
 from dsv3c.passes.export_io import ExportGraphs, read_export, write_export
 from dsv3c.passes.lower_ort_8bit import Int8Options

@@ -16,8 +16,8 @@ from typing import Any
 import numpy as np
 import onnx
 import onnx_ir as ir
+from dsv3c.artifact.manifest import Manifest
 from dsv3c.errors import UserError
-from dsv3c.export.manifest import Manifest
 from dsv3c.runtime.ort_session import import_ort
 
 

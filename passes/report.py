@@ -17,7 +17,7 @@ from pathlib import Path
 
 import numpy as np
 import onnx_ir as ir
-from dsv3c.export.manifest import read_manifest
+from dsv3c.artifact.manifest import read_manifest
 from dsv3c.passes.ort_run import FeedShape, GraphRunner, load_graph, random_feeds, relative_error
 
 _NORMS = (

@@ -16,7 +16,7 @@ from pathlib import Path
 import numpy as np
 import onnx_ir as ir
 import torch
-from dsv3c.export.manifest import read_manifest, write_manifest
+from dsv3c.artifact.manifest import read_manifest, write_manifest
 from dsv3c.models.checkpoint_layout import CheckpointDtype
 from dsv3c.models.config import DeepseekV3Config
 from dsv3c.models.deepseek_v3 import DeepseekV3ForCausalLM
@@ -78,7 +78,7 @@ def edit_weights(src: Path, out: Path, edit: Callable[[str, np.ndarray], np.ndar
 def torch_model_from_export(folder: Path) -> DeepseekV3ForCausalLM:
     """The PyTorch model holding an export's (float) weights: stacked experts split, names as in the model."""
     graphs = read_export(folder)
-    model = DeepseekV3ForCausalLM(graphs.manifest.model_config()).eval()
+    model = DeepseekV3ForCausalLM(DeepseekV3Config.from_dict(graphs.manifest.config)).eval()
     params = dict(model.state_dict())
     state: dict[str, torch.Tensor] = {}
     for m in graphs.models.values():

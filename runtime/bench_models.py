@@ -21,7 +21,7 @@ import numpy as np
 import onnx
 import onnx_ir as ir
 import torch
-from dsv3c.export.manifest import Manifest
+from dsv3c.artifact.manifest import Manifest
 from dsv3c.models.checkpoint_layout import parameter_shapes
 from dsv3c.models.config import DeepseekV3Config
 from dsv3c.runtime.engine import Engine
@@ -176,7 +176,7 @@ def graph_weight_bytes(manifest: Manifest, role: str = "decode") -> Callable[[in
     """Weight bytes per call read from an export's `role` graph: every weight as stored (its dtype's size:
     4 for float32, 1 for fp8 or 8-bit integers, plus their scales), the embedding rows looked up, and the
     stacked routed experts (names with `.experts.`) scaled to those reachable (at most tokens x top-k)."""
-    config = manifest.model_config()
+    config = DeepseekV3Config.from_dict(manifest.config)
     proto = manifest.load_structure(role)
     embed, experts, dense = 0, 0, 0
     for t in proto.graph.initializer:

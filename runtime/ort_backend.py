@@ -13,8 +13,9 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from dsv3c.artifact.manifest import Manifest, Signature, read_manifest
 from dsv3c.errors import UserError
-from dsv3c.export.manifest import Manifest, Signature, read_manifest
+from dsv3c.models.config import DeepseekV3Config
 from dsv3c.runtime.engine import EngineBackend, StepOutput
 from dsv3c.runtime.latent_buffers import CacheShape, LatentBuffers
 from dsv3c.runtime.ort_session import Device, make_session, resolve_device
@@ -95,7 +96,7 @@ class OrtEngine:
                 "or fill it with random weights: python bench/fill_random_weights.py FOLDER"
             )
         self.manifest = manifest
-        self.config = manifest.model_config()
+        self.config = DeepseekV3Config.from_dict(manifest.config)
         self.device = torch.device(resolve_device(device))
         self.dtype = TORCH_TYPES.get(manifest.cache.dtype, torch.float32)
         present = [r for r in roles if manifest.graphs.get(r)]

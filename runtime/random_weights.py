@@ -18,8 +18,8 @@ from pathlib import Path
 
 import onnx
 import torch
+from dsv3c.artifact.manifest import read_manifest, write_manifest
 from dsv3c.errors import UserError
-from dsv3c.export.manifest import read_manifest, write_manifest
 
 DTYPES = {
     onnx.TensorProto.FLOAT: torch.float32,

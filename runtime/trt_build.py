@@ -19,8 +19,9 @@ from pathlib import Path
 from typing import Any, Literal
 
 import dsv3c
+from dsv3c.artifact.manifest import Manifest, Signature, read_manifest
 from dsv3c.errors import UserError
-from dsv3c.export.manifest import Manifest, Signature, read_manifest
+from dsv3c.models.config import DeepseekV3Config
 from dsv3c.runtime.atomic import atomic_file, atomic_folder
 from dsv3c.runtime.trt_backend import Backend, cc_enum, load_backend, make_logger, native_stderr
 from dsv3c.runtime.trt_header import read_header
@@ -84,7 +85,7 @@ def build_engines(
         cache = _read_cache(options.timing_cache)
         if options.timing_cache and backend.is_rtx:
             log("timing cache: not used, TensorRT-RTX has none (it compiles kernels at run time)")
-        config = manifest.model_config()
+        config = DeepseekV3Config.from_dict(manifest.config)
         engines = {}
         with atomic_folder(out, overwrite=options.force) as tmp:
             for role in roles:

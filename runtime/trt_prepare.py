@@ -22,8 +22,8 @@ from typing import Literal
 
 import onnx
 import onnx.inliner
+from dsv3c.artifact.manifest import Manifest, read_manifest
 from dsv3c.errors import UserError
-from dsv3c.export.manifest import Manifest, read_manifest
 
 FP8_TYPES = {onnx.TensorProto.FLOAT8E4M3FN, onnx.TensorProto.FLOAT8E5M2}
 _INLINED = re.compile(r"^(?P<name>.+)__(?P<call>\d+)$")

@@ -17,8 +17,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from dsv3c.artifact.manifest import Signature
 from dsv3c.errors import UserError
-from dsv3c.export.manifest import Signature
 from dsv3c.models.config import DeepseekV3Config
 
 MAX_BATCH = 8

@@ -9,8 +9,8 @@ from pathlib import Path
 import dsv3c.cli.main as cli_main
 import onnx
 import pytest
+from dsv3c.artifact.manifest import read_manifest
 from dsv3c.export import exporter
-from dsv3c.export.manifest import read_manifest
 from dsv3c.export.onnx_ops import register_schemas
 
 from .test_export_common import Exported, exported_tiny

@@ -8,8 +8,8 @@ from pathlib import Path
 import numpy as np
 import onnxruntime as ort
 import pytest
+from dsv3c.artifact.manifest import Manifest
 from dsv3c.export.exporter import export
-from dsv3c.export.manifest import Manifest
 from dsv3c.export.source import from_folder
 from dsv3c.models.checkpoint import save_model
 from dsv3c.models.config import DeepseekV3Config

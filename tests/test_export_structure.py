@@ -9,7 +9,7 @@ from pathlib import Path
 
 import onnx
 import pytest
-from dsv3c.export.manifest import ManifestError, read_manifest
+from dsv3c.artifact.manifest import ManifestError, read_manifest
 from dsv3c.export.onnx_ops import DOMAIN, register_schemas
 from dsv3c.export.source import sha256_files
 from dsv3c.export.weights import ALIGN, WEIGHTS_FILE
@@ -106,7 +106,7 @@ def test_manifest_describes_the_folder(tiny: Exported) -> None:
     m = read_manifest(tiny.out)
     assert m.weights == "checkpoint" and m.dtype == "float32" and m.opset == 21
     assert m.graphs == {"prefill": "prefill.onnx", "decode": "decode.onnx", "mtp": "mtp.onnx"}
-    assert m.model_config() == DeepseekV3Config.from_json(tiny.checkpoint / "config.json")
+    assert DeepseekV3Config.from_dict(m.config) == DeepseekV3Config.from_json(tiny.checkpoint / "config.json")
     stage = m.stages[0]
     assert stage["stage"] == "export" and stage["source_kind"] == "checkpoint"
     files = [tiny.checkpoint / f for f in stage["source_files"]]

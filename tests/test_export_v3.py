@@ -9,7 +9,7 @@ from pathlib import Path
 
 import numpy as np
 import onnx
-from dsv3c.export.manifest import read_manifest
+from dsv3c.artifact.manifest import read_manifest
 from dsv3c.models.config import PRESETS_DIR
 
 

@@ -9,10 +9,10 @@ import onnx
 import onnx_ir as ir
 import pytest
 import torch
+from dsv3c.artifact.manifest import read_manifest
 from dsv3c.cli import main as cli
 from dsv3c.errors import UserError
 from dsv3c.export.functions import attach_functions
-from dsv3c.export.manifest import read_manifest
 from dsv3c.export.onnx_ops import register_schemas
 from dsv3c.passes.export_io import read_export
 from dsv3c.passes.lower import lower_folder

@@ -8,8 +8,9 @@ import numpy as np
 import onnx
 import onnx_ir as ir
 import pytest
+from dsv3c.artifact.manifest import read_manifest
 from dsv3c.cli import main as cli
-from dsv3c.export.manifest import read_manifest
+from dsv3c.models.config import DeepseekV3Config
 from dsv3c.passes.linears import LinearKind, find_linears
 from dsv3c.passes.lower import lower_folder
 from dsv3c.passes.lower_ort_8bit import (
@@ -184,7 +185,7 @@ def test_weight_bytes_from_the_graph(export_dir: Path, tmp_path: Path) -> None:
     plain = lower_folder(export_dir, tmp_path / "ort", Target.ORT).folder
     eight = lower_folder(export_dir, tmp_path / "ort8", Target.ORT, weights_8bit=128).folder
     assert plain is not None and eight is not None
-    config = read_manifest(plain).model_config()
+    config = DeepseekV3Config.from_dict(read_manifest(plain).config)
     fp32 = graph_weight_bytes(read_manifest(plain))
     int8 = graph_weight_bytes(read_manifest(eight))
     for tokens in (1, 64):

@@ -17,8 +17,8 @@ from typing import Any
 import numpy as np
 import onnx
 import pytest
+from dsv3c.artifact.manifest import Signature, TensorInfo
 from dsv3c.errors import UserError
-from dsv3c.export.manifest import Signature, TensorInfo
 from dsv3c.runtime.trt_backend import available
 from onnx import TensorProto, helper
 
