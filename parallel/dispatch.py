@@ -1,0 +1,120 @@
+"""MoE dispatch and combine over torch.distributed all-to-all: each token visits the ranks of its experts.
+
+Every rank runs attention on the whole batch (replicated), so every rank enters a MoE layer with the same
+N tokens. Rank r takes the contiguous slice r of them, and per layer:
+
+1. dispatch: each (token, expert) pair of its slice goes to the expert's rank, with all_to_all_single
+   (split sizes: pairs per destination, exchanged first), together with the expert ids;
+2. each rank runs its own experts on what it received;
+3. combine: the outputs go back the same way; the token's rank weights them and adds them up in
+   ascending expert order, exactly as `MoE.routed` does in one process;
+4. gather: all_gather puts the slices back together, so every rank leaves with the whole [N, D] output.
+
+An expert receives its tokens in the single-process order (slices are in rank order, pairs within a
+slice in token order), so its inputs, and with them the results, are those of one process.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+from dsv3c.models.deepseek_v3 import DeepseekV3ForCausalLM, MoE
+from dsv3c.parallel.group import RankFailure, RankGroup, first_line
+from dsv3c.parallel.plan import ExpertPlan
+
+
+@dataclass
+class CollectiveStats:
+    """Time spent in this rank's MoE collectives (waiting for peers included) and the bytes it sent."""
+
+    seconds: float = 0.0
+    calls: int = 0
+    bytes_sent: int = 0
+    moe_calls: int = 0
+
+    def reset(self) -> None:
+        self.seconds, self.calls, self.bytes_sent, self.moe_calls = 0.0, 0, 0, 0
+
+
+class AllToAllDispatch:
+    """`MoE.dispatch` for expert parallelism (see the module docstring); one instance serves every layer."""
+
+    def __init__(self, plan: ExpertPlan, group: RankGroup):
+        self.plan, self.group = plan, group
+        self.owners = torch.tensor(plan.owners(), dtype=torch.long, device=group.device)  # [E] -> rank
+        self.stats = CollectiveStats()
+        self.names: dict[int, str] = {}  # id(moe) -> module name, for error messages
+
+    def __call__(self, moe: MoE, flat: torch.Tensor, weights: torch.Tensor, indices: torch.Tensor) -> torch.Tensor:
+        self.stats.moe_calls += 1
+        layer = self.names.get(id(moe), "a MoE layer")
+        world, rank = self.group.world, self.group.rank
+        n, k = indices.shape
+        chunk = -(-n // world)  # ceil: slice r is tokens [r * chunk, (r + 1) * chunk)
+        lo, hi = min(n, rank * chunk), min(n, (rank + 1) * chunk)
+        expert = indices[lo:hi].flatten()  # [P] pairs, pair p = (token lo + p // k, slot p % k)
+        dest = self.owners[expert]  # [P]
+        order = torch.argsort(dest * self.plan.n_experts + expert, stable=True)  # by rank, expert, token
+        send_counts = torch.bincount(dest, minlength=world)
+        recv_counts = torch.empty_like(send_counts)
+        self._run(layer, "exchange of split sizes", lambda: dist.all_to_all_single(recv_counts, send_counts))
+        sends, recvs = send_counts.tolist(), recv_counts.tolist()
+
+        x_send = flat[lo:hi][order // k]  # [P, D] token copies, grouped by destination
+        x_recv = flat.new_empty(sum(recvs), flat.shape[1])
+        e_recv = expert.new_empty(sum(recvs))
+        self._run(layer, "dispatch", lambda: dist.all_to_all_single(x_recv, x_send, recvs, sends))
+        self._run(layer, "dispatch of expert ids", lambda: dist.all_to_all_single(e_recv, expert[order], recvs, sends))
+
+        y_recv = torch.zeros(x_recv.shape, dtype=torch.float32, device=flat.device)
+        for e in e_recv.unique().tolist():
+            mask = e_recv == e
+            y_recv[mask] = moe.experts[e](x_recv[mask]).float()
+        y_send = y_recv.new_empty(x_send.shape)
+        self._run(layer, "combine", lambda: dist.all_to_all_single(y_send, y_recv, sends, recvs))
+        self.stats.bytes_sent += _nbytes(x_send) + _nbytes(y_recv) + expert.numel() * 8
+
+        pairs = torch.empty_like(y_send)
+        pairs[order] = y_send  # back to pair order
+        weighted = pairs.view(hi - lo, k, flat.shape[1]) * weights[lo:hi, :, None]  # [n_r, k, D]
+        by_expert = indices[lo:hi].argsort(dim=1)  # each token's slots in ascending expert order
+        ordered = weighted.gather(1, by_expert[:, :, None].expand_as(weighted))
+        mine = torch.zeros(chunk, flat.shape[1], dtype=torch.float32, device=flat.device)
+        for s in range(k):
+            mine[: hi - lo] += ordered[:, s]
+        slices = [torch.empty_like(mine) for _ in range(world)]
+        self._run(layer, "gather", lambda: dist.all_gather(slices, mine))
+        self.stats.bytes_sent += _nbytes(mine) * (world - 1)
+        return torch.cat(slices)[:n]
+
+    def _run(self, layer: str, what: str, collective: Callable[[], object]) -> None:
+        start = time.perf_counter()
+        try:
+            collective()
+            if self.group.device.type == "cuda":
+                torch.cuda.synchronize(self.group.device)  # NCCL returns at launch; time the transfer itself
+        except RuntimeError as e:  # DistBackendError, gloo's closed connection or timeout
+            raise RankFailure(
+                f"rank {self.group.rank}: the MoE {what} in {layer} failed ({first_line(e)}); a peer rank died "
+                f"or did not answer within {self.group.timeout_s:.0f} s"
+            ) from None
+        self.stats.seconds += time.perf_counter() - start
+        self.stats.calls += 1
+
+
+def _nbytes(t: torch.Tensor) -> int:
+    return t.numel() * t.element_size()
+
+
+def install(model: DeepseekV3ForCausalLM, plan: ExpertPlan, group: RankGroup) -> AllToAllDispatch:
+    """Route every MoE layer of `model` (MTP's included) through one AllToAllDispatch."""
+    dispatch = AllToAllDispatch(plan, group)
+    for name, module in model.named_modules():
+        if isinstance(module, MoE):
+            module.dispatch = dispatch
+            dispatch.names[id(module)] = name
+    return dispatch

@@ -1,0 +1,139 @@
+"""Load one rank's model: the replicated weights and this rank's routed experts, nothing else.
+
+The source is either a checkpoint folder (the rank reads only the tensors it needs from the shards) or a
+partition folder from `dsv3c partition` (the rank reads only its own `rank-{r}/`). Experts held by other
+ranks become `RemoteExpert` placeholders without weights; the dispatcher never calls them.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+from dsv3c.errors import CheckpointError, UserError
+from dsv3c.models.checkpoint import CheckpointIndex, StoredTensor, load_state_dict_streaming, read_index
+from dsv3c.models.checkpoint_layout import (
+    CONFIG_FILE,
+    INDEX_FILE,
+    SCALE_SUFFIX,
+    assign_parameter,
+    copy_source,
+    finish_model,
+    module_name,
+    parameter_shapes,
+)
+from dsv3c.models.config import DeepseekV3Config
+from dsv3c.models.deepseek_v3 import DeepseekV3ForCausalLM, MoE
+from dsv3c.parallel.partition import RANK_FILE, is_partition, read_partition
+from dsv3c.parallel.plan import ExpertPlan
+from safetensors import SafetensorError, safe_open
+from torch import nn
+
+
+class RemoteExpert(nn.Module):
+    """A routed expert that another rank holds: no weights here."""
+
+    def __init__(self, expert: int, owner: int):
+        super().__init__()
+        self.expert, self.owner = expert, owner
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        raise RuntimeError(f"bug: expert {self.expert} lives on rank {self.owner}; its tokens must be sent there")
+
+
+def source_plan(source: Path, ranks: int) -> ExpertPlan:
+    """The plan for `ranks` ranks over `source`, checked against a partition's own plan (no collective)."""
+    if is_partition(source):
+        part = read_partition(source)
+        if part.ranks != ranks:
+            raise UserError(
+                f"{source} was partitioned for --ep {part.ranks}, but {ranks} ranks were started; run "
+                f"torchrun --nproc-per-node {part.ranks} ... --ep {part.ranks}, or partition again with --ep {ranks}"
+            )
+        return part.plan
+    config = DeepseekV3Config.from_json(_config_path(source))
+    return ExpertPlan.for_config(config, ranks)
+
+
+def load_rank_model(
+    source: Path, plan: ExpertPlan, rank: int, dtype: torch.dtype = torch.float32
+) -> DeepseekV3ForCausalLM:
+    """This rank's model on the CPU: replicated weights, its own experts, placeholders for the rest."""
+    index = _rank_folder_index(source, plan, rank) if is_partition(source) else _checkpoint_index(source, plan, rank)
+    with torch.device("meta"):
+        model = DeepseekV3ForCausalLM(index.config)
+    owners = plan.owners()
+    for module in model.modules():
+        if isinstance(module, MoE):
+            for e, owner in enumerate(owners):
+                if owner != rank:
+                    module.experts[e] = RemoteExpert(e, owner)
+    for name, tensor in load_state_dict_streaming(index, dtype=dtype):
+        assign_parameter(model, name, tensor)
+    return finish_model(model)
+
+
+def _config_path(source: Path) -> Path:
+    path = Path(source) / CONFIG_FILE
+    if not path.is_file():
+        raise UserError(f"{source}: neither a checkpoint folder (config.json) nor a partition folder (partition.json)")
+    return path
+
+
+def _checkpoint_index(source: Path, plan: ExpertPlan, rank: int) -> CheckpointIndex:
+    index = read_index(source)  # checks every header; the rank then reads only what it holds
+    index.names = {ours: key for ours, key in index.names.items() if plan.holds(rank, ours)}
+    return index
+
+
+def _rank_folder_index(source: Path, plan: ExpertPlan, rank: int) -> CheckpointIndex:
+    """The index of `rank-{r}/`: its shards' headers, checked against what this rank needs."""
+    folder = read_partition(source).folder(rank)
+    _check_rank_file(folder, rank, plan.ranks)
+    config = DeepseekV3Config.from_json(_config_path(folder))
+    try:
+        weight_map = json.loads((folder / INDEX_FILE).read_text())["weight_map"]
+    except (OSError, KeyError, TypeError, json.JSONDecodeError):
+        raise CheckpointError(f"{folder / INDEX_FILE}: missing or not a safetensors index; partition again") from None
+    tensors: dict[str, StoredTensor] = {}
+    for file in sorted(set(weight_map.values())):
+        try:
+            with safe_open(folder / file, framework="pt") as f:
+                for key in f.keys():  # noqa: SIM118 (a safetensors handle, not a dict)
+                    s = f.get_slice(key)
+                    tensors[key] = StoredTensor(file, s.get_dtype(), tuple(s.get_shape()))
+        except (SafetensorError, OSError) as e:
+            raise CheckpointError(f"{folder / file}: unreadable safetensors ({e}); partition again") from None
+    index = CheckpointIndex(folder, config, tensors)
+    expected = {n: s for n, s in parameter_shapes(config).items() if plan.holds(rank, n)}
+    for key, info in tensors.items():
+        if key.endswith(SCALE_SUFFIX) and key.removesuffix(SCALE_SUFFIX) in tensors:
+            continue
+        ours = module_name(key, config)
+        if ours is None or ours not in expected:
+            raise CheckpointError(f"{folder / info.file}: tensor {key} does not belong on rank {rank}; partition again")
+        if info.shape != expected[ours]:
+            raise CheckpointError(
+                f"{folder / info.file}: {key} has shape {list(info.shape)}, expected {expected[ours]}"
+            )
+        index.names[ours] = key
+    for name in expected:
+        source_name = copy_source(name, config)
+        if name not in index.names and source_name is not None and source_name in index.names:
+            index.copies[name] = source_name
+    missing = [n for n in expected if n not in index.names and n not in index.copies]
+    if missing:
+        raise CheckpointError(f"{folder}: {len(missing)} tensors of rank {rank} are missing (e.g. {missing[0]})")
+    return index
+
+
+def _check_rank_file(folder: Path, rank: int, ranks: int) -> None:
+    try:
+        raw = json.loads((folder / RANK_FILE).read_text())
+    except (OSError, json.JSONDecodeError):
+        raise CheckpointError(f"{folder / RANK_FILE}: missing or unreadable; partition again") from None
+    if raw.get("rank") != rank or raw.get("ranks") != ranks:
+        raise CheckpointError(
+            f"{folder}: holds rank {raw.get('rank')} of {raw.get('ranks')}, but rank {rank} of {ranks} opened it"
+        )
