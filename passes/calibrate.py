@@ -8,8 +8,8 @@ graph uses is derived from it by the activation pass (amax / 448, or its power o
 from __future__ import annotations
 
 import numpy as np
+from dsv3c.artifact.export_folder import ExportGraphs
 from dsv3c.errors import UserError
-from dsv3c.passes.export_io import ExportGraphs
 from dsv3c.passes.linears import LinearKind, find_linears
 from dsv3c.passes.ort_run import FeedShape, GraphRunner, random_feeds
 

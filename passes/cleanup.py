@@ -8,8 +8,8 @@ from __future__ import annotations
 
 import onnx_ir as ir
 import onnx_ir.passes.common as common
+from dsv3c.artifact.export_folder import is_weight, weights_declared
 from dsv3c.export.onnx_ops import register_schemas
-from dsv3c.passes.export_io import is_weight, weights_declared
 from dsv3c.passes.pipeline import Stage
 from onnxscript.optimizer import _constant_folding
 

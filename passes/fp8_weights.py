@@ -19,9 +19,9 @@ from collections.abc import Sequence
 from typing import Any
 
 import onnx_ir as ir
+from dsv3c.artifact.export_folder import mark_weight
 from dsv3c.models.fp8 import DEFAULT_BLOCK, Block
 from dsv3c.passes.builder import Builder, first_user, initializer, static_dims
-from dsv3c.passes.export_io import mark_weight
 from dsv3c.passes.fp8_math import WeightQuantizer, WeightScheme
 from dsv3c.passes.fp8_source import CheckpointFp8
 from dsv3c.passes.linears import Linear, find_linears

@@ -11,10 +11,10 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+from dsv3c.artifact.export_folder import ExportGraphs, read_export, write_export
 from dsv3c.artifact.manifest import Manifest
 from dsv3c.errors import UserError
 from dsv3c.models.fp8 import DEFAULT_BLOCK, Block
-from dsv3c.passes.export_io import ExportGraphs, read_export, write_export
 from dsv3c.passes.lower_ort_8bit import Int8Options
 from dsv3c.passes.mlir import import_onnx
 from dsv3c.passes.ort_run import FeedShape, GraphRunner, random_feeds, relative_error

@@ -16,8 +16,8 @@ from pathlib import Path
 from typing import Any
 
 import onnx_ir as ir
+from dsv3c.artifact.export_folder import ExportGraphs, weights_declared
 from dsv3c.errors import UserError
-from dsv3c.passes.export_io import ExportGraphs, weights_declared
 
 _STAGE_NAME = re.compile(r"^[a-z0-9][a-z0-9-]*$")
 

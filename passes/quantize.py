@@ -6,10 +6,10 @@ import dataclasses
 from pathlib import Path
 from typing import Any
 
+from dsv3c.artifact.export_folder import ExportGraphs, read_export, write_export
 from dsv3c.artifact.manifest import Manifest
 from dsv3c.errors import UserError
 from dsv3c.passes.calibrate import calibrate as run_calibration
-from dsv3c.passes.export_io import ExportGraphs, read_export, write_export
 from dsv3c.passes.fp8_math import ActScheme, WeightScheme
 from dsv3c.passes.fp8_source import CheckpointFp8
 from dsv3c.passes.fp8_weights import Fp8WeightsPass

@@ -16,11 +16,11 @@ from pathlib import Path
 import numpy as np
 import onnx_ir as ir
 import torch
+from dsv3c.artifact.export_folder import read_export, write_export
 from dsv3c.artifact.manifest import read_manifest, write_manifest
 from dsv3c.models.checkpoint_layout import CheckpointDtype
 from dsv3c.models.config import DeepseekV3Config
 from dsv3c.models.deepseek_v3 import DeepseekV3ForCausalLM
-from dsv3c.passes.export_io import read_export, write_export
 
 MINI_LAYERS = 2
 

@@ -10,10 +10,10 @@ import onnx_ir as ir
 import pytest
 import torch
 import torch.nn.functional as F
+from dsv3c.artifact.export_folder import read_export
 from dsv3c.artifact.manifest import read_manifest, write_manifest
 from dsv3c.cli import main as cli
 from dsv3c.models.fp8 import dequantize_block_fp8
-from dsv3c.passes.export_io import read_export
 from dsv3c.passes.fp8_math import ActScheme, WeightScheme, fake_quant_activation, quantize_weight
 from dsv3c.passes.linears import LinearKind, find_linears
 from dsv3c.passes.ort_run import GraphRunner, random_feeds, relative_error

@@ -9,10 +9,10 @@ import numpy as np
 import onnx
 import onnx_ir as ir
 import pytest
+from dsv3c.artifact.export_folder import read_export, write_export
 from dsv3c.artifact.manifest import read_manifest
 from dsv3c.errors import UserError
 from dsv3c.passes.cleanup import cleanup_stages
-from dsv3c.passes.export_io import read_export, write_export
 from dsv3c.passes.ort_run import GraphRunner, random_feeds
 from dsv3c.passes.pipeline import DsPass, Stage, run_pipeline
 from dsv3c.passes.testing import mini_export, weightless_copy

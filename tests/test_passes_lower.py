@@ -9,12 +9,12 @@ import onnx
 import onnx_ir as ir
 import pytest
 import torch
+from dsv3c.artifact.export_folder import read_export
 from dsv3c.artifact.manifest import read_manifest
 from dsv3c.cli import main as cli
 from dsv3c.errors import UserError
 from dsv3c.export.functions import attach_functions
 from dsv3c.export.onnx_ops import register_schemas
-from dsv3c.passes.export_io import read_export
 from dsv3c.passes.lower import lower_folder
 from dsv3c.passes.lower_ort import LowerMoEToOrtPass
 from dsv3c.passes.mlir import compile_mlir, iree_available, run_vmfb
