@@ -70,6 +70,15 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         action="store_true",
         help='print {"ids": [...]} (a list per prompt with several), "text" and "mtp" if any',
     )
+    p.add_argument(
+        "--ep",
+        type=int,
+        default=0,
+        metavar="N",
+        help="expert parallelism over N ranks, one process each: torchrun --nproc-per-node N -m dsv3c generate ... "
+        "--ep N (torch runtime; a checkpoint folder or a `dsv3c partition` folder; rank 0 prints)",
+    )
+    p.add_argument("--ep-timeout", type=float, default=300.0, metavar="S", help="with --ep: seconds to wait for a peer")
 
 
 def stop_ids(folder: Path, extra: list[int]) -> list[int]:
@@ -109,6 +118,21 @@ class _Stream:
         self.shown = text
 
 
+def _open(args: argparse.Namespace) -> tuple[Any, Any]:
+    """--ep: this rank's PyTorch engine over its share of the experts, and the rank itself."""
+    import torch
+    from dsv3c.parallel.session import open_expert_parallel
+    from dsv3c.runtime.torch_backend import TorchEngine
+
+    if args.runtime == "ort":
+        raise UserError("--ep runs the PyTorch runtime; onnxruntime has no all-to-all (drop --runtime ort)")
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    dtype = torch.bfloat16 if args.dtype == "bf16" else torch.float32
+    ep = open_expert_parallel(args.model, args.ep, args.device, dtype, args.ep_timeout)
+    return TorchEngine(ep.model), ep
+
+
 def run(args: argparse.Namespace) -> int:
     from dsv3c.runtime.engine import EngineBackend
     from dsv3c.runtime.generate import generate
@@ -117,20 +141,28 @@ def run(args: argparse.Namespace) -> int:
 
     sampling = SamplingConfig(args.temperature, args.top_k, args.top_p, args.seed)
     prompts, tokenizer = _prompts(args)
-    engine = open_engine(args.model, args.runtime, args.device, args.dtype, args.threads)
+    engine, ep = (
+        _open(args) if args.ep else (open_engine(args.model, args.runtime, args.device, args.dtype, args.threads), None)
+    )
+    primary = ep is None or ep.is_primary  # with --ep every rank generates the same tokens; rank 0 prints
     stops = stop_ids(args.model, args.stop_ids)
-    stream = _Stream(tokenizer) if not args.json and len(prompts) == 1 else None
+    stream = _Stream(tokenizer) if primary and not args.json and len(prompts) == 1 else None
     stats = None
     ids: list[list[int]]
     if args.mtp:
         ids, stats = generate_mtp(engine, prompts, args.max_new_tokens, sampling, stops, stream)
-        print(
-            f"mtp: acceptance {stats.acceptance_rate:.1%} ({stats.accepted}/{stats.drafted} drafts), "
-            f"{stats.tokens_per_call:.2f} tokens per main-model call",
-            file=sys.stderr,
-        )
+        if primary:
+            print(
+                f"mtp: acceptance {stats.acceptance_rate:.1%} ({stats.accepted}/{stats.drafted} drafts), "
+                f"{stats.tokens_per_call:.2f} tokens per main-model call",
+                file=sys.stderr,
+            )
     else:
         ids = generate(EngineBackend(engine), prompts, args.max_new_tokens, sampling, stops, stream)
+    if ep is not None:
+        ep.close()
+        if not primary:
+            return 0
     texts = [tokenizer.decode(row) for row in ids] if tokenizer is not None else None
     if args.json:
         one = len(ids) == 1

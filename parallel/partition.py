@@ -81,14 +81,19 @@ def read_partition(folder: Path) -> Partition:
     return Partition(Path(folder), plan, str(raw.get("source", "")))
 
 
-def partition_checkpoint(source: Path, ranks: int, out: Path, force: bool = False) -> dict[str, Any]:
-    """Write the partition of checkpoint folder `source` for `ranks` ranks into `out`; returns the manifest."""
+def refuse_export_folder(source: Path) -> None:
+    """Expert parallelism runs on PyTorch from checkpoint weights; say why an export folder is refused."""
     if (Path(source) / "manifest.json").is_file():
         raise UserError(
-            f"{source} is an export folder; partition the checkpoint folder it came from. Per-rank ONNX graphs "
-            "would need a collective op (all-to-all) inside the graph, and onnxruntime's PyPI wheels have none "
-            "(its com.microsoft AllToAll exists only in NCCL builds), so expert parallelism runs on PyTorch"
+            f"{source} is an export folder; use the checkpoint folder it came from. Per-rank ONNX graphs would "
+            "need an all-to-all inside the graph, and onnxruntime's PyPI wheels have no collective op "
+            "(com.microsoft AllToAll exists only in builds with NCCL), so expert parallelism runs on PyTorch"
         )
+
+
+def partition_checkpoint(source: Path, ranks: int, out: Path, force: bool = False) -> dict[str, Any]:
+    """Write the partition of checkpoint folder `source` for `ranks` ranks into `out`; returns the manifest."""
+    refuse_export_folder(source)
     index = read_index(source)  # every shard header checked before anything is written
     plan = ExpertPlan.for_config(index.config, ranks)
     by_file = _stored_by_file(index)

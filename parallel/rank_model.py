@@ -25,7 +25,7 @@ from dsv3c.models.checkpoint_layout import (
 )
 from dsv3c.models.config import DeepseekV3Config
 from dsv3c.models.deepseek_v3 import DeepseekV3ForCausalLM, MoE
-from dsv3c.parallel.partition import RANK_FILE, is_partition, read_partition
+from dsv3c.parallel.partition import RANK_FILE, is_partition, read_partition, refuse_export_folder
 from dsv3c.parallel.plan import ExpertPlan
 from safetensors import SafetensorError, safe_open
 from torch import nn
@@ -44,6 +44,7 @@ class RemoteExpert(nn.Module):
 
 def source_plan(source: Path, ranks: int) -> ExpertPlan:
     """The plan for `ranks` ranks over `source`, checked against a partition's own plan (no collective)."""
+    refuse_export_folder(source)
     if is_partition(source):
         part = read_partition(source)
         if part.ranks != ranks:
