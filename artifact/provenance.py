@@ -84,7 +84,8 @@ class Provenance:
         return self.stage is not None or self.rewrite is not None or bool(self.origin)
 
 
-def _origin_names(origin: ir.Node | str | Iterable[ir.Node | str]) -> tuple[str, ...]:
+def origin_names(origin: ir.Node | str | Iterable[ir.Node | str]) -> tuple[str, ...]:
+    """The names `origin` stands for: nodes by name (their op when unnamed), strings as they are."""
     items = [origin] if isinstance(origin, ir.Node | str) else list(origin)
     names = [(o.name or o.op_type) if isinstance(o, ir.Node) else o for o in items]
     return tuple(dict.fromkeys(n for n in names if n))
@@ -103,7 +104,7 @@ def stamp(
     values = {
         STAGE: stage,
         REWRITE: None if rewrite is None else str(rewrite),
-        ORIGIN: "\n".join(_origin_names(origin)) or None,
+        ORIGIN: "\n".join(origin_names(origin)) or None,
     }
     for key, value in values.items():
         if value is not None and (overwrite or key not in meta):

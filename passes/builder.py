@@ -1,4 +1,8 @@
-"""A few lines of sugar for passes that add nodes: named nodes and values, constants, insertion."""
+"""A few lines of sugar for passes that add nodes: named nodes and values, constants, insertion.
+
+Every node a Builder makes carries the provenance marks it was given (artifact/provenance.py): what the
+pass did (`rewrite`) and what the new nodes replace (`origin`); the pipeline adds the stage's name.
+"""
 
 from __future__ import annotations
 
@@ -7,13 +11,26 @@ from typing import Any
 
 import numpy as np
 import onnx_ir as ir
+from dsv3c.artifact import provenance
+from dsv3c.artifact.provenance import Rewrite
 
 
 class Builder:
-    """Collects new nodes named `{prefix}/{what}` (values the same) and inserts them into a graph."""
+    """Collects new nodes named `{prefix}/{what}` (values the same) and inserts them into a graph.
 
-    def __init__(self, prefix: str) -> None:
+    `rewrite` and `origin` are stamped on every node it makes: e.g. `Builder(moe.name,
+    rewrite=provenance.lowered("com.microsoft.MoE"), origin=moe)`.
+    """
+
+    def __init__(
+        self,
+        prefix: str,
+        rewrite: Rewrite | str | None = None,
+        origin: ir.Node | str | Sequence[ir.Node | str] = (),
+    ) -> None:
         self.prefix = prefix
+        self.rewrite = rewrite
+        self.origin = provenance.origin_names(origin)  # names now: the origin node may leave the graph
         self.nodes: list[ir.Node] = []
         self._count: dict[str, int] = {}
 
@@ -38,6 +55,7 @@ class Builder:
         )
         for i, out in enumerate(node.outputs):
             out.name = node_name if num_outputs == 1 else f"{node_name}:{i}"
+        provenance.stamp(node, rewrite=self.rewrite, origin=self.origin)
         self.nodes.append(node)
         return node.outputs[0] if num_outputs == 1 else tuple(node.outputs)
 

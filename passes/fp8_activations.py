@@ -21,13 +21,14 @@ from typing import Any
 import numpy as np
 import onnx_ir as ir
 import torch
+from dsv3c.artifact import provenance
 from dsv3c.errors import UserError
 from dsv3c.models.fp8 import FP8_MAX
 from dsv3c.passes.builder import Builder, first_user
 from dsv3c.passes.fp8_math import AMAX_FLOOR, TILE, ActScheme, act_scale
 from dsv3c.passes.fp8_weights import _require_opset
 from dsv3c.passes.linears import Linear, LinearKind, find_linears
-from dsv3c.passes.pipeline import DsPass
+from dsv3c.passes.pipeline import DsPass, StageResult
 
 FP8 = ir.DataType.FLOAT8E4M3FN
 
@@ -59,13 +60,24 @@ class Fp8ActivationsPass(DsPass):
             assert linear.activation is not None
             groups.setdefault(linear.activation, []).append(linear)
         for x, linears in groups.items():
-            b = Builder(linears[0].name.removesuffix(".weight") + "/input")
+            b = Builder(
+                linears[0].name.removesuffix(".weight") + "/input",
+                rewrite=self._rewrite(),
+                origin=[lin.user for lin in linears],
+            )
             y = self._qdq(b, x, linears)
             b.insert_before(graph, first_user(graph, [lin.user for lin in linears]))
             for linear in linears:
                 linear.user.replace_input_with(0, y)
-        self.changes = {"fp8_activations": len(groups), "scheme": self.scheme.value, "pow2": self.pow2}
-        return ir.passes.PassResult(model, bool(groups))
+        return StageResult(
+            model, bool(groups), {"fp8_activations": len(groups), "scheme": self.scheme.value, "pow2": self.pow2}
+        )
+
+    def _rewrite(self) -> provenance.Rewrite:
+        """What the diff reports: `quantized(fp8, 1x128 tiles (online))`, `quantized(fp8, per-tensor (static))`."""
+        how = "static" if self.scheme == ActScheme.STATIC else "online"
+        grain = f"1x{TILE} tiles" if self.scheme == ActScheme.TILE else "per-tensor"
+        return provenance.quantized("fp8", f"{grain} ({how})")
 
     def _qdq(self, b: Builder, x: ir.Value, linears: list[Linear]) -> ir.Value:
         assert x.shape is not None and x.dtype is not None

@@ -4,13 +4,17 @@ An inlined node of custom node `N` is named `N/<body node>` (a body node's name,
 name), and its values `N/<body value>`, so the diff tool recognises what came from where; the custom
 node's outputs keep their names. Attribute references in the body (`softmax_scale`, `top_k`, ...) take
 the custom node's values. onnx-ir's InlinePass does the same but names the nodes `node`, `node_2`, ...
+Every inlined node is marked `inlined(<domain>.<op>)` with the custom node as its origin
+(artifact/provenance.py).
 """
 
 from __future__ import annotations
 
 import onnx_ir as ir
+from dsv3c.artifact import provenance
+from dsv3c.artifact.provenance import Rewrite
 from dsv3c.export.onnx_ops import DOMAIN
-from dsv3c.passes.pipeline import DsPass
+from dsv3c.passes.pipeline import DsPass, StageResult
 
 
 def _resolve(attr: ir.Attr, call: ir.Node, function: ir.Function) -> ir.Attr | None:
@@ -27,10 +31,20 @@ def _resolve(attr: ir.Attr, call: ir.Node, function: ir.Function) -> ir.Attr | N
 
 
 def inline_call(
-    graph: ir.Graph, call: ir.Node, function: ir.Function, prefix: str | None = None
+    graph: ir.Graph,
+    call: ir.Node,
+    function: ir.Function,
+    prefix: str | None = None,
+    rewrite: Rewrite | None = None,
+    origin: ir.Node | None = None,
 ) -> tuple[list[ir.Node], list[ir.Value]]:
-    """Replace `call` by a copy of `function`'s body; returns the new nodes (in order) and the outputs."""
+    """Replace `call` by a copy of `function`'s body; returns the new nodes (in order) and the outputs.
+
+    The new nodes are marked `rewrite` (default: inlined) with `origin` (default: `call`) as their origin.
+    """
     prefix = prefix or call.name or f"{call.op_type}_{id(call)}"
+    rewrite = rewrite or provenance.inlined(f"{call.domain}.{call.op_type}" if call.domain else call.op_type)
+    origin_names = provenance.origin_names(origin if origin is not None else call)
     values: dict[ir.Value, ir.Value | None] = {}
     for i, formal in enumerate(function.inputs):
         values[formal] = call.inputs[i] if i < len(call.inputs) else None
@@ -51,6 +65,7 @@ def inline_call(
             version=body.version,
             name=f"{prefix}/{label}",
         )
+        provenance.stamp(node, rewrite=rewrite, origin=origin_names)
         for old, new in zip(body.outputs, node.outputs, strict=True):
             new.name = f"{prefix}/{old.name}" if old.name else None
             new.type, new.shape = old.type, old.shape
@@ -88,7 +103,7 @@ class InlineCustomPass(DsPass):
                     "was this graph written by 'dsv3c export'?"
                 )
 
-    def call(self, model: ir.Model) -> ir.passes.PassResult:
+    def call(self, model: ir.Model) -> StageResult:
         calls = self._calls(model)
         counts: dict[str, int] = {}
         for node in calls:
@@ -98,5 +113,4 @@ class InlineCustomPass(DsPass):
         used = {n.op_identifier() for n in model.graph}
         for key in [k for k in model.functions if k[0] == DOMAIN and k not in used]:
             del model.functions[key]
-        self.changes = {"inlined": counts}
-        return ir.passes.PassResult(model, bool(calls))
+        return StageResult(model, bool(calls), {"inlined": counts})

@@ -17,8 +17,9 @@ from __future__ import annotations
 
 import numpy as np
 import onnx_ir as ir
+from dsv3c.artifact import provenance
 from dsv3c.passes.builder import Builder, static_dims
-from dsv3c.passes.pipeline import DsPass
+from dsv3c.passes.pipeline import DsPass, StageResult
 
 DEFAULT_DIMS = {"batch": 1, "seq": 16, "q": 1, "past": 16}
 
@@ -47,8 +48,7 @@ class StaticShapesPass(DsPass):
             for out in node.outputs:
                 if out not in model.graph.outputs:
                     out.shape = None
-        self.changes = {"dims": {k: v for k, v in self.dims.items()}}
-        return ir.passes.PassResult(model, bool(fixed))
+        return StageResult(model, bool(fixed), {"dims": {k: v for k, v in self.dims.items()}})
 
 
 def _block_attrs(node: ir.Node) -> tuple[int, int] | None:
@@ -98,7 +98,8 @@ class BlockedQdqToMulPass(DsPass):
             assert x is not None and scale is not None
             x_dims = static_dims(x.shape)
             axis = found[0] % len(x_dims)
-            b = Builder(node.name or node.op_type)
+            ops = "DequantizeLinear + Mul" if node.op_type == "DequantizeLinear" else "Div + QuantizeLinear"
+            b = Builder(node.name or node.op_type, rewrite=provenance.lowered(ops), origin=node)
             s = _expanded(b, scale, x_dims, axis, found[1])
             one = b.const(np.float32(1.0), name="one")
             if node.op_type == "DequantizeLinear":
@@ -121,5 +122,4 @@ class BlockedQdqToMulPass(DsPass):
                 old_values=node.outputs,
                 new_values=[out],
             )
-        self.changes = {"blocked_qdq_rewritten": len(nodes)}
-        return ir.passes.PassResult(model, bool(nodes))
+        return StageResult(model, bool(nodes), {"blocked_qdq_rewritten": len(nodes)})

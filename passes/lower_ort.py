@@ -16,12 +16,13 @@ activation_alpha=1, activation_beta=0 are what the CPU kernel implements.
 from __future__ import annotations
 
 import onnx_ir as ir
+from dsv3c.artifact import provenance
 from dsv3c.export.functions import MOE_ATTRS, Body, moe_routing, moe_variant
 from dsv3c.export.onnx_ops import DOMAIN, MOE_OP
 from dsv3c.passes.builder import Builder, static_dims
 from dsv3c.passes.inline import inline_call
 from dsv3c.passes.linears import MOE_EXPERT_INPUTS
-from dsv3c.passes.pipeline import DsPass
+from dsv3c.passes.pipeline import DsPass, StageResult
 from onnx import helper
 
 MS_DOMAIN = "com.microsoft"
@@ -53,13 +54,15 @@ def expert_shape(value: ir.Value) -> tuple[int, int, int]:
     return shape[0], shape[1], shape[2]
 
 
-def routing(graph: ir.Graph, moe: ir.Node, opset: int) -> ir.Value:
-    """Insert DeepSeek's routing for `moe` before it; returns R [N, E] (float32)."""
+def routing(graph: ir.Graph, moe: ir.Node, opset: int, rewrite: provenance.Rewrite | None = None) -> ir.Value:
+    """Insert DeepSeek's routing for `moe` before it; returns R [N, E] (float32). Its nodes are marked as
+    part of `rewrite` (default: the com.microsoft::MoE lowering) of `moe`."""
     inputs = list(moe.inputs[:3]) + [None] * max(0, 3 - len(moe.inputs))
     call = ir.Node(DOMAIN, ROUTING_OP, inputs, list(moe.attributes.values()), name=f"{moe.name}/routing")
     call.outputs[0].name = f"{moe.name}/routing"
     graph.insert_before(moe, call)
-    _, outputs = inline_call(graph, call, routing_function(moe, opset))
+    rewrite = rewrite or provenance.lowered(f"{MS_DOMAIN}.MoE")
+    _, outputs = inline_call(graph, call, routing_function(moe, opset), rewrite=rewrite, origin=moe)
     return outputs[0]
 
 
@@ -79,15 +82,14 @@ class LowerMoEToOrtPass(DsPass):
             self._lower(graph, moe, opset)
         if moes:
             model.opset_imports[MS_DOMAIN] = 1
-        self.changes = {"moe_to_com_microsoft": len(moes)}
-        return ir.passes.PassResult(model, bool(moes))
+        return StageResult(model, bool(moes), {"moe_to_com_microsoft": len(moes)})
 
     def _lower(self, graph: ir.Graph, moe: ir.Node, opset: int) -> None:
         x, gate, up, down = moe.inputs[0], *(moe.inputs[i] for i in MOE_EXPERT_INPUTS)
         assert x is not None and gate is not None and up is not None and down is not None
         r = routing(graph, moe, opset)
         experts, ff, hidden = expert_shape(gate)
-        b = Builder(moe.name or "moe")
+        b = Builder(moe.name or "moe", rewrite=provenance.lowered(f"{MS_DOMAIN}.MoE"), origin=moe)
         axis = b.ints(2, name="axis")
         pairs = b.op("Concat", b.op("Unsqueeze", gate, axis), b.op("Unsqueeze", up, axis), axis=2, name="gate_up")
         fc1 = b.op("Reshape", pairs, b.ints(experts, 2 * ff, hidden, name="fc1_shape"), name="fc1")  # [E, 2ff, D]

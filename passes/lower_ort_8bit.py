@@ -46,13 +46,14 @@ from dataclasses import dataclass
 import ml_dtypes
 import numpy as np
 import onnx_ir as ir
+from dsv3c.artifact import provenance
 from dsv3c.artifact.export_folder import mark_weight
 from dsv3c.export.onnx_ops import DOMAIN, MOE_OP
 from dsv3c.models.fp8 import DEFAULT_BLOCK, Block
 from dsv3c.passes.builder import Builder, initializer, static_dims
 from dsv3c.passes.linears import MOE_EXPERT_INPUTS, LinearKind, find_linears, weight_source
 from dsv3c.passes.lower_ort import MS_DOMAIN, expert_shape, routing
-from dsv3c.passes.pipeline import DsPass
+from dsv3c.passes.pipeline import DsPass, StageResult
 
 BITS = 8
 ZERO_POINT = 128  # the kernels' default zero point at 8 bits
@@ -202,11 +203,12 @@ class MatMulNBitsPass(DsPass):
         if converted:
             model.opset_imports[MS_DOMAIN] = 1
         kept = sorted({lin.name for lin in linears if lin.kind != LinearKind.MATMUL})
-        self.changes = {"matmul_nbits": len(converted), "converted": list(converted), "kept_float": kept}
-        return ir.passes.PassResult(model, bool(converted))
+        return StageResult(
+            model, bool(converted), {"matmul_nbits": len(converted), "converted": list(converted), "kept_float": kept}
+        )
 
     def _replace(self, graph: ir.Graph, matmul: ir.Node, q: ir.Value, s: ir.Value, n: int, k: int) -> None:
-        b = Builder(matmul.name or "matmul")
+        b = Builder(matmul.name or "matmul", rewrite=provenance.lowered(f"{MS_DOMAIN}.MatMulNBits"), origin=matmul)
         out = b.op(
             "MatMulNBits",
             matmul.inputs[0],
@@ -269,8 +271,9 @@ class MoEToQMoEPass(DsPass):
                 blocks.add(block)
         if done:
             model.opset_imports[MS_DOMAIN] = 1
-        self.changes = {"moe_to_qmoe": len(done), "block_size": sorted(blocks), "kept_float": kept}
-        return ir.passes.PassResult(model, bool(done))
+        return StageResult(
+            model, bool(done), {"moe_to_qmoe": len(done), "block_size": sorted(blocks), "kept_float": kept}
+        )
 
     def _lower(self, graph: ir.Graph, moe: ir.Node, opset: int) -> int | None:
         """Replace `moe`; returns the block size, or None (left for the float lowering)."""
@@ -295,8 +298,9 @@ class MoEToQMoEPass(DsPass):
         q2, s2 = self.cache.register(
             graph, down.name, (experts, hidden, ff), (experts, hidden, ff // block), _rows(d, block)
         )
-        r = routing(graph, moe, opset)
-        b = Builder(moe.name or "moe")
+        rewrite = provenance.lowered(f"{MS_DOMAIN}.QMoE")
+        r = routing(graph, moe, opset, rewrite)
+        b = Builder(moe.name or "moe", rewrite=rewrite, origin=moe)
         y = b.op(
             "QMoE",
             x,

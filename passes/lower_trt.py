@@ -26,11 +26,12 @@ from typing import Any
 
 import numpy as np
 import onnx_ir as ir
+from dsv3c.artifact import provenance
 from dsv3c.artifact.export_folder import mark_weight
 from dsv3c.errors import UserError
 from dsv3c.export.onnx_ops import DOMAIN, MLA_OP
 from dsv3c.passes.builder import Builder, initializer, static_dims
-from dsv3c.passes.pipeline import DsPass
+from dsv3c.passes.pipeline import DsPass, StageResult
 from onnxscript import version_converter
 
 ATTENTION_OPSET = 23
@@ -51,8 +52,7 @@ class UpgradeOpsetPass(DsPass):
         version_converter.convert_version(model, self.target)
         for function in model.functions.values():
             function.opset_imports[""] = self.target
-        self.changes = {"opset": [before, self.target]}
-        return ir.passes.PassResult(model, True)
+        return StageResult(model, True, {"opset": [before, self.target]})
 
 
 def mla_mask(b: Builder, ckv: ir.Value, positions: ir.Value) -> ir.Value:
@@ -126,7 +126,7 @@ class MlaToAttentionPass(DsPass):
     def call(self, model: ir.Model) -> ir.passes.PassResult:
         nodes = [n for n in model.graph if n.domain == DOMAIN and n.op_type == MLA_OP]
         for node in nodes:
-            b = Builder(node.name or "mla")
+            b = Builder(node.name or "mla", rewrite=provenance.lowered("Attention"), origin=node)
             out = mla_attention(b, node)
             b.insert_before(model.graph, node)
             ir.convenience.replace_nodes_and_values(
@@ -137,8 +137,7 @@ class MlaToAttentionPass(DsPass):
                 old_values=node.outputs,
                 new_values=[out],
             )
-        self.changes = {"mla_to_attention": len(nodes)}
-        return ir.passes.PassResult(model, bool(nodes))
+        return StageResult(model, bool(nodes), {"mla_to_attention": len(nodes)})
 
 
 def _constant(value: ir.Value | None) -> bool:
@@ -209,8 +208,7 @@ class TrtQdqPass(DsPass):
                 continue
             self._rewrite(model.graph, node, *found)
             rewritten += 1
-        self.changes = {"blocked_weight_dq_to_mul": rewritten}
-        return ir.passes.PassResult(model, bool(rewritten))
+        return StageResult(model, bool(rewritten), {"blocked_weight_dq_to_mul": rewritten})
 
     def _rewrite(self, graph: ir.Graph, node: ir.Node, source: ir.Value, rows_per_block: int) -> None:
         w = node.inputs[0]
@@ -222,7 +220,7 @@ class TrtQdqPass(DsPass):
         name = source.name.removesuffix("_scale_inv") + f"_scale_inv_trt{sub}"
         tensor = _expanded_scales(source.const_value, rows_per_block, size // sub, dims)
         scales = graph.initializers.get(name) or mark_weight(initializer(graph, name, tensor))
-        b = Builder(node.name or "dequantize")
+        b = Builder(node.name or "dequantize", rewrite=provenance.lowered("DequantizeLinear + Mul"), origin=node)
         values = b.op("DequantizeLinear", w, b.const(np.float32(1.0), name="one"), name="to_float")
         blocks = b.op("Reshape", values, b.ints(*lead, width // sub, sub, name="blocks"), name="blocks")
         scaled = b.op("Mul", blocks, scales, name="scaled")

@@ -4,6 +4,10 @@ Every pass follows onnx-ir's contract (`ir.passes.InPlacePass`: `requires()` che
 returns `PassResult(model, modified)`). `run_pipeline` applies each stage to each graph role in order,
 optionally writes the graph after every stage to `dump_dir/{role}/NN-{stage}.onnx` (weights declared,
 no data), and returns one record per stage for the manifest: what changed in which graph.
+
+Provenance is stamped here, once for every pass: each node a stage adds carries the stage's name
+(`dsv3c.stage`, artifact/provenance.py), beside the rewrite and origin its pass's Builder wrote, and each
+model lists the stages that ran on it, so that `dsv3c diff` reads what happened instead of inferring it.
 """
 
 from __future__ import annotations
@@ -16,18 +20,22 @@ from pathlib import Path
 from typing import Any
 
 import onnx_ir as ir
+from dsv3c.artifact import provenance
 from dsv3c.artifact.export_folder import ExportGraphs, weights_declared
 from dsv3c.errors import UserError
 
 _STAGE_NAME = re.compile(r"^[a-z0-9][a-z0-9-]*$")
 
 
-class DsPass(ir.passes.InPlacePass):
-    """An in-place pass that also reports what it changed (`changes`, filled by `call`) for the manifest."""
+@dataclass
+class StageResult(ir.passes.PassResult):
+    """A PassResult that also says what the pass changed (a small summary recorded in the manifest)."""
 
-    def __init__(self) -> None:
-        super().__init__()
-        self.changes: dict[str, Any] = {}
+    changes: dict[str, Any] = field(default_factory=dict)
+
+
+class DsPass(ir.passes.InPlacePass):
+    """An in-place dsv3c pass: `call` returns a StageResult."""
 
 
 @dataclass(frozen=True)
@@ -35,6 +43,7 @@ class Stage:
     name: str  # lower-case words joined by '-': used in dump file names and the manifest
     pass_: ir.passes.PassBase
     roles: tuple[str, ...] | None = None  # None: every graph
+    rewrite: str | None = None  # stamped on the nodes it adds that their pass did not mark (library passes)
 
     def __post_init__(self) -> None:
         if not _STAGE_NAME.match(self.name):
@@ -60,6 +69,20 @@ def _delta(before: collections.Counter[str], after: collections.Counter[str]) ->
     return {op: after[op] - before[op] for op in sorted(set(before) | set(after)) if after[op] != before[op]}
 
 
+def _changes(pass_: ir.passes.PassBase, result: ir.passes.PassResult) -> dict[str, Any]:
+    if isinstance(result, StageResult):
+        return dict(result.changes)
+    return dict(getattr(pass_, "changes", None) or {})  # a pass not yet returning a StageResult
+
+
+def _stamp_added(model: ir.Model, before: set[ir.Node], stage: Stage) -> None:
+    """Mark the nodes `stage` added (those not in `before`) with its name; the model records the stage."""
+    for node in model.graph.all_nodes():
+        if node not in before:
+            provenance.stamp(node, stage=stage.name, rewrite=stage.rewrite)
+    provenance.record_stage(model, stage.name)
+
+
 def dump(model: ir.Model, path: Path) -> None:
     """The graph without weight data (weights declared as external data that is not written)."""
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -82,13 +105,15 @@ def run_pipeline(graphs: ExportGraphs, stages: Sequence[Stage], dump_dir: Path |
             if stage.roles is not None and role not in stage.roles:
                 continue
             before = op_counts(model)
+            nodes_before = set(model.graph.all_nodes())
             try:
                 result = stage.pass_(model)
             except ir.passes.PreconditionError as e:
                 cause = e.__cause__ if e.__cause__ is not None else e
                 raise UserError(f"stage '{stage.name}' cannot run on the {role} graph: {cause}") from None
             record.modified[role] = bool(result.modified)
-            summary = dict(getattr(stage.pass_, "changes", {}) or {})
+            _stamp_added(model, nodes_before, stage)
+            summary = _changes(stage.pass_, result)
             ops = _delta(before, op_counts(model))
             if ops:
                 summary["ops"] = ops

@@ -16,8 +16,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import onnx_ir as ir
+from dsv3c.artifact import provenance
 from dsv3c.passes.builder import Builder
-from dsv3c.passes.pipeline import DsPass
+from dsv3c.passes.pipeline import DsPass, StageResult
 
 MIN_OPSET = 23
 
@@ -109,12 +110,11 @@ class RopeToRotaryEmbeddingPass(DsPass):
                     found.append(m)
         for rope in found:
             self._rewrite(model.graph, rope)
-        self.changes = {"rotary_embedding": len(found)}
-        return ir.passes.PassResult(model, bool(found))
+        return StageResult(model, bool(found), {"rotary_embedding": len(found)})
 
     def _rewrite(self, graph: ir.Graph, rope: Rope) -> None:
         assert rope.x.shape is not None
-        b = Builder(rope.output.name or "rope")
+        b = Builder(rope.output.name or "rope", rewrite=provenance.lowered("RotaryEmbedding"), origin=rope.output)
         width = rope.x.shape[-1]
         assert isinstance(width, int)
         if len(rope.x.shape) == 4:  # [B, S, H, R] -> [B, S, H * R] and back

@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import onnx_ir as ir
+import pytest
 from dsv3c.artifact import provenance
 
 
@@ -54,3 +55,68 @@ def test_rewrite_text_round_trips() -> None:
     for text in ["merged", "lowered(com.microsoft.MoE)", "quantized(fp8, block 128)", "inlined(dsv3c.MLA)"]:
         assert str(provenance.Rewrite.parse(text)) == text
     assert provenance.Rewrite.parse("not a rewrite!").kind == "not a rewrite!"
+
+
+# ---- the real pipeline stamps what it creates -------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def pipeline_folders(tiny_export: Path, tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    from dsv3c.passes.lower import lower_folder
+    from dsv3c.passes.pipelines import QuantizeOptions, Target
+    from dsv3c.passes.quantize import quantize_folder
+
+    root = tmp_path_factory.mktemp("provenance")
+    out = {"export": tiny_export, "quantized": root / "q", "ort": root / "ort"}
+    quantize_folder(tiny_export, out["quantized"], QuantizeOptions())
+    lower_folder(out["quantized"], out["ort"], Target.ORT)
+    return out
+
+
+def _prefill(folder: Path) -> ir.Model:
+    return ir.load(folder / "prefill.onnx")
+
+
+def test_export_is_unmarked(pipeline_folders: dict[str, Path]) -> None:
+    model = _prefill(pipeline_folders["export"])
+    assert not provenance.has_provenance(model)
+
+
+def test_quantize_marks_every_node_it_adds(pipeline_folders: dict[str, Path]) -> None:
+    from dsv3c.passes.pipelines import QuantizeOptions, quantize_pipeline
+
+    before = {n.name for n in _prefill(pipeline_folders["export"]).graph}
+    model = _prefill(pipeline_folders["quantized"])
+    assert provenance.model_stages(model) == [s.name for s in quantize_pipeline(QuantizeOptions())]
+    added = [n for n in model.graph if n.name not in before]
+    assert len(added) > 100
+    kept = [n for n in model.graph if n.name in before]
+    assert kept and not any(provenance.read(n).stamped for n in kept)  # what the export wrote stays unmarked
+    marks = [provenance.read(n) for n in added]
+    assert all(m.stage is not None for m in marks)
+    by_stage = {m.stage for m in marks}
+    assert {"fp8-weights", "fp8-activations"} <= by_stage
+    acts = [m for m in marks if m.stage == "fp8-activations"]
+    assert {str(m.rewrite) for m in acts} == {"quantized(fp8, 1x128 tiles (online))"}
+    matmuls = {n.name for n in model.graph if n.op_type == "MatMul"}
+    assert all(m.origin and set(m.origin) <= matmuls for m in acts)  # the linears whose input they quantize
+
+
+def test_lowering_marks_what_it_replaced(pipeline_folders: dict[str, Path]) -> None:
+    quantized = _prefill(pipeline_folders["quantized"])
+    moes = {n.name for n in quantized.graph if n.op_type == "MoE" and n.domain == "dsv3c"}
+    mlas = {n.name for n in quantized.graph if n.op_type == "MLAAttention"}
+    assert moes and mlas
+    model = _prefill(pipeline_folders["ort"])
+    stages = provenance.model_stages(model)
+    assert stages[:2] == ["fp8-weights", "fp8-activations"] and "moe-to-com-microsoft" in stages
+    lowered: dict[str, set[str]] = {}
+    for node in model.graph:
+        m = provenance.read(node)
+        if m.stage in ("moe-to-com-microsoft", "inline-custom"):
+            assert m.rewrite is not None and len(m.origin) == 1, node
+            lowered.setdefault(m.origin[0], set()).add(str(m.rewrite))
+    assert {k for k, v in lowered.items() if v == {"lowered(com.microsoft.MoE)"}} == moes
+    assert {k for k, v in lowered.items() if v == {"inlined(dsv3c.MLAAttention)"}} == mlas
+    ms = [n for n in model.graph if n.op_type == "MoE" and n.domain == "com.microsoft"]
+    assert ms and all(provenance.read(n).origin[0] in moes for n in ms)
