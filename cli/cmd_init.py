@@ -33,8 +33,8 @@ def _memory_available() -> int:
 
 
 def run(args: argparse.Namespace) -> int:
+    from dsv3c.artifact.atomic import atomic_folder
     from dsv3c.models.checkpoint import estimate_bytes, init_random, save_model
-    from dsv3c.runtime.atomic import atomic_folder
 
     config = DeepseekV3Config.from_preset(args.preset)
     out: Path = args.out

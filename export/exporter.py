@@ -23,6 +23,7 @@ from typing import Literal
 import dsv3c
 import onnx
 import torch
+from dsv3c.artifact.atomic import atomic_folder
 from dsv3c.artifact.manifest import CacheLayout, Manifest, Signature, TensorInfo, WeightsKind, write_manifest
 from dsv3c.errors import CheckpointError, UserError
 from dsv3c.export.functions import attach_functions
@@ -39,7 +40,6 @@ from dsv3c.export.weights import (
 from dsv3c.models.checkpoint_layout import BIAS_FP32, parameter_shapes
 from dsv3c.models.checkpoint_save import random_state
 from dsv3c.models.config import DeepseekV3Config
-from dsv3c.runtime.atomic import atomic_folder
 
 ExportDtype = Literal["fp32", "bf16"]
 TORCH_DTYPES: dict[str, torch.dtype] = {"fp32": torch.float32, "bf16": torch.bfloat16}

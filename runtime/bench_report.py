@@ -6,7 +6,7 @@ import json
 from collections.abc import Sequence
 from pathlib import Path
 
-from dsv3c.runtime.atomic import atomic_file
+from dsv3c.artifact.atomic import atomic_file
 from dsv3c.runtime.bench import BenchRow
 
 BASELINE = "transformers"

@@ -19,10 +19,10 @@ from pathlib import Path
 from typing import Any, Literal
 
 import dsv3c
+from dsv3c.artifact.atomic import atomic_file, atomic_folder
 from dsv3c.artifact.manifest import Manifest, Signature, read_manifest
 from dsv3c.errors import UserError
 from dsv3c.models.config import DeepseekV3Config
-from dsv3c.runtime.atomic import atomic_file, atomic_folder
 from dsv3c.runtime.trt_backend import Backend, cc_enum, load_backend, make_logger, native_stderr
 from dsv3c.runtime.trt_header import read_header
 from dsv3c.runtime.trt_layers import allow_attention_decomposition, summarize

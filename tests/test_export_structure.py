@@ -10,9 +10,9 @@ from pathlib import Path
 import onnx
 import pytest
 from dsv3c.artifact.manifest import ManifestError, read_manifest
+from dsv3c.artifact.weights import ALIGN, WEIGHTS_FILE
 from dsv3c.export.onnx_ops import DOMAIN, register_schemas
 from dsv3c.export.source import sha256_files
-from dsv3c.export.weights import ALIGN, WEIGHTS_FILE
 from dsv3c.models.config import DeepseekV3Config
 
 from .test_export_common import Exported, exported_tiny
