@@ -34,7 +34,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         type=int,
         default=0,
         metavar="N",
-        help="static per-tensor activation scales from N random batches (for TensorRT)",
+        help="static per-tensor activation scales from N batches: of --calibration-data text, else random ids",
     )
     p.add_argument(
         "--weight-scheme",
@@ -48,6 +48,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         help="print per-layer error vs the unquantized graph, block next to per-tensor FP8",
     )
     p.add_argument("--dump-dir", type=Path, help="write every graph after every stage here (no weight data)")
+    p.add_argument(
+        "--calibration-data",
+        type=Path,
+        metavar="TEXT",
+        help="with --calibrate: draw the batches from this text file or folder (tokenizer.json), not random ids",
+    )
     p.add_argument("--seed", type=int, default=0, help="seed of the random calibration and report inputs")
     p.add_argument("--force", action="store_true", help="replace OUT if it exists")
 
@@ -60,6 +66,13 @@ def run(args: argparse.Namespace) -> int:
 
     if args.calibrate < 0:
         raise UserError(f"--calibrate must be a number of batches >= 1, got {args.calibrate}")
+    if args.calibration_data is not None and not args.calibrate:
+        raise UserError("--calibration-data gives the batches of --calibrate N; pass --calibrate too")
+    args.calibration_text = None
+    if args.calibration_data is not None:
+        from dsv3c.eval.calibration import calibration_batches
+
+        args.calibration_text = calibration_batches(args.export_dir, args.calibration_data, args.calibrate)
     if args.report:
         from dsv3c.artifact.manifest import read_manifest
 
@@ -79,13 +92,16 @@ def run(args: argparse.Namespace) -> int:
         options,
         calibrate=args.calibrate,
         seed=args.seed,
+        calibration_text=args.calibration_text,
         dump_dir=args.dump_dir,
         force=args.force,
     )
     stage = manifest.stages[-1]
     counts = {role: c.get("fp8_weights", 0) for role, c in stage["changes"].get("fp8-weights", {}).items()}
-    static = f", static activation scales from {args.calibrate} batches" if args.calibrate else ""
-    print(f"wrote {args.out}: fp8 linears per graph {json.dumps(counts)}{static}")
+    source = stage.get("calibration", {}).get("source", "")
+    static = f", static activation scales from {args.calibrate} batches ({source})" if args.calibrate else ""
+    kept = f", {len(stage['fp8_kept'])} fp8 weights kept as they were" if stage.get("fp8_kept") else ""
+    print(f"wrote {args.out}: fp8 linears per graph {json.dumps(counts)}{kept}{static}")
     if args.report:
         _report(args, options)
     return 0
@@ -105,6 +121,13 @@ def _report(args: argparse.Namespace, options: QuantizeOptions) -> None:
     tensor_options = dataclasses.replace(options, weights=WeightScheme.TENSOR, activations=activations)
     with tempfile.TemporaryDirectory(prefix=".dsv3c-report-", dir=args.out.resolve().parent) as tmp:
         per_tensor = Path(tmp) / "per-tensor"
-        quantize_folder(args.export_dir, per_tensor, tensor_options, calibrate=args.calibrate, seed=args.seed)
+        quantize_folder(
+            args.export_dir,
+            per_tensor,
+            tensor_options,
+            calibrate=args.calibrate,
+            seed=args.seed,
+            calibration_text=args.calibration_text,
+        )
         report = compare_exports(args.export_dir, {"block fp8": args.out, "per-tensor fp8": per_tensor}, seed=args.seed)
     print(format_report(report))

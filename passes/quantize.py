@@ -3,13 +3,17 @@
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
+
+import numpy as np
 
 from dsv3c.artifact.export_folder import ExportGraphs, read_export, write_export
 from dsv3c.artifact.manifest import Manifest
 from dsv3c.errors import UserError
 from dsv3c.passes.calibrate import calibrate as run_calibration
+from dsv3c.passes.calibrate import calibration_record
 from dsv3c.passes.fp8_math import ActScheme, WeightScheme
 from dsv3c.passes.fp8_source import CheckpointFp8
 from dsv3c.passes.fp8_weights import Fp8WeightsPass
@@ -30,6 +34,7 @@ def quantize_folder(
     *,
     calibrate: int = 0,
     seed: int = 0,
+    calibration_text: Sequence[np.ndarray] | None = None,
     dump_dir: Path | None = None,
     force: bool = False,
 ) -> Manifest:
@@ -47,9 +52,9 @@ def quantize_folder(
         if options.activations != ActScheme.STATIC:
             raise UserError("--calibrate sets static activation scales; it cannot be combined with online scales")
         matmuls = {n for n in selected if names[n] == LinearKind.MATMUL}
-        amax = run_calibration(graphs, matmuls, calibrate, seed)
+        amax = run_calibration(graphs, matmuls, calibrate, seed, text=calibration_text)
         options = dataclasses.replace(options, static_amax=amax)
-        stage_extra = {"calibration": {"batches": calibrate, "seed": seed, "amax": amax}}
+        stage_extra = {"calibration": {**calibration_record(calibrate, seed, calibration_text), "amax": amax}}
     elif options.activations == ActScheme.STATIC and not options.static_amax:
         raise UserError("static activation scales need --calibrate N")
     original, fp8_source = None, "quantized from the export's weights"
