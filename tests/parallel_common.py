@@ -1,24 +1,27 @@
-"""Start expert-parallel ranks as torchrun does (one process per rank, RANK/WORLD_SIZE/MASTER_* set)."""
+"""Start expert-parallel ranks as torchrun does (one process per rank, RANK/WORLD_SIZE/MASTER_* set).
+
+Ranks are forked from the test process (torch is imported once, not once per rank: the machine has two
+cores), then each sets the environment torchrun would give it and runs `parallel_worker.rank_main`.
+"""
 
 from __future__ import annotations
 
+import multiprocessing
 import os
 import socket
-import subprocess
-import sys
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
-WORKER = Path(__file__).with_name("parallel_worker.py")
+from .parallel_worker import rank_main
 
 
 @dataclass
 class RankResult:
     rank: int
-    returncode: int
-    stdout: str
-    stderr: str
+    exitcode: int | None
+    error: str  # the one-line error the rank reported, "" if none
 
 
 def free_port() -> int:
@@ -28,41 +31,54 @@ def free_port() -> int:
 
 
 def rank_env(rank: int, world: int, port: int) -> dict[str, str]:
-    env = dict(os.environ)
-    env.update(
-        RANK=str(rank),
-        LOCAL_RANK=str(rank),
-        WORLD_SIZE=str(world),
-        MASTER_ADDR="127.0.0.1",
-        MASTER_PORT=str(port),
-        OMP_NUM_THREADS="1",  # two cores shared by every process on the machine
-        MKL_NUM_THREADS="1",
-    )
-    return env
+    return {
+        "RANK": str(rank),
+        "LOCAL_RANK": str(rank),
+        "WORLD_SIZE": str(world),
+        "MASTER_ADDR": "127.0.0.1",
+        "MASTER_PORT": str(port),
+        "OMP_NUM_THREADS": "1",  # two cores shared by every process on the machine
+    }
+
+
+def _child(env: dict[str, str], kwargs: dict[str, Any]) -> None:
+    os.environ.update(env)
+    os._exit(rank_main(**kwargs))
 
 
 def launch(
-    world: int, argv: Callable[[int], Sequence[str]], started: Sequence[int] | None = None, timeout: float = 50.0
+    world: int,
+    source: Path,
+    out: Path,
+    ep: int | None = None,
+    started: Sequence[int] | None = None,
+    wait_for: Sequence[int] | None = None,
+    timeout: float = 50.0,
+    **faults: Any,
 ) -> list[RankResult]:
-    """Run `argv(rank)` for each rank in `started` (default: all) of a `world`-rank group; wait for all."""
+    """Run ranks `started` (default: all) of a `world`-rank group on `source` with --ep `ep` (default: world).
+
+    Waits for the ranks in `wait_for` (default: all started), then kills the rest. AssertionError when a
+    waited-for rank is still running after `timeout` seconds: a hang.
+    """
     port = free_port()
-    procs = {
-        r: subprocess.Popen(
-            list(argv(r)), env=rank_env(r, world, port), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
-        )
-        for r in (range(world) if started is None else started)
-    }
+    ctx = multiprocessing.get_context("fork")
+    procs = {}
+    for r in range(world) if started is None else started:
+        kwargs = {"source": source, "out": out, "ep": world if ep is None else ep, **faults}
+        procs[r] = ctx.Process(target=_child, args=(rank_env(r, world, port), kwargs))
+        procs[r].start()
     results = []
-    for r, proc in procs.items():
-        try:
-            out, err = proc.communicate(timeout=timeout)
-        except subprocess.TimeoutExpired:
-            for p in procs.values():
+    try:
+        for r in procs if wait_for is None else wait_for:
+            procs[r].join(timeout)
+            if procs[r].is_alive():
+                raise AssertionError(f"rank {r} still running after {timeout} s: a hang")
+            err = out / f"rank{r}.err"
+            results.append(RankResult(r, procs[r].exitcode, err.read_text() if err.exists() else ""))
+    finally:
+        for p in procs.values():
+            if p.is_alive():
                 p.kill()
-            raise AssertionError(f"rank {r} still running after {timeout} s: a hang") from None
-        results.append(RankResult(r, proc.returncode, out, err))
+                p.join()
     return results
-
-
-def worker(source: Path, out: Path, ep: int, *extra: str) -> Callable[[int], list[str]]:
-    return lambda r: [sys.executable, str(WORKER), str(source), str(out / f"rank{r}.pt"), "--ep", str(ep), *extra]

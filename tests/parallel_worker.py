@@ -1,17 +1,15 @@
-"""One rank of an expert-parallel test run, started by tests/test_parallel_*.py as torchrun would start it.
+"""One rank of an expert-parallel test run, as torchrun would start it (RANK, WORLD_SIZE, MASTER_* in env).
 
-python tests/parallel_worker.py SOURCE OUT.pt --ep N [--die-rank R] [--timeout S]   (env: RANK, WORLD_SIZE, ...)
-
-Greedy-generates from fixed prompts and saves (tokens, per-step logits, collective stats) to OUT.pt;
---die-rank R makes rank R exit abruptly at its first MoE layer (a rank that dies mid-generation).
-Errors are printed the way the CLI prints them: one line, exit code 2.
+`rank_main` greedy-generates from fixed prompts and saves (tokens, per-step logits, collective stats) to
+OUT/rank{r}.pt; an error is written, as the CLI would print it (one line), to OUT/rank{r}.err and the
+rank exits 2. Faults for the failure tests: `die_rank` exits abruptly at its first MoE layer (a rank that
+dies mid-generation), `hang_rank` stops answering there (alive, but stuck).
 """
 
 from __future__ import annotations
 
-import argparse
 import os
-import sys
+import time
 from pathlib import Path
 
 import torch
@@ -38,42 +36,30 @@ def greedy(engine, prompts=PROMPTS, steps=STEPS) -> tuple[list[list[int]], list[
     return tokens, history
 
 
-def main() -> int:
-    p = argparse.ArgumentParser()
-    p.add_argument("source", type=Path)
-    p.add_argument("out", type=Path)
-    p.add_argument("--ep", type=int, required=True)
-    p.add_argument("--die-rank", type=int, default=-1)
-    p.add_argument("--timeout", type=float, default=20.0)
-    args = p.parse_args()
-    torch.set_num_threads(1)
+def rank_main(
+    source: Path, out: Path, ep: int, die_rank: int = -1, hang_rank: int = -1, timeout_s: float = 20.0
+) -> int:
     from dsv3c.errors import UserError
     from dsv3c.parallel.session import open_expert_parallel
     from dsv3c.runtime.torch_backend import TorchEngine
 
+    torch.set_num_threads(1)
+    rank = int(os.environ["RANK"])
     try:
-        ep = open_expert_parallel(args.source, args.ep, timeout_s=args.timeout)
+        ep = open_expert_parallel(source, ep, timeout_s=timeout_s)
+        fault = {die_rank: lambda *_: os._exit(3), hang_rank: lambda *_: time.sleep(600)}.get(rank)
+        if fault is not None:
+            for module in ep.model.modules():
+                if getattr(module, "dispatch", None) is not None:
+                    module.dispatch = fault
+        try:
+            tokens, logits = greedy(TorchEngine(ep.model))
+        finally:
+            ep.close()
     except UserError as e:
-        print(f"error: {e}", file=sys.stderr)
+        (out / f"rank{rank}.err").write_text(f"{e}\n")
         return 2
-    if ep.group.rank == args.die_rank:
-        for module in ep.model.modules():
-            if getattr(module, "dispatch", None) is not None:
-                module.dispatch = lambda *_: os._exit(3)
-    try:
-        tokens, logits = greedy(TorchEngine(ep.model))
-    except UserError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    finally:
-        ep.close()
-    stats = ep.dispatch.stats
-    torch.save(
-        {"tokens": tokens, "logits": logits, "seconds": stats.seconds, "calls": stats.calls, "bytes": stats.bytes_sent},
-        args.out,
-    )
+    s = ep.dispatch.stats
+    result = {"tokens": tokens, "logits": logits, "seconds": s.seconds, "calls": s.calls, "bytes": s.bytes_sent}
+    torch.save(result, out / f"rank{rank}.pt")
     return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())
