@@ -41,9 +41,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from dsv3c.runtime.trt_backend import parse_cc_list
-    from dsv3c.runtime.trt_build import BuildOptions, build_engines
-    from dsv3c.runtime.trt_profiles import parse_profile_args
+    from dsv3c.runtime.trt.backend import parse_cc_list
+    from dsv3c.runtime.trt.build import BuildOptions, build_engines
+    from dsv3c.runtime.trt.profiles import parse_profile_args
 
     options = BuildOptions(
         precision=args.precision,

@@ -36,8 +36,8 @@ HANDLERS: list[Handler] = [
     Handler(
         "tensorrt engine folder",
         lambda p: p.is_dir() and (p / "engine_manifest.json").is_file(),
-        "dsv3c.runtime.trt_inspect:inspect_engine_folder",
-        "dsv3c.runtime.trt_inspect:render_text",
+        "dsv3c.runtime.trt.inspect:inspect_engine_folder",
+        "dsv3c.runtime.trt.inspect:render_text",
         options=("target_cc",),
     ),
     Handler(

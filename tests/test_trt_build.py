@@ -16,7 +16,7 @@ import numpy as np
 import onnx
 import pytest
 from dsv3c.errors import UserError
-from dsv3c.runtime.trt_backend import available
+from dsv3c.runtime.trt.backend import available
 from onnx import TensorProto, helper, numpy_helper
 
 pytestmark = pytest.mark.skipif(available() is not None, reason=f"TensorRT not installed: {available()}")
@@ -107,7 +107,7 @@ def _log(lines: list[str], line: str) -> None:
 
 @pytest.fixture(scope="module")
 def fp32_engines(tiny_export: Path, tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, list[str]]:
-    from dsv3c.runtime.trt_build import BuildOptions, build_engines
+    from dsv3c.runtime.trt.build import BuildOptions, build_engines
 
     out = tmp_path_factory.mktemp("trt") / "engines"
     lines: list[str] = []
@@ -118,7 +118,7 @@ def fp32_engines(tiny_export: Path, tmp_path_factory: pytest.TempPathFactory) ->
 
 @pytest.fixture(scope="module")
 def fp8_engines(tiny_export: Path, tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, list[str]]:
-    from dsv3c.runtime.trt_build import BuildOptions, build_engines
+    from dsv3c.runtime.trt.build import BuildOptions, build_engines
 
     root = tmp_path_factory.mktemp("trt-fp8")
     assert fp8_export(tiny_export, root / "exp") > 0
@@ -142,7 +142,7 @@ def test_fp32_engines_build_with_times_printed(fp32_engines: tuple[Path, list[st
 
 
 def test_engine_manifest_records_the_build(fp32_engines: tuple[Path, list[str]]) -> None:
-    from dsv3c.runtime.trt_manifest import read_engine_manifest
+    from dsv3c.artifact.engine_manifest import read_engine_manifest
 
     folder, _ = fp32_engines
     m = read_engine_manifest(folder)
@@ -159,8 +159,8 @@ def test_engine_manifest_records_the_build(fp32_engines: tuple[Path, list[str]])
 
 
 def test_inspect_engine_folder_text_json_and_validity(fp32_engines: tuple[Path, list[str]]) -> None:
-    from dsv3c.runtime.trt_inspect import inspect_engine_folder, render_json, render_text
-    from dsv3c.runtime.trt_manifest import read_engine_manifest
+    from dsv3c.artifact.engine_manifest import read_engine_manifest
+    from dsv3c.runtime.trt.inspect import inspect_engine_folder, render_json, render_text
 
     folder, _ = fp32_engines
     ok = inspect_engine_folder(folder, ["8.9"])
@@ -178,7 +178,7 @@ def test_inspect_engine_folder_text_json_and_validity(fp32_engines: tuple[Path, 
 
 
 def test_inspect_reports_a_truncated_engine(fp32_engines: tuple[Path, list[str]], tmp_path: Path) -> None:
-    from dsv3c.runtime.trt_inspect import inspect_engine_folder
+    from dsv3c.runtime.trt.inspect import inspect_engine_folder
 
     copy = tmp_path / "engines"
     shutil.copytree(fp32_engines[0], copy)
@@ -189,7 +189,7 @@ def test_inspect_reports_a_truncated_engine(fp32_engines: tuple[Path, list[str]]
 
 
 def test_fp8_engine_lists_fp8_layers(fp8_engines: tuple[Path, list[str]]) -> None:
-    from dsv3c.runtime.trt_inspect import inspect_engine_folder, render_text
+    from dsv3c.runtime.trt.inspect import inspect_engine_folder, render_text
 
     folder, lines = fp8_engines
     assert any("fp8 GEMMs 21" in line for line in lines)
@@ -208,7 +208,7 @@ def test_quantized_export_builds_through_the_trt_lowering(tiny_export: Path, tmp
         from dsv3c.passes.quantize import quantize_folder
     except ImportError as e:
         pytest.skip(f"the FP8 pass is not there yet: {e}")
-    from dsv3c.runtime.trt_build import BuildOptions, build_engines
+    from dsv3c.runtime.trt.build import BuildOptions, build_engines
 
     options = QuantizeOptions(weights=WeightScheme.TENSOR, activations=ActScheme.STATIC)
     quantize_folder(tiny_export, tmp_path / "q", options, calibrate=2)
@@ -220,7 +220,7 @@ def test_quantized_export_builds_through_the_trt_lowering(tiny_export: Path, tmp
 
 
 def test_weight_only_block_fp8_builds(tiny_export: Path, tmp_path: Path) -> None:
-    from dsv3c.runtime.trt_build import BuildOptions, build_engines
+    from dsv3c.runtime.trt.build import BuildOptions, build_engines
 
     fp8_export(tiny_export, tmp_path / "exp", block=32, static=False)  # tiny's widths are multiples of 32
     m = build_engines(
@@ -230,7 +230,7 @@ def test_weight_only_block_fp8_builds(tiny_export: Path, tmp_path: Path) -> None
 
 
 def test_block_fp8_weights_with_fp8_activations_fail_clearly(tiny_export: Path, tmp_path: Path) -> None:
-    from dsv3c.runtime.trt_build import BuildOptions, build_engines
+    from dsv3c.runtime.trt.build import BuildOptions, build_engines
 
     fp8_export(tiny_export, tmp_path / "exp", block=32, static=True)
     with pytest.raises(UserError, match=r"first block-scaled dequantization: node \d+ '.*/dq'.*cannot pair"):
@@ -240,7 +240,7 @@ def test_block_fp8_weights_with_fp8_activations_fail_clearly(tiny_export: Path, 
 
 
 def test_partial_fp8_blocks_name_the_node(tiny_export: Path, tmp_path: Path) -> None:
-    from dsv3c.runtime.trt_build import BuildOptions, build_engines
+    from dsv3c.runtime.trt.build import BuildOptions, build_engines
 
     fp8_export(tiny_export, tmp_path / "exp", block=128, static=False)  # 128 does not divide tiny's 160 columns
     with pytest.raises(
@@ -251,7 +251,7 @@ def test_partial_fp8_blocks_name_the_node(tiny_export: Path, tmp_path: Path) -> 
 
 
 def test_custom_node_without_body_is_named(tiny_export: Path, tmp_path: Path) -> None:
-    from dsv3c.runtime.trt_build import BuildOptions, build_engines
+    from dsv3c.runtime.trt.build import BuildOptions, build_engines
 
     shutil.copytree(tiny_export, tmp_path / "exp")
     model = onnx.load(str(tmp_path / "exp" / "decode.onnx"), load_external_data=False)

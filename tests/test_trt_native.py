@@ -19,7 +19,7 @@ import onnx
 import pytest
 from dsv3c.artifact.manifest import Signature, TensorInfo
 from dsv3c.errors import UserError
-from dsv3c.runtime.trt_backend import available
+from dsv3c.runtime.trt.backend import available
 from onnx import TensorProto, helper
 
 pytestmark = pytest.mark.skipif(available() is not None, reason=f"TensorRT not installed: {available()}")
@@ -27,10 +27,10 @@ Ranges = dict[str, tuple[list[int], list[int], list[int]]]
 
 
 def _build(model: onnx.ModelProto, ranges: Ranges, tmp_path: Path) -> Any:
-    from dsv3c.runtime.trt_backend import load_backend
-    from dsv3c.runtime.trt_build import build_one
-    from dsv3c.runtime.trt_prepare import NodeRef, ParserInput
-    from dsv3c.runtime.trt_profiles import ShapeRange
+    from dsv3c.artifact.engine_manifest import ShapeRange
+    from dsv3c.runtime.trt.backend import load_backend
+    from dsv3c.runtime.trt.build import build_one
+    from dsv3c.runtime.trt.prepare import NodeRef, ParserInput
 
     onnx.checker.check_model(model, full_check=True)
     path = tmp_path / "g.onnx"
@@ -113,7 +113,7 @@ def test_attention_with_unequal_head_sizes_is_refused_by_name(tmp_path: Path) ->
 
 
 def _network_build(make: Callable[[Any, Any], dict[str, Any]], cc: str = "12.0") -> bool:
-    from dsv3c.runtime.trt_backend import cc_enum, load_backend, make_logger, native_stderr
+    from dsv3c.runtime.trt.backend import cc_enum, load_backend, make_logger, native_stderr
 
     backend = load_backend()
     if not backend.is_rtx:

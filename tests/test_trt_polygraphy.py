@@ -17,7 +17,7 @@ BIN = Path(sys.executable).parent
 
 
 def _has_rtx() -> bool:
-    from dsv3c.runtime.trt_backend import available
+    from dsv3c.runtime.trt.backend import available
 
     return available() is None
 
@@ -34,7 +34,7 @@ def test_documented_command_works(block: str, tiny_export: Path, tmp_path: Path)
     assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
     assert "[!]" not in done.stdout + done.stderr  # polygraphy's error marker
     if "--convert-to trt" in block:
-        from dsv3c.runtime.trt_header import read_header
+        from dsv3c.runtime.trt.header import read_header
 
         assert read_header(tmp_path / "decode.engine").cc == ["8.9", "12.0"]
 

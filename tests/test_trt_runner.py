@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 from dsv3c.errors import UserError
-from dsv3c.runtime.trt_runner import unavailable_reason
+from dsv3c.runtime.trt.runner import unavailable_reason
 
 REASON = unavailable_reason()
 needs_gpu = pytest.mark.skipif(REASON is not None, reason=f"engine runner needs a GPU TensorRT runs on: {REASON}")
@@ -19,7 +19,7 @@ needs_gpu = pytest.mark.skipif(REASON is not None, reason=f"engine runner needs 
 @pytest.fixture(scope="module")
 def engines(tiny_export: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
     import torch
-    from dsv3c.runtime.trt_build import BuildOptions, build_engines
+    from dsv3c.runtime.trt.build import BuildOptions, build_engines
 
     major, minor = torch.cuda.get_device_capability()
     out = tmp_path_factory.mktemp("trt-run") / "engines"
@@ -31,7 +31,7 @@ def engines(tiny_export: Path, tmp_path_factory: pytest.TempPathFactory) -> Path
 def test_greedy_generation_matches_onnxruntime(engines: Path, tiny_export: Path) -> None:
     from dsv3c.runtime.generate import generate
     from dsv3c.runtime.ort_backend import OrtBackend
-    from dsv3c.runtime.trt_runner import TrtBackend
+    from dsv3c.runtime.trt.runner import TrtBackend
 
     prompts = [[5, 17, 42, 9], [3, 8]]
     want = generate(OrtBackend(tiny_export), prompts, max_new_tokens=8)
@@ -42,7 +42,7 @@ def test_greedy_generation_matches_onnxruntime(engines: Path, tiny_export: Path)
 def test_cache_is_carried_between_decode_steps(engines: Path) -> None:
     """Prefill 3 tokens then decode 3 one at a time == prefill of all 6 (last logits), through the latent cache."""
     import torch
-    from dsv3c.runtime.trt_runner import TrtEngine
+    from dsv3c.runtime.trt.runner import TrtEngine
 
     engine = TrtEngine(engines)
     ids = torch.tensor([[5, 17, 42, 9, 11, 30]], device="cuda")
@@ -59,7 +59,7 @@ def test_cache_is_carried_between_decode_steps(engines: Path) -> None:
 def test_no_supported_gpu_is_a_clear_error(tmp_path: Path) -> None:
     if REASON is None:
         pytest.skip("a GPU TensorRT runs on is present: the runner tests above ran instead")
-    from dsv3c.runtime.trt_runner import TrtEngine
+    from dsv3c.runtime.trt.runner import TrtEngine
 
     with pytest.raises(UserError) as e:
         TrtEngine(tmp_path)  # refused before the folder is read

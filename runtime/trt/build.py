@@ -2,8 +2,8 @@
 
     manifest = build_engines(Path("exp"), Path("engines"), BuildOptions(precision="fp32"))
 
-The pipeline per graph: prepare (trt_prepare: lowering or inlining, checks) -> parse -> summarize the
-network (trt_layers) -> optimization profile (trt_profiles) -> build -> read the header back. Output is
+The pipeline per graph: prepare (prepare.py: lowering or inlining, checks) -> parse -> summarize the
+network (layers.py) -> optimization profile (profiles.py) -> build -> read the header back. Output is
 written into a temporary sibling folder and renamed into place, so a failed build leaves nothing behind.
 Precision is the graph's (TensorRT-RTX networks are strongly typed): `--precision` checks it.
 """
@@ -20,15 +20,15 @@ from typing import Any, Literal
 
 import dsv3c
 from dsv3c.artifact.atomic import atomic_file, atomic_folder
+from dsv3c.artifact.engine_manifest import EngineManifest, EngineRecord, ShapeRange, TensorRecord, write_engine_manifest
 from dsv3c.artifact.manifest import Manifest, Signature, read_manifest
 from dsv3c.errors import UserError
 from dsv3c.models.config import DeepseekV3Config
-from dsv3c.runtime.trt_backend import Backend, cc_enum, load_backend, make_logger, native_stderr
-from dsv3c.runtime.trt_header import read_header
-from dsv3c.runtime.trt_layers import allow_attention_decomposition, summarize
-from dsv3c.runtime.trt_manifest import EngineManifest, EngineRecord, TensorRecord, write_engine_manifest
-from dsv3c.runtime.trt_prepare import Lowering, ParserInput, load_for_parser, lowered_folder
-from dsv3c.runtime.trt_profiles import ProfileSpec, ShapeRange, check_names, profile_for
+from dsv3c.runtime.trt.backend import TensorRTModule, cc_enum, load_backend, make_logger, native_stderr
+from dsv3c.runtime.trt.header import read_header
+from dsv3c.runtime.trt.layers import allow_attention_decomposition, summarize
+from dsv3c.runtime.trt.prepare import Lowering, ParserInput, load_for_parser, lowered_folder
+from dsv3c.runtime.trt.profiles import ProfileSpec, check_names, profile_for
 
 Precision = Literal["fp32", "bf16", "fp8"]
 PRECISIONS: tuple[Precision, ...] = ("fp32", "bf16", "fp8")
@@ -60,7 +60,7 @@ class BuildOptions:
     timing_cache: Path | None = None
     target_cc: list[str] = field(default_factory=list)  # empty: the backend's default set
     roles: list[str] | None = None  # None: every graph in the manifest
-    lowering: Lowering = "auto"  # see trt_prepare.lowered_folder
+    lowering: Lowering = "auto"  # see prepare.lowered_folder
     force: bool = False
 
 
@@ -114,7 +114,7 @@ def build_engines(
 
 
 def build_one(
-    backend: Backend,
+    backend: TensorRTModule,
     graph: ParserInput,
     signature: Signature,
     profile: dict[str, ShapeRange],
@@ -167,7 +167,7 @@ def build_one(
 
 
 def _config(
-    backend: Backend,
+    backend: TensorRTModule,
     builder: Any,
     network: Any,
     profile: dict[str, ShapeRange],

@@ -12,8 +12,8 @@ from __future__ import annotations
 import collections
 from typing import Any
 
-from dsv3c.runtime.trt_backend import Backend
-from dsv3c.runtime.trt_manifest import LayerSummary
+from dsv3c.artifact.engine_manifest import LayerSummary
+from dsv3c.runtime.trt.backend import TensorRTModule
 
 _PASS_THROUGH = {"SHUFFLE", "IDENTITY", "SLICE", "CONCATENATION"}  # what may sit between a DQ and a matmul
 _NATIVE = {
@@ -35,7 +35,7 @@ def _tensors(layer: Any, which: str) -> list[Any]:
     return [t for t in (get(i) for i in range(count)) if t is not None]
 
 
-def summarize(backend: Backend, network: Any) -> LayerSummary:
+def summarize(backend: TensorRTModule, network: Any) -> LayerSummary:
     fp8 = backend.trt.DataType.FP8
     layers = [network.get_layer(i) for i in range(network.num_layers)]
     producer = {t.name: layer for layer in layers for t in _tensors(layer, "out")}
@@ -69,7 +69,7 @@ def summarize(backend: Backend, network: Any) -> LayerSummary:
     return summary
 
 
-def allow_attention_decomposition(backend: Backend, network: Any) -> int:
+def allow_attention_decomposition(backend: TensorRTModule, network: Any) -> int:
     """Let TensorRT decompose native attention it has no fused kernel for; returns how many it touched."""
     touched = 0
     for i in range(network.num_layers):

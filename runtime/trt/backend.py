@@ -27,7 +27,7 @@ _NOISE = ("cudaError 35", "CUDA driver version is insufficient", "Error reading 
 
 
 @dataclass(frozen=True)
-class Backend:
+class TensorRTModule:
     name: str  # "tensorrt" | "tensorrt_rtx"
     version: str
     trt: Any  # the imported module (typed Any: its stubs are incomplete)
@@ -49,7 +49,7 @@ class Backend:
 
 
 @functools.cache
-def load_backend(prefer: str | None = None) -> Backend:
+def load_backend(prefer: str | None = None) -> TensorRTModule:
     """The TensorRT module to use; UserError when none is installed (or `prefer` is not)."""
     names = (prefer,) if prefer else MODULES
     errors = []
@@ -59,7 +59,7 @@ def load_backend(prefer: str | None = None) -> Backend:
         except ImportError as e:
             errors.append(f"{name}: {e}")
             continue
-        return Backend(name, str(getattr(module, "__version__", "?")), module)
+        return TensorRTModule(name, str(getattr(module, "__version__", "?")), module)
     raise UserError(f"no TensorRT found ({'; '.join(errors)}); {INSTALL_HINT}")
 
 
@@ -72,7 +72,7 @@ def available() -> str | None:
     return None
 
 
-def make_logger(backend: Backend) -> Any:
+def make_logger(backend: TensorRTModule) -> Any:
     """An ILogger that keeps warnings and errors (minus GPU-less noise) instead of printing them."""
     trt = backend.trt
 
@@ -133,6 +133,6 @@ def parse_cc_list(text: str) -> list[str]:
     return sorted(set(items), key=lambda c: tuple(int(p) for p in c.split(".")))
 
 
-def cc_enum(backend: Backend, cc: str) -> Any:
+def cc_enum(backend: TensorRTModule, cc: str) -> Any:
     """'8.9' -> ComputeCapability.SM89 (TensorRT-RTX only)."""
     return getattr(backend.trt.ComputeCapability, "SM" + cc.replace(".", ""))

@@ -14,12 +14,12 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from dsv3c.artifact.engine_manifest import EngineManifest, read_engine_manifest
 from dsv3c.errors import UserError
 from dsv3c.models.config import DeepseekV3Config
 from dsv3c.runtime.engine import EngineBackend, StepOutput
 from dsv3c.runtime.latent_buffers import CacheShape, LatentBuffers
-from dsv3c.runtime.trt_backend import Backend, load_backend, make_logger
-from dsv3c.runtime.trt_manifest import EngineManifest, read_engine_manifest
+from dsv3c.runtime.trt.backend import TensorRTModule, load_backend, make_logger
 
 RTX_RUNS_ON = ("8.0", "8.6", "8.9", "12.0", "12.1")  # TensorRT-RTX 1.7's message on other GPUs (FACTS.md)
 TORCH_TYPES = {
@@ -45,7 +45,7 @@ def unavailable_reason(folder: Path | None = None) -> str | None:
     if backend.is_rtx and cc not in RTX_RUNS_ON:
         return f"{backend.name} does not run on compute capability {cc} ({name}); it runs on {', '.join(RTX_RUNS_ON)}"
     if folder is not None:
-        from dsv3c.runtime.trt_inspect import inspect_engine_folder
+        from dsv3c.runtime.trt.inspect import inspect_engine_folder
 
         report = inspect_engine_folder(folder, [cc])
         if not report.valid:
@@ -56,7 +56,7 @@ def unavailable_reason(folder: Path | None = None) -> str | None:
 class TrtGraph:
     """One deserialized engine and its execution context; `run` binds torch tensors and allocates outputs."""
 
-    def __init__(self, backend: Backend, runtime: Any, path: Path, role: str):
+    def __init__(self, backend: TensorRTModule, runtime: Any, path: Path, role: str):
         self.role = role
         self.engine = runtime.deserialize_cuda_engine(path.read_bytes())
         if self.engine is None:

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from dsv3c.artifact.engine_manifest import ShapeRange
 from dsv3c.artifact.manifest import Signature
 from dsv3c.errors import UserError
 from dsv3c.models.config import DeepseekV3Config
@@ -24,13 +25,6 @@ from dsv3c.models.config import DeepseekV3Config
 MAX_BATCH = 8
 MAX_TOKENS = 8192  # a deployment default for the longest profile, not a model property
 Range = tuple[int, int, int]
-
-
-@dataclass(frozen=True)
-class ShapeRange:
-    min: list[int]
-    opt: list[int]
-    max: list[int]
 
 
 @dataclass

@@ -13,10 +13,10 @@ import json
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from dsv3c.artifact.engine_manifest import EngineRecord, LayerSummary, ShapeRange, TensorRecord, read_engine_manifest
 from dsv3c.errors import UserError
-from dsv3c.runtime.trt_header import EngineHeader, read_header
-from dsv3c.runtime.trt_manifest import EngineRecord, LayerSummary, TensorRecord, read_engine_manifest
-from dsv3c.runtime.trt_profiles import ShapeRange, dim_ranges
+from dsv3c.runtime.trt.header import EngineHeader, read_header
+from dsv3c.runtime.trt.profiles import dim_ranges
 
 
 @dataclass
@@ -96,7 +96,7 @@ def _engine(folder: Path, role: str, record: EngineRecord) -> EngineReport:
 
 
 def _installed() -> str | None:
-    from dsv3c.runtime.trt_backend import load_backend
+    from dsv3c.runtime.trt.backend import load_backend
 
     try:
         return load_backend().describe()
