@@ -18,7 +18,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from dsv3c.graph.inspect import find_handler
+    from dsv3c.cli.inspect_kinds import find_handler
     from dsv3c.graph.render_json import render_json
 
     handler = find_handler(args.path)

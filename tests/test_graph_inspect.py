@@ -7,9 +7,9 @@ from pathlib import Path
 
 import onnx
 import pytest
+from dsv3c.cli import inspect_kinds as inspect_mod
 from dsv3c.cli import main as cli
 from dsv3c.errors import UserError
-from dsv3c.graph import inspect as inspect_mod
 from dsv3c.graph.render_text import render_inspect
 from dsv3c.graph.summary import inspect_path
 from dsv3c.graph.synthetic import Topology, build_model, inline_custom, quantize_fp8, write_export

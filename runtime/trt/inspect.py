@@ -3,7 +3,7 @@
     report = inspect_engine_folder(Path("engines"), target_cc=["8.9"])
     print(render_text(report))        # or render_json(report)
 
-`dsv3c inspect` dispatches here for folders with engine_manifest.json (graph/inspect.py's handler list).
+`dsv3c inspect` dispatches here for folders with engine_manifest.json (cli/inspect_kinds.py's handler list).
 """
 
 from __future__ import annotations

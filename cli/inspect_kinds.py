@@ -5,6 +5,8 @@ the path (returning a dataclass) and the one that renders that dataclass as text
 modules are imported only when their handler is chosen, so an optional backend (TensorRT for engine
 folders) never slows down or breaks the others. To add a kind, put a Handler in HANDLERS before the more
 general ones. `options` names the command-line options the inspect function accepts as keywords.
+The list lives in the CLI, the one layer that may use both graph/ (graphs, export folders) and runtime/
+(engine folders).
 """
 
 from __future__ import annotations
@@ -15,8 +17,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from dsv3c.artifact.names import ENGINE_MANIFEST_FILE, MANIFEST_FILE
 from dsv3c.errors import UserError
-from dsv3c.graph.load import MANIFEST
 
 
 @dataclass(frozen=True)
@@ -35,14 +37,14 @@ class Handler:
 HANDLERS: list[Handler] = [
     Handler(
         "tensorrt engine folder",
-        lambda p: p.is_dir() and (p / "engine_manifest.json").is_file(),
+        lambda p: p.is_dir() and (p / ENGINE_MANIFEST_FILE).is_file(),
         "dsv3c.runtime.trt.inspect:inspect_engine_folder",
         "dsv3c.runtime.trt.inspect:render_text",
         options=("target_cc",),
     ),
     Handler(
         "export folder",
-        lambda p: p.is_dir() and (p / MANIFEST).is_file(),
+        lambda p: p.is_dir() and (p / MANIFEST_FILE).is_file(),
         "dsv3c.graph.summary:inspect_path",
         "dsv3c.graph.render_text:render_inspect",
     ),
