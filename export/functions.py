@@ -1,8 +1,8 @@
 """Reference bodies in standard ONNX for the custom nodes, attached as model-local functions.
 
 torch.onnx always inlines onnxscript functions, so the bodies are built here with `onnx.helper` and added
-to the ModelProto after export (FACTS.md). onnxruntime then runs the canonical graph as it is, while
-backends with a native kernel (or a TensorRT plugin of the same name) replace the node.
+to the ModelProto after export (the custom node then keeps its body). onnxruntime runs the canonical graph
+as it is, while backends with a native kernel (or a TensorRT plugin of the same name) replace the node.
 
 Numeric attributes (softmax_scale, top_k, n_group, topk_group, routed_scaling_factor) are read through
 attribute references, and every size comes from input shapes. What changes the *structure* of a body
@@ -13,6 +13,7 @@ it holds several, each gets an `overload` (ONNX IR >= 10) named after the varian
 
 from __future__ import annotations
 
+import enum
 from dataclasses import astuple, dataclass
 from typing import Any
 
@@ -122,6 +123,13 @@ def mla_function(absorbed: bool, opset: int, overload: str = "") -> onnx.Functio
 # ---- MoE ---------------------------------------------------------------------------------------------
 
 
+class ExpertSet(enum.Enum):
+    """How the MoE body finds the experts it gathers."""
+
+    CHOSEN = "chosen"  # NonZero: exactly the U experts some token chose
+    TOP = "top"  # TopK over the chosen mask, K = min(E, N top_k) >= U: no data-dependent shape (TensorRT)
+
+
 @dataclass(frozen=True)
 class MoEVariant:
     """What shapes the MoE body; derived from a node's attributes and whether it has the bias input."""
@@ -136,8 +144,8 @@ class MoEVariant:
         return "_".join(str(int(v)) if isinstance(v, bool) else v for v in astuple(self))
 
 
-def moe_routing(b: Body, v: MoEVariant) -> str:
-    """The dense routing matrix [N, E] float: scaled weights at the top-k experts, 0 elsewhere."""
+def moe_selection(b: Body, v: MoEVariant) -> tuple[str, str, str]:
+    """(scores [N, E] float, the top-k experts [N, k] int64, their mixing weights [N, k] float)."""
     logits = b.op("MatMul", b.op("Cast", "x", to=_FLOAT), b.t(b.op("Cast", "router", to=_FLOAT), 1, 0))  # [N, E]
     scores = b.op("Sigmoid", logits) if v.scoring_func == "sigmoid" else b.op("Softmax", logits, axis=-1)
     choice = b.op("Add", scores, b.op("Cast", "bias", to=_FLOAT)) if v.has_bias else scores
@@ -160,22 +168,52 @@ def moe_routing(b: Body, v: MoEVariant) -> str:
     if v.normalize:
         weights = b.op("Div", weights, b.op("ReduceSum", weights, b.ints(-1), keepdims=1))
     weights = b.op("Mul", weights, b.attr("routed_scaling_factor", onnx.AttributeProto.FLOAT))
-    zeros_ne = b.op("ConstantOfShape", b.op("Shape", scores), value=helper.make_tensor("v", _FLOAT, [1], [0.0]))
-    return b.op("ScatterElements", zeros_ne, indices, weights, axis=1)  # [N, E]
+    return scores, indices, weights
 
 
-def moe_function(v: MoEVariant, opset: int, overload: str = "") -> onnx.FunctionProto:
-    """Inputs x, router, bias, gate, up, down -> output [N, D]. Every expert runs densely; the routing
-    matrix zeroes the unselected ones (correct for any E; fast kernels come from later lowerings)."""
+def _scatter(b: Body, like: str, indices: str, updates: str) -> str:
+    """[N, E] float: `updates` [N, k] at `indices` [N, k], 0 elsewhere (E from `like`)."""
+    zeros = b.op("ConstantOfShape", b.op("Shape", like), value=helper.make_tensor("v", _FLOAT, [1], [0.0]))
+    return b.op("ScatterElements", zeros, indices, updates, axis=1)
+
+
+def moe_routing(b: Body, v: MoEVariant) -> str:
+    """The dense routing matrix [N, E] float: scaled weights at the top-k experts, 0 elsewhere."""
+    scores, indices, weights = moe_selection(b, v)
+    return _scatter(b, scores, indices, weights)
+
+
+def moe_function(
+    v: MoEVariant, opset: int, overload: str = "", expert_set: ExpertSet = ExpertSet.CHOSEN
+) -> onnx.FunctionProto:
+    """Inputs x, router, bias, gate, up, down -> output [N, D], computing only the experts some token chose.
+
+    The experts selected by at least one token (U of them, ascending) are gathered, and every token runs
+    through those U: a decode step at batch 1 reads exactly its top-k experts' weights (U = k), a batch
+    reads each expert it uses once (U <= min(E, N k)), and a long prefill, where U reaches E, costs what
+    the dense form costs. One formula for every N, with no control flow, so that every backend that runs
+    standard ONNX (NonZero, Gather) runs it. `ExpertSet.TOP` gathers K = min(E, N top_k) experts instead,
+    the chosen ones first (the same result: the others get weight 0), for backends without NonZero.
+    """
     b = Body()
-    routing = moe_routing(b, v)
-    h = b.op("Unsqueeze", "x", b.ints(0))  # [1, N, D]
-    g = b.op("MatMul", h, b.t("gate", 0, 2, 1))  # [E, N, ff]
-    u = b.op("MatMul", h, b.t("up", 0, 2, 1))
+    scores, indices, weights = moe_selection(b, v)
+    routing = _scatter(b, scores, indices, weights)  # [N, E]
+    ones = b.op("ConstantOfShape", b.op("Shape", indices), value=helper.make_tensor("v", _FLOAT, [1], [1.0]))
+    chosen = b.op("ReduceMax", _scatter(b, scores, indices, ones), b.ints(0), keepdims=0)  # [E]: 1 if any token
+    if expert_set == ExpertSet.CHOSEN:
+        experts = b.op("Reshape", b.op("NonZero", chosen), b.ints(-1))  # [U]
+    else:
+        pairs = b.op("Mul", b.shape("x", 0, 1), b.attr("top_k", onnx.AttributeProto.INT))  # [1]: N top_k
+        _, experts = b.op("TopK", chosen, b.op("Min", b.shape("gate", 0, 1), pairs), axis=0, n_out=2)  # [K]
+    w_gate, w_up, w_down = (b.op("Gather", w, experts, axis=0) for w in ("gate", "up", "down"))  # [U, out, in]
+    h = b.op("Unsqueeze", b.t("x", 1, 0), b.ints(0))  # [1, D, N]
+    g = b.op("MatMul", w_gate, h)  # [U, ff, N]
+    u = b.op("MatMul", w_up, h)
     act = b.op("Mul", b.op("Mul", g, b.op("Sigmoid", g)), u)  # silu(g) * u
-    out = b.op("Cast", b.op("MatMul", act, b.t("down", 0, 2, 1)), to=_FLOAT)  # [E, N, D]
-    weighted = b.op("Mul", out, b.op("Unsqueeze", b.t(routing, 1, 0), b.ints(2)))  # [E, N, D] * [E, N, 1]
-    b.op("CastLike", b.op("ReduceSum", weighted, b.ints(0), keepdims=0), "x", out="output")
+    out = b.op("Cast", b.op("MatMul", w_down, act), to=_FLOAT)  # [U, D, N]
+    mix = b.op("Unsqueeze", b.t(b.op("Gather", routing, experts, axis=1), 1, 0), b.ints(1))  # [U, 1, N]
+    total = b.op("ReduceSum", b.op("Mul", out, mix), b.ints(0), keepdims=0)  # [D, N]
+    b.op("CastLike", b.t(total, 1, 0), "x", out="output")  # [N, D]
     inputs = ["x", "router", "bias", "gate", "up", "down"]
     return _function(MOE_OP, inputs, b, MOE_ATTRS, opset, overload)
 

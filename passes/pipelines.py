@@ -7,6 +7,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import onnx_ir.passes.common as common
+from dsv3c.export.functions import ExpertSet
 from dsv3c.models.fp8 import DEFAULT_BLOCK, Block
 from dsv3c.passes.cleanup import cleanup_stages
 from dsv3c.passes.fp8_activations import Fp8ActivationsPass
@@ -15,6 +16,7 @@ from dsv3c.passes.fp8_source import CheckpointFp8
 from dsv3c.passes.fp8_weights import Fp8WeightsPass
 from dsv3c.passes.inline import InlineCustomPass
 from dsv3c.passes.lower_iree import DEFAULT_DIMS, BlockedQdqToMulPass, StaticShapesPass
+from dsv3c.passes.lower_moe_body import MoEBodyPass
 from dsv3c.passes.lower_ort import LowerMoEToOrtPass
 from dsv3c.passes.lower_ort_8bit import Int8Options, MatMulNBitsPass, MoEToQMoEPass
 from dsv3c.passes.lower_trt import ATTENTION_OPSET, MlaToAttentionPass, TrtQdqPass, UpgradeOpsetPass
@@ -79,6 +81,7 @@ def lower_pipeline(target: Target, dims: dict[str, int] | None = None, int8: Int
     if target == Target.TRT:
         return [
             Stage("mla-to-attention", MlaToAttentionPass()),
+            Stage("moe-body-topk", MoEBodyPass(ExpertSet.TOP)),
             Stage("inline-custom", InlineCustomPass()),
             Stage("opset-23", UpgradeOpsetPass(ATTENTION_OPSET)),
             Stage("rope-to-rotary-embedding", RopeToRotaryEmbeddingPass()),
@@ -87,6 +90,7 @@ def lower_pipeline(target: Target, dims: dict[str, int] | None = None, int8: Int
             *cleanup_stages(),
         ]
     return [
+        Stage("moe-body-topk", MoEBodyPass(ExpertSet.TOP)),
         Stage("inline-custom", InlineCustomPass()),
         Stage("static-shapes", StaticShapesPass({**DEFAULT_DIMS, **(dims or {})})),
         *cleanup_stages("shapes"),
