@@ -208,7 +208,7 @@ def route(scores: torch.Tensor, bias: torch.Tensor | None, r: Router) -> tuple[t
 
 
 class ExpertDispatch(Protocol):
-    """Replaces MoE.routed: same inputs, same [N, D] float32 result, the experts possibly elsewhere."""
+    """Replaces MoE.routed: same inputs, same [N, D] sum (float32, or already cast to the input dtype)."""
 
     def __call__(self, moe: MoE, flat: torch.Tensor, weights: torch.Tensor, indices: torch.Tensor) -> torch.Tensor: ...
 

@@ -7,8 +7,11 @@ N tokens. Rank r takes the contiguous slice r of them, and per layer:
    (split sizes: pairs per destination, exchanged first), together with the expert ids;
 2. each rank runs its own experts on what it received;
 3. combine: the outputs go back the same way; the token's rank weights them and adds them up in
-   ascending expert order, exactly as `MoE.routed` does in one process;
+   ascending expert order, in float32, exactly as `MoE.routed` does in one process;
 4. gather: all_gather puts the slices back together, so every rank leaves with the whole [N, D] output.
+
+Activations travel in the compute dtype (bf16 halves the bytes of fp32); each conversion happens where
+the single-process code does it, so the result is still that of one process.
 
 An expert receives its tokens in the single-process order (slices are in rank order, pairs within a
 slice in token order), so its inputs, and with them the results, are those of one process.
@@ -70,25 +73,28 @@ class AllToAllDispatch:
         self._run(layer, "dispatch", lambda: dist.all_to_all_single(x_recv, x_send, recvs, sends))
         self._run(layer, "dispatch of expert ids", lambda: dist.all_to_all_single(e_recv, expert[order], recvs, sends))
 
-        y_recv = torch.zeros(x_recv.shape, dtype=torch.float32, device=flat.device)
+        # outputs travel in the compute dtype: MoE.routed casts them to float32 only after the expert, too
+        y_recv = torch.zeros_like(x_recv)
         for e in e_recv.unique().tolist():
             mask = e_recv == e
-            y_recv[mask] = moe.experts[e](x_recv[mask]).float()
+            y_recv[mask] = moe.experts[e](x_recv[mask])
         y_send = y_recv.new_empty(x_send.shape)
         self._run(layer, "combine", lambda: dist.all_to_all_single(y_send, y_recv, sends, recvs))
         self.stats.bytes_sent += _nbytes(x_send) + _nbytes(y_recv) + expert.numel() * 8
 
-        pairs = torch.empty_like(y_send)
-        pairs[order] = y_send  # back to pair order
+        pairs = torch.empty_like(y_send, dtype=torch.float32)
+        pairs[order] = y_send.float()  # back to pair order
         weighted = pairs.view(hi - lo, k, flat.shape[1]) * weights[lo:hi, :, None]  # [n_r, k, D]
         by_expert = indices[lo:hi].argsort(dim=1)  # each token's slots in ascending expert order
         ordered = weighted.gather(1, by_expert[:, :, None].expand_as(weighted))
         mine = torch.zeros(chunk, flat.shape[1], dtype=torch.float32, device=flat.device)
         for s in range(k):
             mine[: hi - lo] += ordered[:, s]
-        slices = [torch.empty_like(mine) for _ in range(world)]
-        self._run(layer, "gather", lambda: dist.all_gather(slices, mine))
-        self.stats.bytes_sent += _nbytes(mine) * (world - 1)
+        # the sum is cast to the compute dtype before the gather, as MoE.forward casts it after MoE.routed
+        mine_out = mine.to(flat.dtype)
+        slices = [torch.empty_like(mine_out) for _ in range(world)]
+        self._run(layer, "gather", lambda: dist.all_gather(slices, mine_out))
+        self.stats.bytes_sent += _nbytes(mine_out) * (world - 1)
         return torch.cat(slices)[:n]
 
     def _run(self, layer: str, what: str, collective: Callable[[], object]) -> None:

@@ -37,7 +37,13 @@ def greedy(engine, prompts=PROMPTS, steps=STEPS) -> tuple[list[list[int]], list[
 
 
 def rank_main(
-    source: Path, out: Path, ep: int, die_rank: int = -1, hang_rank: int = -1, timeout_s: float = 20.0
+    source: Path,
+    out: Path,
+    ep: int,
+    die_rank: int = -1,
+    hang_rank: int = -1,
+    timeout_s: float = 20.0,
+    dtype: torch.dtype = torch.float32,
 ) -> int:
     from dsv3c.errors import UserError
     from dsv3c.parallel.session import open_expert_parallel
@@ -46,7 +52,7 @@ def rank_main(
     torch.set_num_threads(1)
     rank = int(os.environ["RANK"])
     try:
-        ep = open_expert_parallel(source, ep, timeout_s=timeout_s)
+        ep = open_expert_parallel(source, ep, dtype=dtype, timeout_s=timeout_s)
         fault = {die_rank: lambda *_: os._exit(3), hang_rank: lambda *_: time.sleep(600)}.get(rank)
         if fault is not None:
             for module in ep.model.modules():

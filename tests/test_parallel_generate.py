@@ -45,3 +45,12 @@ def test_four_ranks_straight_from_the_checkpoint(tiny_checkpoint: Path, tmp_path
     results = launch(4, tiny_checkpoint, tmp_path)
     assert [r.exitcode for r in results] == [0] * 4, [r.error for r in results]
     _check_ranks(tmp_path, 4, reference)
+
+
+def test_two_ranks_in_bf16(tiny_checkpoint: Path, tmp_path: Path) -> None:
+    """Activations travel as bf16 and are converted where one process converts them: still the same numbers."""
+    torch.set_num_threads(1)
+    reference = greedy(TorchEngine(load_model(tiny_checkpoint, dtype=torch.bfloat16)))
+    results = launch(2, tiny_checkpoint, tmp_path, dtype=torch.bfloat16)
+    assert [r.exitcode for r in results] == [0, 0], [r.error for r in results]
+    _check_ranks(tmp_path, 2, reference)
