@@ -40,6 +40,14 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--force", action="store_true", help="replace ENGINE_DIR if it exists")
 
 
+def trt_lowering(src: Path, dst: Path) -> object:
+    """`dsv3c lower --target trt` (dsv3c.passes), handed to the build: runtime/ does not import passes/."""
+    from dsv3c.passes.lower import lower_folder
+    from dsv3c.passes.pipelines import Target
+
+    return lower_folder(src, dst, Target.TRT)
+
+
 def run(args: argparse.Namespace) -> int:
     from dsv3c.runtime.trt.backend import parse_cc_list
     from dsv3c.runtime.trt.build import BuildOptions, build_engines
@@ -53,6 +61,7 @@ def run(args: argparse.Namespace) -> int:
         roles=[r.strip() for r in args.roles.split(",") if r.strip()] if args.roles else None,
         force=args.force,
         lowering=args.lowering,
+        lower_for_trt=trt_lowering,
     )
     manifest = build_engines(args.export_dir, args.out, options)
     total = sum(e.bytes for e in manifest.engines.values()) / 2**20

@@ -107,11 +107,12 @@ def _log(lines: list[str], line: str) -> None:
 
 @pytest.fixture(scope="module")
 def fp32_engines(tiny_export: Path, tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, list[str]]:
+    from dsv3c.cli.cmd_build import trt_lowering
     from dsv3c.runtime.trt.build import BuildOptions, build_engines
 
     out = tmp_path_factory.mktemp("trt") / "engines"
     lines: list[str] = []
-    options = BuildOptions(timing_cache=out.parent / "timing.cache")
+    options = BuildOptions(timing_cache=out.parent / "timing.cache", lower_for_trt=trt_lowering)
     build_engines(tiny_export, out, options, log=lambda line: _log(lines, line))
     return out, lines
 
@@ -208,12 +209,15 @@ def test_quantized_export_builds_through_the_trt_lowering(tiny_export: Path, tmp
         from dsv3c.passes.quantize import quantize_folder
     except ImportError as e:
         pytest.skip(f"the FP8 pass is not there yet: {e}")
+    from dsv3c.cli.cmd_build import trt_lowering
     from dsv3c.runtime.trt.build import BuildOptions, build_engines
 
     options = QuantizeOptions(weights=WeightScheme.TENSOR, activations=ActScheme.STATIC)
     quantize_folder(tiny_export, tmp_path / "q", options, calibrate=2)
     m = build_engines(
-        tmp_path / "q", tmp_path / "e", BuildOptions(precision="fp8", roles=["decode"], target_cc=["8.9"])
+        tmp_path / "q",
+        tmp_path / "e",
+        BuildOptions(precision="fp8", roles=["decode"], target_cc=["8.9"], lower_for_trt=trt_lowering),
     )
     layers = m.engines["decode"].layers
     assert m.precision == "fp8" and layers.fp8_gemms and layers.fp8

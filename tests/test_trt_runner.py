@@ -19,11 +19,12 @@ needs_gpu = pytest.mark.skipif(REASON is not None, reason=f"engine runner needs 
 @pytest.fixture(scope="module")
 def engines(tiny_export: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
     import torch
+    from dsv3c.cli.cmd_build import trt_lowering
     from dsv3c.runtime.trt.build import BuildOptions, build_engines
 
     major, minor = torch.cuda.get_device_capability()
     out = tmp_path_factory.mktemp("trt-run") / "engines"
-    build_engines(tiny_export, out, BuildOptions(target_cc=[f"{major}.{minor}"]))
+    build_engines(tiny_export, out, BuildOptions(target_cc=[f"{major}.{minor}"], lower_for_trt=trt_lowering))
     return out
 
 

@@ -61,6 +61,8 @@ class BuildOptions:
     target_cc: list[str] = field(default_factory=list)  # empty: the backend's default set
     roles: list[str] | None = None  # None: every graph in the manifest
     lowering: Lowering = "auto"  # see prepare.lowered_folder
+    # the passes' trt lowering, lower_for_trt(src, dst): dsv3c build gives dsv3c.passes' (runtime/ does not import it)
+    lower_for_trt: Callable[[Path, Path], object] | None = None
     force: bool = False
 
 
@@ -75,7 +77,7 @@ def build_engines(
     if options.target_cc and not backend.is_rtx:
         raise UserError("--target-cc needs TensorRT-RTX; full TensorRT builds for the GPU it runs on")
     with tempfile.TemporaryDirectory(prefix="dsv3c-build-") as scratch:
-        folder, how = lowered_folder(Path(export_dir), Path(scratch), options.lowering)
+        folder, how = lowered_folder(Path(export_dir), Path(scratch), options.lowering, options.lower_for_trt)
         log(f"graphs: {how}")
         manifest = read_manifest(folder)
         roles = _roles(manifest, options.roles)

@@ -1,6 +1,6 @@
 """From an export folder to what TensorRT's ONNX parser reads: lowering, inlining, checks that name the node.
 
-    folder, how = lowered_folder(export_dir, scratch)      # `dsv3c lower --target trt` once dsv3c has it
+    folder, how = lowered_folder(export_dir, scratch, lower=trt_lowering)   # the caller's lowering
     graph = load_for_parser(read_manifest(folder), "decode")
     parser.parse(graph.model_bytes, str(graph.path))       # external data resolves beside graph.path
 
@@ -54,10 +54,13 @@ class ParserInput:
 Lowering = Literal["auto", "passes", "inline"]
 
 
-def lowered_folder(folder: Path, scratch: Path, lowering: Lowering = "auto") -> tuple[Path, str]:
+def lowered_folder(
+    folder: Path, scratch: Path, lowering: Lowering = "auto", lower: Callable[[Path, Path], object] | None = None
+) -> tuple[Path, str]:
     """The export folder to parse and how it was prepared.
 
-    auto: the passes issue's `trt` lowering (dsv3c.passes.lower) when this dsv3c has it, else inline;
+    `lower(src, dst)` is the passes' `trt` lowering (`dsv3c lower --target trt`), given by the caller:
+    runtime/ does not import passes/ (docs/architecture.md). auto: that lowering when given, else inline;
     passes: that lowering or a UserError; inline: only the minimal preparation of load_for_parser.
     """
     manifest = read_manifest(folder)
@@ -66,26 +69,13 @@ def lowered_folder(folder: Path, scratch: Path, lowering: Lowering = "auto") -> 
         raise UserError(f"{folder} is lowered for {lowered[-1]}; build the canonical export or its trt lowering")
     if lowered:
         return folder, "lowered for trt before the build"
-    lower = _passes_lowering() if lowering != "inline" else None
-    if lower is None:
+    if lowering == "inline" or lower is None:
         if lowering == "passes":
-            raise UserError("--lowering passes: this dsv3c has no trt lowering (dsv3c.passes.lower) yet")
-        return folder, "inline: local functions inlined" + ("" if lowering == "inline" else " (no trt lowering yet)")
+            raise UserError("--lowering passes: no trt lowering was given to the build")
+        return folder, "inline: local functions inlined" + ("" if lowering == "inline" else " (no trt lowering given)")
     out = scratch / "lowered-trt"
     lower(folder, out)
     return out, "dsv3c lower --target trt"
-
-
-def _passes_lowering() -> Callable[[Path, Path], object] | None:
-    """dsv3c.passes' trt lowering (`dsv3c lower --target trt`), or None while it does not exist."""
-    try:
-        from dsv3c.passes.lower import lower_folder
-        from dsv3c.passes.pipelines import Target
-    except ImportError:
-        return None
-    if "TRT" not in Target.__members__:
-        return None
-    return lambda src, dst: lower_folder(src, dst, Target.TRT)
 
 
 # ---- one graph -----------------------------------------------------------------------------------------
