@@ -18,7 +18,7 @@ stamps only nodes that carry no stage yet.
 from __future__ import annotations
 
 import re
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 
 import onnx_ir as ir
@@ -114,7 +114,11 @@ def stamp(
 
 def read(node: ir.Node) -> Provenance:
     """The marks on `node` (an empty Provenance when it has none)."""
-    meta = node.metadata_props
+    return read_props(node.metadata_props)
+
+
+def read_props(meta: Mapping[str, str]) -> Provenance:
+    """The marks in a node's metadata_props, however it was read (onnx_ir, or protobuf entries as a dict)."""
     rewrite = meta.get(REWRITE)
     origin = meta.get(ORIGIN, "")
     return Provenance(

@@ -15,6 +15,7 @@ from dsv3c.errors import UserError
 from dsv3c.graph.diff_types import Change, DiffReport, EntryKind, GraphDiff, InitializerChange, NodeChange
 from dsv3c.graph.index import GraphIndex, attribute_text, constant_key, layer_of_name
 from dsv3c.graph.load import LoadedGraph, dtype_name, graph_paths, load_graph
+from dsv3c.graph.marks import Marks
 from dsv3c.graph.match import Matching, match_initializers, match_nodes
 from dsv3c.graph.rewrites import Claims, group_rewrites
 from dsv3c.graph.stats import compare_tensors
@@ -206,11 +207,12 @@ def _node_entries(a: GraphIndex, b: GraphIndex, m: Matching, src: _Sources, clai
 def diff_graphs(a: LoadedGraph, b: LoadedGraph, values: bool = True) -> tuple[GraphDiff, Matching]:
     """Compare two loaded graphs; `values`: also compare initializer data where both sides have it."""
     ia, ib = GraphIndex(a.graph), GraphIndex(b.graph)
-    m = match_nodes(ia, ib)
+    marks = Marks(ib)
+    m = match_nodes(ia, ib, marks)
     inits = match_initializers(ia, ib, m)
     init_entries = _initializer_changes(a, b, inits, values)
     changed = {e.name_a for e in init_entries if e.kind == "changed"}
-    rewrites, claims = group_rewrites(ia, ib, m, inits, changed)
+    rewrites, claims = group_rewrites(ia, ib, m, inits, changed, marks)
     init_entries = [e for e in init_entries if e.name_a not in claims.inits_a]
     init_entries += [
         InitializerChange("removed", x, "", layer_of_name(x))

@@ -65,6 +65,7 @@ class Rewrite:
     scale_shapes: list[list[int]] = field(default_factory=list)  # the stored scales, [] for a weight without
     activation: str = ""  # "fp8, 1x128 tiles (online)", ...; "" for a weight-only linear
     shared_activation: str = ""  # the linear whose activation Q/DQ this one reads too
+    stage: str = ""  # the pipeline stage that made B's nodes, from their provenance marks ("" if unmarked)
 
     @property
     def weight_only(self) -> bool:

@@ -1,9 +1,10 @@
 """Match the nodes of two graphs, in passes from most to least certain, each a dict lookup (near-linear).
 
 1. name: a name that is unique in both graphs;
-2. derived: nodes of B named `<node of A>/<what>` came from rewriting that node of A (a lowering inlining a
-   custom node, replacing it by a kernel, rewriting a blocked DequantizeLinear, a RoPE pattern): they are
-   set aside for the rewrite report, not matched one to one (A's node must be gone from B, or changed op);
+2. derived: nodes of B whose provenance mark names a node of A as their origin, or (unmarked) named
+   `<node of A>/<what>`, came from rewriting that node of A (a lowering inlining a custom node, replacing
+   it by a kernel, rewriting a blocked DequantizeLinear, a RoPE pattern): they are set aside for the
+   rewrite report, not matched one to one (A's node must be gone from B, or changed op);
 3. outputs: a node of B that produces a tensor name produced by an unmatched node of A with the same op
    (or any op, for a custom node of A: a lowering kept its output);
 4. neighbours: same op and the same inputs once the producers are matched (first with attributes and
@@ -22,6 +23,7 @@ from dataclasses import dataclass, field
 
 import onnx
 from dsv3c.graph.index import GraphIndex, is_custom
+from dsv3c.graph.marks import Marks
 
 METHODS = ("name", "outputs", "neighbours", "position")
 
@@ -60,14 +62,21 @@ def _by_name(a: GraphIndex, b: GraphIndex, m: Matching) -> None:
             m.add(i, where_b[node.name], "name")
 
 
-def _derived(a: GraphIndex, b: GraphIndex, m: Matching) -> None:
+def _derived(a: GraphIndex, b: GraphIndex, m: Matching, marks: Marks) -> None:
     # a node that B still has (same name, same op) was kept: `<name>/...` nodes are some pass's helpers
     kept = {i for i, j in m.a_to_b.items() if a.op(i) == b.op(j)}
     rewritten = {n.name: i for i, n in enumerate(a.nodes) if n.name and i not in kept}
     if not rewritten:
         return
     for j, node in enumerate(b.nodes):
-        if j in m.b_to_a or "/" not in node.name:
+        if j in m.b_to_a:
+            continue
+        origin = [rewritten[o] for o in marks.of[j].origin if o in rewritten] if j in marks.of else []
+        if origin:  # the pass said which node it replaced
+            m.derived.setdefault(origin[0], []).append(j)
+            m.derived_b[j] = origin[0]
+            continue
+        if "/" not in node.name:
             continue
         name, cut = node.name, len(node.name)
         while (cut := name.rfind("/", 0, cut)) > 0:  # longest prefix first
@@ -147,10 +156,11 @@ def _by_position(a: GraphIndex, b: GraphIndex, m: Matching) -> None:
                 m.add(i, j, "position")
 
 
-def match_nodes(a: GraphIndex, b: GraphIndex) -> Matching:
+def match_nodes(a: GraphIndex, b: GraphIndex, marks: Marks | None = None) -> Matching:
+    """`marks`: B's provenance marks (read from B when not given)."""
     m = Matching()
     _by_name(a, b, m)
-    _derived(a, b, m)
+    _derived(a, b, m, marks if marks is not None else Marks(b))
     _by_outputs(a, b, m)
     _by_neighbours(a, b, m, strict=True)
     _by_neighbours(a, b, m, strict=False)

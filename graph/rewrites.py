@@ -31,10 +31,12 @@ from collections import Counter
 from collections.abc import Callable, Hashable, Iterable
 from dataclasses import dataclass, field
 
+from dsv3c.artifact import provenance
 from dsv3c.graph.diff_types import Rewrite
 from dsv3c.graph.index import GraphIndex, constant_key, is_custom, layer_of_name
 from dsv3c.graph.linears import FP8_TYPES, MOE_OPS, WEIGHT_PATH, Linear, LinearFinder, short_name
 from dsv3c.graph.load import dtype_name
+from dsv3c.graph.marks import Marks
 from dsv3c.graph.match import Matching, attribute_digest
 
 # ops that online activation quantization and weight dequantization are built from
@@ -138,8 +140,10 @@ class Claims:
 
 
 class _Grouper:
-    def __init__(self, a: GraphIndex, b: GraphIndex, m: Matching, inits: dict[str, str], changed: set[str]) -> None:
-        self.a, self.b, self.m, self.inits, self.changed = a, b, m, inits, changed
+    def __init__(
+        self, a: GraphIndex, b: GraphIndex, m: Matching, inits: dict[str, str], changed: set[str], marks: Marks
+    ) -> None:
+        self.a, self.b, self.m, self.inits, self.changed, self.marks = a, b, m, inits, changed, marks
         self.inits_back = {y: x for x, y in inits.items()}
         self.claims = Claims()
         self.finder_a, self.finder_b = LinearFinder(a), LinearFinder(b)
@@ -354,13 +358,26 @@ class _Grouper:
             rw.removed_initializers.sort()
         return found
 
+    def _marked(self, tensor: str) -> tuple[list[int], provenance.Rewrite] | None:
+        """The free nodes of B that a quantizing rewrite made around `tensor` (read by one of them), by their marks."""
+        for j, _ in self.b.consumers.get(tensor, []):
+            rewrite = self.marks.of[j].rewrite if j in self.marks.of else None
+            if rewrite is not None and rewrite.kind == provenance.QUANTIZED:
+                return [x for x in self.marks.group(j) if self.free_b(x)], rewrite
+        return None
+
     def _weight(self, x: str, y: str, groups: dict[Hashable, tuple[int, Rewrite]]) -> None:
         a, b, m, claims = self.a, self.b, self.m, self.claims
-        path_b, readers_b = self._forward(b, y, self.free_b)
-        claims.nodes_b.update(path_b)
-        scales_b = self._upstream(
-            b, [n for j in path_b for n in b.nodes[j].input], self.free_b, claims.nodes_b, _QDQ_HELPERS
-        )
+        marked = self._marked(y)
+        if marked is not None:  # the pass said which nodes it made for this weight
+            path_b, scales_b, readers_b = marked[0], [], self.marks.readers_outside(marked[0])
+            claims.nodes_b.update(path_b)
+        else:
+            path_b, readers_b = self._forward(b, y, self.free_b)
+            claims.nodes_b.update(path_b)
+            scales_b = self._upstream(
+                b, [n for j in path_b for n in b.nodes[j].input], self.free_b, claims.nodes_b, _QDQ_HELPERS
+            )
         path_a, readers_a = self._forward(a, x, self.free_a)
         claims.nodes_a.update(path_a)
         scales_a = self._upstream(
@@ -385,8 +402,11 @@ class _Grouper:
         order = user_a if user_a is not None else len(a) + len(groups)
         if key not in groups:
             scheme = linear.scheme if linear is not None and linear.scheme else dtype_name(b.initializers[y].data_type)
+            if marked is not None and marked[1].details:
+                scheme = ", ".join(marked[1].details)
             layer = a.layers[user_a] if user_a is not None else layer_of_name(x)
             rw = Rewrite("quantized", f"quantized ({scheme})", layer, "", a.op(user_a) if user_a is not None else "")
+            rw.stage = self.marks.of[path_b[0]].stage or "" if marked is not None and path_b else ""
             rw.weight_dtype = dtype_name(b.initializers[y].data_type)
             groups[key] = (order, rw)
         rw = groups[key][1]
@@ -418,7 +438,12 @@ class _Grouper:
     def _activation(self, rw: Rewrite, user_a: int, user_b: int) -> None:
         """Claim the Q/DQ in front of the linear's data input (or note whose it shares)."""
         b, claims = self.b, self.claims
-        description = self.finder_b.activation(b.nodes[user_b].input[0])
+        marked: provenance.Rewrite | None = None
+        producer = b.producer.get(b.nodes[user_b].input[0], (None, 0))[0]
+        mark = self.marks.of.get(producer) if producer is not None else None
+        if mark is not None and mark.rewrite is not None and mark.rewrite.kind == provenance.QUANTIZED:
+            marked = mark.rewrite  # the pass said how it quantized this activation
+        description = ", ".join(marked.details) if marked else self.finder_b.activation(b.nodes[user_b].input[0])
         if not description:
             return
         rw.activation = description
@@ -428,7 +453,10 @@ class _Grouper:
         if producer is not None and producer in self.activation_owner and self.activation_owner[producer] is not rw:
             rw.shared_activation = self.activation_owner[producer].target
             return
-        found = self._upstream(b, [tensor], self.free_b, set(), _QDQ_HELPERS)
+        if marked is not None and producer is not None:
+            found = [j for j in self.marks.group(producer) if self.free_b(j)]
+        else:
+            found = self._upstream(b, [tensor], self.free_b, set(), _QDQ_HELPERS)
         if not any(b.nodes[j].op_type in ("QuantizeLinear", "Cast") for j in found):
             return
         claims.nodes_b.update(found)
@@ -489,17 +517,39 @@ class _Grouper:
             target = short_name(linear.weights[0]) if linear is not None else a.label(i)  # a linear by its weight
             rw = Rewrite(
                 "lowered",
-                self._label(i, group),
+                self._marked_label(i, group) or self._label(i, group),
                 a.layers[i],
                 target,
                 a.op(i),
                 [b.label(x) for x in group],
                 [a.label(x) for x in removed],
             )
+            rw.stage = next((self.marks.of[y].stage or "" for y in group if y in self.marks.of), "")
             self._initializers(rw, [i, *removed], group)
             self._own(rw, [i, *removed], group)
             found.append(rw)
         return found
+
+    def _marked_label(self, i: int, group: list[int]) -> str:
+        """The label the lowering's own marks give (`lowered(com.microsoft.MoE)`: "lowered (to com.microsoft::MoE)");
+        "" when B's nodes carry no lowering mark with i as their origin."""
+        name = self.a.nodes[i].name
+        marks = [m for j in group if (m := self.marks.of.get(j)) is not None and name in m.origin and m.rewrite]
+        if not marks or marks[0].rewrite is None:
+            return ""
+        rewrite = marks[0].rewrite
+        if rewrite.kind == provenance.INLINED:
+            return f"lowered (inlined, {len(group)} nodes)"
+        if rewrite.kind != provenance.LOWERED or len(rewrite.details) != 1:
+            return ""
+        target = rewrite.details[0]
+        node = self.a.nodes[i]
+        if node.op_type in ("QuantizeLinear", "DequantizeLinear") and any(
+            a.name == "block_size" and a.i for a in node.attribute
+        ):
+            return f"lowered (blocked {node.op_type} as {target})"
+        domain, _, op = target.rpartition(".")
+        return f"lowered (to {domain}::{op})" if domain and " " not in target else f"lowered (to {target})"
 
     def _label(self, i: int, group: list[int]) -> str:
         b = self.b
@@ -579,10 +629,11 @@ def _experts_name(weights: tuple[str, ...]) -> str:
 
 
 def group_rewrites(
-    a: GraphIndex, b: GraphIndex, m: Matching, inits: dict[str, str], changed: set[str]
+    a: GraphIndex, b: GraphIndex, m: Matching, inits: dict[str, str], changed: set[str], marks: Marks | None = None
 ) -> tuple[list[Rewrite], Claims]:
-    """The pipeline rewrites between A and B; `changed`: initializers of A whose B counterpart differs."""
-    grouper = _Grouper(a, b, m, inits, changed)
+    """The pipeline rewrites between A and B; `changed`: initializers of A whose B counterpart differs;
+    `marks`: B's provenance marks, read first (structure is the fallback for nodes without them)."""
+    grouper = _Grouper(a, b, m, inits, changed, marks if marks is not None else Marks(b))
     merged = grouper.merged()
     quantized = grouper.quantized()
     lowered = grouper.lowered()

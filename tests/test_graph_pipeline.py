@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import re
+import shutil
 from pathlib import Path
 
 import onnx
@@ -277,3 +278,59 @@ def test_rewrite_lists_name_real_nodes(quantized: DiffReport, folders: dict[str,
     assert len(added) == len(set(added)) and set(added) <= b - a
     assert len(removed) == len(set(removed)) and set(removed) <= a - b
     assert len(added) == len(b - a)  # every node the passes added is explained by a rewrite
+
+
+def _strip_marks(src: Path, dst: Path, rename: bool = False, keep: bool = False) -> Path:
+    """A copy of the graph `src` without dsv3c's provenance marks (a graph dsv3c did not write); `rename`:
+    every node renamed `n{k}`, so that names give no clue; `keep`: the marks kept."""
+    model = onnx.load(str(src), load_external_data=False)
+    for k, node in enumerate(model.graph.node):
+        if rename:
+            node.name = f"n{k}"
+        if not keep:
+            props = [p for p in node.metadata_props if not p.key.startswith("dsv3c.")]
+            del node.metadata_props[:]
+            node.metadata_props.extend(props)
+    if not keep:
+        props = [p for p in model.metadata_props if not p.key.startswith("dsv3c.")]
+        del model.metadata_props[:]
+        model.metadata_props.extend(props)
+    onnx.save(model, dst)
+    for location in {e.value for t in model.graph.initializer for e in t.external_data if e.key == "location"}:
+        shutil.copy(src.parent / location, dst.parent / location)  # the weights, beside it (not linked)
+    return dst
+
+
+def _summary(g: GraphDiff) -> list[tuple[object, ...]]:
+    return sorted(
+        (r.kind, r.layer, r.op, r.label, r.target, len(r.added_nodes), len(r.removed_nodes), r.activation)
+        for r in g.rewrites
+    )
+
+
+@pytest.mark.parametrize(("a", "b"), [("export", "quantized"), ("export", "portable"), ("quantized", "ort")])
+def test_marks_and_structure_agree(folders: dict[str, Path], tmp_path: Path, a: str, b: str) -> None:
+    """The diff reads the passes' provenance marks; on the same graph without them, structural inference
+    (the fallback for graphs dsv3c did not write) reports the same rewrites."""
+    path_a, path_b = folders[a] / "prefill.onnx", folders[b] / "prefill.onnx"
+    assert any(n.metadata_props for n in onnx.load(str(path_b), load_external_data=False).graph.node)
+    (marked,) = diff_paths(path_a, path_b).graphs
+    (inferred,) = diff_paths(path_a, _strip_marks(path_b, tmp_path / "unmarked.onnx")).graphs
+    _only_rewrites(marked)
+    _only_rewrites(inferred)
+    assert _summary(marked) == _summary(inferred)
+    stages = {r.stage for r in marked.rewrites if r.kind == "lowered"}
+    assert stages <= {"inline-custom", "moe-to-com-microsoft"} and (b == "quantized" or stages)
+    assert {r.stage for r in inferred.rewrites} == {""}  # nothing to read: inferred
+
+
+def test_marks_group_what_names_cannot(folders: dict[str, Path], tmp_path: Path) -> None:
+    """Every node renamed: the inlined custom nodes are still grouped per origin, by their marks alone."""
+    path_a, path_b = folders["export"] / "prefill.onnx", folders["portable"] / "prefill.onnx"
+    (expected,) = diff_paths(path_a, path_b).graphs
+    (renamed,) = diff_paths(path_a, _strip_marks(path_b, tmp_path / "renamed.onnx", rename=True, keep=True)).graphs
+    lowered = [r for r in renamed.rewrites if r.kind == "lowered"]
+    assert sorted((r.layer, r.op, r.label, r.target) for r in lowered) == sorted(
+        (r.layer, r.op, r.label, r.target) for r in expected.rewrites if r.kind == "lowered"
+    )
+    assert all(r.stage == "inline-custom" for r in lowered)

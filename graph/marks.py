@@ -1,0 +1,56 @@
+"""The provenance marks of a graph's nodes, as the diff reads them: which nodes one rewrite created together.
+
+dsv3c's passes stamp every node they create with its stage, its rewrite and its origin
+(artifact/provenance.py). Nodes with the same three marks were made together, by one rewrite of one
+thing (a weight, a linear's activation, a custom node): the diff takes such a group whole instead of
+inferring it from the graph's shape. A graph without marks (one dsv3c did not write) has no groups, and
+the diff falls back to structural inference (graph/rewrites.py).
+"""
+
+from __future__ import annotations
+
+from dsv3c.artifact.provenance import Provenance, read_props
+from dsv3c.graph.index import GraphIndex
+
+Key = tuple[str, str, tuple[str, ...]]  # (stage, rewrite, origin)
+
+
+class Marks:
+    """The marked nodes of one graph (by index), grouped by their marks."""
+
+    def __init__(self, index: GraphIndex) -> None:
+        self.index = index
+        self.of: dict[int, Provenance] = {}
+        self.groups: dict[Key, list[int]] = {}
+        for j, node in enumerate(index.nodes):
+            if not node.metadata_props:
+                continue
+            marks = read_props({p.key: p.value for p in node.metadata_props})
+            if marks.stage is None:
+                continue
+            self.of[j] = marks
+            self.groups.setdefault(self.key(j), []).append(j)
+
+    def __bool__(self) -> bool:
+        return bool(self.of)
+
+    def key(self, j: int) -> Key:
+        m = self.of[j]
+        return (m.stage or "", str(m.rewrite or ""), m.origin)
+
+    def kind(self, j: int) -> str:
+        m = self.of.get(j)
+        return m.rewrite.kind if m is not None and m.rewrite is not None else ""
+
+    def group(self, j: int) -> list[int]:
+        """The nodes made by the rewrite that made node `j` (just `[j]` for an unmarked node)."""
+        return self.groups[self.key(j)] if j in self.of else [j]
+
+    def readers_outside(self, group: list[int]) -> list[tuple[int, int]]:
+        """(node, input index) of the nodes outside `group` that read what it computes."""
+        inside = set(group)
+        found = []
+        for j in group:
+            for out in self.index.nodes[j].output:
+                found += [(c, k) for c, k in self.index.consumers.get(out, []) if c not in inside]
+        return found
