@@ -1,6 +1,6 @@
 """IREE lowering: fixed shapes, and blocked Q/DQ rewritten to element-wise math IREE compiles.
 
-IREE 3.13's ONNX importer (FACTS.md, and measured here): custom domains and local functions are not
+IREE 3.13's ONNX importer (measured; docs/toolchain.md): custom domains and local functions are not
 supported (inline first), blocked DequantizeLinear fails, and this graph family crashed iree-compile
 with dynamic batch/sequence dims while it compiles and runs with fixed ones. So:
 

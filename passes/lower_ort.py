@@ -9,8 +9,8 @@ The kernel picks the top-k of its router_probs and mixes the experts with softma
 Log(R) (-inf where R = 0) it picks exactly the selected experts and mixes with R / sum(R), so the
 sum brings back DeepSeek's scale (norm_topk_prob or not, routed_scaling_factor). fc1 is [E, 2 ff, D]
 with gate and up rows interleaved (g0, u0, g1, u1, ...), built in the graph from the expert weights
-(or their DequantizeLinear: fp8 expert weights stay fp8 in the file). FACTS.md: swiglu_fusion=1 and
-activation_alpha=1, activation_beta=0 are what the CPU kernel implements.
+(or their DequantizeLinear: fp8 expert weights stay fp8 in the file). swiglu_fusion=1 and
+activation_alpha=1, activation_beta=0 are what the CPU kernel implements (docs/toolchain.md).
 """
 
 from __future__ import annotations

@@ -1,11 +1,11 @@
 """TensorRT-RTX's native layers on small graphs: what the parser and builder do without a GPU.
 
-These pin the measured behaviour the `trt` lowering relies on (see the build report / FACTS.md): opset-23
+These pin the measured behaviour the `trt` lowering relies on (docs/toolchain.md): opset-23
 RotaryEmbedding becomes a native ROTARY_EMBEDDING layer; opset-23 Attention becomes native attention
 (ATTENTION_INPUT/OUTPUT) that needs equal Q/K/V head sizes, has fused kernels in 16-bit types only (fp32 is
 decomposed once allowed), and takes one shared K/V head (MQA, the absorbed-MLA form); the network API's
 MoE layer and 1x128 dynamic quantization do not build. If one of these changes with a new TensorRT, the
-lowering can change with it: update FACTS.md.
+lowering can change with it: update docs/toolchain.md.
 """
 
 from __future__ import annotations

@@ -7,7 +7,7 @@
 The passes issue's `trt` lowering (MLA through opset-23 Attention, RoPE through RotaryEmbedding, constant
 Q/DQ scales) runs first when dsv3c has it (`lowered_folder`, the one switch). Whatever remains is prepared
 minimally: model-local functions (the reference bodies) are inlined, so no plugin lookup can happen
-(TensorRT-RTX aborts the process on a node that maps to a registered Python plugin, FACTS.md), and inlined
+(TensorRT-RTX aborts the process on a node that maps to a registered Python plugin: docs/toolchain.md), and inlined
 nodes are named after their call site (`layers.0/node_moe/TopK_15`) so that errors can name them. Weights
 stay in weights.bin: the graph is serialized without them and the parser reads them from the folder.
 """

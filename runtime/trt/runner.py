@@ -21,7 +21,7 @@ from dsv3c.runtime.engine import EngineBackend, StepOutput
 from dsv3c.runtime.latent_buffers import CacheShape, LatentBuffers
 from dsv3c.runtime.trt.backend import TensorRTModule, load_backend, make_logger
 
-RTX_RUNS_ON = ("8.0", "8.6", "8.9", "12.0", "12.1")  # TensorRT-RTX 1.7's message on other GPUs (FACTS.md)
+RTX_RUNS_ON = ("8.0", "8.6", "8.9", "12.0", "12.1")  # TensorRT-RTX 1.7 refuses other GPUs (docs/toolchain.md)
 TORCH_TYPES = {
     "FLOAT": torch.float32,
     "HALF": torch.float16,
