@@ -32,7 +32,7 @@ from dsv3c.parallel.plan import ExpertPlan
 
 @dataclass
 class CollectiveStats:
-    """Time spent in this rank's MoE collectives (waiting for peers included) and the bytes it sent."""
+    """Time spent in this rank's MoE collectives (waiting for peers included) and the bytes it sent to others."""
 
     seconds: float = 0.0
     calls: int = 0
@@ -80,7 +80,8 @@ class AllToAllDispatch:
             y_recv[mask] = moe.experts[e](x_recv[mask])
         y_send = y_recv.new_empty(x_send.shape)
         self._run(layer, "combine", lambda: dist.all_to_all_single(y_send, y_recv, sends, recvs))
-        self.stats.bytes_sent += _nbytes(x_send) + _nbytes(y_recv) + expert.numel() * 8
+        row = flat.shape[1] * flat.element_size()  # what leaves the rank: copies for other ranks, out and back
+        self.stats.bytes_sent += (sum(sends) - sends[rank]) * (row + 8) + (sum(recvs) - recvs[rank]) * row
 
         pairs = torch.empty_like(y_send, dtype=torch.float32)
         pairs[order] = y_send.float()  # back to pair order
@@ -114,6 +115,13 @@ class AllToAllDispatch:
 
 def _nbytes(t: torch.Tensor) -> int:
     return t.numel() * t.element_size()
+
+
+def install_layer(moe: MoE, plan: ExpertPlan, group: RankGroup) -> AllToAllDispatch:
+    """Route one MoE layer through an AllToAllDispatch of its own (benchmarks time a layer alone)."""
+    dispatch = AllToAllDispatch(plan, group)
+    moe.dispatch = dispatch
+    return dispatch
 
 
 def install(model: DeepseekV3ForCausalLM, plan: ExpertPlan, group: RankGroup) -> AllToAllDispatch:
