@@ -18,7 +18,6 @@ import onnx
 import onnx_ir as ir
 from dsv3c.artifact.manifest import Manifest
 from dsv3c.errors import UserError
-from dsv3c.runtime.ort_session import import_ort
 
 
 @dataclass(frozen=True)
@@ -54,6 +53,15 @@ def random_feeds(
         else:
             raise UserError(f"{role} input {t.name} is {t.dtype}; random inputs are made for float32 graphs only")
     return feeds
+
+
+def import_ort() -> Any:
+    """onnxruntime, or a UserError when neither onnxruntime nor onnxruntime-gpu (same import name) is installed."""
+    try:
+        import onnxruntime as ort
+    except ImportError:
+        raise UserError("onnxruntime is not installed; install onnxruntime (CPU) or onnxruntime-gpu") from None
+    return ort
 
 
 class GraphRunner:
