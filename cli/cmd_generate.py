@@ -177,4 +177,6 @@ def run(args: argparse.Namespace) -> int:
     else:
         for i, row in enumerate(ids):
             print(texts[i] if texts is not None else " ".join(map(str, row)))
+    if ep is not None:
+        print(ep.summary(), file=sys.stderr)
     return 0

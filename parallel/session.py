@@ -29,6 +29,15 @@ class ExpertParallel:
     def close(self) -> None:
         groups.leave()
 
+    def summary(self) -> str:
+        """One line: this rank's time in the MoE collectives (waits for slower peers included)."""
+        s, g = self.dispatch.stats, self.group
+        per_call = 1e3 * s.seconds / max(s.moe_calls, 1)
+        return (
+            f"ep: {g.world} ranks ({g.backend}); rank {g.rank} spent {1e3 * s.seconds:.1f} ms in MoE collectives, "
+            f"{per_call:.2f} ms per MoE layer call ({s.moe_calls} calls), {s.bytes_sent / 2**20:.2f} MiB sent"
+        )
+
 
 def open_expert_parallel(
     source: Path,
