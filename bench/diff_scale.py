@@ -1,11 +1,9 @@
 """Time `dsv3c diff` on the full DeepSeek-V3 topology (weights declared, not written), before vs after fp8.
 
-    python bench/diff_scale.py [--source export|synthetic] [--layers 61] [--linears-per-layer 25] [--out DIR]
+    python bench/diff_scale.py [--layers 61] [--out DIR]
 
---source export (default) runs the real pipeline: `dsv3c export --preset v3 --weights none`, then
-`dsv3c quantize` of that folder. --source synthetic builds the v3 topology with dsv3c.graph.synthetic
-(61 layers, 3 dense, 58 MoE with 256 experts, `--linears-per-layer` MatMul linears per layer) and
-quantizes it with `synthetic.quantize_fp8`, which builds the same structure as the real pass.
+Runs the real pipeline: `dsv3c export --preset v3 --weights none`, then `dsv3c quantize` of that folder;
+the diff reads the passes' provenance marks.
 
 Prints seconds for load + match + diff, for each renderer, and for inspect, and peak RSS.
 Goal (issue 7): the whole diff under 60 s on the 2-core CPU machine.
@@ -20,30 +18,6 @@ import sys
 import tempfile
 import time
 from pathlib import Path
-
-import onnx
-
-
-def synthetic_folder(out: Path, layers: int, linears: int) -> None:
-    from dsv3c.graph.synthetic import Topology, build_model, write_export
-
-    v3 = dict(
-        hidden=7168,
-        q_rank=1536,
-        kv_rank=576,
-        heads_dim=128 * 192,
-        ff=18432,
-        dense_layers=3,
-        experts=256,
-        top_k=8,
-        moe_ff=2048,
-        vocab=129280,
-        data=False,
-    )
-    main = Topology(layers=layers, extra_linears=max(linears - 7, 0), **v3)  # type: ignore[arg-type]
-    mtp = Topology(layers=1, extra_linears=max(linears - 7, 0), **{**v3, "dense_layers": 0})  # type: ignore[arg-type]
-    model = build_model(main)
-    write_export(out, {"prefill": model, "decode": model, "mtp": build_model(mtp)}, layers=layers)
 
 
 def exported_folder(out: Path, layers: int) -> None:
@@ -65,15 +39,6 @@ def quantized_folder(src: Path, dst: Path) -> None:
     quantize_folder(src, dst, QuantizeOptions())
 
 
-def quantized_copy(src: Path, dst: Path) -> None:
-    from dsv3c.graph.load import read_export_manifest
-    from dsv3c.graph.synthetic import quantize_fp8
-
-    shutil.copytree(src, dst)
-    for path in read_export_manifest(src)[0].values():
-        onnx.save(quantize_fp8(onnx.load(str(path), load_external_data=False)), str(dst / path.name))
-
-
 def timed(label: str, fn, *args):  # type: ignore[no-untyped-def]
     start = time.perf_counter()
     result = fn(*args)
@@ -83,9 +48,7 @@ def timed(label: str, fn, *args):  # type: ignore[no-untyped-def]
 
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--source", choices=["export", "synthetic"], default="export")
     p.add_argument("--layers", type=int, default=61)
-    p.add_argument("--linears-per-layer", type=int, default=25, help="synthetic only")
     p.add_argument("--out", type=Path, default=None, help="scratch folder (default: a temporary one)")
     args = p.parse_args()
     from dsv3c.graph.diff import diff_paths
@@ -100,16 +63,8 @@ def main() -> int:
     shutil.rmtree(a, ignore_errors=True)
     shutil.rmtree(b, ignore_errors=True)
     try:
-        if args.source == "synthetic":
-            timed(
-                f"build synthetic v3 ({args.layers} layers)", synthetic_folder, a, args.layers, args.linears_per_layer
-            )
-        else:
-            timed(f"export v3 --weights none ({args.layers} layers)", exported_folder, a, args.layers)
-        if args.source == "synthetic":
-            timed("quantize (synthetic fp8 pass)", quantized_copy, a, b)
-        else:
-            timed("quantize (dsv3c quantize)", quantized_folder, a, b)
+        timed(f"export v3 --weights none ({args.layers} layers)", exported_folder, a, args.layers)
+        timed("quantize (dsv3c quantize)", quantized_folder, a, b)
         start = time.perf_counter()
         report = timed("diff: load + match + group", diff_paths, a, b)
         text = timed("render text", render_diff, report)

@@ -406,7 +406,7 @@ class _Grouper:
                 scheme = ", ".join(marked[1].details)
             layer = a.layers[user_a] if user_a is not None else layer_of_name(x)
             rw = Rewrite("quantized", f"quantized ({scheme})", layer, "", a.op(user_a) if user_a is not None else "")
-            rw.stage = self.marks.of[path_b[0]].stage or "" if marked is not None and path_b else ""
+            rw.stage = next((self.marks.of[j].stage or "" for j in path_b if j in self.marks.of), "")
             rw.weight_dtype = dtype_name(b.initializers[y].data_type)
             groups[key] = (order, rw)
         rw = groups[key][1]

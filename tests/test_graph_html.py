@@ -12,19 +12,23 @@ import onnx
 import pytest
 from dsv3c.graph.diff import diff_paths
 from dsv3c.graph.render_html import render_html
-from dsv3c.graph.synthetic import Topology, build_model, quantize_fp8
+
+from .fixtures.pipeline import PipelineFolders
 
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
 
 
 @pytest.fixture(scope="module")
-def report_html(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    folder = tmp_path_factory.mktemp("html")
-    a = build_model(Topology(layers=3))
-    onnx.save(a, folder / "a.onnx")
-    onnx.save(quantize_fp8(a), folder / "b.onnx")
-    path = folder / "report.html"
-    path.write_text(render_html(diff_paths(folder / "a.onnx", folder / "b.onnx", numeric=True)))
+def folders(tiny_export: Path, tmp_path_factory: pytest.TempPathFactory) -> PipelineFolders:
+    return PipelineFolders(tiny_export, tmp_path_factory.getbasetemp())
+
+
+@pytest.fixture(scope="module")
+def report_html(folders: PipelineFolders, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The HTML report of the real pipeline's export -> quantize (prefill), with numbers."""
+    a, b = folders["export"] / "prefill.onnx", folders["quantized"] / "prefill.onnx"
+    path = tmp_path_factory.mktemp("html") / "report.html"
+    path.write_text(render_html(diff_paths(a, b, numeric=True)))
     return path
 
 
@@ -38,8 +42,10 @@ def test_self_contained(report_html: Path) -> None:
 
 
 @pytest.mark.skipif(CHROMIUM is None, reason="chromium is not installed (apt-get install -y chromium)")
-def test_chromium_shows_the_report(report_html: Path, tmp_path: Path) -> None:
+def test_chromium_shows_the_report(report_html: Path, folders: PipelineFolders, tmp_path: Path) -> None:
     assert CHROMIUM is not None
+    model = onnx.load(str(folders["quantized"] / "prefill.onnx"), load_external_data=False)
+    out, inp = next(list(t.dims) for t in model.graph.initializer if t.name.endswith("0.self_attn.q_a_proj.weight"))
     cmd = [
         CHROMIUM,
         "--headless",
@@ -56,7 +62,8 @@ def test_chromium_shows_the_report(report_html: Path, tmp_path: Path) -> None:
     summaries = re.findall(r"<summary>(.*?)<span", dom)
     assert summaries == ["layer 0", "layer 1", "layer 2", "outside layers"]
     assert "quantized (fp8, block 128): 8 linears (7 with fp8 activations, 1 weight-only)" in dom
-    assert "self_attn.q_a_proj (MatMul): weight float8e4m3fn[256, 256], scale [2, 2]" in dom
+    scale = [-(-out // 128), -(-inp // 128)]
+    assert f"self_attn.q_a_proj (MatMul): weight float8e4m3fn[{out}, {inp}], scale {scale}" in dom
     bars = re.findall(r'<rect class="bar( jump)?" data-layer="([^"]+)"', dom)
     assert [layer for _, layer in bars] == ["0", "1", "2", "None"]
     assert bars[0][0] == " jump"  # the first quantized linear is in layer 0

@@ -12,8 +12,9 @@ from dsv3c.errors import UserError
 from dsv3c.graph import load as load_mod
 from dsv3c.graph.load import graph_paths, load_graph
 from dsv3c.graph.summary import inspect_path
-from dsv3c.graph.synthetic import Topology, build_model, declared
 from onnx import TensorProto, helper
+
+from .fixtures.synthetic import Topology, build_model, declared
 
 
 def _run_cli(argv: list[str], monkeypatch: pytest.MonkeyPatch) -> int:

@@ -16,8 +16,10 @@ from dsv3c.cli import main as cli
 from dsv3c.graph.diff import diff_paths
 from dsv3c.graph.diff_types import DiffReport, GraphDiff, Rewrite
 from dsv3c.graph.linears import FP8_TYPES
-from dsv3c.graph.render_text import render_diff
+from dsv3c.graph.render_text import render_diff, render_inspect
 from dsv3c.graph.summary import inspect_path
+
+from .fixtures.pipeline import PipelineFolders
 
 ROLES = ["prefill", "decode", "mtp"]
 ATTENTION = [
@@ -33,28 +35,14 @@ WEIGHT_ONLY = {"self_attn.kv_b_proj", "mlp.experts"}  # read inside dsv3c::MLAAt
 
 
 @pytest.fixture(scope="module")
-def folders(tiny_export: Path, tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
-    """The tiny export, its FP8 version, the export lowered to portable and trt, the FP8 version to ort and iree."""
-    from dsv3c.passes.lower import lower_folder
-    from dsv3c.passes.pipelines import QuantizeOptions, Target
-    from dsv3c.passes.quantize import quantize_folder
-
-    root = tmp_path_factory.mktemp("pipeline")
-    out = {"export": tiny_export, "quantized": root / "q"}
-    quantize_folder(tiny_export, out["quantized"], QuantizeOptions())
-    for source, target in (
-        ("export", Target.PORTABLE),
-        ("export", Target.TRT),
-        ("quantized", Target.ORT),
-        ("quantized", Target.IREE),
-    ):
-        out[target.value] = root / target.value
-        lower_folder(out[source], out[target.value], target)
-    return out
+def folders(tiny_export: Path, tmp_path_factory: pytest.TempPathFactory) -> PipelineFolders:
+    """The tiny export, its FP8 version, the export lowered to portable and trt, the FP8 version to ort and iree
+    (each built on first use, tests/fixtures/pipeline.py)."""
+    return PipelineFolders(tiny_export, tmp_path_factory.getbasetemp())
 
 
 @pytest.fixture(scope="module")
-def quantized(folders: dict[str, Path]) -> DiffReport:
+def quantized(folders: PipelineFolders) -> DiffReport:
     return diff_paths(folders["export"], folders["quantized"])
 
 
@@ -79,7 +67,7 @@ def _scales(path: Path) -> dict[str, list[int]]:
     return {t.name: list(t.dims) for t in model.graph.initializer if t.name.endswith("_scale_inv")}
 
 
-def test_export_vs_quantize_is_grouped_per_layer(quantized: DiffReport, folders: dict[str, Path]) -> None:
+def test_export_vs_quantize_is_grouped_per_layer(quantized: DiffReport, folders: PipelineFolders) -> None:
     assert [g.role for g in quantized.graphs] == ROLES and not quantized.identical
     for g in quantized.graphs:
         _only_rewrites(g)
@@ -118,7 +106,7 @@ def test_export_vs_quantize_is_grouped_per_layer(quantized: DiffReport, folders:
     assert all(r.removed_nodes and "identical nodes" in r.target for r in prefill.rewrites if r.kind == "merged")
 
 
-def test_quantize_text_and_json(folders: dict[str, Path], tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+def test_quantize_text_and_json(folders: PipelineFolders, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     a, b = str(folders["export"]), str(folders["quantized"])
     code, text = _run_cli(["diff", a, b], capsys)
     assert code == 1
@@ -144,12 +132,12 @@ def test_quantize_text_and_json(folders: dict[str, Path], tmp_path: Path, capsys
     assert rows[0, "self_attn.o_proj"]["activation"] == "fp8, 1x128 tiles (online)"
 
 
-def test_identical_folders(folders: dict[str, Path], capsys: pytest.CaptureFixture[str]) -> None:
+def test_identical_folders(folders: PipelineFolders, capsys: pytest.CaptureFixture[str]) -> None:
     code, text = _run_cli(["diff", str(folders["quantized"]), str(folders["quantized"])], capsys)
     assert code == 0 and text.strip().endswith("no differences")
 
 
-def test_structure_not_names(folders: dict[str, Path], tmp_path: Path) -> None:
+def test_structure_not_names(folders: PipelineFolders, tmp_path: Path) -> None:
     """Every node and every fp8 weight of the quantized graph renamed: the linears are still found, from the
     float -> fp8 initializers and the DequantizeLinear on their way to the MatMul/MLA/MoE reading them."""
     model = onnx.load(str(folders["quantized"] / "prefill.onnx"))
@@ -173,7 +161,7 @@ def test_structure_not_names(folders: dict[str, Path], tmp_path: Path) -> None:
     assert names["model.layers.0.self_attn.o_proj.weight"] in renamed.added_initializers
 
 
-def test_lowered_portable(folders: dict[str, Path]) -> None:
+def test_lowered_portable(folders: PipelineFolders) -> None:
     report = diff_paths(folders["export"], folders["portable"])
     for g in report.graphs:
         _only_rewrites(g)
@@ -191,7 +179,7 @@ def test_lowered_portable(folders: dict[str, Path]) -> None:
     ]
 
 
-def test_lowered_to_onnxruntime_moe(folders: dict[str, Path], capsys: pytest.CaptureFixture[str]) -> None:
+def test_lowered_to_onnxruntime_moe(folders: PipelineFolders, capsys: pytest.CaptureFixture[str]) -> None:
     report = diff_paths(folders["quantized"], folders["ort"])
     for g in report.graphs:
         _only_rewrites(g)
@@ -204,13 +192,13 @@ def test_lowered_to_onnxruntime_moe(folders: dict[str, Path], capsys: pytest.Cap
     # export -> ort: quantized and lowered at once; the experts' fp8 weights now feed com.microsoft::MoE
     both = diff_paths(folders["export"] / "prefill.onnx", folders["ort"] / "prefill.onnx").graphs[0]
     _only_rewrites(both)
-    kinds = {(r.kind, r.layer) for r in both.rewrites}
-    assert {(k, layer) for k in ("quantized", "lowered") for layer in range(3)} <= kinds
+    kinds = {(r.kind, r.layer) for r in both.rewrites if r.kind != "merged"}
+    assert kinds == {(k, layer) for k in ("quantized", "lowered") for layer in range(3)}
     experts = next(r for r in both.rewrites if r.target == "mlp.experts" and r.layer == 1)
     assert experts.op == "dsv3c::MoE" and experts.weight_only and len(experts.weights) == 3
 
 
-def test_lowered_for_tensorrt_and_iree(folders: dict[str, Path]) -> None:
+def test_lowered_for_tensorrt_and_iree(folders: PipelineFolders) -> None:
     trt = diff_paths(folders["export"] / "prefill.onnx", folders["trt"] / "prefill.onnx").graphs[0]
     _only_rewrites(trt)
     assert "opset ai.onnx" in {c.field for c in trt.model}
@@ -238,7 +226,7 @@ def test_lowered_for_tensorrt_and_iree(folders: dict[str, Path]) -> None:
     }
 
 
-def test_numeric_export_vs_quantize(folders: dict[str, Path]) -> None:
+def test_numeric_export_vs_quantize(folders: PipelineFolders) -> None:
     (g,) = diff_paths(folders["export"] / "prefill.onnx", folders["quantized"] / "prefill.onnx", numeric=True).graphs
     n = g.numeric
     assert n is not None and n.status == "ok", n
@@ -253,7 +241,7 @@ def test_numeric_export_vs_quantize(folders: dict[str, Path]) -> None:
     assert "    layer 0: max rel err " in text and "  first jump: layer 0, " in text
 
 
-def test_inspect_fp8_coverage(folders: dict[str, Path]) -> None:
+def test_inspect_fp8_coverage(folders: PipelineFolders) -> None:
     (before,) = [g for g in inspect_path(folders["export"]).graphs if g.role == "prefill"]
     (after,) = [g for g in inspect_path(folders["quantized"]).graphs if g.role == "prefill"]
     (ort,) = [g for g in inspect_path(folders["ort"]).graphs if g.role == "prefill"]
@@ -263,11 +251,36 @@ def test_inspect_fp8_coverage(folders: dict[str, Path]) -> None:
     assert (f.fp8_linears, f.weight_only) == (21, 5)  # kv_b_proj x3 and experts x2 are weight-only
     assert f.schemes == {"fp8, block 128": 26} and f.activations == {"fp8, 1x128 tiles (online)": 21}
     assert f.flops == pytest.approx(before.fp8.flops) and 0.3 < f.share < 0.9 and 0.05 < f.weight_only_share < 0.5
+    flops, fp8, weight_only = _linear_flops(folders["export"])
+    assert f.flops == pytest.approx(flops)
+    assert f.share == pytest.approx(fp8 / flops) and f.weight_only_share == pytest.approx(weight_only / flops)
+    assert "float8e4m3fn" in {r.dtype for r in after.by_dtype}
+    text = render_inspect(inspect_path(folders["quantized"]))
+    assert "21 of 29 linears in fp8 (activations fp8, 1x128 tiles (online): 21); 5 more with fp8 weights only" in text
     # onnxruntime's lowering does not change what runs in fp8
     assert (ort.fp8.fp8_linears, ort.fp8.weight_only, ort.fp8.share) == (21, 5, pytest.approx(f.share))
 
 
-def test_rewrite_lists_name_real_nodes(quantized: DiffReport, folders: dict[str, Path]) -> None:
+def _linear_flops(export: Path) -> tuple[float, float, float]:
+    """Linear FLOPs per token of the prefill graph, from its weights' shapes: (all, those the quantize pipeline
+    runs in fp8, those it gives fp8 weights only: kv_b_proj, read inside MLAAttention, and the routed experts)."""
+    from dsv3c.artifact.manifest import read_manifest
+
+    top_k = int(read_manifest(export).config["num_experts_per_tok"])
+    total = fp8 = weight_only = 0.0
+    for name, dims in _dims(export / "prefill.onnx").items():
+        if not name.endswith(".weight") or len(dims) < 2 or "embed_tokens" in name:
+            continue
+        flops = 2.0 * dims[-1] * dims[-2] * (top_k if len(dims) == 3 else 1)
+        total += flops
+        if "kv_b_proj" in name or ".mlp.experts." in name:
+            weight_only += flops
+        elif not (name == "lm_head.weight" or name.endswith("mlp.gate.weight")):  # the high-precision ones
+            fp8 += flops
+    return total, fp8, weight_only
+
+
+def test_rewrite_lists_name_real_nodes(quantized: DiffReport, folders: PipelineFolders) -> None:
     """The nodes folded under each rewrite exist in B (added) or A (removed) and are not listed twice."""
     g = quantized.graphs[0]
     b = {n.name for n in onnx.load(str(folders["quantized"] / "prefill.onnx"), load_external_data=False).graph.node}
@@ -309,7 +322,7 @@ def _summary(g: GraphDiff) -> list[tuple[object, ...]]:
 
 
 @pytest.mark.parametrize(("a", "b"), [("export", "quantized"), ("export", "portable"), ("quantized", "ort")])
-def test_marks_and_structure_agree(folders: dict[str, Path], tmp_path: Path, a: str, b: str) -> None:
+def test_marks_and_structure_agree(folders: PipelineFolders, tmp_path: Path, a: str, b: str) -> None:
     """The diff reads the passes' provenance marks; on the same graph without them, structural inference
     (the fallback for graphs dsv3c did not write) reports the same rewrites."""
     path_a, path_b = folders[a] / "prefill.onnx", folders[b] / "prefill.onnx"
@@ -324,7 +337,7 @@ def test_marks_and_structure_agree(folders: dict[str, Path], tmp_path: Path, a: 
     assert {r.stage for r in inferred.rewrites} == {""}  # nothing to read: inferred
 
 
-def test_marks_group_what_names_cannot(folders: dict[str, Path], tmp_path: Path) -> None:
+def test_marks_group_what_names_cannot(folders: PipelineFolders, tmp_path: Path) -> None:
     """Every node renamed: the inlined custom nodes are still grouped per origin, by their marks alone."""
     path_a, path_b = folders["export"] / "prefill.onnx", folders["portable"] / "prefill.onnx"
     (expected,) = diff_paths(path_a, path_b).graphs
@@ -334,3 +347,63 @@ def test_marks_group_what_names_cannot(folders: dict[str, Path], tmp_path: Path)
         (r.layer, r.op, r.label, r.target) for r in expected.rewrites if r.kind == "lowered"
     )
     assert all(r.stage == "inline-custom" for r in lowered)
+
+
+def _dims(path: Path) -> dict[str, list[int]]:
+    return {t.name: list(t.dims) for t in onnx.load(str(path), load_external_data=False).graph.initializer}
+
+
+@pytest.mark.parametrize("pair", [("export", "quantized"), ("weightless", "weightless-quantized")])
+def test_quantized_linear_details(folders: PipelineFolders, pair: tuple[str, str]) -> None:
+    """One linear's entry in full, with weights and for `--weights none` folders (structure only)."""
+    a, b = (folders[x] / "prefill.onnx" for x in pair)
+    (g,) = diff_paths(a, b).graphs
+    _only_rewrites(g)
+    assert {(r.layer, r.label) for r in g.rewrites if r.kind == "quantized"} == {
+        (layer, "quantized (fp8, block 128)") for layer in range(3)
+    }
+    dims = _dims(b)
+    rewrites = {(r.layer, r.target): r for r in g.rewrites}
+    o_proj = rewrites[0, "self_attn.o_proj"]
+    weight = "model.layers.0.self_attn.o_proj.weight"
+    assert o_proj.changed_initializers == [weight]  # float -> fp8, same name
+    assert o_proj.added_initializers == [weight + "_scale_inv"]
+    assert {n.rsplit("/", 1)[-1] for n in o_proj.added_nodes} >= {"dequantize", "scale_expand", "quantize", "amax"}
+    out, inp = dims[weight]
+    scale = [-(-out // 128), -(-inp // 128)]
+    assert (o_proj.op, o_proj.weight_shapes, o_proj.scale_shapes) == ("MatMul", [[out, inp]], [scale])
+    assert o_proj.activation == "fp8, 1x128 tiles (online)" and not o_proj.weight_only
+    assert o_proj.stage == "fp8-weights"
+    experts, kv_b = rewrites[1, "mlp.experts"], rewrites[1, "self_attn.kv_b_proj"]
+    assert experts.weight_only and kv_b.weight_only and experts.op == "dsv3c::MoE"
+    names = [f"model.layers.1.mlp.experts.{p}_proj.weight" for p in ("gate", "up", "down")]
+    assert experts.weights == names and experts.scale_shapes == [dims[w + "_scale_inv"] for w in names]
+    text = render_diff(DiffReport("a", "b", [g]))
+    assert f"self_attn.o_proj (MatMul): weight float8e4m3fn[{out}, {inp}], scale {scale}; activations fp8" in text
+    assert "added" not in text.replace("+", "")
+
+
+def test_numeric_lowering_is_exact(folders: PipelineFolders) -> None:
+    """Inlining the custom nodes' bodies changes no number."""
+    (g,) = diff_paths(folders["export"] / "prefill.onnx", folders["portable"] / "prefill.onnx", numeric=True).graphs
+    n = g.numeric
+    assert n is not None and n.status == "ok", n
+    assert n.compared > 200 and n.first_jump is None
+    assert all(e.max_rel == 0 for e in n.layers) and {o.tensor for o in n.outputs} >= {"logits", "hidden"}
+
+
+def test_numeric_skipped_without_weights(folders: PipelineFolders) -> None:
+    a, b = folders["weightless"] / "prefill.onnx", folders["weightless-quantized"] / "prefill.onnx"
+    (g,) = diff_paths(a, b, numeric=True).graphs
+    assert g.numeric is not None and g.numeric.status == "skipped"
+    assert "no data for" in g.numeric.reason and "--weights none" in g.numeric.reason
+    assert g.rewrites  # the structural diff still ran
+
+
+def test_inspect_weight_only_fp8_is_not_counted_as_fp8(folders: PipelineFolders) -> None:
+    """The fp8-weights stage alone: fp8 weights, no activation Q/DQ; the matmuls still run in high precision."""
+    path = folders["weights-only"] / "prefill.onnx"
+    assert not any(n.op_type == "QuantizeLinear" for n in onnx.load(str(path), load_external_data=False).graph.node)
+    (s,) = inspect_path(path).graphs
+    assert s.fp8.fp8_linears == 0 and s.fp8.weight_only == 26 and s.fp8.share == 0.0  # every linear the policy takes
+    assert s.fp8.schemes == {"fp8, block 128": 26} and s.fp8.activations == {}
