@@ -10,8 +10,10 @@ N tokens. Rank r takes the contiguous slice r of them, and per layer:
    ascending expert order, in float32, exactly as `MoE.routed` does in one process;
 4. gather: all_gather puts the slices back together, so every rank leaves with the whole [N, D] output.
 
-Activations travel in the compute dtype (bf16 halves the bytes of fp32); each conversion happens where
-the single-process code does it, so the result is still that of one process.
+The collectives are autograd functions (collectives.py), so the same dispatch trains: gradients go
+back the way the activations came. Activations travel in the compute dtype (bf16 halves the bytes of
+fp32); each conversion happens where the single-process code does it, so the result is still that of
+one process.
 
 An expert receives its tokens in the single-process order (slices are in rank order, pairs within a
 slice in token order), so its inputs, and with them the results, are those of one process.
@@ -22,10 +24,12 @@ from __future__ import annotations
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from functools import partial
 
 import torch
 import torch.distributed as dist
 from dsv3c.models.deepseek_v3 import DeepseekV3ForCausalLM, MoE
+from dsv3c.parallel.collectives import all_to_all, from_slices, to_slice
 from dsv3c.parallel.group import RankFailure, RankGroup, first_line
 from dsv3c.parallel.plan import ExpertPlan
 
@@ -54,49 +58,41 @@ class AllToAllDispatch:
 
     def __call__(self, moe: MoE, flat: torch.Tensor, weights: torch.Tensor, indices: torch.Tensor) -> torch.Tensor:
         self.stats.moe_calls += 1
-        layer = self.names.get(id(moe), "a MoE layer")
+        run = partial(self._run, self.names.get(id(moe), "a MoE layer"))
         world, rank = self.group.world, self.group.rank
         n, k = indices.shape
         chunk = -(-n // world)  # ceil: slice r is tokens [r * chunk, (r + 1) * chunk)
         lo, hi = min(n, rank * chunk), min(n, (rank + 1) * chunk)
+        mine_x, mine_w = to_slice(flat, rank, world, chunk, run), to_slice(weights, rank, world, chunk, run)
         expert = indices[lo:hi].flatten()  # [P] pairs, pair p = (token lo + p // k, slot p % k)
         dest = self.owners[expert]  # [P]
         order = torch.argsort(dest * self.plan.n_experts + expert, stable=True)  # by rank, expert, token
         send_counts = torch.bincount(dest, minlength=world)
         recv_counts = torch.empty_like(send_counts)
-        self._run(layer, "exchange of split sizes", lambda: dist.all_to_all_single(recv_counts, send_counts))
+        run("exchange of split sizes", lambda: dist.all_to_all_single(recv_counts, send_counts))
         sends, recvs = send_counts.tolist(), recv_counts.tolist()
 
-        x_send = flat[lo:hi][order // k]  # [P, D] token copies, grouped by destination
-        x_recv = flat.new_empty(sum(recvs), flat.shape[1])
-        e_recv = expert.new_empty(sum(recvs))
-        self._run(layer, "dispatch", lambda: dist.all_to_all_single(x_recv, x_send, recvs, sends))
-        self._run(layer, "dispatch of expert ids", lambda: dist.all_to_all_single(e_recv, expert[order], recvs, sends))
-
+        x_recv = all_to_all(mine_x[order // k], recvs, sends, "dispatch", run)  # token copies by destination
+        e_recv = all_to_all(expert[order], recvs, sends, "dispatch of expert ids", run)
         # outputs travel in the compute dtype: MoE.routed casts them to float32 only after the expert, too
         y_recv = torch.zeros_like(x_recv)
         for e in e_recv.unique().tolist():
             mask = e_recv == e
             y_recv[mask] = moe.experts[e](x_recv[mask])
-        y_send = y_recv.new_empty(x_send.shape)
-        self._run(layer, "combine", lambda: dist.all_to_all_single(y_send, y_recv, sends, recvs))
+        y_send = all_to_all(y_recv, sends, recvs, "combine", run)
         row = flat.shape[1] * flat.element_size()  # what leaves the rank: copies for other ranks, out and back
         self.stats.bytes_sent += (sum(sends) - sends[rank]) * (row + 8) + (sum(recvs) - recvs[rank]) * row
 
-        pairs = torch.empty_like(y_send, dtype=torch.float32)
-        pairs[order] = y_send.float()  # back to pair order
-        weighted = pairs.view(hi - lo, k, flat.shape[1]) * weights[lo:hi, :, None]  # [n_r, k, D]
+        pairs = y_send.float()[torch.argsort(order)]  # back to pair order
+        weighted = pairs.view(hi - lo, k, flat.shape[1]) * mine_w[:, :, None]  # [n_r, k, D]
         by_expert = indices[lo:hi].argsort(dim=1)  # each token's slots in ascending expert order
         ordered = weighted.gather(1, by_expert[:, :, None].expand_as(weighted))
         mine = torch.zeros(chunk, flat.shape[1], dtype=torch.float32, device=flat.device)
         for s in range(k):
             mine[: hi - lo] += ordered[:, s]
         # the sum is cast to the compute dtype before the gather, as MoE.forward casts it after MoE.routed
-        mine_out = mine.to(flat.dtype)
-        slices = [torch.empty_like(mine_out) for _ in range(world)]
-        self._run(layer, "gather", lambda: dist.all_gather(slices, mine_out))
-        self.stats.bytes_sent += _nbytes(mine_out) * (world - 1)
-        return torch.cat(slices)[:n]
+        self.stats.bytes_sent += chunk * row * (world - 1)
+        return from_slices(mine.to(flat.dtype), rank, world, n, run)
 
     def _run(self, layer: str, what: str, collective: Callable[[], object]) -> None:
         start = time.perf_counter()
@@ -111,10 +107,6 @@ class AllToAllDispatch:
             ) from None
         self.stats.seconds += time.perf_counter() - start
         self.stats.calls += 1
-
-
-def _nbytes(t: torch.Tensor) -> int:
-    return t.numel() * t.element_size()
 
 
 def install_layer(moe: MoE, plan: ExpertPlan, group: RankGroup) -> AllToAllDispatch:

@@ -1,7 +1,8 @@
 """Start expert-parallel ranks as torchrun does (one process per rank, RANK/WORLD_SIZE/MASTER_* set).
 
 Ranks are forked from the test process (torch is imported once, not once per rank: the machine has two
-cores), then each sets the environment torchrun would give it and runs `parallel_worker.rank_main`.
+cores), then each sets the environment torchrun would give it and runs `parallel_worker.rank_main` (or
+`entry`).
 """
 
 from __future__ import annotations
@@ -9,7 +10,7 @@ from __future__ import annotations
 import multiprocessing
 import os
 import socket
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -41,9 +42,9 @@ def rank_env(rank: int, world: int, port: int) -> dict[str, str]:
     }
 
 
-def _child(env: dict[str, str], kwargs: dict[str, Any]) -> None:
+def _child(env: dict[str, str], entry: Callable[..., int], kwargs: dict[str, Any]) -> None:
     os.environ.update(env)
-    os._exit(rank_main(**kwargs))
+    os._exit(entry(**kwargs))
 
 
 def launch(
@@ -54,6 +55,7 @@ def launch(
     started: Sequence[int] | None = None,
     wait_for: Sequence[int] | None = None,
     timeout: float = 50.0,
+    entry: Callable[..., int] = rank_main,
     **faults: Any,
 ) -> list[RankResult]:
     """Run ranks `started` (default: all) of a `world`-rank group on `source` with --ep `ep` (default: world).
@@ -66,7 +68,7 @@ def launch(
     procs = {}
     for r in range(world) if started is None else started:
         kwargs = {"source": source, "out": out, "ep": world if ep is None else ep, **faults}
-        procs[r] = ctx.Process(target=_child, args=(rank_env(r, world, port), kwargs))
+        procs[r] = ctx.Process(target=_child, args=(rank_env(r, world, port), entry, kwargs))
         procs[r].start()
     results = []
     try:

@@ -69,3 +69,40 @@ def rank_main(
     result = {"tokens": tokens, "logits": logits, "seconds": s.seconds, "calls": s.calls, "bytes": s.bytes_sent}
     torch.save(result, out / f"rank{rank}.pt")
     return 0
+
+
+def train_steps(model, steps: int = 3, lr: float = 0.05) -> tuple[list[float], dict[str, torch.Tensor]]:
+    """SGD on a fixed batch: the loss before each step, and the first step's gradients by parameter name."""
+    ids = torch.randint(0, model.config.vocab_size, (2, 12), generator=torch.Generator().manual_seed(1))
+    optimizer = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=lr)
+    losses, grads = [], {}
+    for step in range(steps):
+        logits = model(ids).logits
+        loss = torch.nn.functional.cross_entropy(logits[:, :-1].flatten(0, 1), ids[:, 1:].flatten())
+        optimizer.zero_grad()
+        loss.backward()
+        if step == 0:
+            grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+        optimizer.step()
+        losses.append(float(loss.detach()))
+    return losses, grads
+
+
+def train_rank_main(source: Path, out: Path, ep: int, timeout_s: float = 20.0) -> int:
+    """Like rank_main, but a few training steps through the all-to-all dispatch (gradients included)."""
+    from dsv3c.errors import UserError
+    from dsv3c.parallel.session import open_expert_parallel
+
+    torch.set_num_threads(1)
+    rank = int(os.environ["RANK"])
+    try:
+        ep_rank = open_expert_parallel(source, ep, timeout_s=timeout_s)
+        try:
+            losses, grads = train_steps(ep_rank.model)
+        finally:
+            ep_rank.close()
+    except UserError as e:
+        (out / f"rank{rank}.err").write_text(f"{e}\n")
+        return 2
+    torch.save({"losses": losses, "grads": grads}, out / f"rank{rank}.pt")
+    return 0
