@@ -9,12 +9,13 @@ not change the result beyond rounding.
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 
 import numpy as np
 import torch
 from dsv3c.errors import UserError
-from dsv3c.eval.scorer import Scorer
+from dsv3c.eval.scorer import ScorerLike
 
 
 @dataclass
@@ -53,36 +54,70 @@ def token_nll(logits: torch.Tensor, ids: torch.Tensor) -> tuple[torch.Tensor, to
     return logp, nll
 
 
-def evaluate(scorer: Scorer, windows: np.ndarray, batch: int = 4, reference: Scorer | None = None) -> EvalResult:
-    if reference is not None and reference.vocab_size != scorer.vocab_size:
-        raise UserError(
-            f"{scorer.folder} has a vocabulary of {scorer.vocab_size} and {reference.folder} one of "
-            f"{reference.vocab_size}; --against needs the same vocabulary"
-        )
-    nll_sum = ref_sum = kl_sum = 0.0
-    kl_max, agree, count = 0.0, 0, 0
+class Tally:
+    """Running sums for one model over the windows (float64), and its comparison with the reference."""
+
+    def __init__(self, scorer: ScorerLike) -> None:
+        self.scorer = scorer
+        self.nll = self.ref_nll = self.kl = self.kl_max = 0.0
+        self.agree = self.count = 0
+
+    def add(
+        self, ids: torch.Tensor, logp: torch.Tensor, nll: torch.Tensor, ref: tuple[torch.Tensor, torch.Tensor] | None
+    ) -> None:
+        self.nll += float(nll.sum())
+        self.count += nll.numel()
+        if ref is None:
+            return
+        ref_logp, ref_nll = ref
+        self.ref_nll += float(ref_nll.sum())
+        self.agree += int((logp.argmax(-1) == ref_logp.argmax(-1)).sum())
+        kl = (ref_logp.exp() * (ref_logp - logp)).sum(-1)  # [B, W-1]
+        self.kl += float(kl.sum())
+        self.kl_max = max(self.kl_max, float(kl.max()))
+
+    def result(self, windows: np.ndarray, reference: ScorerLike | None) -> EvalResult:
+        loss = self.nll / self.count
+        s = self.scorer
+        result = EvalResult(str(s.folder), s.runtime, loss, math.exp(loss), self.count, len(windows), windows.shape[1])
+        if reference is not None:
+            ref_loss = self.ref_nll / self.count
+            result.comparison = Comparison(
+                str(reference.folder),
+                ref_loss,
+                (loss - ref_loss) / ref_loss,
+                self.agree / self.count,
+                self.kl / self.count,
+                self.kl_max,
+            )
+        return result
+
+
+def evaluate_many(
+    scorers: Sequence[ScorerLike], windows: np.ndarray, batch: int = 4, reference: ScorerLike | None = None
+) -> list[EvalResult]:
+    """Every scorer over the same windows; the reference runs once per batch for all of them."""
+    for scorer in scorers:
+        if reference is not None and reference.vocab_size != scorer.vocab_size:
+            raise UserError(
+                f"{scorer.folder} has a vocabulary of {scorer.vocab_size} and {reference.folder} one of "
+                f"{reference.vocab_size}; --against needs the same vocabulary"
+            )
+    tallies = [Tally(s) for s in scorers]
     for start in range(0, len(windows), batch):
         chunk = windows[start : start + batch]
         ids = torch.from_numpy(chunk)
-        logp, nll = token_nll(scorer.logits(chunk), ids)
-        nll_sum += float(nll.sum())
-        count += nll.numel()
-        if reference is None:
-            continue
-        ref_logp, ref_nll = token_nll(reference.logits(chunk), ids)
-        ref_sum += float(ref_nll.sum())
-        agree += int((logp.argmax(-1) == ref_logp.argmax(-1)).sum())
-        kl = (ref_logp.exp() * (ref_logp - logp)).sum(-1)  # [B, W-1]
-        kl_sum += float(kl.sum())
-        kl_max = max(kl_max, float(kl.max()))
-    loss = nll_sum / count
-    result = EvalResult(str(scorer.folder), scorer.runtime, loss, math.exp(loss), count, len(windows), windows.shape[1])
-    if reference is not None:
-        ref_loss = ref_sum / count
-        result.comparison = Comparison(
-            str(reference.folder), ref_loss, (loss - ref_loss) / ref_loss, agree / count, kl_sum / count, kl_max
-        )
-    return result
+        ref = token_nll(reference.logits(chunk), ids) if reference is not None else None
+        for tally in tallies:
+            logp, nll = token_nll(tally.scorer.logits(chunk), ids)
+            tally.add(ids, logp, nll, ref)
+    return [t.result(windows, reference) for t in tallies]
+
+
+def evaluate(
+    scorer: ScorerLike, windows: np.ndarray, batch: int = 4, reference: ScorerLike | None = None
+) -> EvalResult:
+    return evaluate_many([scorer], windows, batch, reference)[0]
 
 
 def format_result(result: EvalResult) -> str:

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal
+from typing import Literal, Protocol
 
 import numpy as np
 import torch
@@ -18,11 +18,22 @@ from dsv3c.runtime.engine import Engine
 from dsv3c.runtime.loading import Runtime, choose_runtime
 
 
+class ScorerLike(Protocol):
+    folder: Path
+    runtime: str
+
+    @property
+    def vocab_size(self) -> int: ...
+
+    def logits(self, ids: np.ndarray) -> torch.Tensor: ...
+
+
 @dataclass
 class Scorer:
     folder: Path
-    runtime: Literal["torch", "ort"]
+    runtime: str
     engine: Engine
+    fixed_batch: int | None = None  # a graph lowered with a fixed batch (iree) runs that many rows at a time
 
     @property
     def vocab_size(self) -> int:
@@ -30,6 +41,9 @@ class Scorer:
 
     def logits(self, ids: np.ndarray) -> torch.Tensor:
         """ids [B, W] -> float32 logits [B, W, vocab] on the CPU, each window from position 0."""
+        step = self.fixed_batch
+        if step is not None and ids.shape[0] != step:
+            return torch.cat([self.logits(ids[i : i + step]) for i in range(0, ids.shape[0], step)])
         batch = torch.from_numpy(ids).to(self.engine.device)
         positions = torch.arange(ids.shape[1], device=self.engine.device).expand(ids.shape[0], -1).contiguous()
         self.engine.start(ids.shape[0], ids.shape[1])
@@ -47,11 +61,11 @@ def open_scorer(
     if chosen == "ort":
         from dsv3c.runtime.ort_backend import OrtEngine
 
-        engine: Engine = OrtEngine(folder, device, threads, roles=("prefill",))
-        if "prefill" not in getattr(engine, "graphs", {}):
+        ort_engine = OrtEngine(folder, device, threads, roles=("prefill",))
+        if "prefill" not in ort_engine.graphs:
             raise UserError(f"{folder}: this export has no prefill graph, which scoring text needs")
-    else:
-        from dsv3c.runtime.loading import open_engine
+        rows = ort_engine.manifest.signatures["prefill"].inputs[0].shape[0]
+        return Scorer(folder, chosen, ort_engine, rows if isinstance(rows, int) else None)
+    from dsv3c.runtime.loading import open_engine
 
-        engine = open_engine(folder, "torch", device, dtype, threads)
-    return Scorer(folder, chosen, engine)
+    return Scorer(folder, chosen, open_engine(folder, "torch", device, dtype, threads))

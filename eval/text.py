@@ -1,5 +1,8 @@
 """Held-out text -> fixed token windows: deterministic (sorted files, fixed cut), no randomness at all.
 
+`--data` is a text file, a folder of them, or a training corpus folder (corpus.json + tokenizer.json, as
+`dsv3c train` prepares it), whose held-out split is used: the same tokens training validated on.
+
 Files are read in sorted path order and tokenized one by one until enough tokens are there; the token
 stream is cut into consecutive windows of `window` tokens and the remainder dropped. Each window is scored
 on its own (position 0 onward), so every runtime sees exactly the same inputs.
@@ -61,14 +64,39 @@ def windows(ids: list[int], window: int, count: int) -> np.ndarray:
     return np.asarray(ids[: n * window], dtype=np.int64).reshape(n, window)
 
 
-def eval_windows(path: Path, tokenizer: Any, vocab_size: int, window: int, max_tokens: int) -> np.ndarray:
-    """Windows covering about `max_tokens` tokens of the text (at least one window)."""
+def is_corpus(path: Path) -> bool:
+    """A training corpus folder (`dsv3c train --prepare`): text files with corpus.json and tokenizer.json."""
+    return path.is_dir() and (path / "corpus.json").is_file() and (path / "tokenizer.json").is_file()
+
+
+def heldout_stream(path: Path, tokenizer: Any, needed: int, val_fraction: float) -> list[int]:
+    """The held-out split of a training corpus, exactly as training holds it out (train.corpus)."""
+    import json
+
+    from dsv3c.train.corpus import load_corpus
+
+    corpus = load_corpus(path, val_fraction=val_fraction, log=lambda _: None)
+    vocab = json.loads(corpus.tokenizer_path.read_text())["model"]["vocab"]
+    if vocab != tokenizer.get_vocab(with_added_tokens=False):
+        raise UserError(f"--data {path}: the corpus's tokenizer.json is not the model's; its ids would mean other text")
+    return corpus.val[:needed].astype(np.int64).tolist()
+
+
+def eval_windows(
+    path: Path, tokenizer: Any, vocab_size: int, window: int, max_tokens: int, val_fraction: float = 0.02
+) -> np.ndarray:
+    """Windows covering about `max_tokens` tokens of the text (at least one window); of a training
+    corpus folder, its held-out split (`val_fraction` as in training)."""
     if window < 2:
         raise UserError(f"--window must be at least 2 tokens, got {window}")
     if max_tokens < window:
         raise UserError(f"--max-tokens {max_tokens} is smaller than one --window of {window}")
     count = max_tokens // window
-    batch = windows(token_stream(path, tokenizer, count * window), window, count)
+    if is_corpus(path):
+        ids = heldout_stream(path, tokenizer, count * window, val_fraction)
+    else:
+        ids = token_stream(path, tokenizer, count * window)
+    batch = windows(ids, window, count)
     top = int(batch.max())
     if top >= vocab_size:
         raise UserError(f"the tokenizer produced id {top}, but the model's vocabulary has {vocab_size} entries")

@@ -22,3 +22,20 @@ def find_tokenizer(*models: Path) -> Any:
     raise UserError(
         f"no tokenizer.json in {names} (nor in the checkpoint it was exported from); eval tokenizes text with it"
     )
+
+
+def val_fraction(*models: Path, default: float = 0.02) -> float:
+    """The held-out fraction the model was trained with (training.json of `dsv3c train`), else `default`."""
+    import json
+
+    for model in models:
+        for folder in related_folders(model):
+            path = folder / "training.json"
+            if path.is_file():
+                try:
+                    value = json.loads(path.read_text()).get("train", {}).get("val_fraction")
+                except (OSError, json.JSONDecodeError, AttributeError):
+                    continue
+                if isinstance(value, float):
+                    return value
+    return default
