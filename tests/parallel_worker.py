@@ -106,3 +106,31 @@ def train_rank_main(source: Path, out: Path, ep: int, timeout_s: float = 20.0) -
         return 2
     torch.save({"losses": losses, "grads": grads}, out / f"rank{rank}.pt")
     return 0
+
+
+def train_whole_rank_main(source: Path, out: Path, ep: int, timeout_s: float = 20.0) -> int:
+    """Training's path: the whole model built on every rank, sharded, trained, gathered back to rank 0."""
+    from dsv3c.errors import UserError
+    from dsv3c.models.checkpoint import load_model
+    from dsv3c.parallel.group import join, leave
+    from dsv3c.parallel.plan import ExpertPlan
+    from dsv3c.parallel.training import gather_state, shard
+
+    torch.set_num_threads(1)
+    rank = int(os.environ["RANK"])
+    try:
+        group = join(ep, "cpu", timeout_s)
+        try:
+            model = load_model(source)
+            shapes = {n: t.shape for n, t in model.state_dict().items()}
+            plan = ExpertPlan.for_config(model.config, ep)
+            shard(model, plan, group)
+            losses, _ = train_steps(model)
+            state = gather_state(model, plan, group, shapes)
+        finally:
+            leave()
+    except UserError as e:
+        (out / f"rank{rank}.err").write_text(f"{e}\n")
+        return 2
+    torch.save({"losses": losses, "state": state}, out / f"rank{rank}.pt")
+    return 0
