@@ -18,7 +18,12 @@ HELP = "loss and perplexity on held-out text; with --against, relative loss erro
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("model", type=Path, help="checkpoint folder (PyTorch) or export folder (onnxruntime)")
-    p.add_argument("--data", required=True, type=Path, help="a UTF-8 text file, or a folder of them (sorted)")
+    p.add_argument(
+        "--data",
+        required=True,
+        type=Path,
+        help="a UTF-8 text file, a folder of them (sorted), or a training corpus folder (its held-out split)",
+    )
     p.add_argument("--against", type=Path, help="reference model folder: compare logits token by token")
     p.add_argument(
         "--runtime",
@@ -39,7 +44,7 @@ def run(args: argparse.Namespace) -> int:
     from dsv3c.eval.metrics import evaluate, format_result
     from dsv3c.eval.scorer import open_scorer
     from dsv3c.eval.text import eval_windows
-    from dsv3c.eval.tokens import find_tokenizer
+    from dsv3c.eval.tokens import find_tokenizer, val_fraction
 
     if args.batch < 1:
         raise UserError(f"--batch must be at least 1, got {args.batch}")
@@ -50,8 +55,9 @@ def run(args: argparse.Namespace) -> int:
     reference = None
     if args.against is not None:
         reference = open_scorer(args.against, "auto", args.device, args.dtype, args.threads)
-    tokenizer = find_tokenizer(args.model, *([args.against] if args.against else []))
-    windows = eval_windows(args.data, tokenizer, scorer.vocab_size, args.window, args.max_tokens)
+    models = [args.model, *([args.against] if args.against else [])]
+    tokenizer = find_tokenizer(*models)
+    windows = eval_windows(args.data, tokenizer, scorer.vocab_size, args.window, args.max_tokens, val_fraction(*models))
     result = evaluate(scorer, windows, args.batch, reference)
     print(json.dumps(result.to_dict()) if args.json else format_result(result))
     return 0
