@@ -77,28 +77,30 @@ class ModelBytes:
     expert: int  # one routed expert of one layer, fp8 with scales
     expert_params: int
     moe_layers: int
+    replicated_bf16: int  # the same, dequantized to bf16 (what dsv3c's PyTorch runtime holds today)
+    expert_bf16: int
 
 
 def model_bytes(config: DeepseekV3Config) -> ModelBytes:
     block = block_of(config)
-    rep = rep_read = rep_params = 0
-    expert = expert_params = 0
+    rep = rep_read = rep_params = rep_bf16 = 0
+    expert = expert_params = expert_bf16 = 0
     for name, shape in parameter_shapes(config).items():
-        size = stored_bytes(name, shape, "fp8", block)
+        size, bf16 = stored_bytes(name, shape, "fp8", block), stored_bytes(name, shape, "bf16", block)
         numel = int(torch.Size(shape).numel())
         e = routed_expert(name)
         if e is not None:
             if name.startswith(f"model.layers.{config.first_k_dense_replace}.mlp.experts.0."):
-                expert, expert_params = expert + size, expert_params + numel
+                expert, expert_params, expert_bf16 = expert + size, expert_params + numel, expert_bf16 + bf16
             continue
-        rep += size
+        rep, rep_bf16 = rep + size, rep_bf16 + bf16
         if name.startswith("mtp.") or "embed_tokens" in name:
             continue
         rep_read += size
         if len(shape) == 2 and not name.endswith(".mlp.gate.weight"):
             rep_params += numel
     moe = sum(config.is_moe_layer(i) for i in range(config.num_hidden_layers))
-    return ModelBytes(rep, rep_read, rep_params, expert, expert_params, moe)
+    return ModelBytes(rep, rep_read, rep_params, expert, expert_params, moe, rep_bf16, expert_bf16)
 
 
 @dataclass
@@ -237,6 +239,9 @@ def main() -> int:
     print(f"split over N H200s; context {args.context}; all-to-all over NVLink (16 GPUs: 2 nodes over InfiniBand)")
     expert = f"a routed expert {m.expert / 1e6:.1f} MB, {m.moe_layers} MoE layers"
     print(f"replicated weights {m.replicated / GB:.1f} GB; {expert}")
+    for n in args.ranks:
+        bf16 = (m.replicated_bf16 + m.expert_bf16 * (config.n_routed_experts or 0) * m.moe_layers / n) / GB
+        print(f"N={n}: {bf16:.0f} GB of weights per rank if held in bf16 (dsv3c's PyTorch runtime dequantizes fp8)")
     head = f"{'N':>3} {'B':>4} {'GB/rank':>8} {'cache GB':>8} {'fits':>4} {'weights':>8} {'attn':>7} {'experts':>8}"
     print(head + f" {'a2a ms':>7} {'a2a B/tok/layer':>15} {'step ms':>8} {'tok/s':>8}")
     print("(ms per decode step; tok/s for the whole batch, every rank serving it; a2a bytes over all links)")
