@@ -141,6 +141,13 @@ def run(args: argparse.Namespace) -> int:
 
     sampling = SamplingConfig(args.temperature, args.top_k, args.top_p, args.seed)
     prompts, tokenizer = _prompts(args)
+    if not args.ep and (args.model / "partition.json").is_file():
+        from dsv3c.parallel.partition import read_partition
+
+        n = read_partition(args.model).ranks
+        raise UserError(
+            f"{args.model} is partitioned for {n} ranks: torchrun --nproc-per-node {n} -m dsv3c ... --ep {n}"
+        )
     engine, ep = (
         _open(args) if args.ep else (open_engine(args.model, args.runtime, args.device, args.dtype, args.threads), None)
     )

@@ -49,6 +49,10 @@ def test_partition_for_2_loaded_by_4(capsys, monkeypatch, part2: Path) -> None:
     assert "partitioned for --ep 2, but 4 ranks were started" in err
 
 
+def test_partition_folder_without_ep(capsys, part2: Path) -> None:
+    assert "torchrun --nproc-per-node 2" in _cli_error(capsys, str(part2))
+
+
 def test_ep_needs_the_torch_runtime(capsys, monkeypatch, tiny_checkpoint: Path, tmp_path: Path) -> None:
     _torchrun_env(monkeypatch, 0, 2)
     assert "onnxruntime has no all-to-all" in _cli_error(capsys, str(tiny_checkpoint), "--ep", "2", "--runtime", "ort")
