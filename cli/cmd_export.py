@@ -47,6 +47,13 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         default="onnx",
         help="mlir: the iree lowering, then {role}.mlir through IREE's ONNX importer",
     )
+    p.add_argument(
+        "--fp8",
+        choices=("keep", "dequantize"),
+        default="keep",
+        help="an FP8 checkpoint's weights: keep (default: FP8 bytes and their scales as they are, "
+        "dequantized in the graph) or dequantize (stored in --dtype)",
+    )
     p.add_argument("--force", action="store_true", help="replace OUT if it exists")
 
 
@@ -66,7 +73,7 @@ def _export_mlir(source: Source, args: argparse.Namespace, weights: WeightsKind)
         raise UserError(f"{args.out}: parent folder {parent} does not exist")
     with tempfile.TemporaryDirectory(prefix=f".{args.out.name}.", dir=parent) as tmp:
         canonical = Path(tmp) / "canonical"
-        export(source, canonical, weights=weights, dtype=args.dtype, seed=args.seed, opset=args.opset)
+        export(source, canonical, weights=weights, dtype=args.dtype, seed=args.seed, opset=args.opset, fp8=args.fp8)
         return lower_folder(canonical, args.out, Target.IREE, emit_mlir=True, force=args.force)
 
 
@@ -89,7 +96,14 @@ def run(args: argparse.Namespace) -> int:
             manifest = _export_mlir(source, args, weights)
         else:
             manifest = export(
-                source, args.out, weights=weights, dtype=args.dtype, seed=args.seed, opset=args.opset, force=args.force
+                source,
+                args.out,
+                weights=weights,
+                dtype=args.dtype,
+                seed=args.seed,
+                opset=args.opset,
+                force=args.force,
+                fp8=args.fp8,
             )
     finally:
         signal.signal(signal.SIGTERM, previous)

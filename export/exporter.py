@@ -13,7 +13,6 @@ renamed into place at the end, so an interrupted export leaves nothing behind. S
 
 from __future__ import annotations
 
-import math
 import os
 import shutil
 from collections.abc import Iterator
@@ -23,25 +22,22 @@ from typing import Literal
 import dsv3c
 import onnx
 import torch
+from dsv3c import progress
 from dsv3c.artifact.atomic import atomic_folder
 from dsv3c.artifact.manifest import CacheLayout, Manifest, Signature, TensorInfo, WeightsKind, write_manifest
+from dsv3c.artifact.names import WEIGHTS_FILE
+from dsv3c.artifact.weights import Layout
 from dsv3c.errors import CheckpointError, UserError
+from dsv3c.export.checkpoint_fp8 import Fp8Plan, layout_for, plan_fp8, to_fp8_form, write_weights
 from dsv3c.export.functions import attach_functions
 from dsv3c.export.onnx_ops import register_schemas
 from dsv3c.export.source import Source, config_sha256, sha256_files
 from dsv3c.export.trace import DEFAULT_OPSET, TracedGraph, trace_graphs
-from dsv3c.export.weights import (
-    WEIGHTS_FILE,
-    Layout,
-    WeightWriter,
-    checkpoint_source,
-    plan_layout,
-)
-from dsv3c.models.checkpoint_layout import BIAS_FP32, parameter_shapes
+from dsv3c.models.checkpoint import CheckpointIndex, load_state_dict_streaming, read_index
 from dsv3c.models.checkpoint_save import random_state
-from dsv3c.models.config import DeepseekV3Config
 
 ExportDtype = Literal["fp32", "bf16"]
+Fp8Mode = Literal["keep", "dequantize"]  # an FP8 checkpoint's weights: as they are, or in the export's dtype
 TORCH_DTYPES: dict[str, torch.dtype] = {"fp32": torch.float32, "bf16": torch.bfloat16}
 _ONNX_DTYPES = {"fp32": onnx.TensorProto.FLOAT, "bf16": onnx.TensorProto.BFLOAT16}
 MIN_OPSET, MAX_OPSET = 21, 23
@@ -56,25 +52,39 @@ def export(
     seed: int = 0,
     opset: int = DEFAULT_OPSET,
     force: bool = False,
+    fp8: Fp8Mode = "keep",
 ) -> Manifest:
-    """Write the export folder `out` and return its manifest (folder set)."""
+    """Write the export folder `out` and return its manifest (folder set). An FP8 checkpoint's weights
+    stay FP8 (bytes and scales as they are) unless `fp8="dequantize"`."""
     _check_request(source, weights, dtype, opset)
     if weights != "none":
-        _check_disk(out, estimate_weight_bytes(source.config, TORCH_DTYPES[dtype]), weights)
+        _check_parent(out)
     with atomic_folder(out, overwrite=force) as tmp:
         tmp.chmod(0o777 & ~_umask())  # a temporary folder is private; the export is an ordinary one
-        traced = trace_graphs(source.config, TORCH_DTYPES[dtype], opset)
-        layout = plan_layout(w for g in traced for w in g.weights)
+        with progress.task("tracing graphs (on meta, no weights)"):
+            traced = trace_graphs(source.config, TORCH_DTYPES[dtype], opset)
+        index = _checkpoint_index(source) if weights == "checkpoint" else None
+        declared = [w for g in traced for w in g.weights]
+        plan = plan_fp8(index if fp8 == "keep" else None, declared)  # FP8 stays FP8, in its own block
+        layout = layout_for(declared, plan)
+        if weights != "none":
+            _check_disk(out, layout.total, weights)  # the exact size: FP8 weights count one byte each
         signatures: dict[str, Signature] = {}
-        for g in traced:
-            proto = finish_graph(g, layout)
+        for g in progress.track(traced, "writing graphs"):
+            proto = finish_graph(g, layout, plan)
             onnx.save(proto, tmp / f"{g.role}.onnx")
             signatures[g.role] = signature(proto)
         if weights == "none":
             (tmp / WEIGHTS_FILE).touch()  # an empty placeholder: see manifest.py
         else:
-            _write_weights(tmp / WEIGHTS_FILE, layout, _weight_source(source, weights, dtype, seed))
-        manifest = _manifest(source, weights, dtype, seed, opset, {g.role for g in traced}, signatures)
+            tensors = _weight_source(source, index, weights, dtype, seed, keep_fp8=fp8 == "keep")
+            missing = write_weights(tmp / WEIGHTS_FILE, layout, tensors, TORCH_DTYPES[dtype])
+            if missing:
+                raise CheckpointError(
+                    f"the weights lack {len(missing)} tensors the graphs need, e.g. {', '.join(missing[:3])}"
+                )
+        roles = {g.role for g in traced}
+        manifest = _manifest(source, weights, dtype, seed, opset, roles, signatures, plan, fp8)
         write_manifest(manifest, tmp)
     manifest.folder = out
     return manifest
@@ -96,17 +106,14 @@ def _check_request(source: Source, weights: WeightsKind, dtype: str, opset: int)
         raise UserError(f"opset {opset} is not supported; choose {MIN_OPSET} to {MAX_OPSET}")
 
 
-def estimate_weight_bytes(config: DeepseekV3Config, dtype: torch.dtype) -> int:
-    """Bytes of weights.bin before alignment (the router bias stays float32)."""
-    return sum(
-        math.prod(s) * (4 if n.endswith(BIAS_FP32) else dtype.itemsize) for n, s in parameter_shapes(config).items()
-    )
+def _check_parent(out: Path) -> None:
+    parent = out.resolve().parent
+    if not parent.is_dir():
+        raise UserError(f"{out}: parent folder {parent} does not exist")
 
 
 def _check_disk(out: Path, needed: int, weights: WeightsKind) -> None:
     parent = out.resolve().parent
-    if not parent.is_dir():
-        raise UserError(f"{out}: parent folder {parent} does not exist")
     free = shutil.disk_usage(parent).free
     if needed > free * 0.95:
         raise UserError(
@@ -115,14 +122,24 @@ def _check_disk(out: Path, needed: int, weights: WeightsKind) -> None:
         )
 
 
-def finish_graph(g: TracedGraph, layout: Layout) -> onnx.ModelProto:
-    """Bind the weights to external data, attach the custom ops' functions, check the structure."""
+def finish_graph(g: TracedGraph, layout: Layout, plan: Fp8Plan | None = None) -> onnx.ModelProto:
+    """Bind the weights to external data (FP8 ones with their dequantization), attach the custom ops'
+    functions, check the structure."""
     proto = g.proto
     proto.producer_name, proto.producer_version = "dsv3c", dsv3c.__version__
-    proto.graph.initializer.extend(layout.external(w.name) for w in g.weights)
+    proto.graph.initializer.extend(_float_declaration(layout, w) for w in g.weights)
+    if plan is not None and plan.weights:
+        proto = to_fp8_form(proto, plan, layout)
     attach_functions(proto)
     check_structure(proto)
     return proto
+
+
+def _float_declaration(layout: Layout, w: onnx.ValueInfoProto) -> onnx.TensorProto:
+    """The weight as traced (an FP8 slot is declared in the traced dtype until to_fp8_form replaces it)."""
+    tensor = layout.external_proto(w.name)
+    tensor.data_type = w.type.tensor_type.elem_type
+    return tensor
 
 
 def check_structure(proto: onnx.ModelProto) -> None:
@@ -159,22 +176,23 @@ def _dtype_name(elem_type: int) -> str:
     )
 
 
+def _checkpoint_index(source: Source) -> CheckpointIndex:
+    assert source.folder is not None
+    return read_index(source.folder, source.config)
+
+
 def _weight_source(
-    source: Source, weights: WeightsKind, dtype: ExportDtype, seed: int
+    source: Source,
+    index: CheckpointIndex | None,
+    weights: WeightsKind,
+    dtype: ExportDtype,
+    seed: int,
+    keep_fp8: bool,
 ) -> Iterator[tuple[str, torch.Tensor]]:
     if weights == "checkpoint":
-        assert source.folder is not None
-        return checkpoint_source(source.folder, source.config)
+        assert index is not None  # shard by shard; fp8 tensors as they are (then their scales) or dequantized
+        return load_state_dict_streaming(index, keep_fp8=keep_fp8, dtype=TORCH_DTYPES[dtype])
     return random_state(source.config, seed)  # init_random's weights, one tensor at a time
-
-
-def _write_weights(path: Path, layout: Layout, tensors: Iterator[tuple[str, torch.Tensor]]) -> None:
-    with WeightWriter(path, layout) as writer:
-        for name, tensor in tensors:
-            writer.write(name, tensor)
-        missing = writer.missing()
-    if missing:
-        raise CheckpointError(f"the weights lack {len(missing)} tensors the graphs need, e.g. {', '.join(missing[:3])}")
 
 
 def _manifest(
@@ -185,6 +203,8 @@ def _manifest(
     opset: int,
     roles: set[str],
     signatures: dict[str, Signature],
+    plan: Fp8Plan,
+    fp8: Fp8Mode,
 ) -> Manifest:
     config = source.config
     files = source.files(with_weights=weights == "checkpoint")
@@ -199,6 +219,8 @@ def _manifest(
         "weights": weights,
         **({"seed": seed} if weights == "random" else {}),
         "dtype": dtype,
+        **({"fp8_weights": len(plan.weights), "fp8_block": list(plan.block)} if plan.weights else {}),
+        **({"fp8": "dequantized"} if fp8 == "dequantize" and source.kind == "checkpoint" else {}),
         "opset": opset,
         "torch_version": torch.__version__,
         "onnx_version": onnx.__version__,

@@ -18,6 +18,7 @@ the round trip stable). Exactness needs float32 dequantized values: a bf16 copy 
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 
 import torch
 
@@ -37,8 +38,24 @@ def dequantize_block_fp8(w_fp8: torch.Tensor, scale_inv: torch.Tensor, block: Bl
     return w_fp8.float() * _expand(scale_inv.float(), w_fp8.shape, block)
 
 
-def quantize_block_fp8(w: torch.Tensor, block: Block = DEFAULT_BLOCK) -> tuple[torch.Tensor, torch.Tensor]:
-    """float [out, in] -> (fp8 [out, in], float32 scale_inv [ceil(out/bo), ceil(in/bi)])."""
+@dataclass
+class GridStats:
+    """What grid recognition found over the blocks quantized: how many looked like a dequantized fp8 grid,
+    and of those how many it reproduced exactly (the rest were quantized afresh and moved)."""
+
+    blocks: int = 0
+    on_grid: int = 0
+    reproduced: int = 0
+
+    def to_dict(self) -> dict[str, int]:
+        return {"blocks": self.blocks, "on_grid": self.on_grid, "reproduced_exactly": self.reproduced}
+
+
+def quantize_block_fp8(
+    w: torch.Tensor, block: Block = DEFAULT_BLOCK, stats: GridStats | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """float [out, in] -> (fp8 [out, in], float32 scale_inv [ceil(out/bo), ceil(in/bi)]); `stats` counts
+    the blocks grid recognition saw and reproduced."""
     if w.dim() != 2:
         raise ValueError(f"block fp8 quantizes 2-D weights, got shape {list(w.shape)}")
     w = w.float()
@@ -46,6 +63,7 @@ def quantize_block_fp8(w: torch.Tensor, block: Block = DEFAULT_BLOCK) -> tuple[t
     zero = amax == 0
     base = _snap(torch.where(zero, 1.0, amax / FP8_MAX))
     scale, todo = base, _maybe_grid(w, base, block) & ~zero
+    on_grid = int(todo.sum())
     for step in (0, -1, 1, -2, 2):  # the grid search described in the module docstring
         if not bool(todo.any()):
             break
@@ -53,6 +71,10 @@ def quantize_block_fp8(w: torch.Tensor, block: Block = DEFAULT_BLOCK) -> tuple[t
         exact = _block_reduce(dequantize_block_fp8(_cast(w, candidate, block), candidate, block) == w, block, "all")
         scale = torch.where(exact & todo, candidate, scale)
         todo &= ~exact
+    if stats is not None:
+        stats.blocks += zero.numel()
+        stats.on_grid += on_grid
+        stats.reproduced += on_grid - int(todo.sum())
     return _cast(w, scale, block), scale
 
 

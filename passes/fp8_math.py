@@ -17,9 +17,8 @@ import ml_dtypes
 import numpy as np
 import onnx_ir as ir
 import torch
-from dsv3c.models.fp8 import DEFAULT_BLOCK, FP8_DTYPE, FP8_MAX, Block, quantize_block_fp8
+from dsv3c.models.fp8 import FP8_DTYPE, FP8_MAX, Block, GridStats, quantize_block_fp8
 from dsv3c.passes.builder import static_dims
-from dsv3c.passes.fp8_source import CheckpointFp8, as_numpy, matches
 
 AMAX_FLOOR = 1e-4  # DeepGEMM's clamp: an all-zero tile gets a finite scale
 TILE = 128
@@ -69,12 +68,14 @@ def quantize_tensor_fp8(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return (w.float() / scale).clamp(-FP8_MAX, FP8_MAX).to(FP8_DTYPE), scale
 
 
-def quantize_weight(w: torch.Tensor, scheme: WeightScheme, block: Block) -> tuple[torch.Tensor, torch.Tensor]:
+def quantize_weight(
+    w: torch.Tensor, scheme: WeightScheme, block: Block, stats: GridStats | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
     """[out, in] or stacked [E, out, in] -> (fp8, scales): block [(E,) R, C]; tensor [] or [E]."""
     if w.dim() == 3:
-        parts = [quantize_weight(w[e], scheme, block) for e in range(w.shape[0])]
+        parts = [quantize_weight(w[e], scheme, block, stats) for e in range(w.shape[0])]
         return torch.stack([p[0] for p in parts]), torch.stack([p[1] for p in parts])
-    return quantize_block_fp8(w, block) if scheme == WeightScheme.BLOCK else quantize_tensor_fp8(w)
+    return quantize_block_fp8(w, block, stats) if scheme == WeightScheme.BLOCK else quantize_tensor_fp8(w)
 
 
 def scale_dims(shape: tuple[int, ...], scheme: WeightScheme, block: Block) -> tuple[int, ...]:
@@ -97,41 +98,26 @@ class WeightQuantizer:
     """Lazy fp8 tensors for a weight: the fp8 bytes and the scales come from one quantization, computed
     when the writer asks for them (a small cache holds the last few, so the pair is computed once).
 
-    With `original` (the export's FP8 source checkpoint), a weight whose exported values are that
-    checkpoint's dequantized weight takes the checkpoint's bytes and scales as they are.
+    Block scheme: grid recognition (models/fp8.py) is the fallback that gives back the bytes of a float
+    export of FP8 weights; `grid` counts its blocks over all weights, `moved` names the weights with a
+    block that looked like a grid but was not reproduced exactly (recorded in the manifest).
     """
 
-    def __init__(
-        self, scheme: WeightScheme, block: Block, original: CheckpointFp8 | None = None, cache_size: int = 4
-    ) -> None:
+    def __init__(self, scheme: WeightScheme, block: Block, cache_size: int = 4) -> None:
         self.scheme, self.block, self.cache_size = scheme, block, cache_size
-        self.original = original if scheme == WeightScheme.BLOCK and block == DEFAULT_BLOCK else None
-        self.from_checkpoint: list[str] = []
-        self.requantized: list[str] = []
+        self.grid = GridStats()
+        self.moved: list[str] = []
         self._cache: OrderedDict[str, tuple[np.ndarray, np.ndarray]] = OrderedDict()
-
-    def _from_checkpoint(
-        self, name: str, source: ir.TensorProtocol, w: torch.Tensor
-    ) -> tuple[np.ndarray, np.ndarray] | None:
-        if self.original is None:
-            return None
-        shape = static_dims(source.shape)
-        found = self.original.get(name, shape[0] if len(shape) == 3 else None)
-        if found is None or not matches(*found, w):
-            return None
-        return as_numpy(found[0]), found[1].numpy()
 
     def _quantized(self, name: str, source: ir.TensorProtocol) -> tuple[np.ndarray, np.ndarray]:
         if name not in self._cache:
-            w = to_torch(source)
-            original = self._from_checkpoint(name, source, w)
-            if original is not None:
-                self._cache[name] = original
-                self.from_checkpoint.append(name)
-            else:
-                q, s = quantize_weight(w, self.scheme, self.block)
-                self._cache[name] = (fp8_to_numpy(q), s.float().numpy())
-                self.requantized.append(name)
+            stats = GridStats()
+            q, s = quantize_weight(to_torch(source), self.scheme, self.block, stats)
+            self._cache[name] = (fp8_to_numpy(q), s.float().numpy())
+            if stats.reproduced < stats.on_grid:
+                self.moved.append(name)
+            for key in ("blocks", "on_grid", "reproduced"):
+                setattr(self.grid, key, getattr(self.grid, key) + getattr(stats, key))
             while len(self._cache) > self.cache_size:
                 self._cache.popitem(last=False)
         self._cache.move_to_end(name)

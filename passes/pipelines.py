@@ -12,7 +12,6 @@ from dsv3c.models.fp8 import DEFAULT_BLOCK, Block
 from dsv3c.passes.cleanup import cleanup_stages
 from dsv3c.passes.fp8_activations import Fp8ActivationsPass
 from dsv3c.passes.fp8_math import ActScheme, WeightScheme
-from dsv3c.passes.fp8_source import CheckpointFp8
 from dsv3c.passes.fp8_weights import Fp8WeightsPass
 from dsv3c.passes.inline import InlineCustomPass
 from dsv3c.passes.lower_iree import DEFAULT_DIMS, BlockedQdqToMulPass, StaticShapesPass
@@ -44,10 +43,10 @@ class QuantizeOptions:
         }
 
 
-def quantize_pipeline(options: QuantizeOptions, original: CheckpointFp8 | None = None) -> list[Stage]:
-    """`original`: the export's FP8 source checkpoint, whose bytes the fp8 weights keep (fp8_source.py)."""
+def quantize_pipeline(options: QuantizeOptions) -> list[Stage]:
+    """FP8 weights the export holds already are kept as they are (fp8_weights.py)."""
     return [
-        Stage("fp8-weights", Fp8WeightsPass(options.policy, options.weights, options.block, original)),
+        Stage("fp8-weights", Fp8WeightsPass(options.policy, options.weights, options.block)),
         Stage("fp8-activations", Fp8ActivationsPass(options.activations, options.pow2_scales, options.static_amax)),
         *cleanup_stages(),
     ]

@@ -8,14 +8,12 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-
 from dsv3c.artifact.export_folder import ExportGraphs, read_export, write_export
 from dsv3c.artifact.manifest import Manifest
 from dsv3c.errors import UserError
 from dsv3c.passes.calibrate import calibrate as run_calibration
 from dsv3c.passes.calibrate import calibration_record
 from dsv3c.passes.fp8_math import ActScheme, WeightScheme
-from dsv3c.passes.fp8_source import CheckpointFp8
 from dsv3c.passes.fp8_weights import Fp8WeightsPass
 from dsv3c.passes.linears import LinearKind, find_linears
 from dsv3c.passes.pipeline import run_pipeline
@@ -57,11 +55,7 @@ def quantize_folder(
         stage_extra = {"calibration": {**calibration_record(calibrate, seed, calibration_text), "amax": amax}}
     elif options.activations == ActScheme.STATIC and not options.static_amax:
         raise UserError("static activation scales need --calibrate N")
-    original, fp8_source = None, "quantized from the export's weights"
-    if options.weights == WeightScheme.BLOCK and graphs.has_weights:
-        original, reason = CheckpointFp8.for_export(graphs.manifest)
-        fp8_source = reason if original is not None else f"{fp8_source} ({reason})"
-    stages = quantize_pipeline(options, original)
+    stages = quantize_pipeline(options)
     records = run_pipeline(graphs, stages, dump_dir)
     quantizer = next(s.pass_.quantizer for s in stages if isinstance(s.pass_, Fp8WeightsPass))
     stage = {
@@ -70,13 +64,16 @@ def quantize_folder(
         "options": options.to_dict(),
         **stage_extra,
         "fp8_linears": sorted(selected),
-        "fp8_source": fp8_source,
         "changes": {r.name: r.changes for r in records if r.changes},
     }
 
-    def provenance(_: Path) -> dict[str, Any]:  # after the weights are written: which came from where
-        if original is None:
-            return {}
-        return {"fp8_from_checkpoint": len(quantizer.from_checkpoint), "fp8_requantized": sorted(quantizer.requantized)}
+    def weights_record(_: Path) -> dict[str, Any]:  # after the weights are written (they are computed lazily)
+        kept = sorted({n for r in records for c in r.changes.values() for n in c.get("kept_fp8", [])})
+        record: dict[str, Any] = {"fp8_kept": kept}  # FP8 in the export already: bytes and scales as they were
+        if options.weights == WeightScheme.BLOCK:
+            # the fallback for float exports of FP8 weights: blocks that looked like an fp8 grid, and
+            # whether re-quantizing reproduced them exactly (those not reproduced moved)
+            record["grid_recognition"] = {**quantizer.grid.to_dict(), "weights_moved": sorted(quantizer.moved)}
+        return record
 
-    return write_export(graphs, out, stage, force=force, finish=provenance)
+    return write_export(graphs, out, stage, force=force, finish=weights_record)

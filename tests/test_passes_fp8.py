@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import shutil
 from pathlib import Path
 
 import numpy as np
@@ -11,7 +10,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 from dsv3c.artifact.export_folder import read_export
-from dsv3c.artifact.manifest import read_manifest, write_manifest
+from dsv3c.artifact.manifest import read_manifest
 from dsv3c.cli import main as cli
 from dsv3c.models.fp8 import dequantize_block_fp8
 from dsv3c.passes.fp8_math import ActScheme, WeightScheme, fake_quant_activation, quantize_weight
@@ -169,31 +168,33 @@ def _differing_from_checkpoint(out: Path, checkpoint: dict[str, torch.Tensor]) -
 
 
 def test_fp8_checkpoint_survives_bit_for_bit(export_dir: Path, tmp_path: Path) -> None:
-    checkpoint = load_file(export_dir.parent / "ckpt-fp8" / "model.safetensors")
-    out = quantize_folder(export_dir, tmp_path / "q", QuantizeOptions()).folder
+    from dsv3c.export.exporter import export
+    from dsv3c.export.source import from_folder
+
+    ckpt = export_dir.parent / "ckpt-fp8"
+    checkpoint = load_file(ckpt / "model.safetensors")
+    # an FP8 export keeps the checkpoint's bytes; quantize keeps them as they are (no grid recognition)
+    fp8_export = export(from_folder(ckpt), tmp_path / "fp8-export", weights="checkpoint").folder
+    assert fp8_export is not None and _differing_from_checkpoint(fp8_export, checkpoint) == []
+    out = quantize_folder(fp8_export, tmp_path / "q-fp8", QuantizeOptions()).folder
     assert out is not None and _differing_from_checkpoint(out, checkpoint) == []
     stage = read_manifest(out).stages[-1]
-    assert stage["fp8_source"].startswith("fp8 bytes from") and stage["fp8_requantized"] == []
-    # a float32 export holds the dequantized weights: even without the checkpoint, re-quantizing them
-    # gives its bytes back (models/fp8.py recognises the grid)
-    alone = _without_source(shutil.copytree(export_dir, tmp_path / "alone"), tmp_path)
-    out = quantize_folder(alone, tmp_path / "q-alone", QuantizeOptions()).folder
+    graphs = read_export(fp8_export).models.values()
+    fp8_names = {n for m in graphs for n, v in m.graph.initializers.items() if v.dtype == FP8}
+    assert set(stage["fp8_kept"]) == fp8_names and stage["grid_recognition"]["blocks"] == 0
+    # the fallback: a float32 export of the dequantized weights; grid recognition gives the bytes back
+    # and says so block by block
+    out = quantize_folder(export_dir, tmp_path / "q-float", QuantizeOptions()).folder
     assert out is not None and _differing_from_checkpoint(out, checkpoint) == []
-    assert "not found" in read_manifest(out).stages[-1]["fp8_source"]
-    # a bfloat16 export has lost the low bits: the bytes come from the checkpoint, when it is there
+    grid = read_manifest(out).stages[-1]["grid_recognition"]
+    assert grid["blocks"] > 0 and grid["on_grid"] == grid["reproduced_exactly"] == grid["blocks"]
+    assert grid["weights_moved"] == []
+    # a bfloat16 copy has lost the low bits: re-quantized, the bytes move
     bf16 = edit_weights(export_dir, tmp_path / "bf16", lambda _, w: _to_bf16(w) if w.ndim >= 2 else None)
     out = quantize_folder(bf16, tmp_path / "q16", QuantizeOptions()).folder
-    assert out is not None and _differing_from_checkpoint(out, checkpoint) == []
-    out = quantize_folder(_without_source(bf16, tmp_path), tmp_path / "q16-requantized", QuantizeOptions()).folder
     assert out is not None and len(_differing_from_checkpoint(out, checkpoint)) > 10
-
-
-def _without_source(folder: Path, tmp_path: Path) -> Path:
-    """The export folder with its source checkpoint 'moved away' (the manifest points elsewhere)."""
-    manifest = read_manifest(folder)
-    manifest.stages[0]["source"] = manifest.stages[0]["source_path"] = str(tmp_path / "moved-away")
-    write_manifest(manifest, folder)
-    return folder
+    grid = read_manifest(out).stages[-1]["grid_recognition"]
+    assert grid["reproduced_exactly"] < grid["blocks"]
 
 
 def _to_bf16(w: np.ndarray) -> np.ndarray:
