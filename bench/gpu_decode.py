@@ -1,34 +1,50 @@
-"""GPU benchmark: onnxruntime's CUDA execution provider vs PyTorch eager on the GPU, against the bandwidth floor.
+"""GPU decode benchmark: onnxruntime's CUDA EP (captured CUDA graphs, and without) vs PyTorch eager and
+transformers on the same GPU, side by side in one run, against the memory-bandwidth floor.
 
-For each export folder: prefill and decode tokens/s at every context and batch, and decode ms/token next to
-the floor = bytes a decode step must read (the weights it touches + the latent cache) / the device's
-measured copy bandwidth.
+Here (CPU machine), write `lower --target ort` folders without weights (a few MB each, easy to carry):
 
-Here (CPU machine), write the topologies without weights (a few MB each, easy to carry):
-
-    dsv3c export --preset small --weights none --out gpu/small
-    dsv3c export --preset v2-lite --weights none --dtype bf16 --out gpu/v2-lite
+    dsv3c export --preset small --weights none --out gpu/small-canon
+    dsv3c lower gpu/small-canon --target ort --out gpu/small
+    dsv3c export --preset v2-lite --weights none --dtype bf16 --out gpu/v2-lite-canon
+    dsv3c lower gpu/v2-lite-canon --target ort --out gpu/v2-lite
 
 On the GPU machine (onnxruntime-gpu staged with ../shared/tools/gpu-stage, torch with CUDA):
 
     python bench/gpu_decode.py gpu/small gpu/v2-lite --out gpu.json
 
-A `--weights none` folder is filled with random weights in place first (drawn on the GPU; see
-bench/fill_random_weights.py). PyTorch runs the same topology with its own random weights, made on the GPU
-(speed does not depend on the values; the routing of random weights is similar in both).
+A `--weights none` folder is filled with random weights in place first, drawn on the GPU
+(bench/fill_random_weights.py). PyTorch and transformers run the same shapes with their own random
+weights made on the GPU (speed does not depend on the values).
+
+Every cell (model, runtime, batch, context) times `--steps` greedy decode steps, one token per row each,
+over a latent cache of `context` valid slots (their values random: attention costs the same whatever
+they hold), the next ids taken on the device (argmax) so that nothing waits for the host between steps;
+ms/token is the step time. The floor is the bytes a step must read over the device's measured copy
+bandwidth: every dense weight as stored, the routed experts the batch can reach (the expected number of
+distinct experts among batch x top_k uniform choices), and batch x context cache entries.
+
+    ort-graph   decode.onnx with static shapes per (batch, capacity), replayed as a CUDA graph
+    ort-static  the same session without capture (what the capture saves)
+    ort         the dynamic-shape runtime (runtime/ort_backend.py), one synchronizing run per step
+    torch       our PyTorch model, eager, absorbed MLA over the latent cache
+    transformers  transformers' DeepseekV3/V2ForCausalLM, eager attention, its DynamicCache (expanded K/V)
 """
 
 from __future__ import annotations
 
 import argparse
-import gc
 import json
+import math
+import platform
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 from _bootstrap import import_dsv3c
+
+RUNTIMES = ("ort-graph", "ort-static", "ort", "torch", "transformers")
 
 
 def random_model(config: Any, dtype: Any, device: str, seed: int = 0) -> Any:
@@ -51,96 +67,267 @@ def random_model(config: Any, dtype: Any, device: str, seed: int = 0) -> Any:
     return finish_model(model).to(device).eval()
 
 
-def bench_folder(folder: Path, args: argparse.Namespace, bandwidth: float) -> list[Any]:
+def hf_model(config: Any, dtype: Any, device: str) -> Any:
+    """transformers' model of the config's architecture, random weights made on the GPU, eager attention."""
+    import torch
+    import transformers
+
+    v2 = config.to_dict().get("model_type") == "deepseek_v2"
+    names = ("DeepseekV2Config", "DeepseekV2ForCausalLM") if v2 else ("DeepseekV3Config", "DeepseekV3ForCausalLM")
+    hf_config = getattr(transformers, names[0])(**config.to_dict())
+    hf_config._attn_implementation = "eager"
+    previous = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)
+    try:
+        with torch.device(device):
+            model = getattr(transformers, names[1])(hf_config)
+    finally:
+        torch.set_default_dtype(previous)
+    return model.to(device=device, dtype=dtype).eval()
+
+
+def weight_bytes(manifest: Any, batch: int) -> tuple[int, float]:
+    """(weight bytes a decode step must read as stored, distinct routed experts expected): dense weights,
+    the looked-up embedding rows, and the experts reached by batch x top_k uniform choices."""
+    import onnx
+    import onnx_ir as ir
+    from dsv3c.models.config import DeepseekV3Config
+
+    config = DeepseekV3Config.from_dict(manifest.config)
+    proto = manifest.load_structure("decode")
+    embed = experts = dense = 0
+    for t in proto.graph.initializer:
+        if t.data_location != onnx.TensorProto.EXTERNAL:
+            continue
+        nbytes = math.ceil(math.prod(t.dims) * ir.DataType(t.data_type).bitwidth / 8)
+        if "embed_tokens" in t.name:
+            embed += nbytes
+        elif ".experts." in t.name:
+            experts += nbytes
+        else:
+            dense += nbytes
+    n, k = config.n_routed_experts or 1, config.num_experts_per_tok or 0
+    distinct = n * (1 - (1 - k / n) ** batch) if k else 0.0
+    return int(dense + embed * batch / config.vocab_size + experts * distinct / n), distinct
+
+
+def time_steps(step: Callable[[Any, Any], Any], ids: Any, positions: Any, steps: int, warm: int = 3) -> float:
+    """Seconds per step of `steps` greedy steps after `warm` untimed ones; ids on the device throughout."""
+    import torch
+
+    for _ in range(warm):
+        logits = step(ids, positions)
+        ids = logits[:, -1].argmax(-1, keepdim=True)
+        positions = positions + 1
+    torch.cuda.synchronize()
+    start = time.perf_counter()
+    for _ in range(steps):
+        logits = step(ids, positions)
+        ids = logits[:, -1].argmax(-1, keepdim=True)
+        positions = positions + 1
+    torch.cuda.synchronize()
+    return (time.perf_counter() - start) / steps
+
+
+def fill_cache(buffers: Any, context: int, seed: int) -> None:
+    import torch
+
+    generator = torch.Generator(device=buffers.device).manual_seed(seed)
+    for tensor in (*buffers.ckv, *buffers.kpe):
+        tensor[:, :context].normal_(0.0, 1.0, generator=generator)
+
+
+def measure_cell(
+    runtime: str, folder: Path, made: dict[str, Any], batch: int, context: int, args: argparse.Namespace
+) -> dict[str, Any]:
+    import torch
+    from dsv3c.runtime.ort_backend import OrtEngine
+    from dsv3c.runtime.ort_cuda_graph import StaticDecoder
+    from dsv3c.runtime.torch_backend import TorchEngine
+
+    capacity = context + args.steps + 8
+    vocab = made["config"].vocab_size
+    ids = torch.randint(0, vocab, (batch, 1), device="cuda")
+    positions = torch.full((batch, 1), context, dtype=torch.long, device="cuda")
+    extra: dict[str, Any] = {}
+    if runtime in ("ort-graph", "ort-static"):
+        profile = f"placement {runtime}" not in made  # the first cell of each: where its nodes run
+        made.setdefault(f"placement {runtime}", None)
+        decoder = StaticDecoder(folder, batch, capacity, cuda_graph=runtime == "ort-graph", profile=profile)
+        fill_cache(decoder.cache, context, args.seed)
+        seconds = time_steps(decoder.step, ids, positions, args.steps)
+        if profile:
+            made[f"placement {runtime}"] = extra["placement"] = decoder.placement().to_dict()
+            print(f"{folder.name} {runtime}: nodes by provider {extra['placement']}", flush=True)
+        extra["capacity"] = decoder.capacity
+        del decoder
+    elif runtime == "ort":
+        engine = made.get("ort") or OrtEngine(folder, "cuda", roles=("decode",))
+        made["ort"] = engine
+        engine.start(batch, capacity)
+        fill_cache(engine.cache, context, args.seed)
+        seconds = time_steps(lambda i, p: engine.decode(i, p).logits, ids, positions, args.steps)
+    elif runtime == "torch":
+        if "torch" not in made:
+            made["torch"] = TorchEngine(random_model(made["config"], made["dtype"], "cuda", args.seed))
+        engine = made["torch"]
+        engine.start(batch, capacity)
+        fill_cache(engine._cache(positions), context, args.seed)
+        seconds = time_steps(lambda i, p: engine.decode(i, p).logits, ids, positions, args.steps)
+    else:
+        if "transformers" not in made:
+            made["transformers"] = hf_model(made["config"], made["dtype"], "cuda")
+        model = made["transformers"]
+        with torch.inference_mode():
+            # one real token makes the cache object; its layers then get `context` random entries (a prefill
+            # of batch x context tokens through eager attention would cost more than the whole benchmark)
+            cache = model(input_ids=ids, use_cache=True).past_key_values
+            for layer in cache.layers:
+                b, h, _, width = layer.keys.shape
+                layer.keys = torch.randn(b, h, context, width, dtype=layer.keys.dtype, device="cuda")
+                layer.values = torch.randn(
+                    b, h, context, layer.values.shape[-1], dtype=layer.values.dtype, device="cuda"
+                )
+
+            def hf_step(i: Any, p: Any) -> Any:
+                out = model(input_ids=i, past_key_values=cache, use_cache=True)
+                return out.logits
+
+            seconds = time_steps(hf_step, ids, positions, args.steps)
+            del cache
+    torch.cuda.empty_cache()
+    return {"seconds_per_step": seconds, **extra}
+
+
+def bench_folder(folder: Path, args: argparse.Namespace, bandwidth: float) -> list[dict[str, Any]]:
     import torch
     from dsv3c.artifact.manifest import read_manifest
     from dsv3c.models.config import DeepseekV3Config
-    from dsv3c.runtime.bench import BenchPlan, run_bench
-    from dsv3c.runtime.bench_models import EngineRunner
-    from dsv3c.runtime.ort_backend import TORCH_TYPES, OrtEngine
+    from dsv3c.runtime.ort_backend import TORCH_TYPES
     from dsv3c.runtime.random_weights import fill_random
-    from dsv3c.runtime.torch_backend import TorchEngine
 
     manifest = read_manifest(folder)
     if manifest.weights == "none":
         start = time.perf_counter()
-        size = fill_random(folder, seed=args.seed, device=args.device)
+        size = fill_random(folder, seed=args.seed, device="cuda")
         print(f"{folder}: filled {size / 2**30:.1f} GiB of random weights in {time.perf_counter() - start:.0f} s")
-    config, dtype = DeepseekV3Config.from_dict(manifest.config), TORCH_TYPES[manifest.cache.dtype]
-    label = str(manifest.stages[0].get("source", folder.name)) if manifest.stages else folder.name
-
-    def ort() -> EngineRunner:
-        return EngineRunner("ort", OrtEngine(folder, args.device, roles=("prefill", "decode")), dtype.itemsize)
-
-    def eager() -> EngineRunner:
-        return EngineRunner("torch", TorchEngine(random_model(config, dtype, args.device, args.seed)), dtype.itemsize)
-
-    plan = BenchPlan(
-        args.contexts,
-        args.batches,
-        args.runtimes,
-        args.steps,
-        args.prefill_chunk,
-        args.seed,
-        model=label,
-        device=args.device,
-        one_at_a_time=args.one_at_a_time,
-    )
-    rows = run_bench(plan, {"ort": ort, "torch": eager}, bandwidth, lambda m: print(m, flush=True))
-    gc.collect()
-    if args.device == "cuda":
+        manifest = read_manifest(folder)
+    config = DeepseekV3Config.from_dict(manifest.config)
+    dtype = TORCH_TYPES[manifest.cache.dtype]
+    cache_per_token = (manifest.cache.ckv_width + manifest.cache.kpe_width) * manifest.cache.layers * dtype.itemsize
+    made: dict[str, Any] = {"config": config, "dtype": dtype}
+    rows = []
+    for runtime in args.runtimes:
+        for batch in args.batches:
+            for context in args.contexts:
+                label = f"{folder.name} {runtime} batch {batch} context {context}"
+                try:
+                    cell = measure_cell(runtime, folder, made, batch, context, args)
+                except Exception as e:  # a runtime that cannot run a cell: say so in one line and go on
+                    text = (str(e).strip().splitlines() or [type(e).__name__])[0][:300]
+                    print(f"{label}: skipped ({type(e).__name__}: {text})", flush=True)
+                    rows.append(
+                        {"model": folder.name, "runtime": runtime, "batch": batch, "context": context, "skipped": text}
+                    )
+                    continue
+                weights, distinct = weight_bytes(manifest, batch)
+                step_bytes = weights + batch * context * cache_per_token
+                floor_s = step_bytes / bandwidth
+                s = cell.pop("seconds_per_step")
+                row = {
+                    "model": folder.name,
+                    "dtype": manifest.cache.dtype,
+                    "runtime": runtime,
+                    "batch": batch,
+                    "context": context,
+                    "ms_per_step": s * 1e3,
+                    "tokens_per_s": batch / s,
+                    "floor_ms": floor_s * 1e3,
+                    "x_floor": s / floor_s,
+                    "bytes_per_step": step_bytes,
+                    "bytes_per_token": step_bytes / batch,
+                    "weight_bytes_per_step": weights,
+                    "distinct_experts": distinct,
+                    **cell,
+                }
+                rows.append(row)
+                print(
+                    f"{label}: {s * 1e3:.2f} ms/step ({row['x_floor']:.1f}x floor {floor_s * 1e3:.3f} ms), "
+                    f"{row['tokens_per_s']:.0f} tok/s",
+                    flush=True,
+                )
+        made.pop("ort", None)
+        made.pop(runtime, None)
         torch.cuda.empty_cache()
     return rows
 
 
-def floor_table(rows: list[Any], bandwidth: float) -> str:
-    head = f"{'model':<10}{'runtime':<9}{'context':>8}{'batch':>6}{'ms/token':>10}{'floor ms':>10}{'x floor':>9}"
-    lines = [f"device copy bandwidth (read + write): {bandwidth / 1e9:.0f} GB/s", head]
+def table(rows: list[dict[str, Any]]) -> str:
+    cells: dict[tuple[str, int, int], dict[str, dict[str, Any]]] = {}
     for r in rows:
-        if r.phase == "decode":
-            floor = r.bytes_per_call / bandwidth * 1e3
-            lines.append(
-                f"{r.model:<10}{r.runtime:<9}{r.context:>8}{r.batch:>6}{r.ms_per_call:>10.2f}{floor:>10.3f}"
-                f"{r.ms_per_call / floor:>9.1f}"
-            )
+        if "ms_per_step" in r:
+            cells.setdefault((r["model"], r["batch"], r["context"]), {})[r["runtime"]] = r
+    runtimes = [rt for rt in RUNTIMES if any(rt in c for c in cells.values())]
+    head = "| model | batch | context | floor ms | " + " | ".join(f"{rt} ms (x floor)" for rt in runtimes)
+    lines = [head + " | ort-graph tok/s | vs torch |", "|" + "---|" * (5 + len(runtimes) + 1)]
+    for (model, batch, context), c in sorted(cells.items()):
+        floor = next(iter(c.values()))["floor_ms"]
+        parts = [f"{c[rt]['ms_per_step']:.2f} ({c[rt]['x_floor']:.1f}x)" if rt in c else "-" for rt in runtimes]
+        g = c.get("ort-graph")
+        speedup = f"{c['torch']['ms_per_step'] / g['ms_per_step']:.1f}x" if g and "torch" in c else "-"
+        tps = f"{g['tokens_per_s']:.0f}" if g else "-"
+        lines.append(
+            f"| {model} | {batch} | {context} | {floor:.3f} | " + " | ".join(parts) + f" | {tps} | {speedup} |"
+        )
     return "\n".join(lines)
 
 
 def main() -> int:
     import_dsv3c()
     import torch
-    from dsv3c.errors import UserError
-    from dsv3c.runtime.bench_models import copy_bandwidth, device_bandwidth
-    from dsv3c.runtime.bench_report import format_table
 
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("folders", type=Path, nargs="+", help="export folders (weights none: filled in place)")
+    p.add_argument("folders", type=Path, nargs="+", help="`lower --target ort` folders (weights none: filled)")
     p.add_argument("--contexts", type=int, nargs="+", default=[128, 1024, 4096])
-    p.add_argument("--batches", type=int, nargs="+", default=[1, 8])
-    p.add_argument("--runtimes", nargs="+", choices=["ort", "torch"], default=["ort", "torch"])
-    p.add_argument("--steps", type=int, default=16, help="timed decode steps (after one untimed)")
-    p.add_argument("--prefill-chunk", type=int, default=2048)
+    p.add_argument("--batches", type=int, nargs="+", default=[1, 8, 32])
+    p.add_argument("--runtimes", nargs="+", choices=RUNTIMES, default=list(RUNTIMES))
+    p.add_argument("--steps", type=int, default=32, help="timed decode steps per cell (after 3 untimed)")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--one-at-a-time", action="store_true", help="load one runtime at a time (less GPU memory)")
-    p.add_argument("--out", type=Path, help="write the rows as JSON here")
-    p.add_argument("--device", choices=["cuda", "cpu"], default="cuda", help="cpu: a dry run on a CPU machine")
+    p.add_argument("--commit", default="", help="the commit measured (recorded in the results)")
+    p.add_argument("--out", type=Path, help="write the rows and the run's command, commit and machine as JSON")
     args = p.parse_args()
-    if args.device == "cuda" and not torch.cuda.is_available():
+    if not torch.cuda.is_available():
         print("gpu_decode: error: torch sees no CUDA device; run this on the GPU machine", file=sys.stderr)
         return 2
+    import onnxruntime as ort
+    from dsv3c.errors import UserError
+    from dsv3c.runtime.bench_models import device_bandwidth
+
     torch.backends.cuda.matmul.allow_tf32 = True  # onnxruntime's CUDA EP runs fp32 MatMul in TF32 as well
-    bandwidth = device_bandwidth() if args.device == "cuda" else copy_bandwidth(64)
-    rows = []
+    bandwidth = device_bandwidth()
+    print(f"device copy bandwidth (read + write): {bandwidth / 1e9:.0f} GB/s", flush=True)
+    rows: list[dict[str, Any]] = []
     try:
         for folder in args.folders:
             rows += bench_folder(folder, args, bandwidth)
     except UserError as e:
         print(f"gpu_decode: error: {e}", file=sys.stderr)
         return 2
-    print(format_table(rows, bandwidth))
-    print(floor_table(rows, bandwidth))
+    print(table(rows))
     if args.out is not None:
-        args.out.write_text(json.dumps([r.to_dict() for r in rows], indent=1) + "\n")
+        result = {
+            "command": "python bench/gpu_decode.py " + " ".join(sys.argv[1:]),
+            "commit": args.commit,
+            "machine": {
+                "gpu": torch.cuda.get_device_name(),
+                "host": platform.node(),
+                "onnxruntime": ort.__version__,
+                "torch": torch.__version__,
+                "bandwidth_bytes_per_s": bandwidth,
+            },
+            "rows": rows,
+        }
+        args.out.write_text(json.dumps(result, indent=1) + "\n")
         print(f"wrote {args.out}")
     return 0
 

@@ -66,6 +66,21 @@ def routing(graph: ir.Graph, moe: ir.Node, opset: int, rewrite: provenance.Rewri
     return outputs[0]
 
 
+def kernel_dtype(dtype: ir.DataType | None) -> ir.DataType:
+    """The precision com.microsoft::MoE runs in for activations of `dtype`: float32 and float16 as they are;
+    bfloat16 in float16 (onnxruntime-gpu 1.31 registers no bfloat16 MoE kernel: a bf16 MoE fails at load
+    with "Type parameter (T) of Optype (MoE) bound"). The weights' Casts are folded once, at session load."""
+    return dtype if dtype in (ir.DataType.FLOAT, ir.DataType.FLOAT16) else ir.DataType.FLOAT16
+
+
+def _cast(b: Builder, value: ir.Value, have: ir.DataType | None, to: ir.DataType | None, name: str) -> ir.Value:
+    """`value` (of dtype `have`) as `to`: itself when they agree."""
+    if to is None or have == to:
+        return value
+    out: ir.Value = b.op("Cast", value, to=to, name=f"{name}_to_{to.name.lower()}")
+    return out
+
+
 class LowerMoEToOrtPass(DsPass):
     def requires(self, model: ir.Model) -> None:
         for node in self._moes(model):
@@ -94,13 +109,14 @@ class LowerMoEToOrtPass(DsPass):
         pairs = b.op("Concat", b.op("Unsqueeze", gate, axis), b.op("Unsqueeze", up, axis), axis=2, name="gate_up")
         fc1 = b.op("Reshape", pairs, b.ints(experts, 2 * ff, hidden, name="fc1_shape"), name="fc1")  # [E, 2ff, D]
         top_k = moe.attributes["top_k"].as_int()
+        compute = kernel_dtype(x.dtype)
         y = b.op(
             "MoE",
-            x,
-            b.op("Log", r, name="router_log"),
-            fc1,
+            _cast(b, x, x.dtype, compute, "x"),
+            _cast(b, b.op("Log", r, name="router_log"), ir.DataType.FLOAT, compute, "router_log"),
+            _cast(b, fc1, gate.dtype or x.dtype, compute, "fc1"),
             None,
-            down,
+            _cast(b, down, down.dtype or x.dtype, compute, "down"),
             domain=MS_DOMAIN,
             name="moe",
             k=top_k,
@@ -111,7 +127,7 @@ class LowerMoEToOrtPass(DsPass):
             normalize_routing_weights=1,
         )
         total = b.op("ReduceSum", r, b.ints(-1, name="axes"), keepdims=1, name="weight_sum")  # [N, 1]
-        out = b.op("Mul", y, b.op("CastLike", total, x), name="scaled")
+        out = b.op("Mul", _cast(b, y, compute, x.dtype, "y"), b.op("CastLike", total, x), name="scaled")
         b.insert_before(graph, moe)
         ir.convenience.replace_nodes_and_values(
             graph, insertion_point=moe, old_nodes=[moe], new_nodes=[], old_values=moe.outputs, new_values=[out]

@@ -18,7 +18,7 @@ from dsv3c.errors import UserError
 from dsv3c.models.config import DeepseekV3Config
 from dsv3c.runtime.engine import EngineBackend, StepOutput
 from dsv3c.runtime.latent_buffers import CacheShape, LatentBuffers
-from dsv3c.runtime.ort_session import Device, make_session, resolve_device
+from dsv3c.runtime.ort_session import Device, float_compute, half_on_cpu, make_session, resolve_device
 
 TORCH_TYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16, "int64": torch.int64}
 ONNX_TYPES = {torch.float32: 1, torch.float16: 10, torch.bfloat16: 16, torch.int64: 7}  # TensorProto enum
@@ -29,12 +29,14 @@ class OrtGraph:
 
     def __init__(self, manifest: Manifest, role: str, device: Device, threads: int, torch_device: torch.device):
         self.role, self.device = role, torch_device
-        self.session = make_session(manifest.graph_path(role), device, threads)
+        path = manifest.graph_path(role)
+        self.float_compute = half_on_cpu(path, device)  # bf16 on the CPU provider: computed in float32
+        self.session = make_session(path, device, threads, float_compute(path) if self.float_compute else None)
         self.signature: Signature = manifest.signatures[role]
         unknown = [t.name for t in (*self.signature.inputs, *self.signature.outputs) if t.dtype not in TORCH_TYPES]
         if unknown:
             raise UserError(f"{role}.onnx: {unknown[0]} has a dtype this runtime does not bind; re-export the folder")
-        self.inputs = {t.name: TORCH_TYPES[t.dtype] for t in self.signature.inputs}
+        self.inputs = {t.name: self._bound(t.dtype) for t in self.signature.inputs}
         self.outputs = {t.name: t for t in self.signature.outputs}
         self.widths = {t.name: [d for d in t.shape[2:] if isinstance(d, int)] for t in self.signature.outputs}
         if any(len(w) != len(t.shape) - 2 for w, t in zip(self.widths.values(), self.signature.outputs, strict=True)):
@@ -42,6 +44,11 @@ class OrtGraph:
         self.hidden_name = next((n for n in self.outputs if n.startswith("hidden")), None)
         if "logits" not in self.outputs or self.hidden_name is None:
             raise UserError(f"{role}.onnx: outputs {list(self.outputs)} lack logits/hidden; re-export the folder")
+
+    def _bound(self, dtype: str) -> torch.dtype:
+        """The torch dtype bound for a signature dtype (half types as float32 when computed in float32)."""
+        bound = TORCH_TYPES[dtype]
+        return torch.float32 if self.float_compute and bound in (torch.bfloat16, torch.float16) else bound
 
     def run(self, feeds: dict[str, torch.Tensor], q: tuple[int, int]) -> dict[str, torch.Tensor]:
         """feeds: every input by name; q = (batch, new tokens). Returns every output by name."""
@@ -63,7 +70,7 @@ class OrtGraph:
         outputs: dict[str, torch.Tensor] = {}
         for name, info in self.outputs.items():
             shape = [*q, *self.widths[name]]
-            out = torch.empty(shape, dtype=TORCH_TYPES[info.dtype], device=self.device)
+            out = torch.empty(shape, dtype=self._bound(info.dtype), device=self.device)
             outputs[name] = out
             binding.bind_output(name, kind, index, ONNX_TYPES[out.dtype], shape, out.data_ptr())
         if kind == "cuda":
@@ -101,6 +108,8 @@ class OrtEngine:
         self.dtype = TORCH_TYPES.get(manifest.cache.dtype, torch.float32)
         present = [r for r in roles if manifest.graphs.get(r)]
         self.graphs = {r: OrtGraph(manifest, r, device, threads, self.device) for r in present}
+        if any(g.float_compute for g in self.graphs.values()):
+            self.dtype = torch.float32  # the cache too: the graphs read and write it in float32
         self.has_mtp = "mtp" in self.graphs and manifest.cache.mtp_layers > 0
         c = manifest.cache
         self.cache_shape = CacheShape(c.layers, c.ckv_width, c.kpe_width, self.dtype)

@@ -116,3 +116,45 @@ def test_cli_generate_ort_json(
         argv += ["--prompt-ids", ",".join(map(str, prompt))]
     assert main(argv) == 0
     assert json.loads(capsys.readouterr().out)["ids"] == torch_tokens
+
+
+def test_bf16_export_runs_on_cpu_within_bf16_tolerance_of_torch_bf16(tiny_checkpoint: Path, tmp_path: Path) -> None:
+    """onnxruntime's CPU provider has no bf16 MatMul: the runtime computes the graph in float32
+    (runtime/float_compute.py) on the bf16 weights; torch bf16 rounds after every op, hence the tolerance."""
+    from dsv3c.export.exporter import export
+    from dsv3c.export.source import from_folder
+
+    folder = tmp_path / "bf16"
+    export(from_folder(tiny_checkpoint), folder, weights="checkpoint", dtype="bf16")
+    engine = OrtEngine(folder)
+    assert all(g.float_compute for g in engine.graphs.values()) and engine.dtype == torch.float32
+    ours, theirs = TorchBackend(load_model(tiny_checkpoint, dtype=torch.bfloat16)), OrtBackend(folder)
+    a, b = ours.prefill(PROMPTS, 16), theirs.prefill(PROMPTS, 16)
+    assert abs(a - b).max() < 3e-2 * abs(a).max()
+    for _ in range(3):
+        tokens = a.argmax(-1)
+        a, b = ours.decode(tokens), theirs.decode(tokens)
+        assert abs(a - b).max() < 3e-2 * abs(a).max()
+    assert (a.argmax(-1) == b.argmax(-1)).mean() >= 2 / 3
+
+
+def test_static_decoder_steps_equal_the_dynamic_engine(tiny_export: Path) -> None:
+    """The fixed (batch, capacity) session that CUDA graphs replay computes what OrtEngine computes."""
+    from dsv3c.runtime.ort_cuda_graph import StaticDecoder
+
+    engine = OrtEngine(tiny_export, roles=("prefill", "decode"))
+    ids = torch.randint(0, engine.config.vocab_size, (2, 9), generator=torch.Generator().manual_seed(0))
+    engine.start(2, 64)
+    engine.prefill(ids[:, :6], torch.arange(6).expand(2, -1).contiguous())
+    static = StaticDecoder(tiny_export, 2, 64, device="cpu", profile=True)
+    assert engine.cache is not None and static.capacity == engine.cache.capacity
+    for i in range(len(static.cache.ckv)):
+        static.cache.ckv[i].copy_(engine.cache.ckv[i])
+        static.cache.kpe[i].copy_(engine.cache.kpe[i])
+    for step in range(3):
+        positions = torch.full((2, 1), 6 + step)
+        want = engine.decode(ids[:, 6 + step : 7 + step], positions).logits
+        got = static.step(ids[:, 6 + step : 7 + step], positions)
+        assert (got - want).abs().max() <= 1e-5 * want.abs().max()
+    placement = static.placement()
+    assert placement.by_provider.get("CPUExecutionProvider", 0) > 10 and not placement.off_device

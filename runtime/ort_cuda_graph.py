@@ -1,0 +1,177 @@
+"""Decode steps replayed as one CUDA graph by onnxruntime's CUDA EP, one capture per (batch, capacity) bucket.
+
+A captured graph replays the same kernels on the same addresses, so everything a decode step touches is
+allocated and bound once per bucket:
+
+- the session's symbolic dimensions are fixed (free-dimension overrides: batch, past = capacity, q = 1),
+  so onnxruntime folds every shape computation to a constant at load and every node can run on the CUDA
+  EP (a node left on the CPU, or a host copy between them, makes onnxruntime refuse the capture);
+- the latent cache is a fixed-capacity LatentBuffers bound whole as the past (the graph masks slots at and
+  beyond positions[b, 0]), and the step's ids and positions are device tensors updated in place;
+- the new cache entries come back in bound outputs and are scattered into the buffers by torch, on the
+  same stream that onnxruntime computes on (`user_compute_stream`), and the run skips onnxruntime's
+  end-of-run synchronization (`disable_synchronize_execution_providers`): a step never waits for the host.
+
+On a CPU (or with `cuda_graph=False`) the same static-shape session runs without capture: the tests
+compare its steps with the dynamic-shape OrtEngine, and the benchmark isolates what the capture gains.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from dsv3c.artifact.manifest import Manifest, read_manifest
+from dsv3c.errors import UserError
+from dsv3c.runtime.latent_buffers import CacheShape, LatentBuffers
+from dsv3c.runtime.ort_backend import ONNX_TYPES, TORCH_TYPES
+from dsv3c.runtime.ort_session import import_ort
+
+
+@dataclass
+class Placement:
+    """Where the nodes of one run executed (onnxruntime's profile: one event per node and run)."""
+
+    by_provider: dict[str, int] = field(default_factory=dict)  # provider -> nodes
+    off_device: dict[str, int] = field(default_factory=dict)  # op type -> nodes not on the asked-for EP
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"by_provider": self.by_provider, "off_device": self.off_device}
+
+
+def placement_from_profile(path: Path, provider: str) -> Placement:
+    """Count the node events of an onnxruntime profile (one run) by execution provider."""
+    events = json.loads(path.read_text())
+    seen: dict[str, tuple[str, str]] = {}
+    for e in events:
+        args = e.get("args", {})
+        if e.get("cat") == "Node" and "provider" in args and e.get("name", "").endswith("_kernel_time"):
+            seen[e["name"][: -len("_kernel_time")]] = (args["provider"], args.get("op_name", "?"))
+    by_provider = Counter(p for p, _ in seen.values())
+    off = Counter(op for p, op in seen.values() if p != provider)
+    return Placement(dict(by_provider), dict(off))
+
+
+class StaticDecoder:
+    """The decode graph of an export folder at one (batch, capacity), bound once; `step` runs one token per row."""
+
+    def __init__(
+        self,
+        folder: Path,
+        batch: int,
+        capacity: int,
+        *,
+        device: str = "cuda",
+        cuda_graph: bool = True,
+        profile: bool = False,
+        threads: int = 0,
+    ):
+        ort = import_ort()
+        self.manifest: Manifest = read_manifest(folder)
+        if self.manifest.weights == "none":
+            raise UserError(f"{folder}: exported with --weights none; fill it first (bench/fill_random_weights.py)")
+        c = self.manifest.cache
+        dtype = TORCH_TYPES.get(c.dtype, torch.float32)
+        self.device = torch.device(device)
+        self.stream = torch.cuda.Stream() if self.device.type == "cuda" else None
+        self.cache: LatentBuffers = CacheShape(c.layers, c.ckv_width, c.kpe_width, dtype).allocate(
+            batch, capacity, self.device, mtp=False
+        )[0]
+        self.batch, self.capacity = batch, self.cache.capacity  # capacity rounded up to whole chunks
+        options = ort.SessionOptions()
+        options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+        options.log_severity_level = 3
+        if threads:
+            options.intra_op_num_threads = threads
+        for name, size in {"batch": batch, "past": self.capacity, "q": 1}.items():
+            options.add_free_dimension_override_by_name(name, size)
+        if profile:
+            options.enable_profiling = True
+            options.profile_file_prefix = str(Path(os.environ.get("TMPDIR", "/tmp")) / "dsv3c-placement")
+        self.provider = "CUDAExecutionProvider" if self.device.type == "cuda" else "CPUExecutionProvider"
+        providers: list[Any] = ["CPUExecutionProvider"]
+        if self.device.type == "cuda":
+            if hasattr(ort, "preload_dlls"):
+                ort.preload_dlls()
+            assert self.stream is not None
+            cuda = {
+                "enable_cuda_graph": "1" if cuda_graph else "0",
+                "user_compute_stream": str(self.stream.cuda_stream),
+            }
+            providers = [("CUDAExecutionProvider", cuda), "CPUExecutionProvider"]
+        path = self.manifest.graph_path("decode")
+        try:
+            self.session = ort.InferenceSession(str(path), options, providers=providers)
+        except Exception as e:  # onnxruntime's own exception types; one line
+            first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+            raise UserError(
+                f"{path}: onnxruntime cannot load this graph as a static decode step: {first[:300]}"
+            ) from None
+        self.profiling = profile
+        signature = self.manifest.signatures["decode"]
+        self.ids = torch.zeros(batch, 1, dtype=torch.long, device=self.device)
+        self.positions = torch.zeros(batch, 1, dtype=torch.long, device=self.device)
+        inputs: dict[str, torch.Tensor] = {"input_ids": self.ids, "positions": self.positions}
+        for i, (ckv, kpe) in enumerate(zip(self.cache.ckv, self.cache.kpe, strict=True)):
+            inputs[f"past_ckv.{i}"], inputs[f"past_kpe.{i}"] = ckv, kpe
+        missing = [t.name for t in signature.inputs if t.name not in inputs]
+        if missing:
+            raise UserError(f"{path}: inputs {missing} are not a decode step's; re-export the folder")
+        self.outputs = {
+            t.name: torch.empty(
+                [batch, 1, *(d for d in t.shape[2:] if isinstance(d, int))],
+                dtype=TORCH_TYPES[t.dtype],
+                device=self.device,
+            )
+            for t in signature.outputs
+        }
+        self.binding = self.session.io_binding()
+        kind, index = self.device.type, self.device.index or 0
+        for name, tensor in inputs.items():
+            self.binding.bind_input(name, kind, index, ONNX_TYPES[tensor.dtype], list(tensor.shape), tensor.data_ptr())
+        for name, tensor in self.outputs.items():
+            self.binding.bind_output(name, kind, index, ONNX_TYPES[tensor.dtype], list(tensor.shape), tensor.data_ptr())
+        self.run_options = ort.RunOptions()
+        if self.device.type == "cuda":
+            self.run_options.add_run_config_entry("disable_synchronize_execution_providers", "1")
+        if self.device.type == "cuda":
+            torch.cuda.synchronize()  # the buffers were written on torch's default stream
+
+    def step(self, ids: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+        """ids, positions [B, 1] (on the device): one token per row at positions[b, 0]; returns the logits
+        [B, 1, vocab] (a buffer the next step overwrites). No host synchronization on CUDA."""
+        if int(positions.shape[0]) != self.batch:
+            raise UserError(f"this decoder was built for batch {self.batch}, not {positions.shape[0]}")
+        if self.stream is None:
+            self._run(ids, positions)
+            return self.outputs["logits"]
+        caller = torch.cuda.current_stream()
+        self.stream.wait_stream(caller)  # device-side waits (events), never the host
+        with torch.cuda.stream(self.stream):
+            self._run(ids, positions)
+        caller.wait_stream(self.stream)
+        return self.outputs["logits"]
+
+    def _run(self, ids: torch.Tensor, positions: torch.Tensor) -> None:
+        self.ids.copy_(ids, non_blocking=True)
+        self.positions.copy_(positions, non_blocking=True)
+        self.session.run_with_iobinding(self.binding, self.run_options)
+        for i in range(len(self.cache.ckv)):
+            self.cache.write(i, self.outputs[f"new_ckv.{i}"], self.outputs[f"new_kpe.{i}"], self.positions)
+
+    def synchronize(self) -> None:
+        if self.stream is not None:
+            self.stream.synchronize()
+
+    def placement(self) -> Placement:
+        """Where the nodes ran (needs profile=True; ends the profile): the captured replays run no nodes of
+        their own, so this counts the runs before capture."""
+        if not self.profiling:
+            raise RuntimeError("bug: placement() needs a decoder made with profile=True")
+        self.profiling = False
+        return placement_from_profile(Path(self.session.end_profiling()), self.provider)
