@@ -58,3 +58,29 @@ def gather_state(
 def _dtype_of(state: dict[str, torch.Tensor]) -> torch.dtype:
     """The experts' dtype: that of any local routed expert weight (every rank holds at least one)."""
     return next(t.dtype for n, t in state.items() if routed_expert(n) is not None)
+
+
+def clip_grad_norm_(model: DeepseekV3ForCausalLM, max_norm: float, group: RankGroup) -> torch.Tensor:
+    """torch.nn.utils.clip_grad_norm_ over the whole sharded model: the same norm, and clip, on every rank.
+
+    Replicated gradients are equal on every rank and counted once; each expert's counts on its owner, so
+    their squares are summed over ranks (all_reduce). A local clip would scale the replicated parameters
+    differently on each rank and let them drift apart.
+    """
+    replicated: list[torch.Tensor] = []
+    experts: list[torch.Tensor] = []
+    for name, p in model.named_parameters():
+        if p.grad is not None:
+            (replicated if routed_expert(name) is None else experts).append(p.grad.detach())
+    zero = torch.zeros((), dtype=torch.float32, device=group.device)
+    rep_sq = sum((g.float().pow(2).sum() for g in replicated), zero)
+    expert_sq = sum((g.float().pow(2).sum() for g in experts), zero.clone())
+    try:
+        dist.all_reduce(expert_sq)
+    except RuntimeError as e:
+        raise RankFailure(f"rank {group.rank}: the gradient-norm all_reduce failed ({first_line(e)})") from None
+    total = (rep_sq + expert_sq).sqrt()
+    scale = (max_norm / (total + 1e-6)).clamp(max=1.0)
+    for g in replicated + experts:
+        g.mul_(scale.to(g.dtype))
+    return total

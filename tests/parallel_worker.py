@@ -16,6 +16,7 @@ import torch
 
 PROMPTS = [[1, 2, 3, 4, 5], [7, 8, 9]]
 STEPS = 6
+CLIP = 0.5  # below the tiny model's gradient norm, so clipping acts
 
 
 def greedy(engine, prompts=PROMPTS, steps=STEPS) -> tuple[list[list[int]], list[torch.Tensor]]:
@@ -71,8 +72,11 @@ def rank_main(
     return 0
 
 
-def train_steps(model, steps: int = 3, lr: float = 0.05) -> tuple[list[float], dict[str, torch.Tensor]]:
-    """SGD on a fixed batch: the loss before each step, and the first step's gradients by parameter name."""
+def train_steps(model, steps: int = 3, lr: float = 0.05, clip=None) -> tuple[list[float], dict[str, torch.Tensor]]:
+    """SGD on a fixed batch: the loss before each step, and the first step's gradients by parameter name.
+
+    `clip(model)`, when given, clips the gradients before each step (and its norms are returned in "norms").
+    """
     ids = torch.randint(0, model.config.vocab_size, (2, 12), generator=torch.Generator().manual_seed(1))
     optimizer = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=lr)
     losses, grads = [], {}
@@ -83,6 +87,8 @@ def train_steps(model, steps: int = 3, lr: float = 0.05) -> tuple[list[float], d
         loss.backward()
         if step == 0:
             grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+        if clip is not None:
+            grads.setdefault("norms", torch.zeros(steps))[step] = clip(model)
         optimizer.step()
         losses.append(float(loss.detach()))
     return losses, grads
@@ -114,7 +120,7 @@ def train_whole_rank_main(source: Path, out: Path, ep: int, timeout_s: float = 2
     from dsv3c.models.checkpoint import load_model
     from dsv3c.parallel.group import join, leave
     from dsv3c.parallel.plan import ExpertPlan
-    from dsv3c.parallel.training import gather_state, shard
+    from dsv3c.parallel.training import clip_grad_norm_, gather_state, shard
 
     torch.set_num_threads(1)
     rank = int(os.environ["RANK"])
@@ -125,12 +131,12 @@ def train_whole_rank_main(source: Path, out: Path, ep: int, timeout_s: float = 2
             shapes = {n: t.shape for n, t in model.state_dict().items()}
             plan = ExpertPlan.for_config(model.config, ep)
             shard(model, plan, group)
-            losses, _ = train_steps(model)
+            losses, grads = train_steps(model, clip=lambda m: clip_grad_norm_(m, CLIP, group))
             state = gather_state(model, plan, group, shapes)
         finally:
             leave()
     except UserError as e:
         (out / f"rank{rank}.err").write_text(f"{e}\n")
         return 2
-    torch.save({"losses": losses, "state": state}, out / f"rank{rank}.pt")
+    torch.save({"losses": losses, "state": state, "norms": grads["norms"]}, out / f"rank{rank}.pt")
     return 0

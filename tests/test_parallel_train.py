@@ -9,7 +9,7 @@ from dsv3c.models.checkpoint import load_model
 from dsv3c.parallel.plan import ExpertPlan, routed_expert
 
 from .parallel_common import launch
-from .parallel_worker import train_rank_main, train_steps, train_whole_rank_main
+from .parallel_worker import CLIP, train_rank_main, train_steps, train_whole_rank_main
 
 
 def test_two_ranks_train_like_one_process(tiny_checkpoint: Path, tmp_path: Path) -> None:
@@ -31,12 +31,16 @@ def test_two_ranks_train_like_one_process(tiny_checkpoint: Path, tmp_path: Path)
 def test_sharded_training_gathers_back_to_the_single_process_weights(tiny_checkpoint: Path, tmp_path: Path) -> None:
     torch.set_num_threads(1)
     model = load_model(tiny_checkpoint)
-    losses, _ = train_steps(model)
+    losses, grads = train_steps(model, clip=lambda m: torch.nn.utils.clip_grad_norm_(m.parameters(), CLIP))
+    assert (grads["norms"] > CLIP).all()  # the clip acted at every step
     results = launch(2, tiny_checkpoint, tmp_path, entry=train_whole_rank_main)
     assert [r.exitcode for r in results] == [0, 0], [r.error for r in results]
     primary = torch.load(tmp_path / "rank0.pt", weights_only=True)
     assert torch.load(tmp_path / "rank1.pt", weights_only=True)["state"] is None
     torch.testing.assert_close(torch.tensor(primary["losses"]), torch.tensor(losses), atol=1e-5, rtol=0)
+    for r in range(2):  # the whole model's gradient norm, on every rank
+        norms = torch.load(tmp_path / f"rank{r}.pt", weights_only=True)["norms"]
+        torch.testing.assert_close(norms, grads["norms"], atol=1e-5, rtol=1e-5)
     expected = model.state_dict()
     assert set(primary["state"]) == set(expected)
     for name, tensor in expected.items():
