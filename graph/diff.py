@@ -11,12 +11,13 @@ from collections.abc import Hashable
 from pathlib import Path
 
 import onnx
+from dsv3c.artifact import provenance
 from dsv3c.errors import UserError
 from dsv3c.graph.diff_types import Change, DiffReport, EntryKind, GraphDiff, InitializerChange, NodeChange
 from dsv3c.graph.index import GraphIndex, attribute_text, constant_key, layer_of_name
 from dsv3c.graph.load import LoadedGraph, dtype_name, graph_paths, load_graph
 from dsv3c.graph.marks import Marks
-from dsv3c.graph.match import Matching, match_initializers, match_nodes
+from dsv3c.graph.match import Matching, Unmatched, match_initializers, match_nodes
 from dsv3c.graph.rewrites import Claims, group_rewrites
 from dsv3c.graph.stats import compare_tensors
 from dsv3c.graph.summary import function_label
@@ -195,13 +196,26 @@ def _node_entries(a: GraphIndex, b: GraphIndex, m: Matching, src: _Sources, clai
             entries.append(
                 NodeChange(kind, a.op(i), a.nodes[i].name, b.nodes[j].name, a.layers[i], m.method[i], changes)
             )
-    for i in range(len(a)):
-        if i not in m.a_to_b and i not in claims.nodes_a:
-            entries.append(NodeChange("removed", a.op(i), a.label(i), "", a.layers[i]))
-    for j in range(len(b)):
-        if j not in m.b_to_a and j not in claims.nodes_b:
-            entries.append(NodeChange("added", b.op(j), "", b.label(j), b.layers[j]))
+    removed = [i for i in range(len(a)) if i not in m.a_to_b and i not in claims.nodes_a]
+    added = [j for j in range(len(b)) if j not in m.b_to_a and j not in claims.nodes_b]
+    if removed:
+        why_a = Unmatched(a, b, m.a_to_b, m.b_to_a).why
+        entries += [NodeChange("removed", a.op(i), a.label(i), "", a.layers[i], why=why_a(i)) for i in removed]
+    if added:
+        why_b = Unmatched(b, a, m.b_to_a, m.a_to_b).why
+        entries += [NodeChange("added", b.op(j), "", b.label(j), b.layers[j], why=why_b(j)) for j in added]
     return entries
+
+
+def _stages(model: onnx.ModelProto) -> list[str]:
+    props = {p.key: p.value for p in model.metadata_props}
+    return [s for s in props.get(provenance.MODEL_STAGES, "").split("\n") if s]
+
+
+def stages_between(a: onnx.ModelProto, b: onnx.ModelProto) -> list[str]:
+    """The stages B's provenance lists after those A's lists (all of B's when A is not where B started)."""
+    sa, sb = _stages(a), _stages(b)
+    return sb[len(sa) :] if sb[: len(sa)] == sa else sb
 
 
 def diff_graphs(a: LoadedGraph, b: LoadedGraph, values: bool = True) -> tuple[GraphDiff, Matching]:
@@ -237,6 +251,7 @@ def diff_graphs(a: LoadedGraph, b: LoadedGraph, values: bool = True) -> tuple[Gr
         rewrites,
         nodes,
         init_entries,
+        stages=stages_between(a.model, b.model),
     )
     return result, m
 

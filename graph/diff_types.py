@@ -29,6 +29,7 @@ class NodeChange:
     layer: int | None
     matched_by: str = ""
     changes: list[Change] = field(default_factory=list)
+    why: str = ""  # added/removed: why the matching found no partner, pass by pass
 
 
 @dataclass
@@ -116,6 +117,7 @@ class GraphDiff:
     nodes: list[NodeChange] = field(default_factory=list)
     initializers: list[InitializerChange] = field(default_factory=list)
     numeric: NumericReport | None = None
+    stages: list[str] = field(default_factory=list)  # the pipeline stages between A and B, from B's marks
 
     @property
     def differences(self) -> int:

@@ -14,6 +14,7 @@ from typing import Any
 
 import numpy as np
 import onnx
+from dsv3c.graph.load import dtype_name
 from onnx import numpy_helper
 
 # domains of standard ONNX; any other domain (dsv3c, com.microsoft, ...) is a custom node
@@ -108,7 +109,7 @@ def attribute_text(a: onnx.AttributeProto) -> str:
     if kind == A.STRINGS:
         return str([s.decode("utf-8", "replace") for s in a.strings])
     if kind == A.TENSOR:
-        dtype = onnx.helper.tensor_dtype_to_string(a.t.data_type).removeprefix("TensorProto.").lower()
+        dtype = dtype_name(a.t.data_type)
         return f"tensor {dtype}{list(a.t.dims)} #{_digest(a.t)}"
     if kind == A.GRAPH:
         return f"graph ({len(a.g.node)} nodes) #{_digest(a.g)}"

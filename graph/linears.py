@@ -22,6 +22,7 @@ from dataclasses import dataclass
 
 import onnx
 from dsv3c.graph.index import GraphIndex, is_custom
+from dsv3c.graph.load import dtype_name
 from onnx import TensorProto
 
 FP8_TYPES = frozenset(
@@ -116,7 +117,7 @@ def short_name(weight: str) -> str:
 
 
 def fp8_label(elem_type: int) -> str:
-    return "fp8" if elem_type == TensorProto.FLOAT8E4M3FN else onnx.helper.tensor_dtype_to_string(elem_type).lower()
+    return "fp8" if elem_type == TensorProto.FLOAT8E4M3FN else dtype_name(elem_type)
 
 
 def _attr(node: onnx.NodeProto, name: str, default: int = 0) -> int:
@@ -360,7 +361,7 @@ class LinearFinder:
 
 
 def _dtype(elem_type: int) -> str:
-    return onnx.helper.tensor_dtype_to_string(elem_type).removeprefix("TensorProto.").lower()
+    return dtype_name(elem_type)
 
 
 def _block(w: int, s: int) -> int:

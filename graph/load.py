@@ -19,6 +19,7 @@ from typing import Literal
 
 import numpy as np
 import onnx
+import onnx_ir as ir
 from dsv3c.errors import UserError
 from google.protobuf.message import DecodeError
 from onnx import TensorProto
@@ -26,8 +27,6 @@ from onnx import TensorProto
 DataState = Literal["inline", "external", "missing"]
 MANIFEST = "manifest.json"
 
-# bytes per element for types numpy cannot tell us (sub-byte) or that have no fixed size
-_SUB_BYTE = {TensorProto.INT4, TensorProto.UINT4, TensorProto.FLOAT4E2M1}
 _TYPED_FIELDS = ("float_data", "int32_data", "string_data", "int64_data", "double_data", "uint64_data")
 
 
@@ -81,22 +80,29 @@ class LoadedGraph:
         return all(t.data != "missing" for t in self.tensors.values())
 
 
-def dtype_name(elem_type: int) -> str:
+# One dtype table for graph/: onnx_ir's DataType (names, sizes, numpy types), as the passes use it.
+
+
+def _data_type(elem_type: int) -> ir.DataType | None:
     try:
-        return onnx.helper.tensor_dtype_to_string(elem_type).removeprefix("TensorProto.").lower()
-    except (ValueError, KeyError):
+        data_type = ir.DataType(elem_type)
+    except ValueError:
+        return None
+    return None if data_type in (ir.DataType.UNDEFINED, ir.DataType.STRING) else data_type
+
+
+def dtype_name(elem_type: int) -> str:
+    """`float`, `bfloat16`, `float8e4m3fn`, ... (the TensorProto name, lower-case)."""
+    try:
+        return ir.DataType(elem_type).name.lower()
+    except ValueError:
         return f"type{elem_type}"
 
 
 def element_bytes(elem_type: int) -> float:
-    if elem_type in _SUB_BYTE:
-        return 0.5
-    if elem_type in (TensorProto.STRING, TensorProto.UNDEFINED):
-        return 0.0
-    try:
-        return float(onnx.helper.tensor_dtype_to_np_dtype(elem_type).itemsize)
-    except (ValueError, KeyError, TypeError):
-        return 0.0
+    """Bytes per element (0.5 for 4-bit types); 0 for strings and unknown types."""
+    data_type = _data_type(elem_type)
+    return float(data_type.itemsize) if data_type is not None else 0.0
 
 
 def _check_location(folder: Path, location: str, model: Path) -> Path:
@@ -207,12 +213,11 @@ def graph_paths(path: Path) -> dict[str, Path]:
 
 
 def numpy_dtype(elem_type: int) -> np.dtype | None:
-    if elem_type in _SUB_BYTE or elem_type in (TensorProto.STRING, TensorProto.UNDEFINED):
+    """The numpy dtype data of this type reads as (ml_dtypes for bfloat16 and fp8); None for sub-byte types."""
+    data_type = _data_type(elem_type)
+    if data_type is None or data_type.itemsize < 1:
         return None
-    try:
-        return np.dtype(onnx.helper.tensor_dtype_to_np_dtype(elem_type))
-    except (ValueError, KeyError, TypeError):
-        return None
+    return np.dtype(data_type.numpy())
 
 
 def iter_chunks(g: LoadedGraph, name: str, chunk: int = 1 << 22) -> Iterator[np.ndarray]:

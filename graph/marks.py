@@ -47,10 +47,13 @@ class Marks:
         return self.groups[self.key(j)] if j in self.of else [j]
 
     def readers_outside(self, group: list[int]) -> list[tuple[int, int]]:
-        """(node, input index) of the nodes outside `group` that read what it computes."""
+        """(node, input index) of the nodes outside `group` that read what it computes from its inputs. Its
+        constants are left out: the cleanup merges equal constants across groups, so others read them too."""
         inside = set(group)
         found = []
         for j in group:
+            if self.index.nodes[j].op_type == "Constant":
+                continue
             for out in self.index.nodes[j].output:
                 found += [(c, k) for c, k in self.index.consumers.get(out, []) if c not in inside]
         return found

@@ -178,3 +178,45 @@ def match_initializers(a: GraphIndex, b: GraphIndex, m: Matching) -> dict[str, s
                 pairs[x] = y
                 taken_b.add(y)
     return pairs
+
+
+class Unmatched:
+    """Why a node found no partner, pass by pass, in words (as onnxscript's rewriter says why a rule did not
+    match): `why(i)` for a node of `this` that no node of `other` was matched to."""
+
+    def __init__(self, this: GraphIndex, other: GraphIndex, partner: dict[int, int], other_partner: dict[int, int]):
+        self.this, self.other, self.partner, self.other_partner = this, other, partner, other_partner
+        self.names_this = Counter(n.name for n in this.nodes if n.name)
+        self.names_other = Counter(n.name for n in other.nodes if n.name)
+        self.where_other = {n.name: j for j, n in enumerate(other.nodes) if n.name}
+        self.free_this = Counter((this.op(i), this.layers[i]) for i in range(len(this)) if i not in partner)
+        self.free_other = Counter((other.op(j), other.layers[j]) for j in range(len(other)) if j not in other_partner)
+
+    def why(self, i: int) -> str:
+        this, other = self.this, self.other
+        node, op, reasons = this.nodes[i], this.op(i), []
+        if not node.name:
+            reasons.append("it has no name")
+        elif self.names_this[node.name] > 1 or self.names_other[node.name] > 1:
+            reasons.append(f"its name {node.name!r} is not unique")
+        elif node.name in self.where_other:
+            j = self.where_other[node.name]
+            reasons.append(f"the other graph's {node.name!r} is a {other.op(j)}")
+        else:
+            reasons.append(f"no node named {node.name!r} in the other graph")
+        made = [(o, other.producer[o][0]) for o in node.output if o in other.producer]
+        if not made:
+            reasons.append("none of its outputs is computed there")
+        else:
+            out, j = made[0]
+            reasons.append(f"its output {out!r} comes from a {other.op(j)} there")
+        for k, name in enumerate(node.input):
+            p = this.producer.get(name, (None, 0))[0] if name else None
+            if p is not None and p not in self.partner:
+                reasons.append(f"input {k} comes from unmatched {this.label(p)!r}")
+                break
+        else:
+            reasons.append(f"no {op} there reads the same inputs")
+        key = (op, this.layers[i])
+        reasons.append(f"{self.free_this[key]} unmatched {op} here vs {self.free_other[key]} there in its layer")
+        return "; ".join(reasons)

@@ -128,6 +128,8 @@ def _graph(g: GraphDiff, k: int) -> str:
         f"matched {sum(g.matched.values())} ({escape(matched)}); "
         f"{g.differences or 'no'} differences</p>",
     ]
+    if g.stages:
+        parts.append(f"<p>stages (from the passes' provenance marks): {escape(', '.join(g.stages))}</p>")
     if g.model:
         items = "".join(f"<li>{escape(f'{c.field}: {c.before} -> {c.after}')}</li>" for c in g.model)
         parts.append(f"<h3>model</h3><ul>{items}</ul>")

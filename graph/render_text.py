@@ -143,6 +143,12 @@ def quantized_line(rw: Rewrite) -> str:
     return f"{rw.target}{op}: {', '.join(parts)}; {act}"
 
 
+def _stage(group: list[Rewrite]) -> str:
+    """` [by fp8-weights]`: the stage whose marks the group's nodes carry ("" when inferred from structure)."""
+    stages = list(dict.fromkeys(r.stage for r in group if r.stage))
+    return f" [by {', '.join(stages)}]" if stages else ""
+
+
 def rewrite_lines(rewrites: list[Rewrite]) -> list[str]:
     """The rewrites of one layer: quantized linears under one summary line per scheme, one line per linear
     below it; each lowering, merge or fold on its own line."""
@@ -161,10 +167,10 @@ def rewrite_lines(rewrites: list[Rewrite]) -> list[str]:
         added, removed = sum(len(r.added_nodes) for r in group), sum(len(r.removed_nodes) for r in group)
         delta = f"+{_nodes(added)}" + (f", -{_nodes(removed)}" if removed else "")
         if len(group) == 1:
-            lowered_lines.append(f"{label}: {op} {group[0].target} ({delta})")
+            lowered_lines.append(f"{label}: {op} {group[0].target} ({delta}){_stage(group)}")
         else:
             names = ", ".join(r.target for r in group[:3]) + (", ..." if len(group) > 3 else "")
-            lowered_lines.append(f"{label}: {len(group)} {op} nodes ({names}; {delta})")
+            lowered_lines.append(f"{label}: {len(group)} {op} nodes ({names}; {delta}){_stage(group)}")
     lines = lowered_lines + lines
     head = []
     for label, group in by_label.items():
@@ -180,17 +186,18 @@ def rewrite_lines(rewrites: list[Rewrite]) -> list[str]:
         detail = f"+{nodes} nodes, +{inits} initializers" + (f", {retyped} weights now {dtype}" if retyped else "")
         head.append(
             f"{label}: {len(group)} linear{'s' if len(group) > 1 else ''} "
-            f"({', '.join(k for k in kinds if k)}); {detail}"
+            f"({', '.join(k for k in kinds if k)}); {detail}{_stage(group)}"
         )
         head += [f"  {quantized_line(r)}" for r in group]
     return head + lines
 
 
 def node_line(e: NodeChange) -> str:
+    why = f" (unmatched: {e.why})" if e.why else ""
     if e.kind == "added":
-        return f"added    {e.op} {e.name_b}"
+        return f"added    {e.op} {e.name_b}{why}"
     if e.kind == "removed":
-        return f"removed  {e.op} {e.name_a}"
+        return f"removed  {e.op} {e.name_a}{why}"
     if e.kind == "renamed":
         return f"renamed  {e.op} {e.name_a} -> {e.name_b}"
     changes = "; ".join(_change(c.field, c.before, c.after) for c in e.changes)
@@ -248,6 +255,8 @@ def graph_diff_lines(g: GraphDiff) -> list[str]:
         f"{title} ({g.a} -> {g.b}): {g.nodes_a} -> {g.nodes_b} nodes, matched {sum(g.matched.values())}"
         f" ({matched or 'none'}); {g.differences or 'no'} differences"
     ]
+    if g.stages:
+        lines.append(f"  stages (from the passes' provenance marks): {', '.join(g.stages)}")
     if g.model:
         lines.append("  model:")
         lines += [f"    {c.field}: {c.before} -> {c.after}" for c in g.model]

@@ -213,3 +213,20 @@ def test_unrelated_graphs_still_report(tmp_path: Path) -> None:
     assert removed == len(a.graph.node) - sum(g.matched.values())
     assert added == len(b.graph.node) - sum(g.matched.values())
     assert np.isfinite([e.max_abs_diff for e in g.initializers if e.max_abs_diff is not None]).all()
+
+
+def test_unmatched_nodes_say_why(tmp_path: Path, base: onnx.ModelProto) -> None:
+    """An added node says, pass by pass, why no node of A matched it (as a rewrite rule says why it failed)."""
+    b = _copy(base)
+    node = _node(b, "/model/layers.1/self_attn/o_proj/MatMul")
+    extra = onnx.helper.make_node("Relu", [node.output[0]], ["extra_out"], name="/model/layers.1/extra/Relu")
+    b.graph.node.append(extra)
+    g = _diff(tmp_path, base, b)
+    (added,) = [e for e in g.nodes if e.kind == "added"]
+    assert (added.op, added.name_b, added.layer) == ("Relu", "/model/layers.1/extra/Relu", 1)
+    assert added.why == (
+        "no node named '/model/layers.1/extra/Relu' in the other graph; none of its outputs is computed there; "
+        "no Relu there reads the same inputs; 1 unmatched Relu here vs 0 there in its layer"
+    )
+    text = render_diff(DiffReport("a", "b", [g]))
+    assert f"added    Relu /model/layers.1/extra/Relu (unmatched: {added.why})" in text

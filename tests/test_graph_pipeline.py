@@ -120,12 +120,16 @@ def test_quantize_text_and_json(folders: PipelineFolders, tmp_path: Path, capsys
     assert "mlp.experts (dsv3c::MoE): weights float8e4m3fn[" in text
     assert "activations fp8, 1x128 tiles (online), shares self_attn.q_a_proj's Q/DQ" in text
     assert not re.search(r"^\s+(added|removed|changed|renamed) ", text, re.MULTILINE), text
+    # what ran, and which stage made each group, as the passes' provenance marks say
+    assert "  stages (from the passes' provenance marks): fp8-weights, fp8-activations, " in text
+    assert re.search(r"^    quantized \(fp8, block 128\): 8 linears .*\[by fp8-weights\]$", text, re.MULTILINE)
     out = tmp_path / "diff.json"
     code, _ = _run_cli(["diff", a, b, "--format", "json", "--out", str(out)], capsys)
     data = json.loads(out.read_text())
     assert code == 1 and data["identical"] is False and [g["role"] for g in data["graphs"]] == ROLES
     graph = data["graphs"][0]
     assert graph["nodes"] == [] and graph["initializers"] == []
+    assert graph["stages"][:2] == ["fp8-weights", "fp8-activations"] and graph["stages"][-1] == "topological-sort"
     rows = {(r["layer"], r["target"]): r for r in graph["rewrites"]}
     assert rows[0, "self_attn.kv_b_proj"]["weight_only"] is True and rows[0, "self_attn.o_proj"]["weight_only"] is False
     assert rows[1, "mlp.experts"]["kind"] == "quantized" and len(rows[1, "mlp.experts"]["scale_shapes"]) == 3
@@ -189,6 +193,8 @@ def test_lowered_to_onnxruntime_moe(folders: PipelineFolders, capsys: pytest.Cap
         assert mla and all(r.label.startswith("lowered (inlined, ") for r in mla)
     code, text = _run_cli(["diff", str(folders["quantized"]), str(folders["ort"])], capsys)
     assert code == 1 and "lowered (to com.microsoft::MoE): dsv3c::MoE layers.1/" in text
+    assert re.search(r"lowered \(to com\.microsoft::MoE\): dsv3c::MoE layers\.1/.*\[by moe-to-com-microsoft\]", text)
+    assert "  stages (from the passes' provenance marks): moe-to-com-microsoft, inline-custom, " in text  # after A's
     # export -> ort: quantized and lowered at once; the experts' fp8 weights now feed com.microsoft::MoE
     both = diff_paths(folders["export"] / "prefill.onnx", folders["ort"] / "prefill.onnx").graphs[0]
     _only_rewrites(both)
