@@ -126,7 +126,12 @@ def _write_weights(path: Path, graphs: ExportGraphs, layout: Layout) -> None:
         for value in _weights(graphs.models.values()):
             assert value.name is not None and value.const_value is not None
             if value.name not in done:
-                writer.write(value.name, value.const_value.tobytes())  # one tensor in memory at a time
+                tensor = value.const_value
+                if isinstance(tensor, ir.ExternalTensor):  # from the source's mapped pages, no copy; then unmapped,
+                    writer.write(value.name, tensor.numpy())  # so memory holds one tensor whatever the folder's size
+                    tensor.release()
+                else:
+                    writer.write(value.name, tensor.tobytes())  # one tensor in memory at a time
                 done.add(value.name)
 
 

@@ -265,14 +265,25 @@ def _check_tensor(index: CheckpointIndex, key: str, info: StoredTensor, shape: t
         )
 
 
+# safetensors maps a shard into memory: the pages a read touches stay resident (and count in RSS) while
+# the shard is open, so a shard is reopened after this many bytes; memory stays bounded whatever its size.
+REOPEN_BYTES = 1 << 30
+
+
 def _stream(index: CheckpointIndex, keep_fp8: bool, dtype: torch.dtype | None) -> Iterator[tuple[str, torch.Tensor]]:
     by_file: dict[str, list[str]] = {}
     for ours, key in index.names.items():
         by_file.setdefault(index.tensors[key].file, []).append(ours)
     for file in sorted(by_file):
-        with _open(index.folder / file) as f:
-            for ours in by_file[file]:
-                yield from _read(index, f, ours, index.names[ours], keep_fp8, dtype)
+        names = by_file[file]
+        while names:
+            read = 0
+            with _open(index.folder / file) as f:
+                while names and read < REOPEN_BYTES:
+                    ours = names.pop(0)
+                    for item in _read(index, f, ours, index.names[ours], keep_fp8, dtype):
+                        read += item[1].nbytes
+                        yield item
     for ours, source in index.copies.items():
         key = index.names[source]
         with _open(index.folder / index.tensors[key].file) as f:
