@@ -189,7 +189,7 @@ def _gloo_rank(rank: int, world: int, port: int, batches: list[int], repeats: in
         s = dispatch.stats
         rows.append({"batch": b, "collectives_ms_per_layer": 1e3 * s.seconds / repeats, "layer_ms": 1e3 * wall})
         rows[-1]["bytes_sent_per_layer"] = s.bytes_sent / repeats
-    leave()
+    leave(barrier=True)
     if rank == 0:
         queue.put(rows)  # type: ignore[attr-defined]
 

@@ -7,6 +7,7 @@ so a rank that died or hangs turns into a one-line RankFailure on the others, ne
 
 from __future__ import annotations
 
+import contextlib
 import os
 import re
 import zlib
@@ -96,6 +97,13 @@ def agree(group: RankGroup, what: str, value: str) -> None:
         raise RankFailure(f"rank {group.rank}: ranks {differ} loaded a different {what}; start every rank alike")
 
 
-def leave() -> None:
-    if dist.is_initialized():
-        dist.destroy_process_group()
+def leave(barrier: bool = False) -> None:
+    """Leave the group. After a run that went well pass `barrier`: no rank then tears down its links while
+    a peer still uses them (gloo can abort a process that exits under a live peer). Not after a failure:
+    a stuck peer would make the barrier wait out the timeout."""
+    if not dist.is_initialized():
+        return
+    if barrier:
+        with contextlib.suppress(RuntimeError):
+            dist.barrier()
+    dist.destroy_process_group()

@@ -8,12 +8,14 @@ ranks become `RemoteExpert` placeholders without weights; the dispatcher never c
 from __future__ import annotations
 
 import json
+import zlib
 from pathlib import Path
 
 import torch
 from dsv3c.errors import CheckpointError, UserError
 from dsv3c.models.checkpoint import CheckpointIndex, StoredTensor, load_state_dict_streaming, read_index
 from dsv3c.models.checkpoint_layout import (
+    BIAS_FP32,
     CONFIG_FILE,
     INDEX_FILE,
     SCALE_SUFFIX,
@@ -138,3 +140,41 @@ def _check_rank_file(folder: Path, rank: int, ranks: int) -> None:
         raise CheckpointError(
             f"{folder}: holds rank {raw.get('rank')} of {raw.get('ranks')}, but rank {rank} of {ranks} opened it"
         )
+
+
+def random_rank_model(
+    config: DeepseekV3Config,
+    plan: ExpertPlan,
+    rank: int,
+    device: torch.device,
+    dtype: torch.dtype = torch.bfloat16,
+    seed: int = 0,
+) -> DeepseekV3ForCausalLM:
+    """This rank's share of a random model, made on `device` (benchmarks of models too large to carry).
+
+    Each tensor comes from its own generator seeded by (seed, name): every rank makes the same replicated
+    weights, and any --ep the same model. Norms are ones, the router bias zeros, the rest N(0, 0.02).
+    """
+    with torch.device("meta"):
+        model = DeepseekV3ForCausalLM(config)
+    owners = plan.owners()
+    for module in model.modules():
+        if isinstance(module, MoE):
+            for e, owner in enumerate(owners):
+                if owner != rank:
+                    module.experts[e] = RemoteExpert(e, owner)
+    model = model.to_empty(device=device)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith(BIAS_FP32):
+                p.zero_()
+            elif p.dim() == 1:
+                p.fill_(1.0)
+            else:
+                g = torch.Generator(device=device).manual_seed(seed * 1_000_003 + zlib.crc32(name.encode()))
+                p.normal_(0.0, 0.02, generator=g)
+    model = finish_model(model.to(dtype))
+    for name, p in model.named_parameters():
+        if name.endswith(BIAS_FP32):
+            p.data = p.data.float()  # selection bias stays float32, as loaded checkpoints keep it
+    return model.to(device)

@@ -27,7 +27,8 @@ class ExpertParallel:
         return self.group.is_primary
 
     def close(self) -> None:
-        groups.leave()
+        """Leave the group at the end of a run that went well (every rank calls it)."""
+        groups.leave(barrier=True)
 
     def summary(self) -> str:
         """One line: this rank's time in the MoE collectives (waits for slower peers included)."""

@@ -47,6 +47,7 @@ def rank_main(
     dtype: torch.dtype = torch.float32,
 ) -> int:
     from dsv3c.errors import UserError
+    from dsv3c.parallel.group import leave
     from dsv3c.parallel.session import open_expert_parallel
     from dsv3c.runtime.torch_backend import TorchEngine
 
@@ -61,8 +62,10 @@ def rank_main(
                     module.dispatch = fault
         try:
             tokens, logits = greedy(TorchEngine(ep.model))
-        finally:
-            ep.close()
+        except BaseException:
+            leave()
+            raise
+        ep.close()
     except UserError as e:
         (out / f"rank{rank}.err").write_text(f"{e}\n")
         return 2
@@ -103,10 +106,8 @@ def train_rank_main(source: Path, out: Path, ep: int, timeout_s: float = 20.0) -
     rank = int(os.environ["RANK"])
     try:
         ep_rank = open_expert_parallel(source, ep, timeout_s=timeout_s)
-        try:
-            losses, grads = train_steps(ep_rank.model)
-        finally:
-            ep_rank.close()
+        losses, grads = train_steps(ep_rank.model)
+        ep_rank.close()
     except UserError as e:
         (out / f"rank{rank}.err").write_text(f"{e}\n")
         return 2
@@ -133,8 +134,10 @@ def train_whole_rank_main(source: Path, out: Path, ep: int, timeout_s: float = 2
             shard(model, plan, group)
             losses, grads = train_steps(model, clip=lambda m: clip_grad_norm_(m, CLIP, group))
             state = gather_state(model, plan, group, shapes)
-        finally:
+        except BaseException:
             leave()
+            raise
+        leave(barrier=True)
     except UserError as e:
         (out / f"rank{rank}.err").write_text(f"{e}\n")
         return 2
