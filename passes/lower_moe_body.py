@@ -12,7 +12,7 @@ from __future__ import annotations
 import onnx_ir as ir
 from dsv3c.export.functions import ExpertSet, moe_function, moe_variant
 from dsv3c.export.onnx_ops import DOMAIN, MOE_OP
-from dsv3c.passes.pipeline import DsPass
+from dsv3c.passes.pipeline import DsPass, StageResult
 
 
 class MoEBodyPass(DsPass):
@@ -32,5 +32,4 @@ class MoEBodyPass(DsPass):
                 moe_function(variant, opset, node.overload, self.expert_set)
             )
             replaced.add(key)
-        self.changes = {"moe_bodies": {self.expert_set.value: len(replaced)}}
-        return ir.passes.PassResult(model, bool(replaced))
+        return StageResult(model, bool(replaced), {"moe_bodies": {self.expert_set.value: len(replaced)}})

@@ -69,10 +69,9 @@ def _delta(before: collections.Counter[str], after: collections.Counter[str]) ->
     return {op: after[op] - before[op] for op in sorted(set(before) | set(after)) if after[op] != before[op]}
 
 
-def _changes(pass_: ir.passes.PassBase, result: ir.passes.PassResult) -> dict[str, Any]:
-    if isinstance(result, StageResult):
-        return dict(result.changes)
-    return dict(getattr(pass_, "changes", None) or {})  # a pass not yet returning a StageResult
+def _changes(result: ir.passes.PassResult) -> dict[str, Any]:
+    """What a dsv3c pass says it changed; nothing for a library pass (its op counts are recorded)."""
+    return dict(result.changes) if isinstance(result, StageResult) else {}
 
 
 def _stamp_added(model: ir.Model, before: set[ir.Node], stage: Stage) -> None:
@@ -113,7 +112,7 @@ def run_pipeline(graphs: ExportGraphs, stages: Sequence[Stage], dump_dir: Path |
                 raise UserError(f"stage '{stage.name}' cannot run on the {role} graph: {cause}") from None
             record.modified[role] = bool(result.modified)
             _stamp_added(model, nodes_before, stage)
-            summary = _changes(stage.pass_, result)
+            summary = _changes(result)
             ops = _delta(before, op_counts(model))
             if ops:
                 summary["ops"] = ops

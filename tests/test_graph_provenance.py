@@ -96,6 +96,11 @@ def test_quantize_marks_every_node_it_adds(pipeline_folders: dict[str, Path]) ->
     assert all(m.stage is not None for m in marks)
     by_stage = {m.stage for m in marks}
     assert {"fp8-weights", "fp8-activations"} <= by_stage
+    weights = [(n, m) for n, m in zip(added, marks, strict=True) if m.stage == "fp8-weights"]
+    assert {str(m.rewrite) for _, m in weights} == {"quantized(fp8, block 128)"}
+    for node, m in weights:  # named after the weight they dequantize, which is their origin
+        assert len(m.origin) == 1 and node.name.startswith(m.origin[0].removesuffix(".weight") + "/")
+        assert m.origin[0] in model.graph.initializers
     acts = [m for m in marks if m.stage == "fp8-activations"]
     assert {str(m.rewrite) for m in acts} == {"quantized(fp8, 1x128 tiles (online))"}
     matmuls = {n.name for n in model.graph if n.op_type == "MatMul"}

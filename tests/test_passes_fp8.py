@@ -20,8 +20,9 @@ from dsv3c.passes.pipelines import QuantizeOptions
 from dsv3c.passes.policy import Policy
 from dsv3c.passes.quantize import quantize_folder
 from dsv3c.passes.report import compare_exports
-from dsv3c.passes.testing import edit_weights, mini_export, torch_model_from_export, weightless_copy
 from safetensors.torch import load_file
+
+from .fixtures.exports import edit_weights, mini_export, torch_model_from_export, weightless_copy
 
 FP8 = ir.DataType.FLOAT8E4M3FN
 ATTENTION = ("q_a_proj", "q_b_proj", "kv_a_proj_with_mqa", "kv_b_proj", "o_proj")

@@ -9,13 +9,16 @@ import numpy as np
 import onnx
 import onnx_ir as ir
 import pytest
+from dsv3c.artifact import provenance
 from dsv3c.artifact.export_folder import read_export, write_export
 from dsv3c.artifact.manifest import read_manifest
 from dsv3c.errors import UserError
+from dsv3c.passes.builder import Builder
 from dsv3c.passes.cleanup import cleanup_stages
 from dsv3c.passes.ort_run import GraphRunner, random_feeds
-from dsv3c.passes.pipeline import DsPass, Stage, run_pipeline
-from dsv3c.passes.testing import mini_export, weightless_copy
+from dsv3c.passes.pipeline import DsPass, Stage, StageResult, run_pipeline
+
+from .fixtures.exports import mini_export, weightless_copy
 
 
 @pytest.fixture(scope="module")
@@ -108,3 +111,34 @@ def test_foreign_folders_are_rejected(export_dir: Path, tmp_path: Path) -> None:
         read_export(bad)
     with pytest.raises(UserError, match="must differ"):
         write_export(read_export(export_dir), export_dir, {"stage": "x"}, force=True)
+
+
+class _Negates(DsPass):
+    """Negates the logits through a Builder: one Neg node, replacing nothing; says what it did."""
+
+    def call(self, model: ir.Model) -> StageResult:
+        logits = next(v for v in model.graph.outputs if v.name == "logits")
+        producer = logits.producer()
+        assert producer is not None
+        b = Builder("negate", rewrite=provenance.Rewrite("rewritten", ("negated",)), origin=producer)
+        out = b.op("Neg", logits, name="neg")
+        b.insert_after(model.graph, producer)
+        model.graph.outputs[model.graph.outputs.index(logits)] = out
+        return StageResult(model, True, {"negated": 1})
+
+
+def test_pipeline_records_changes_and_stamps_what_a_stage_adds(export_dir: Path) -> None:
+    graphs = read_export(export_dir)
+    before = {role: {n.name for n in m.graph} for role, m in graphs.models.items()}
+    (record,) = run_pipeline(graphs, [Stage("negate-logits", _Negates(), roles=("prefill",))])
+    assert record.modified == {"prefill": True}
+    assert record.changes == {"prefill": {"negated": 1, "ops": {"Neg": 1}}}  # the StageResult's, and op counts
+    prefill = graphs.models["prefill"]
+    (neg,) = [n for n in prefill.graph if n.name not in before["prefill"]]
+    producer = neg.inputs[0].producer() if neg.inputs[0] is not None else None
+    assert producer is not None and provenance.read(neg) == provenance.Provenance(
+        "negate-logits", provenance.Rewrite("rewritten", ("negated",)), (producer.name,)
+    )
+    assert not any(provenance.read(n).stamped for n in prefill.graph if n is not neg)
+    assert provenance.model_stages(prefill) == ["negate-logits"]
+    assert provenance.model_stages(graphs.models["decode"]) == []  # the stage did not run there

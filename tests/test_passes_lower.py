@@ -22,8 +22,9 @@ from dsv3c.passes.ort_run import FeedShape, GraphRunner, random_feeds, relative_
 from dsv3c.passes.pipelines import QuantizeOptions, Target
 from dsv3c.passes.quantize import quantize_folder
 from dsv3c.passes.rope import match as rope_match
-from dsv3c.passes.testing import mini_export, torch_model_from_export, weightless_copy
 from onnx import TensorProto, helper
+
+from .fixtures.exports import mini_export, torch_model_from_export, weightless_copy
 
 IREE_SHAPE = FeedShape(batch=1, seq=16, decode_seq=1, past=16)  # the iree lowering's default dims
 

@@ -24,9 +24,10 @@ from dsv3c.passes.lower_ort_8bit import (
 from dsv3c.passes.ort_run import GraphRunner, relative_error
 from dsv3c.passes.pipelines import QuantizeOptions, Target
 from dsv3c.passes.quantize import quantize_folder
-from dsv3c.passes.testing import mini_export, weightless_copy
 from dsv3c.runtime.bench_models import graph_weight_bytes, weight_bytes_per_step
 from onnx import TensorProto, helper
+
+from .fixtures.exports import mini_export, weightless_copy
 
 # Measured on the mini export (2 layers of the tiny preset, seeded random inputs, block 128): the first
 # linear adds 0.6-0.9 % (the cache it writes), logits differ by ~8e-2 relative (Frobenius) because a few
