@@ -17,7 +17,20 @@ from dsv3c import progress
 from dsv3c.errors import UserError
 
 # module names under dsv3c.cli; imported lazily so optional backends never slow or break start-up
-COMMANDS = ["init", "generate", "export", "quantize", "lower", "build", "inspect", "diff", "bench", "eval", "partition"]
+COMMANDS = [
+    "init",
+    "generate",
+    "export",
+    "quantize",
+    "lower",
+    "build",
+    "inspect",
+    "diff",
+    "bench",
+    "eval",
+    "partition",
+    "train",
+]
 
 
 def _load(name: str) -> ModuleType:

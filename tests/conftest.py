@@ -52,3 +52,30 @@ def tiny_export(tiny_checkpoint: Path) -> Path:
     folder = tiny_checkpoint.parent / "tiny-export"
     export(from_folder(tiny_checkpoint), folder, weights="checkpoint")
     return folder
+
+
+def _quick_cache_key() -> str:
+    """The trained quick model is reused across sessions until the training or model code changes."""
+    import hashlib
+
+    root = Path(__file__).resolve().parent.parent
+    sources = sorted((root / "train").glob("*.py")) + sorted((root / "train" / "presets").glob("*.json"))
+    sources.append(root / "models" / "deepseek_v3.py")
+    return hashlib.sha256(b"".join(p.read_bytes() for p in sources)).hexdigest()[:16]
+
+
+@pytest.fixture(scope="session")
+def trained_quick() -> Path:
+    """A checkpoint folder of the `quick` preset trained 200 steps on ~1.5 MB of the Python docs (fp32).
+
+    Trained once (about 20 s on an idle 2-core CPU) and cached in the temp folder, keyed by the training
+    code; its folder has tokenizer.json, generation_config.json, training.json (final losses) and
+    metrics.jsonl. Skips when Debian's python3.11-doc is not installed.
+    """
+    import tempfile
+
+    from dsv3c.train.quick import PYTHON_DOC_SOURCES, quick_tiny
+
+    if not PYTHON_DOC_SOURCES.is_dir():
+        pytest.skip("needs Debian's python3.11-doc (apt-get install python3.11-doc)")
+    return quick_tiny(Path(tempfile.gettempdir()) / f"dsv3c-quick-{_quick_cache_key()}")

@@ -1,0 +1,193 @@
+"""An FP8 linear layer for training: forward, input-gradient and weight-gradient GEMMs from E4M3 inputs.
+
+DeepSeek-V3's recipe (§3.3): in Y = X W^T the activation X is scaled per 1x128 tile along K and W per
+128x128 block; in the backward pass dX = dY W uses dY per 1x128 tile along N with the same W blocks
+(transposed), and dW = dY^T X uses dY and X per 128x1 tile (along the token axis M, the reduction axis
+of that GEMM). Every GEMM accumulates in float32. The master weight, its gradient and the optimizer
+state stay float32; the output is bf16 under CUDA autocast, else the input's dtype.
+
+Two backends compute the same quantized product: `emulate` dequantizes and multiplies in float32 (CPU,
+tests; fp8 x fp8 products are exact in float32, so only the summation order differs from hardware),
+`scaled_mm` runs real FP8 GEMMs through torch._scaled_mm (CUDA, sm89+), with the scale layouts cuBLAS
+accepts for block scaling: activation scales [M, K/128] in column-major strides, weight scales the
+transpose of a row-major [N/128, K/128] tensor.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Literal
+
+import torch
+from dsv3c.train import fp8_quant as fq
+from torch import nn
+
+Granularity = Literal["block", "tensor"]
+Backend = Literal["auto", "emulate", "scaled_mm"]
+# the linears DeepSeek-V3 runs in FP8: attention projections and every FFN (dense, shared, routed);
+# kv_b_proj is read as a matrix by the attention core itself, so it stays in higher precision
+FP8_LINEARS = frozenset(
+    {"q_proj", "q_a_proj", "q_b_proj", "kv_a_proj_with_mqa", "o_proj", "gate_proj", "up_proj", "down_proj"}
+)
+
+
+@dataclass(frozen=True)
+class Fp8Recipe:
+    granularity: Granularity = "block"  # 1x128 tiles and 128x128 blocks, or one scale per tensor
+    pow2: bool = False  # round every scale up to a power of two
+    backend: Backend = "auto"  # scaled_mm on a CUDA device that has FP8 GEMMs, else emulate
+    compile: bool = True  # torch.compile the quantizers on CUDA (eager quantization costs more than the GEMM)
+
+
+# ---- the quantized GEMMs -------------------------------------------------------------------------
+
+
+def _use_scaled_mm(recipe: Fp8Recipe, device: torch.device) -> bool:
+    if recipe.backend == "emulate" or device.type != "cuda":
+        return False
+    return torch.cuda.get_device_capability(device) >= (8, 9)
+
+
+_COMPILED: dict[str, Any] = {}
+
+
+def _quantizer(name: str, recipe: Fp8Recipe, device: torch.device) -> Any:
+    fn = getattr(fq, name)
+    if device.type == "cuda" and recipe.compile:
+        if name not in _COMPILED:
+            _COMPILED[name] = torch.compile(fn, dynamic=True)
+        return _COMPILED[name]
+    return fn
+
+
+def _pad_rows(x: torch.Tensor, multiple: int = 16) -> torch.Tensor:
+    return fq.pad_to(x, multiple, 0)
+
+
+def scaled_mm_tile_block(a: torch.Tensor, sa: torch.Tensor, b: torch.Tensor, sb: torch.Tensor) -> torch.Tensor:
+    """a fp8 [M, K] per 1x128 (sa [M, K/128]) times b fp8 [N, K] per 128x128 (sb [N/128, K/128])^T -> [M, N] bf16."""
+    m = a.shape[0]
+    a, sa = _pad_rows(a), _pad_rows(sa)
+    out = torch._scaled_mm(
+        a, b.t(), scale_a=sa.t().contiguous().t(), scale_b=sb.t(), out_dtype=torch.bfloat16
+    )  # [Mp, N]
+    return out[:m]
+
+
+# cuBLAS layouts tried for 1x128 x 1x128 (the weight-gradient GEMM); the first that works is kept
+_TILE_TILE_LAYOUT: list[str] = []
+
+
+def scaled_mm_tile_tile(a: torch.Tensor, sa: torch.Tensor, b: torch.Tensor, sb: torch.Tensor) -> torch.Tensor:
+    """a fp8 [M, K] per 1x128 times b fp8 [N, K] per 1x128 (along K), transposed -> [M, N] bf16."""
+    m = a.shape[0]
+    a, sa = _pad_rows(a), _pad_rows(sa)
+    b, sb = _pad_rows(b), _pad_rows(sb)
+    scale_a = sa.t().contiguous().t()
+    layouts = {"colmajor": lambda: sb.t().contiguous().t(), "rowmajor": lambda: sb.contiguous()}
+    order = _TILE_TILE_LAYOUT or list(layouts)
+    error: Exception | None = None
+    for name in order:
+        try:
+            out = torch._scaled_mm(a, b.t(), scale_a=scale_a, scale_b=layouts[name](), out_dtype=torch.bfloat16)
+        except RuntimeError as e:
+            error = e
+            continue
+        if not _TILE_TILE_LAYOUT:
+            _TILE_TILE_LAYOUT.append(name)
+        return out[:m, : b.shape[0]]
+    raise RuntimeError(f"torch._scaled_mm rejects 1x128 x 1x128 scaling in every layout tried: {error}")
+
+
+def emulate_tile_block(a: torch.Tensor, sa: torch.Tensor, b: torch.Tensor, sb: torch.Tensor) -> torch.Tensor:
+    return fq.dequantize_tiles(a, sa) @ fq.dequantize_blocks(b, sb).t()
+
+
+def emulate_tile_tile(a: torch.Tensor, sa: torch.Tensor, b: torch.Tensor, sb: torch.Tensor) -> torch.Tensor:
+    return fq.dequantize_tiles(a, sa) @ fq.dequantize_tiles(b, sb).t()
+
+
+def _tensor_gemm(a: torch.Tensor, b: torch.Tensor, recipe: Fp8Recipe) -> torch.Tensor:
+    """a [M, K] @ b [N, K]^T with one scale per operand."""
+    qa, sa = fq.quantize_tensor(a, recipe.pow2)
+    qb, sb = fq.quantize_tensor(b, recipe.pow2)
+    if _use_scaled_mm(recipe, a.device):
+        m = qa.shape[0]
+        qa = _pad_rows(qa)
+        return torch._scaled_mm(qa, qb.t(), scale_a=sa, scale_b=sb, out_dtype=torch.bfloat16)[:m]
+    return (qa.float() * sa) @ (qb.float() * sb).t()
+
+
+def fp8_matmul(x: torch.Tensor, w: torch.Tensor, recipe: Fp8Recipe) -> torch.Tensor:
+    """The forward GEMM alone: x [M, K] @ w [N, K]^T, both quantized as `recipe` says."""
+    if recipe.granularity == "tensor":
+        return _tensor_gemm(x, w, recipe)
+    real = _use_scaled_mm(recipe, x.device)
+    qx, sx = _quantizer("quantize_tiles", recipe, x.device)(x, recipe.pow2)
+    qw, sw = _quantizer("quantize_blocks", recipe, x.device)(w, recipe.pow2)
+    y = (scaled_mm_tile_block if real else emulate_tile_block)(qx, sx, qw, sw)
+    return y[:, : w.shape[0]]
+
+
+class _Fp8LinearFunction(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx: Any, x: torch.Tensor, weight: torch.Tensor, recipe: Fp8Recipe) -> torch.Tensor:
+        ctx.save_for_backward(x, weight)
+        ctx.recipe = recipe
+        return fp8_matmul(x, weight, recipe)
+
+    @staticmethod
+    def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor | None, torch.Tensor | None, None]:
+        x, weight = ctx.saved_tensors
+        recipe: Fp8Recipe = ctx.recipe
+        grad = grad.contiguous()
+        if recipe.granularity == "tensor":
+            dx = _tensor_gemm(grad, weight.t(), recipe)  # [M, N] @ [N, K]
+            dw = _tensor_gemm(grad.t(), x.t(), recipe)  # [N, M] @ [M, K]
+            return dx.to(x.dtype), dw.to(weight.dtype), None
+        real = _use_scaled_mm(recipe, x.device)
+        tiles = _quantizer("quantize_tiles", recipe, x.device)
+        blocks = _quantizer("quantize_blocks", recipe, x.device)
+        n, k = weight.shape
+        # dgrad: dY per 1x128 along N times W^T per 128x128 block (the blocks of W, transposed)
+        qg, sg = tiles(grad, recipe.pow2)  # [M, Np]
+        qw, sw = blocks(weight, recipe.pow2)  # [Np, Kp]
+        qwt, swt = qw.t().contiguous(), sw.t().contiguous()  # [Kp, Np], [Kp/128, Np/128]
+        dx = (scaled_mm_tile_block if real else emulate_tile_block)(qg, sg, qwt, swt)[:, :k]
+        # wgrad: dY^T and X^T per 1x128 along M, i.e. dY and X per 128x1 tile
+        qgt, sgt = tiles(grad.t(), recipe.pow2)  # [N, Mp]
+        qxt, sxt = tiles(x.t(), recipe.pow2)  # [K, Mp]
+        dw = (scaled_mm_tile_tile if real else emulate_tile_tile)(qgt, sgt, qxt, sxt)[:n, :k]
+        return dx.to(x.dtype), dw.to(weight.dtype), None
+
+
+def fp8_linear(x: torch.Tensor, weight: torch.Tensor, recipe: Fp8Recipe) -> torch.Tensor:
+    """x [..., K] @ weight [N, K]^T through the FP8 GEMMs, differentiable in x and weight."""
+    if x.device.type == "cuda" and torch.is_autocast_enabled("cuda"):
+        out_dtype = torch.get_autocast_dtype("cuda")
+    else:
+        out_dtype = x.dtype
+    with torch.autocast(x.device.type, enabled=False):
+        y = _Fp8LinearFunction.apply(x.reshape(-1, x.shape[-1]), weight, recipe)
+    return y.to(out_dtype).view(*x.shape[:-1], weight.shape[0])
+
+
+class Fp8Linear(nn.Linear):
+    """nn.Linear whose GEMMs run in FP8; made from an existing Linear in place, so names and weights stay."""
+
+    recipe: Fp8Recipe
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = fp8_linear(x, self.weight, self.recipe)
+        return y if self.bias is None else y + self.bias.to(y.dtype)
+
+
+def convert_to_fp8(model: nn.Module, recipe: Fp8Recipe) -> list[str]:
+    """Turn the model's FP8_LINEARS into Fp8Linear in place; returns their names."""
+    converted = []
+    for name, module in model.named_modules():
+        if type(module) is nn.Linear and name.rsplit(".", 1)[-1] in FP8_LINEARS:
+            module.__class__ = Fp8Linear
+            module.recipe = recipe  # type: ignore[assignment]
+            converted.append(name)
+    return converted
