@@ -103,6 +103,9 @@ def _graph_summary(s: GraphSummary) -> list[str]:
         )
     if not s.external_files:
         lines.append("external data: (none)")
+    if s.stages:
+        made = ", ".join(f"{stage} {n}" for stage, n in s.stages.items() if n)
+        lines.append(f"provenance: {len(s.stages)} stages ran; nodes they made: {made or '(none)'}")
     return lines
 
 

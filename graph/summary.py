@@ -8,9 +8,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import onnx
+from dsv3c.artifact import provenance
 from dsv3c.graph.index import GraphIndex, attribute_text, is_custom, op_label
 from dsv3c.graph.linears import find_linears
 from dsv3c.graph.load import MANIFEST, ExternalFile, LoadedGraph, dtype_name, load_graph, read_export_manifest
+from dsv3c.graph.marks import Marks
 
 _CACHE_NAME = re.compile(r"cache|past|ckv|kpe|latent", re.IGNORECASE)
 
@@ -82,6 +84,8 @@ class GraphSummary:
     fp8: Fp8Coverage
     cache: list[TensorSpec]
     external_files: list[ExternalFile]
+    # provenance: the stages dsv3c ran (in order) -> nodes they left in the graph, read from the marks
+    stages: dict[str, int] = field(default_factory=dict)
 
 
 @dataclass
@@ -135,6 +139,12 @@ def _coverage(index: GraphIndex) -> Fp8Coverage:
     )
 
 
+def _stages(g: LoadedGraph, index: GraphIndex) -> dict[str, int]:
+    ran = {p.key: p.value for p in g.model.metadata_props}.get(provenance.MODEL_STAGES, "")
+    counts = Counter(m.stage for m in Marks(index).of.values())
+    return {stage: counts[stage] for stage in [*dict.fromkeys(s for s in ran.split("\n") if s), *counts]}
+
+
 def summarize(g: LoadedGraph) -> GraphSummary:
     index = GraphIndex(g.graph)
     rows: dict[str, DtypeRow] = {}
@@ -173,6 +183,7 @@ def summarize(g: LoadedGraph) -> GraphSummary:
         fp8=_coverage(index),
         cache=[s for s in inputs if _CACHE_NAME.search(s.name)],
         external_files=g.external_files,
+        stages=_stages(g, index),
     )
 
 

@@ -263,6 +263,15 @@ def test_inspect_fp8_coverage(folders: PipelineFolders) -> None:
     assert "float8e4m3fn" in {r.dtype for r in after.by_dtype}
     text = render_inspect(inspect_path(folders["quantized"]))
     assert "21 of 29 linears in fp8 (activations fp8, 1x128 tiles (online): 21); 5 more with fp8 weights only" in text
+    # what made the nodes, from the passes' marks: every node the export did not write is counted once
+    assert before.stages == {} and "provenance:" not in render_inspect(inspect_path(folders["export"]))
+    assert list(after.stages)[:2] == ["fp8-weights", "fp8-activations"] and after.stages["fp8-weights"] > 0
+    names = {
+        k: {n.name for n in onnx.load(str(folders[k] / "prefill.onnx"), load_external_data=False).graph.node}
+        for k in ("export", "quantized")
+    }
+    assert sum(after.stages.values()) == len(names["quantized"] - names["export"])
+    assert re.search(r"provenance: \d+ stages ran; nodes they made: fp8-weights \d+, fp8-activations \d+", text)
     # onnxruntime's lowering does not change what runs in fp8
     assert (ort.fp8.fp8_linears, ort.fp8.weight_only, ort.fp8.share) == (21, 5, pytest.approx(f.share))
 
