@@ -52,12 +52,25 @@ _COMPILED: dict[str, Any] = {}
 
 
 def _quantizer(name: str, recipe: Fp8Recipe, device: torch.device) -> Any:
+    """The quantizer, compiled on CUDA (one fused kernel instead of ~6); eager if compiling fails."""
     fn = getattr(fq, name)
-    if device.type == "cuda" and recipe.compile:
-        if name not in _COMPILED:
-            _COMPILED[name] = torch.compile(fn, dynamic=True)
-        return _COMPILED[name]
-    return fn
+    if device.type != "cuda" or not recipe.compile:
+        return fn
+    if name not in _COMPILED:
+        compiled = torch.compile(fn, dynamic=True)
+
+        def guarded(*args: Any) -> Any:
+            try:
+                return compiled(*args)
+            except Exception as e:  # a broken inductor toolchain must not stop training
+                import warnings
+
+                warnings.warn(f"torch.compile of {name} failed ({type(e).__name__}); quantizing eagerly", stacklevel=2)
+                _COMPILED[name] = fn
+                return fn(*args)
+
+        _COMPILED[name] = guarded
+    return _COMPILED[name]
 
 
 def _pad_rows(x: torch.Tensor, multiple: int = 16) -> torch.Tensor:
@@ -74,8 +87,9 @@ def scaled_mm_tile_block(a: torch.Tensor, sa: torch.Tensor, b: torch.Tensor, sb:
     return out[:m]
 
 
-# cuBLAS layouts tried for 1x128 x 1x128 (the weight-gradient GEMM); the first that works is kept
-_TILE_TILE_LAYOUT: list[str] = []
+# cuBLAS layouts tried for 1x128 x 1x128 (the weight-gradient GEMM), float32 output first (the weight
+# gradient feeds float32 master weights); the first that works is kept
+_TILE_TILE_LAYOUT: list[tuple[str, torch.dtype]] = []
 
 
 def scaled_mm_tile_tile(a: torch.Tensor, sa: torch.Tensor, b: torch.Tensor, sb: torch.Tensor) -> torch.Tensor:
@@ -85,16 +99,16 @@ def scaled_mm_tile_tile(a: torch.Tensor, sa: torch.Tensor, b: torch.Tensor, sb: 
     b, sb = _pad_rows(b), _pad_rows(sb)
     scale_a = sa.t().contiguous().t()
     layouts = {"colmajor": lambda: sb.t().contiguous().t(), "rowmajor": lambda: sb.contiguous()}
-    order = _TILE_TILE_LAYOUT or list(layouts)
+    order = _TILE_TILE_LAYOUT or [(n, d) for d in (torch.float32, torch.bfloat16) for n in layouts]
     error: Exception | None = None
-    for name in order:
+    for name, dtype in order:
         try:
-            out = torch._scaled_mm(a, b.t(), scale_a=scale_a, scale_b=layouts[name](), out_dtype=torch.bfloat16)
+            out = torch._scaled_mm(a, b.t(), scale_a=scale_a, scale_b=layouts[name](), out_dtype=dtype)
         except RuntimeError as e:
             error = e
             continue
         if not _TILE_TILE_LAYOUT:
-            _TILE_TILE_LAYOUT.append(name)
+            _TILE_TILE_LAYOUT.append((name, dtype))
         return out[:m, : b.shape[0]]
     raise RuntimeError(f"torch._scaled_mm rejects 1x128 x 1x128 scaling in every layout tried: {error}")
 

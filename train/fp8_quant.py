@@ -40,7 +40,7 @@ def pad_to(x: torch.Tensor, multiple: int, dim: int) -> torch.Tensor:
 
 def quantize_tiles(x: torch.Tensor, pow2: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
     """x [M, K] -> (fp8 [M, Kp], float32 scales [M, Kp / 128]); one scale per 1x128 tile along K."""
-    x = pad_to(x, TILE, 1)
+    x = pad_to(x, TILE, 1).contiguous()  # row-major fp8 out: what the GEMM wants (also for x.t())
     m, k = x.shape
     tiles = x.float().view(m, k // TILE, TILE)  # [M, K/128, 128]
     scale = _scale(tiles.abs().amax(-1), pow2)  # [M, K/128]

@@ -1,0 +1,309 @@
+"""FP8 vs BF16 training on the GPU: the same MoE, seed and data order, and GEMMs at DeepSeek-V3's shapes.
+
+    python bench/train_fp8.py --data TOKENS_DIR --out bench/results/train_fp8.json [--steps N] [--gamma0-steps N]
+    python bench/train_fp8.py --plot bench/results/train_fp8.json      # the PNG beside it (needs matplotlib)
+
+Trains the `bench-moe` preset (hidden 2048, 8 layers, 32 routed experts, MTP depth 1) three times:
+BF16 and FP8 (DeepSeek's recipe) with bias balancing (gamma 1e-3), and BF16 with gamma 0 (expert load
+without balancing). Records final train/val loss, FP8's relative loss error, step time, the share of
+CUDA time spent in GEMM kernels (torch.profiler over 3 steps), tokens/s and peak memory; then times
+forward GEMMs (bf16 vs FP8 block-scaled, GEMM alone and with the online quantization) at hidden 7168.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import platform
+import statistics
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+from _bootstrap import import_dsv3c
+
+import_dsv3c()
+
+import torch  # noqa: E402
+from dsv3c.train.config import TrainConfig, model_config  # noqa: E402
+from dsv3c.train.corpus import load_corpus  # noqa: E402
+from dsv3c.train.fp8_linear import Fp8Recipe, fp8_linear, fp8_matmul  # noqa: E402
+from dsv3c.train.loop import build_model, losses, make_optimizer, train_model  # noqa: E402
+
+GEMM_KERNELS = ("gemm", "nvjet", "cutlass", "xmma", "sm90_", "matmul", "scaled_mm")
+
+
+def _gpu_time(fn: Any, iters: int = 20) -> float:
+    """Median milliseconds of fn() on the GPU."""
+    for _ in range(3):
+        fn()
+    times = []
+    for _ in range(iters):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        fn()
+        end.record()
+        torch.cuda.synchronize()
+        times.append(start.elapsed_time(end))
+    return statistics.median(times)
+
+
+def _gemm_row(name: str, m: int, k: int, n: int) -> dict[str, Any]:
+    from dsv3c.train import fp8_quant as fq
+    from dsv3c.train.fp8_linear import scaled_mm_tile_block
+
+    x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
+    w = torch.randn(n, k, device="cuda") * 0.02
+    wb = w.bfloat16()
+    recipe = Fp8Recipe(backend="scaled_mm")
+    qx, sx = fq.quantize_tiles(x)
+    qw, sw = fq.quantize_blocks(w)
+    bf16 = _gpu_time(lambda: x @ wb.t())
+    gemm = _gpu_time(lambda: scaled_mm_tile_block(qx, sx, qw, sw))
+    e2e = _gpu_time(lambda: fp8_matmul(x, w, recipe))
+    xt = x.float().requires_grad_()
+    wt = w.clone().requires_grad_()
+    xb, wbb = x.clone().requires_grad_(), wb.clone().requires_grad_()
+    go = torch.randn(m, n, device="cuda", dtype=torch.bfloat16)
+    fwd_bwd_fp8 = _gpu_time(lambda: fp8_linear(xt, wt, recipe).backward(go), iters=10)
+    fwd_bwd_bf16 = _gpu_time(lambda: (xb @ wbb.t()).backward(go), iters=10)
+    flop = 2 * m * k * n
+    rel = float((fp8_matmul(x, w, recipe).float() - x.float() @ w.t()).norm() / (x.float() @ w.t()).norm())
+    return {
+        "gemm": name,
+        "m": m,
+        "k": k,
+        "n": n,
+        "bf16_ms": bf16,
+        "fp8_gemm_ms": gemm,
+        "fp8_with_quant_ms": e2e,
+        "bf16_tflops": flop / bf16 / 1e9,
+        "fp8_tflops": flop / gemm / 1e9,
+        "speedup_gemm": bf16 / gemm,
+        "speedup_with_quant": bf16 / e2e,
+        "fwd_bwd_bf16_ms": fwd_bwd_bf16,
+        "fwd_bwd_fp8_ms": fwd_bwd_fp8,
+        "speedup_fwd_bwd": fwd_bwd_bf16 / fwd_bwd_fp8,
+        "fp8_rel_error_vs_fp32": rel,
+    }
+
+
+def gemm_comparison() -> list[dict[str, Any]]:
+    """Forward GEMMs of V3 (hidden 7168) at 8192 tokens: bf16 vs FP8 1x128/128x128, GEMM alone and end to end."""
+    rows = []
+    m = 8192
+    for name, k, n in [
+        ("q_a_proj", 7168, 1536),
+        ("expert up", 7168, 2048),
+        ("expert down", 2048, 7168),
+        ("dense up", 7168, 18432),
+        ("o_proj", 16384, 7168),
+    ]:
+        rows.append(_gemm_row(name, m, k, n))
+        print(json.dumps(rows[-1]), flush=True)
+    return rows
+
+
+def profile_steps(config: Any, train: TrainConfig, corpus: Any, steps: int = 3) -> dict[str, float]:
+    """CUDA time per step and the part of it in GEMM kernels, from torch.profiler."""
+    from dsv3c.train.data import WindowBatches
+    from torch.profiler import ProfilerActivity, profile
+
+    model = build_model(config.replace(vocab_size=corpus.vocab_size), train, torch.device("cuda")).train()
+    opt = make_optimizer(model, train)
+    data = WindowBatches(corpus.train, train.seq_len, len(model.mtp), train.batch_size, train.seed)
+
+    def step(i: int) -> None:
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            main, mtp = losses(model, data.batch(i).cuda(), train.seq_len)
+            loss = main + 0.3 * mtp[0]
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+
+    for i in range(2):
+        step(i)
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        for i in range(steps):
+            step(2 + i)
+        torch.cuda.synchronize()
+    total = gemm = 0.0
+    for event in prof.key_averages():
+        t = event.self_device_time_total
+        total += t
+        if any(s in event.key.lower() for s in GEMM_KERNELS):
+            gemm += t
+    return {"cuda_ms_per_step": total / steps / 1e3, "gemm_ms_per_step": gemm / steps / 1e3}
+
+
+def run_training(args: argparse.Namespace, corpus: Any) -> list[dict[str, Any]]:
+    config = model_config(args.preset, None)
+    base = TrainConfig(
+        steps=args.steps,
+        batch_size=args.batch_size,
+        seq_len=args.seq_len,
+        seed=0,
+        device="cuda",
+        lr=args.lr,
+        warmup_steps=max(1, args.steps // 10),
+        val_every=max(1, args.steps // 4),
+        val_batches=8,
+        log_every=5,
+        save_every=10**9,
+        bias_gamma=1e-3,
+    )
+    runs = [
+        ("bf16", "bf16", 1e-3, args.steps),
+        ("fp8", "fp8", 1e-3, args.steps),
+        ("bf16-gamma0", "bf16", 0.0, args.gamma0_steps),
+    ]
+    results = []
+    for name, precision, gamma, steps in runs:
+        if steps <= 0:
+            continue
+        train = dataclasses.replace(
+            base,
+            precision=precision,
+            bias_gamma=gamma,
+            steps=steps,
+            warmup_steps=base.warmup_steps,
+            val_every=max(1, steps // 4),
+        )
+        torch.cuda.reset_peak_memory_stats()
+        start = time.perf_counter()
+        result = train_model(config, corpus, Path(args.work) / name, train, save_dtype="bf16")
+        seconds = time.perf_counter() - start
+        peak = torch.cuda.max_memory_allocated()
+        metrics = result.metrics
+        tps = [m["tokens_per_s"] for m in metrics[len(metrics) // 4 :] if "val_loss" not in m]
+        tokens_per_step = train.batch_size * train.seq_len
+        row = {
+            "run": name,
+            "precision": precision,
+            "gamma": gamma,
+            "steps": steps,
+            "tokens": result.tokens,
+            "seconds": seconds,
+            "final_train_loss": statistics.mean(m["lm_loss"] for m in metrics[-4:]),
+            "final_val_loss": next(m["val_loss"] for m in reversed(metrics) if "val_loss" in m),
+            "tokens_per_s": statistics.median(tps) if tps else None,
+            "step_ms": tokens_per_step / statistics.median(tps) * 1e3 if tps else None,
+            "peak_memory_gib": peak / 2**30,
+            "load_max_mean": statistics.mean(m["load_max_mean"] for m in metrics),
+            "load_max_mean_last_half": statistics.mean(m["load_max_mean"] for m in metrics[len(metrics) // 2 :]),
+            "curve": [
+                {k: m[k] for k in ("step", "tokens", "lm_loss", "val_loss", "load_max_mean") if k in m} for m in metrics
+            ],
+        }
+        if name != "bf16-gamma0":
+            row.update(profile_steps(config, train, corpus))
+        print(json.dumps({k: v for k, v in row.items() if k != "curve"}), flush=True)
+        results.append(row)
+        torch.cuda.empty_cache()
+    return results
+
+
+def summarize(runs: list[dict[str, Any]]) -> dict[str, Any]:
+    by = {r["run"]: r for r in runs}
+    out: dict[str, Any] = {}
+    if "bf16" in by and "fp8" in by:
+        b, f = by["bf16"], by["fp8"]
+        out["fp8_rel_train_loss_error"] = abs(f["final_train_loss"] - b["final_train_loss"]) / b["final_train_loss"]
+        out["fp8_rel_val_loss_error"] = abs(f["final_val_loss"] - b["final_val_loss"]) / b["final_val_loss"]
+        if b.get("step_ms") and f.get("step_ms"):
+            out["fp8_step_speedup"] = b["step_ms"] / f["step_ms"]
+        if b.get("gemm_ms_per_step") and f.get("gemm_ms_per_step"):
+            out["fp8_gemm_speedup"] = b["gemm_ms_per_step"] / f["gemm_ms_per_step"]
+    if "bf16" in by and "bf16-gamma0" in by:
+        n = by["bf16-gamma0"]["steps"]
+        same = [m["load_max_mean"] for m in by["bf16"]["curve"] if m["step"] <= n]
+        out["load_max_mean_gamma_1e-3"] = statistics.mean(same)
+        out["load_max_mean_gamma_0"] = by["bf16-gamma0"]["load_max_mean"]
+    return out
+
+
+def plot(path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    data = json.loads(path.read_text())
+    fig, axes = plt.subplots(1, 3, figsize=(15, 4))
+    for run in data.get("runs", []):
+        curve = run["curve"]
+        axes[0].plot([m["tokens"] for m in curve], [m["lm_loss"] for m in curve], label=run["run"])
+        val = [m for m in curve if "val_loss" in m]
+        axes[0].plot([m["tokens"] for m in val], [m["val_loss"] for m in val], "o--", label=f"{run['run']} val")
+        axes[1].plot([m["step"] for m in curve], [m["load_max_mean"] for m in curve], label=run["run"])
+    axes[0].set(xlabel="tokens", ylabel="next-token loss (nats)", title="bench-moe: BF16 vs FP8")
+    axes[1].set(xlabel="step", ylabel="expert load max/mean", title="auxiliary-loss-free balancing")
+    gemms = data.get("gemm", [])
+    if gemms:
+        names = [g["gemm"] for g in gemms]
+        x = range(len(names))
+        axes[2].bar([i - 0.3 for i in x], [g["speedup_gemm"] for g in gemms], 0.3, label="GEMM only")
+        axes[2].bar(list(x), [g["speedup_with_quant"] for g in gemms], 0.3, label="with quantization")
+        axes[2].bar([i + 0.3 for i in x], [g["speedup_fwd_bwd"] for g in gemms], 0.3, label="fwd+bwd")
+        axes[2].axhline(1.0, color="gray")
+        axes[2].set_xticks(list(x), names, rotation=20)
+        axes[2].set(ylabel="FP8 speed / BF16", title="hidden 7168, 8192 tokens")
+    for ax in axes:
+        ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path.with_suffix(".png"), dpi=100)
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--data", type=Path, help="text folder or token cache (tokens.npy + tokenizer.json + corpus.json)")
+    p.add_argument("--out", type=Path, help="results JSON")
+    p.add_argument("--work", type=Path, default=Path("/tmp/train-fp8-bench"), help="checkpoints of the runs")
+    p.add_argument("--preset", default="bench-moe")
+    p.add_argument("--steps", type=int, default=200)
+    p.add_argument("--gamma0-steps", type=int, default=100)
+    p.add_argument("--batch-size", type=int, default=16)
+    p.add_argument("--seq-len", type=int, default=1024)
+    p.add_argument("--lr", type=float, default=1.5e-3)
+    p.add_argument("--skip-gemm", action="store_true")
+    p.add_argument("--skip-train", action="store_true")
+    p.add_argument("--commit", default="unknown", help="the commit measured (the GPU copy has no .git)")
+    p.add_argument("--plot", type=Path, help="only draw the PNG of an existing results JSON")
+    args = p.parse_args()
+    if args.plot:
+        plot(args.plot)
+        return 0
+    if not torch.cuda.is_available():
+        print("train_fp8: error: no CUDA device; run this on the GPU machine", file=sys.stderr)
+        return 2
+    result: dict[str, Any] = {
+        "command": "python bench/train_fp8.py " + " ".join(sys.argv[1:]),
+        "commit": args.commit,
+        "machine": {
+            "gpu": torch.cuda.get_device_name(),
+            "torch": torch.__version__,
+            "python": platform.python_version(),
+        },
+    }
+    if not args.skip_gemm:
+        result["gemm"] = gemm_comparison()
+    if not args.skip_train:
+        corpus = load_corpus(args.data)
+        result["corpus"] = {k: corpus.origin.get(k) for k in ("sources", "sha256", "tokens")}
+        result["runs"] = run_training(args, corpus)
+        result["summary"] = summarize(result["runs"])
+        from dsv3c.train import fp8_linear
+
+        result["wgrad_scaled_mm_layout"] = [str(x) for x in fp8_linear._TILE_TILE_LAYOUT]
+    if args.out:
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        args.out.write_text(json.dumps(result, indent=1) + "\n")
+    print(json.dumps(result.get("summary", {}), indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
