@@ -39,6 +39,7 @@ __all__ = [
     "atomic_file",
     "atomic_folder",
     "check_disjoint",
+    "check_output",
     "is_dsv3c_folder",
     "remove_stale_temporaries",
     "write_bytes",
@@ -175,6 +176,18 @@ def _publish(tmp: Path, target: Path, parent: Path) -> None:
             _remove(old)
         else:
             os.replace(tmp, target)
+
+
+def check_output(output: Path, inputs: Iterable[Path | str | None] = (), force: bool = False) -> None:
+    """The checks `atomic_folder` makes, for a command to run first: a bad output fails before any work.
+
+    UserError when `output` overlaps an input, its parent folder is missing, or it exists and may not be
+    replaced (no `force`, or a folder dsv3c did not write).
+    """
+    output = Path(output)
+    check_disjoint(output, inputs)
+    _parent_of(output)
+    _check_replaceable(output, force)
 
 
 @contextlib.contextmanager

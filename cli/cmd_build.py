@@ -49,10 +49,12 @@ def trt_lowering(src: Path, dst: Path) -> object:
 
 
 def run(args: argparse.Namespace) -> int:
+    from dsv3c.artifact.atomic import check_output
     from dsv3c.runtime.trt.backend import parse_cc_list
     from dsv3c.runtime.trt.build import BuildOptions, build_engines
     from dsv3c.runtime.trt.profiles import parse_profile_args
 
+    check_output(args.out, [args.export_dir], args.force)  # before any work: never over the input
     options = BuildOptions(
         precision=args.precision,
         profiles=parse_profile_args(args.profile),

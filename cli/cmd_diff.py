@@ -49,15 +49,18 @@ def _render(report: DiffReport, fmt: str) -> str:
 
 
 def run(args: argparse.Namespace) -> int:
+    from dsv3c.artifact.atomic import check_disjoint, write_text
     from dsv3c.graph.diff import diff_paths
 
+    if args.out is not None:
+        check_disjoint(args.out, [args.a, args.b])  # before the work: a report never replaces an input
     report = diff_paths(args.a, args.b, numeric=args.numeric, values=not args.no_values, seed=args.seed)
     text = _render(report, args.format)
     if args.out is None:
         print(text, end="")
     else:
         try:
-            args.out.write_text(text)
+            write_text(args.out, text)  # a temporary sibling, renamed: never half a report
         except OSError as e:
             raise UserError(f"{args.out}: cannot write the report ({e.strerror})") from None
         differences = sum(g.differences for g in report.graphs) + len(report.only_a) + len(report.only_b)

@@ -3,11 +3,10 @@
 from __future__ import annotations
 
 import argparse
-import signal
+import os
 import tempfile
 import time
 from pathlib import Path
-from types import FrameType
 from typing import TYPE_CHECKING
 
 from dsv3c.errors import UserError
@@ -57,10 +56,6 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--force", action="store_true", help="replace OUT if it exists")
 
 
-def _interrupted(signum: int, frame: FrameType | None) -> None:
-    raise KeyboardInterrupt  # so the temporary folder is removed, as on Ctrl-C
-
-
 def _export_mlir(source: Source, args: argparse.Namespace, weights: WeightsKind) -> Manifest:
     """The canonical export into a temporary folder, then the same pipeline as `dsv3c lower --target iree
     --emit mlir` into OUT: one path to MLIR, not two."""
@@ -71,42 +66,38 @@ def _export_mlir(source: Source, args: argparse.Namespace, weights: WeightsKind)
     parent = args.out.resolve().parent
     if not parent.is_dir():
         raise UserError(f"{args.out}: parent folder {parent} does not exist")
-    with tempfile.TemporaryDirectory(prefix=f".{args.out.name}.", dir=parent) as tmp:
+    with tempfile.TemporaryDirectory(prefix=f".{args.out.name}.{os.getpid()}.", suffix=".partial", dir=parent) as tmp:
         canonical = Path(tmp) / "canonical"
         export(source, canonical, weights=weights, dtype=args.dtype, seed=args.seed, opset=args.opset, fp8=args.fp8)
         return lower_folder(canonical, args.out, Target.IREE, emit_mlir=True, force=args.force)
 
 
 def run(args: argparse.Namespace) -> int:
+    from dsv3c.artifact.atomic import check_output
     from dsv3c.export.exporter import export
     from dsv3c.export.source import from_folder, from_preset
 
     if (args.checkpoint is None) == (args.preset is None):
         raise UserError("give either a checkpoint folder or --preset NAME (not both)")
-    if args.out.exists() and not args.force:
-        raise UserError(f"{args.out} already exists; choose another --out or pass --force")
+    check_output(args.out, [args.checkpoint], args.force)  # before any work: never over an input
     source = from_preset(args.preset) if args.preset else from_folder(args.checkpoint)
     weights: WeightsKind | None = args.weights or ("checkpoint" if source.has_weights else None)
     if weights is None:
         raise UserError(f"{source.name} has no weights; pass --weights random or --weights none")
     start = time.perf_counter()
-    previous = signal.signal(signal.SIGTERM, _interrupted)
-    try:
-        if args.format == "mlir":
-            manifest = _export_mlir(source, args, weights)
-        else:
-            manifest = export(
-                source,
-                args.out,
-                weights=weights,
-                dtype=args.dtype,
-                seed=args.seed,
-                opset=args.opset,
-                force=args.force,
-                fp8=args.fp8,
-            )
-    finally:
-        signal.signal(signal.SIGTERM, previous)
+    if args.format == "mlir":
+        manifest = _export_mlir(source, args, weights)
+    else:
+        manifest = export(
+            source,
+            args.out,
+            weights=weights,
+            dtype=args.dtype,
+            seed=args.seed,
+            opset=args.opset,
+            force=args.force,
+            fp8=args.fp8,
+        )
     mlir = [f"{role}.mlir" for role in manifest.graphs if (args.out / f"{role}.mlir").is_file()]
     graphs = ", ".join([f for f in manifest.graphs.values() if f] + mlir)
     size = sum(f.stat().st_size for f in args.out.iterdir())

@@ -33,16 +33,16 @@ def _memory_available() -> int:
 
 
 def run(args: argparse.Namespace) -> int:
-    from dsv3c.artifact.atomic import atomic_folder
+    from dsv3c.artifact.atomic import atomic_folder, check_output, write_checkpoint_marker
     from dsv3c.models.checkpoint import estimate_bytes, init_random, save_model
 
     config = DeepseekV3Config.from_preset(args.preset)
     out: Path = args.out
-    if out.exists() and not args.force:
-        raise UserError(f"{out} already exists; choose another --out or pass --force")
+    check_output(out, force=args.force)  # replaces only a folder dsv3c wrote
     if args.config_only:
-        with atomic_folder(out) as tmp:
+        with atomic_folder(out, args.force) as tmp:
             config.save(tmp / "config.json")
+            write_checkpoint_marker(tmp, "dsv3c init --config-only")
         print(f"wrote {out}/config.json ({args.preset})")
         return 0
     size = estimate_bytes(config, args.dtype)

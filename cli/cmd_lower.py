@@ -63,11 +63,13 @@ def parse_dims(items: list[str]) -> dict[str, int]:
 
 
 def run(args: argparse.Namespace) -> int:
+    from dsv3c.artifact.atomic import check_disjoint, check_output
     from dsv3c.passes.lower import lower_folder
     from dsv3c.passes.pipelines import Target
 
-    if args.out.exists() and not args.force:
-        raise UserError(f"{args.out} already exists; choose another --out or pass --force")
+    check_output(args.out, [args.export_dir], args.force)  # before any work: never over the input
+    if args.dump_dir is not None:
+        check_disjoint(args.dump_dir, [args.export_dir, args.out])
     if args.block_8bit != 128 and not args.weights_8bit:
         raise UserError("--block-8bit sets the block of --weights-8bit; pass --weights-8bit too")
     manifest = lower_folder(

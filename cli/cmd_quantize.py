@@ -59,11 +59,13 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    from dsv3c.artifact.atomic import check_output
     from dsv3c.passes.fp8_math import ActScheme, WeightScheme
     from dsv3c.passes.pipelines import QuantizeOptions
     from dsv3c.passes.policy import Policy
     from dsv3c.passes.quantize import quantize_folder
 
+    check_output(args.out, [args.export_dir, args.calibration_data], args.force)  # before any work
     if args.calibrate < 0:
         raise UserError(f"--calibrate must be a number of batches >= 1, got {args.calibrate}")
     if args.calibration_data is not None and not args.calibrate:
@@ -78,8 +80,6 @@ def run(args: argparse.Namespace) -> int:
 
         if read_manifest(args.export_dir).weights == "none":
             raise UserError(f"--report runs the model, but {args.export_dir} has no weights (--weights none)")
-    if args.out.exists() and not args.force:
-        raise UserError(f"{args.out} already exists; choose another --out or pass --force")
     options = QuantizeOptions(
         policy=Policy.parse(args.policy),
         weights=WeightScheme(args.weight_scheme),

@@ -2,13 +2,17 @@
 
 Each subcommand is a small module in this package with `NAME`, `HELP`, `add_arguments(parser)` and
 `run(args) -> int`, listed once in COMMANDS. A UserError becomes one line on stderr and exit code 2.
+SIGINT and SIGTERM end a command with one line and exit code 130 / 143; the artifact package's
+atomic writes remove what was being written, so no output is left half-written.
 """
 
 from __future__ import annotations
 
 import argparse
 import importlib
+import signal
 import sys
+import threading
 from collections.abc import Sequence
 from types import ModuleType
 from typing import NoReturn
@@ -55,7 +59,39 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+class Interrupted(KeyboardInterrupt):
+    """SIGINT. A subclass on purpose: CPython ends the process through SIGINT (not exit code 130) when a plain
+    KeyboardInterrupt passed through C code that runs Python (PyRun_*), even when it was caught later."""
+
+
+class Terminated(BaseException):
+    """SIGTERM as an exception, like Interrupted, so that outputs being written are removed."""
+
+
+def _interrupt(signum: int, frame: object) -> None:
+    raise Interrupted
+
+
+def _terminate(signum: int, frame: object) -> None:
+    raise Terminated
+
+
 def main(argv: Sequence[str] | None = None) -> int:
+    if threading.current_thread() is not threading.main_thread():
+        return _main(argv)
+    handlers = {signal.SIGINT: _interrupt, signal.SIGTERM: _terminate}
+    previous = {s: signal.getsignal(s) for s in handlers}
+    for s, handler in handlers.items():
+        if previous[s] is not signal.SIG_IGN:  # a signal the caller ignores (a background job) stays ignored
+            signal.signal(s, handler)
+    try:
+        return _main(argv)
+    finally:
+        for s, handler in previous.items():
+            signal.signal(s, handler if handler is not None else signal.SIG_DFL)
+
+
+def _main(argv: Sequence[str] | None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)  # argparse itself exits 2 with a one-line usage error
     # --json (or --format json) output is machine-read: no progress bars, whatever the terminal
@@ -69,6 +105,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         print(f"dsv3c {args.command}: interrupted", file=sys.stderr)
         return 130
+    except Terminated:
+        print(f"dsv3c {args.command}: terminated", file=sys.stderr)
+        return 143
 
 
 if __name__ == "__main__":

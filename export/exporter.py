@@ -59,7 +59,7 @@ def export(
     _check_request(source, weights, dtype, opset)
     if weights != "none":
         _check_parent(out)
-    with atomic_folder(out, overwrite=force) as tmp:
+    with atomic_folder(out, force, inputs=[source.folder]) as tmp:
         tmp.chmod(0o777 & ~_umask())  # a temporary folder is private; the export is an ordinary one
         with progress.task("tracing graphs (on meta, no weights)"):
             traced = trace_graphs(source.config, TORCH_DTYPES[dtype], opset)

@@ -10,12 +10,12 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import zlib
 from collections.abc import Iterator
 from pathlib import Path
 
 import torch
+from dsv3c.artifact.atomic import atomic_folder, write_checkpoint_marker
 from dsv3c.errors import CheckpointError
 from dsv3c.models.checkpoint_layout import (
     BIAS_FP32,
@@ -52,7 +52,7 @@ def save_model(
     """Write config.json and safetensors (sharded with an index above max_shard_bytes) into `path`.
 
     Everything goes to a temporary sibling folder first, renamed into place at the end; with
-    `overwrite`, an existing `path` is replaced as a whole.
+    `overwrite`, an existing `path` that dsv3c wrote (its `.dsv3c` marker) is replaced as a whole.
     """
     if dtype not in ("fp32", "bf16", "fp8"):
         raise ValueError(f"save_model: dtype must be 'fp32', 'bf16' or 'fp8', got {dtype!r}")
@@ -63,16 +63,11 @@ def save_model(
     if config.tie_word_embeddings:
         state.pop("lm_head.weight", None)
     shards = _plan_shards(state, dtype, block_of(config), max_shard_bytes)
-    tmp = target.parent / f".{target.name}.partial-{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    try:
+    target.parent.mkdir(parents=True, exist_ok=True)
+    with atomic_folder(target, overwrite or target.is_dir()) as tmp:  # only over a folder dsv3c wrote, or an empty one
         _output_config(config, dtype).save(tmp / CONFIG_FILE)
         _write_shards(state, shards, tmp, config, dtype)
-        _publish(tmp, target)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+        write_checkpoint_marker(tmp, "dsv3c save_model")
 
 
 def _check_target(target: Path, overwrite: bool) -> None:
@@ -142,17 +137,6 @@ def _shard_tensors(
         seen.add(tensor.untyped_storage().data_ptr())
         out[key] = tensor
     return out
-
-
-def _publish(tmp: Path, target: Path) -> None:
-    """Move the finished folder into place; an existing target (checked before) is replaced."""
-    if target.is_dir():
-        old = target.parent / f".{target.name}.old-{os.getpid()}"
-        target.rename(old)
-        tmp.rename(target)
-        shutil.rmtree(old)
-    else:
-        tmp.rename(target)
 
 
 def init_random(config: DeepseekV3Config, seed: int = 0, dtype: torch.dtype = torch.float32) -> DeepseekV3ForCausalLM:

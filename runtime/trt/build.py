@@ -89,7 +89,7 @@ def build_engines(
             log("timing cache: not used, TensorRT-RTX has none (it compiles kernels at run time)")
         config = DeepseekV3Config.from_dict(manifest.config)
         engines = {}
-        with atomic_folder(out, overwrite=options.force) as tmp:
+        with atomic_folder(out, options.force, inputs=[export_dir]) as tmp:
             for role in roles:
                 profile = profile_for(role, manifest.signatures[role], config, options.profiles)
                 engines[role], cache = build_one(
