@@ -69,11 +69,22 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--val-every", type=int, default=50)
     p.add_argument("--save-every", type=int, default=100, help="steps between saved training states")
     p.add_argument("--save-dtype", choices=("bf16", "fp32"), default="bf16", help="checkpoint weight dtype")
+    p.add_argument(
+        "--shard-mb", type=int, default=5000, help="largest safetensors shard, MB (Hugging Face's default 5 GB)"
+    )
     p.add_argument("--device", default="cpu", help="cpu or cuda")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--resume", action="store_true", help="continue from OUT/train_state")
     p.add_argument("--force", action="store_true", help="replace a non-empty OUT")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.add_argument(
+        "--ep",
+        type=int,
+        default=0,
+        metavar="N",
+        help="expert parallelism over N ranks: torchrun --nproc-per-node N -m dsv3c train ... --ep N (rank 0 writes)",
+    )
+    p.add_argument("--ep-timeout", type=float, default=300.0, metavar="S", help="with --ep: seconds to wait for a peer")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -89,7 +100,8 @@ def run(args: argparse.Namespace) -> int:
     resolve_device(args.device)  # a missing device or resume state fails before any tokenizing
     if args.resume and not (args.out / "train_state" / "state.json").is_file():
         raise UserError(f"--resume: {args.out}/train_state has no saved training state; start without --resume")
-    if not args.resume:
+    parallel, out = _expert_parallel(args) if args.ep else (None, args.out)
+    if not args.resume and out == args.out:
         from dsv3c.artifact.atomic import check_output
 
         check_output(args.out, inputs=[args.data], force=args.force)  # replaces only a folder dsv3c wrote
@@ -119,14 +131,50 @@ def run(args: argparse.Namespace) -> int:
         save_every=args.save_every,
     )
     train.check()
+    if parallel is not None and not parallel.is_primary:
+        parallel.barrier()  # --ep: rank 0 tokenizes first, the others then read its cache
     corpus = load_corpus(args.data, cache_dir=args.cache_dir, vocab_size=args.vocab_size, log=_stderr)
-    with _Progress(steps, args.quiet) as progress:
+    if parallel is not None and parallel.is_primary:
+        parallel.barrier()
+    with _Progress(steps, args.quiet or (parallel is not None and not parallel.is_primary)) as progress:
         result = train_model(
-            config, corpus, args.out, train, resume=args.resume, progress=progress.update, save_dtype=args.save_dtype
+            config,
+            corpus,
+            out,
+            train,
+            resume=args.resume,
+            progress=progress.update,
+            save_dtype=args.save_dtype,
+            max_shard_bytes=args.shard_mb * 1_000_000,
+            parallel=parallel,
         )
+    if parallel is not None:
+        parallel.close()
+        if not parallel.is_primary:
+            import shutil
+
+            shutil.rmtree(out.parent, ignore_errors=True)  # this rank's scratch logs
+            return 0
     loss, val = result.final.get("lm_loss", float("nan")), result.final.get("val_loss", float("nan"))
     print(f"wrote {args.out}: {result.steps} steps, {result.tokens:,} tokens, loss {loss:.3f}, val {val:.3f}")
     return 0
+
+
+def _expert_parallel(args: argparse.Namespace) -> tuple[Any, Path]:
+    """--ep: join the ranks; rank 0 writes --out, the others write their logs to a scratch folder."""
+    import tempfile
+
+    from dsv3c.parallel.group import join
+    from dsv3c.parallel.training import ExpertParallelTraining
+
+    if args.resume or args.precision == "fp8":
+        raise UserError("--ep trains in fp32 or bf16 from scratch: --resume and --precision fp8 do not combine with it")
+    parallel = ExpertParallelTraining(
+        join(args.ep, "cuda" if args.device.startswith("cuda") else "cpu", args.ep_timeout)
+    )
+    if parallel.is_primary:
+        return parallel, args.out
+    return parallel, Path(tempfile.mkdtemp(prefix=f"dsv3c-train-rank{parallel.group.rank}-")) / "out"
 
 
 def _prepare(args: argparse.Namespace) -> int:

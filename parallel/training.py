@@ -11,9 +11,10 @@ from __future__ import annotations
 
 import torch
 import torch.distributed as dist
+from dsv3c.models.checkpoint_layout import assign_parameter, copy_source, finish_model
 from dsv3c.models.deepseek_v3 import DeepseekV3ForCausalLM, MoE
 from dsv3c.parallel.dispatch import AllToAllDispatch, install
-from dsv3c.parallel.group import RankFailure, RankGroup, first_line
+from dsv3c.parallel.group import RankFailure, RankGroup, first_line, leave
 from dsv3c.parallel.plan import ExpertPlan, routed_expert
 from dsv3c.parallel.rank_model import RemoteExpert
 
@@ -84,3 +85,55 @@ def clip_grad_norm_(model: DeepseekV3ForCausalLM, max_norm: float, group: RankGr
     for g in replicated + experts:
         g.mul_(scale.to(g.dtype))
     return total
+
+
+class ExpertParallelTraining:
+    """What `train_model` asks of a distributed run (its `parallel` argument), for expert parallelism.
+
+    Every rank builds the same model and reads the same batches; `shard` drops the experts other ranks
+    own, `clip_grad_norm_` clips by the whole model's norm, `full_model` gathers the experts to rank 0.
+    """
+
+    def __init__(self, group: RankGroup):
+        self.group = group
+        self.plan: ExpertPlan | None = None
+        self.dispatch: AllToAllDispatch | None = None
+
+    @property
+    def is_primary(self) -> bool:
+        return self.group.is_primary
+
+    def barrier(self) -> None:
+        try:
+            dist.barrier()
+        except RuntimeError as e:
+            raise RankFailure(f"rank {self.group.rank}: a peer failed while preparing ({first_line(e)})") from None
+
+    def close(self) -> None:
+        """Leave the group at the end of a run that went well (every rank calls it)."""
+        leave(barrier=True)
+
+    def shard(self, model: DeepseekV3ForCausalLM) -> None:
+        self.plan = ExpertPlan.for_config(model.config, self.group.world)
+        self.shapes = {n: t.shape for n, t in model.state_dict().items()}
+        self.dispatch = shard(model, self.plan, self.group)
+
+    def clip_grad_norm_(self, model: DeepseekV3ForCausalLM, max_norm: float) -> torch.Tensor:
+        return clip_grad_norm_(model, max_norm, self.group)
+
+    def full_model(self, model: DeepseekV3ForCausalLM) -> DeepseekV3ForCausalLM | None:
+        """On rank 0 the whole trained model (every rank must call this); None elsewhere."""
+        if self.plan is None:
+            raise RuntimeError("shard() was not called")
+        state = gather_state(model, self.plan, self.group, self.shapes)
+        if state is None:
+            return None
+        with torch.device("meta"):
+            whole = DeepseekV3ForCausalLM(model.config)
+        for name, tensor in state.items():
+            if not name.startswith("mtp.") or copy_source(name, model.config) is None:
+                assign_parameter(whole, name, tensor.detach())
+        for mtp in whole.mtp:  # tied while training, as in the single-process model
+            mtp.embed_tokens.weight = whole.model.embed_tokens.weight
+            mtp.shared_head["head"].weight = whole.lm_head.weight
+        return finish_model(whole)

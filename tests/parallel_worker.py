@@ -143,3 +143,11 @@ def train_whole_rank_main(source: Path, out: Path, ep: int, timeout_s: float = 2
         return 2
     torch.save({"losses": losses, "state": state, "norms": grads["norms"]}, out / f"rank{rank}.pt")
     return 0
+
+
+def cli_rank_main(source: Path, out: Path, ep: int, argv: list[str]) -> int:
+    """`dsv3c ARGV` as one rank of a torchrun launch (torchrun's environment is already set)."""
+    from dsv3c.cli.main import main
+
+    torch.set_num_threads(1)
+    return main(argv)

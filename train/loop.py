@@ -15,7 +15,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import torch
 import torch.nn.functional as F
@@ -32,6 +32,14 @@ from dsv3c.train.output import plot_curves, write_checkpoint
 from dsv3c.train.state import STATE_DIR, load_state, save_state
 
 METRICS_FILE = "metrics.jsonl"
+
+
+class Parallel(Protocol):
+    """A distributed run's changes to the loop (dsv3c.parallel.training.ExpertParallelTraining; the CLI passes it)."""
+
+    def shard(self, model: DeepseekV3ForCausalLM) -> None: ...
+    def clip_grad_norm_(self, model: DeepseekV3ForCausalLM, max_norm: float) -> torch.Tensor: ...
+    def full_model(self, model: DeepseekV3ForCausalLM) -> DeepseekV3ForCausalLM | None: ...
 
 
 @dataclass
@@ -131,6 +139,7 @@ def train_model(
     progress: Callable[[int, dict[str, float]], None] | None = None,
     save_dtype: str = "bf16",
     max_shard_bytes: int = 5_000_000_000,
+    parallel: Parallel | None = None,
 ) -> TrainResult:
     """Train from scratch (or resume OUT's state); writes OUT as a checkpoint folder and returns the metrics."""
     train.check()
@@ -139,6 +148,8 @@ def train_model(
         model_config = model_config.replace(vocab_size=corpus.vocab_size)
     torch.manual_seed(train.seed)
     model = build_model(model_config, train, device).train()
+    if parallel is not None:
+        parallel.shard(model)  # before the optimizer: it sees only this rank's parameters
     optimizer = make_optimizer(model, train)
     tracker = LoadTracker(model, train.balance_alpha)
     depth = len(model.mtp)
@@ -173,7 +184,10 @@ def train_model(
                 loss = loss + balance
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
-        grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), train.grad_clip)
+        if parallel is None:
+            grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), train.grad_clip)
+        else:
+            grad_norm = parallel.clip_grad_norm_(model, train.grad_clip)
         optimizer.step()
         load = tracker.step(train.bias_gamma)
         done = step + 1
@@ -193,10 +207,16 @@ def train_model(
             if progress is not None:
                 progress(done, row)
             last_time, last_step = time.perf_counter(), done
-        if done % train.save_every == 0 and done < train.steps:
+        if done % train.save_every == 0 and done < train.steps and parallel is None:
             save_state(out, model, optimizer, done, meta)
     steps_done = max(step + 1, start) if train.steps > start else start
-    save_state(out, model, optimizer, steps_done, meta)
+    if parallel is None:
+        save_state(out, model, optimizer, steps_done, meta)
+    else:  # rank 0 writes the whole model; a sharded run keeps no resumable state
+        whole = parallel.full_model(model)
+        if whole is None:
+            return TrainResult(out, steps_done, steps_done * tokens_per_step, {}, metrics)
+        model = whole
     final = {k: v for k, v in (metrics[-1] if metrics else {}).items() if isinstance(v, float | int)}
     record = {"corpus": corpus.origin, "train": train.to_dict(), "final": final, "steps": steps_done}
     write_checkpoint(out, model, corpus.tokenizer_path, record, dtype=save_dtype, max_shard_bytes=max_shard_bytes)
