@@ -139,7 +139,7 @@ def profile_steps(config: Any, train: TrainConfig, corpus: Any, steps: int = 3) 
     return {"cuda_ms_per_step": total / steps / 1e3, "gemm_ms_per_step": gemm / steps / 1e3}
 
 
-def run_training(args: argparse.Namespace, corpus: Any) -> list[dict[str, Any]]:
+def run_training(args: argparse.Namespace, corpus: Any, save: Any) -> list[dict[str, Any]]:
     config = model_config(args.preset, None)
     base = TrainConfig(
         steps=args.steps,
@@ -202,6 +202,7 @@ def run_training(args: argparse.Namespace, corpus: Any) -> list[dict[str, Any]]:
             row.update(profile_steps(config, train, corpus))
         print(json.dumps({k: v for k, v in row.items() if k != "curve"}), flush=True)
         results.append(row)
+        save(results)  # written after every run: a run cut short by the time limit keeps the ones before
         torch.cuda.empty_cache()
     return results
 
@@ -257,6 +258,12 @@ def plot(path: Path) -> None:
     fig.savefig(path.with_suffix(".png"), dpi=100)
 
 
+def _write(path: Path | None, result: dict[str, Any]) -> None:
+    if path is not None:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps(result, indent=1) + "\n")
+
+
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--data", type=Path, help="text folder or token cache (tokens.npy + tokenizer.json + corpus.json)")
@@ -290,17 +297,22 @@ def main() -> int:
     }
     if not args.skip_gemm:
         result["gemm"] = gemm_comparison()
-    if not args.skip_train:
-        corpus = load_corpus(args.data)
-        result["corpus"] = {k: corpus.origin.get(k) for k in ("sources", "sha256", "tokens")}
-        result["runs"] = run_training(args, corpus)
-        result["summary"] = summarize(result["runs"])
         from dsv3c.train import fp8_linear
 
         result["wgrad_scaled_mm_layout"] = [str(x) for x in fp8_linear._TILE_TILE_LAYOUT]
-    if args.out:
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text(json.dumps(result, indent=1) + "\n")
+        _write(args.out, result)
+    if not args.skip_train:
+        corpus = load_corpus(args.data)
+        result["corpus"] = {k: corpus.origin.get(k) for k in ("sources", "sha256", "tokens")}
+        from dsv3c.train import fp8_linear
+
+        def save(runs: list[dict[str, Any]]) -> None:
+            result["runs"], result["summary"] = runs, summarize(runs)
+            result["wgrad_scaled_mm_layout"] = [str(x) for x in fp8_linear._TILE_TILE_LAYOUT]
+            _write(args.out, result)
+
+        run_training(args, corpus, save)
+    _write(args.out, result)
     print(json.dumps(result.get("summary", {}), indent=1))
     return 0
 

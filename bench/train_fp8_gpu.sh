@@ -28,8 +28,8 @@ if [ "$MODE" = probe ]; then
     --out "$OUT/smoke.json" 2>&1 | grep -v curve | tail -8
   SMALL_STEPS=${SMALL_STEPS} timeout 200 bash -c "$(declare -f small); OUT=$OUT; small bf16"
 else
-  timeout 420 python bench/train_fp8.py --skip-gemm --data runs/tokens --steps "$BENCH_STEPS" --gamma0-steps "$GAMMA0_STEPS" \
+  timeout 230 python bench/train_fp8.py --data runs/tokens --steps "$BENCH_STEPS" --gamma0-steps "$GAMMA0_STEPS" \
     --commit "$COMMIT" --out "$OUT/train_fp8.json" 2>&1 | tail -12
-  timeout 150 bash -c "$(declare -f small); OUT=$OUT; SMALL_STEPS=$SMALL_STEPS; small fp8"
+  timeout 190 bash -c "$(declare -f small); OUT=$OUT; SMALL_STEPS=$SMALL_STEPS; small fp8"
 fi
 ls -la "$OUT" "$OUT"/*/ 2>/dev/null
