@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 DEMO_OUT ?= demo-out
 
-.PHONY: install demo test lint typecheck unit browser clean
+.PHONY: install demo test lint typecheck unit browser corpora clean
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
@@ -33,7 +33,13 @@ browser:
 		(apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null) || \
 		echo "chromium not installed: the HTML report test will be skipped"; }
 
-unit: $(STAMP) browser
+# The training tests and `dsv3c train --prepare` read human-written text from Debian packages (offline corpora).
+corpora:
+	@test -d /usr/share/doc/python3.11/html/_sources || { command -v apt-get >/dev/null && \
+		(apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq python3.11-doc dict-gcide >/dev/null) || \
+		echo "python3.11-doc not installed: the training tests will be skipped"; }
+
+unit: $(STAMP) browser corpora
 	$(BIN)/python -m pytest
 
 test: lint typecheck unit
