@@ -6,6 +6,7 @@ import json
 from pathlib import Path
 from typing import Any, Literal
 
+from dsv3c.artifact.manifest import MANIFEST_FILE, read_manifest
 from dsv3c.errors import UserError
 from dsv3c.runtime.engine import Engine
 
@@ -19,7 +20,7 @@ def folder_kind(folder: Path) -> FolderKind:
         raise UserError(f"{folder}: no such folder")
     if not folder.is_dir():
         raise UserError(f"{folder}: not a folder; pass a checkpoint folder or an export folder")
-    if (folder / "manifest.json").is_file():
+    if (folder / MANIFEST_FILE).is_file():
         return "export"
     if (folder / "config.json").is_file():
         return "checkpoint"
@@ -66,9 +67,8 @@ def related_folders(folder: Path) -> list[Path]:
     """The folder itself, then (for an export folder) the checkpoint folder it was exported from, if present."""
     out = [folder]
     try:
-        stages = json.loads((folder / "manifest.json").read_text()).get("stages", [])
-        source = next((s.get("source") for s in stages if s.get("stage") == "export"), None)
-    except (OSError, json.JSONDecodeError, AttributeError):
+        source = (read_manifest(folder).stage("export") or {}).get("source")
+    except UserError:  # not an export folder (a checkpoint), or not a readable one
         source = None
     if isinstance(source, str) and Path(source).is_dir():
         out.append(Path(source))
