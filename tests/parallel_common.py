@@ -15,7 +15,19 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import pytest
+import torch
+
 from .parallel_worker import rank_main
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """The ranks run with one thread; so does the single-process reference (and the setting is put back)."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
 
 
 @dataclass

@@ -9,7 +9,7 @@ import pytest
 from dsv3c.cli.main import main
 from dsv3c.parallel.partition import partition_checkpoint
 
-from .parallel_common import launch
+from .parallel_common import launch, one_thread  # noqa: F401 (autouse: one thread, as the ranks)
 
 
 @pytest.fixture(scope="module")

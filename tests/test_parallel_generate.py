@@ -10,13 +10,12 @@ from dsv3c.models.checkpoint import load_model
 from dsv3c.parallel.partition import partition_checkpoint
 from dsv3c.runtime.torch_backend import TorchEngine
 
-from .parallel_common import launch
+from .parallel_common import launch, one_thread  # noqa: F401 (autouse: one thread, as the ranks)
 from .parallel_worker import greedy
 
 
 @pytest.fixture(scope="module")
 def reference(tiny_checkpoint: Path) -> tuple[list[list[int]], list[torch.Tensor]]:
-    torch.set_num_threads(1)  # the ranks run with one thread each
     return greedy(TorchEngine(load_model(tiny_checkpoint)))
 
 
@@ -49,7 +48,6 @@ def test_four_ranks_straight_from_the_checkpoint(tiny_checkpoint: Path, tmp_path
 
 def test_two_ranks_in_bf16(tiny_checkpoint: Path, tmp_path: Path) -> None:
     """Activations travel as bf16 and are converted where one process converts them: still the same numbers."""
-    torch.set_num_threads(1)
     reference = greedy(TorchEngine(load_model(tiny_checkpoint, dtype=torch.bfloat16)))
     results = launch(2, tiny_checkpoint, tmp_path, dtype=torch.bfloat16)
     assert [r.exitcode for r in results] == [0, 0], [r.error for r in results]

@@ -8,12 +8,11 @@ import torch
 from dsv3c.models.checkpoint import load_model
 from dsv3c.parallel.plan import ExpertPlan, routed_expert
 
-from .parallel_common import launch
+from .parallel_common import launch, one_thread  # noqa: F401 (autouse: one thread, as the ranks)
 from .parallel_worker import CLIP, train_rank_main, train_steps, train_whole_rank_main
 
 
 def test_two_ranks_train_like_one_process(tiny_checkpoint: Path, tmp_path: Path) -> None:
-    torch.set_num_threads(1)
     losses, grads = train_steps(load_model(tiny_checkpoint))
     assert losses[-1] < losses[0]  # the steps really train
     results = launch(2, tiny_checkpoint, tmp_path, entry=train_rank_main)
@@ -29,7 +28,6 @@ def test_two_ranks_train_like_one_process(tiny_checkpoint: Path, tmp_path: Path)
 
 
 def test_sharded_training_gathers_back_to_the_single_process_weights(tiny_checkpoint: Path, tmp_path: Path) -> None:
-    torch.set_num_threads(1)
     model = load_model(tiny_checkpoint)
     losses, grads = train_steps(model, clip=lambda m: torch.nn.utils.clip_grad_norm_(m.parameters(), CLIP))
     assert (grads["norms"] > CLIP).all()  # the clip acted at every step

@@ -10,7 +10,7 @@ import torch
 from dsv3c.cli.main import main
 from safetensors.torch import load_file
 
-from .parallel_common import launch
+from .parallel_common import launch, one_thread  # noqa: F401 (autouse: one thread, as the ranks)
 from .parallel_worker import cli_rank_main
 
 WORDS = [
@@ -47,7 +47,6 @@ def _metrics(out: Path) -> list[dict]:
 
 
 def test_train_ep2_matches_one_process(tmp_path: Path) -> None:
-    torch.set_num_threads(1)
     data, cache = _text(tmp_path / "text"), tmp_path / "cache"
     common = ["train", "--preset", "tiny", "--data", str(data), "--cache-dir", str(cache), "--vocab-size", "300"]
     common += ["--steps", "6", "--batch-size", "4", "--seq-len", "32", "--precision", "fp32", "--val-every", "3"]
