@@ -16,6 +16,7 @@ temporary sibling, renamed at the end).
 from __future__ import annotations
 
 import json
+import os
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
@@ -122,6 +123,7 @@ def partition_checkpoint(source: Path, ranks: int, out: Path, force: bool = Fals
                 for r, share in enumerate(shares):
                     if share:
                         save_file(share, str(folders[r] / name), metadata={"format": "pt"})
+                        os.chmod(folders[r] / name, 0o644)  # safetensors writes 0600; weights are shared read-only
                         shard_maps[r].update(dict.fromkeys(share, name))
                         sizes[r] += sum(t.numel() * t.element_size() for t in share.values())
                 del shares

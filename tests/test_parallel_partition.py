@@ -101,6 +101,7 @@ def test_each_rank_folder_holds_only_its_experts(fp8_sharded: Path, tmp_path: Pa
                 assert torch.equal(f.get_tensor(key).view(torch.uint8), g.get_tensor(key).view(torch.uint8))
                 assert torch.equal(f.get_tensor(key + "_scale_inv"), g.get_tensor(key + "_scale_inv"))
         assert info["bytes"] == sum((folder / f).stat().st_size for f in info["files"]) - _headers(folder, info)
+        assert all((folder / f).stat().st_mode & 0o044 == 0o044 for f in info["files"])  # readable by others
     assert read_partition(out).plan == ExpertPlan.contiguous(8, 4)
 
 
