@@ -9,10 +9,12 @@ receives the other ranks' experts (point to point, one tensor at a time) and hol
 
 from __future__ import annotations
 
+from typing import cast
+
 import torch
 import torch.distributed as dist
 from dsv3c.models.checkpoint_layout import assign_parameter, copy_source, finish_model
-from dsv3c.models.deepseek_v3 import DeepseekV3ForCausalLM, MoE
+from dsv3c.models.deepseek_v3 import DeepseekV3ForCausalLM, MoE, MTPModule
 from dsv3c.parallel.dispatch import AllToAllDispatch, install
 from dsv3c.parallel.group import RankFailure, RankGroup, first_line, leave
 from dsv3c.parallel.plan import ExpertPlan, routed_expert
@@ -133,7 +135,7 @@ class ExpertParallelTraining:
         for name, tensor in state.items():
             if not name.startswith("mtp.") or copy_source(name, model.config) is None:
                 assign_parameter(whole, name, tensor.detach())
-        for mtp in whole.mtp:  # tied while training, as in the single-process model
+        for mtp in cast("list[MTPModule]", list(whole.mtp)):  # tied while training, as in one process
             mtp.embed_tokens.weight = whole.model.embed_tokens.weight
             mtp.shared_head["head"].weight = whole.lm_head.weight
         return finish_model(whole)
