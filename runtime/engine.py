@@ -1,4 +1,4 @@
-"""An engine runs the exported graph roles over its own latent caches; `EngineBackend` turns one into a Backend.
+"""An engine runs the exported graph roles over its own latent caches; `EngineBackend` turns one into a LogitsModel.
 
 Every engine follows the export's append rule: row b's past holds valid entries [0, positions[b, 0]); the
 new entry i of row b is written at slot positions[b, i]. An engine keeps no lengths of its own, so a
@@ -64,7 +64,7 @@ def host(logits: torch.Tensor) -> np.ndarray:
 
 
 class EngineBackend:
-    """The generation loop's Backend over an engine: one new token per row per decode call."""
+    """The generation loop's LogitsModel over an engine: one new token per row per decode call."""
 
     def __init__(self, engine: Engine):
         self.engine = engine

@@ -15,7 +15,9 @@ from dsv3c.runtime.sampling import Sampler, SamplingConfig
 TokenCallback = Callable[[int, int], None]  # (row, token id), called as tokens arrive
 
 
-class Backend(Protocol):
+class LogitsModel(Protocol):
+    """What the loop drives: prompts in, logits at each row's last token out; it owns the latent cache."""
+
     vocab_size: int
     max_positions: int
 
@@ -29,7 +31,7 @@ class Backend(Protocol):
 
 
 def generate(
-    backend: Backend,
+    backend: LogitsModel,
     prompts: Sequence[Sequence[int]],
     max_new_tokens: int,
     sampling: SamplingConfig | None = None,

@@ -166,7 +166,7 @@ class OrtEngine:
 
 
 class OrtBackend(EngineBackend):
-    """The generation loop's Backend over an export folder."""
+    """The generation loop's LogitsModel over an export folder."""
 
     def __init__(self, folder: Path, device: Device = "cpu", threads: int = 0):
         super().__init__(OrtEngine(folder, device, threads))

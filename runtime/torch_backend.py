@@ -74,7 +74,7 @@ class TorchEngine:
 
 
 class TorchBackend(EngineBackend):
-    """The generation loop's Backend over the PyTorch model."""
+    """The generation loop's LogitsModel over the PyTorch model."""
 
     def __init__(self, model: DeepseekV3ForCausalLM, decode_path: AttentionPath = "absorbed"):
         super().__init__(TorchEngine(model, decode_path))

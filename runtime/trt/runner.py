@@ -158,7 +158,7 @@ class TrtEngine:
 
 
 class TrtBackend(EngineBackend):
-    """The generation loop's Backend over an engine folder."""
+    """The generation loop's LogitsModel over an engine folder."""
 
     def __init__(self, folder: Path):
         super().__init__(TrtEngine(folder))
