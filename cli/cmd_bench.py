@@ -1,11 +1,14 @@
 """dsv3c bench: prefill and decode tokens/s of onnxruntime, our PyTorch model and transformers, side by side.
 
-    dsv3c bench                                        # small preset, contexts 128 1024 4096, batch 1 and 8
-    dsv3c bench --contexts 128 1024 --batches 1 --json --out bench.json   # also bench.png (matplotlib)
-    dsv3c bench --checkpoint CKPT --export EXPORT      # an existing checkpoint and its export
+    dsv3c bench                                        # small preset, contexts 128 1024, batch 1, ort lowering
+    dsv3c bench --contexts 128 1024 4096 --batches 1 8 --json --out bench.json   # also bench.png (matplotlib)
+    dsv3c bench --checkpoint CKPT --export EXPORT      # an existing checkpoint and its (lowered) export
 
-Without --checkpoint/--export, a random checkpoint of the preset is written and exported under --work
-(reused on the next run), or under a temporary folder removed at the end.
+Without --checkpoint/--export, a random checkpoint of the preset is written, exported and lowered under
+--work (reused on the next run), or under a temporary folder removed at the end. onnxruntime runs the graph
+a user deploys on it: `--graph ort` (default: `dsv3c lower --target ort`, float weights, com.microsoft::MoE),
+`ort-8bit` (`--weights-8bit`: MatMulNBits / QMoE, with the error the manifest records) or `canonical` (the
+export itself: the custom nodes' standard-ONNX bodies).
 """
 
 from __future__ import annotations
@@ -29,13 +32,19 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--checkpoint", type=Path, help="checkpoint folder (torch, transformers)")
     p.add_argument("--export", type=Path, help="export folder of that checkpoint (ort)")
     p.add_argument("--work", type=Path, help="folder for the generated checkpoint and export (kept and reused)")
-    p.add_argument("--contexts", type=int, nargs="+", default=[128, 1024, 4096])
-    p.add_argument("--batches", type=int, nargs="+", default=[1, 8])
+    p.add_argument(
+        "--graph",
+        choices=["ort", "ort-8bit", "canonical"],
+        default="ort",
+        help="the graph onnxruntime runs when bench makes the export (default: ort, the lowering to deploy)",
+    )
+    p.add_argument("--contexts", type=int, nargs="+", default=[128, 1024])
+    p.add_argument("--batches", type=int, nargs="+", default=[1])
     p.add_argument(
         "--runtimes", nargs="+", choices=["ort", "torch", "transformers"], default=["ort", "torch", "transformers"]
     )
     p.add_argument("--steps", type=int, default=8, help="timed decode steps per row (after one untimed)")
-    p.add_argument("--prefill-chunk", type=int, default=1024, help="longest prefill call; longer prompts go in chunks")
+    p.add_argument("--prefill-chunk", type=int, default=512, help="longest prefill call; longer prompts go in chunks")
     p.add_argument(
         "--one-at-a-time",
         action="store_true",
@@ -70,7 +79,18 @@ def prepare(args: argparse.Namespace, say: Callable[[str], None]) -> tuple[Path,
     if not (folder / "manifest.json").is_file():
         say(f"exporting {checkpoint} to {folder}")
         export(from_folder(checkpoint), folder, weights="checkpoint", force=True)
-    return checkpoint, folder, temporary, args.preset
+    if args.graph != "canonical":
+        from dsv3c.passes.lower import lower_folder
+        from dsv3c.passes.pipelines import Target
+
+        lowered = work / f"{args.preset}-{args.graph}"
+        if not (lowered / "manifest.json").is_file():
+            say(f"lowering {folder} to {lowered} (--target ort{' --weights-8bit' if args.graph == 'ort-8bit' else ''})")
+            lower_folder(
+                folder, lowered, Target.ORT, force=True, weights_8bit=128 if args.graph == "ort-8bit" else None
+            )
+        folder = lowered
+    return checkpoint, folder, temporary, f"{args.preset} ({args.graph})"
 
 
 def check_pair(checkpoint: Path, folder: Path) -> None:

@@ -19,6 +19,7 @@ from dataclasses import asdict, dataclass, field
 from typing import Any, Literal
 
 import torch
+from dsv3c import progress as dsv3c_progress
 from dsv3c.errors import UserError
 from dsv3c.runtime.bench_models import Runner
 
@@ -73,34 +74,51 @@ def run_bench(
     rows: list[BenchRow] = []
     names: list[str] = [n for n in plan.runtimes if n in factories]
     groups = [[n] for n in names] if plan.one_at_a_time else [names]
-    for group in groups:
-        runners = {}
-        for name in group:
-            progress(f"loading {name}")
-            try:
-                runners[name] = factories[name]()
-                _warm_up(runners[name], plan)
-            except (UserError, RuntimeError, ImportError, MemoryError) as e:
-                progress(f"{name}: skipped ({_first_line(e)})")
-                runners.pop(name, None)
-        for batch in plan.batches:
-            for context in plan.contexts:
-                for name, runner in runners.items():
-                    try:
-                        cell = measure(runner, plan, batch, context, bandwidth)
-                    except (RuntimeError, MemoryError) as e:  # onnxruntime's errors derive from RuntimeError
-                        progress(f"{name} batch {batch} context {context}: skipped ({_first_line(e)})")
-                        continue
-                    rows += cell
-                    progress(
-                        "  ".join(
-                            f"{r.runtime} {r.phase} ctx {r.context} b {r.batch}: {r.tokens_per_s:.1f} tok/s"
-                            for r in cell
-                        )
-                    )
-        del runners
-        gc.collect()
+    cells = len(names) * len(plan.batches) * len(plan.contexts)
+    with dsv3c_progress.task("benchmark cells (runtime x batch x context)", total=cells) as bar:
+        for group in groups:
+            _run_group(plan, group, factories, bandwidth, progress, rows, bar)
     return sorted(rows, key=lambda r: (names.index(r.runtime), r.batch, r.context, r.phase != "prefill"))
+
+
+def _run_group(
+    plan: BenchPlan,
+    group: list[str],
+    factories: dict[str, Callable[[], Runner]],
+    bandwidth: float,
+    progress: Progress,
+    rows: list[BenchRow],
+    bar: dsv3c_progress.Task,
+) -> None:
+    """Load the runtimes of `group`, then measure every (batch, context) cell on each (rows appended)."""
+    runners: dict[str, Runner] = {}
+    for name in group:
+        progress(f"loading {name}")
+        try:
+            runners[name] = factories[name]()
+            _warm_up(runners[name], plan)
+        except (UserError, RuntimeError, ImportError, MemoryError) as e:
+            progress(f"{name}: skipped ({_first_line(e)})")
+            runners.pop(name, None)
+    for batch in plan.batches:
+        for context in plan.contexts:
+            for name, runner in runners.items():
+                bar.update(description=f"{name}: batch {batch}, context {context}")
+                try:
+                    cell = measure(runner, plan, batch, context, bandwidth)
+                except (RuntimeError, MemoryError) as e:  # onnxruntime's errors derive from RuntimeError
+                    progress(f"{name} batch {batch} context {context}: skipped ({_first_line(e)})")
+                    bar.advance()
+                    continue
+                rows += cell
+                bar.advance()
+                progress(
+                    "  ".join(
+                        f"{r.runtime} {r.phase} ctx {r.context} b {r.batch}: {r.tokens_per_s:.1f} tok/s" for r in cell
+                    )
+                )
+    del runners
+    gc.collect()
 
 
 def _first_line(e: BaseException) -> str:

@@ -70,3 +70,15 @@ def test_weight_bytes_count_reached_experts() -> None:
     moe_layers = c.num_hidden_layers - c.first_k_dense_replace
     embed_rows = (min(1000, c.vocab_size) - 1) * c.hidden_size * 4
     assert many - one == moe_layers * expert * (c.n_routed_experts - c.num_experts_per_tok) + embed_rows
+
+
+def test_bench_runs_the_ort_lowering_it_makes_by_default(tmp_path: Path) -> None:
+    """Without --export, bench writes, exports and lowers a checkpoint: onnxruntime runs the graph to deploy."""
+    from dsv3c.artifact.manifest import read_manifest
+
+    args = ["--preset", "tiny", "--work", str(tmp_path), "--runtimes", "ort", "--contexts", "8", "--steps", "1"]
+    assert bench(*args, "--prefill-chunk", "8", "--bandwidth-mb", "16", "--out", str(tmp_path / "b.json")) == 0
+    lowered = read_manifest(tmp_path / "tiny-ort")
+    assert [s.get("target") for s in lowered.stages if s.get("stage") == "lower"] == ["ort"]
+    rows = json.loads((tmp_path / "b.json").read_text())
+    assert {r["model"] for r in rows} == {"tiny (ort)"} and len(rows) == 2

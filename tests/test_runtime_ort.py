@@ -158,3 +158,12 @@ def test_static_decoder_steps_equal_the_dynamic_engine(tiny_export: Path) -> Non
         assert (got - want).abs().max() <= 1e-5 * want.abs().max()
     placement = static.placement()
     assert placement.by_provider.get("CPUExecutionProvider", 0) > 10 and not placement.off_device
+
+
+def test_inspect_placement_counts_nodes_per_provider(tiny_export: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    import json
+
+    assert main(["inspect", str(tiny_export), "--placement", "cpu", "--format", "json"]) == 0
+    found = json.loads(capsys.readouterr().out)
+    assert found["provider"] == "CPUExecutionProvider" and found["by_provider"]["CPUExecutionProvider"] > 10
+    assert found["off_device"] == {}
