@@ -151,3 +151,17 @@ def cli_rank_main(source: Path, out: Path, ep: int, argv: list[str]) -> int:
 
     torch.set_num_threads(1)
     return main(argv)
+
+
+def mtp_rank_main(source: Path, out: Path, ep: int, timeout_s: float = 20.0) -> int:
+    """Speculative decoding with the MTP module (its MoE dispatched too): ids and stats to OUT/rank{r}.pt."""
+    from dsv3c.parallel.session import open_expert_parallel
+    from dsv3c.runtime.speculative import generate_mtp
+    from dsv3c.runtime.torch_backend import TorchEngine
+
+    torch.set_num_threads(1)
+    ep_rank = open_expert_parallel(source, ep, timeout_s=timeout_s)
+    ids, stats = generate_mtp(TorchEngine(ep_rank.model), PROMPTS, 10)
+    ep_rank.close()
+    torch.save({"ids": ids, "stats": stats.to_dict()}, out / f"rank{ep_rank.group.rank}.pt")
+    return 0

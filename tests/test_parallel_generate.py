@@ -11,7 +11,7 @@ from dsv3c.parallel.partition import partition_checkpoint
 from dsv3c.runtime.torch_backend import TorchEngine
 
 from .parallel_common import launch, one_thread  # noqa: F401 (autouse: one thread, as the ranks)
-from .parallel_worker import greedy
+from .parallel_worker import PROMPTS, greedy, mtp_rank_main
 
 
 @pytest.fixture(scope="module")
@@ -52,3 +52,15 @@ def test_two_ranks_in_bf16(tiny_checkpoint: Path, tmp_path: Path) -> None:
     results = launch(2, tiny_checkpoint, tmp_path, dtype=torch.bfloat16)
     assert [r.exitcode for r in results] == [0, 0], [r.error for r in results]
     _check_ranks(tmp_path, 2, reference)
+
+
+def test_two_ranks_with_mtp_speculative_decoding(tiny_checkpoint: Path, tmp_path: Path) -> None:
+    """The MTP module's MoE goes through the dispatch too; drafts and acceptances are those of one process."""
+    from dsv3c.runtime.speculative import generate_mtp
+
+    ids, stats = generate_mtp(TorchEngine(load_model(tiny_checkpoint)), PROMPTS, 10)
+    results = launch(2, tiny_checkpoint, tmp_path, entry=mtp_rank_main)
+    assert [r.exitcode for r in results] == [0, 0], [r.error for r in results]
+    for r in range(2):
+        got = torch.load(tmp_path / f"rank{r}.pt", weights_only=True)
+        assert got["ids"] == ids and got["stats"] == stats.to_dict()
