@@ -187,11 +187,12 @@ class WeightsWriter:
 # ---- the reader ----------------------------------------------------------------------------------------
 
 
-def check_location(folder: Path, location: str, what: Path | str) -> Path:
+def check_location(folder: Path, location: str | os.PathLike[str], what: Path | str) -> Path:
     """`folder/location` for an external-data location (or a manifest's file name) that stays inside `folder`.
 
     UserError for an absolute path, a `..`, a drive letter, or a link that resolves outside `folder`.
     """
+    location = os.fspath(location)
     if not location:
         raise UserError(f"{what}: an initializer declares external data without a location; re-export the model")
     parts = Path(location.replace("\\", "/")).parts
