@@ -101,3 +101,28 @@ def test_no_matmul_reads_every_expert() -> None:
     matmul_inputs = {i for n in function.node if n.op_type == "MatMul" for i in n.input}
     assert not matmul_inputs & {"gate", "up", "down"}
     assert sum(n.op_type == "Gather" for n in function.node) >= 3
+
+
+def test_ort_lowering_of_a_bf16_moe_runs_the_kernel_in_float16() -> None:
+    """onnxruntime has no bf16 com.microsoft::MoE kernel: the lowering casts its inputs to float16 and its
+    output back; on the CPU provider the runtime then computes it in float32 (runtime/float_compute.py)."""
+    from dsv3c.passes.lower_ort import LowerMoEToOrtPass
+    from dsv3c.runtime.float_compute import compute_in_float32
+
+    model, feeds, want = _case(5, seed=8)
+    for value in [*model.graph.input, *model.graph.output]:
+        value.type.tensor_type.elem_type = TensorProto.BFLOAT16
+    m = ir.serde.deserialize_model(model)
+    LowerMoEToOrtPass()(m)
+    (moe,) = [n for n in m.graph if n.domain == "com.microsoft"]
+    for index in (0, 1, 2, 4):
+        producer = moe.inputs[index].producer()  # type: ignore[union-attr]
+        assert producer is not None and producer.op_type == "Cast"
+        assert producer.attributes["to"].as_int() == ir.DataType.FLOAT16
+    (user, _), *_ = moe.outputs[0].uses()
+    assert user.op_type == "Cast" and user.attributes["to"].as_int() == ir.DataType.BFLOAT16
+    compute_in_float32(m)
+    session = ort.InferenceSession(ir.serde.serialize_model(m).SerializeToString(), providers=["CPUExecutionProvider"])
+    bf16 = {k: torch.from_numpy(v).to(torch.bfloat16).float().numpy() for k, v in feeds.items()}
+    (got,) = session.run(["y"], bf16)
+    np.testing.assert_allclose(got, want, rtol=3e-2, atol=3e-2)
