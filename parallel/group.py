@@ -50,6 +50,8 @@ def first_line(e: BaseException) -> str:
 
 def join(ep: int, device: Device = "cpu", timeout_s: float = DEFAULT_TIMEOUT_S) -> RankGroup:
     """Check the launch against --ep, then join the group (bounded by `timeout_s`)."""
+    if ep < 1:
+        raise UserError(f"--ep must be at least 1 (ranks, one process each), got {ep}")
     env = os.environ
     if "RANK" not in env or "WORLD_SIZE" not in env:
         raise UserError(

@@ -37,6 +37,10 @@ def test_ep_without_torchrun(capsys, monkeypatch, tiny_checkpoint: Path) -> None
     assert "torchrun --nproc-per-node 2" in err
 
 
+def test_ep_must_be_positive(capsys, tiny_checkpoint: Path) -> None:
+    assert "--ep must be at least 1" in _cli_error(capsys, str(tiny_checkpoint), "--ep", "-2")
+
+
 def test_ep_2_with_4_processes(capsys, monkeypatch, tiny_checkpoint: Path) -> None:
     _torchrun_env(monkeypatch, 3, 4)
     err = _cli_error(capsys, str(tiny_checkpoint), "--ep", "2")
