@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import os
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -20,12 +19,14 @@ from typing import Literal
 import numpy as np
 import onnx
 import onnx_ir as ir
+from dsv3c.artifact.names import MANIFEST_FILE
+from dsv3c.artifact.weights import check_location
 from dsv3c.errors import UserError
 from google.protobuf.message import DecodeError
 from onnx import TensorProto
 
 DataState = Literal["inline", "external", "missing"]
-MANIFEST = "manifest.json"
+MANIFEST = MANIFEST_FILE
 
 _TYPED_FIELDS = ("float_data", "int32_data", "string_data", "int64_data", "double_data", "uint64_data")
 
@@ -105,26 +106,6 @@ def element_bytes(elem_type: int) -> float:
     return float(data_type.itemsize) if data_type is not None else 0.0
 
 
-def _check_location(folder: Path, location: str, model: Path) -> Path:
-    if not location:
-        raise UserError(f"{model}: an initializer declares external data without a location; re-export the model")
-    parts = Path(location.replace("\\", "/")).parts
-    if (
-        os.path.isabs(location)
-        or location.startswith(("/", "\\"))
-        or ".." in parts
-        or (len(location) > 1 and location[1] == ":")
-    ):
-        raise UserError(
-            f"{model}: external data location {location!r} escapes the model's folder; "
-            "locations must be relative paths inside it (re-export, or move the data beside the model)"
-        )
-    target = folder / location
-    if target.exists() and not target.resolve().is_relative_to(folder.resolve()):
-        raise UserError(f"{model}: external data {location!r} links outside the model's folder ({target.resolve()})")
-    return target
-
-
 def _describe(t: TensorProto, folder: Path, model: Path, sizes: dict[str, int | None]) -> TensorInfo:
     shape = tuple(int(d) for d in t.dims)
     numel = int(np.prod(shape, dtype=np.int64)) if shape else 1
@@ -141,7 +122,7 @@ def _describe(t: TensorProto, folder: Path, model: Path, sizes: dict[str, int | 
     if offset < 0 or length < 0:
         raise UserError(f"{model}: initializer {t.name!r} has an invalid external data offset/length")
     if location not in sizes:
-        target = _check_location(folder, location, model)
+        target = check_location(folder, location, model)
         sizes[location] = target.stat().st_size if target.is_file() else None
     size = sizes[location]
     state: DataState = "external" if size is not None and size >= offset + length and length >= nbytes else "missing"
@@ -186,13 +167,13 @@ def read_export_manifest(folder: Path) -> tuple[dict[str, Path], dict[str, objec
 
     Reads through `dsv3c.artifact.manifest`, the format's owner, with one extra check: graph files stay inside.
     """
-    from dsv3c.artifact.manifest import read_manifest  # imports torch (via dsv3c.models): only for folders
+    from dsv3c.artifact.manifest import read_manifest
 
     manifest = read_manifest(folder)
     roles = {}
     for role, name in manifest.graphs.items():
         if name is not None:
-            _check_location(folder.resolve(), name, folder / MANIFEST)
+            check_location(folder.resolve(), name, folder / MANIFEST)
             roles[role] = folder / name
     return roles, dataclasses.asdict(manifest.cache)
 
