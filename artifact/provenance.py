@@ -101,15 +101,25 @@ def stamp(
 ) -> ir.Node:
     """Write the given marks on `node`; marks already there stay unless `overwrite`. Returns `node`."""
     meta = node.metadata_props
+    for key, value in props(stage=stage, rewrite=rewrite, origin=origin).items():
+        if overwrite or key not in meta:
+            meta[key] = value
+    return node
+
+
+def props(
+    *,
+    stage: str | None = None,
+    rewrite: Rewrite | str | None = None,
+    origin: ir.Node | str | Iterable[ir.Node | str] = (),
+) -> dict[str, str]:
+    """The metadata_props entries for the given marks (those given only), for a node about to be made."""
     values = {
         STAGE: stage,
         REWRITE: None if rewrite is None else str(rewrite),
         ORIGIN: "\n".join(origin_names(origin)) or None,
     }
-    for key, value in values.items():
-        if value is not None and (overwrite or key not in meta):
-            meta[key] = value
-    return node
+    return {key: value for key, value in values.items() if value is not None}
 
 
 def read(node: ir.Node) -> Provenance:

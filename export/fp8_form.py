@@ -19,10 +19,10 @@ from __future__ import annotations
 
 from typing import Any
 
-import numpy as np
 import onnx_ir as ir
 from dsv3c.artifact import provenance
 from dsv3c.artifact.provenance import Rewrite
+from dsv3c.export.builder import Builder
 
 FP8 = ir.DataType.FLOAT8E4M3FN
 SCALE_SUFFIX = "_scale_inv"  # DeepSeek's name for the block scales (the tensor scheme uses "_scale")
@@ -40,28 +40,6 @@ def rewrite_of(block: Block | None) -> Rewrite:
     if block is None:
         return provenance.quantized("fp8", "per-tensor")
     return provenance.quantized("fp8", f"block {block[0]}" if block[0] == block[1] else f"block {block[0]}x{block[1]}")
-
-
-class _Nodes:
-    """New nodes named `{prefix}/{what}` (their output values the same), stamped with the given marks."""
-
-    def __init__(self, prefix: str, rewrite: Rewrite | str | None, origin: str | None) -> None:
-        self.prefix, self.rewrite, self.origin = prefix, rewrite, origin
-        self.nodes: list[ir.Node] = []
-        self._count: dict[str, int] = {}
-
-    def op(self, op_type: str, *inputs: ir.Value, name: str, **attrs: Any) -> ir.Value:
-        n = self._count.get(name, 0)
-        self._count[name] = n + 1
-        node_name = f"{self.prefix}/{name}" if n == 0 else f"{self.prefix}/{name}_{n}"
-        node = ir.node(op_type, list(inputs), attributes=attrs or None, name=node_name)
-        node.outputs[0].name = node_name
-        provenance.stamp(node, rewrite=self.rewrite, origin=self.origin or ())
-        self.nodes.append(node)
-        return node.outputs[0]
-
-    def ints(self, *values: int, name: str) -> ir.Value:
-        return self.op("Constant", name=name, value=ir.tensor(np.array(values, dtype=np.int64)))
 
 
 def _register(graph: ir.Graph, name: str, tensor: ir.TensorProtocol, shape: tuple[int, ...]) -> ir.Value:
@@ -93,7 +71,7 @@ def dequantize_weight(
     graph.initializers.pop(name)
     w = _register(graph, name, fp8, shape)
     s = _register(graph, str(scales.name), scales, tuple(int(d) for d in scales.shape.dims))  # type: ignore[arg-type]
-    b = _Nodes(name.removesuffix(".weight"), rewrite_of(block) if marked else None, name if marked else None)
+    b = Builder(name.removesuffix(".weight"), rewrite_of(block) if marked else None, name if marked else ())
     out = _block_dequantize(b, w, s, shape, block) if block is not None else _tensor_dequantize(b, w, s, shape)
     if dtype is not None and dtype != ir.DataType.FLOAT:
         out = b.op("Cast", out, name="cast", to=dtype)
@@ -107,12 +85,12 @@ def dequantize_weight(
     return w, s
 
 
-def _tensor_dequantize(b: _Nodes, w: ir.Value, s: ir.Value, shape: tuple[int, ...]) -> ir.Value:
+def _tensor_dequantize(b: Builder, w: ir.Value, s: ir.Value, shape: tuple[int, ...]) -> ir.Value:
     axis: dict[str, Any] = {"axis": 0} if len(shape) == 3 else {}  # one scale per expert, or per tensor
     return b.op("DequantizeLinear", w, s, name="dequantize", **axis)
 
 
-def _block_dequantize(b: _Nodes, w: ir.Value, s: ir.Value, shape: tuple[int, ...], block: Block) -> ir.Value:
+def _block_dequantize(b: Builder, w: ir.Value, s: ir.Value, shape: tuple[int, ...], block: Block) -> ir.Value:
     """DequantizeLinear of `w` [(E,) out, in] with its block scales expanded to what the op takes."""
     *lead, n_out, _ = shape
     rows = -(-n_out // block[0])

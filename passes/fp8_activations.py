@@ -23,8 +23,8 @@ import onnx_ir as ir
 import torch
 from dsv3c.artifact import provenance
 from dsv3c.errors import UserError
+from dsv3c.export.builder import Builder, first_user
 from dsv3c.models.fp8 import FP8_MAX
-from dsv3c.passes.builder import Builder, first_user
 from dsv3c.passes.fp8_math import AMAX_FLOOR, TILE, ActScheme, act_scale
 from dsv3c.passes.fp8_weights import _require_opset
 from dsv3c.passes.linears import Linear, LinearKind, find_linears

@@ -17,8 +17,8 @@ import ml_dtypes
 import numpy as np
 import onnx_ir as ir
 import torch
+from dsv3c.export.builder import static_dims
 from dsv3c.models.fp8 import FP8_DTYPE, FP8_MAX, Block, GridStats, quantize_block_fp8
-from dsv3c.passes.builder import static_dims
 
 AMAX_FLOOR = 1e-4  # DeepGEMM's clamp: an all-zero tile gets a finite scale
 TILE = 128

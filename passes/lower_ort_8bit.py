@@ -48,9 +48,9 @@ import numpy as np
 import onnx_ir as ir
 from dsv3c.artifact import provenance
 from dsv3c.artifact.export_folder import mark_weight
+from dsv3c.export.builder import Builder, initializer, static_dims
 from dsv3c.export.onnx_ops import DOMAIN, MOE_OP
 from dsv3c.models.fp8 import DEFAULT_BLOCK, Block
-from dsv3c.passes.builder import Builder, initializer, static_dims
 from dsv3c.passes.linears import MOE_EXPERT_INPUTS, LinearKind, find_linears, weight_source
 from dsv3c.passes.lower_ort import MS_DOMAIN, expert_shape, routing
 from dsv3c.passes.pipeline import DsPass, StageResult

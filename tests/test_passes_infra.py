@@ -13,7 +13,7 @@ from dsv3c.artifact import provenance
 from dsv3c.artifact.export_folder import read_export, write_export
 from dsv3c.artifact.manifest import read_manifest
 from dsv3c.errors import UserError
-from dsv3c.passes.builder import Builder
+from dsv3c.export.builder import Builder
 from dsv3c.passes.cleanup import cleanup_stages
 from dsv3c.passes.ort_run import GraphRunner, random_feeds
 from dsv3c.passes.pipeline import DsPass, Stage, StageResult, run_pipeline

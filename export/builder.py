@@ -1,4 +1,5 @@
-"""A few lines of sugar for passes that add nodes: named nodes and values, constants, insertion.
+"""The one node builder for graphs on onnx_ir (the exporter's FP8 form and every pass): named nodes and
+values, constants, insertion, on onnx_ir's tape.
 
 Every node a Builder makes carries the provenance marks it was given (artifact/provenance.py): what the
 pass did (`rewrite`) and what the new nodes replace (`origin`); the pipeline adds the stage's name.
@@ -31,8 +32,13 @@ class Builder:
         self.prefix = prefix
         self.rewrite = rewrite
         self.origin = provenance.origin_names(origin)  # names now: the origin node may leave the graph
-        self.nodes: list[ir.Node] = []
+        self.tape = ir.tape.Tape()
         self._count: dict[str, int] = {}
+
+    @property
+    def nodes(self) -> list[ir.Node]:
+        """The nodes made since the last insertion, in order."""
+        return list(self.tape.nodes)
 
     def _name(self, what: str) -> str:
         n = self._count.get(what, 0)
@@ -50,14 +56,19 @@ class Builder:
     ) -> Any:
         """Add a node; returns its output value (or the tuple of them when num_outputs > 1)."""
         node_name = self._name(name or op_type.lower())
-        node = ir.node(
-            op_type, list(inputs), attributes=attrs or None, domain=domain, num_outputs=num_outputs, name=node_name
+        marks = provenance.props(rewrite=self.rewrite, origin=self.origin)
+        outputs = self.tape.op_multi_out(
+            op_type,
+            list(inputs),
+            attrs or None,
+            num_outputs=num_outputs,
+            domain=domain,
+            name=node_name,
+            metadata_props=marks or None,
         )
-        for i, out in enumerate(node.outputs):
+        for i, out in enumerate(outputs):
             out.name = node_name if num_outputs == 1 else f"{node_name}:{i}"
-        provenance.stamp(node, rewrite=self.rewrite, origin=self.origin)
-        self.nodes.append(node)
-        return node.outputs[0] if num_outputs == 1 else tuple(node.outputs)
+        return outputs[0] if num_outputs == 1 else tuple(outputs)
 
     def const(self, value: Any, dtype: Any = None, name: str = "const") -> ir.Value:
         """A Constant node holding `value` (numpy-convertible; ints default to int64)."""
@@ -73,14 +84,14 @@ class Builder:
         return self.const(np.array(values, dtype=np.int64), name=name)
 
     def insert_before(self, graph: ir.Graph, node: ir.Node) -> None:
-        if self.nodes:
-            graph.insert_before(node, self.nodes)
-            self.nodes = []
+        if self.tape.nodes:
+            graph.insert_before(node, self.tape.nodes)
+            self.tape = ir.tape.Tape()
 
     def insert_after(self, graph: ir.Graph, node: ir.Node) -> None:
-        if self.nodes:
-            graph.insert_after(node, self.nodes)
-            self.nodes = []
+        if self.tape.nodes:
+            graph.insert_after(node, self.tape.nodes)
+            self.tape = ir.tape.Tape()
 
 
 def first_user(graph: ir.Graph, users: Sequence[ir.Node]) -> ir.Node:
