@@ -25,7 +25,7 @@ import torch
 from dsv3c import progress
 from dsv3c.artifact.atomic import atomic_folder
 from dsv3c.artifact.manifest import CacheLayout, Manifest, Signature, TensorInfo, WeightsKind, write_manifest
-from dsv3c.artifact.names import WEIGHTS_FILE
+from dsv3c.artifact.names import PRODUCER, WEIGHTS_FILE
 from dsv3c.artifact.weights import Layout
 from dsv3c.errors import CheckpointError, UserError
 from dsv3c.export.checkpoint_fp8 import Fp8Plan, layout_for, plan_fp8, to_fp8_form, write_weights
@@ -126,7 +126,7 @@ def finish_graph(g: TracedGraph, layout: Layout, plan: Fp8Plan | None = None) ->
     """Bind the weights to external data (FP8 ones with their dequantization), attach the custom ops'
     functions, check the structure."""
     proto = g.proto
-    proto.producer_name, proto.producer_version = "dsv3c", dsv3c.__version__
+    proto.producer_name, proto.producer_version = PRODUCER, dsv3c.__version__
     proto.graph.initializer.extend(_float_declaration(layout, w) for w in g.weights)
     if plan is not None and plan.weights:
         proto = to_fp8_form(proto, plan, layout)

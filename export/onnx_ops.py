@@ -26,13 +26,11 @@ from typing import Any
 import onnx
 import onnxscript
 import torch
+from dsv3c.artifact.names import DOMAIN, DOMAIN_VERSION, MLA_OP, MOE_OP
 from dsv3c.export import custom_ops  # noqa: F401  (registers torch.ops.dsv3c.*)
 from onnx import defs
 
-DOMAIN = "dsv3c"
-VERSION = 1
-MLA_OP = "MLAAttention"
-MOE_OP = "MoE"
+VERSION = DOMAIN_VERSION
 FLOAT_TYPES = ["tensor(float)", "tensor(float16)", "tensor(bfloat16)"]
 
 _Param = defs.OpSchema.FormalParameter

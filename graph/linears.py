@@ -21,6 +21,7 @@ import math
 from dataclasses import dataclass
 
 import onnx
+from dsv3c.artifact.names import DOMAIN
 from dsv3c.graph.index import GraphIndex, is_custom
 from dsv3c.graph.load import dtype_name
 from onnx import TensorProto
@@ -286,7 +287,7 @@ class LinearFinder:
                 linear = self._matmul(i, node)
                 if linear is not None:
                     found.append(linear)
-            elif is_custom(node) and (node.domain == "dsv3c" or node.op_type in MOE_OPS):
+            elif is_custom(node) and (node.domain == DOMAIN or node.op_type in MOE_OPS):
                 found += self._custom(i, node)
         return found
 
