@@ -28,6 +28,11 @@ distinct experts among batch x top_k uniform choices), and batch x context cache
     ort         the dynamic-shape runtime (runtime/ort_backend.py), one synchronizing run per step
     torch       our PyTorch model, eager, absorbed MLA over the latent cache
     transformers  transformers' DeepseekV3/V2ForCausalLM, eager attention, its DynamicCache (expanded K/V)
+
+Known limits (H200, onnxruntime-gpu 1.31.1, December 2026): the capture fails at batch 32 ("Failed to allocate
+memory" in the BFC arena while capturing: the cell is reported as skipped); a bf16 V2-Lite session took more
+than 130 s to load (its experts' Cast to float16 and the fc1 interleave are folded on the CPU at load), one
+per (batch, capacity) bucket.
 """
 
 from __future__ import annotations
