@@ -154,3 +154,74 @@ def test_the_commit_rename_holds_signals(tmp_path: Path) -> None:
         assert seen == [True]  # delivered right after
     finally:
         signal.signal(signal.SIGTERM, old)
+
+
+def _v1_manifest(folder: Path) -> dict[str, object]:
+    """A manifest.json as the first dsv3c release wrote it (format_version 1), with its graph files."""
+    for role in ("prefill", "decode"):
+        (folder / f"{role}.onnx").write_bytes(b"")
+    (folder / "weights.bin").write_bytes(b"")
+    sig = {"inputs": [{"name": "input_ids", "dtype": "int64", "shape": ["batch", "seq"]}], "outputs": []}
+    return {
+        "format_version": 1,
+        "dsv3c_version": "0.1.0",
+        "config": {"num_hidden_layers": 2},
+        "weights": "none",
+        "weights_file": "weights.bin",
+        "dtype": "float32",
+        "opset": 21,
+        "graphs": {"prefill": "prefill.onnx", "decode": "decode.onnx", "mtp": None},
+        "signatures": {"prefill": sig, "decode": sig},
+        "cache": {
+            "layers": 2,
+            "mtp_layers": 0,
+            "ckv_width": 4,
+            "kpe_width": 2,
+            "dtype": "float32",
+            "width": 6,
+            "append_rule": "rule",
+        },
+        "stages": [{"stage": "export"}],
+    }
+
+
+def test_version_1_manifests_read_and_round_trip_and_unknown_versions_are_one_line(tmp_path: Path) -> None:
+    from dsv3c.artifact.manifest import ManifestError, is_export_folder, read_manifest, write_manifest
+
+    raw = _v1_manifest(tmp_path)
+    (tmp_path / "manifest.json").write_text(json.dumps(raw))
+    m = read_manifest(tmp_path)
+    assert m.cache.width == 6 and m.stage("export") == {"stage": "export"} and is_export_folder(tmp_path)
+    write_manifest(m, tmp_path)
+    assert json.loads((tmp_path / "manifest.json").read_text()) == raw
+    (tmp_path / "manifest.json").write_text(json.dumps({**raw, "format_version": 2}))
+    with pytest.raises(ManifestError, match="format_version 2"):
+        read_manifest(tmp_path)
+
+
+def test_engine_manifest_round_trips(tmp_path: Path) -> None:
+    from dsv3c.artifact.engine_manifest import (
+        EngineManifest,
+        EngineRecord,
+        LayerSummary,
+        ShapeRange,
+        TensorRecord,
+        read_engine_manifest,
+        write_engine_manifest,
+    )
+
+    record = EngineRecord(
+        "decode",
+        "decode.engine",
+        10,
+        "ab",
+        0.5,
+        [TensorRecord("x", "float32", ["batch", 4])],
+        [],
+        [{"x": ShapeRange([1, 4], [2, 4], [8, 4])}],
+        LayerSummary(total=3, by_type={"MATMUL": 3}),
+        ["8.9"],
+    )
+    manifest = EngineManifest({"name": "tensorrt_rtx"}, "fp32", ["8.9"], {}, {}, {}, {"decode": record})
+    write_engine_manifest(manifest, tmp_path)
+    assert read_engine_manifest(tmp_path) == manifest
