@@ -9,6 +9,10 @@ the diff falls back to structural inference (graph/rewrites.py).
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
+import onnx
+from dsv3c.artifact import provenance
 from dsv3c.artifact.provenance import Provenance, read_props
 from dsv3c.graph.index import GraphIndex
 
@@ -57,3 +61,30 @@ class Marks:
             for out in self.index.nodes[j].output:
                 found += [(c, k) for c, k in self.index.consumers.get(out, []) if c not in inside]
         return found
+
+    def quantized_around(self, tensor: str, free: Callable[[int], bool]) -> tuple[list[int], provenance.Rewrite] | None:
+        """The `free` nodes that a quantizing rewrite made around `tensor` (one of them reads it), and the rewrite."""
+        for j, _ in self.index.consumers.get(tensor, []):
+            rewrite = self.of[j].rewrite if j in self.of else None
+            if rewrite is not None and rewrite.kind == provenance.QUANTIZED:
+                return [x for x in self.group(j) if free(x)], rewrite
+        return None
+
+    def lowered_label(self, node: onnx.NodeProto, group: list[int]) -> str:
+        """The label a lowering's marks give the replaced `node` (`lowered(com.microsoft.MoE)`: "lowered (to
+        com.microsoft::MoE)"); "" when no node of `group` carries a lowering mark with `node` as its origin."""
+        marks = [m for j in group if (m := self.of.get(j)) is not None and node.name in m.origin and m.rewrite]
+        rewrite = marks[0].rewrite if marks else None
+        if rewrite is None:
+            return ""
+        if rewrite.kind == provenance.INLINED:
+            return f"lowered (inlined, {len(group)} nodes)"
+        if rewrite.kind != provenance.LOWERED or len(rewrite.details) != 1:
+            return ""
+        target = rewrite.details[0]
+        if node.op_type in ("QuantizeLinear", "DequantizeLinear") and any(
+            a.name == "block_size" and a.i for a in node.attribute
+        ):
+            return f"lowered (blocked {node.op_type} as {target})"
+        domain, _, op = target.rpartition(".")
+        return f"lowered (to {domain}::{op})" if domain and " " not in target else f"lowered (to {target})"

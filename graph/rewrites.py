@@ -1,6 +1,9 @@
 """Recognise the pipeline's own rewrites in a node matching, so that the diff reports them as one entry each.
 
-Found from the graphs' structure, not from names (names only help the matching, graph/match.py):
+What dsv3c's passes made carries their provenance marks (graph/marks.py): a quantized weight's or
+activation's nodes, and a lowered node's replacement, are then taken as the marks group them, with the
+labels the marks give. Without marks (a graph another tool wrote) each rewrite is found from the graphs'
+structure, not from names (names only help the matching, graph/match.py):
 
 - quantized: an initializer that is float in A and float8 in B (the same name, or a renamed one found
   through the nodes that read it) is a quantized weight. On B's side the rewrite takes the unmatched
@@ -39,82 +42,26 @@ from dsv3c.graph.load import dtype_name
 from dsv3c.graph.marks import Marks
 from dsv3c.graph.match import Matching, attribute_digest
 
+
+def _ops(names: str) -> frozenset[str]:
+    return frozenset(names.split())
+
+
 # ops that online activation quantization and weight dequantization are built from
-_QDQ_HELPERS = frozenset(
-    {
-        "QuantizeLinear",
-        "DequantizeLinear",
-        "DynamicQuantizeLinear",
-        "Reshape",
-        "Abs",
-        "ReduceMax",
-        "Div",
-        "Mul",
-        "Max",
-        "Min",
-        "Clip",
-        "Cast",
-        "CastLike",
-        "Transpose",
-        "Constant",
-        "Expand",
-        "Tile",
-        "Unsqueeze",
-        "Squeeze",
-        "Shape",
-        "Gather",
-        "Slice",
-        "Concat",
-        "Floor",
-        "Ceil",
-        "Log",
-        "Exp",
-        "Pow",
-        "Reciprocal",
-        "Identity",
-        "Flatten",
-        "Sqrt",
-        "Pad",
-    }
+_QDQ_HELPERS = _ops(
+    "QuantizeLinear DequantizeLinear DynamicQuantizeLinear Reshape Abs ReduceMax Div Mul Max Min Clip "
+    "Cast CastLike Transpose Constant Expand Tile Unsqueeze Squeeze Shape Gather Slice Concat Floor Ceil "
+    "Log Exp Pow Reciprocal Identity Flatten Sqrt Pad"
 )
 # ops a lowering may lower to that are worth naming: "lowered (to Attention)"
-FUSED_OPS = frozenset(
-    {
-        "Attention",
-        "RotaryEmbedding",
-        "RMSNormalization",
-        "LayerNormalization",
-        "MultiHeadAttention",
-        "GroupQueryAttention",
-        "SkipLayerNormalization",
-        "MoE",
-        "QMoE",
-    }
+FUSED_OPS = _ops(
+    "Attention RotaryEmbedding RMSNormalization LayerNormalization MultiHeadAttention GroupQueryAttention "
+    "SkipLayerNormalization MoE QMoE"
 )
 # ops that only move, reshape or make data: left out of a lowering's "to X + Y" label
-_PLUMBING = frozenset(
-    {
-        "Constant",
-        "Shape",
-        "Reshape",
-        "Transpose",
-        "Unsqueeze",
-        "Squeeze",
-        "Concat",
-        "Slice",
-        "Gather",
-        "Expand",
-        "Cast",
-        "CastLike",
-        "Split",
-        "Identity",
-        "Range",
-        "Flatten",
-        "Pad",
-        "Tile",
-        "ConstantOfShape",
-        "Size",
-    }
+_PLUMBING = _ops(
+    "Constant Shape Reshape Transpose Unsqueeze Squeeze Concat Slice Gather Expand Cast CastLike Split "
+    "Identity Range Flatten Pad Tile ConstantOfShape Size"
 )
 # ops between a weight's reader and the linear that uses it (a Transpose of the weight, a Cast)
 _TO_USER = frozenset({"Transpose", "Cast", "CastLike", "Reshape", "Identity", "Squeeze", "Unsqueeze"})
@@ -358,17 +305,9 @@ class _Grouper:
             rw.removed_initializers.sort()
         return found
 
-    def _marked(self, tensor: str) -> tuple[list[int], provenance.Rewrite] | None:
-        """The free nodes of B that a quantizing rewrite made around `tensor` (read by one of them), by their marks."""
-        for j, _ in self.b.consumers.get(tensor, []):
-            rewrite = self.marks.of[j].rewrite if j in self.marks.of else None
-            if rewrite is not None and rewrite.kind == provenance.QUANTIZED:
-                return [x for x in self.marks.group(j) if self.free_b(x)], rewrite
-        return None
-
     def _weight(self, x: str, y: str, groups: dict[Hashable, tuple[int, Rewrite]]) -> None:
         a, b, m, claims = self.a, self.b, self.m, self.claims
-        marked = self._marked(y)
+        marked = self.marks.quantized_around(y, self.free_b)
         if marked is not None:  # the pass said which nodes it made for this weight
             path_b, scales_b, readers_b = marked[0], [], self.marks.readers_outside(marked[0])
             claims.nodes_b.update(path_b)
@@ -517,7 +456,7 @@ class _Grouper:
             target = short_name(linear.weights[0]) if linear is not None else a.label(i)  # a linear by its weight
             rw = Rewrite(
                 "lowered",
-                self._marked_label(i, group) or self._label(i, group),
+                self.marks.lowered_label(self.a.nodes[i], group) or self._label(i, group),
                 a.layers[i],
                 target,
                 a.op(i),
@@ -529,27 +468,6 @@ class _Grouper:
             self._own(rw, [i, *removed], group)
             found.append(rw)
         return found
-
-    def _marked_label(self, i: int, group: list[int]) -> str:
-        """The label the lowering's own marks give (`lowered(com.microsoft.MoE)`: "lowered (to com.microsoft::MoE)");
-        "" when B's nodes carry no lowering mark with i as their origin."""
-        name = self.a.nodes[i].name
-        marks = [m for j in group if (m := self.marks.of.get(j)) is not None and name in m.origin and m.rewrite]
-        if not marks or marks[0].rewrite is None:
-            return ""
-        rewrite = marks[0].rewrite
-        if rewrite.kind == provenance.INLINED:
-            return f"lowered (inlined, {len(group)} nodes)"
-        if rewrite.kind != provenance.LOWERED or len(rewrite.details) != 1:
-            return ""
-        target = rewrite.details[0]
-        node = self.a.nodes[i]
-        if node.op_type in ("QuantizeLinear", "DequantizeLinear") and any(
-            a.name == "block_size" and a.i for a in node.attribute
-        ):
-            return f"lowered (blocked {node.op_type} as {target})"
-        domain, _, op = target.rpartition(".")
-        return f"lowered (to {domain}::{op})" if domain and " " not in target else f"lowered (to {target})"
 
     def _label(self, i: int, group: list[int]) -> str:
         b = self.b
