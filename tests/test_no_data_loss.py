@@ -9,6 +9,7 @@ writing the same output removes.
 from __future__ import annotations
 
 import hashlib
+import shutil
 import signal
 import subprocess
 import sys
@@ -82,7 +83,7 @@ def test_every_command_refuses_an_output_overlapping_its_input(made: tuple[Path,
 
 
 def test_force_replaces_only_a_folder_dsv3c_wrote(made: tuple[Path, Path], cli: Cli, tmp_path: Path) -> None:
-    ckpt, _ = made
+    ckpt, exp = made
     user = tmp_path / "user"
     user.mkdir()
     (user / "notes.txt").write_text("mine")
@@ -90,10 +91,11 @@ def test_force_replaces_only_a_folder_dsv3c_wrote(made: tuple[Path, Path], cli: 
     refused(cli("init", "--preset", "tiny", "--out", user, "--force"), "dsv3c did not write")
     refused(cli("export", ckpt, "--out", user), "--force")
     assert sorted(p.name for p in user.iterdir()) == ["notes.txt"] and (user / "notes.txt").read_text() == "mine"
-    assert cli("export", ckpt, "--out", tmp_path / "exp", "--weights", "none")[0] == 0
-    assert cli("export", ckpt, "--out", tmp_path / "exp", "--force")[0] == 0  # its own export: replaced
+    shutil.copytree(exp, tmp_path / "exp")  # an export folder dsv3c wrote
+    assert cli("init", "--preset", "tiny", "--config-only", "--out", tmp_path / "exp", "--force")[0] == 0
+    assert sorted(p.name for p in (tmp_path / "exp").iterdir()) == [".dsv3c", "config.json"]  # replaced
     assert cli("init", "--preset", "tiny", "--out", tmp_path / "ck", "--config-only")[0] == 0
-    assert cli("init", "--preset", "tiny", "--out", tmp_path / "ck", "--force")[0] == 0  # its own checkpoint
+    assert cli("init", "--preset", "tiny", "--out", tmp_path / "ck", "--config-only", "--force")[0] == 0
     assert hidden(tmp_path) == []
 
 
@@ -131,14 +133,11 @@ def test_a_signal_leaves_no_output_and_no_traceback(tmp_path: Path, sig: int, co
     assert list(tmp_path.iterdir()) == []
 
 
-def test_a_killed_run_leaves_a_hidden_temporary_the_next_run_removes(
-    made: tuple[Path, Path], cli: Cli, tmp_path: Path
-) -> None:
-    ckpt, _ = made
+def test_a_killed_run_leaves_a_hidden_temporary_the_next_run_removes(cli: Cli, tmp_path: Path) -> None:
     process = _start_long_export(tmp_path / "out")
     process.kill()
     process.communicate(timeout=60)
     left = list(tmp_path.iterdir())
     assert len(left) == 1 and left[0].name.startswith(".out.") and left[0].name.endswith(".partial")
-    assert cli("export", ckpt, "--out", tmp_path / "out", "--weights", "none")[0] == 0
+    assert cli("init", "--preset", "tiny", "--config-only", "--out", tmp_path / "out")[0] == 0  # the next run
     assert [p.name for p in tmp_path.iterdir()] == ["out"]
