@@ -181,7 +181,7 @@ def test_trt_fp8_static(export_dir: Path, tmp_path: Path) -> None:
 
 
 def _trt_build(path: Path, inputs: list) -> None:  # type: ignore[type-arg]
-    """Parse and build with TensorRT-RTX on the CPU (TensorRT-RTX engines run only on compute capability 8.x/12.x GPUs: docs/toolchain.md)."""
+    """Parse and build with TensorRT-RTX on the CPU (its engines run on 8.x/12.x GPUs only: docs/toolchain.md)."""
     trt = pytest.importorskip("tensorrt_rtx", reason="TensorRT-RTX is not installed (the 'tensorrt' extra)")
     logger = trt.Logger(trt.Logger.ERROR)
     builder = trt.Builder(logger)
