@@ -54,6 +54,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         metavar="TEXT",
         help="with --calibrate: draw the batches from this text file or folder (tokenizer.json), not random ids",
     )
+    p.add_argument(
+        "--report-data",
+        type=Path,
+        metavar="TEXT",
+        help="with --report: measure on this text (tokenizer.json) instead of random inputs, and add the loss delta",
+    )
     p.add_argument("--seed", type=int, default=0, help="seed of the random calibration and report inputs")
     p.add_argument("--force", action="store_true", help="replace OUT if it exists")
 
@@ -75,6 +81,13 @@ def run(args: argparse.Namespace) -> int:
         from dsv3c.eval.calibration import calibration_batches
 
         args.calibration_text = calibration_batches(args.export_dir, args.calibration_data, args.calibrate)
+    if args.report_data is not None and not args.report:
+        raise UserError("--report-data is the text of --report; pass --report too")
+    args.report_text = None
+    if args.report_data is not None:
+        from dsv3c.eval.report_view import report_batches
+
+        args.report_text = report_batches(args.export_dir, args.report_data)
     if args.report:
         from dsv3c.artifact.manifest import read_manifest
 
@@ -129,5 +142,10 @@ def _report(args: argparse.Namespace, options: QuantizeOptions) -> None:
             seed=args.seed,
             calibration_text=args.calibration_text,
         )
-        report = compare_exports(args.export_dir, {"block fp8": args.out, "per-tensor fp8": per_tensor}, seed=args.seed)
-    print(format_report(report))
+        candidates = {"block fp8": args.out, "per-tensor fp8": per_tensor}
+        report = compare_exports(args.export_dir, candidates, seed=args.seed, text=args.report_text)
+        print(format_report(report, **({"title": "relative error on the text"} if args.report_text else {})))
+        if args.report_text:
+            from dsv3c.eval.report_view import loss_deltas
+
+            print(loss_deltas(args.export_dir, candidates, args.report_text))

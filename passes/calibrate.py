@@ -16,6 +16,7 @@ from collections.abc import Sequence
 
 import numpy as np
 from dsv3c.artifact.export_folder import ExportGraphs
+from dsv3c.artifact.manifest import Manifest
 from dsv3c.errors import UserError
 from dsv3c.passes.linears import LinearKind, find_linears
 from dsv3c.passes.ort_run import FeedShape, GraphRunner, random_feeds
@@ -61,7 +62,7 @@ def calibrate(
             if text is None:
                 feeds = random_feeds(graphs.manifest, role, rng, shape or FeedShape())
             else:
-                feeds = text_feeds(graphs, role, text[b], prefill_out)
+                feeds = text_feeds(graphs.manifest, role, text[b], prefill_out)
             outputs = runner.run(feeds)
             if role == "prefill":
                 prefill_out = outputs
@@ -85,15 +86,13 @@ def calibration_record(batches: int, seed: int, text: Sequence[np.ndarray] | Non
     }
 
 
-def text_feeds(
-    graphs: ExportGraphs, role: str, ids: np.ndarray, prefill: dict[str, np.ndarray]
-) -> dict[str, np.ndarray]:
+def text_feeds(manifest: Manifest, role: str, ids: np.ndarray, prefill: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
     """The inputs of `role` for token windows ids [B, S] (decode and MTP read prefill's outputs)."""
     batch, seq = ids.shape
     head, last = ids[:, :-1], ids[:, -1:]  # prefill reads S - 1 tokens; decode the last one
     positions = np.tile(np.arange(seq - 1, dtype=np.int64), (batch, 1))
     feeds: dict[str, np.ndarray] = {}
-    for t in graphs.manifest.signatures[role].inputs:
+    for t in manifest.signatures[role].inputs:
         if t.dtype not in ("int64", "float32"):
             raise UserError(f"{role} input {t.name} is {t.dtype}; calibration runs float32 exports only")
         if role == "prefill":

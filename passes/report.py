@@ -88,13 +88,24 @@ def layer_probes(model: ir.Model) -> list[tuple[str, str]]:
 
 
 def compare_exports(
-    reference: Path, candidates: dict[str, Path], seed: int = 0, batches: int = 2, shape: FeedShape | None = None
+    reference: Path,
+    candidates: dict[str, Path],
+    seed: int = 0,
+    batches: int = 2,
+    shape: FeedShape | None = None,
+    text: Sequence[np.ndarray] | None = None,
 ) -> QuantReport:
-    """Errors of each candidate export against `reference`, per graph and layer."""
+    """Errors of each candidate export against `reference`, per graph and layer; on seeded random inputs,
+    or with `text` (token windows [B, S] per batch) on real text, each graph fed as in generation
+    (calibrate.text_feeds: decode and MTP continue the reference's prefill)."""
+    from dsv3c.passes.calibrate import ROLE_ORDER, text_feeds
+
     manifest = read_manifest(reference)
     report = QuantReport(list(candidates))
     all_logits: dict[str, list[np.ndarray]] = {s: [] for s in ["reference", *candidates]}
-    for role, file in manifest.graphs.items():
+    prefill_ref: list[dict[str, np.ndarray]] = []
+    order = sorted(manifest.graphs.items(), key=lambda kv: ROLE_ORDER.index(kv[0]) if kv[0] in ROLE_ORDER else 9)
+    for role, file in order:
         if file is None:
             continue
         ref_model = load_graph(reference, role)
@@ -104,10 +115,15 @@ def compare_exports(
         runners |= {s: GraphRunner(load_graph(folder, role), folder, names) for s, folder in candidates.items()}
         rng = np.random.default_rng(seed)
         outputs: dict[str, list[dict[str, np.ndarray]]] = {s: [] for s in runners}
-        for _ in range(batches):
-            feeds = random_feeds(manifest, role, rng, shape or FeedShape())
+        for b in range(batches if text is None else len(text)):
+            if text is None:
+                feeds = random_feeds(manifest, role, rng, shape or FeedShape())
+            else:
+                feeds = text_feeds(manifest, role, text[b], prefill_ref[b] if role != "prefill" else {})
             for s, runner in runners.items():
                 outputs[s].append(runner.run(feeds))
+        if role == "prefill":
+            prefill_ref = outputs["reference"]
         for label, tensor in [*probes, (OUTPUT, OUTPUT)]:
             ref = _tokens([o[tensor] for o in outputs["reference"]])
             cands = {s: _tokens([o[tensor] for o in outputs[s]]) for s in candidates}

@@ -35,11 +35,11 @@ def test_decode_feed_continues_the_prefill(tiny_export: Path) -> None:
     graphs = read_export(tiny_export)
     ids = windows(0)[0]
     prefill = GraphRunner(graphs.models["prefill"], tiny_export)
-    head = prefill.run(text_feeds(graphs, "prefill", ids, {}))
-    decode = GraphRunner(graphs.models["decode"], tiny_export).run(text_feeds(graphs, "decode", ids, head))
+    head = prefill.run(text_feeds(graphs.manifest, "prefill", ids, {}))
+    decode = GraphRunner(graphs.models["decode"], tiny_export).run(text_feeds(graphs.manifest, "decode", ids, head))
     whole = prefill.run({"input_ids": ids, "positions": np.tile(np.arange(12, dtype=np.int64), (2, 1))})
     np.testing.assert_allclose(decode["logits"][:, 0], whole["logits"][:, -1], rtol=1e-4, atol=1e-4)
-    mtp = GraphRunner(graphs.models["mtp"], tiny_export).run(text_feeds(graphs, "mtp", ids, head))
+    mtp = GraphRunner(graphs.models["mtp"], tiny_export).run(text_feeds(graphs.manifest, "mtp", ids, head))
     assert mtp["logits"].shape == (2, 11, 512)
 
 
@@ -68,7 +68,20 @@ def test_cli_records_the_source(
     record = json.loads((out / "manifest.json").read_text())["stages"][-1]["calibration"]
     assert record["source"] == "text" and record["batches"] == 2 and record["tokens"] == 2 * 4 * 64
     assert calibration_record(2, 7, None) == {"source": "random ids", "batches": 2, "seed": 7}  # the fallback
-    assert main(["quantize", str(export_with_tokenizer), "--out", str(out), "--calibration-data", str(data)]) == 2
+    fresh = str(tmp_path / "fresh")
+    assert main(["quantize", str(export_with_tokenizer), "--out", fresh, "--calibration-data", str(data)]) == 2
     assert "pass --calibrate too" in capsys.readouterr().err
     assert main([*args, "--force", "--calibration-data", str(tmp_path / "none")]) == 2
     assert "no such file or folder" in capsys.readouterr().err
+
+
+def test_report_on_text(tiny_export: Path, export_with_tokenizer: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """quantize --report's per-layer measure runs every graph on text; a graph against itself has no error."""
+    from dsv3c.passes.report import compare_exports
+
+    report = compare_exports(tiny_export, {"same": tiny_export}, text=windows(2))
+    assert {r.graph for r in report.rows} == {"prefill", "decode", "mtp", "all"}
+    assert all(r.errors["same"] == 0.0 for r in report.rows)
+    args = ["quantize", str(export_with_tokenizer), "--out", str(tiny_export.parent / "unused"), "--report-data", "x"]
+    assert main(args) == 2
+    assert "pass --report too" in capsys.readouterr().err
