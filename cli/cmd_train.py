@@ -200,7 +200,9 @@ class _Progress:
         self.total, self.quiet = total, quiet
         self.val = float("nan")
         self._context: Any = None
+        self._task_context: Any = None
         self.task: Any = None
+        self._done = 0
 
     def __enter__(self) -> _Progress:
         from dsv3c import progress
@@ -218,9 +220,9 @@ class _Progress:
             f"{row['tokens_per_s']:,.0f} tok/s load {row.get('load_max_mean', float('nan')):.2f}"
         )
         self.task.update(description=info)
-        self.task.advance(step - self._done if hasattr(self, "_done") else step)
+        self.task.advance(step - self._done)
         self._done = step
 
-    def __exit__(self, *exc: object) -> None:
+    def __exit__(self, *exc: Any) -> None:
         self._task_context.__exit__(*exc)
         self._context.__exit__(*exc)

@@ -39,11 +39,12 @@ class LoadTracker:
             n_experts = self.counts[index].numel()
             self.counts[index] += expert_counts(indices.detach(), n_experts).to(self.counts[index].device).float()
             if self.alpha > 0 and router.training:
+                assert isinstance(router, Router)
                 self.loss_terms.append(self._sequence_loss(router, inputs[0], indices, n_experts))
 
         return hook
 
-    def _sequence_loss(self, router: nn.Module, x: torch.Tensor, indices: torch.Tensor, n_experts: int) -> torch.Tensor:
+    def _sequence_loss(self, router: Router, x: torch.Tensor, indices: torch.Tensor, n_experts: int) -> torch.Tensor:
         logits = F.linear(x.float(), router.weight.float())  # [N, E], as the router computes them
         scores = logits.sigmoid() if router.scoring_func == "sigmoid" else logits.softmax(-1)
         scores = scores.unflatten(0, (self.batch_size, -1))  # [B, T, E]

@@ -53,7 +53,7 @@ class TrainConfig:
     @classmethod
     def from_dict(cls, raw: dict[str, Any]) -> TrainConfig:
         known = {f.name for f in dataclasses.fields(cls)}
-        values = {k: (tuple(v) if k == "betas" else v) for k, v in raw.items() if k in known}
+        values: dict[str, Any] = {k: (tuple(v) if k == "betas" else v) for k, v in raw.items() if k in known}
         return cls(**values)
 
     def check(self) -> None:

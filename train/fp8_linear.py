@@ -87,8 +87,9 @@ def scaled_mm_tile_block(a: torch.Tensor, sa: torch.Tensor, b: torch.Tensor, sb:
     return out[:m]
 
 
-# cuBLAS layouts tried for 1x128 x 1x128 (the weight-gradient GEMM), float32 output first (the weight
-# gradient feeds float32 master weights); the first that works is kept
+# cuBLAS layouts tried for 1x128 x 1x128 (the weight-gradient GEMM); the first that works is kept. The
+# output is bf16: torch 2.11 accepted out_dtype=float32 for this scaling on the H200, and the FP8 run that
+# used it had NaN weights after its first optimizer step (its bf16 twin trained normally)
 _TILE_TILE_LAYOUT: list[tuple[str, torch.dtype]] = []
 
 
@@ -100,7 +101,7 @@ def scaled_mm_tile_tile(a: torch.Tensor, sa: torch.Tensor, b: torch.Tensor, sb: 
     scale_a = sa.t().contiguous().t()
     # cuBLAS wants scale_b as [K/128, N] ("outer-dim-major"); which strides that means is tried once
     layouts = {"kn-rowmajor": lambda: sb.t().contiguous(), "kn-colmajor": lambda: sb.t()}
-    order = _TILE_TILE_LAYOUT or [(n, d) for d in (torch.float32, torch.bfloat16) for n in layouts]
+    order = _TILE_TILE_LAYOUT or [(n, torch.bfloat16) for n in layouts]
     for name, dtype in order:
         if name == "emulated":
             break

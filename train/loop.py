@@ -22,7 +22,7 @@ import torch.nn.functional as F
 from dsv3c.errors import UserError
 from dsv3c.models.checkpoint import init_random
 from dsv3c.models.config import DeepseekV3Config
-from dsv3c.models.deepseek_v3 import DeepseekV3ForCausalLM
+from dsv3c.models.deepseek_v3 import DeepseekV3ForCausalLM, MTPModule
 from dsv3c.train.balance import LoadTracker
 from dsv3c.train.config import TrainConfig, config_hash
 from dsv3c.train.corpus import Corpus
@@ -55,8 +55,11 @@ def build_model(config: DeepseekV3Config, train: TrainConfig, device: torch.devi
     """float32 master model with MTP tied to the main embedding and head; FP8 linears for fp8."""
     model = init_random(config, seed=train.seed).to(device)
     for mtp in model.mtp:
+        assert isinstance(mtp, MTPModule)
         mtp.embed_tokens.weight = model.model.embed_tokens.weight
-        mtp.shared_head["head"].weight = model.lm_head.weight
+        head = mtp.shared_head["head"]
+        assert isinstance(head, torch.nn.Linear)
+        head.weight = model.lm_head.weight
     if train.precision == "fp8":
         recipe = Fp8Recipe(granularity=train.fp8_granularity, pow2=train.fp8_pow2, compile=train.fp8_compile)
         convert_to_fp8(model, recipe)
