@@ -26,12 +26,13 @@ import onnx_ir as ir
 from dsv3c.artifact.atomic import atomic_folder
 from dsv3c.artifact.manifest import Manifest, Signature, TensorInfo, read_manifest, write_manifest
 from dsv3c.artifact.names import DOMAIN, PRODUCER, WEIGHTS_FILE
-from dsv3c.artifact.weights import Layout, WeightsWriter
+from dsv3c.artifact.weights import Layout, WeightsWriter, check_location
 from dsv3c.errors import UserError
 
 _WEIGHT_KEY = "dsv3c.weight"
 __all__ = [
     "ExportGraphs",
+    "check_external_data",
     "is_weight",
     "mark_weight",
     "read_export",
@@ -89,9 +90,55 @@ def read_export(folder: str | Path) -> ExportGraphs:
             raise UserError(f"{path}: not a dsv3c graph (no '{DOMAIN}' opset, producer {model.producer_name!r})")
         for value in model.graph.initializers.values():
             if isinstance(value.const_value, ir.ExternalTensor):
+                _check_external(Path(folder), value.const_value, path, manifest.weights != "none")
                 mark_weight(value)
         models[role] = model
     return ExportGraphs(manifest, models)
+
+
+def _check_external(folder: Path, tensor: ir.ExternalTensor, graph: Path, has_data: bool) -> None:
+    """One line, before any pass reads it, for external data that escapes the folder or lies past a file's end
+    (a `--weights none` folder declares its weights in an empty placeholder: only the location is checked)."""
+    target = check_location(folder, tensor.location, graph)
+    if not has_data:
+        return
+    if not target.is_file():
+        raise UserError(
+            f"{graph}: weight {tensor.name} is in {tensor.location}, which is missing; re-export the folder"
+        )
+    size, offset = target.stat().st_size, tensor.offset or 0
+    length = tensor.length if tensor.length is not None else tensor.nbytes
+    if offset < 0 or length != tensor.nbytes or offset + length > size:
+        raise UserError(
+            f"{graph}: weight {tensor.name} needs bytes {offset}..{offset + length} of {tensor.location} "
+            f"({size} bytes; {tensor.nbytes} for its dtype and shape): truncated or corrupt, re-export the folder"
+        )
+
+
+def check_external_data(graph: Path) -> None:
+    """UserError (one line) when an initializer of the ONNX file `graph` has external data outside its folder
+    or past the end of its file: what a runtime would otherwise report in several lines of its own."""
+    import onnx
+
+    try:
+        proto = onnx.load(graph, load_external_data=False)
+    except Exception as e:  # protobuf and onnx raise several types; report one line
+        raise UserError(f"{graph}: not a readable ONNX file ({type(e).__name__}: {str(e)[:200]})") from None
+    for t in proto.graph.initializer:
+        if t.data_location != onnx.TensorProto.EXTERNAL:
+            continue
+        info = {e.key: e.value for e in t.external_data}
+        target = check_location(graph.parent, info.get("location", ""), graph)
+        try:
+            offset, length = int(info.get("offset", 0)), int(info["length"]) if "length" in info else None
+        except ValueError:
+            raise UserError(f"{graph}: weight {t.name} has an invalid external data offset/length") from None
+        size = target.stat().st_size if target.is_file() else -1
+        if size < 0 or offset < 0 or (length is not None and (length < 0 or offset + length > size)):
+            raise UserError(
+                f"{graph}: weight {t.name} lies past the end of {info.get('location')} "
+                f"({max(size, 0)} bytes): the file is truncated or missing; re-export the folder"
+            )
 
 
 # ---- writing -------------------------------------------------------------------------------------------
@@ -120,7 +167,9 @@ def plan_slots(graphs: ExportGraphs) -> Layout:
     return layout
 
 
-def _write_weights(path: Path, graphs: ExportGraphs, layout: Layout) -> None:
+def _write_weights(
+    path: Path, graphs: ExportGraphs, layout: Layout, on_write: Callable[[str, int], None] | None = None
+) -> None:
     with WeightsWriter(path, layout) as writer:
         done: set[str] = set()
         for value in _weights(graphs.models.values()):
@@ -133,6 +182,8 @@ def _write_weights(path: Path, graphs: ExportGraphs, layout: Layout) -> None:
                 else:
                     writer.write(value.name, tensor.tobytes())  # one tensor in memory at a time
                 done.add(value.name)
+                if on_write is not None:
+                    on_write(value.name, layout.slots[value.name].nbytes)
 
 
 def _bind(graphs: ExportGraphs, layout: Layout, folder: Path) -> None:
@@ -159,8 +210,12 @@ def write_export(
     *,
     force: bool = False,
     finish: Callable[[Path], dict[str, Any]] | None = None,
+    on_write: Callable[[str, int], None] | None = None,
 ) -> Manifest:
     """Write `graphs` as the export folder `out` (atomically) with `stage` appended to the manifest.
+
+    `on_write(name, nbytes)` is called after each weight is written (progress bars; `plan_slots(graphs).total`
+    is the weights file's size).
 
     `finish(folder)`, when given, runs on the written (temporary) folder before the manifest and returns
     entries to add to the stage (e.g. files it wrote). Afterwards the models' weights refer to
@@ -170,7 +225,7 @@ def write_export(
     layout = plan_slots(graphs)
     with atomic_folder(out, force, inputs=[graphs.folder]) as tmp:
         if graphs.has_weights:
-            _write_weights(tmp / WEIGHTS_FILE, graphs, layout)
+            _write_weights(tmp / WEIGHTS_FILE, graphs, layout, on_write)
         _bind(graphs, layout, tmp)
         for role, model in graphs.models.items():
             ir.save(model, tmp / f"{role}.onnx")

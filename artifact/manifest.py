@@ -204,7 +204,7 @@ def _parse(raw: dict[str, Any]) -> Manifest:
         weights=cast(WeightsKind, raw["weights"]),
         dtype=str(raw["dtype"]),
         opset=int(raw["opset"]),
-        graphs={str(k): (None if v is None else str(v)) for k, v in raw["graphs"].items()},
+        graphs={str(k): _file_name(v) for k, v in raw["graphs"].items()},
         signatures=signatures,
         cache=CacheLayout(
             int(cache["layers"]),
@@ -214,11 +214,20 @@ def _parse(raw: dict[str, Any]) -> Manifest:
             str(cache["dtype"]),
             str(cache["append_rule"]),
         ),
-        stages=list(raw["stages"]),
-        weights_file=raw.get("weights_file"),
+        stages=[dict(stage) for stage in raw["stages"]],
+        weights_file=_file_name(raw.get("weights_file")),
         dsv3c_version=str(raw["dsv3c_version"]),
         format_version=int(version),
     )
+
+
+def _file_name(value: Any) -> str | None:
+    """A file of the folder named by the manifest: a plain name (never a path out of the folder) or null."""
+    if value is None:
+        return None
+    if not isinstance(value, str) or Path(value).name != value or value in ("", ".", "..") or "\0" in value:
+        raise ValueError(f"{value!r} is not the name of a file in the folder")
+    return value
 
 
 def _check(m: Manifest, path: Path) -> None:

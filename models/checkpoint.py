@@ -154,6 +154,11 @@ def _shard_files(folder: Path) -> tuple[list[str], dict[str, str] | None]:
             weight_map = None
         if not isinstance(weight_map, dict) or not all(isinstance(v, str) for v in weight_map.values()):
             raise CheckpointError(f"{index_path}: not a safetensors index (a JSON object with a 'weight_map')")
+        for file in set(weight_map.values()):  # a shard is a file of this folder, never a path out of it
+            if Path(file).name != file or not file.isprintable() or not file.endswith(".safetensors"):
+                raise CheckpointError(
+                    f"{index_path}: shard {file!r} is not a .safetensors file name in the checkpoint folder"
+                )
         return sorted(set(weight_map.values())), weight_map
     if (folder / SINGLE_FILE).is_file():
         return [SINGLE_FILE], None
@@ -183,7 +188,7 @@ def _scan(folder: Path) -> dict[str, StoredTensor]:
         if not (folder / file).is_file():
             example = next(k for k, v in (weight_map or {}).items() if v == file)
             raise CheckpointError(
-                f"{folder / INDEX_FILE}: shard {file} (holding e.g. {example}) is missing; download it"
+                f"{folder / INDEX_FILE}: shard {file} (holding e.g. {example!r}) is missing; download it"
             )
         with _open(folder / file) as f:
             for key in f.keys():  # noqa: SIM118 (a safetensors handle, not a dict)
@@ -195,7 +200,7 @@ def _scan(folder: Path) -> dict[str, StoredTensor]:
                 tensors[key] = StoredTensor(file, s.get_dtype(), tuple(s.get_shape()))
     for key, file in (weight_map or {}).items():
         if key not in tensors:
-            raise CheckpointError(f"{folder / INDEX_FILE}: maps {key} to {file}, which does not hold it")
+            raise CheckpointError(f"{folder / INDEX_FILE}: maps {key!r} to {file!r}, which does not hold it")
     return tensors
 
 

@@ -154,6 +154,8 @@ class DeepseekV3Config:
             raise ConfigError(f"{path}: no such file; a checkpoint folder needs a config.json") from None
         except OSError as e:
             raise ConfigError(f"{path}: cannot read ({e.strerror})") from None
+        except UnicodeDecodeError:
+            raise ConfigError(f"{path}: not a text file (config.json must be UTF-8 JSON)") from None
         try:
             raw = json.loads(text)
         except json.JSONDecodeError as e:
@@ -196,6 +198,7 @@ class DeepseekV3Config:
 
     # ---- consistency -------------------------------------------------------------------------------
     def validate(self) -> None:
+        self._validate_bounds()
         positive = [
             "vocab_size",
             "hidden_size",
@@ -241,6 +244,40 @@ class DeepseekV3Config:
         if self.tie_word_embeddings and self.num_nextn_predict_layers:
             pass  # allowed: the MTP head then shares the tied embedding too
 
+    def _validate_bounds(self) -> None:
+        """Absurd values fail here, at once, before anything is allocated or traced (a billion layers)."""
+        for name, limit in _UPPER_BOUNDS.items():
+            value = getattr(self, name)
+            if isinstance(value, int) and not isinstance(value, bool) and value > limit:
+                raise ConfigError(f"config: '{name}' is {value}, above dsv3c's limit of {limit:,}; is it a typo?")
+        for name in ("rope_theta", "rms_norm_eps", "routed_scaling_factor"):
+            value = getattr(self, name)
+            if not math.isfinite(value) or abs(value) > 1e12:
+                raise ConfigError(f"config: '{name}' must be a finite number of sensible size, got {value!r}")
+        if self.rope_theta <= 0:
+            raise ConfigError(f"config: 'rope_theta' must be positive, got {self.rope_theta}")
+        if self.rope_scaling is not None:
+            r = self.rope_scaling
+            for key in ("factor", "beta_fast", "beta_slow", "mscale", "mscale_all_dim"):
+                value = getattr(r, key)
+                if not math.isfinite(value) or abs(value) > 1e6:
+                    raise ConfigError(f"config: 'rope_scaling.{key}' must be a finite number, got {value!r}")
+            if not 0 < r.original_max_position_embeddings <= _UPPER_BOUNDS["max_position_embeddings"]:
+                raise ConfigError(
+                    "config: 'rope_scaling.original_max_position_embeddings' must be between 1 and "
+                    f"{_UPPER_BOUNDS['max_position_embeddings']:,}, got {r.original_max_position_embeddings}"
+                )
+        if self.quantization_config is not None:
+            block = self.quantization_config.weight_block_size
+            if max(block) > _MAX_BLOCK:
+                raise ConfigError(
+                    f"config: 'quantization_config.weight_block_size' {list(block)} is above {_MAX_BLOCK} per axis"
+                )
+        ids = self.eos_token_id if isinstance(self.eos_token_id, list) else [self.eos_token_id]
+        for key, values in (("bos_token_id", [self.bos_token_id]), ("eos_token_id", ids)):
+            if any(v is not None and not 0 <= v < self.vocab_size for v in values):
+                raise ConfigError(f"config: '{key}' {values} must lie in [0, vocab_size = {self.vocab_size})")
+
     def _validate_moe(self) -> None:
         n = cast(int, self.n_routed_experts)
         if n <= 0:
@@ -274,6 +311,32 @@ class DeepseekV3Config:
         if self.n_shared_experts is not None and self.n_shared_experts < 0:
             raise ConfigError("config: 'n_shared_experts' must be >= 0 or null")
 
+
+# Upper bounds far above any model of the family (DeepSeek-V3: 61 layers, hidden 7168, 256 experts, 129280
+# tokens, 163840 positions): a value beyond them is a typo, and would otherwise allocate or trace for hours.
+_UPPER_BOUNDS: dict[str, int] = {
+    "vocab_size": 1 << 22,
+    "hidden_size": 1 << 17,
+    "intermediate_size": 1 << 20,
+    "num_hidden_layers": 1024,
+    "num_attention_heads": 4096,
+    "kv_lora_rank": 1 << 16,
+    "qk_nope_head_dim": 1 << 12,
+    "qk_rope_head_dim": 1 << 12,
+    "v_head_dim": 1 << 12,
+    "q_lora_rank": 1 << 17,
+    "n_routed_experts": 1 << 14,
+    "n_shared_experts": 1 << 10,
+    "num_experts_per_tok": 1 << 14,
+    "moe_intermediate_size": 1 << 20,
+    "n_group": 1 << 14,
+    "topk_group": 1 << 14,
+    "first_k_dense_replace": 1024,
+    "moe_layer_freq": 1024,
+    "max_position_embeddings": 1 << 24,
+    "num_nextn_predict_layers": 64,
+}
+_MAX_BLOCK = 1 << 16
 
 # Routing keys a config.json may leave out (transformers' DeepseekV3Config has none of them): the
 # defaults of the architecture named by model_type.

@@ -11,7 +11,8 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from dsv3c.artifact.export_folder import ExportGraphs, read_export, write_export
+from dsv3c import progress
+from dsv3c.artifact.export_folder import ExportGraphs, plan_slots, read_export, write_export
 from dsv3c.artifact.manifest import Manifest
 from dsv3c.errors import UserError
 from dsv3c.models.fp8 import DEFAULT_BLOCK, Block
@@ -83,14 +84,23 @@ def lower_folder(
             extra["error_vs_source"] = error_vs_source(src, graphs, folder)
         return extra
 
-    return write_export(graphs, out, stage, force=force, finish=finish if emit_mlir or int8 else None)
+    with progress.task("writing weights", plan_slots(graphs).total, unit="bytes") as bar:
+        return write_export(
+            graphs,
+            out,
+            stage,
+            force=force,
+            finish=finish if emit_mlir or int8 else None,
+            on_write=lambda _, n: bar.advance(n),
+        )
 
 
 def fp8_block(graphs: ExportGraphs) -> Block:
-    """The FP8 block shape of a quantized export (its quantize stage's options), else DeepSeek's."""
+    """The FP8 block shape of an FP8 export (its checkpoint's) or of a quantized one (its quantize stage's
+    options), else DeepSeek's."""
     for stage in graphs.manifest.stages:
-        if stage.get("stage") == "quantize":
-            block = stage.get("options", {}).get("block")
+        if stage.get("stage") in ("export", "quantize"):
+            block = stage.get("fp8_block") if stage.get("stage") == "export" else stage.get("options", {}).get("block")
             if isinstance(block, list) and len(block) == 2:
                 return int(block[0]), int(block[1])
     return DEFAULT_BLOCK

@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any
 
 import onnx_ir as ir
+from dsv3c import progress
 from dsv3c.artifact import provenance
 from dsv3c.artifact.export_folder import ExportGraphs, weights_declared
 from dsv3c.errors import UserError
@@ -98,27 +99,37 @@ def run_pipeline(graphs: ExportGraphs, stages: Sequence[Stage], dump_dir: Path |
         for role, model in graphs.models.items():
             dump(model, dump_dir / role / "00-input.onnx")
     records = []
-    for index, stage in enumerate(stages, start=1):
-        record = StageRecord(stage.name, type(stage.pass_).__name__)
-        for role, model in graphs.models.items():
-            if stage.roles is not None and role not in stage.roles:
-                continue
-            before = op_counts(model)
-            nodes_before = set(model.graph.all_nodes())
-            try:
-                result = stage.pass_(model)
-            except ir.passes.PreconditionError as e:
-                cause = e.__cause__ if e.__cause__ is not None else e
-                raise UserError(f"stage '{stage.name}' cannot run on the {role} graph: {cause}") from None
-            record.modified[role] = bool(result.modified)
-            _stamp_added(model, nodes_before, stage)
-            summary = _changes(result)
-            ops = _delta(before, op_counts(model))
-            if ops:
-                summary["ops"] = ops
-            if summary:
-                record.changes[role] = summary
-            if dump_dir is not None:
-                dump(model, dump_dir / role / f"{index:02d}-{stage.name}.onnx")
-        records.append(record)
+    with progress.task("passes", total=len(stages) * len(graphs.models)) as bar:
+        for index, stage in enumerate(stages, start=1):
+            records.append(_run_stage(graphs, stage, index, dump_dir, bar))
     return records
+
+
+def _run_stage(
+    graphs: ExportGraphs, stage: Stage, index: int, dump_dir: Path | None, bar: progress.Task
+) -> StageRecord:
+    record = StageRecord(stage.name, type(stage.pass_).__name__)
+    for role, model in graphs.models.items():
+        bar.update(description=f"pass {stage.name} on {role}")
+        if stage.roles is not None and role not in stage.roles:
+            bar.advance()
+            continue
+        before = op_counts(model)
+        nodes_before = set(model.graph.all_nodes())
+        try:
+            result = stage.pass_(model)
+        except ir.passes.PreconditionError as e:
+            cause = e.__cause__ if e.__cause__ is not None else e
+            raise UserError(f"stage '{stage.name}' cannot run on the {role} graph: {cause}") from None
+        record.modified[role] = bool(result.modified)
+        _stamp_added(model, nodes_before, stage)
+        summary = _changes(result)
+        ops = _delta(before, op_counts(model))
+        if ops:
+            summary["ops"] = ops
+        if summary:
+            record.changes[role] = summary
+        if dump_dir is not None:
+            dump(model, dump_dir / role / f"{index:02d}-{stage.name}.onnx")
+        bar.advance()
+    return record

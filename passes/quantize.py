@@ -8,7 +8,8 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from dsv3c.artifact.export_folder import ExportGraphs, read_export, write_export
+from dsv3c import progress
+from dsv3c.artifact.export_folder import ExportGraphs, plan_slots, read_export, write_export
 from dsv3c.artifact.manifest import Manifest
 from dsv3c.errors import UserError
 from dsv3c.passes.calibrate import calibrate as run_calibration
@@ -76,4 +77,7 @@ def quantize_folder(
             record["grid_recognition"] = {**quantizer.grid.to_dict(), "weights_moved": sorted(quantizer.moved)}
         return record
 
-    return write_export(graphs, out, stage, force=force, finish=weights_record)
+    with progress.task("writing weights", plan_slots(graphs).total, unit="bytes") as bar:
+        return write_export(
+            graphs, out, stage, force=force, finish=weights_record, on_write=lambda _, n: bar.advance(n)
+        )

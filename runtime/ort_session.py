@@ -79,6 +79,9 @@ def make_session(path: Path, device: Device = "cpu", threads: int = 0, model: by
     ort = import_ort()
     if not path.is_file():
         raise UserError(f"{path}: no such graph; is this an export folder written by `dsv3c export`?")
+    from dsv3c.artifact.export_folder import check_external_data
+
+    check_external_data(path)  # truncated or escaping weights: one line of ours, not onnxruntime's log
     options = ort.SessionOptions()
     if model is not None:
         options.add_session_config_entry("session.model_external_initializers_file_folder_path", str(path.parent))
