@@ -70,7 +70,11 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
 
     if args.threads:
         torch.set_num_threads(args.threads)
-    key = hashlib.sha256((args.checkpoint / "model.safetensors").read_bytes()[: 1 << 20]).hexdigest()[:12]
+    digest = hashlib.sha256()  # the work folder follows the weights: a retrained checkpoint gets fresh variants
+    for shard in sorted(args.checkpoint.glob("*.safetensors")):
+        with shard.open("rb") as f:
+            digest.update(f.read(1 << 20))
+    key = digest.hexdigest()[:12]
     work = args.work / f"{args.checkpoint.resolve().name}-{key}"
     tokenizer = find_tokenizer(args.checkpoint)
     reference = open_scorer(args.checkpoint, "torch", threads=args.threads)

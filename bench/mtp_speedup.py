@@ -22,7 +22,12 @@ def parse() -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--checkpoint", type=Path, required=True, help="trained checkpoint folder (with tokenizer.json)")
     p.add_argument("--export", type=Path, help="its export folder (default: exported under --work)")
-    p.add_argument("--data", type=Path, required=True, help="held-out text file or folder")
+    p.add_argument(
+        "--data",
+        type=Path,
+        required=True,
+        help="held-out text file or folder, or a training corpus folder (its held-out split)",
+    )
     p.add_argument("--runtimes", nargs="+", choices=["torch", "ort"], default=["torch", "ort"])
     p.add_argument("--prompts", type=int, default=8)
     p.add_argument("--prompt-tokens", type=int, default=32)
@@ -42,15 +47,19 @@ def main() -> int:
     from dsv3c.errors import UserError
     from dsv3c.eval.record import run_record, write_result
     from dsv3c.eval.speedup import measure_speedup, text_prompts
-    from dsv3c.eval.text import token_stream
-    from dsv3c.eval.tokens import find_tokenizer
+    from dsv3c.eval.text import heldout_stream, is_corpus, token_stream
+    from dsv3c.eval.tokens import find_tokenizer, val_fraction
     from dsv3c.runtime.loading import open_engine
 
     args = parse()
     try:
         torch.set_num_threads(args.threads)
         spacing = 4 * args.prompt_tokens
-        ids = token_stream(args.data, find_tokenizer(args.checkpoint), args.prompts * spacing)
+        tokenizer, needed = find_tokenizer(args.checkpoint), args.prompts * spacing
+        if is_corpus(args.data):  # a training corpus: prompts from its held-out split
+            ids = heldout_stream(args.data, tokenizer, needed, val_fraction(args.checkpoint))
+        else:
+            ids = token_stream(args.data, tokenizer, needed)
         prompts = text_prompts(ids, args.prompts, args.prompt_tokens, spacing)
         if len(prompts) < args.prompts:
             raise UserError(f"--data gave {len(prompts)} prompts, fewer than --prompts {args.prompts}")
