@@ -10,7 +10,7 @@ import onnx_ir as ir
 import onnx_ir.passes.common as common
 from dsv3c.artifact.export_folder import is_weight, weights_declared
 from dsv3c.export.onnx_ops import register_schemas
-from dsv3c.passes.pipeline import Stage
+from dsv3c.passes.stages import Stage
 from onnxscript.optimizer import _constant_folding
 
 FOLD_INPUT_LIMIT = 8192  # elements: the library's default

@@ -28,7 +28,7 @@ from dsv3c.models.fp8 import FP8_MAX
 from dsv3c.passes.fp8_math import AMAX_FLOOR, TILE, ActScheme, act_scale
 from dsv3c.passes.fp8_weights import _require_opset
 from dsv3c.passes.linears import Linear, LinearKind, find_linears
-from dsv3c.passes.pipeline import DsPass, StageResult
+from dsv3c.passes.stages import DsPass, StageResult
 
 FP8 = ir.DataType.FLOAT8E4M3FN
 

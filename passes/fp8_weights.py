@@ -18,8 +18,8 @@ from dsv3c.export.fp8_form import FP8, dequantize_weight
 from dsv3c.models.fp8 import DEFAULT_BLOCK, Block
 from dsv3c.passes.fp8_math import WeightQuantizer, WeightScheme
 from dsv3c.passes.linears import Linear, find_linears
-from dsv3c.passes.pipeline import DsPass, StageResult
 from dsv3c.passes.policy import Policy
+from dsv3c.passes.stages import DsPass, StageResult
 
 MIN_OPSET = 21  # DequantizeLinear with block_size
 

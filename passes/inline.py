@@ -14,7 +14,7 @@ import onnx_ir as ir
 from dsv3c.artifact import provenance
 from dsv3c.artifact.provenance import Rewrite
 from dsv3c.export.onnx_ops import DOMAIN
-from dsv3c.passes.pipeline import DsPass, StageResult
+from dsv3c.passes.stages import DsPass, StageResult
 
 
 def _resolve(attr: ir.Attr, call: ir.Node, function: ir.Function) -> ir.Attr | None:

@@ -19,8 +19,8 @@ from dsv3c.models.fp8 import DEFAULT_BLOCK, Block
 from dsv3c.passes.lower_ort_8bit import Int8Options
 from dsv3c.passes.mlir import import_onnx
 from dsv3c.passes.ort_run import FeedShape, GraphRunner, random_feeds, relative_error
-from dsv3c.passes.pipeline import run_pipeline
 from dsv3c.passes.pipelines import Target, lower_pipeline
+from dsv3c.passes.stages import run_pipeline
 
 
 def lower_folder(

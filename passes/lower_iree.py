@@ -19,7 +19,7 @@ import numpy as np
 import onnx_ir as ir
 from dsv3c.artifact import provenance
 from dsv3c.export.builder import Builder, static_dims
-from dsv3c.passes.pipeline import DsPass, StageResult
+from dsv3c.passes.stages import DsPass, StageResult
 
 DEFAULT_DIMS = {"batch": 1, "seq": 16, "q": 1, "past": 16}
 

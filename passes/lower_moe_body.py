@@ -12,7 +12,7 @@ from __future__ import annotations
 import onnx_ir as ir
 from dsv3c.export.functions import ExpertSet, moe_function, moe_variant
 from dsv3c.export.onnx_ops import DOMAIN, MOE_OP
-from dsv3c.passes.pipeline import DsPass, StageResult
+from dsv3c.passes.stages import DsPass, StageResult
 
 
 class MoEBodyPass(DsPass):

@@ -22,7 +22,7 @@ from dsv3c.export.functions import MOE_ATTRS, Body, moe_routing, moe_variant
 from dsv3c.export.onnx_ops import DOMAIN, MOE_OP
 from dsv3c.passes.inline import inline_call
 from dsv3c.passes.linears import MOE_EXPERT_INPUTS
-from dsv3c.passes.pipeline import DsPass, StageResult
+from dsv3c.passes.stages import DsPass, StageResult
 from onnx import helper
 
 MS_DOMAIN = "com.microsoft"

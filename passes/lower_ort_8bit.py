@@ -53,7 +53,7 @@ from dsv3c.export.onnx_ops import DOMAIN, MOE_OP
 from dsv3c.models.fp8 import DEFAULT_BLOCK, Block
 from dsv3c.passes.linears import MOE_EXPERT_INPUTS, LinearKind, find_linears, weight_source
 from dsv3c.passes.lower_ort import MS_DOMAIN, expert_shape, routing
-from dsv3c.passes.pipeline import DsPass, StageResult
+from dsv3c.passes.stages import DsPass, StageResult
 
 BITS = 8
 ZERO_POINT = 128  # the kernels' default zero point at 8 bits

@@ -31,7 +31,7 @@ from dsv3c.artifact.export_folder import mark_weight
 from dsv3c.errors import UserError
 from dsv3c.export.builder import Builder, initializer, static_dims
 from dsv3c.export.onnx_ops import DOMAIN, MLA_OP
-from dsv3c.passes.pipeline import DsPass, StageResult
+from dsv3c.passes.stages import DsPass, StageResult
 from onnxscript import version_converter
 
 ATTENTION_OPSET = 23

@@ -19,9 +19,9 @@ from dsv3c.passes.lower_moe_body import MoEBodyPass
 from dsv3c.passes.lower_ort import LowerMoEToOrtPass
 from dsv3c.passes.lower_ort_8bit import Int8Options, MatMulNBitsPass, MoEToQMoEPass
 from dsv3c.passes.lower_trt import ATTENTION_OPSET, MlaToAttentionPass, TrtQdqPass, UpgradeOpsetPass
-from dsv3c.passes.pipeline import Stage
 from dsv3c.passes.policy import Policy
 from dsv3c.passes.rope import RopeToRotaryEmbeddingPass
+from dsv3c.passes.stages import Stage
 
 
 @dataclass(frozen=True)

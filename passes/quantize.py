@@ -17,8 +17,8 @@ from dsv3c.passes.calibrate import calibration_record
 from dsv3c.passes.fp8_math import ActScheme, WeightScheme
 from dsv3c.passes.fp8_weights import Fp8WeightsPass
 from dsv3c.passes.linears import LinearKind, find_linears
-from dsv3c.passes.pipeline import run_pipeline
 from dsv3c.passes.pipelines import QuantizeOptions, quantize_pipeline
+from dsv3c.passes.stages import run_pipeline
 
 
 def linear_names(graphs: ExportGraphs) -> dict[str, LinearKind]:

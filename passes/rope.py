@@ -18,7 +18,7 @@ from dataclasses import dataclass
 import onnx_ir as ir
 from dsv3c.artifact import provenance
 from dsv3c.export.builder import Builder
-from dsv3c.passes.pipeline import DsPass, StageResult
+from dsv3c.passes.stages import DsPass, StageResult
 
 MIN_OPSET = 23
 

@@ -16,7 +16,7 @@ from dsv3c.errors import UserError
 from dsv3c.export.builder import Builder
 from dsv3c.passes.cleanup import cleanup_stages
 from dsv3c.passes.ort_run import GraphRunner, random_feeds
-from dsv3c.passes.pipeline import DsPass, Stage, StageResult, run_pipeline
+from dsv3c.passes.stages import DsPass, Stage, StageResult, run_pipeline
 
 from .fixtures.exports import mini_export, weightless_copy
 
