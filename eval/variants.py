@@ -70,7 +70,12 @@ Step = tuple[str, str, str | None, Callable[[Path, Path, Plan], None]]  # name, 
 
 STEPS: list[Step] = [
     ("canonical export", "export", None, lambda _s, o, p: _export(p, o)),
-    ("bf16 export", "export --dtype bf16", None, lambda _s, o, p: _export(p, o, "bf16")),
+    (
+        "bf16 export",
+        "export --dtype bf16 (ort CPU: float32 math on bf16 weights)",
+        None,
+        lambda _s, o, p: _export(p, o, "bf16"),
+    ),
     ("fp8 block (online 1x128)", "quantize", "canonical export", lambda s, o, p: _quantize(s, o, p, "block", "tile")),
     (
         "fp8 per-tensor",
