@@ -197,11 +197,11 @@ def train_model(
         if done % train.log_every == 0 or done == train.steps or done % train.val_every == 0:
             now = time.perf_counter()
             row: dict[str, Any] = {"step": done, "tokens": done * tokens_per_step, "loss": float(loss.detach())}
-            row.update(lm_loss=float(main), lr=lr_at(step, train), grad_norm=float(grad_norm), **load)
+            row.update(lm_loss=float(main.detach()), lr=lr_at(step, train), grad_norm=float(grad_norm), **load)
             if mtp:
-                row["mtp_loss"] = float(torch.stack(mtp).mean())
+                row["mtp_loss"] = float(torch.stack(mtp).detach().mean())
             if balance is not None:
-                row["balance_loss"] = float(balance)
+                row["balance_loss"] = float(balance.detach())
             row["tokens_per_s"] = (done - last_step) * tokens_per_step / max(now - last_time, 1e-9)
             if done % train.val_every == 0 or done == train.steps:
                 row.update(evaluate(model, val, train, tracker, device))
