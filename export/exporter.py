@@ -13,6 +13,7 @@ renamed into place at the end, so an interrupted export leaves nothing behind. S
 
 from __future__ import annotations
 
+import math
 import os
 import shutil
 from collections.abc import Iterator
@@ -34,7 +35,9 @@ from dsv3c.export.onnx_ops import register_schemas
 from dsv3c.export.source import Source, config_sha256, sha256_files
 from dsv3c.export.trace import DEFAULT_OPSET, TracedGraph, trace_graphs
 from dsv3c.models.checkpoint import CheckpointIndex, load_state_dict_streaming, read_index
+from dsv3c.models.checkpoint_layout import BIAS_FP32, SCALE_SUFFIX, parameter_shapes
 from dsv3c.models.checkpoint_save import random_state
+from dsv3c.models.config import DeepseekV3Config
 
 ExportDtype = Literal["fp32", "bf16"]
 Fp8Mode = Literal["keep", "dequantize"]  # an FP8 checkpoint's weights: as they are, or in the export's dtype
@@ -57,18 +60,17 @@ def export(
     """Write the export folder `out` and return its manifest (folder set). An FP8 checkpoint's weights
     stay FP8 (bytes and scales as they are) unless `fp8="dequantize"`."""
     _check_request(source, weights, dtype, opset)
+    index = _checkpoint_index(source) if weights == "checkpoint" else None  # headers only
     if weights != "none":
         _check_parent(out)
+        _check_disk(out, estimate_weight_bytes(source.config, TORCH_DTYPES[dtype], index, fp8), weights)
     with atomic_folder(out, force, inputs=[source.folder]) as tmp:
         tmp.chmod(0o777 & ~_umask())  # a temporary folder is private; the export is an ordinary one
         with progress.task("tracing graphs (on meta, no weights)"):
             traced = trace_graphs(source.config, TORCH_DTYPES[dtype], opset)
-        index = _checkpoint_index(source) if weights == "checkpoint" else None
         declared = [w for g in traced for w in g.weights]
         plan = plan_fp8(index if fp8 == "keep" else None, declared)  # FP8 stays FP8, in its own block
         layout = layout_for(declared, plan)
-        if weights != "none":
-            _check_disk(out, layout.total, weights)  # the exact size: FP8 weights count one byte each
         signatures: dict[str, Signature] = {}
         for g in progress.track(traced, "writing graphs"):
             proto = finish_graph(g, layout, plan)
@@ -83,7 +85,7 @@ def export(
                 raise CheckpointError(
                     f"the weights lack {len(missing)} tensors the graphs need, e.g. {', '.join(missing[:3])}"
                 )
-        roles = {g.role for g in traced}
+        roles: set[str] = {g.role for g in traced}
         manifest = _manifest(source, weights, dtype, seed, opset, roles, signatures, plan, fp8)
         write_manifest(manifest, tmp)
     manifest.folder = out
@@ -104,6 +106,23 @@ def _check_request(source: Source, weights: WeightsKind, dtype: str, opset: int)
         raise UserError(f"dtype must be one of {', '.join(TORCH_DTYPES)}, got {dtype!r}")
     if not MIN_OPSET <= opset <= MAX_OPSET:
         raise UserError(f"opset {opset} is not supported; choose {MIN_OPSET} to {MAX_OPSET}")
+
+
+def estimate_weight_bytes(
+    config: DeepseekV3Config, dtype: torch.dtype, index: CheckpointIndex | None = None, fp8: Fp8Mode = "keep"
+) -> int:
+    """Bytes of weights.bin before alignment: FP8 checkpoint tensors (and their scales) as stored, every
+    other weight in `dtype` (the router bias stays float32)."""
+    shapes = parameter_shapes(config)
+    total = sum(math.prod(s) * (4 if n.endswith(BIAS_FP32) else dtype.itemsize) for n, s in shapes.items())
+    if index is not None and fp8 == "keep":
+        for ours, key in index.names.items():
+            stored = index.tensors[key]
+            if stored.dtype == "F8_E4M3" and ours in shapes:
+                scale = index.tensors[key + SCALE_SUFFIX]
+                total -= math.prod(stored.shape) * (dtype.itemsize - 1)
+                total += math.prod(scale.shape) * 4
+    return total
 
 
 def _check_parent(out: Path) -> None:
