@@ -47,7 +47,7 @@ def main() -> int:
                 args.max_tokens,
                 val_fraction(checkpoint),
             )
-            work = args.work / checkpoint.resolve().name
+            work = args.work / str(checkpoint.resolve()).strip("/").replace("/", "_")  # one per checkpoint
             export = work / "export"
             if not (export / "manifest.json").is_file():
                 from dsv3c.export.exporter import export as run_export
