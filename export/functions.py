@@ -127,7 +127,7 @@ class ExpertSet(enum.Enum):
     """How the MoE body finds the experts it gathers."""
 
     CHOSEN = "chosen"  # NonZero: exactly the U experts some token chose
-    TOP = "top"  # TopK over the chosen mask, K = min(E, N top_k) >= U: no data-dependent shape (TensorRT)
+    TOP = "top"  # TopK over the chosen mask, K = min(E, N top_k) >= U: every backend parses it (canonical)
 
 
 @dataclass(frozen=True)
@@ -184,16 +184,17 @@ def moe_routing(b: Body, v: MoEVariant) -> str:
 
 
 def moe_function(
-    v: MoEVariant, opset: int, overload: str = "", expert_set: ExpertSet = ExpertSet.CHOSEN
+    v: MoEVariant, opset: int, overload: str = "", expert_set: ExpertSet = ExpertSet.TOP
 ) -> onnx.FunctionProto:
-    """Inputs x, router, bias, gate, up, down -> output [N, D], computing only the experts some token chose.
+    """Inputs x, router, bias, gate, up, down -> output [N, D], computing only the experts tokens can use.
 
-    The experts selected by at least one token (U of them, ascending) are gathered, and every token runs
-    through those U: a decode step at batch 1 reads exactly its top-k experts' weights (U = k), a batch
-    reads each expert it uses once (U <= min(E, N k)), and a long prefill, where U reaches E, costs what
-    the dense form costs. One formula for every N, with no control flow, so that every backend that runs
-    standard ONNX (NonZero, Gather) runs it. `ExpertSet.TOP` gathers K = min(E, N top_k) experts instead,
-    the chosen ones first (the same result: the others get weight 0), for backends without NonZero.
+    `ExpertSet.TOP` (the canonical body) gathers K = min(E, N top_k) experts, the chosen ones first (the
+    others get weight 0): a decode step at batch 1 reads exactly its top-k experts' weights (K = k), a
+    batch at most N top_k experts, and a long prefill, where K reaches E, costs what the dense form costs.
+    One formula for every N, with no control flow and no data-dependent shape, so that every backend
+    that runs standard ONNX runs it; TensorRT's parser cannot take NonZero (it maps it to a plugin, and
+    TensorRT-RTX hosts none). `ExpertSet.CHOSEN` gathers exactly the U <= K experts some token chose with
+    NonZero (fewer when tokens share experts), for backends that run NonZero correctly (onnxruntime).
     """
     b = Body()
     scores, indices, weights = moe_selection(b, v)

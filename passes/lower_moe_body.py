@@ -1,10 +1,10 @@
 """Swap the MoE nodes' reference bodies for the form a backend can run (before the bodies are inlined).
 
-The canonical body gathers the experts some token chose with NonZero, whose output shape depends on the
-data. TensorRT maps NonZero to a plugin, and TensorRT-RTX hosts no plugins, so its parser fails on it;
-IREE 3.13 compiles it but computes wrong numbers (measured: relative error 1.4 against PyTorch). So for
-both, `ExpertSet.TOP` gathers the top K = min(E, N top_k) of the chosen mask with TopK instead (the same
-numbers: the experts no token chose get weight 0, and at decode batch 1, K is exactly top_k).
+The canonical body is already `ExpertSet.TOP` (TopK over the chosen mask: K = min(E, N top_k) experts,
+exactly top_k at decode batch 1; the experts no token chose get weight 0). Folders exported with the
+NonZero body (`ExpertSet.CHOSEN`, whose output shape depends on the data) get it here: TensorRT maps
+NonZero to a plugin and TensorRT-RTX hosts none, so its parser fails on it; IREE 3.13 compiles it but
+computes wrong numbers (measured: relative error 1.4 against PyTorch).
 """
 
 from __future__ import annotations
