@@ -100,6 +100,7 @@ class _Grouper:
             for w in linear.weights:
                 self.linear_of_weight.setdefault(w, linear)
         self.activation_owner: dict[int, Rewrite] = {}  # B node of an activation Q/DQ -> the rewrite claiming it
+        self.activations_seen: set[int] = set()  # B linears whose activation _activation looked at
         self.owner_a: dict[int, Rewrite] = {}  # claimed node -> its rewrite
         self.owner_b: dict[int, Rewrite] = {}
 
@@ -299,6 +300,7 @@ class _Grouper:
             if x is None or self.a.initializers[x].data_type in FP8_TYPES or len(self.a.initializers[x].dims) < 2:
                 continue
             self._weight(x, y, groups)
+        self._activations_only(groups)
         found = [rw for _, rw in sorted(groups.values(), key=lambda item: item[0])]
         for rw in found:
             rw.added_initializers.sort()
@@ -374,8 +376,36 @@ class _Grouper:
         if user_b is not None and b.nodes[user_b].op_type in ("MatMul", "Gemm") and user_b in m.b_to_a:
             self._activation(rw, m.b_to_a[user_b], user_b)
 
+    def _activations_only(self, groups: dict[Hashable, tuple[int, Rewrite]]) -> None:
+        """Linears whose weight is the same on both sides (an FP8 checkpoint exports FP8 already) but whose
+        activation a pass quantized, as its marks say: one rewrite each."""
+        a, b, m = self.a, self.b, self.m
+        for linear in self.finder_b.find():
+            j = linear.node
+            if j in self.activations_seen or j not in m.b_to_a or b.nodes[j].op_type not in ("MatMul", "Gemm"):
+                continue
+            producer = b.producer.get(b.nodes[j].input[0], (None, 0))[0]
+            mark = self.marks.of.get(producer) if producer is not None else None
+            if mark is None or mark.rewrite is None or mark.rewrite.kind != provenance.QUANTIZED:
+                continue
+            if producer is not None and not self.free_b(producer) and producer not in self.activation_owner:
+                continue  # the Q/DQ is in A too: nothing changed here
+            user_a = m.b_to_a[j]
+            scheme = linear.scheme or linear.weight_dtype
+            label = f"activations quantized (weights {scheme} already)"
+            rw = Rewrite("quantized", label, a.layers[user_a], "", a.op(user_a))
+            rw.stage = mark.stage or ""
+            rw.weight_dtype = linear.weight_dtype
+            rw.weights = list(linear.weights)
+            rw.weight_shapes = [list(linear.weight_shape)]
+            rw.scale_shapes = [list(linear.scale_shape) if linear.scale_shape is not None else []]
+            rw.target = short_name(linear.weights[0]) if linear.weights else b.label(j)
+            self._activation(rw, user_a, j)
+            groups[("activation", j)] = (user_a, rw)
+
     def _activation(self, rw: Rewrite, user_a: int, user_b: int) -> None:
         """Claim the Q/DQ in front of the linear's data input (or note whose it shares)."""
+        self.activations_seen.add(user_b)
         b, claims = self.b, self.claims
         marked: provenance.Rewrite | None = None
         producer = b.producer.get(b.nodes[user_b].input[0], (None, 0))[0]
