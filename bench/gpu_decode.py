@@ -8,7 +8,7 @@ Here (CPU machine), write `lower --target ort` folders without weights (a few MB
     dsv3c export --preset v2-lite --weights none --dtype bf16 --out gpu/v2-lite-canon
     dsv3c lower gpu/v2-lite-canon --target ort --out gpu/v2-lite
 
-On the GPU machine (onnxruntime-gpu staged with ../shared/tools/gpu-stage, torch with CUDA):
+On the GPU machine (onnxruntime-gpu installed in place of onnxruntime, see README "Optional backends"; torch with CUDA):
 
     python bench/gpu_decode.py gpu/small gpu/v2-lite --out gpu.json
 
