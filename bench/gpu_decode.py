@@ -39,7 +39,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import platform
 import sys
 import time
@@ -93,24 +92,13 @@ def hf_model(config: Any, dtype: Any, device: str) -> Any:
 
 def weight_bytes(manifest: Any, batch: int) -> tuple[int, float]:
     """(weight bytes a decode step must read as stored, distinct routed experts expected): dense weights,
-    the looked-up embedding rows, and the experts reached by batch x top_k uniform choices."""
-    import onnx
-    import onnx_ir as ir
+    the looked-up embedding rows, and the experts reached by batch x top_k uniform choices (the expected
+    count, where `dsv3c bench` takes the upper bound min(E, batch x top_k))."""
     from dsv3c.models.config import DeepseekV3Config
+    from dsv3c.runtime.bench_models import stored_weight_bytes
 
     config = DeepseekV3Config.from_dict(manifest.config)
-    proto = manifest.load_structure("decode")
-    embed = experts = dense = 0
-    for t in proto.graph.initializer:
-        if t.data_location != onnx.TensorProto.EXTERNAL:
-            continue
-        nbytes = math.ceil(math.prod(t.dims) * ir.DataType(t.data_type).bitwidth / 8)
-        if "embed_tokens" in t.name:
-            embed += nbytes
-        elif ".experts." in t.name:
-            experts += nbytes
-        else:
-            dense += nbytes
+    dense, embed, experts = stored_weight_bytes(manifest, "decode")
     n, k = config.n_routed_experts or 1, config.num_experts_per_tok or 0
     distinct = n * (1 - (1 - k / n) ** batch) if k else 0.0
     return int(dense + embed * batch / config.vocab_size + experts * distinct / n), distinct

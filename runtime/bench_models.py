@@ -172,11 +172,10 @@ def weight_bytes_per_step(config: DeepseekV3Config, tokens: int, itemsize: int) 
     return total
 
 
-def graph_weight_bytes(manifest: Manifest, role: str = "decode") -> Callable[[int], int]:
-    """Weight bytes per call read from an export's `role` graph: every weight as stored (its dtype's size:
-    4 for float32, 1 for fp8 or 8-bit integers, plus their scales), the embedding rows looked up, and the
-    stacked routed experts (names with `.experts.`) scaled to those reachable (at most tokens x top-k)."""
-    config = DeepseekV3Config.from_dict(manifest.config)
+def stored_weight_bytes(manifest: Manifest, role: str = "decode") -> tuple[int, int, int]:
+    """(dense, embedding, routed experts) bytes of an export's `role` graph, every weight as stored (its
+    dtype's size: 4 for float32, 1 for fp8 or 8-bit integers, plus their scales); routed experts are the
+    stacked weights whose names hold `.experts.`."""
     proto = manifest.load_structure(role)
     embed, experts, dense = 0, 0, 0
     for t in proto.graph.initializer:
@@ -189,6 +188,14 @@ def graph_weight_bytes(manifest: Manifest, role: str = "decode") -> Callable[[in
             experts += nbytes
         else:
             dense += nbytes
+    return dense, embed, experts
+
+
+def graph_weight_bytes(manifest: Manifest, role: str = "decode") -> Callable[[int], int]:
+    """Weight bytes per call read from an export's `role` graph (stored_weight_bytes): the dense weights,
+    the embedding rows looked up, and the routed experts scaled to those reachable (at most tokens x top-k)."""
+    config = DeepseekV3Config.from_dict(manifest.config)
+    dense, embed, experts = stored_weight_bytes(manifest, role)
     n_experts, top_k, vocab = config.n_routed_experts or 0, config.num_experts_per_tok or 0, config.vocab_size
 
     def per_step(tokens: int) -> int:
