@@ -59,19 +59,25 @@ def source_plan(source: Path, ranks: int) -> ExpertPlan:
     return ExpertPlan.for_config(config, ranks)
 
 
-def load_rank_model(
-    source: Path, plan: ExpertPlan, rank: int, dtype: torch.dtype = torch.float32
-) -> DeepseekV3ForCausalLM:
-    """This rank's model on the CPU: replicated weights, its own experts, placeholders for the rest."""
-    index = _rank_folder_index(source, plan, rank) if is_partition(source) else _checkpoint_index(source, plan, rank)
+def _meta_rank_model(config: DeepseekV3Config, plan: ExpertPlan, rank: int) -> DeepseekV3ForCausalLM:
+    """The model on the meta device with the experts other ranks own replaced by placeholders."""
     with torch.device("meta"):
-        model = DeepseekV3ForCausalLM(index.config)
+        model = DeepseekV3ForCausalLM(config)
     owners = plan.owners()
     for module in model.modules():
         if isinstance(module, MoE):
             for e, owner in enumerate(owners):
                 if owner != rank:
                     module.experts[e] = RemoteExpert(e, owner)
+    return model
+
+
+def load_rank_model(
+    source: Path, plan: ExpertPlan, rank: int, dtype: torch.dtype = torch.float32
+) -> DeepseekV3ForCausalLM:
+    """This rank's model on the CPU: replicated weights, its own experts, placeholders for the rest."""
+    index = _rank_folder_index(source, plan, rank) if is_partition(source) else _checkpoint_index(source, plan, rank)
+    model = _meta_rank_model(index.config, plan, rank)
     for name, tensor in load_state_dict_streaming(index, dtype=dtype):
         assign_parameter(model, name, tensor)
     return finish_model(model)
@@ -155,14 +161,7 @@ def random_rank_model(
     Each tensor comes from its own generator seeded by (seed, name): every rank makes the same replicated
     weights, and any --ep the same model. Norms are ones, the router bias zeros, the rest N(0, 0.02).
     """
-    with torch.device("meta"):
-        model = DeepseekV3ForCausalLM(config)
-    owners = plan.owners()
-    for module in model.modules():
-        if isinstance(module, MoE):
-            for e, owner in enumerate(owners):
-                if owner != rank:
-                    module.experts[e] = RemoteExpert(e, owner)
+    model = _meta_rank_model(config, plan, rank)
     model = model.to_empty(device=device)
     with torch.no_grad():
         for name, p in model.named_parameters():
