@@ -173,3 +173,18 @@ def test_broken_index_files(good: Path, index: Any) -> None:
             _load_all(tmp)
     finally:
         shutil.rmtree(tmp)
+
+
+def test_a_newline_quoted_from_the_header_stays_on_one_line(good: Path) -> None:
+    """Found by test_edited_headers in CI: safetensors echoes the bad dtype (here a newline) in its error."""
+    header, body = _split(good / "model.safetensors")
+    name = next(k for k in header if k != "__metadata__")
+    header[name]["dtype"] = "\n"
+    folder = _with_shard(good, _join(header, body))
+    try:
+        with pytest.raises(UserError) as e:
+            for _ in load_state_dict_streaming(read_index(folder)):
+                pass
+        assert "\n" not in str(e.value) and "unreadable safetensors" in str(e.value)
+    finally:
+        shutil.rmtree(folder)
