@@ -140,3 +140,64 @@ def test_scaled_mm_agrees_with_the_emulation() -> None:
     we = w.clone().requires_grad_()
     fp8_linear(xe, we, Fp8Recipe(backend="emulate")).pow(2).sum().backward()
     assert _rel(xg.grad, xe.grad) < 2e-2 and _rel(wg.grad, we.grad) < 2e-2  # type: ignore[arg-type]
+
+
+# ---- the CUDA path's GEMM calls, against cuBLAS's block-scaling contract (runs without a GPU) ----------
+
+
+def _ceil(a: int, b: int) -> int:
+    return -(-a // b)
+
+
+def _sizes_strides(s: torch.Tensor, sizes: tuple[int, int], strides: tuple[int, int]) -> bool:
+    """torch's check_size_stride on both dims: a dim of size <= 1 may have any stride."""
+    pairs = enumerate(zip(sizes, strides, strict=True))
+    return tuple(s.shape) == sizes and all(n <= 1 or s.stride(d) == st for d, (n, st) in pairs)
+
+
+def _dequantized(t: torch.Tensor, s: torch.Tensor) -> torch.Tensor | None:
+    """t fp8 [R, K] with scales in one of cuBLAS's block layouts -> float32, or None if the layout is not one."""
+    rows, k = t.shape
+    kb = _ceil(k, 128)
+    col = torch.arange(k) // 128
+    if _sizes_strides(s, (rows, kb), (1, rows)):  # 1x128 tiles, outer-dim-major
+        return t.float() * s[:, col]
+    # 128x128 blocks: rows of K/128 rounded up to 4 scales (16 bytes), as cuBLAS reads them
+    if _sizes_strides(s, (_ceil(rows, 128), kb), (-(-kb // 4) * 4, 1)):
+        return t.float() * s[torch.arange(rows) // 128][:, col]
+    return None
+
+
+def _cublas_scaled_mm(a: torch.Tensor, b: torch.Tensor, *, scale_a: torch.Tensor, scale_b: torch.Tensor, out_dtype):  # type: ignore[no-untyped-def]
+    """torch._scaled_mm for block scales as cuBLAS defines them; refuses what cuBLAS would misread."""
+    assert a.dtype == b.dtype == torch.float8_e4m3fn and a.shape[1] == b.shape[0]
+    assert a.shape[1] % 16 == 0 and b.shape[0] % 16 == 0 and b.shape[1] % 16 == 0, "sizes must divide by 16"
+    if scale_a.numel() == 1 and scale_b.numel() == 1:
+        return ((a.float() * scale_a) @ (b.float() * scale_b)).to(out_dtype)
+    x, w = _dequantized(a, scale_a), _dequantized(b.t(), scale_b.t())
+    if x is None or w is None:
+        raise RuntimeError(f"Invalid scaling configuration: {scale_a.shape} {scale_a.stride()} {scale_b.stride()}")
+    return (x @ w.t()).to(out_dtype)
+
+
+@pytest.mark.parametrize("m,k,n", [(37, 384, 320), (200, 256, 1024), (16, 1024, 768), (5, 128, 256)])
+def test_the_cuda_gemm_calls_meet_cublas_block_layouts(monkeypatch, m: int, k: int, n: int) -> None:  # type: ignore[no-untyped-def]
+    """K/128 = 3 (hidden 384) or 2 (an expert's 256) once gave NaN training on the H200: cuBLAS reads 128x128
+    scales in rows of 4, torch 2.11 passed rows of 3. Forward, dgrad and wgrad on ragged shapes must equal the
+    emulation, through a _scaled_mm that refuses layouts cuBLAS would misread."""
+    from dsv3c.train import fp8_linear as fl
+
+    monkeypatch.setattr(torch, "_scaled_mm", _cublas_scaled_mm)
+    monkeypatch.setattr(fl, "_TILE_TILE_LAYOUT", [])
+    monkeypatch.setattr(fl, "_use_scaled_mm", lambda recipe, device: recipe.backend != "emulate")
+    torch.manual_seed(0)
+    x, w = torch.randn(m, k), torch.randn(n, k) * 0.05
+    real = Fp8Recipe(backend="scaled_mm", compile=False)
+    assert _rel(fp8_matmul(x, w, real), fp8_matmul(x, w, Fp8Recipe(backend="emulate"))) < 5e-3  # bf16 output
+    grads = []
+    for recipe in (real, Fp8Recipe(backend="emulate")):
+        xg, wg = x.clone().requires_grad_(), w.clone().requires_grad_()
+        fp8_linear(xg, wg, recipe).float().pow(2).sum().backward()
+        grads.append((xg.grad, wg.grad))
+    assert _rel(grads[0][0], grads[1][0]) < 2e-2 and _rel(grads[0][1], grads[1][1]) < 2e-2  # type: ignore[arg-type]
+    assert fl._TILE_TILE_LAYOUT[0][0] != "emulated"

@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 import torch
 from dsv3c.cli.main import main
+from dsv3c.errors import UserError
 from dsv3c.models.deepseek_v3 import DeepseekV3ForCausalLM
 from dsv3c.train.config import model_config
 from dsv3c.train.corpus import load_corpus
@@ -165,3 +166,18 @@ def test_corrupt_resume_state_is_one_line(tmp_path: Path, capsys: pytest.Capture
     assert main([*argv, "--resume"]) == 2
     err = capsys.readouterr().err
     assert "unreadable" in err and err.count("\n") == 1, err
+
+
+def test_a_diverged_run_stops_with_one_line(tmp_path: Path) -> None:
+    """A NaN loss stops training at the next logged step (the H200's FP8 runs once logged 600 NaN steps)."""
+    (tmp_path / "text").mkdir()
+    rng = np.random.default_rng(0)
+    words = ["".join(rng.choice(list("abcdefghij"), size=rng.integers(2, 7))) for _ in range(40_000)]
+    (tmp_path / "text" / "a.txt").write_text(" ".join(words))
+    corpus = _corpus(tmp_path)
+    cfg = dataclasses.replace(quick_train_config(30, "fp32", 0.0, 0), lr=float("inf"), warmup_steps=1, log_every=2)
+    with pytest.raises(UserError, match="training diverged: loss nan at step 2") as e:
+        train_model(model_config("quick", None), corpus, tmp_path / "out", cfg, save_dtype="fp32")
+    assert "\n" not in str(e.value)
+    rows = [json.loads(line) for line in (tmp_path / "out" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows] == [2]  # the diverged step is recorded, and nothing after it

@@ -10,7 +10,7 @@ Two backends compute the same quantized product: `emulate` dequantizes and multi
 tests; fp8 x fp8 products are exact in float32, so only the summation order differs from hardware),
 `scaled_mm` runs real FP8 GEMMs through torch._scaled_mm (CUDA, sm89+), with the scale layouts cuBLAS
 accepts for block scaling: activation scales [M, K/128] in column-major strides, weight scales the
-transpose of a row-major [N/128, K/128] tensor.
+transpose of a row-major [N/128, K/128] tensor whose K/128 is a multiple of 4 (K zero-padded to one).
 """
 
 from __future__ import annotations
@@ -77,9 +77,28 @@ def _pad_rows(x: torch.Tensor, multiple: int = 16) -> torch.Tensor:
     return fq.pad_to(x, multiple, 0)
 
 
+# cuBLAS reads a 128x128 block-scale matrix with its K/128 axis rounded up to a multiple of 4 (16-byte rows).
+# torch 2.11 does not check this and passes K/128 as is, so any K/128 not divisible by 4 (hidden 384: 3; an
+# expert's 256: 2) gives silently wrong products (newer torch checks the padded stride instead). Zero-padding
+# K to a multiple of 4 x 128 satisfies both: the padded tiles hold zeros, so the product is unchanged.
+_SCALE_ROW_BLOCKS = 4
+
+
+def _pad_reduction(a: torch.Tensor, sa: torch.Tensor, b: torch.Tensor, sb: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    """Pad K (a, b: [*, K]; sa: [M, K/128]; sb: [N/128, K/128]) so K/128 is a multiple of 4; scales pad with 1."""
+    extra = -sa.shape[1] % _SCALE_ROW_BLOCKS
+    if not extra:
+        return a, sa, b, sb
+    a, b = fq.pad_to(a, _SCALE_ROW_BLOCKS * fq.TILE, 1), fq.pad_to(b, _SCALE_ROW_BLOCKS * fq.TILE, 1)
+    sa = torch.nn.functional.pad(sa, (0, extra), value=1.0)
+    sb = torch.nn.functional.pad(sb, (0, extra), value=1.0)
+    return a, sa, b, sb
+
+
 def scaled_mm_tile_block(a: torch.Tensor, sa: torch.Tensor, b: torch.Tensor, sb: torch.Tensor) -> torch.Tensor:
     """a fp8 [M, K] per 1x128 (sa [M, K/128]) times b fp8 [N, K] per 128x128 (sb [N/128, K/128])^T -> [M, N] bf16."""
     m = a.shape[0]
+    a, sa, b, sb = _pad_reduction(a, sa, b, sb)
     a, sa = _pad_rows(a), _pad_rows(sa)
     out = torch._scaled_mm(
         a, b.t(), scale_a=sa.t().contiguous().t(), scale_b=sb.t(), out_dtype=torch.bfloat16
@@ -88,8 +107,8 @@ def scaled_mm_tile_block(a: torch.Tensor, sa: torch.Tensor, b: torch.Tensor, sb:
 
 
 # cuBLAS layouts tried for 1x128 x 1x128 (the weight-gradient GEMM); the first that works is kept. The
-# output is bf16: torch 2.11 accepted out_dtype=float32 for this scaling on the H200, and the FP8 run that
-# used it had NaN weights after its first optimizer step (its bf16 twin trained normally)
+# output is bf16, like the other GEMMs' (float32 was suspected for the NaN runs on the H200 before the
+# 128x128 scale rows above were found; it has not been tried again)
 _TILE_TILE_LAYOUT: list[tuple[str, torch.dtype]] = []
 
 

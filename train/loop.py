@@ -207,6 +207,11 @@ def train_model(
                 row.update(evaluate(model, val, train, tracker, device))
             metrics.append(row)
             _append_metric(metrics_path, row)
+            if not math.isfinite(row["loss"]):  # every later step is NaN too: stop instead of training on
+                raise UserError(
+                    f"training diverged: loss {row['loss']} at step {done} ({train.precision}); the metrics so far "
+                    f"are in {metrics_path}; lower --lr or raise --warmup-steps, or resume from the last saved state"
+                )
             if progress is not None:
                 progress(done, row)
             last_time, last_step = time.perf_counter(), done
