@@ -60,6 +60,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         metavar="TEXT",
         help="with --report: measure on this text (tokenizer.json) instead of random inputs, and add the loss delta",
     )
+    p.add_argument("--report-format", choices=("text", "json", "html"), default="text", help="of --report")
+    p.add_argument("--report-out", type=Path, metavar="FILE", help="write --report here instead of standard output")
     p.add_argument("--seed", type=int, default=0, help="seed of the random calibration and report inputs")
     p.add_argument("--force", action="store_true", help="replace OUT if it exists")
 
@@ -72,6 +74,12 @@ def run(args: argparse.Namespace) -> int:
     from dsv3c.passes.quantize import quantize_folder
 
     check_output(args.out, [args.export_dir, args.calibration_data], args.force)  # before any work
+    if (args.report_out is not None or args.report_format != "text") and not args.report:
+        raise UserError("--report-format and --report-out shape the output of --report; pass --report too")
+    if args.report_out is not None:
+        from dsv3c.artifact.atomic import check_disjoint
+
+        check_disjoint(args.report_out, [args.export_dir, args.out, args.calibration_data, args.report_data])
     if args.calibrate < 0:
         raise UserError(f"--calibrate must be a number of batches >= 1, got {args.calibrate}")
     if args.calibration_data is not None and not args.calibrate:
@@ -124,9 +132,10 @@ def _report(args: argparse.Namespace, options: QuantizeOptions) -> None:
     """Quantize again per-tensor (same activation mode: online or calibrated) and compare both."""
     import dataclasses
 
+    from dsv3c.eval.report_view import ReportView, loss_results, render
     from dsv3c.passes.fp8_math import ActScheme, WeightScheme
     from dsv3c.passes.quantize import quantize_folder
-    from dsv3c.passes.report import compare_exports, format_report
+    from dsv3c.passes.report import compare_exports
 
     if options.weights != WeightScheme.BLOCK:
         raise UserError("--report compares block-wise with per-tensor FP8; leave --weight-scheme at block")
@@ -144,8 +153,14 @@ def _report(args: argparse.Namespace, options: QuantizeOptions) -> None:
         )
         candidates = {"block fp8": args.out, "per-tensor fp8": per_tensor}
         report = compare_exports(args.export_dir, candidates, seed=args.seed, text=args.report_text)
-        print(format_report(report, **({"title": "relative error on the text"} if args.report_text else {})))
+        view = ReportView(report, "random")
         if args.report_text:
-            from dsv3c.eval.report_view import loss_deltas
+            view = ReportView(report, "text", loss_results(args.export_dir, candidates, args.report_text))
+    text = render(view, args.report_format)
+    if args.report_out is None:
+        print(text, end="")
+    else:
+        from dsv3c.artifact.atomic import write_text
 
-            print(loss_deltas(args.export_dir, candidates, args.report_text))
+        write_text(args.report_out, text, inputs=[args.export_dir, args.out])
+        print(f"wrote {args.report_out}")
