@@ -132,6 +132,7 @@ def _report(args: argparse.Namespace, options: QuantizeOptions) -> None:
     """Quantize again per-tensor (same activation mode: online or calibrated) and compare both."""
     import dataclasses
 
+    from dsv3c.eval.record import run_record
     from dsv3c.eval.report_view import ReportView, loss_results, render
     from dsv3c.passes.fp8_math import ActScheme, WeightScheme
     from dsv3c.passes.quantize import quantize_folder
@@ -153,9 +154,8 @@ def _report(args: argparse.Namespace, options: QuantizeOptions) -> None:
         )
         candidates = {"block fp8": args.out, "per-tensor fp8": per_tensor}
         report = compare_exports(args.export_dir, candidates, seed=args.seed, text=args.report_text)
-        view = ReportView(report, "random")
-        if args.report_text:
-            view = ReportView(report, "text", loss_results(args.export_dir, candidates, args.report_text))
+        losses = loss_results(args.export_dir, candidates, args.report_text) if args.report_text else {}
+        view = ReportView(report, "text" if args.report_text else "random", losses, run_record(args.argv))
     text = render(view, args.report_format)
     if args.report_out is None:
         print(text, end="")

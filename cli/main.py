@@ -94,6 +94,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 def _main(argv: Sequence[str] | None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)  # argparse itself exits 2 with a one-line usage error
+    args.argv = ["dsv3c", *(sys.argv[1:] if argv is None else argv)]  # what a result file records as its command
     # --json (or --format json) output is machine-read: no progress bars, whatever the terminal
     machine_read = bool(getattr(args, "json", False)) or getattr(args, "format", None) == "json"
     try:

@@ -49,7 +49,7 @@ def machine() -> dict[str, Any]:
 def run_record(argv: list[str] | None = None) -> dict[str, Any]:
     args = sys.argv if argv is None else argv
     return {
-        "command": " ".join([Path(sys.executable).name, *args]),
+        "command": " ".join(args if argv is not None else [Path(sys.executable).name, *args]),
         "commit": _commit(),
         "date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
         "machine": machine(),

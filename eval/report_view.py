@@ -44,6 +44,7 @@ class ReportView:
     report: QuantReport
     inputs: str  # "text" or "random"
     losses: dict[str, EvalResult] = field(default_factory=dict)  # empty on random inputs: no loss to measure
+    record: dict[str, object] = field(default_factory=dict)  # command, commit, machine (eval/record.py)
 
     def growth(self) -> dict[tuple[str, str], dict[str, float]]:
         """(graph, layers.i) -> scheme -> error of layer i / error of layer i-1, for i > 0."""
@@ -95,7 +96,8 @@ def to_dict(view: ReportView) -> dict[str, object]:
         name: {"loss": r.loss, "tokens": r.tokens, **({} if r.comparison is None else vars(r.comparison))}
         for name, r in view.losses.items()
     }
-    return {"inputs": view.inputs, "schemes": view.report.schemes, "rows": rows, "loss": losses or None}
+    data = {"inputs": view.inputs, "schemes": view.report.schemes, "rows": rows, "loss": losses or None}
+    return {**view.record, **data}
 
 
 def render_json(view: ReportView) -> str:

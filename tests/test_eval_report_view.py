@@ -51,6 +51,7 @@ def test_cli_writes_the_text_view_as_json_and_html(
     assert main([*argv, "--report-format", "json", "--report-out", str(report)]) == 0
     data = json.loads(report.read_text())
     assert data["inputs"] == "text" and data["schemes"] == ["block fp8", "per-tensor fp8"]
+    assert "--report-out" in data["command"] and data["commit"] and data["machine"]["cpus"]
     assert {r["graph"] for r in data["rows"]} == {"prefill", "decode", "mtp", "all"}
     layers = [r for r in data["rows"] if r["graph"] == "prefill" and r["tensor"].startswith("layers.")]
     assert len(layers) >= 2 and all(r["growth"] is not None for r in layers[1:])
