@@ -18,6 +18,7 @@ import onnx
 import onnx_ir as ir
 from dsv3c.artifact.manifest import Manifest
 from dsv3c.errors import UserError
+from dsv3c.onnxkit.session import SessionSetup, open_session
 
 
 @dataclass(frozen=True)
@@ -55,34 +56,18 @@ def random_feeds(
     return feeds
 
 
-def import_ort() -> Any:
-    """onnxruntime, or a UserError when neither onnxruntime nor onnxruntime-gpu (same import name) is installed."""
-    try:
-        import onnxruntime as ort
-    except ImportError:
-        raise UserError("onnxruntime is not installed; install onnxruntime (CPU) or onnxruntime-gpu") from None
-    return ort
-
-
 class GraphRunner:
     """An onnxruntime session for `model`, whose external weights live in `folder`."""
 
     def __init__(self, model: ir.Model | onnx.ModelProto, folder: Path, extra_outputs: Sequence[str] = ()) -> None:
-        ort = import_ort()
         proto = model if isinstance(model, onnx.ModelProto) else ir.serde.serialize_model(model)
         known = {o.name for o in proto.graph.output}
         for name in extra_outputs:
             if name not in known:
                 proto.graph.output.append(onnx.ValueInfoProto(name=name))
                 known.add(name)
-        options = ort.SessionOptions()
-        options.log_severity_level = 3
-        options.add_session_config_entry("session.model_external_initializers_file_folder_path", str(folder))
-        try:
-            self.session = ort.InferenceSession(proto.SerializeToString(), options, providers=["CPUExecutionProvider"])
-        except Exception as e:  # onnxruntime's own exception types; one line for the user
-            first = (str(e).strip().splitlines() or [type(e).__name__])[0]
-            raise UserError(f"onnxruntime cannot load the {proto.graph.name or 'graph'}: {first[:300]}") from None
+        setup = SessionSetup(weights_folder=folder)  # full optimization, as onnxruntime defaults to
+        self.session = open_session(proto.SerializeToString(), setup, what=f"the {proto.graph.name or 'graph'}")
         self.output_names = [o.name for o in self.session.get_outputs()]
 
     def run(self, feeds: dict[str, np.ndarray]) -> dict[str, Any]:

@@ -18,7 +18,7 @@ from dsv3c.errors import UserError
 from dsv3c.models.config import DeepseekV3Config
 from dsv3c.runtime.engine import EngineBackend, StepOutput
 from dsv3c.runtime.latent_buffers import CacheShape, LatentBuffers
-from dsv3c.runtime.ort_session import Device, float_compute, half_on_cpu, make_session, resolve_device
+from dsv3c.runtime.ort_session import Device, float_compute, half_on_cpu, import_ort, make_session, resolve_device
 
 TORCH_TYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16, "int64": torch.int64}
 ONNX_TYPES = {torch.float32: 1, torch.float16: 10, torch.bfloat16: 16, torch.int64: 7}  # TensorProto enum
@@ -81,7 +81,7 @@ class OrtGraph:
 
 
 def _empty_ortvalue(tensor: torch.Tensor, kind: str, index: int) -> Any:
-    import onnxruntime as ort
+    ort = import_ort()
 
     return ort.OrtValue.ortvalue_from_shape_and_type(list(tensor.shape), ONNX_TYPES[tensor.dtype], kind, index)
 

@@ -28,9 +28,9 @@ from typing import Any
 import torch
 from dsv3c.artifact.manifest import Manifest, read_manifest
 from dsv3c.errors import UserError
+from dsv3c.onnxkit.session import SessionSetup, import_ort, open_session
 from dsv3c.runtime.latent_buffers import CacheShape, LatentBuffers
 from dsv3c.runtime.ort_backend import ONNX_TYPES, TORCH_TYPES
-from dsv3c.runtime.ort_session import import_ort
 
 
 @dataclass
@@ -83,35 +83,22 @@ class StaticDecoder:
             batch, capacity, self.device, mtp=False
         )[0]
         self.batch, self.capacity = batch, self.cache.capacity  # capacity rounded up to whole chunks
-        options = ort.SessionOptions()
-        options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-        options.log_severity_level = 3
-        if threads:
-            options.intra_op_num_threads = threads
-        for name, size in {"batch": batch, "past": self.capacity, "q": 1}.items():
-            options.add_free_dimension_override_by_name(name, size)
-        if profile:
-            options.enable_profiling = True
-            options.profile_file_prefix = str(Path(os.environ.get("TMPDIR", "/tmp")) / "dsv3c-placement")
         self.provider = "CUDAExecutionProvider" if self.device.type == "cuda" else "CPUExecutionProvider"
-        providers: list[Any] = ["CPUExecutionProvider"]
-        if self.device.type == "cuda":
-            if hasattr(ort, "preload_dlls"):
-                ort.preload_dlls()
-            assert self.stream is not None
+        cuda: dict[str, str] = {}
+        if self.stream is not None:
             cuda = {
                 "enable_cuda_graph": "1" if cuda_graph else "0",
                 "user_compute_stream": str(self.stream.cuda_stream),
             }
-            providers = [("CUDAExecutionProvider", cuda), "CPUExecutionProvider"]
+        setup = SessionSetup(
+            device="cuda" if self.device.type == "cuda" else "cpu",
+            threads=threads,
+            fixed_dims={"batch": batch, "past": self.capacity, "q": 1},
+            cuda_options=cuda,
+            profile_prefix=str(Path(os.environ.get("TMPDIR", "/tmp")) / "dsv3c-placement") if profile else None,
+        )
         path = self.manifest.graph_path("decode")
-        try:
-            self.session = ort.InferenceSession(str(path), options, providers=providers)
-        except Exception as e:  # onnxruntime's own exception types; one line
-            first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-            raise UserError(
-                f"{path}: onnxruntime cannot load this graph as a static decode step: {first[:300]}"
-            ) from None
+        self.session = open_session(path, setup, what="this graph as a static decode step")
         self.profiling = profile
         signature = self.manifest.signatures["decode"]
         self.ids = torch.zeros(batch, 1, dtype=torch.long, device=self.device)

@@ -1,7 +1,7 @@
-"""onnxruntime sessions: CPU by default, CUDA when onnxruntime-gpu is installed and asked for.
+"""onnxruntime sessions of export folders: CPU by default, CUDA when onnxruntime-gpu is installed and asked for.
 
-onnxruntime-gpu replaces onnxruntime (the same import name): uninstall one before installing the other,
-never both (README: Switching to GPU onnxruntime).
+Sessions open through onnxkit/session.py (the one setup); this module adds what only a runtime decides: "auto"
+by what torch sees, and running a bfloat16 graph in float32 on the CPU provider.
 """
 
 from __future__ import annotations
@@ -10,26 +10,18 @@ from pathlib import Path
 from typing import Any, Literal
 
 from dsv3c.errors import UserError
+from dsv3c.onnxkit.session import NEEDS_GPU_BUILD, SessionSetup, cuda_available, import_ort, open_session
+
+__all__ = ["Device", "float_compute", "half_on_cpu", "import_ort", "make_session", "resolve_device"]
 
 Device = Literal["cpu", "cuda", "auto"]
 
 
-def import_ort() -> Any:
-    try:
-        import onnxruntime as ort
-    except ImportError:
-        raise UserError("onnxruntime is not installed; install onnxruntime (CPU) or onnxruntime-gpu") from None
-    return ort
-
-
 def resolve_device(device: Device) -> Literal["cpu", "cuda"]:
     """The device a run will use: `auto` means CUDA when onnxruntime-gpu and a GPU are there."""
-    ort = import_ort()
-    cuda = "CUDAExecutionProvider" in ort.get_available_providers()
+    cuda = cuda_available()
     if device == "cuda" and not cuda:
-        raise UserError(
-            "--device cuda needs onnxruntime-gpu (it replaces onnxruntime; see README: Switching to GPU onnxruntime)"
-        )
+        raise UserError(NEEDS_GPU_BUILD)
     if device == "cpu" or not cuda:
         return "cpu"
     import torch
@@ -39,15 +31,6 @@ def resolve_device(device: Device) -> Literal["cpu", "cuda"]:
             raise UserError("--device cuda: onnxruntime-gpu is installed but torch sees no CUDA device")
         return "cpu"
     return "cuda"
-
-
-def providers_for(device: Device) -> list[str]:
-    if resolve_device(device) == "cuda":
-        ort = import_ort()
-        if hasattr(ort, "preload_dlls"):
-            ort.preload_dlls()
-        return ["CUDAExecutionProvider", "CPUExecutionProvider"]
-    return ["CPUExecutionProvider"]
 
 
 def half_on_cpu(path: Path, device: Device) -> bool:
@@ -76,21 +59,15 @@ def float_compute(path: Path) -> bytes:
 def make_session(path: Path, device: Device = "cpu", threads: int = 0, model: bytes | None = None) -> Any:
     """An InferenceSession with full graph optimization; a clear error for a file that will not load.
     `model`: the graph's bytes to use instead of the file (its external weights still read beside `path`)."""
-    ort = import_ort()
+    import_ort()
     if not path.is_file():
         raise UserError(f"{path}: no such graph; is this an export folder written by `dsv3c export`?")
+    setup = SessionSetup(
+        device=resolve_device(device), threads=threads, weights_folder=path.parent if model is not None else None
+    )
+    if model is None:
+        return open_session(path, setup)
     from dsv3c.artifact.export_folder import check_external_data
 
     check_external_data(path)  # truncated or escaping weights: one line of ours, not onnxruntime's log
-    options = ort.SessionOptions()
-    if model is not None:
-        options.add_session_config_entry("session.model_external_initializers_file_folder_path", str(path.parent))
-    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-    options.log_severity_level = 3
-    if threads:
-        options.intra_op_num_threads = threads
-    try:
-        return ort.InferenceSession(model if model is not None else str(path), options, providers=providers_for(device))
-    except Exception as e:  # onnxruntime raises its own exception types; report one line
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise UserError(f"{path}: onnxruntime cannot load this graph: {first[:300]}") from None
+    return open_session(model, setup, label=str(path))
