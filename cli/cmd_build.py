@@ -28,7 +28,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--target-cc",
         metavar="CC,...",
-        help="compute capabilities to build for, e.g. 8.9,12.0 (TensorRT-RTX; default: its whole set)",
+        help="compute capabilities to build for, e.g. 8.9,12.0 (TensorRT-RTX; default: its whole set). An export "
+        "with online activation scales (the default of dsv3c quantize) builds as MXFP8 and needs 12.0/12.1",
     )
     p.add_argument(
         "--lowering",
@@ -40,12 +41,13 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--force", action="store_true", help="replace ENGINE_DIR if it exists")
 
 
-def trt_lowering(src: Path, dst: Path) -> object:
-    """`dsv3c lower --target trt` (dsv3c.passes), handed to the build: runtime/ does not import passes/."""
+def trt_lowering(src: Path, dst: Path, mxfp8: bool = False) -> object:
+    """`dsv3c lower --target trt [--activations mxfp8]` (dsv3c.passes), handed to the build: runtime/ does
+    not import passes/. The build asks for mxfp8 when the export computes activation scales online."""
     from dsv3c.passes.lower import lower_folder
     from dsv3c.passes.pipelines import Target
 
-    return lower_folder(src, dst, Target.TRT)
+    return lower_folder(src, dst, Target.TRT, mxfp8=mxfp8)
 
 
 def run(args: argparse.Namespace) -> int:

@@ -46,6 +46,14 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         metavar="N",
         help="with --weights-8bit: weights per scale along the input dimension (16, 32, 64, 128; default 128)",
     )
+    p.add_argument(
+        "--activations",
+        choices=("keep", "mxfp8"),
+        default="keep",
+        help="mxfp8: online activation scales (dsv3c quantize's 1x128 tiles) as MXFP8, 1x32 blocks with "
+        "power-of-two E8M0 scales: TensorRT's dynamic quantization for trt (compute capability 10.0/12.x), "
+        "the same numbers in standard ONNX ops for portable and ort",
+    )
     p.add_argument("--dump-dir", type=Path, help="write every graph after every stage here (no weight data)")
     p.add_argument("--force", action="store_true", help="replace OUT if it exists")
 
@@ -81,6 +89,7 @@ def run(args: argparse.Namespace) -> int:
         dump_dir=args.dump_dir,
         force=args.force,
         weights_8bit=args.block_8bit if args.weights_8bit else None,
+        mxfp8=args.activations == "mxfp8",
     )
     stage = manifest.stages[-1]
     extra = f" and {', '.join(stage['mlir'].values())}" if "mlir" in stage else ""

@@ -15,8 +15,9 @@ with the latent cache's visibility rule as a boolean mask [B, 1, S, T] (past slo
 j < positions[b, 0]; new token i' visible to i iff positions[b, i'] <= positions[b, i]).
 
 Q/DQ: TensorRT takes constant scales only, and builds no blocked FP8 GEMM (TrtQdqPass says what the
-weights become instead); activation quantization must be static
-(`dsv3c quantize --calibrate N`): online scales computed in the graph are refused with that advice.
+weights become instead); activation scales computed in the graph (DeepSeek's online 1x128 tiles) build
+only as TensorRT's dynamic MXFP8 quantization (`--activations mxfp8`, lower_mxfp8.py, for targets of
+compute capability 10.0 / 12.x); otherwise they must be static (`dsv3c quantize --calibrate N`).
 """
 
 from __future__ import annotations
@@ -31,11 +32,13 @@ from dsv3c.artifact.export_folder import mark_weight
 from dsv3c.errors import UserError
 from dsv3c.export.builder import Builder, initializer, static_dims
 from dsv3c.export.onnx_ops import DOMAIN, MLA_OP
+from dsv3c.passes.mxfp8 import MX_BLOCK, TRT_DEQUANTIZE, TRT_DOMAIN
 from dsv3c.passes.stages import DsPass, StageResult
 from onnxscript import version_converter
 
 ATTENTION_OPSET = 23
 _EXPANSION = ("Slice", "Reshape", "Expand", "Unsqueeze")
+_LAYOUT = ("Slice", "Reshape", "Transpose", "Squeeze", "Unsqueeze", "Identity", "Pad")
 
 
 class UpgradeOpsetPass(DsPass):
@@ -187,7 +190,12 @@ class TrtQdqPass(DsPass):
 
     with b = gcd(128, in) (whole blocks for any width; b = 128 for DeepSeek's sizes) and the scales
     repeated over each block's rows: the same numbers, scales 1/b the size of the weight. Online
-    activation scales are refused: TensorRT needs them static (calibrated).
+    activation scales are refused: TensorRT needs them static (calibrated) or as MXFP8 (lower_mxfp8.py).
+
+    A weight whose MatMul reads an MXFP8 activation is dequantized by TRT_MXFP8DequantizeLinear with
+    E8M0 scales of 2^0 instead of DequantizeLinear(w, 1.0): TensorRT-RTX 1.7 pairs the two operands'
+    scales and fails a float one against E8M0 ("type mismatch between matmul operand scales", measured);
+    2^0 leaves the numbers as they are.
     """
 
     def requires(self, model: ir.Model) -> None:
@@ -195,7 +203,8 @@ class TrtQdqPass(DsPass):
             if node.op_type == "QuantizeLinear" and not _constant(node.inputs[1]):
                 raise UserError(
                     "TensorRT needs static activation scales, but this graph computes them online (node "
-                    f"{node.name}); quantize the export with 'dsv3c quantize --calibrate N' and lower that folder"
+                    f"{node.name}); lower with '--activations mxfp8' (TensorRT's dynamic MXFP8, compute "
+                    "capability 10.0/12.x) or quantize the export with 'dsv3c quantize --calibrate N'"
                 )
 
     def call(self, model: ir.Model) -> ir.passes.PassResult:
@@ -220,8 +229,22 @@ class TrtQdqPass(DsPass):
         name = source.name.removesuffix("_scale_inv") + f"_scale_inv_trt{sub}"
         tensor = _expanded_scales(source.const_value, rows_per_block, size // sub, dims)
         scales = graph.initializers.get(name) or mark_weight(initializer(graph, name, tensor))
-        b = Builder(node.name or "dequantize", rewrite=provenance.lowered("DequantizeLinear + Mul"), origin=node)
-        values = b.op("DequantizeLinear", w, b.const(np.float32(1.0), name="one"), name="to_float")
+        if _feeds_mxfp8_matmul(node.outputs[0]) and width % MX_BLOCK == 0:
+            b = Builder(node.name or "dequantize", rewrite=provenance.lowered(f"{TRT_DEQUANTIZE} + Mul"), origin=node)
+            values = b.op(
+                TRT_DEQUANTIZE,
+                w,
+                _unit_e8m0(graph, w, (*lead, width // MX_BLOCK)),
+                name="to_float",
+                domain=TRT_DOMAIN,
+                axis=-1,
+                block_size=MX_BLOCK,
+                output_dtype=ir.DataType.FLOAT,
+            )
+            values.dtype, values.shape = ir.DataType.FLOAT, ir.Shape((*lead, width))
+        else:
+            b = Builder(node.name or "dequantize", rewrite=provenance.lowered("DequantizeLinear + Mul"), origin=node)
+            values = b.op("DequantizeLinear", w, b.const(np.float32(1.0), name="one"), name="to_float")
         blocks = b.op("Reshape", values, b.ints(*lead, width // sub, sub, name="blocks"), name="blocks")
         scaled = b.op("Mul", blocks, scales, name="scaled")
         out = b.op("Reshape", scaled, b.ints(*lead, width, name="rows"), name="dequantized")
@@ -229,3 +252,41 @@ class TrtQdqPass(DsPass):
         ir.convenience.replace_nodes_and_values(
             graph, insertion_point=node, old_nodes=[node], new_nodes=[], old_values=node.outputs, new_values=[out]
         )
+
+
+E8M0_ONE = 127  # E8M0 stores the biased exponent: 127 is 2^0
+
+
+def _unit_e8m0(graph: ir.Graph, w: ir.Value, dims: tuple[int, ...]) -> ir.Value:
+    """Scales of 2^0 for `w` in 1x32 blocks, as TensorRT's parser takes E8M0 constants: uint8 exponents."""
+    name = (w.name or "weight") + "_e8m0_one"
+    if name in graph.initializers:
+        return graph.initializers[name]
+
+    def ones() -> ir.TensorProtocol:
+        return ir.tensor(np.full(dims, E8M0_ONE, dtype=np.uint8))
+
+    return mark_weight(initializer(graph, name, ir.LazyTensor(ones, ir.DataType.UINT8, ir.Shape(dims))))
+
+
+def _feeds_mxfp8_matmul(value: ir.Value) -> bool:
+    """Whether `value` reaches (through layout ops) a MatMul whose other operand TensorRT's MXFP8
+    dequantization produced (through layout ops)."""
+
+    def from_mxfp8(v: ir.Value | None, depth: int = 0) -> bool:
+        p = v.producer() if v is not None else None
+        if p is None or depth > 4:
+            return False
+        return p.op_type == TRT_DEQUANTIZE or (p.op_type in _LAYOUT and from_mxfp8(p.inputs[0], depth + 1))
+
+    pending, seen = [value], 0
+    while pending and seen < 16:
+        v = pending.pop()
+        seen += 1
+        for user, index in v.uses():
+            if user.op_type == "MatMul":
+                if from_mxfp8(user.inputs[1 - index]):
+                    return True
+            elif user.op_type in _LAYOUT:
+                pending.extend(user.outputs)
+    return False

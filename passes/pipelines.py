@@ -16,6 +16,7 @@ from dsv3c.passes.fp8_weights import Fp8WeightsPass
 from dsv3c.passes.inline import InlineCustomPass
 from dsv3c.passes.lower_iree import DEFAULT_DIMS, BlockedQdqToMulPass, StaticShapesPass
 from dsv3c.passes.lower_moe_body import MoEBodyPass
+from dsv3c.passes.lower_mxfp8 import Mxfp8Form, OnlineActivationsToMxfp8Pass
 from dsv3c.passes.lower_ort import LowerMoEToOrtPass
 from dsv3c.passes.lower_ort_8bit import Int8Options, MatMulNBitsPass, MoEToQMoEPass
 from dsv3c.passes.lower_trt import ATTENTION_OPSET, MlaToAttentionPass, TrtQdqPass, UpgradeOpsetPass
@@ -59,11 +60,19 @@ class Target(enum.Enum):
     IREE = "iree"  # IREE: inlined, fixed shapes, blocked Q/DQ as element-wise math
 
 
-def lower_pipeline(target: Target, dims: dict[str, int] | None = None, int8: Int8Options | None = None) -> list[Stage]:
+MXFP8_STAGE = "online-activations-to-mxfp8"
+
+
+def lower_pipeline(
+    target: Target, dims: dict[str, int] | None = None, int8: Int8Options | None = None, mxfp8: bool = False
+) -> list[Stage]:
     """The stages that take a canonical (or quantized) export to `target`; `dims` fixes shapes (iree);
-    `int8` (ort): 8-bit weights in MatMulNBits / QMoE (a MoE QMoE cannot take keeps float experts)."""
+    `int8` (ort): 8-bit weights in MatMulNBits / QMoE (a MoE QMoE cannot take keeps float experts);
+    `mxfp8`: online activation scales as MXFP8 (TensorRT's dynamic quantization for trt, its emulation in
+    standard ONNX ops for portable and ort)."""
+    emulated = [Stage(MXFP8_STAGE, OnlineActivationsToMxfp8Pass(Mxfp8Form.EMULATED))] if mxfp8 else []
     if target == Target.PORTABLE:
-        return [Stage("inline-custom", InlineCustomPass()), *cleanup_stages()]
+        return [*emulated, Stage("inline-custom", InlineCustomPass()), *cleanup_stages()]
     if target == Target.ORT:
         eight_bit = []
         if int8 is not None:
@@ -72,6 +81,7 @@ def lower_pipeline(target: Target, dims: dict[str, int] | None = None, int8: Int
                 Stage("moe-to-qmoe", MoEToQMoEPass(int8)),
             ]
         return [
+            *emulated,
             *eight_bit,
             Stage("moe-to-com-microsoft", LowerMoEToOrtPass()),
             Stage("inline-custom", InlineCustomPass()),
@@ -84,6 +94,7 @@ def lower_pipeline(target: Target, dims: dict[str, int] | None = None, int8: Int
             Stage("inline-custom", InlineCustomPass()),
             Stage("opset-23", UpgradeOpsetPass(ATTENTION_OPSET)),
             Stage("rope-to-rotary-embedding", RopeToRotaryEmbeddingPass()),
+            *([Stage(MXFP8_STAGE, OnlineActivationsToMxfp8Pass(Mxfp8Form.TRT))] if mxfp8 else []),
             Stage("constant-qdq-scales", TrtQdqPass()),
             Stage("lift-constants", common.LiftConstantsToInitializersPass(lift_all_constants=False, size_limit=1)),
             *cleanup_stages(),

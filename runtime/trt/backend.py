@@ -136,3 +136,37 @@ def parse_cc_list(text: str) -> list[str]:
 def cc_enum(backend: TensorRTModule, cc: str) -> Any:
     """'8.9' -> ComputeCapability.SM89 (TensorRT-RTX only)."""
     return getattr(backend.trt.ComputeCapability, "SM" + cc.replace(".", ""))
+
+
+# Block-scaled FP8 tensor cores (MXFP8: 1x32 blocks, E8M0 scales): Blackwell, 10.x and 12.x. TensorRT-RTX
+# 1.7 also builds an MXFP8 graph for 8.9 (measured), where no such tensor core exists: it is refused.
+MXFP8_CC = ("10.0", "10.3", "11.0", "12.0", "12.1")
+
+
+def require_mxfp8(backend: TensorRTModule, target_cc: list[str], where: str) -> None:
+    """UserError unless every compute capability the build targets has MXFP8; `where` names the node
+    whose activation scales are computed online."""
+    targets = list(target_cc) or (list(KNOWN_CC) if backend.is_rtx else [])
+    if not targets:  # full TensorRT builds for the GPU it runs on
+        targets = [_local_gpu_cc() or "no GPU"]
+    lacking = [cc for cc in targets if cc not in MXFP8_CC]
+    if not lacking:
+        return
+    which = f"--target-cc {','.join(target_cc)}" if target_cc else f"the default target set ({', '.join(targets)})"
+    raise UserError(
+        f"{where} computes its activation scales online; TensorRT quantizes online only as MXFP8 (1x32 blocks, "
+        f"E8M0 scales), which needs compute capability 10.0 or 12.x, and {which} includes {', '.join(lacking)}: "
+        "build with --target-cc 12.0,12.1, or quantize with static scales (dsv3c quantize --calibrate N)"
+    )
+
+
+def _local_gpu_cc() -> str | None:
+    """The compute capability of GPU 0 (what full TensorRT builds for), or None without one."""
+    try:
+        import torch
+    except ImportError:
+        return None
+    if not torch.cuda.is_available():
+        return None
+    major, minor = torch.cuda.get_device_capability(0)
+    return f"{major}.{minor}"

@@ -24,10 +24,17 @@ from dsv3c.artifact.engine_manifest import EngineManifest, EngineRecord, ShapeRa
 from dsv3c.artifact.manifest import Manifest, Signature, read_manifest
 from dsv3c.errors import UserError
 from dsv3c.models.config import DeepseekV3Config
-from dsv3c.runtime.trt.backend import TensorRTModule, cc_enum, load_backend, make_logger, native_stderr
+from dsv3c.runtime.trt.backend import (
+    TensorRTModule,
+    cc_enum,
+    load_backend,
+    make_logger,
+    native_stderr,
+    require_mxfp8,
+)
 from dsv3c.runtime.trt.header import read_header
 from dsv3c.runtime.trt.layers import allow_attention_decomposition, summarize
-from dsv3c.runtime.trt.prepare import Lowering, ParserInput, load_for_parser, lowered_folder
+from dsv3c.runtime.trt.prepare import Lowering, ParserInput, load_for_parser, lowered_folder, online_scale_node
 from dsv3c.runtime.trt.profiles import ProfileSpec, check_names, profile_for
 
 Precision = Literal["fp32", "bf16", "fp8"]
@@ -62,7 +69,8 @@ class BuildOptions:
     roles: list[str] | None = None  # None: every graph in the manifest
     lowering: Lowering = "auto"  # see prepare.lowered_folder
     # the passes' trt lowering, lower_for_trt(src, dst): dsv3c build gives dsv3c.passes' (runtime/ does not import it)
-    lower_for_trt: Callable[[Path, Path], object] | None = None
+    # lower_for_trt(src, dst, mxfp8=True): online activation scales as TensorRT's dynamic MXFP8
+    lower_for_trt: Callable[..., object] | None = None
     force: bool = False
 
 
@@ -77,11 +85,18 @@ def build_engines(
     if options.target_cc and not backend.is_rtx:
         raise UserError("--target-cc needs TensorRT-RTX; full TensorRT builds for the GPU it runs on")
     with tempfile.TemporaryDirectory(prefix="dsv3c-build-") as scratch:
-        folder, how = lowered_folder(Path(export_dir), Path(scratch), options.lowering, options.lower_for_trt)
+        online = online_scale_node(source) if options.lowering != "inline" else None
+        if online is not None:  # DeepSeek's online 1x128 tiles: TensorRT builds them only as MXFP8
+            require_mxfp8(backend, options.target_cc, online)
+        lowering = (options.lowering, options.lower_for_trt)
+        folder, how = lowered_folder(Path(export_dir), Path(scratch), *lowering, mxfp8=online is not None)
         log(f"graphs: {how}")
         manifest = read_manifest(folder)
         roles = _roles(manifest, options.roles)
         graphs = {role: load_for_parser(manifest, role) for role in roles}
+        for role, graph in graphs.items():  # lowered to MXFP8 before the build (dsv3c lower --activations)
+            if graph.mxfp8:
+                require_mxfp8(backend, options.target_cc, f"{role}.onnx: {graph.mxfp8[0].describe()}")
         precision = _precision(options, manifest, graphs)
         check_names(options.profiles, {r: manifest.signatures[r] for r in roles})
         cache = _read_cache(options.timing_cache)

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import re
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
 
@@ -26,6 +26,8 @@ from dsv3c.artifact.manifest import Manifest, read_manifest
 from dsv3c.errors import UserError
 
 FP8_TYPES = {onnx.TensorProto.FLOAT8E4M3FN, onnx.TensorProto.FLOAT8E5M2}
+# trt-domain ops TensorRT's ONNX parser builds into native layers (no plugin): dynamic MXFP8 quantization
+TRT_BUILTINS = {("trt", "TRT_MXFP8DynamicQuantize"), ("trt", "TRT_MXFP8DequantizeLinear")}
 _INLINED = re.compile(r"^(?P<name>.+)__(?P<call>\d+)$")
 
 
@@ -47,6 +49,7 @@ class ParserInput:
     nodes: list[NodeRef]
     has_fp8: bool  # FLOAT8 initializers (quantized weights)
     blocked_dq: list[NodeRef]  # DequantizeLinear nodes with block_size (named when a build fails on them)
+    mxfp8: list[NodeRef] = field(default_factory=list)  # TensorRT dynamic MXFP8 quantize nodes (online scales)
 
 
 # ---- lowering: the one switch between the passes issue's lowering and the minimal preparation -----------
@@ -55,13 +58,18 @@ Lowering = Literal["auto", "passes", "inline"]
 
 
 def lowered_folder(
-    folder: Path, scratch: Path, lowering: Lowering = "auto", lower: Callable[[Path, Path], object] | None = None
+    folder: Path,
+    scratch: Path,
+    lowering: Lowering = "auto",
+    lower: Callable[..., object] | None = None,
+    mxfp8: bool = False,
 ) -> tuple[Path, str]:
     """The export folder to parse and how it was prepared.
 
     `lower(src, dst)` is the passes' `trt` lowering (`dsv3c lower --target trt`), given by the caller:
     runtime/ does not import passes/ (docs/architecture.md). auto: that lowering when given, else inline;
     passes: that lowering or a UserError; inline: only the minimal preparation of load_for_parser.
+    `mxfp8`: online activation scales become TensorRT's dynamic MXFP8 (`lower(src, dst, mxfp8=True)`).
     """
     manifest = read_manifest(folder)
     lowered = [s.get("target") for s in manifest.stages if s.get("stage") == "lower"]
@@ -74,6 +82,9 @@ def lowered_folder(
             raise UserError("--lowering passes: no trt lowering was given to the build")
         return folder, "inline: local functions inlined" + ("" if lowering == "inline" else " (no trt lowering given)")
     out = scratch / "lowered-trt"
+    if mxfp8:
+        lower(folder, out, mxfp8=True)
+        return out, "dsv3c lower --target trt --activations mxfp8"
     lower(folder, out)
     return out, "dsv3c lower --target trt"
 
@@ -96,7 +107,25 @@ def load_for_parser(manifest: Manifest, role: str) -> ParserInput:
     _check(model, path, nodes)
     has_fp8 = any(t.data_type in FP8_TYPES for t in model.graph.initializer)
     blocked = [ref for ref, n in zip(nodes, model.graph.node, strict=True) if _blocked_dq(n)]
-    return ParserInput(role, path, model.SerializeToString(), nodes, has_fp8, blocked)
+    mxfp8 = [ref for ref in nodes if ref.op_type == "trt::TRT_MXFP8DynamicQuantize"]
+    return ParserInput(role, path, model.SerializeToString(), nodes, has_fp8, blocked, mxfp8)
+
+
+def online_scale_node(manifest: Manifest) -> str | None:
+    """The first QuantizeLinear whose scale the graph computes (online activation scales), described
+    with its graph, or None. Reads the graph files only (the fp8 activation Q/DQ sit in the main graph)."""
+    for role in (r for r, f in manifest.graphs.items() if f):
+        path = manifest.graph_path(role)
+        try:
+            model = onnx.load(str(path), load_external_data=False)
+        except Exception as e:  # protobuf raises several types; one line
+            raise UserError(f"{path}: not a readable ONNX file ({type(e).__name__})") from None
+        constant = {t.name for t in model.graph.initializer}
+        constant.update(o for n in model.graph.node if n.op_type == "Constant" for o in n.output)
+        for n in model.graph.node:
+            if n.op_type == "QuantizeLinear" and len(n.input) > 1 and n.input[1] not in constant:
+                return f"{path.name}: node '{n.name}'"
+    return None
 
 
 def _blocked_dq(n: onnx.NodeProto) -> bool:
@@ -125,7 +154,7 @@ def _check(model: onnx.ModelProto, path: Path, nodes: list[NodeRef]) -> None:
     constant = {t.name for t in model.graph.initializer}
     for ref, n in zip(nodes, model.graph.node, strict=True):
         where = f"{path.name}: {ref.describe()}"
-        if n.domain not in ("", "ai.onnx"):
+        if n.domain not in ("", "ai.onnx") and (n.domain, n.op_type) not in TRT_BUILTINS:
             raise UserError(
                 f"{where} has no reference body to inline; TensorRT-RTX cannot host plugins, "
                 "so lower it first (dsv3c lower --target trt)"
@@ -135,7 +164,8 @@ def _check(model: onnx.ModelProto, path: Path, nodes: list[NodeRef]) -> None:
         if n.op_type in ("QuantizeLinear", "DequantizeLinear") and len(n.input) > 1 and n.input[1] not in constant:
             raise UserError(
                 f"{where} has a scale computed in the graph ({n.input[1]}); TensorRT needs build-time constant "
-                "Q/DQ scales: quantize with static activation scales (dsv3c quantize --calibrate N)"
+                "Q/DQ scales: quantize with static activation scales (dsv3c quantize --calibrate N), or let dsv3c "
+                "lower them to MXFP8 (--lowering auto, --target-cc 12.0,12.1)"
             )
         foldable = n.op_type == "Constant" or all(i in constant for i in n.input if i)
         if foldable and n.op_type not in ("Shape", "Size"):  # its outputs count as constants

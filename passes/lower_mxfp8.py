@@ -1,0 +1,127 @@
+"""Online activation scales -> MXFP8: the Q/DQ that computes its scale in the graph, rewritten.
+
+`dsv3c quantize` (DeepSeek's recipe) quantizes the input of every FP8 linear per token and 128 channels
+with a scale computed at run time (fp8_activations.py). TensorRT takes run-time scales only as its
+dynamic quantization, and for FP8 only as MXFP8: blocks of 32 channels with E8M0 (power-of-two) scales.
+This pass finds each online region (pattern -> check -> rewrite):
+
+    pattern  h -> [Pad] -> [Reshape] -> QuantizeLinear(., s) -> DequantizeLinear(., s) -> [Reshape] -> [Slice] -> y
+             with s computed in the graph (not a constant), the layout nodes made by the fp8 activation pass
+    rewrite  y := MXFP8(h)  (mxfp8.py: TensorRT's ops, or the same numbers in standard ONNX ops)
+
+and leaves the old region to the cleanup stages (dead code). Static (calibrated) scales stay as they are.
+"""
+
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass
+
+import onnx_ir as ir
+from dsv3c.artifact import provenance
+from dsv3c.export.builder import Builder
+from dsv3c.passes.mxfp8 import MX_BLOCK, TRT_DOMAIN, mxfp8_emulated, mxfp8_trt
+from dsv3c.passes.stages import DsPass, StageResult
+
+_LAYOUT_IN = ("Pad", "Reshape")
+_LAYOUT_OUT = ("Reshape", "Slice")
+
+
+class Mxfp8Form(enum.Enum):
+    TRT = "trt"  # trt::TRT_MXFP8DynamicQuantize + TRT_MXFP8DequantizeLinear (TensorRT's parser)
+    EMULATED = "emulated"  # the same numbers in standard ONNX ops (onnxruntime, any runtime)
+
+
+@dataclass(frozen=True)
+class OnlineRegion:
+    h: ir.Value  # the float32 activation the fp8 activation pass read
+    y: ir.Value  # the dequantized activation the linears read
+    quantize: ir.Node
+    dequantize: ir.Node
+
+
+def _constant(value: ir.Value | None) -> bool:
+    if value is None or value.const_value is not None:
+        return True
+    producer = value.producer()
+    return producer is not None and producer.op_type == "Constant"
+
+
+def _from_activation_pass(node: ir.Node) -> bool:
+    mark = provenance.read(node).rewrite
+    return mark is not None and mark.kind == provenance.QUANTIZED and any("online" in d for d in mark.details)
+
+
+def match(quantize: ir.Node) -> OnlineRegion | str:
+    """The online region around `quantize`, or why it is not one (in words)."""
+    if quantize.op_type != "QuantizeLinear" or quantize.domain not in ("", "ai.onnx"):
+        return "not a QuantizeLinear"
+    scale = quantize.inputs[1]
+    if _constant(scale):
+        return "its scale is a constant (static): TensorRT takes it as it is"
+    users = [u for u, _ in quantize.outputs[0].uses()]
+    if len(users) != 1 or users[0].op_type != "DequantizeLinear" or users[0].inputs[1] is not scale:
+        return "its output is not dequantized with the same scale by one DequantizeLinear"
+    h = quantize.inputs[0]
+    assert h is not None
+    while (p := h.producer()) is not None and p.op_type in _LAYOUT_IN and _from_activation_pass(p):
+        h = p.inputs[0]  # type: ignore[assignment]
+    y = users[0].outputs[0]
+    while len(uses := list(y.uses())) == 1 and uses[0][0].op_type in _LAYOUT_OUT and _from_activation_pass(uses[0][0]):
+        y = uses[0][0].outputs[0]
+    if h.dtype != ir.DataType.FLOAT or h.shape is None or not isinstance(h.shape[-1], int):
+        return f"its input {h.name} is not float32 with a static last dimension"
+    if y.shape is None or y.shape[-1] != h.shape[-1] or len(y.shape) != len(h.shape):
+        return f"its output {y.name} does not have the shape of its input {h.name}"
+    return OnlineRegion(h, y, quantize, users[0])
+
+
+class OnlineActivationsToMxfp8Pass(DsPass):
+    """Every online activation Q/DQ -> MXFP8 (1x32 blocks, E8M0 scales) in `form`."""
+
+    def __init__(self, form: Mxfp8Form) -> None:
+        super().__init__()
+        self.form = form
+
+    def call(self, model: ir.Model) -> ir.passes.PassResult:
+        graph = model.graph
+        regions = [r for n in list(graph) if n.op_type == "QuantizeLinear" and isinstance(r := match(n), OnlineRegion)]
+        for region in regions:
+            self._rewrite(graph, region)
+        if regions and self.form == Mxfp8Form.TRT:
+            model.opset_imports.setdefault(TRT_DOMAIN, 1)
+        changes = {"mxfp8_activations": len(regions), "form": self.form.value, "block": MX_BLOCK}
+        return StageResult(model, bool(regions), changes)
+
+    def _rewrite(self, graph: ir.Graph, region: OnlineRegion) -> None:
+        detail = "TensorRT dynamic" if self.form == Mxfp8Form.TRT else "emulated"
+        name = (region.quantize.name or "activation").removesuffix("/quantize")
+        b = Builder(
+            name + "/mxfp8",
+            rewrite=provenance.quantized("mxfp8", f"1x{MX_BLOCK} blocks", "E8M0 scales", f"online ({detail})"),
+            origin=[region.quantize, region.dequantize],
+        )
+        assert region.h.shape is not None
+        rank, k = len(region.h.shape), int(region.h.shape[-1])  # type: ignore[arg-type]
+        build = mxfp8_trt if self.form == Mxfp8Form.TRT else mxfp8_emulated
+        out = build(b, region.h, rank, k)
+        out.shape, out.dtype = region.y.shape, region.y.dtype
+        b.insert_before(graph, region.quantize)
+        last = region.y.producer()
+        region.y.replace_all_uses_with(out)
+        _remove_dead_region(graph, last or region.dequantize)
+
+
+def _remove_dead_region(graph: ir.Graph, start: ir.Node) -> None:
+    """Remove the fp8 activation pass's nodes that nothing reads any more, from `start` backwards (so
+    that later stages, which refuse online scales, do not see the replaced Q/DQ)."""
+    pending = [start]
+    while pending:
+        node = pending.pop()
+        if node.graph is not graph or not _from_activation_pass(node):
+            continue
+        if any(v.uses() or v.is_graph_output() for v in node.outputs):
+            continue
+        producers = [v.producer() for v in node.inputs if v is not None]
+        graph.remove(node, safe=True)
+        pending.extend(p for p in producers if p is not None)
