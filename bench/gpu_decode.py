@@ -95,7 +95,7 @@ def weight_bytes(manifest: Any, batch: int) -> tuple[int, float]:
     the looked-up embedding rows, and the experts reached by batch x top_k uniform choices (the expected
     count, where `dsv3c bench` takes the upper bound min(E, batch x top_k))."""
     from dsv3c.models.config import DeepseekV3Config
-    from dsv3c.runtime.bench_models import stored_weight_bytes
+    from dsv3c.runtime.bench.memory import stored_weight_bytes
 
     config = DeepseekV3Config.from_dict(manifest.config)
     dense, embed, experts = stored_weight_bytes(manifest, "decode")
@@ -294,7 +294,7 @@ def main() -> int:
         return 2
     import onnxruntime as ort
     from dsv3c.errors import UserError
-    from dsv3c.runtime.bench_models import device_bandwidth
+    from dsv3c.runtime.bench.memory import device_bandwidth
 
     torch.backends.cuda.matmul.allow_tf32 = True  # onnxruntime's CUDA EP runs fp32 MatMul in TF32 as well
     bandwidth = device_bandwidth()

@@ -106,33 +106,11 @@ def check_pair(checkpoint: Path, folder: Path) -> None:
         raise UserError(f"{folder} was not exported from {checkpoint}: config differs in {', '.join(differ[:4])}")
 
 
-def factories(checkpoint: Path, folder: Path, args: argparse.Namespace) -> dict[str, Callable[[], object]]:
-    import torch
-    from dsv3c.models.checkpoint import load_model
-    from dsv3c.runtime.bench_models import EngineRunner, TransformersRunner, graph_weight_bytes
-    from dsv3c.runtime.ort_backend import OrtEngine
-    from dsv3c.runtime.torch_backend import TorchEngine
-
-    if args.threads:
-        torch.set_num_threads(args.threads)
-
-    def ort() -> EngineRunner:
-        engine = OrtEngine(folder, args.device, args.threads, roles=("prefill", "decode"))
-        return EngineRunner("ort", engine, engine.dtype.itemsize, graph_weight_bytes(engine.manifest))
-
-    def eager() -> EngineRunner:
-        return EngineRunner("torch", TorchEngine(load_model(checkpoint).to(args.device)), 4)
-
-    def transformers() -> TransformersRunner:
-        return TransformersRunner(checkpoint, args.device)
-
-    return {"ort": ort, "torch": eager, "transformers": transformers}
-
-
 def run(args: argparse.Namespace) -> int:
-    from dsv3c.runtime.bench import BenchPlan, run_bench
-    from dsv3c.runtime.bench_models import copy_bandwidth, device_bandwidth
-    from dsv3c.runtime.bench_report import format_table, plot, write_json
+    from dsv3c.runtime.bench.measure import BenchPlan, run_bench
+    from dsv3c.runtime.bench.memory import copy_bandwidth, device_bandwidth
+    from dsv3c.runtime.bench.report import format_table, plot, write_json
+    from dsv3c.runtime.bench.runners import runner_factories
 
     if min(args.contexts) < 1 or min(args.batches) < 1 or args.steps < 1 or args.prefill_chunk < 1:
         raise UserError("--contexts, --batches, --steps and --prefill-chunk must be positive")
@@ -151,7 +129,7 @@ def run(args: argparse.Namespace) -> int:
             device=args.device,
             one_at_a_time=args.one_at_a_time,
         )
-        rows = run_bench(plan, factories(checkpoint, folder, args), bandwidth, say)  # type: ignore[arg-type]
+        rows = run_bench(plan, runner_factories(checkpoint, folder, args.device, args.threads), bandwidth, say)
     finally:
         if temporary is not None:
             shutil.rmtree(temporary, ignore_errors=True)

@@ -24,7 +24,7 @@ from dsv3c.passes.lower_ort_8bit import (
 from dsv3c.passes.ort_run import GraphRunner, relative_error
 from dsv3c.passes.pipelines import QuantizeOptions, Target
 from dsv3c.passes.quantize import quantize_folder
-from dsv3c.runtime.bench_models import graph_weight_bytes, weight_bytes_per_step
+from dsv3c.runtime.bench.memory import graph_weight_bytes, weight_bytes_per_step
 from onnx import TensorProto, helper
 
 from .fixtures.exports import mini_export, weightless_copy

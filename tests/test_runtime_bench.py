@@ -10,7 +10,7 @@ import pytest
 from dsv3c.cli import cmd_bench
 from dsv3c.errors import UserError
 from dsv3c.models.config import DeepseekV3Config
-from dsv3c.runtime.bench_models import weight_bytes_per_step
+from dsv3c.runtime.bench.memory import weight_bytes_per_step
 
 pytest.importorskip("transformers")
 

@@ -21,7 +21,7 @@ from typing import Any, Literal
 import torch
 from dsv3c import progress as dsv3c_progress
 from dsv3c.errors import UserError
-from dsv3c.runtime.bench_models import Runner
+from dsv3c.runtime.bench.runners import Runner
 
 RuntimeName = Literal["ort", "torch", "transformers"]
 Phase = Literal["prefill", "decode"]

@@ -7,7 +7,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from dsv3c.artifact.atomic import atomic_file
-from dsv3c.runtime.bench import BenchRow
+from dsv3c.runtime.bench.measure import BenchRow
 
 BASELINE = "transformers"
 
