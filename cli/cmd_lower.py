@@ -3,9 +3,15 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
+from collections.abc import Iterator
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from dsv3c.errors import UserError
+
+if TYPE_CHECKING:
+    from dsv3c.artifact.manifest import Manifest
 
 HELP = "lower an export folder for a backend: portable (standard ONNX), ort, trt or iree (with --emit mlir)"
 TARGETS = ("portable", "ort", "trt", "iree")
@@ -54,8 +60,13 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         "power-of-two E8M0 scales: TensorRT's dynamic quantization for trt (compute capability 10.0/12.x), "
         "the same numbers in standard ONNX ops for portable and ort",
     )
-    p.add_argument("--dump-dir", type=Path, help="write every graph after every stage here (no weight data)")
-    p.add_argument("--force", action="store_true", help="replace OUT if it exists")
+    p.add_argument(
+        "--dump-dir",
+        type=Path,
+        help="write every graph after every stage into this new folder (no weight data); it appears only when "
+        "the lowering succeeds",
+    )
+    p.add_argument("--force", action="store_true", help="replace OUT (and the --dump-dir folder) if it exists")
 
 
 def parse_dims(items: list[str]) -> dict[str, int]:
@@ -71,26 +82,15 @@ def parse_dims(items: list[str]) -> dict[str, int]:
 
 
 def run(args: argparse.Namespace) -> int:
-    from dsv3c.artifact.atomic import check_disjoint, check_output
-    from dsv3c.passes.lower import lower_folder
-    from dsv3c.passes.pipelines import Target
+    from dsv3c.artifact.atomic import check_output
 
     check_output(args.out, [args.export_dir], args.force)  # before any work: never over the input
     if args.dump_dir is not None:
-        check_disjoint(args.dump_dir, [args.export_dir, args.out])
+        check_output(args.dump_dir, [args.export_dir, args.out], args.force)
     if args.block_8bit != 128 and not args.weights_8bit:
         raise UserError("--block-8bit sets the block of --weights-8bit; pass --weights-8bit too")
-    manifest = lower_folder(
-        args.export_dir,
-        args.out,
-        Target(args.target),
-        dims=parse_dims(args.shape) or None,
-        emit_mlir=args.emit == "mlir",
-        dump_dir=args.dump_dir,
-        force=args.force,
-        weights_8bit=args.block_8bit if args.weights_8bit else None,
-        mxfp8=args.activations == "mxfp8",
-    )
+    with _dump_folder(args.dump_dir, args.force, [args.export_dir, args.out]) as dump_dir:
+        manifest = _lower(args, dump_dir)
     stage = manifest.stages[-1]
     extra = f" and {', '.join(stage['mlir'].values())}" if "mlir" in stage else ""
     eight = " with 8-bit weights" if args.weights_8bit else ""
@@ -102,3 +102,35 @@ def run(args: argparse.Namespace) -> int:
             f"(median token {error['max_median_token_logits']:.2e}), any output {error['max']:.2e}"
         )
     return 0
+
+
+def _lower(args: argparse.Namespace, dump_dir: Path | None) -> Manifest:
+    from dsv3c.passes.lower import lower_folder
+    from dsv3c.passes.pipelines import Target
+
+    return lower_folder(
+        args.export_dir,
+        args.out,
+        Target(args.target),
+        dims=parse_dims(args.shape) or None,
+        emit_mlir=args.emit == "mlir",
+        dump_dir=dump_dir,
+        force=args.force,
+        weights_8bit=args.block_8bit if args.weights_8bit else None,
+        mxfp8=args.activations == "mxfp8",
+    )
+
+
+@contextlib.contextmanager
+def _dump_folder(target: Path | None, force: bool, inputs: list[Path]) -> Iterator[Path | None]:
+    """The stage dumps are written into a temporary sibling of `target`, renamed into place only when the
+    lowering succeeds (a failed or interrupted lower leaves no half-written dump); marked as dsv3c's, so that
+    `--force` may replace it next time."""
+    if target is None:
+        yield None
+        return
+    from dsv3c.artifact.atomic import atomic_folder, write_checkpoint_marker
+
+    with atomic_folder(target, force, inputs=inputs) as tmp:
+        yield tmp
+        write_checkpoint_marker(tmp, "stage dumps of dsv3c lower")
