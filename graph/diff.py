@@ -10,11 +10,11 @@ import hashlib
 from collections.abc import Hashable
 from pathlib import Path
 
-import onnx
+import onnx_ir as ir
 from dsv3c.artifact import provenance
 from dsv3c.errors import UserError
 from dsv3c.graph.diff_types import Change, DiffReport, EntryKind, GraphDiff, InitializerChange, NodeChange
-from dsv3c.graph.index import GraphIndex, attribute_text, constant_key, layer_of_name
+from dsv3c.graph.index import GraphIndex, attribute_text, constant_key, input_names, layer_of_name, output_names
 from dsv3c.graph.load import LoadedGraph, dtype_name, graph_paths, load_graph
 from dsv3c.graph.marks import Marks
 from dsv3c.graph.match import Matching, Unmatched, match_initializers, match_nodes
@@ -70,36 +70,38 @@ def _node_changes(
     changes = []
     if a.op(i) != b.op(j):
         changes.append(Change("op", a.op(i), b.op(j)))
-    if na.name != nb.name:
-        changes.append(Change("name", na.name, nb.name))
-    attrs_a = {x.name: attribute_text(x) for x in na.attribute}
-    attrs_b = {x.name: attribute_text(x) for x in nb.attribute}
+    if (na.name or "") != (nb.name or ""):
+        changes.append(Change("name", na.name or "", nb.name or ""))
+    attrs_a = {k: attribute_text(x) for k, x in na.attributes.items()}
+    attrs_b = {k: attribute_text(x) for k, x in nb.attributes.items()}
     for key in sorted(attrs_a.keys() | attrs_b.keys()):
         if attrs_a.get(key) != attrs_b.get(key):
             changes.append(Change(f"attribute {key}", attrs_a.get(key, "(none)"), attrs_b.get(key, "(none)")))
-    if len(na.input) != len(nb.input):
-        changes.append(Change("inputs", str(len(na.input)), str(len(nb.input))))
-    for k, (x, y) in enumerate(zip(na.input, nb.input, strict=False)):
+    if len(input_names(na)) != len(input_names(nb)):
+        changes.append(Change("inputs", str(len(input_names(na))), str(len(input_names(nb)))))
+    for k, (x, y) in enumerate(zip(input_names(na), input_names(nb), strict=False)):
         # the same computed tensor name: e.g. a lowering kept the output name, or it was folded to a constant
         same_tensor = x == y and x in a.producer and (y in b.producer or y in b.initializers)
         if k not in explained and not same_tensor and src.of_a(x) != src.of_b(y):
             changes.append(Change(f"input {k}", x or "(none)", y or "(none)"))
-    if len(na.output) != len(nb.output):
-        changes.append(Change("outputs", str(len(na.output)), str(len(nb.output))))
-    for k, (x, y) in enumerate(zip(na.output, nb.output, strict=False)):
-        ta, tb = a.elem_types.get(x), b.elem_types.get(y)
+    if len(output_names(na)) != len(output_names(nb)):
+        changes.append(Change("outputs", str(len(output_names(na))), str(len(output_names(nb)))))
+    for k, (x, y) in enumerate(zip(output_names(na), output_names(nb), strict=False)):
+        ta, tb = a.elem_type(x), b.elem_type(y)
         if ta and tb and ta != tb:
             changes.append(Change(f"output {k} dtype", dtype_name(ta), dtype_name(tb)))
     return changes
 
 
-def _value_infos(values: list[onnx.ValueInfoProto]) -> dict[str, str]:
-    def text(v: onnx.ValueInfoProto) -> str:
-        t = v.type.tensor_type
-        dims = [d.dim_param or (str(d.dim_value) if d.HasField("dim_value") else "?") for d in t.shape.dim]
-        return f"{dtype_name(t.elem_type)}[{', '.join(dims)}]" if t.HasField("shape") else dtype_name(t.elem_type)
+def _value_infos(values: list[ir.Value]) -> dict[str, str]:
+    def text(v: ir.Value) -> str:
+        dtype = dtype_name(int(v.dtype) if v.dtype is not None else 0)
+        if v.shape is None:
+            return dtype
+        dims = [str(d) if isinstance(d, int) else d.value or "?" for d in v.shape.dims]
+        return f"{dtype}[{', '.join(dims)}]"
 
-    return {v.name: text(v) for v in values}
+    return {v.name or "": text(v) for v in values}
 
 
 def _keyed_changes(what: str, a: dict[str, str], b: dict[str, str]) -> list[Change]:
@@ -115,33 +117,32 @@ def _model_changes(a: LoadedGraph, b: LoadedGraph) -> list[Change]:
     changes = _keyed_changes("", {"ir_version": str(ma.ir_version)}, {"ir_version": str(mb.ir_version)})
     changes += _keyed_changes(
         "opset",
-        {o.domain or "ai.onnx": str(o.version) for o in ma.opset_import},
-        {o.domain or "ai.onnx": str(o.version) for o in mb.opset_import},
+        {d or "ai.onnx": str(v) for d, v in ma.opset_imports.items()},
+        {d or "ai.onnx": str(v) for d, v in mb.opset_imports.items()},
     )
 
-    def functions(m: onnx.ModelProto) -> dict[str, str]:
-        return {function_label(f): f"{len(f.node)} nodes #{_function_digest(f)}" for f in m.functions}
+    def functions(m: ir.Model) -> dict[str, str]:
+        return {function_label(f): f"{len(f)} nodes #{_function_digest(f)}" for f in m.functions.values()}
 
     changes += _keyed_changes("function", functions(ma), functions(mb))
     inits_a, inits_b = set(a.tensors), set(b.tensors)
     changes += _keyed_changes(
         "input",
-        _value_infos([v for v in a.graph.input if v.name not in inits_a]),
-        _value_infos([v for v in b.graph.input if v.name not in inits_b]),
+        _value_infos([v for v in a.graph.inputs if v.name not in inits_a]),
+        _value_infos([v for v in b.graph.inputs if v.name not in inits_b]),
     )
-    changes += _keyed_changes("output", _value_infos(list(a.graph.output)), _value_infos(list(b.graph.output)))
+    changes += _keyed_changes("output", _value_infos(list(a.graph.outputs)), _value_infos(list(b.graph.outputs)))
     for c in changes:
         c.field = c.field.strip()
     return changes
 
 
-def _function_digest(proto: onnx.FunctionProto) -> str:
+def _function_digest(function: ir.Function) -> str:
     """A digest of what a function computes: its value_info (shape annotations a cleanup adds) and docs left out."""
-    copy = onnx.FunctionProto()
-    copy.CopyFrom(proto)
-    del copy.value_info[:]
-    copy.doc_string = ""
-    return hashlib.sha1(copy.SerializeToString(deterministic=True)).hexdigest()[:10]
+    proto = ir.serde.serialize_function(function)
+    del proto.value_info[:]
+    proto.doc_string = ""
+    return hashlib.sha1(proto.SerializeToString(deterministic=True)).hexdigest()[:10]
 
 
 def _initializer_changes(
@@ -194,7 +195,9 @@ def _node_entries(a: GraphIndex, b: GraphIndex, m: Matching, src: _Sources, clai
         if changes:
             kind: EntryKind = "renamed" if all(c.field == "name" for c in changes) else "changed"
             entries.append(
-                NodeChange(kind, a.op(i), a.nodes[i].name, b.nodes[j].name, a.layers[i], m.method[i], changes)
+                NodeChange(
+                    kind, a.op(i), a.nodes[i].name or "", b.nodes[j].name or "", a.layers[i], m.method[i], changes
+                )
             )
     removed = [i for i in range(len(a)) if i not in m.a_to_b and i not in claims.nodes_a]
     added = [j for j in range(len(b)) if j not in m.b_to_a and j not in claims.nodes_b]
@@ -207,12 +210,12 @@ def _node_entries(a: GraphIndex, b: GraphIndex, m: Matching, src: _Sources, clai
     return entries
 
 
-def _stages(model: onnx.ModelProto) -> list[str]:
-    props = {p.key: p.value for p in model.metadata_props}
+def _stages(model: ir.Model) -> list[str]:
+    props = model.metadata_props
     return [s for s in props.get(provenance.MODEL_STAGES, "").split("\n") if s]
 
 
-def stages_between(a: onnx.ModelProto, b: onnx.ModelProto) -> list[str]:
+def stages_between(a: ir.Model, b: ir.Model) -> list[str]:
     """The stages B's provenance lists after those A's lists (all of B's when A is not where B started)."""
     sa, sb = _stages(a), _stages(b)
     return sb[len(sa) :] if sb[: len(sa)] == sa else sb

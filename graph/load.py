@@ -1,7 +1,8 @@
-"""Open ONNX files and export folders for inspection and diffing, without loading weight data.
+"""Open ONNX files and export folders for inspection and diffing as onnx_ir models, without loading weight data.
 
-`load_graph` parses the protobuf with `load_external_data=False` and describes every initializer
-(dtype, shape, bytes, where its data lives) from the protos alone. External data is checked, never read:
+`load_graph` parses the protobuf with `load_external_data=False` into an `ir.Model`, whose external tensors
+stay lazy (onnx_ir maps a file only when a tensor's bytes are asked for), and describes every initializer
+(dtype, shape, bytes, where its data lives) from the tensors' headers alone. External data is checked, never read:
 a location that escapes the model's folder is refused; a missing or short data file (a `--weights none`
 export) marks the tensor "missing" instead of failing. `iter_chunks` streams one tensor's data when a
 caller needs numbers.
@@ -10,7 +11,6 @@ caller needs numbers.
 from __future__ import annotations
 
 import dataclasses
-import functools
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -23,7 +23,6 @@ from dsv3c.artifact.names import MANIFEST_FILE
 from dsv3c.artifact.weights import check_location
 from dsv3c.errors import UserError
 from google.protobuf.message import DecodeError
-from onnx import TensorProto
 
 DataState = Literal["inline", "external", "missing"]
 MANIFEST = MANIFEST_FILE
@@ -63,18 +62,18 @@ class LoadedGraph:
     """A parsed model plus what dsv3c knows about its initializers."""
 
     path: Path
-    model: onnx.ModelProto
+    model: ir.Model
     role: str = ""
     tensors: dict[str, TensorInfo] = field(default_factory=dict)
     external_files: list[ExternalFile] = field(default_factory=list)
 
     @property
-    def graph(self) -> onnx.GraphProto:
+    def graph(self) -> ir.Graph:
         return self.model.graph
 
-    @functools.cached_property
-    def initializers(self) -> dict[str, TensorProto]:
-        return {t.name: t for t in self.model.graph.initializer}
+    @property
+    def initializers(self) -> dict[str, ir.Value]:
+        return dict(self.model.graph.initializers)
 
     @property
     def has_all_data(self) -> bool:
@@ -106,43 +105,59 @@ def element_bytes(elem_type: int) -> float:
     return float(data_type.itemsize) if data_type is not None else 0.0
 
 
-def _describe(t: TensorProto, folder: Path, model: Path, sizes: dict[str, int | None]) -> TensorInfo:
-    shape = tuple(int(d) for d in t.dims)
+def _describe(value: ir.Value, folder: Path, model: Path, sizes: dict[str, int | None]) -> TensorInfo:
+    name = value.name or ""
+    tensor = value.const_value
+    if tensor is None:  # an initializer without a tensor: nothing to describe but its type
+        dims = value.shape.dims if value.shape is not None else ()
+        shape = tuple(int(d) if isinstance(d, int) else 0 for d in dims)
+        elem_type = int(value.dtype) if value.dtype is not None else 0
+        numel = int(np.prod(shape, dtype=np.int64)) if shape else 1
+        return TensorInfo(name, elem_type, shape, numel, int(np.ceil(numel * element_bytes(elem_type))), "missing")
+    elem_type = int(tensor.dtype)
+    shape = tuple(int(d) for d in tensor.shape.numpy())
     numel = int(np.prod(shape, dtype=np.int64)) if shape else 1
-    nbytes = int(np.ceil(numel * element_bytes(t.data_type)))
-    if t.data_location != TensorProto.EXTERNAL:
-        present = bool(t.raw_data) or numel == 0 or any(len(getattr(t, f)) for f in _TYPED_FIELDS)
-        return TensorInfo(t.name, t.data_type, shape, numel, nbytes, "inline" if present else "missing")
-    entries = {e.key: e.value for e in t.external_data}
-    location = entries.get("location", "")
-    try:
-        offset, length = int(entries.get("offset", 0)), int(entries.get("length", nbytes))
-    except ValueError:
-        offset = length = -1
+    nbytes = int(np.ceil(numel * element_bytes(elem_type)))
+    if not isinstance(tensor, ir.ExternalTensor):
+        proto = tensor.raw if isinstance(tensor, ir.serde.TensorProtoTensor) else None
+        present = (
+            proto is None or bool(proto.raw_data) or numel == 0 or any(len(getattr(proto, f)) for f in _TYPED_FIELDS)
+        )
+        return TensorInfo(name, elem_type, shape, numel, nbytes, "inline" if present else "missing")
+    location = str(tensor.location)
+    offset = tensor.offset or 0
+    length = tensor.length if tensor.length is not None else nbytes
     if offset < 0 or length < 0:
-        raise UserError(f"{model}: initializer {t.name!r} has an invalid external data offset/length")
+        raise UserError(f"{model}: initializer {name!r} has an invalid external data offset/length")
     if location not in sizes:
         target = check_location(folder, location, model)
         sizes[location] = target.stat().st_size if target.is_file() else None
     size = sizes[location]
     state: DataState = "external" if size is not None and size >= offset + length and length >= nbytes else "missing"
-    return TensorInfo(t.name, t.data_type, shape, numel, nbytes, state, location, offset, length)
+    return TensorInfo(name, elem_type, shape, numel, nbytes, state, location, offset, length)
 
 
-def parse_model(path: Path) -> onnx.ModelProto:
-    """The ModelProto at `path`, external data not loaded; UserError for anything that is not an ONNX model."""
+def parse_model(path: Path) -> ir.Model:
+    """The model at `path` as an `ir.Model`, external data not loaded (its tensors stay lazy); UserError for
+    anything that is not an ONNX model."""
     if not path.exists():
         raise UserError(f"{path}: no such file")
     if not path.is_file():
         raise UserError(f"{path}: not a file (expected an .onnx model or an export folder with {MANIFEST})")
     try:
-        model = onnx.load(str(path), load_external_data=False)
+        proto = onnx.load(str(path), load_external_data=False)
     except (DecodeError, RuntimeWarning, ValueError) as e:
         raise UserError(f"{path}: not an ONNX model, or truncated ({str(e).splitlines()[0]})") from None
     except OSError as e:
         raise UserError(f"{path}: cannot read ({e.strerror})") from None
-    if model.ir_version <= 0 or not model.HasField("graph") or not model.opset_import:
+    if proto.ir_version <= 0 or not proto.HasField("graph") or not proto.opset_import:
         raise UserError(f"{path}: not an ONNX model, or truncated (no ir_version, graph or opset_import)")
+    try:
+        model = ir.serde.deserialize_model(proto)
+    except Exception as e:  # onnx_ir wraps what it cannot read (an external offset that is no integer, ...)
+        cause = e.__cause__ or e
+        raise UserError(f"{path}: not a valid ONNX model ({str(cause).strip().splitlines()[0][:300]})") from None
+    ir.external_data.set_base_dir(model.graph, str(path.parent))
     return model
 
 
@@ -151,7 +166,7 @@ def load_graph(path: Path, role: str = "") -> LoadedGraph:
     model = parse_model(path)
     folder = path.resolve().parent
     sizes: dict[str, int | None] = {}
-    tensors = {t.name: _describe(t, folder, path, sizes) for t in model.graph.initializer}
+    tensors = {v.name or "": _describe(v, folder, path, sizes) for v in model.graph.initializers.values()}
     files = []
     for location, size in sizes.items():
         users = [t for t in tensors.values() if t.location == location]
@@ -208,7 +223,9 @@ def iter_chunks(g: LoadedGraph, name: str, chunk: int = 1 << 22) -> Iterator[np.
     if info.data == "missing" or dtype is None:
         raise ValueError(f"{name}: no readable data ({info.data}, {info.dtype})")
     if info.data == "inline":
-        flat = onnx.numpy_helper.to_array(g.initializers[name]).reshape(-1)
+        tensor = g.model.graph.initializers[name].const_value
+        assert tensor is not None  # described "inline" above
+        flat = tensor.numpy().reshape(-1)
         for start in range(0, max(flat.size, 1), chunk):
             yield flat[start : start + chunk]
         return

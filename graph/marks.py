@@ -11,10 +11,10 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
-import onnx
+import onnx_ir as ir
 from dsv3c.artifact import provenance
 from dsv3c.artifact.provenance import Provenance, read_props
-from dsv3c.graph.index import GraphIndex
+from dsv3c.graph.index import GraphIndex, int_attr, output_names
 
 Key = tuple[str, str, tuple[str, ...]]  # (stage, rewrite, origin)
 
@@ -29,7 +29,7 @@ class Marks:
         for j, node in enumerate(index.nodes):
             if not node.metadata_props:
                 continue
-            marks = read_props({p.key: p.value for p in node.metadata_props})
+            marks = read_props(dict(node.metadata_props))
             if marks.stage is None:
                 continue
             self.of[j] = marks
@@ -58,7 +58,7 @@ class Marks:
         for j in group:
             if self.index.nodes[j].op_type == "Constant":
                 continue
-            for out in self.index.nodes[j].output:
+            for out in output_names(self.index.nodes[j]):
                 found += [(c, k) for c, k in self.index.consumers.get(out, []) if c not in inside]
         return found
 
@@ -70,10 +70,12 @@ class Marks:
                 return [x for x in self.group(j) if free(x)], rewrite
         return None
 
-    def lowered_label(self, node: onnx.NodeProto, group: list[int]) -> str:
+    def lowered_label(self, node: ir.Node, group: list[int]) -> str:
         """The label a lowering's marks give the replaced `node` (`lowered(com.microsoft.MoE)`: "lowered (to
         com.microsoft::MoE)"); "" when no node of `group` carries a lowering mark with `node` as its origin."""
-        marks = [m for j in group if (m := self.of.get(j)) is not None and node.name in m.origin and m.rewrite]
+        marks = [
+            m for j in group if (m := self.of.get(j)) is not None and node.name and node.name in m.origin and m.rewrite
+        ]
         rewrite = marks[0].rewrite if marks else None
         if rewrite is None:
             return ""
@@ -82,9 +84,7 @@ class Marks:
         if rewrite.kind != provenance.LOWERED or len(rewrite.details) != 1:
             return ""
         target = rewrite.details[0]
-        if node.op_type in ("QuantizeLinear", "DequantizeLinear") and any(
-            a.name == "block_size" and a.i for a in node.attribute
-        ):
+        if node.op_type in ("QuantizeLinear", "DequantizeLinear") and int_attr(node, "block_size"):
             return f"lowered (blocked {node.op_type} as {target})"
         domain, _, op = target.rpartition(".")
         return f"lowered (to {domain}::{op})" if domain and " " not in target else f"lowered (to {target})"

@@ -16,13 +16,12 @@
 
 from __future__ import annotations
 
-import hashlib
 from collections import Counter
 from collections.abc import Callable, Hashable
 from dataclasses import dataclass, field
 
-import onnx
-from dsv3c.graph.index import GraphIndex, is_custom
+import onnx_ir as ir
+from dsv3c.graph.index import GraphIndex, attribute_key, input_names, is_custom, output_names
 from dsv3c.graph.marks import Marks
 
 METHODS = ("name", "outputs", "neighbours", "position")
@@ -46,16 +45,14 @@ class Matching:
         return {m: c[m] for m in METHODS if c[m]}
 
 
-def attribute_digest(node: onnx.NodeProto) -> str:
-    h = hashlib.sha1()
-    for a in sorted(node.attribute, key=lambda a: a.name):
-        h.update(a.SerializeToString(deterministic=True))
-    return h.hexdigest()
+def attribute_digest(node: ir.Node) -> Hashable:
+    """What a node's attributes hold, as one key: equal keys, equal attributes."""
+    return tuple(attribute_key(a) for _, a in sorted(node.attributes.items()))
 
 
 def _by_name(a: GraphIndex, b: GraphIndex, m: Matching) -> None:
-    count_a = Counter(n.name for n in a.nodes)
-    count_b = Counter(n.name for n in b.nodes)
+    count_a = Counter(n.name or "" for n in a.nodes)
+    count_b = Counter(n.name or "" for n in b.nodes)
     where_b = {n.name: j for j, n in enumerate(b.nodes) if n.name and count_b[n.name] == 1}
     for i, node in enumerate(a.nodes):
         if node.name and count_a[node.name] == 1 and node.name in where_b:
@@ -76,9 +73,10 @@ def _derived(a: GraphIndex, b: GraphIndex, m: Matching, marks: Marks) -> None:
             m.derived.setdefault(origin[0], []).append(j)
             m.derived_b[j] = origin[0]
             continue
-        if "/" not in node.name:
+        name = node.name or ""
+        if "/" not in name:
             continue
-        name, cut = node.name, len(node.name)
+        cut = len(name)
         while (cut := name.rfind("/", 0, cut)) > 0:  # longest prefix first
             if name[:cut] in rewritten:
                 i = rewritten[name[:cut]]
@@ -91,7 +89,7 @@ def _by_outputs(a: GraphIndex, b: GraphIndex, m: Matching) -> None:
     for i, node in enumerate(a.nodes):
         if i in m.a_to_b:
             continue
-        for name in node.output:
+        for name in output_names(node):
             j = b.producer.get(name, (None, 0))[0] if name else None
             if j is None or j in m.b_to_a or j in m.derived_b:
                 continue
@@ -103,7 +101,7 @@ def _by_outputs(a: GraphIndex, b: GraphIndex, m: Matching) -> None:
 def _signature(index: GraphIndex, i: int, partner: Callable[[int], int | None], strict: bool) -> Hashable | None:
     node = index.nodes[i]
     parts: list[Hashable] = [index.op(i), attribute_digest(node) if strict else ""]
-    for name in node.input:
+    for name in input_names(node):
         if not name:
             parts.append("")
         elif name in index.producer:
@@ -122,12 +120,12 @@ def _signature(index: GraphIndex, i: int, partner: Callable[[int], int | None], 
 def _by_neighbours(a: GraphIndex, b: GraphIndex, m: Matching, strict: bool) -> None:
     candidates: dict[Hashable, list[int]] = {}
     for i in range(len(a)):
-        if i not in m.a_to_b and i not in m.derived and (strict or a.nodes[i].input):
+        if i not in m.a_to_b and i not in m.derived and (strict or input_names(a.nodes[i])):
             sig = _signature(a, i, lambda p: p, strict)
             candidates.setdefault(sig, []).append(i)
     taken: Counter[Hashable] = Counter()
     for j in range(len(b)):
-        if j in m.b_to_a or j in m.derived_b or not (strict or b.nodes[j].input):
+        if j in m.b_to_a or j in m.derived_b or not (strict or input_names(b.nodes[j])):
             continue
         sig = _signature(b, j, m.b_to_a.get, strict)
         if sig is None or sig not in candidates:
@@ -173,7 +171,7 @@ def match_initializers(a: GraphIndex, b: GraphIndex, m: Matching) -> dict[str, s
     pairs = {name: name for name in a.initializers if name in b.initializers}
     taken_b = set(pairs.values())
     for i, j in m.a_to_b.items():
-        for x, y in zip(a.nodes[i].input, b.nodes[j].input, strict=False):
+        for x, y in zip(input_names(a.nodes[i]), input_names(b.nodes[j]), strict=False):
             if x in a.initializers and y in b.initializers and x not in pairs and y not in taken_b:
                 pairs[x] = y
                 taken_b.add(y)
@@ -204,13 +202,13 @@ class Unmatched:
             reasons.append(f"the other graph's {node.name!r} is a {other.op(j)}")
         else:
             reasons.append(f"no node named {node.name!r} in the other graph")
-        made = [(o, other.producer[o][0]) for o in node.output if o in other.producer]
+        made = [(o, other.producer[o][0]) for o in output_names(node) if o in other.producer]
         if not made:
             reasons.append("none of its outputs is computed there")
         else:
             out, j = made[0]
             reasons.append(f"its output {out!r} comes from a {other.op(j)} there")
-        for k, name in enumerate(node.input):
+        for k, name in enumerate(input_names(node)):
             p = this.producer.get(name, (None, 0))[0] if name else None
             if p is not None and p not in self.partner:
                 reasons.append(f"input {k} comes from unmatched {this.label(p)!r}")

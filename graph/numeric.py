@@ -14,8 +14,9 @@ from dataclasses import dataclass
 
 import numpy as np
 import onnx
+import onnx_ir as ir
 from dsv3c.graph.diff_types import LayerError, NumericReport, TensorError
-from dsv3c.graph.index import GraphIndex, op_label
+from dsv3c.graph.index import GraphIndex, input_names, op_label, output_names
 from dsv3c.graph.load import LoadedGraph, numpy_dtype, read_raw
 from dsv3c.graph.match import Matching
 
@@ -41,14 +42,15 @@ def _dim_value(name: str) -> int:
 
 
 def _vocab(g: LoadedGraph, index: GraphIndex, ids: str) -> int:
-    for out in g.graph.output:
-        dims = out.type.tensor_type.shape.dim
-        if "logits" in out.name and dims and dims[-1].HasField("dim_value"):
-            return int(dims[-1].dim_value)
+    for out in g.graph.outputs:
+        dims = out.shape.dims if out.shape is not None else ()
+        if "logits" in (out.name or "") and dims and isinstance(dims[-1], int):
+            return int(dims[-1])
     for node_idx, _ in index.consumers.get(ids, []):
         node = index.nodes[node_idx]
-        if node.op_type == "Gather" and node.input[0] in g.tensors:
-            return g.tensors[node.input[0]].shape[0]
+        table = input_names(node)[0]
+        if node.op_type == "Gather" and table in g.tensors:
+            return g.tensors[table].shape[0]
     sizes = [t.shape[0] for n, t in g.tensors.items() if "embed" in n and t.shape]
     return max(sizes, default=2)
 
@@ -58,27 +60,27 @@ def make_inputs(graphs: list[tuple[LoadedGraph, GraphIndex]], seed: int) -> dict
     feeds: dict[str, np.ndarray] = {}
     dims: dict[str, int] = {}
     for g, index in graphs:
-        specs = [v for v in g.graph.input if v.name in index.inputs]
+        specs = [v for v in g.graph.inputs if v.name in index.inputs]
         past = next(
             (
-                dims.setdefault(d.dim_param, _dim_value(d.dim_param))
+                dims.setdefault(symbol, _dim_value(symbol))
                 for v in specs
-                for d in v.type.tensor_type.shape.dim
-                if "past" in d.dim_param.lower()
+                for symbol in _symbols(v)
+                if "past" in symbol.lower()
             ),
             0,
         )
         for v in specs:
-            if v.name in feeds:
+            name = v.name or ""
+            if name in feeds:
                 continue
-            t = v.type.tensor_type
             shape = [
-                d.dim_value if d.HasField("dim_value") else dims.setdefault(d.dim_param, _dim_value(d.dim_param))
-                for d in t.shape.dim
+                d if isinstance(d, int) else dims.setdefault(d.value or "", _dim_value(d.value or ""))
+                for d in (v.shape.dims if v.shape is not None else ())
             ]
-            rng = np.random.default_rng([seed, zlib.crc32(v.name.encode())])
-            dtype = numpy_dtype(t.elem_type) or np.dtype(np.float32)
-            lower = v.name.lower()
+            rng = np.random.default_rng([seed, zlib.crc32(name.encode())])
+            dtype = numpy_dtype(int(v.dtype) if v.dtype is not None else 0) or np.dtype(np.float32)
+            lower = name.lower()
             if dtype.kind in "iu" and "position" in lower:
                 value = np.broadcast_to(past + np.arange(shape[-1] if shape else 1), shape).astype(dtype)
             elif dtype.kind in "iu" and ("id" in lower or "token" in lower):
@@ -89,21 +91,27 @@ def make_inputs(graphs: list[tuple[LoadedGraph, GraphIndex]], seed: int) -> dict
                 value = np.ones(shape, dtype)
             else:
                 value = rng.standard_normal(shape).astype(dtype)
-            feeds[v.name] = value
+            feeds[name] = value
     return feeds
+
+
+def _symbols(v: ir.Value) -> list[str]:
+    """The names of a value's symbolic dims ("" for an unnamed one)."""
+    return [d.value or "" for d in (v.shape.dims if v.shape is not None else ()) if not isinstance(d, int)]
 
 
 def _pairs(a: GraphIndex, b: GraphIndex, m: Matching) -> list[_Pair]:
     pairs = []
     for i, node in enumerate(a.nodes):
         j = m.a_to_b.get(i)
-        for k, name in enumerate(node.output):
+        outputs_b = output_names(b.nodes[j]) if j is not None else []
+        for k, name in enumerate(output_names(node)):
             if not name:
                 continue
             if name in b.producer:
                 pairs.append(_Pair(name, name, i))
-            elif j is not None and k < len(b.nodes[j].output) and b.nodes[j].output[k]:
-                pairs.append(_Pair(name, b.nodes[j].output[k], i))
+            elif k < len(outputs_b) and outputs_b[k]:
+                pairs.append(_Pair(name, outputs_b[k], i))
     return pairs
 
 
@@ -111,8 +119,7 @@ def _runnable(g: LoadedGraph, extra_outputs: list[str]) -> bytes:
     """The model with external data read in and `extra_outputs` added as graph outputs, serialized."""
     if sum(t.nbytes for t in g.tensors.values()) > MAX_PROTO:
         raise ValueError("weights over 2 GB; numeric comparison reads models into one protobuf")
-    model = onnx.ModelProto()
-    model.CopyFrom(g.model)
+    model = ir.serde.serialize_model(g.model)
     for t in model.graph.initializer:
         if t.data_location == onnx.TensorProto.EXTERNAL:
             t.raw_data = read_raw(g, t.name)
@@ -191,5 +198,5 @@ def compare_numeric(a: LoadedGraph, b: LoadedGraph, m: Matching, seed: int = 0) 
     va, vb = values
     report = NumericReport("ok", "", seed, {k: list(v.shape) for k, v in feeds.items()})
     errors = [err for p in pairs if p.a in va and p.b in vb and (err := _error(ia, p, va[p.a], vb[p.b])) is not None]
-    _summarize(errors, {o.name for o in a.graph.output}, report)
+    _summarize(errors, {o.name or "" for o in a.graph.outputs}, report)
     return report

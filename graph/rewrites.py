@@ -34,13 +34,23 @@ from collections import Counter
 from collections.abc import Callable, Hashable, Iterable
 from dataclasses import dataclass, field
 
+import onnx_ir as ir
 from dsv3c.artifact import provenance
 from dsv3c.graph.diff_types import Rewrite
-from dsv3c.graph.index import GraphIndex, constant_key, is_custom, layer_of_name
-from dsv3c.graph.linears import FP8_TYPES, MOE_OPS, WEIGHT_PATH, Linear, LinearFinder, short_name
+from dsv3c.graph.index import GraphIndex, constant_key, input_names, int_attr, is_custom, layer_of_name, output_names
 from dsv3c.graph.load import dtype_name
 from dsv3c.graph.marks import Marks
 from dsv3c.graph.match import Matching, attribute_digest
+from dsv3c.onnxkit.linears import (
+    FP8_TYPES,
+    MOE_OPS,
+    WEIGHT_PATH,
+    Linear,
+    LinearFinder,
+    dims_of,
+    dtype_of,
+    short_name,
+)
 
 
 def _ops(names: str) -> frozenset[str]:
@@ -93,11 +103,12 @@ class _Grouper:
         self.a, self.b, self.m, self.inits, self.changed, self.marks = a, b, m, inits, changed, marks
         self.inits_back = {y: x for x, y in inits.items()}
         self.claims = Claims()
-        self.finder_a, self.finder_b = LinearFinder(a), LinearFinder(b)
-        self.linear_a = {linear.node: linear for linear in self.finder_a.find()}
+        self.finder_a, self.finder_b = LinearFinder(a.graph), LinearFinder(b.graph)
+        self.linear_a = {a.position[linear.node]: linear for linear in self.finder_a.find()}
+        self.linears_b = self.finder_b.find()
         self.linear_of_weight: dict[str, Linear] = {}
-        for linear in self.finder_b.find():
-            for w in linear.weights:
+        for linear in self.linears_b:
+            for w in linear.weight_names:
                 self.linear_of_weight.setdefault(w, linear)
         self.activation_owner: dict[int, Rewrite] = {}  # B node of an activation Q/DQ -> the rewrite claiming it
         self.activations_seen: set[int] = set()  # B linears whose activation _activation looked at
@@ -135,7 +146,7 @@ class _Grouper:
                 continue
             claimed.add(p)
             found.append(p)
-            todo.extend(n for n in index.nodes[p].input if n)
+            todo.extend(n for n in input_names(index.nodes[p]) if n)
         return found
 
     def _dominated(self, index: GraphIndex, starts: list[int], free: Callable[[int], bool]) -> list[int]:
@@ -147,13 +158,13 @@ class _Grouper:
         while heap:
             i = -heapq.heappop(heap)
             if i not in first:
-                users = {c for out in index.nodes[i].output for c, _ in index.consumers.get(out, [])}
-                graph_out = any(out in index.outputs for out in index.nodes[i].output)
+                users = {c for out in output_names(index.nodes[i]) for c, _ in index.consumers.get(out, [])}
+                graph_out = any(out in index.outputs for out in output_names(index.nodes[i]))
                 if graph_out or not users <= region or not free(i):
                     continue
                 region.add(i)
                 found.append(i)
-            for name in index.nodes[i].input:
+            for name in input_names(index.nodes[i]):
                 if name in index.producer and (p := index.producer[name][0]) not in seen:
                     seen.add(p)
                     heapq.heappush(heap, -p)
@@ -174,7 +185,7 @@ class _Grouper:
                 on_path = node.op_type in WEIGHT_PATH and node.domain in ("", "ai.onnx")
                 if free(j) and on_path and depth < _FORWARD_DEPTH:
                     path.append(j)
-                    todo += [(out, depth + 1) for out in node.output if out]
+                    todo += [(out, depth + 1) for out in output_names(node) if out]
                 else:
                     readers.append((j, k))
         return path, readers
@@ -183,9 +194,9 @@ class _Grouper:
         """From a weight's reader, the linear that uses it: through a Transpose/Cast to the MatMul or custom node."""
         for _ in range(4):
             node = index.nodes[j]
-            if node.op_type not in _TO_USER or len(node.output) != 1:
+            if node.op_type not in _TO_USER or len(output_names(node)) != 1:
                 return j
-            users = index.consumers.get(node.output[0], [])
+            users = index.consumers.get(output_names(node)[0], [])
             if len(users) != 1:
                 return j
             j = users[0][0]
@@ -193,7 +204,7 @@ class _Grouper:
 
     def _initializers(self, rw: Rewrite, nodes_a: Iterable[int], nodes_b: Iterable[int]) -> None:
         """Claim the initializers read by the rewrite's nodes that were removed, added or changed."""
-        for name in sorted({n for i in nodes_a for n in self.a.nodes[i].input if n in self.a.initializers}):
+        for name in sorted({n for i in nodes_a for n in input_names(self.a.nodes[i]) if n in self.a.initializers}):
             if name in self.claims.inits_a:
                 continue
             if name not in self.inits:
@@ -202,7 +213,7 @@ class _Grouper:
             elif name in self.changed:
                 rw.changed_initializers.append(name)
                 self.claims.inits_a.add(name)
-        for name in sorted({n for j in nodes_b for n in self.b.nodes[j].input if n in self.b.initializers}):
+        for name in sorted({n for j in nodes_b for n in input_names(self.b.nodes[j]) if n in self.b.initializers}):
             if name not in self.inits_back and name not in self.claims.inits_b:
                 rw.added_initializers.append(name)
                 self.claims.inits_b.add(name)
@@ -215,8 +226,8 @@ class _Grouper:
         ):
             for i in reversed(range(len(index))):
                 node = index.nodes[i]
-                users = sorted({c for out in node.output for c, _ in index.consumers.get(out, [])})
-                if not free(i) or not users or any(out in index.outputs for out in node.output):
+                users = sorted({c for out in output_names(node) for c, _ in index.consumers.get(out, [])})
+                if not free(i) or not users or any(out in index.outputs for out in output_names(node)):
                     continue
                 if all(u in owner for u in users):
                     rw = owner[users[0]]
@@ -239,9 +250,9 @@ class _Grouper:
         b_constants = {k for j in range(len(b)) if (k := constant_key(b.nodes[j])) is not None}
         by_layer: dict[int | None, list[tuple[int, int | None]]] = {}
         for i, node in enumerate(a.nodes):
-            key = (a.op(i), attribute_digest(node), tuple(values.get(x, x) for x in node.input))
+            key = (a.op(i), attribute_digest(node), tuple(values.get(x, x) for x in input_names(node)))
             rep = first.setdefault(key, i)
-            for k, out in enumerate(node.output):
+            for k, out in enumerate(output_names(node)):
                 values[out] = ("v", rep, k)
             if not self.free_a(i):
                 continue
@@ -281,23 +292,23 @@ class _Grouper:
         _, readers = self._forward(self.b, y, self.free_b)
         for j, k in readers:
             i = self.m.b_to_a.get(j)
-            if i is None or k >= len(self.a.nodes[i].input):
+            if i is None or k >= len(input_names(self.a.nodes[i])):
                 continue
-            trace = self.finder_a.trace(self.a.nodes[i].input[k])
+            trace = self.finder_a.trace(self.a.values.get(input_names(self.a.nodes[i])[k]))
             weights = self.finder_a.weights(trace) if trace else []
-            dims = list(self.b.initializers[y].dims)
+            dims = list(dims_of(self.b.initializers[y]))
             for w in weights:
-                if w.name not in self.inits and list(w.dims) == dims:
+                if w.name not in self.inits and list(dims_of(w)) == dims:
                     return w.name
         return None
 
     def quantized(self) -> list[Rewrite]:
         groups: dict[Hashable, tuple[int, Rewrite]] = {}
         for y, t in self.b.initializers.items():
-            if t.data_type not in FP8_TYPES or y in self.claims.inits_b:
+            if dtype_of(t) not in FP8_TYPES or y in self.claims.inits_b:
                 continue
             x = self.inits_back.get(y) or self._renamed_weight(y)
-            if x is None or self.a.initializers[x].data_type in FP8_TYPES or len(self.a.initializers[x].dims) < 2:
+            if x is None or dtype_of(self.a.initializers[x]) in FP8_TYPES or len(dims_of(self.a.initializers[x])) < 2:
                 continue
             self._weight(x, y, groups)
         self._activations_only(groups)
@@ -317,12 +328,12 @@ class _Grouper:
             path_b, readers_b = self._forward(b, y, self.free_b)
             claims.nodes_b.update(path_b)
             scales_b = self._upstream(
-                b, [n for j in path_b for n in b.nodes[j].input], self.free_b, claims.nodes_b, _QDQ_HELPERS
+                b, [n for j in path_b for n in input_names(b.nodes[j])], self.free_b, claims.nodes_b, _QDQ_HELPERS
             )
         path_a, readers_a = self._forward(a, x, self.free_a)
         claims.nodes_a.update(path_a)
         scales_a = self._upstream(
-            a, [n for i in path_a for n in a.nodes[i].input], self.free_a, claims.nodes_a, _QDQ_HELPERS
+            a, [n for i in path_a for n in input_names(a.nodes[i])], self.free_a, claims.nodes_a, _QDQ_HELPERS
         )
         user_a: int | None = None
         user_b: int | None = None
@@ -338,22 +349,22 @@ class _Grouper:
             user_a = self._user(a, readers_a[0][0])
         linear = self.linear_of_weight.get(y)
         moe = user_a is not None and a.nodes[user_a].op_type in MOE_OPS
-        experts = len(b.initializers[y].dims) == 3 and (moe or (linear is not None and linear.kind == "experts"))
+        experts = len(dims_of(b.initializers[y])) == 3 and (moe or (linear is not None and linear.kind == "experts"))
         key: Hashable = ("experts", user_a) if experts else ("weight", y)
         order = user_a if user_a is not None else len(a) + len(groups)
         if key not in groups:
-            scheme = linear.scheme if linear is not None and linear.scheme else dtype_name(b.initializers[y].data_type)
+            scheme = linear.scheme if linear is not None and linear.scheme else dtype_name(_dtype(b.initializers[y]))
             if marked is not None and marked[1].details:
                 scheme = ", ".join(marked[1].details)
             layer = a.layers[user_a] if user_a is not None else layer_of_name(x)
             rw = Rewrite("quantized", f"quantized ({scheme})", layer, "", a.op(user_a) if user_a is not None else "")
             rw.stage = next((self.marks.of[j].stage or "" for j in path_b if j in self.marks.of), "")
-            rw.weight_dtype = dtype_name(b.initializers[y].data_type)
+            rw.weight_dtype = dtype_name(_dtype(b.initializers[y]))
             groups[key] = (order, rw)
         rw = groups[key][1]
         rw.weights.append(x if x == y else f"{x} -> {y}")
-        rw.weight_shapes.append(list(b.initializers[y].dims))
-        scale = self.finder_b.scale_of(y)
+        rw.weight_shapes.append(list(dims_of(b.initializers[y])))
+        scale = self.finder_b.scale_of(b.initializers[y])
         if scale is None and linear is not None and len(linear.weights) == 1:
             scale = linear.scale_shape
         rw.scale_shapes.append(list(scale) if scale is not None else [])
@@ -380,11 +391,11 @@ class _Grouper:
         """Linears whose weight is the same on both sides (an FP8 checkpoint exports FP8 already) but whose
         activation a pass quantized, as its marks say: one rewrite each."""
         a, b, m = self.a, self.b, self.m
-        for linear in self.finder_b.find():
-            j = linear.node
+        for linear in self.linears_b:
+            j = b.position[linear.node]
             if j in self.activations_seen or j not in m.b_to_a or b.nodes[j].op_type not in ("MatMul", "Gemm"):
                 continue
-            producer = b.producer.get(b.nodes[j].input[0], (None, 0))[0]
+            producer = b.producer.get(input_names(b.nodes[j])[0], (None, 0))[0]
             mark = self.marks.of.get(producer) if producer is not None else None
             if mark is None or mark.rewrite is None or mark.rewrite.kind != provenance.QUANTIZED:
                 continue
@@ -396,10 +407,10 @@ class _Grouper:
             rw = Rewrite("quantized", label, a.layers[user_a], "", a.op(user_a))
             rw.stage = mark.stage or ""
             rw.weight_dtype = linear.weight_dtype
-            rw.weights = list(linear.weights)
+            rw.weights = list(linear.weight_names)
             rw.weight_shapes = [list(linear.weight_shape)]
             rw.scale_shapes = [list(linear.scale_shape) if linear.scale_shape is not None else []]
-            rw.target = short_name(linear.weights[0]) if linear.weights else b.label(j)
+            rw.target = short_name(linear.weight_names[0]) if linear.weights else b.label(j)
             self._activation(rw, user_a, j)
             groups[("activation", j)] = (user_a, rw)
 
@@ -408,16 +419,16 @@ class _Grouper:
         self.activations_seen.add(user_b)
         b, claims = self.b, self.claims
         marked: provenance.Rewrite | None = None
-        producer = b.producer.get(b.nodes[user_b].input[0], (None, 0))[0]
+        producer = b.producer.get(input_names(b.nodes[user_b])[0], (None, 0))[0]
         mark = self.marks.of.get(producer) if producer is not None else None
         if mark is not None and mark.rewrite is not None and mark.rewrite.kind == provenance.QUANTIZED:
             marked = mark.rewrite  # the pass said how it quantized this activation
-        description = ", ".join(marked.details) if marked else self.finder_b.activation(b.nodes[user_b].input[0])
+        description = ", ".join(marked.details) if marked else self.finder_b.activation(b.nodes[user_b].inputs[0])
         if not description:
             return
         rw.activation = description
         claims.explain(user_a, 0)
-        tensor = b.nodes[user_b].input[0]
+        tensor = input_names(b.nodes[user_b])[0]
         producer = b.producer.get(tensor, (None, 0))[0]
         if producer is not None and producer in self.activation_owner and self.activation_owner[producer] is not rw:
             rw.shared_activation = self.activation_owner[producer].target
@@ -441,10 +452,14 @@ class _Grouper:
         """Without a naming clue: the free nodes of B that now produce what the matched readers of i's outputs read."""
         a, b, m = self.a, self.b, self.m
         seeds = []
-        for out in a.nodes[i].output:
+        for out in output_names(a.nodes[i]):
             for c, k in a.consumers.get(out, []):
                 j = m.a_to_b.get(c)
-                if j is not None and k < len(b.nodes[j].input) and (t := b.nodes[j].input[k]) in b.producer:
+                if (
+                    j is not None
+                    and k < len(input_names(b.nodes[j]))
+                    and (t := input_names(b.nodes[j])[k]) in b.producer
+                ):
                     p = b.producer[t][0]
                     if self.free_b(p) and p not in seeds:
                         seeds.append(p)
@@ -469,7 +484,9 @@ class _Grouper:
                     continue
             starts = [*derived, *([j] if replaced and j is not None else [])]
             claims.nodes_b.update(derived)
-            fed = self._upstream(b, [n for s in starts for n in b.nodes[s].input], self.free_b, claims.nodes_b, None)
+            fed = self._upstream(
+                b, [n for s in starts for n in input_names(b.nodes[s])], self.free_b, claims.nodes_b, None
+            )
             group = sorted({*starts, *fed})
             removed = []
             if replaced:
@@ -483,7 +500,7 @@ class _Grouper:
             for y in group:
                 claims.lowered_b[y] = i
             linear = self.linear_a.get(i) if node.op_type in ("MatMul", "Gemm") else None
-            target = short_name(linear.weights[0]) if linear is not None else a.label(i)  # a linear by its weight
+            target = short_name(linear.weight_names[0]) if linear is not None else a.label(i)  # a linear by its weight
             rw = Rewrite(
                 "lowered",
                 self.marks.lowered_label(self.a.nodes[i], group) or self._label(i, group),
@@ -508,9 +525,7 @@ class _Grouper:
         if is_custom(node):
             return f"lowered (inlined, {len(group)} nodes)"
         ops = " + ".join(dict.fromkeys(b.op(j) for j in group if b.nodes[j].op_type not in _PLUMBING))
-        if node.op_type in ("QuantizeLinear", "DequantizeLinear") and any(
-            a.name == "block_size" and a.i for a in node.attribute
-        ):
+        if node.op_type in ("QuantizeLinear", "DequantizeLinear") and int_attr(node, "block_size"):
             return f"lowered (blocked {node.op_type} as {ops or 'constants'})"
         return f"lowered (to {ops})" if ops else "lowered (rewritten)"
 
@@ -528,7 +543,9 @@ class _Grouper:
         starts = [
             i
             for i in range(len(a))
-            if self.free_a(i) and a.nodes[i].output and all(constant_in_b(o) for o in a.nodes[i].output if o)
+            if self.free_a(i)
+            and output_names(a.nodes[i])
+            and all(constant_in_b(o) for o in output_names(a.nodes[i]) if o)
         ]
         if not starts:
             return []
@@ -540,7 +557,7 @@ class _Grouper:
             by_layer.setdefault(a.layers[i], []).append(i)
         found = []
         for layer, nodes in by_layer.items():
-            outs = [o for i in nodes for o in a.nodes[i].output if o and constant_in_b(o)]
+            outs = [o for i in nodes for o in output_names(a.nodes[i]) if o and constant_in_b(o)]
             made = [p for o in outs if (q := b.producer.get(o)) is not None and self.free_b(p := q[0])]
             claims.nodes_b.update(made)
             ops = Counter(a.op(i) for i in nodes)
@@ -567,6 +584,11 @@ class _Grouper:
                     claims.inits_b.add(o)
             found.append(rw)
         return found
+
+
+def _dtype(value: ir.Value) -> int:
+    dtype = dtype_of(value)
+    return int(dtype) if dtype is not None else 0
 
 
 def _experts_name(weights: tuple[str, ...]) -> str:

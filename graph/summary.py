@@ -7,12 +7,12 @@ from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import onnx
+import onnx_ir as ir
 from dsv3c.artifact import provenance
 from dsv3c.graph.index import GraphIndex, attribute_text, is_custom, op_label
-from dsv3c.graph.linears import find_linears
 from dsv3c.graph.load import MANIFEST, ExternalFile, LoadedGraph, dtype_name, load_graph, read_export_manifest
 from dsv3c.graph.marks import Marks
+from dsv3c.onnxkit.linears import find_linears
 
 _CACHE_NAME = re.compile(r"cache|past|ckv|kpe|latent", re.IGNORECASE)
 
@@ -96,13 +96,12 @@ class InspectReport:
     cache_layout: dict[str, object] | None = None  # from an export folder's manifest
 
 
-def _spec(v: onnx.ValueInfoProto) -> TensorSpec:
-    t = v.type.tensor_type
-    dims: list[int | str] = [d.dim_param or (d.dim_value if d.HasField("dim_value") else "?") for d in t.shape.dim]
-    return TensorSpec(v.name, dtype_name(t.elem_type), dims)
+def _spec(v: ir.Value) -> TensorSpec:
+    dims: list[int | str] = [d if isinstance(d, int) else d.value or "?" for d in (v.shape.dims if v.shape else ())]
+    return TensorSpec(v.name or "", dtype_name(int(v.dtype) if v.dtype is not None else 0), dims)
 
 
-def function_label(f: onnx.FunctionProto) -> str:
+def function_label(f: ir.Function) -> str:
     return f"{f.domain}::{f.name}" + (f" ({f.overload})" if f.overload else "")
 
 
@@ -111,7 +110,7 @@ def _custom(index: GraphIndex) -> list[CustomNodes]:
     for i, node in enumerate(index.nodes):
         if not is_custom(node):
             continue
-        attrs = tuple(sorted((a.name, attribute_text(a)) for a in node.attribute))
+        attrs = tuple(sorted((k, attribute_text(a)) for k, a in node.attributes.items()))
         group = groups.setdefault((op_label(node), attrs), CustomNodes(op_label(node), 0, dict(attrs), [], []))
         group.count += 1
         group.names.append(index.label(i))
@@ -122,9 +121,9 @@ def _custom(index: GraphIndex) -> list[CustomNodes]:
 
 
 def _coverage(index: GraphIndex) -> Fp8Coverage:
-    """Linears run in fp8 when both the weight and the activation are fp8 (graph/linears.py says how each is
+    """Linears run in fp8 when both the weight and the activation are fp8 (onnxkit/linears.py says how each is
     found); fp8 weights next to a high-precision activation (a custom node's, a MoE's experts) are weight-only."""
-    linears = find_linears(index)
+    linears = find_linears(index.graph)
     schemes = Counter(lin.scheme for lin in linears if lin.fp8_weight)
     weight_only = [lin for lin in linears if lin.fp8_weight and not lin.fp8_activation]
     return Fp8Coverage(
@@ -140,7 +139,7 @@ def _coverage(index: GraphIndex) -> Fp8Coverage:
 
 
 def _stages(g: LoadedGraph, index: GraphIndex) -> dict[str, int]:
-    ran = {p.key: p.value for p in g.model.metadata_props}.get(provenance.MODEL_STAGES, "")
+    ran = g.model.metadata_props.get(provenance.MODEL_STAGES, "")
     counts = Counter(m.stage for m in Marks(index).of.values())
     return {stage: counts[stage] for stage in [*dict.fromkeys(s for s in ran.split("\n") if s), *counts]}
 
@@ -162,24 +161,24 @@ def summarize(g: LoadedGraph) -> GraphSummary:
         if missing == len(g.tensors)
         else f"partial ({missing} of {len(g.tensors)} tensors missing)"
     )
-    inputs = [_spec(v) for v in g.graph.input if v.name not in g.tensors]
+    inputs = [_spec(v) for v in g.graph.inputs if v.name not in g.tensors]
     model = g.model
     return GraphSummary(
         role=g.role,
         path=str(g.path),
         ir_version=model.ir_version,
-        opsets={o.domain or "ai.onnx": o.version for o in model.opset_import},
-        producer=f"{model.producer_name} {model.producer_version}".strip(),
+        opsets={d or "ai.onnx": v for d, v in model.opset_imports.items()},
+        producer=f"{model.producer_name or ''} {model.producer_version or ''}".strip(),
         nodes=len(index),
         ops=dict(Counter(index.op(i) for i in range(len(index))).most_common()),
         inputs=inputs,
-        outputs=[_spec(v) for v in g.graph.output],
+        outputs=[_spec(v) for v in g.graph.outputs],
         parameters=sum(r.parameters for r in rows.values()),
         bytes=sum(r.bytes for r in rows.values()),
         by_dtype=sorted(rows.values(), key=lambda r: -r.bytes),
         data=data,
         custom_nodes=_custom(index),
-        functions={function_label(f): len(f.node) for f in model.functions},
+        functions={function_label(f): len(f) for f in model.functions.values()},
         fp8=_coverage(index),
         cache=[s for s in inputs if _CACHE_NAME.search(s.name)],
         external_files=g.external_files,

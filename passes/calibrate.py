@@ -18,7 +18,7 @@ import numpy as np
 from dsv3c.artifact.export_folder import ExportGraphs
 from dsv3c.artifact.manifest import Manifest
 from dsv3c.errors import UserError
-from dsv3c.passes.linears import LinearKind, find_linears
+from dsv3c.onnxkit.linears import LinearKind, rewritable_linears
 from dsv3c.passes.ort_run import FeedShape, GraphRunner, random_feeds
 
 ROLE_ORDER = ("prefill", "decode", "mtp")  # text feeds for decode and MTP come from prefill's outputs
@@ -47,7 +47,7 @@ def calibrate(
     runners: dict[str, tuple[GraphRunner, dict[str, list[str]]]] = {}
     for role in sorted(graphs.models, key=lambda r: ROLE_ORDER.index(r) if r in ROLE_ORDER else len(ROLE_ORDER)):
         inputs: dict[str, list[str]] = {}  # activation tensor -> linears reading it
-        for linear in find_linears(graphs.models[role].graph):
+        for linear in rewritable_linears(graphs.models[role].graph):
             if linear.kind == LinearKind.MATMUL and linear.name in linears:
                 assert linear.activation is not None and linear.activation.name is not None
                 inputs.setdefault(linear.activation.name, []).append(linear.name)

@@ -25,9 +25,9 @@ from dsv3c.artifact import provenance
 from dsv3c.errors import UserError
 from dsv3c.export.builder import Builder, first_user
 from dsv3c.models.fp8 import FP8_MAX
+from dsv3c.onnxkit.linears import LinearKind, WeightUse, rewritable_linears
 from dsv3c.passes.fp8_math import AMAX_FLOOR, TILE, ActScheme, act_scale
 from dsv3c.passes.fp8_weights import _require_opset
-from dsv3c.passes.linears import Linear, LinearKind, find_linears
 from dsv3c.passes.stages import DsPass, StageResult
 
 FP8 = ir.DataType.FLOAT8E4M3FN
@@ -50,12 +50,12 @@ class Fp8ActivationsPass(DsPass):
             if self.scheme == ActScheme.STATIC and linear.name not in self.static_amax:
                 raise UserError(f"static activation scales: no calibration for {linear.name}; run with --calibrate N")
 
-    def _linears(self, graph: ir.Graph) -> list[Linear]:
-        return [lin for lin in find_linears(graph) if lin.kind == LinearKind.MATMUL and lin.weight.dtype == FP8]
+    def _linears(self, graph: ir.Graph) -> list[WeightUse]:
+        return [lin for lin in rewritable_linears(graph) if lin.kind == LinearKind.MATMUL and lin.weight.dtype == FP8]
 
     def call(self, model: ir.Model) -> ir.passes.PassResult:
         graph = model.graph
-        groups: dict[ir.Value, list[Linear]] = {}
+        groups: dict[ir.Value, list[WeightUse]] = {}
         for linear in self._linears(graph):
             assert linear.activation is not None
             groups.setdefault(linear.activation, []).append(linear)
@@ -79,7 +79,7 @@ class Fp8ActivationsPass(DsPass):
         grain = f"1x{TILE} tiles" if self.scheme == ActScheme.TILE else "per-tensor"
         return provenance.quantized("fp8", f"{grain} ({how})")
 
-    def _qdq(self, b: Builder, x: ir.Value, linears: list[Linear]) -> ir.Value:
+    def _qdq(self, b: Builder, x: ir.Value, linears: list[WeightUse]) -> ir.Value:
         assert x.shape is not None and x.dtype is not None
         dtype = x.dtype
         h = x if dtype == ir.DataType.FLOAT else b.op("Cast", x, name="cast_in", to=ir.DataType.FLOAT)

@@ -16,8 +16,8 @@ import onnx_ir as ir
 from dsv3c.artifact.export_folder import mark_weight
 from dsv3c.export.fp8_form import FP8, dequantize_weight
 from dsv3c.models.fp8 import DEFAULT_BLOCK, Block
+from dsv3c.onnxkit.linears import WeightUse, rewritable_linears
 from dsv3c.passes.fp8_math import WeightQuantizer, WeightScheme
-from dsv3c.passes.linears import Linear, find_linears
 from dsv3c.passes.policy import Policy
 from dsv3c.passes.stages import DsPass, StageResult
 
@@ -40,14 +40,14 @@ class Fp8WeightsPass(DsPass):
 
     def requires(self, model: ir.Model) -> None:
         _require_opset(model, "fp8 weights")
-        for linear in find_linears(model.graph):
+        for linear in rewritable_linears(model.graph):
             if linear.weight.dtype is not None and not linear.weight.dtype.is_floating_point():
                 raise ir.passes.PreconditionError(f"weight {linear.name} is {linear.weight.dtype}, not a float")
 
     def call(self, model: ir.Model) -> ir.passes.PassResult:
         graph = model.graph
-        by_weight: dict[str, list[Linear]] = {}
-        for linear in find_linears(graph):
+        by_weight: dict[str, list[WeightUse]] = {}
+        for linear in rewritable_linears(graph):
             by_weight.setdefault(linear.name, []).append(linear)
         quantized, kept, fp8 = [], [], []
         for name, linears in by_weight.items():
@@ -71,7 +71,7 @@ class Fp8WeightsPass(DsPass):
             },
         )
 
-    def _quantize(self, graph: ir.Graph, linears: Sequence[Linear]) -> None:
+    def _quantize(self, graph: ir.Graph, linears: Sequence[WeightUse]) -> None:
         old = linears[0].weight
         name, source = linears[0].name, old.const_value
         assert source is not None

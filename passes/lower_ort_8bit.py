@@ -51,7 +51,7 @@ from dsv3c.artifact.export_folder import mark_weight
 from dsv3c.export.builder import Builder, initializer, static_dims
 from dsv3c.export.onnx_ops import DOMAIN, MOE_OP
 from dsv3c.models.fp8 import DEFAULT_BLOCK, Block
-from dsv3c.passes.linears import MOE_EXPERT_INPUTS, LinearKind, find_linears, weight_source
+from dsv3c.onnxkit.linears import MOE_EXPERT_INPUTS, LinearKind, rewritable_linears, weight_source
 from dsv3c.passes.lower_ort import MS_DOMAIN, expert_shape, routing
 from dsv3c.passes.stages import DsPass, StageResult
 
@@ -181,7 +181,7 @@ class MatMulNBitsPass(DsPass):
         self.cache = cache or _Quantized()
 
     def requires(self, model: ir.Model) -> None:
-        for linear in find_linears(model.graph):
+        for linear in rewritable_linears(model.graph):
             if linear.kind == LinearKind.MATMUL:
                 _require_float32(linear.activation, f"the input of linear {linear.name}")
                 if linear.weight.const_value is None:
@@ -189,7 +189,7 @@ class MatMulNBitsPass(DsPass):
 
     def call(self, model: ir.Model) -> ir.passes.PassResult:
         graph, block = model.graph, self.options.block
-        linears = find_linears(graph)
+        linears = rewritable_linears(graph)
         converted: dict[str, None] = {}
         for linear in linears:
             if linear.kind != LinearKind.MATMUL:

@@ -12,18 +12,18 @@ from dsv3c import progress
 from dsv3c.artifact.export_folder import ExportGraphs, plan_slots, read_export, write_export
 from dsv3c.artifact.manifest import Manifest
 from dsv3c.errors import UserError
+from dsv3c.onnxkit.linears import LinearKind, rewritable_linears
 from dsv3c.passes.calibrate import calibrate as run_calibration
 from dsv3c.passes.calibrate import calibration_record
 from dsv3c.passes.fp8_math import ActScheme, WeightScheme
 from dsv3c.passes.fp8_weights import Fp8WeightsPass
-from dsv3c.passes.linears import LinearKind, find_linears
 from dsv3c.passes.pipelines import QuantizeOptions, quantize_pipeline
 from dsv3c.passes.stages import run_pipeline
 
 
 def linear_names(graphs: ExportGraphs) -> dict[str, LinearKind]:
     """Every linear weight name of every graph, with its kind."""
-    return {lin.name: lin.kind for model in graphs.models.values() for lin in find_linears(model.graph)}
+    return {lin.name: lin.kind for model in graphs.models.values() for lin in rewritable_linears(model.graph)}
 
 
 def quantize_folder(

@@ -10,8 +10,8 @@ import numpy as np
 import pytest
 from dsv3c.artifact.export_folder import read_export
 from dsv3c.cli.main import main
+from dsv3c.onnxkit.linears import LinearKind, rewritable_linears
 from dsv3c.passes.calibrate import calibrate, calibration_record, text_feeds
-from dsv3c.passes.linears import LinearKind, find_linears
 from dsv3c.passes.ort_run import GraphRunner
 
 from .test_eval import REPO, train_tokenizer
@@ -46,7 +46,7 @@ def test_decode_feed_continues_the_prefill(tiny_export: Path) -> None:
 def test_text_calibration_covers_the_same_linears(tiny_export: Path) -> None:
     graphs = read_export(tiny_export)
     linears = {
-        lin.name for m in graphs.models.values() for lin in find_linears(m.graph) if lin.kind == LinearKind.MATMUL
+        lin.name for m in graphs.models.values() for lin in rewritable_linears(m.graph) if lin.kind == LinearKind.MATMUL
     }
     from_text = calibrate(graphs, linears, 2, text=windows(1))
     assert from_text == calibrate(graphs, linears, 2, text=windows(1))  # deterministic

@@ -15,9 +15,9 @@ import pytest
 from dsv3c.cli import main as cli
 from dsv3c.graph.diff import diff_paths
 from dsv3c.graph.diff_types import DiffReport, GraphDiff, Rewrite
-from dsv3c.graph.linears import FP8_TYPES
 from dsv3c.graph.render_text import render_diff, render_inspect
 from dsv3c.graph.summary import inspect_path
+from dsv3c.onnxkit.linears import FP8_TYPES
 
 from .fixtures.pipeline import PipelineFolders
 

@@ -13,8 +13,8 @@ from dsv3c.artifact.export_folder import read_export
 from dsv3c.artifact.manifest import read_manifest
 from dsv3c.cli import main as cli
 from dsv3c.models.fp8 import dequantize_block_fp8
+from dsv3c.onnxkit.linears import LinearKind, rewritable_linears
 from dsv3c.passes.fp8_math import ActScheme, WeightScheme, fake_quant_activation, quantize_weight
-from dsv3c.passes.linears import LinearKind, find_linears
 from dsv3c.passes.ort_run import GraphRunner, random_feeds, relative_error
 from dsv3c.passes.pipelines import QuantizeOptions
 from dsv3c.passes.policy import Policy
@@ -53,7 +53,7 @@ def test_structure(quantized: Path) -> None:
     graphs = read_export(quantized)
     for role, model in graphs.models.items():
         inits = model.graph.initializers
-        for linear in find_linears(model.graph):
+        for linear in rewritable_linears(model.graph):
             name, kind = linear.name, linear.kind
             fp8 = any(f".{p}." in name for p in ATTENTION) or (".mlp." in name and "_proj" in name)
             assert (linear.weight.dtype == FP8) == fp8, (role, name)

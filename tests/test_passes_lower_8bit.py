@@ -11,7 +11,7 @@ import pytest
 from dsv3c.artifact.manifest import read_manifest
 from dsv3c.cli import main as cli
 from dsv3c.models.config import DeepseekV3Config
-from dsv3c.passes.linears import LinearKind, find_linears
+from dsv3c.onnxkit.linears import LinearKind, rewritable_linears
 from dsv3c.passes.lower import lower_folder
 from dsv3c.passes.lower_ort_8bit import (
     Int8Options,
@@ -147,7 +147,7 @@ def test_ort_8bit(source: str, export_dir: Path, quantized: Path, tmp_path: Path
     src = export_dir if source == "float" else quantized
     out = lower_folder(src, tmp_path / "ort8", Target.ORT, weights_8bit=128).folder
     assert out is not None
-    before = {lin.name: lin.kind for lin in find_linears(ir.load(src / "decode.onnx").graph)}
+    before = {lin.name: lin.kind for lin in rewritable_linears(ir.load(src / "decode.onnx").graph)}
     for role in ("prefill", "decode", "mtp"):
         model = ir.load(out / f"{role}.onnx")
         nbits = [n for n in model.graph if n.op_type == "MatMulNBits"]
