@@ -65,7 +65,9 @@ def match(quantize: ir.Node) -> OnlineRegion | str:
     h = quantize.inputs[0]
     assert h is not None
     while (p := h.producer()) is not None and p.op_type in _LAYOUT_IN and _from_activation_pass(p):
-        h = p.inputs[0]  # type: ignore[assignment]
+        if (source := p.inputs[0]) is None:
+            break
+        h = source
     y = users[0].outputs[0]
     while len(uses := list(y.uses())) == 1 and uses[0][0].op_type in _LAYOUT_OUT and _from_activation_pass(uses[0][0]):
         y = uses[0][0].outputs[0]
@@ -105,7 +107,7 @@ class OnlineActivationsToMxfp8Pass(DsPass):
         rank, k = len(region.h.shape), int(region.h.shape[-1])  # type: ignore[arg-type]
         build = mxfp8_trt if self.form == Mxfp8Form.TRT else mxfp8_emulated
         out = build(b, region.h, rank, k)
-        out.shape, out.dtype = region.y.shape, region.y.dtype
+        out.shape, out.dtype = region.y.shape, region.y.dtype or ir.DataType.FLOAT
         b.insert_before(graph, region.quantize)
         last = region.y.producer()
         region.y.replace_all_uses_with(out)

@@ -71,9 +71,8 @@ def mxfp8_emulated(b: Builder, h: ir.Value, rank: int, k: int) -> ir.Value:
     amax = b.op("ReduceMax", b.op("Abs", t), b.ints(-1, name="axes"), keepdims=1, name="amax")  # [..., C, 1]
     s = b.op("Div", amax, b.const(np.float32(FP8_MAX), name="fp8_max"), name="amax_over_max")
     s = pow2_at_least(b, b.op("Max", s, b.const(np.float32(SCALE_FLOOR), name="floor"), name="floored"))
-    axis = {"axis": -1, "block_size": MX_BLOCK}
-    q = b.op("QuantizeLinear", t, s, name="quantize", output_dtype=FP8, **axis)
-    d = b.op("DequantizeLinear", q, s, name="dequantize", **axis)
+    q = b.op("QuantizeLinear", t, s, name="quantize", output_dtype=FP8, axis=-1, block_size=MX_BLOCK)
+    d = b.op("DequantizeLinear", q, s, name="dequantize", axis=-1, block_size=MX_BLOCK)
     y = b.op("Reshape", d, b.ints(*([0] * (rank - 1) + [blocks * MX_BLOCK]), name="channels"), name="from_blocks")
     return _crop(b, y, k)
 
@@ -81,16 +80,17 @@ def mxfp8_emulated(b: Builder, h: ir.Value, rank: int, k: int) -> ir.Value:
 def mxfp8_trt(b: Builder, h: ir.Value, rank: int, k: int) -> ir.Value:
     """h [..., K] float32 -> TensorRT's dynamic MXFP8 quantize + dequantize (float32, [..., K])."""
     x = _pad_blocks(b, h, rank, k)
-    axis = {"axis": -1, "block_size": MX_BLOCK}
+    blocked = {"axis": -1, "block_size": MX_BLOCK}
     q, scales = b.op(
-        TRT_DYNAMIC_QUANTIZE, x, name="mxfp8_quantize", domain=TRT_DOMAIN, num_outputs=2, output_dtype=FP8, **axis
+        TRT_DYNAMIC_QUANTIZE, x, name="mxfp8_quantize", domain=TRT_DOMAIN, num_outputs=2, output_dtype=FP8, **blocked
     )
     q.dtype, scales.dtype = FP8, ir.DataType.FLOAT8E8M0
     if x.shape is not None:
         *lead, width = x.shape.dims
-        q.shape, scales.shape = ir.Shape(x.shape.dims), ir.Shape([*lead, int(width) // MX_BLOCK])  # type: ignore[call-overload]
+        q.shape = ir.Shape(x.shape.dims)
+        scales.shape = ir.Shape([*lead, -(-k // MX_BLOCK) if isinstance(width, int) else width])
     d = b.op(
-        TRT_DEQUANTIZE, q, scales, name="mxfp8_dequantize", domain=TRT_DOMAIN, output_dtype=ir.DataType.FLOAT, **axis
+        TRT_DEQUANTIZE, q, scales, name="mxfp8_dequantize", domain=TRT_DOMAIN, output_dtype=ir.DataType.FLOAT, **blocked
     )
     d.dtype = ir.DataType.FLOAT
     if x.shape is not None:
