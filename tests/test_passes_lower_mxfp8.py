@@ -220,3 +220,23 @@ def test_build_checks_a_folder_lowered_to_mxfp8_beforehand(lowered: dict[str, Pa
 
     with pytest.raises(UserError, match=r"TRT_MXFP8DynamicQuantize.*computes its activation scales online"):
         build_engines(lowered["trt"], tmp_path / "e", BuildOptions(roles=["decode"], target_cc=["8.9"]))
+
+
+def test_lower_cli_refuses_mxfp8_for_iree(
+    tiny_export: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    import dsv3c.cli.main as cli
+
+    argv = ["lower", str(tiny_export), "--target", "iree", "--activations", "mxfp8", "--out", str(tmp_path / "o")]
+    code = cli.main(argv)
+    err = capsys.readouterr().err
+    assert code == 2 and "--activations mxfp8" in err and err.count("\n") == 1, err
+    assert not (tmp_path / "o").exists()
+
+
+def test_lowered_manifest_records_the_mxfp8_stage(lowered: dict[str, Path]) -> None:
+    import json
+
+    stage = json.loads((lowered["trt"] / "manifest.json").read_text())["stages"][-1]
+    assert stage["activations"] == "mxfp8" and MXFP8_STAGE in stage["pipeline"]
+    assert stage["changes"][MXFP8_STAGE]["decode"]["mxfp8_activations"] > 0
