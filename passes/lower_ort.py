@@ -20,8 +20,8 @@ from dsv3c.artifact import provenance
 from dsv3c.export.builder import Builder, static_dims
 from dsv3c.export.functions import MOE_ATTRS, Body, moe_routing, moe_variant
 from dsv3c.export.onnx_ops import DOMAIN, MOE_OP
+from dsv3c.onnxkit.inline import inline_call
 from dsv3c.onnxkit.linears import MOE_EXPERT_INPUTS
-from dsv3c.passes.inline import inline_call
 from dsv3c.passes.stages import DsPass, StageResult
 from onnx import helper
 
