@@ -1,10 +1,10 @@
 """`dsv3c diff --numeric`: run both graphs on the same seeded inputs and compare every shared tensor.
 
-Each graph runs with onnxruntime (CPU, graph optimizations off so that every node's output exists) on a copy
-whose intermediate tensors are all graph outputs. Tensors are paired by name, or through the node matching
-when a matched node's outputs were renamed. The report gives the max relative error per layer
-(max |a - b| / max |a|) and the first tensor, in A's order, whose error jumps past 10x the largest error
-before it.
+Each graph runs with onnxruntime (onnxkit/session.py's setup: CPU, graph optimizations off so that every
+node's output exists) on a copy whose intermediate tensors are all graph outputs. Tensors are paired by
+name, or through the node matching when a matched node's outputs were renamed. The report gives the max
+relative error per layer (max |a - b| / max |a|) and the first tensor, in A's order, whose error jumps past
+10x the largest error before it.
 """
 
 from __future__ import annotations
@@ -15,10 +15,12 @@ from dataclasses import dataclass
 import numpy as np
 import onnx
 import onnx_ir as ir
+from dsv3c.errors import UserError
 from dsv3c.graph.diff_types import LayerError, NumericReport, TensorError
 from dsv3c.graph.index import GraphIndex, input_names, op_label, output_names
 from dsv3c.graph.load import LoadedGraph, numpy_dtype, read_raw
 from dsv3c.graph.match import Matching
+from dsv3c.onnxkit.session import SessionSetup, import_ort, providers_for, session_options
 
 JUMP = 10.0  # an error this many times the largest before it is a jump
 FLOOR = 1e-6  # errors below this are float noise, never a jump
@@ -84,7 +86,7 @@ def make_inputs(graphs: list[tuple[LoadedGraph, GraphIndex]], seed: int) -> dict
             if dtype.kind in "iu" and "position" in lower:
                 value = np.broadcast_to(past + np.arange(shape[-1] if shape else 1), shape).astype(dtype)
             elif dtype.kind in "iu" and ("id" in lower or "token" in lower):
-                value = rng.integers(0, _vocab(g, index, v.name), size=shape).astype(dtype)
+                value = rng.integers(0, _vocab(g, index, name), size=shape).astype(dtype)
             elif dtype.kind in "iu":
                 value = np.zeros(shape, dtype)
             elif dtype.kind == "b":
@@ -131,12 +133,12 @@ def _runnable(g: LoadedGraph, extra_outputs: list[str]) -> bytes:
 
 
 def _run(g: LoadedGraph, names: list[str], feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-    import onnxruntime as ort
-
-    options = ort.SessionOptions()
-    options.log_severity_level = 3
-    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
-    session = ort.InferenceSession(_runnable(g, names), options, providers=["CPUExecutionProvider"])
+    # onnxkit's one session setup, graph optimizations off so that every node's output exists; the session is
+    # built here rather than by open_session so that a failure keeps onnxruntime's own first line
+    setup = SessionSetup(optimization="none")
+    session = import_ort().InferenceSession(
+        _runnable(g, names), session_options(setup), providers=providers_for(setup.device)
+    )
     wanted = [o.name for o in session.get_outputs()]
     own = {i.name for i in session.get_inputs()}
     values = session.run(wanted, {k: v for k, v in feeds.items() if k in own})
@@ -183,8 +185,8 @@ def compare_numeric(a: LoadedGraph, b: LoadedGraph, m: Matching, seed: int = 0) 
                 seed,
             )
     try:
-        import onnxruntime  # noqa: F401
-    except ImportError:
+        import_ort()
+    except UserError:
         return NumericReport("skipped", "onnxruntime is not installed", seed)
     ia, ib = GraphIndex(a.graph), GraphIndex(b.graph)
     pairs = _pairs(ia, ib, m)

@@ -538,7 +538,7 @@ class _Grouper:
             if name in b.initializers:
                 return True
             p = b.producer.get(name)
-            return p is not None and b.nodes[p[0]].op_type == "Constant" and not b.nodes[p[0]].input
+            return p is not None and b.nodes[p[0]].op_type == "Constant" and not b.nodes[p[0]].inputs
 
         starts = [
             i

@@ -97,7 +97,9 @@ class InspectReport:
 
 
 def _spec(v: ir.Value) -> TensorSpec:
-    dims: list[int | str] = [d if isinstance(d, int) else d.value or "?" for d in (v.shape.dims if v.shape else ())]
+    dims: list[int | str] = [
+        d if isinstance(d, int) else d.value or "?" for d in (v.shape.dims if v.shape is not None else ())
+    ]
     return TensorSpec(v.name or "", dtype_name(int(v.dtype) if v.dtype is not None else 0), dims)
 
 
@@ -140,7 +142,7 @@ def _coverage(index: GraphIndex) -> Fp8Coverage:
 
 def _stages(g: LoadedGraph, index: GraphIndex) -> dict[str, int]:
     ran = g.model.metadata_props.get(provenance.MODEL_STAGES, "")
-    counts = Counter(m.stage for m in Marks(index).of.values())
+    counts = Counter(m.stage or "" for m in Marks(index).of.values())
     return {stage: counts[stage] for stage in [*dict.fromkeys(s for s in ran.split("\n") if s), *counts]}
 
 

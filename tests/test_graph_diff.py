@@ -230,3 +230,23 @@ def test_unmatched_nodes_say_why(tmp_path: Path, base: onnx.ModelProto) -> None:
     )
     text = render_diff(DiffReport("a", "b", [g]))
     assert f"added    Relu /model/layers.1/extra/Relu (unmatched: {added.why})" in text
+
+
+def test_folded_to_a_constant_node(tmp_path: Path) -> None:
+    """Nodes of A whose output B computes as a Constant node under the same name are one folded rewrite."""
+    from onnx import TensorProto, helper
+
+    x = helper.make_tensor_value_info("x", TensorProto.FLOAT, [2])
+    y = helper.make_tensor_value_info("y", TensorProto.FLOAT, [2])
+    c1 = nh.from_array(np.ones(2, np.float32), "c1")
+    c2 = nh.from_array(np.full(2, 2.0, np.float32), "c2")
+    add = helper.make_node("Add", ["c1", "c2"], ["t"], name="sum")
+    mul = helper.make_node("Mul", ["x", "t"], ["y"], name="scale")
+    a = helper.make_model(helper.make_graph([add, mul], "g", [x], [y], [c1, c2]))
+    folded = helper.make_node("Constant", [], ["t"], name="t_const", value=nh.from_array(np.full(2, 3.0, np.float32)))
+    b = helper.make_model(helper.make_graph([folded, mul], "g", [x], [y]))
+    g = _diff(tmp_path, a, b)
+    assert [(rw.kind, rw.label, rw.removed_nodes, rw.added_nodes) for rw in g.rewrites] == [
+        ("folded", "folded to constants (1 node)", ["sum"], ["t_const"])
+    ]
+    assert not g.nodes

@@ -119,3 +119,23 @@ def test_external_data_present_is_streamed(tmp_path: Path) -> None:
     chunks = list(load_mod.iter_chunks(g, name, chunk=1000))
     assert len(chunks) == g.tensors[name].numel // 1000 + 1
     assert (np.concatenate(chunks) == expected).all()
+
+
+def test_inspect_and_diff_never_map_external_weights(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Graphs load as ir.Model with lazy external tensors: inspect and a structural diff never map their file."""
+    import onnx_ir as ir
+    from dsv3c.graph.diff import diff_paths
+
+    model = build_model(Topology(layers=1))
+    onnx.save_model(model, tmp_path / "m.onnx", save_as_external_data=True, location="w.bin", size_threshold=0)
+
+    def no_mapping(self: object) -> None:
+        raise AssertionError("an external tensor was read")
+
+    monkeypatch.setattr(ir.ExternalTensor, "_load", no_mapping)
+    g = load_graph(tmp_path / "m.onnx")
+    assert isinstance(g.model, ir.Model) and {t.data for t in g.tensors.values()} == {"external"}
+    summary = inspect_path(tmp_path / "m.onnx").graphs[0]
+    assert summary.data == "present" and summary.fp8.linears > 0
+    report = diff_paths(tmp_path / "m.onnx", tmp_path / "m.onnx", values=False)
+    assert report.graphs[0].differences == 0
