@@ -1,4 +1,5 @@
-"""Cleanup stages every pipeline ends with: fold constants, remove dead code, CSE, infer shapes, sort.
+"""Cleanup stages every pipeline ends with: fold constants, remove dead code, CSE (merge_duplicates.py), infer
+shapes, sort.
 
 Mostly onnx-ir / onnxscript library passes, configured so that they never read or fold a weight (a
 weightless folder has no bytes to read, and folding a weight would copy it into the graph file).
@@ -10,6 +11,7 @@ import onnx_ir as ir
 import onnx_ir.passes.common as common
 from dsv3c.artifact.export_folder import is_weight, weights_declared
 from dsv3c.export.onnx_ops import register_schemas
+from dsv3c.passes.merge_duplicates import MergeDuplicatesPass
 from dsv3c.passes.stages import Stage
 from onnxscript.optimizer import _constant_folding
 
@@ -56,7 +58,7 @@ def cleanup_stages(prefix: str = "") -> list[Stage]:
         Stage(f"{p}infer-shapes-first", InferShapesPass()),
         Stage(f"{p}fold-constants", FoldConstantsPass()),
         Stage(f"{p}remove-unused", common.RemoveUnusedNodesPass()),
-        Stage(f"{p}cse", common.CommonSubexpressionEliminationPass()),
+        Stage(f"{p}cse", MergeDuplicatesPass()),  # onnx_ir's CSE, survivors stamped `merged`
         Stage(f"{p}remove-unused-again", common.RemoveUnusedNodesPass()),
         Stage(f"{p}remove-unused-functions", common.RemoveUnusedFunctionsPass()),
         Stage(f"{p}remove-unused-opsets", common.RemoveUnusedOpsetsPass()),
