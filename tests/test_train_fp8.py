@@ -126,10 +126,12 @@ def test_convert_swaps_the_recipe_linears_only(tiny_config) -> None:  # type: ig
 @pytest.mark.skipif(
     not torch.cuda.is_available() or torch.cuda.get_device_capability() < (8, 9), reason="needs an FP8 GPU"
 )
-def test_scaled_mm_agrees_with_the_emulation() -> None:
+@pytest.mark.parametrize("m,k,n", [(512, 1024, 768), (37, 384, 320), (200, 256, 1024)])
+def test_scaled_mm_agrees_with_the_emulation(m: int, k: int, n: int) -> None:
+    """On the GPU: real FP8 GEMMs, ragged and with K/128 not a multiple of 4 (the shapes that trained NaN)."""
     torch.manual_seed(0)
-    x = torch.randn(512, 1024, device="cuda")
-    w = torch.randn(768, 1024, device="cuda") * 0.05
+    x = torch.randn(m, k, device="cuda")
+    w = torch.randn(n, k, device="cuda") * 0.05
     real = fp8_matmul(x, w, Fp8Recipe(backend="scaled_mm", compile=False)).float()
     emulated = fp8_matmul(x, w, Fp8Recipe(backend="emulate")).float()
     assert _rel(real, emulated) < 5e-3  # bf16 output rounding
