@@ -61,6 +61,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         "the same numbers in standard ONNX ops for portable and ort",
     )
     p.add_argument(
+        "--mxfp8-weights",
+        action="store_true",
+        help="with --activations mxfp8: re-quantize the FP8 weights those activations meet to MXFP8 too "
+        "(1x32 along the input, E8M0), both operands of a block-scaled MXFP8 GEMM; changes the weights",
+    )
+    p.add_argument(
         "--dump-dir",
         type=Path,
         help="write every graph after every stage into this new folder (no weight data); it appears only when "
@@ -118,6 +124,7 @@ def _lower(args: argparse.Namespace, dump_dir: Path | None) -> Manifest:
         force=args.force,
         weights_8bit=args.block_8bit if args.weights_8bit else None,
         mxfp8=args.activations == "mxfp8",
+        mxfp8_weights=args.mxfp8_weights,
     )
 
 

@@ -34,10 +34,13 @@ def lower_folder(
     force: bool = False,
     weights_8bit: int | None = None,
     mxfp8: bool = False,
+    mxfp8_weights: bool = False,
 ) -> Manifest:
     """Write `out`: the export folder `src` lowered to `target` (plus `{role}.mlir` with emit_mlir);
     `weights_8bit`: the block size of 8-bit weights (ort only); `mxfp8`: online activation scales as
     MXFP8 (lower_mxfp8.py; not for iree)."""
+    if mxfp8_weights and not mxfp8:
+        raise UserError("--mxfp8-weights pairs the weights with MXFP8 activations; pass --activations mxfp8 too")
     if mxfp8 and target == Target.IREE:
         raise UserError("--activations mxfp8: IREE cannot take blocked Q/DQ; use --target trt, ort or portable")
     if weights_8bit is not None and target != Target.ORT:
@@ -68,7 +71,7 @@ def lower_folder(
         if weights_8bit < 16 or weights_8bit & (weights_8bit - 1):
             raise UserError(f"--block-8bit {weights_8bit}: the kernels take a power of two >= 16 (e.g. 32, 128)")
         int8 = Int8Options(weights_8bit, fp8_block(graphs))
-    stages = lower_pipeline(target, dims, int8, mxfp8)
+    stages = lower_pipeline(target, dims, int8, mxfp8, mxfp8_weights)
     records = run_pipeline(graphs, stages, dump_dir)
     stage = {
         "stage": "lower",
@@ -76,7 +79,7 @@ def lower_folder(
         "pipeline": [s.name for s in stages],
         **({"dims": dims} if dims else {}),
         **({"weights_8bit": int8.to_dict()} if int8 is not None else {}),
-        **({"activations": "mxfp8"} if mxfp8 else {}),
+        **({"activations": "mxfp8", "mxfp8_weights": mxfp8_weights} if mxfp8 else {}),
         "changes": {r.name: r.changes for r in records if r.changes},
     }
 

@@ -10,17 +10,33 @@ This pass finds each online region (pattern -> check -> rewrite):
     rewrite  y := MXFP8(h)  (mxfp8.py: TensorRT's ops, or the same numbers in standard ONNX ops)
 
 and leaves the old region to the cleanup stages (dead code). Static (calibrated) scales stay as they are.
+
+Mxfp8WeightsPass (optional, `--mxfp8-weights`) re-quantizes the FP8 weights those activations meet from
+DeepSeek's 128x128 float-scaled blocks to MXFP8 (1x32 along the input dimension, E8M0 scales), so that
+both GEMM operands are MXFP8, the form of a block-scaled MXFP8 GEMM. It changes the weights (a second
+rounding, power-of-two scales); without it the weights keep their exact FP8 numbers.
 """
 
 from __future__ import annotations
 
 import enum
+from collections.abc import Callable
 from dataclasses import dataclass
 
+import numpy as np
 import onnx_ir as ir
 from dsv3c.artifact import provenance
-from dsv3c.export.builder import Builder
-from dsv3c.passes.mxfp8 import MX_BLOCK, TRT_DOMAIN, mxfp8_emulated, mxfp8_trt
+from dsv3c.artifact.export_folder import mark_weight
+from dsv3c.export.builder import Builder, initializer, static_dims
+from dsv3c.passes.mxfp8 import (
+    MX_BLOCK,
+    TRT_DEQUANTIZE,
+    TRT_DOMAIN,
+    e8m0_bytes,
+    mxfp8_emulated,
+    mxfp8_trt,
+    mxfp8_weight,
+)
 from dsv3c.passes.stages import DsPass, StageResult
 
 _LAYOUT_IN = ("Pad", "Reshape")
@@ -127,3 +143,109 @@ def _remove_dead_region(graph: ir.Graph, start: ir.Node) -> None:
         producers = [v.producer() for v in node.inputs if v is not None]
         graph.remove(node, safe=True)
         pending.extend(p for p in producers if p is not None)
+
+
+_LAYOUT = ("Slice", "Reshape", "Transpose", "Squeeze", "Unsqueeze", "Identity", "Pad", "Cast")
+
+
+def _mxfp8_activation(value: ir.Value | None, depth: int = 0) -> bool:
+    """Whether `value` is an MXFP8-dequantized activation (this pass's marks), through layout ops."""
+    p = value.producer() if value is not None else None
+    if p is None or depth > 4:
+        return False
+    mark = provenance.read(p).rewrite
+    if mark is not None and mark.kind == provenance.QUANTIZED and mark.details[:1] == ("mxfp8",):
+        return True
+    return p.op_type in _LAYOUT and _mxfp8_activation(p.inputs[0], depth + 1)
+
+
+def _meets_mxfp8(value: ir.Value) -> bool:
+    """Whether `value` reaches (through layout ops) a MatMul whose other operand is an MXFP8 activation."""
+    pending = [value]
+    while pending:
+        for user, index in pending.pop().uses():
+            if user.op_type == "MatMul" and _mxfp8_activation(user.inputs[1 - index]):
+                return True
+            if user.op_type in _LAYOUT:
+                pending.extend(user.outputs)
+    return False
+
+
+def _scale_source(value: ir.Value) -> tuple[ir.Value, int] | None:
+    """DeepSeek's scale initializer [(E,) R, C] behind the expansion chain of a blocked weight DQ, and
+    its rows per block."""
+    rows = 0
+    while not value.is_initializer():
+        p = value.producer()
+        if p is None or p.op_type not in ("Slice", "Reshape", "Expand", "Unsqueeze"):
+            return None
+        if p.op_type == "Expand" and p.inputs[1] is not None:
+            tile = ir.convenience.get_const_tensor(p.inputs[1])
+            rows = int(tile.numpy()[-2]) if tile is not None else 0
+        if p.inputs[0] is None:
+            return None
+        value = p.inputs[0]
+    return (value, rows) if rows and value.const_value is not None else None
+
+
+class Mxfp8WeightsPass(DsPass):
+    """FP8 weights (128x128 blocks) that meet MXFP8 activations -> MXFP8 weights (1x32, E8M0), in `form`."""
+
+    def __init__(self, form: Mxfp8Form) -> None:
+        super().__init__()
+        self.form = form
+
+    def call(self, model: ir.Model) -> ir.passes.PassResult:
+        graph, done = model.graph, 0
+        for node in list(graph):
+            w = node.inputs[0] if node.op_type == "DequantizeLinear" and "block_size" in node.attributes else None
+            if w is None or w.const_value is None or w.dtype != ir.DataType.FLOAT8E4M3FN or not w.name:
+                continue
+            width = static_dims(w.shape)[-1]
+            found = _scale_source(node.inputs[1]) if node.inputs[1] is not None else None
+            if found is None or width % MX_BLOCK or not _meets_mxfp8(node.outputs[0]):
+                continue
+            self._rewrite(graph, node, w, *found)
+            done += 1
+        return StageResult(model, bool(done), {"mxfp8_weights": done, "form": self.form.value})
+
+    def _rewrite(self, graph: ir.Graph, node: ir.Node, w: ir.Value, source: ir.Value, rows: int) -> None:
+        assert w.const_value is not None and source.const_value is not None and w.name
+        dims, cols = static_dims(w.shape), node.attributes["block_size"].as_int()
+        fp8, scales = w.const_value, source.const_value
+        cache: dict[str, tuple[np.ndarray, np.ndarray]] = {}
+
+        def requantized() -> tuple[np.ndarray, np.ndarray]:
+            if "w" not in cache:
+                s = np.repeat(np.repeat(np.asarray(scales.numpy(), np.float32), rows, -2), cols, -1)
+                cache["w"] = mxfp8_weight(np.asarray(fp8.numpy(), np.float32) * s[..., : dims[-2], : dims[-1]])
+            return cache["w"]
+
+        def lazy(name: str, dtype: ir.DataType, shape: tuple[int, ...], get: Callable[[], np.ndarray]) -> ir.Value:
+            tensor = ir.LazyTensor(lambda: ir.tensor(get(), dtype=dtype), dtype, ir.Shape(shape))
+            return mark_weight(initializer(graph, name, tensor))
+
+        sdims = (*dims[:-1], dims[-1] // MX_BLOCK)
+        values = lazy(w.name + "_mxfp8", ir.DataType.FLOAT8E4M3FN, dims, lambda: requantized()[0])
+        b = Builder(
+            node.name or "dequantize", rewrite=provenance.quantized("mxfp8", "weights 1x32", "E8M0"), origin=node
+        )
+        if self.form == Mxfp8Form.TRT:
+            exps = lazy(w.name + "_mxfp8_e8m0", ir.DataType.UINT8, sdims, lambda: e8m0_bytes(requantized()[1]))
+            blocked = {"axis": -1, "block_size": MX_BLOCK}
+            out = b.op(
+                TRT_DEQUANTIZE,
+                values,
+                exps,
+                name="mxfp8_weight",
+                domain=TRT_DOMAIN,
+                output_dtype=ir.DataType.FLOAT,
+                **blocked,
+            )
+        else:
+            scale = lazy(w.name + "_mxfp8_scale", ir.DataType.FLOAT, sdims, lambda: requantized()[1])
+            out = b.op("DequantizeLinear", values, scale, name="mxfp8_weight", axis=-1, block_size=MX_BLOCK)
+        out.dtype, out.shape = ir.DataType.FLOAT, ir.Shape(dims)
+        b.insert_before(graph, node)
+        node.outputs[0].replace_all_uses_with(out)
+        graph.remove(node, safe=True)

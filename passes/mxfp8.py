@@ -96,3 +96,21 @@ def mxfp8_trt(b: Builder, h: ir.Value, rank: int, k: int) -> ir.Value:
     if x.shape is not None:
         d.shape = ir.Shape(x.shape.dims)
     return _crop(b, d, k)
+
+
+def mxfp8_weight(w: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """A float weight [..., N, K] (K % 32 == 0) as MXFP8 along K: (E4M3 values, float32 power-of-two scales
+    [..., N, K / 32]), with the activations' scale rule (the smallest power of two >= amax / 448)."""
+    import ml_dtypes
+
+    blocks = w.astype(np.float32).reshape(*w.shape[:-1], -1, MX_BLOCK)  # [..., N, K / 32, 32]
+    ratio = np.maximum(np.abs(blocks).max(axis=-1) / np.float32(FP8_MAX), np.float32(SCALE_FLOOR))
+    mantissa, exponent = np.frexp(ratio)  # ratio = mantissa 2^exponent, mantissa in [0.5, 1)
+    scale = np.ldexp(np.float32(1.0), np.where(mantissa == 0.5, exponent - 1, exponent)).astype(np.float32)
+    q = (blocks / scale[..., None]).astype(ml_dtypes.float8_e4m3fn).reshape(w.shape)
+    return q, scale
+
+
+def e8m0_bytes(scale: np.ndarray) -> np.ndarray:
+    """Power-of-two float32 scales as E8M0 (the biased exponent, uint8), as TensorRT's parser takes them."""
+    return (np.log2(scale).astype(np.int32) + 127).astype(np.uint8)

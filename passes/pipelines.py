@@ -16,7 +16,7 @@ from dsv3c.passes.fp8_weights import Fp8WeightsPass
 from dsv3c.passes.inline import InlineCustomPass
 from dsv3c.passes.lower_iree import DEFAULT_DIMS, BlockedQdqToMulPass, StaticShapesPass
 from dsv3c.passes.lower_moe_body import MoEBodyPass
-from dsv3c.passes.lower_mxfp8 import Mxfp8Form, OnlineActivationsToMxfp8Pass
+from dsv3c.passes.lower_mxfp8 import Mxfp8Form, Mxfp8WeightsPass, OnlineActivationsToMxfp8Pass
 from dsv3c.passes.lower_ort import LowerMoEToOrtPass
 from dsv3c.passes.lower_ort_8bit import Int8Options, MatMulNBitsPass, MoEToQMoEPass
 from dsv3c.passes.lower_trt import ATTENTION_OPSET, MlaToAttentionPass, TrtQdqPass, UpgradeOpsetPass
@@ -61,16 +61,27 @@ class Target(enum.Enum):
 
 
 MXFP8_STAGE = "online-activations-to-mxfp8"
+MXFP8_WEIGHTS_STAGE = "weights-to-mxfp8"
+
+
+def mxfp8_stages(form: Mxfp8Form, mxfp8: bool, weights: bool) -> list[Stage]:
+    """Online activation scales as MXFP8, and optionally the FP8 weights they meet (lower_mxfp8.py)."""
+    stages = [Stage(MXFP8_STAGE, OnlineActivationsToMxfp8Pass(form))] if mxfp8 else []
+    return stages + ([Stage(MXFP8_WEIGHTS_STAGE, Mxfp8WeightsPass(form))] if mxfp8 and weights else [])
 
 
 def lower_pipeline(
-    target: Target, dims: dict[str, int] | None = None, int8: Int8Options | None = None, mxfp8: bool = False
+    target: Target,
+    dims: dict[str, int] | None = None,
+    int8: Int8Options | None = None,
+    mxfp8: bool = False,
+    mxfp8_weights: bool = False,
 ) -> list[Stage]:
     """The stages that take a canonical (or quantized) export to `target`; `dims` fixes shapes (iree);
     `int8` (ort): 8-bit weights in MatMulNBits / QMoE (a MoE QMoE cannot take keeps float experts);
     `mxfp8`: online activation scales as MXFP8 (TensorRT's dynamic quantization for trt, its emulation in
-    standard ONNX ops for portable and ort)."""
-    emulated = [Stage(MXFP8_STAGE, OnlineActivationsToMxfp8Pass(Mxfp8Form.EMULATED))] if mxfp8 else []
+    standard ONNX ops for portable and ort), `mxfp8_weights`: the FP8 weights they meet too."""
+    emulated = mxfp8_stages(Mxfp8Form.EMULATED, mxfp8, mxfp8_weights)
     if target == Target.PORTABLE:
         return [*emulated, Stage("inline-custom", InlineCustomPass()), *cleanup_stages()]
     if target == Target.ORT:
@@ -94,7 +105,7 @@ def lower_pipeline(
             Stage("inline-custom", InlineCustomPass()),
             Stage("opset-23", UpgradeOpsetPass(ATTENTION_OPSET)),
             Stage("rope-to-rotary-embedding", RopeToRotaryEmbeddingPass()),
-            *([Stage(MXFP8_STAGE, OnlineActivationsToMxfp8Pass(Mxfp8Form.TRT))] if mxfp8 else []),
+            *mxfp8_stages(Mxfp8Form.TRT, mxfp8, mxfp8_weights),
             Stage("constant-qdq-scales", TrtQdqPass()),
             Stage("lift-constants", common.LiftConstantsToInitializersPass(lift_all_constants=False, size_limit=1)),
             *cleanup_stages(),

@@ -18,9 +18,17 @@ import pytest
 from dsv3c.artifact import provenance
 from dsv3c.errors import UserError
 from dsv3c.export.builder import Builder
-from dsv3c.passes.mxfp8 import MX_BLOCK, TRT_DEQUANTIZE, TRT_DYNAMIC_QUANTIZE, mxfp8_emulated, pow2_at_least
+from dsv3c.passes.mxfp8 import (
+    MX_BLOCK,
+    TRT_DEQUANTIZE,
+    TRT_DYNAMIC_QUANTIZE,
+    e8m0_bytes,
+    mxfp8_emulated,
+    mxfp8_weight,
+    pow2_at_least,
+)
 from dsv3c.passes.ort_run import GraphRunner, random_feeds
-from dsv3c.passes.pipelines import MXFP8_STAGE
+from dsv3c.passes.pipelines import MXFP8_STAGE, MXFP8_WEIGHTS_STAGE
 
 
 def mxfp8_reference(x: np.ndarray) -> np.ndarray:
@@ -80,6 +88,16 @@ def test_e8m0_scales_are_the_smallest_powers_of_two_at_least_the_ratio() -> None
     assert np.all(s >= x) and np.all(s / 2 < x)
 
 
+def test_mxfp8_weights_equal_the_numpy_rule_per_row_block() -> None:
+    rng = np.random.default_rng(1)
+    w = (rng.standard_normal((3, 96)) * np.exp(rng.uniform(-6, 6, (3, 1)))).astype(np.float32)
+    q, s = mxfp8_weight(w)
+    assert q.dtype == ml_dtypes.float8_e4m3fn and s.shape == (3, 3)
+    back = q.astype(np.float32).reshape(3, 3, MX_BLOCK) * s[..., None]
+    assert np.array_equal(back.reshape(3, 96), mxfp8_reference(w))  # the activations' rule, per weight row
+    assert np.array_equal(np.exp2(e8m0_bytes(s).astype(np.float64) - 127), s)  # E8M0 holds exactly s
+
+
 # ---- the lowering of a quantized export, both forms ----------------------------------------------------
 
 
@@ -96,6 +114,7 @@ def quantized(tiny_export: Path, tmp_path_factory: pytest.TempPathFactory) -> Pa
 
 @pytest.fixture(scope="module")
 def lowered(quantized: Path) -> dict[str, Path]:
+    """trt and portable with MXFP8 activations; trt-weights with MXFP8 weights too."""
     from dsv3c.passes.lower import lower_folder
     from dsv3c.passes.pipelines import Target
 
@@ -103,6 +122,8 @@ def lowered(quantized: Path) -> dict[str, Path]:
     for target in (Target.TRT, Target.PORTABLE):
         out[target.value] = quantized.parent / target.value
         lower_folder(quantized, out[target.value], target, mxfp8=True)
+    out["trt-weights"] = quantized.parent / "trt-weights"
+    lower_folder(quantized, out["trt-weights"], Target.TRT, mxfp8=True, mxfp8_weights=True)
     return out
 
 
@@ -185,6 +206,7 @@ def test_build_takes_online_scales_as_mxfp8_for_12x(quantized: Path, tmp_path: P
     online = [n for n in _nodes(quantized, "decode") if n.op_type == "QuantizeLinear"]
     assert m.precision == "fp8" and "--activations mxfp8" in m.source["preparation"]
     assert len(layers.dynamic_quantize) == len(online)
+    assert not layers.fp8_gemms and layers.fp8_weight_gemms  # exact weights: a Mul sits between DQ and GEMM
 
 
 @pytest.mark.parametrize(("target", "lacking"), [(["8.9"], "8.9"), ([], "8.0"), (["8.9", "12.0"], "8.9")])
@@ -240,3 +262,17 @@ def test_lowered_manifest_records_the_mxfp8_stage(lowered: dict[str, Path]) -> N
     stage = json.loads((lowered["trt"] / "manifest.json").read_text())["stages"][-1]
     assert stage["activations"] == "mxfp8" and MXFP8_STAGE in stage["pipeline"]
     assert stage["changes"][MXFP8_STAGE]["decode"]["mxfp8_activations"] > 0
+
+
+def test_mxfp8_weights_make_fp8_gemms_for_12x(lowered: dict[str, Path], tmp_path: Path) -> None:
+    """Both operands MXFP8: TensorRT's network has fp8 GEMMs (both inputs from fp8 dequantization); with the
+    weights' exact 2^0 E8M0 scales and their 128x128 float scales as a Mul it has none (the test above)."""
+    _trt_or_skip()
+    from dsv3c.runtime.trt.build import BuildOptions, build_engines
+
+    nodes = _nodes(lowered["trt-weights"], "decode")
+    weights = [n for n in nodes if n.op_type == TRT_DEQUANTIZE and _marks(n).stage == MXFP8_WEIGHTS_STAGE]
+    assert weights and all(_marks(n).rewrite is not None for n in weights)
+    options = BuildOptions(roles=["decode"], target_cc=["12.0"])
+    with_weights = build_engines(lowered["trt-weights"], tmp_path / "w", options, log=lambda _: None)
+    assert len(with_weights.engines["decode"].layers.fp8_gemms) == len(weights)
