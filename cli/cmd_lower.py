@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import contextlib
-from collections.abc import Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -89,13 +87,14 @@ def parse_dims(items: list[str]) -> dict[str, int]:
 
 def run(args: argparse.Namespace) -> int:
     from dsv3c.artifact.atomic import check_output
+    from dsv3c.cli.stage_dumps import stage_dumps
 
     check_output(args.out, [args.export_dir], args.force)  # before any work: never over the input
     if args.dump_dir is not None:
         check_output(args.dump_dir, [args.export_dir, args.out], args.force)
     if args.block_8bit != 128 and not args.weights_8bit:
         raise UserError("--block-8bit sets the block of --weights-8bit; pass --weights-8bit too")
-    with _dump_folder(args.dump_dir, args.force, [args.export_dir, args.out]) as dump_dir:
+    with stage_dumps(args.dump_dir, args.force, [args.export_dir, args.out]) as dump_dir:
         manifest = _lower(args, dump_dir)
     stage = manifest.stages[-1]
     extra = f" and {', '.join(stage['mlir'].values())}" if "mlir" in stage else ""
@@ -126,18 +125,3 @@ def _lower(args: argparse.Namespace, dump_dir: Path | None) -> Manifest:
         mxfp8=args.activations == "mxfp8",
         mxfp8_weights=args.mxfp8_weights,
     )
-
-
-@contextlib.contextmanager
-def _dump_folder(target: Path | None, force: bool, inputs: list[Path]) -> Iterator[Path | None]:
-    """The stage dumps are written into a temporary sibling of `target`, renamed into place only when the
-    lowering succeeds (a failed or interrupted lower leaves no half-written dump); marked as dsv3c's, so that
-    `--force` may replace it next time."""
-    if target is None:
-        yield None
-        return
-    from dsv3c.artifact.atomic import atomic_folder, write_checkpoint_marker
-
-    with atomic_folder(target, force, inputs=inputs) as tmp:
-        yield tmp
-        write_checkpoint_marker(tmp, "stage dumps of dsv3c lower")
