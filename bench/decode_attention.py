@@ -14,23 +14,24 @@ import argparse
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 from _bootstrap import import_dsv3c
 
 import_dsv3c()
 
 import numpy as np  # noqa: E402
-import onnxruntime as ort  # noqa: E402
 from dsv3c.eval.record import run_record, write_result  # noqa: E402
 from dsv3c.export.functions import mla_function  # noqa: E402
 from dsv3c.export.onnx_ops import DOMAIN, MLA_OP  # noqa: E402
+from dsv3c.onnxkit.session import open_session  # noqa: E402
 from onnx import TensorProto, helper  # noqa: E402
 
 OPSET = 21
 INPUTS = ("q_nope", "q_pe", "ckv", "kpe", "wkv_b")
 
 
-def session(heads: int, nope: int, rope: int, v: int, rank: int) -> ort.InferenceSession:
+def session(heads: int, nope: int, rope: int, v: int, rank: int) -> Any:
     attrs = dict(num_heads=heads, qk_nope_head_dim=nope, qk_rope_head_dim=rope, v_head_dim=v, kv_lora_rank=rank)
     node = helper.make_node(MLA_OP, [*INPUTS, "positions"], ["out"], domain=DOMAIN, softmax_scale=0.07, **attrs)
     inputs = [helper.make_tensor_value_info(n, TensorProto.FLOAT, None) for n in INPUTS]
@@ -40,9 +41,7 @@ def session(heads: int, nope: int, rope: int, v: int, rank: int) -> ort.Inferenc
     )
     opsets = [helper.make_opsetid("", OPSET), helper.make_opsetid(DOMAIN, 1)]
     model = helper.make_model(graph, opset_imports=opsets, functions=[mla_function(True, OPSET)], ir_version=10)
-    options = ort.SessionOptions()
-    options.log_severity_level = 3
-    return ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"])
+    return open_session(model.SerializeToString(), label="decode attention")
 
 
 def main() -> int:

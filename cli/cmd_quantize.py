@@ -68,6 +68,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from dsv3c.artifact.atomic import check_output
+    from dsv3c.cli.stage_dumps import stage_dumps
     from dsv3c.passes.fp8_math import ActScheme, WeightScheme
     from dsv3c.passes.pipelines import QuantizeOptions
     from dsv3c.passes.policy import Policy
@@ -107,16 +108,17 @@ def run(args: argparse.Namespace) -> int:
         activations=ActScheme.STATIC if args.calibrate else ActScheme.TILE,
         pow2_scales=args.pow2_scales,
     )
-    manifest = quantize_folder(
-        args.export_dir,
-        args.out,
-        options,
-        calibrate=args.calibrate,
-        seed=args.seed,
-        calibration_text=args.calibration_text,
-        dump_dir=args.dump_dir,
-        force=args.force,
-    )
+    with stage_dumps(args.dump_dir, args.force, [args.export_dir, args.out, args.calibration_data]) as dump_dir:
+        manifest = quantize_folder(
+            args.export_dir,
+            args.out,
+            options,
+            calibrate=args.calibrate,
+            seed=args.seed,
+            calibration_text=args.calibration_text,
+            dump_dir=dump_dir,
+            force=args.force,
+        )
     stage = manifest.stages[-1]
     counts = {role: c.get("fp8_weights", 0) for role, c in stage["changes"].get("fp8-weights", {}).items()}
     source = stage.get("calibration", {}).get("source", "")
