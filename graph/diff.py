@@ -15,12 +15,13 @@ from dsv3c.artifact import provenance
 from dsv3c.errors import UserError
 from dsv3c.graph.diff_types import Change, DiffReport, EntryKind, GraphDiff, InitializerChange, NodeChange
 from dsv3c.graph.index import GraphIndex, attribute_text, constant_key, input_names, layer_of_name, output_names
-from dsv3c.graph.load import LoadedGraph, dtype_name, graph_paths, load_graph
+from dsv3c.graph.load import LoadedGraph, graph_paths, load_graph
 from dsv3c.graph.marks import Marks
 from dsv3c.graph.match import Matching, Unmatched, match_initializers, match_nodes
 from dsv3c.graph.rewrites import Claims, group_rewrites
 from dsv3c.graph.stats import compare_tensors
 from dsv3c.graph.summary import function_label
+from dsv3c.onnxkit.dtypes import dtype_name
 
 
 class _Sources:

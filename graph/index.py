@@ -15,7 +15,7 @@ from typing import Any
 
 import numpy as np
 import onnx_ir as ir
-from dsv3c.graph.load import dtype_name
+from dsv3c.onnxkit.dtypes import dtype_name
 
 # domains of standard ONNX; any other domain (dsv3c, com.microsoft, ...) is a custom node
 STANDARD_DOMAINS = frozenset({"", "ai.onnx", "ai.onnx.ml"})

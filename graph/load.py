@@ -22,6 +22,7 @@ import onnx_ir as ir
 from dsv3c.artifact.names import MANIFEST_FILE
 from dsv3c.artifact.weights import check_location
 from dsv3c.errors import UserError
+from dsv3c.onnxkit.dtypes import dtype_name, element_bytes, numpy_dtype
 from google.protobuf.message import DecodeError
 
 DataState = Literal["inline", "external", "missing"]
@@ -78,31 +79,6 @@ class LoadedGraph:
     @property
     def has_all_data(self) -> bool:
         return all(t.data != "missing" for t in self.tensors.values())
-
-
-# One dtype table for graph/: onnx_ir's DataType (names, sizes, numpy types), as the passes use it.
-
-
-def _data_type(elem_type: int) -> ir.DataType | None:
-    try:
-        data_type = ir.DataType(elem_type)
-    except ValueError:
-        return None
-    return None if data_type in (ir.DataType.UNDEFINED, ir.DataType.STRING) else data_type
-
-
-def dtype_name(elem_type: int) -> str:
-    """`float`, `bfloat16`, `float8e4m3fn`, ... (the TensorProto name, lower-case)."""
-    try:
-        return ir.DataType(elem_type).name.lower()
-    except ValueError:
-        return f"type{elem_type}"
-
-
-def element_bytes(elem_type: int) -> float:
-    """Bytes per element (0.5 for 4-bit types); 0 for strings and unknown types."""
-    data_type = _data_type(elem_type)
-    return float(data_type.itemsize) if data_type is not None else 0.0
 
 
 def _describe(value: ir.Value, folder: Path, model: Path, sizes: dict[str, int | None]) -> TensorInfo:
@@ -206,14 +182,6 @@ def graph_paths(path: Path) -> dict[str, Path]:
 
 
 # ---- reading data, one tensor at a time -----------------------------------------------------------------
-
-
-def numpy_dtype(elem_type: int) -> np.dtype | None:
-    """The numpy dtype data of this type reads as (ml_dtypes for bfloat16 and fp8); None for sub-byte types."""
-    data_type = _data_type(elem_type)
-    if data_type is None or data_type.itemsize < 1:
-        return None
-    return np.dtype(data_type.numpy())
 
 
 def iter_chunks(g: LoadedGraph, name: str, chunk: int = 1 << 22) -> Iterator[np.ndarray]:

@@ -18,8 +18,9 @@ import onnx_ir as ir
 from dsv3c.errors import UserError
 from dsv3c.graph.diff_types import LayerError, NumericReport, TensorError
 from dsv3c.graph.index import GraphIndex, input_names, op_label, output_names
-from dsv3c.graph.load import LoadedGraph, numpy_dtype, read_raw
+from dsv3c.graph.load import LoadedGraph, read_raw
 from dsv3c.graph.match import Matching
+from dsv3c.onnxkit.dtypes import numpy_dtype
 from dsv3c.onnxkit.session import SessionSetup, import_ort, providers_for, session_options
 
 JUMP = 10.0  # an error this many times the largest before it is a jump

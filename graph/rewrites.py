@@ -38,9 +38,9 @@ import onnx_ir as ir
 from dsv3c.artifact import provenance
 from dsv3c.graph.diff_types import Rewrite
 from dsv3c.graph.index import GraphIndex, constant_key, input_names, int_attr, is_custom, layer_of_name, output_names
-from dsv3c.graph.load import dtype_name
 from dsv3c.graph.marks import Marks
 from dsv3c.graph.match import Matching, attribute_digest
+from dsv3c.onnxkit.dtypes import dtype_name
 from dsv3c.onnxkit.linears import (
     FP8_TYPES,
     MOE_OPS,

@@ -6,7 +6,8 @@ import math
 from dataclasses import dataclass
 
 import numpy as np
-from dsv3c.graph.load import LoadedGraph, iter_chunks, numpy_dtype
+from dsv3c.graph.load import LoadedGraph, iter_chunks
+from dsv3c.onnxkit.dtypes import numpy_dtype
 
 CHUNK = 1 << 22  # elements per piece: 16 MiB of float32 at a time
 

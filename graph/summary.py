@@ -10,8 +10,9 @@ from pathlib import Path
 import onnx_ir as ir
 from dsv3c.artifact import provenance
 from dsv3c.graph.index import GraphIndex, attribute_text, is_custom, op_label
-from dsv3c.graph.load import MANIFEST, ExternalFile, LoadedGraph, dtype_name, load_graph, read_export_manifest
+from dsv3c.graph.load import MANIFEST, ExternalFile, LoadedGraph, load_graph, read_export_manifest
 from dsv3c.graph.marks import Marks
+from dsv3c.onnxkit.dtypes import dtype_name
 from dsv3c.onnxkit.linears import find_linears
 
 _CACHE_NAME = re.compile(r"cache|past|ckv|kpe|latent", re.IGNORECASE)

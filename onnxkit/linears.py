@@ -28,6 +28,7 @@ from dataclasses import dataclass
 
 import onnx_ir as ir
 from dsv3c.artifact.names import DOMAIN, MLA_OP, MOE_OP
+from dsv3c.onnxkit.dtypes import dtype_name
 
 DT = ir.DataType
 FP8_TYPES = frozenset({DT.FLOAT8E4M3FN, DT.FLOAT8E4M3FNUZ, DT.FLOAT8E5M2, DT.FLOAT8E5M2FNUZ})
@@ -86,16 +87,8 @@ def _name(value: ir.Value) -> str:
     return value.name or ""
 
 
-def dtype_label(dtype: ir.DataType | int | None) -> str:
-    """`float`, `bfloat16`, `float8e4m3fn`, ... (the TensorProto name, lower-case)."""
-    try:
-        return ir.DataType(dtype if dtype is not None else 0).name.lower()
-    except ValueError:
-        return f"type{dtype}"
-
-
 def fp8_label(dtype: ir.DataType | int) -> str:
-    return "fp8" if dtype == DT.FLOAT8E4M3FN else dtype_label(dtype)
+    return "fp8" if dtype == DT.FLOAT8E4M3FN else dtype_name(dtype)
 
 
 @dataclass(frozen=True)
@@ -337,7 +330,7 @@ class LinearFinder:
             node,
             (weight,),
             flops,
-            dtype_label(dtype),
+            dtype_name(dtype),
             dtype in FP8_TYPES,
             bool(act),
             scheme,
@@ -387,7 +380,7 @@ class LinearFinder:
                     node,
                     tuple(w for w, _ in experts),
                     flops,
-                    dtype_label(dtype_of(w0)),
+                    dtype_name(dtype_of(w0)),
                     fp8,
                     False,
                     scheme if fp8 else "",
