@@ -156,6 +156,36 @@ def test_trt_form_replaces_every_online_tile_and_keeps_provenance(quantized: Pat
         assert origins == {o for n in emulated if _marks(n).stage == MXFP8_STAGE for o in _marks(n).origin}
 
 
+def test_lowered_graph_computes_numpy_mxfp8_of_each_activation(lowered: dict[str, Path]) -> None:
+    """Inside the lowered (emulated) prefill graph, every MXFP8 region's output equals the numpy MXFP8 of its
+    input, bit for bit, on seeded random inputs."""
+    from dsv3c.artifact.export_folder import read_export
+
+    graphs = read_export(lowered["portable"])
+    model = graphs.models["prefill"]
+    regions: dict[str, list[ir.Node]] = {}
+    for node in model.graph:
+        if provenance.read(node).stage == MXFP8_STAGE:
+            regions.setdefault(str(node.name).split("/mxfp8/")[0], []).append(node)
+    pairs = []
+    for nodes in regions.values():
+        inside = {n for n in nodes if n.op_type != "Constant"}  # constants are shared between regions (CSE)
+
+        def outside(v: ir.Value | None, inside: set[ir.Node] = inside) -> bool:
+            p = v.producer() if v is not None else None
+            return p is not None and p.op_type != "Constant" and p not in inside
+
+        (h,) = {str(v.name) for n in inside for v in n.inputs if v is not None and outside(v)}
+        (y,) = [str(o.name) for n in inside for o in n.outputs if any(u not in inside for u, _ in o.uses())]
+        pairs.append((h, y))
+    assert len(pairs) == 15
+    names = [name for pair in pairs for name in pair]
+    feeds = random_feeds(graphs.manifest, "prefill", np.random.default_rng(0))
+    got = GraphRunner(model, lowered["portable"], extra_outputs=names).run(feeds)
+    for h, y in pairs:
+        assert np.array_equal(got[y], mxfp8_reference(np.asarray(got[h]))), y
+
+
 def test_weights_next_to_mxfp8_activations_get_unit_e8m0_scales(lowered: dict[str, Path]) -> None:
     model = onnx.load(str(lowered["trt"] / "decode.onnx"))
     units = [t for t in model.graph.initializer if t.name.endswith("_e8m0_one")]
