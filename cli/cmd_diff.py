@@ -30,6 +30,13 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     )
     p.add_argument("--seed", type=int, default=0, help="seed of the --numeric inputs")
     p.add_argument(
+        "--data",
+        type=Path,
+        metavar="TEXT",
+        help="with --numeric: feed token windows of this text (A's tokenizer.json) instead of random ids, and, for "
+        "two export folders, add B's loss on it against A's",
+    )
+    p.add_argument(
         "--no-values", action="store_true", help="compare initializers by dtype and shape only (never read weight data)"
     )
 
@@ -54,7 +61,30 @@ def run(args: argparse.Namespace) -> int:
 
     if args.out is not None:
         check_disjoint(args.out, [args.a, args.b])  # before the work: a report never replaces an input
-    report = diff_paths(args.a, args.b, numeric=args.numeric, values=not args.no_values, seed=args.seed)
+    if args.data is not None and not args.numeric:
+        raise UserError("--data is the text of --numeric; pass --numeric too")
+    given, batches = {}, []
+    if args.data is not None:
+        if not (args.a.is_dir() and args.b.is_dir()):
+            raise UserError("--data needs two export folders (their tokenizer.json and manifests); got files")
+        from dsv3c.eval.report_view import report_batches
+
+        batches = report_batches(args.a, args.data)
+        given = {"input_ids": batches[0], "next_ids": batches[0]}
+    report = diff_paths(
+        args.a, args.b, numeric=args.numeric, values=not args.no_values, seed=args.seed, given=given or None
+    )
+    if batches:
+        from dsv3c.eval.report_view import loss_results
+        from dsv3c.graph.diff_types import LossDelta
+
+        report.inputs = f"text: {args.data}"
+        result = loss_results(args.a, {"B": args.b}, batches)["B"]
+        c = result.comparison
+        assert c is not None
+        report.loss = LossDelta(
+            result.tokens, c.reference_loss, result.loss, c.rel_loss_error, c.top1_agreement, c.kl_mean
+        )
     text = _render(report, args.format)
     if args.out is None:
         print(text, end="")

@@ -10,6 +10,7 @@ import hashlib
 from collections.abc import Hashable
 from pathlib import Path
 
+import numpy as np
 import onnx_ir as ir
 from dsv3c.artifact import provenance
 from dsv3c.errors import UserError
@@ -260,8 +261,16 @@ def diff_graphs(a: LoadedGraph, b: LoadedGraph, values: bool = True) -> tuple[Gr
     return result, m
 
 
-def diff_paths(a: Path, b: Path, numeric: bool = False, values: bool = True, seed: int = 0) -> DiffReport:
-    """Diff two .onnx files, or two export folders graph by graph (paired by role)."""
+def diff_paths(
+    a: Path,
+    b: Path,
+    numeric: bool = False,
+    values: bool = True,
+    seed: int = 0,
+    given: dict[str, np.ndarray] | None = None,
+) -> DiffReport:
+    """Diff two .onnx files, or two export folders graph by graph (paired by role); `given`: numeric inputs
+    by name used as they are (the others seeded, to match)."""
     paths_a, paths_b = graph_paths(a), graph_paths(b)
     if (list(paths_a) == [""]) != (list(paths_b) == [""]):
         raise UserError(f"cannot diff a file against an export folder ({a} vs {b}); pass two files or two folders")
@@ -274,6 +283,6 @@ def diff_paths(a: Path, b: Path, numeric: bool = False, values: bool = True, see
         if numeric:
             from dsv3c.graph.numeric import compare_numeric
 
-            result.numeric = compare_numeric(ga, gb, matching, seed)
+            result.numeric = compare_numeric(ga, gb, matching, seed, given)
         report.graphs.append(result)
     return report

@@ -134,6 +134,24 @@ class GraphDiff:
         return sorted(x for x in seen if x is not None) + ([None] if None in seen else [])
 
 
+@dataclass(frozen=True)
+class LossDelta:
+    """B against A on held-out text, as dsv3c eval measures it: the cost of the change, in loss."""
+
+    tokens: int
+    loss_a: float
+    loss_b: float
+    rel_loss_error: float
+    top1_agreement: float
+    kl_mean: float
+
+    def line(self) -> str:
+        return (
+            f"loss on the text ({self.tokens} tokens): A {self.loss_a:.5f}, B {self.loss_b:.5f}: relative "
+            f"{self.rel_loss_error:+.3e}, top-1 agreement {self.top1_agreement:.2%}, KL {self.kl_mean:.3e} nats/token"
+        )
+
+
 @dataclass
 class DiffReport:
     a: str
@@ -141,6 +159,8 @@ class DiffReport:
     graphs: list[GraphDiff] = field(default_factory=list)
     only_a: list[str] = field(default_factory=list)  # roles of an export folder present on one side only
     only_b: list[str] = field(default_factory=list)
+    inputs: str = "seeded random"  # what --numeric fed the graphs: seeded random, or "text: PATH"
+    loss: LossDelta | None = None  # B's loss on the text against A's (export folders with --data)
 
     @property
     def identical(self) -> bool:

@@ -58,10 +58,22 @@ def _vocab(g: LoadedGraph, index: GraphIndex, ids: str) -> int:
     return max(sizes, default=2)
 
 
-def make_inputs(graphs: list[tuple[LoadedGraph, GraphIndex]], seed: int) -> dict[str, np.ndarray]:
-    """Seeded inputs for the union of both graphs' inputs; the same name always gets the same array."""
+def make_inputs(
+    graphs: list[tuple[LoadedGraph, GraphIndex]], seed: int, given: dict[str, np.ndarray] | None = None
+) -> dict[str, np.ndarray]:
+    """Seeded inputs for the union of both graphs' inputs; the same name always gets the same array.
+
+    `given` arrays (token ids of real text, say) are used as they are, and their shapes fix the symbolic
+    dims they carry, so the other inputs (positions, a past cache) are made to match them."""
     feeds: dict[str, np.ndarray] = {}
     dims: dict[str, int] = {}
+    for g, _ in graphs:
+        for v in g.graph.inputs:
+            if given and v.name in given and v.shape is not None:
+                for d, size in zip(v.shape.dims, given[v.name].shape, strict=False):
+                    if not isinstance(d, int):
+                        dims.setdefault(d.value or "", int(size))
+    feeds.update({k: v for k, v in (given or {}).items() if any(k in index.inputs for _, index in graphs)})
     for g, index in graphs:
         specs = [v for v in g.graph.inputs if v.name in index.inputs]
         past = next(
@@ -174,8 +186,11 @@ def _summarize(errors: list[TensorError], outputs: set[str], report: NumericRepo
     report.compared = len(errors)
 
 
-def compare_numeric(a: LoadedGraph, b: LoadedGraph, m: Matching, seed: int = 0) -> NumericReport:
-    """Run A and B on the same inputs and compare the tensors both produce; "skipped" (why) if one cannot run."""
+def compare_numeric(
+    a: LoadedGraph, b: LoadedGraph, m: Matching, seed: int = 0, given: dict[str, np.ndarray] | None = None
+) -> NumericReport:
+    """Run A and B on the same inputs and compare the tensors both produce; "skipped" (why) if one cannot run.
+    `given`: inputs by name to use as they are (make_inputs), e.g. the token ids of real text."""
     for g in (a, b):
         missing = [t.name for t in g.tensors.values() if t.data == "missing"]
         if missing:
@@ -191,7 +206,7 @@ def compare_numeric(a: LoadedGraph, b: LoadedGraph, m: Matching, seed: int = 0) 
         return NumericReport("skipped", "onnxruntime is not installed", seed)
     ia, ib = GraphIndex(a.graph), GraphIndex(b.graph)
     pairs = _pairs(ia, ib, m)
-    feeds = make_inputs([(a, ia), (b, ib)], seed)
+    feeds = make_inputs([(a, ia), (b, ib)], seed, given)
     values = []
     for g, names in ((a, [p.a for p in pairs]), (b, [p.b for p in pairs])):
         try:

@@ -156,6 +156,7 @@ def render_html(report: DiffReport) -> str:
             f"<h1>dsv3c diff</h1><p>A: <code>{escape(report.a)}</code><br>B: <code>{escape(report.b)}</code></p>",
             f'<p class="verdict {"same" if report.identical else "differ"}" id="verdict">{escape(verdict)}</p>',
             f"<ul>{''.join(only)}</ul>" if only else "",
+            f'<p id="loss">{escape(report.loss.line())}</p>' if report.loss is not None else "",
             '<div class="toolbar"><button id="expand">expand all</button><button id="collapse">collapse all</button>'
             '<input id="filter" placeholder="filter layers"></div><p id="status"></p>',
             *(_graph(g, k) for k, g in enumerate(report.graphs)),

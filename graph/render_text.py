@@ -280,10 +280,14 @@ def graph_diff_lines(g: GraphDiff) -> list[str]:
 
 def render_diff(report: DiffReport) -> str:
     lines = [f"diff {report.a} {report.b}"]
+    if report.inputs != "seeded random":
+        lines.append(f"numeric inputs: {report.inputs} (token ids; positions and any past cache made to match)")
     lines += [f"graph {r}: only in {report.a}" for r in report.only_a]
     lines += [f"graph {r}: only in {report.b}" for r in report.only_b]
     for g in report.graphs:
         lines += graph_diff_lines(g)
+    if report.loss is not None:
+        lines.append(report.loss.line())
     total = sum(g.differences for g in report.graphs) + len(report.only_a) + len(report.only_b)
     lines.append("no differences" if report.identical else f"{total} differences")
     return "\n".join(lines) + "\n"

@@ -1,4 +1,5 @@
-"""quantize --report's trained-model view: per-layer error growth and the loss delta, as text, JSON and HTML."""
+"""The trained-model view of quantize --report and diff --numeric: per-layer error (growth) and the loss delta
+on real text, as text, JSON and HTML."""
 
 from __future__ import annotations
 
@@ -59,6 +60,20 @@ def test_cli_writes_the_text_view_as_json_and_html(
     loss = data["loss"]["block fp8"]
     assert loss["tokens"] > 0 and abs(loss["rel_loss_error"]) < 0.5 and 0 < loss["top1_agreement"] <= 1
     capsys.readouterr()
+    # dsv3c diff --numeric --data: the same text through both folders, per-layer errors and the loss delta
+    html = tmp_path / "diff.html"
+    diff = ["diff", str(export_with_tokenizer), str(out), "--numeric", "--data", str(text)]
+    assert main([*diff, "--format", "json"]) == 1
+    report = json.loads(capsys.readouterr().out)
+    assert report["inputs"] == f"text: {text}" and report["loss"]["tokens"] == loss["tokens"]
+    assert report["loss"]["rel_loss_error"] == pytest.approx(loss["rel_loss_error"], rel=1e-6)  # eval's measure
+    prefill = next(g for g in report["graphs"] if g["role"] == "prefill")["numeric"]
+    assert prefill["status"] == "ok" and prefill["inputs"]["input_ids"] == [4, 64] and prefill["layers"]
+    assert main([*diff, "--format", "html", "--out", str(html)]) == 1
+    assert 'id="loss"' in html.read_text() and "relative" in html.read_text()
+    capsys.readouterr()
+    assert main(["diff", str(export_with_tokenizer), str(out), "--data", str(text)]) == 2
+    assert "pass --numeric too" in capsys.readouterr().err
     # the output may not overlap an input, and the option needs --report
     assert main([*argv, "--force", "--report-out", str(export_with_tokenizer / "r.html")]) == 2
     assert "the output lies inside the input" in capsys.readouterr().err
