@@ -207,7 +207,15 @@ def check_location(folder: Path, location: str | os.PathLike[str], what: Path | 
             "locations must be relative paths inside it (re-export, or move the data beside the model)"
         )
     target = folder / location
-    if target.exists() and not target.resolve().is_relative_to(folder.resolve()):
+    try:
+        outside = target.exists() and not target.resolve().is_relative_to(folder.resolve())
+    except (OSError, ValueError) as e:  # a name too long for the file system, a NUL byte: no such file can exist
+        reason = e.strerror if isinstance(e, OSError) and e.strerror else str(e)
+        raise UserError(
+            f"{what}: external data location {location[:80]!r}{'...' if len(location) > 80 else ''} is not a "
+            f"usable file name ({reason}); re-export the model"
+        ) from None
+    if outside:
         raise UserError(f"{what}: external data {location!r} links outside the model's folder ({target.resolve()})")
     return target
 

@@ -192,3 +192,22 @@ def test_commands_answer_escaping_data_with_one_line(good: Path, tmp_path: Path,
         return  # inspect reads structure only, never the weights' bytes
     assert result.returncode == 2 and len(lines) == 1, result.stderr
     assert "escapes" in lines[0] and "Traceback" not in result.stderr
+
+
+@pytest.mark.parametrize(
+    "location,expected", [("a" * 300, "is not a usable file name"), ("weights\x00.bin", "which is missing")]
+)
+def test_an_impossible_file_name_is_one_line(good: Path, location: str, expected: str) -> None:
+    """Found by test_edited_external_data in CI: a 300-character location made os.stat raise OSError."""
+    folder = _copy(good)
+    try:
+        path = folder / "prefill.onnx"
+        proto = onnx.load(path, load_external_data=False)
+        t = next(t for t in proto.graph.initializer if t.data_location == onnx.TensorProto.EXTERNAL)
+        next(e for e in t.external_data if e.key == "location").value = location
+        onnx.save(proto, path)
+        with pytest.raises(UserError, match=expected) as e:
+            read_export(folder)
+        assert "\n" not in str(e.value)
+    finally:
+        shutil.rmtree(folder)
