@@ -140,7 +140,9 @@ def run(args: argparse.Namespace) -> int:
     if args.json:
         print(json.dumps([r.to_dict() for r in rows], indent=1))
     if args.out is not None:
-        write_json(rows, args.out)
+        from dsv3c.eval.record import run_record
+
+        write_json(rows, args.out, run_record(getattr(args, "argv", None)))
         say(f"wrote {args.out}")
     picture = args.plot or (args.out.with_suffix(".png") if args.out is not None else None)
     if picture is not None:

@@ -45,7 +45,9 @@ def test_bench_smoke(
         str(out),
     )
     assert code == 0
-    rows = json.loads(out.read_text())
+    result = json.loads(out.read_text())
+    assert result["command"] and result["commit"] and result["machine"]["cpus"]  # what a result file records
+    rows = result["rows"]
     assert len(rows) == 3 * 2 * 2  # runtimes x batches x phases
     required = {"runtime", "phase", "context", "batch", "tokens_per_s", "cache_bytes_per_token", "bandwidth_fraction"}
     assert all(required <= row.keys() and row["tokens_per_s"] > 0 for row in rows)
@@ -80,5 +82,5 @@ def test_bench_runs_the_ort_lowering_it_makes_by_default(tmp_path: Path) -> None
     assert bench(*args, "--prefill-chunk", "8", "--bandwidth-mb", "16", "--out", str(tmp_path / "b.json")) == 0
     lowered = read_manifest(tmp_path / "tiny-ort")
     assert [s.get("target") for s in lowered.stages if s.get("stage") == "lower"] == ["ort"]
-    rows = json.loads((tmp_path / "b.json").read_text())
+    rows = json.loads((tmp_path / "b.json").read_text())["rows"]
     assert {r["model"] for r in rows} == {"tiny (ort)"} and len(rows) == 2

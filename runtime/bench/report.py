@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 import json
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
+from typing import Any
 
 from dsv3c.artifact.atomic import atomic_file
 from dsv3c.runtime.bench.measure import BenchRow
@@ -48,9 +49,10 @@ def format_ratios(rows: Sequence[BenchRow]) -> list[str]:
     return ["", *out] if out else []
 
 
-def write_json(rows: Sequence[BenchRow], path: Path) -> None:
+def write_json(rows: Sequence[BenchRow], path: Path, record: Mapping[str, Any] | None = None) -> None:
+    """The rows under "rows", beside what `record` says of the run (command, commit, machine)."""
     with atomic_file(path) as tmp:
-        tmp.write_text(json.dumps([r.to_dict() for r in rows], indent=1) + "\n")
+        tmp.write_text(json.dumps({**(record or {}), "rows": [r.to_dict() for r in rows]}, indent=1) + "\n")
 
 
 def plot(rows: Sequence[BenchRow], path: Path) -> str:
