@@ -22,7 +22,6 @@ from dsv3c.eval.scorer import open_scorer
 from dsv3c.passes.report import QuantReport, format_report
 
 REPORT_BATCHES = 4  # of WINDOWS_PER_BATCH windows of WINDOW tokens: 1,024 tokens
-FORMATS = ("text", "json", "html")
 
 
 def report_batches(export_dir: Path, data: Path) -> list[np.ndarray]:
@@ -188,4 +187,4 @@ def render_html(view: ReportView, title: str = "dsv3c quantize --report") -> str
 
 
 def render(view: ReportView, fmt: str) -> str:
-    return {"text": render_text, "json": render_json, "html": render_html}[fmt](view)
+    return {"text": render_text, "json": render_json, "html": render_html}[fmt](view)  # cmd_quantize's choices
