@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # The GPU round of issue 12 (run from the repository root on the GPU machine; results under $OUT):
 #   bench/train_fp8_gpu.sh probe   # versions, FP8 tests on the GPU, GEMMs at hidden 7168, the small BF16 model, a smoke run
+#   bench/train_fp8_gpu.sh verify  # FP8 tests on the GPU, a short BF16-vs-FP8 run, the small FP8 model
 #   bench/train_fp8_gpu.sh bench   # bench-moe BF16 vs FP8 (+ gamma 0), the small FP8 model
 # Token ids come prepared (runs/tokens: tokens.npy + tokenizer.json + corpus.json, made on CPU by
 # `dsv3c train --prepare` and one `--data` use), so the GPU image needs no `tokenizers`.
@@ -18,7 +19,13 @@ small() {  # small PRECISION: the CPU-evaluable model, brought back as <=16 MB s
   tar -C /tmp/small-$p -cf "$OUT/small-$p/meta.tar" config.json tokenizer.json generation_config.json training.json \
     metrics.jsonl .dsv3c $(cd /tmp/small-$p && ls model.safetensors.index.json curves.png 2>/dev/null)
 }
-if [ "$MODE" = probe ]; then
+if [ "$MODE" = verify ]; then
+  nvidia-smi --query-gpu=name,memory.total --format=csv,noheader
+  timeout 150 python -m pytest tests/test_train_fp8.py -q -x -p no:cacheprovider 2>&1 | tail -6
+  timeout 170 python bench/train_fp8.py --skip-gemm --data runs/tokens --steps "${SMOKE_STEPS:-40}" --gamma0-steps 0 \
+    --commit "$COMMIT" --out "$OUT/smoke.json" 2>&1 | grep -v curve | tail -8
+  timeout 230 bash -c "$(declare -f small); OUT=$OUT; SMALL_STEPS=$SMALL_STEPS; small fp8"
+elif [ "$MODE" = probe ]; then
   nvidia-smi --query-gpu=name,memory.total --format=csv,noheader
   python -c "import torch, sys; print(torch.__version__, sys.version.split()[0])"
   python -c "import tokenizers" 2>&1 | tail -1; python -c "import matplotlib" 2>&1 | tail -1; python -c "import rich, safetensors, numpy" 2>&1 | tail -1
