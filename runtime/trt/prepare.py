@@ -6,29 +6,30 @@
 
 The passes issue's `trt` lowering (MLA through opset-23 Attention, RoPE through RotaryEmbedding, constant
 Q/DQ scales) runs first when dsv3c has it (`lowered_folder`, the one switch). Whatever remains is prepared
-minimally: model-local functions (the reference bodies) are inlined, so no plugin lookup can happen
-(TensorRT-RTX aborts the process on a node that maps to a registered Python plugin: docs/toolchain.md), and inlined
-nodes are named after their call site (`layers.0/node_moe/TopK_15`) so that errors can name them. Weights
-stay in weights.bin: the graph is serialized without them and the parser reads them from the folder.
+minimally: model-local functions (the reference bodies) are inlined by the one inliner
+(`onnxkit/inline.py`, on onnx_ir), so no plugin lookup can happen (TensorRT-RTX aborts the process on a node
+that maps to a registered Python plugin: docs/toolchain.md), and inlined nodes are named after their call site
+and place in the body (`layers.0/node_moe/TopK_15`) so that errors can name them; they carry the inliner's
+provenance marks (node metadata, which the parser ignores). Weights stay in weights.bin: the graph is
+serialized with references to them and the parser reads them from the folder.
 """
 
 from __future__ import annotations
 
-import re
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
 
-import onnx
-import onnx.inliner
+import onnx_ir as ir
 from dsv3c.artifact.manifest import Manifest, read_manifest
 from dsv3c.errors import UserError
+from dsv3c.onnxkit.inline import inline_call
 
-FP8_TYPES = {onnx.TensorProto.FLOAT8E4M3FN, onnx.TensorProto.FLOAT8E5M2}
+FP8_TYPES = {ir.DataType.FLOAT8E4M3FN, ir.DataType.FLOAT8E5M2}
 # trt-domain ops TensorRT's ONNX parser builds into native layers (no plugin): dynamic MXFP8 quantization
 TRT_BUILTINS = {("trt", "TRT_MXFP8DynamicQuantize"), ("trt", "TRT_MXFP8DequantizeLinear")}
-_INLINED = re.compile(r"^(?P<name>.+)__(?P<call>\d+)$")
+_STANDARD = ("", "ai.onnx")
 
 
 @dataclass(frozen=True)
@@ -95,20 +96,20 @@ def lowered_folder(
 def load_for_parser(manifest: Manifest, role: str) -> ParserInput:
     """The graph of `role` inlined and checked; UserError naming the node TensorRT could not take."""
     path = manifest.graph_path(role)
-    try:
-        model = onnx.load(str(path), load_external_data=False)
-    except Exception as e:  # protobuf raises several types; one line
-        raise UserError(f"{path}: not a readable ONNX file ({type(e).__name__})") from None
-    model = _inline(model)
+    model = _load(path)
+    _inline(model, path)
+    graph = model.graph
     nodes = [
         NodeRef(i, n.name or f"#{i}", f"{n.domain}::{n.op_type}" if n.domain else n.op_type)
-        for i, n in enumerate(model.graph.node)
+        for i, n in enumerate(graph)
     ]
-    _check(model, path, nodes)
-    has_fp8 = any(t.data_type in FP8_TYPES for t in model.graph.initializer)
-    blocked = [ref for ref, n in zip(nodes, model.graph.node, strict=True) if _blocked_dq(n)]
+    _check(graph, path, nodes)
+    has_fp8 = any(v.dtype in FP8_TYPES for v in graph.initializers.values())
+    blocked = [ref for ref, n in zip(nodes, graph, strict=True) if _blocked_dq(n)]
     mxfp8 = [ref for ref in nodes if ref.op_type == "trt::TRT_MXFP8DynamicQuantize"]
-    return ParserInput(role, path, model.SerializeToString(), nodes, has_fp8, blocked, mxfp8)
+    # external tensors serialize as references to the weights file: the parser reads them beside `path`
+    model_bytes = ir.serde.serialize_model(model).SerializeToString()
+    return ParserInput(role, path, model_bytes, nodes, has_fp8, blocked, mxfp8)
 
 
 def online_scale_node(manifest: Manifest) -> str | None:
@@ -116,57 +117,65 @@ def online_scale_node(manifest: Manifest) -> str | None:
     with its graph, or None. Reads the graph files only (the fp8 activation Q/DQ sit in the main graph)."""
     for role in (r for r, f in manifest.graphs.items() if f):
         path = manifest.graph_path(role)
-        try:
-            model = onnx.load(str(path), load_external_data=False)
-        except Exception as e:  # protobuf raises several types; one line
-            raise UserError(f"{path}: not a readable ONNX file ({type(e).__name__})") from None
-        constant = {t.name for t in model.graph.initializer}
-        constant.update(o for n in model.graph.node if n.op_type == "Constant" for o in n.output)
-        for n in model.graph.node:
-            if n.op_type == "QuantizeLinear" and len(n.input) > 1 and n.input[1] not in constant:
+        graph = _load(path).graph
+        constant = set(graph.initializers.values())
+        constant.update(o for n in graph if n.op_type == "Constant" for o in n.outputs)
+        for n in graph:
+            if n.op_type == "QuantizeLinear" and len(n.inputs) > 1 and n.inputs[1] not in constant:
                 return f"{path.name}: node '{n.name}'"
     return None
 
 
-def _blocked_dq(n: onnx.NodeProto) -> bool:
-    return n.op_type == "DequantizeLinear" and any(a.name == "block_size" and a.i for a in n.attribute)
+def _load(path: Path) -> ir.Model:
+    """The graph file as an ir.Model; external weights stay on disk (never read here)."""
+    try:
+        return ir.load(path)
+    except Exception as e:  # protobuf raises several types; one line
+        raise UserError(f"{path}: not a readable ONNX file ({type(e).__name__})") from None
 
 
-def _inline(model: onnx.ModelProto) -> onnx.ModelProto:
-    """Inline model-local functions; inlined nodes are named '{call site}/{op}_{k}'."""
+def _blocked_dq(n: ir.Node) -> bool:
+    block = n.attributes.get("block_size")
+    return n.op_type == "DequantizeLinear" and block is not None and bool(block.value)
+
+
+def _inline(model: ir.Model, path: Path) -> None:
+    """Inline model-local functions in place (nested calls too); inlined nodes are named '{call site}/{op}_{k}'
+    (k: the node's place in the body) unless the body names them."""
     if not model.functions:
-        return model
-    local = {(f.domain, f.name) for f in model.functions}
-    calls = [n.name or f"{n.op_type}" for n in model.graph.node if (n.domain, n.op_type) in local]
-    for f in model.functions:
-        for k, n in enumerate(f.node):
+        return
+    for function in model.functions.values():
+        for k, n in enumerate(function):
             n.name = n.name or f"{n.op_type}_{k}"
-    inlined = onnx.inliner.inline_local_functions(model)
-    for n in inlined.graph.node:
-        m = _INLINED.match(n.name)
-        if m and 0 < int(m["call"]) <= len(calls):  # onnx.inliner suffixes '__{call number}'
-            n.name = f"{calls[int(m['call']) - 1]}/{m['name']}"
-    return inlined
+    while calls := [n for n in model.graph if n.op_identifier() in model.functions]:
+        for call in calls:
+            try:
+                inline_call(model.graph, call, model.functions[call.op_identifier()], prefix=call.name or call.op_type)
+            except NotImplementedError as e:
+                raise UserError(f"{path.name}: {e}") from None
+    model.functions.clear()
 
 
-def _check(model: onnx.ModelProto, path: Path, nodes: list[NodeRef]) -> None:
+def _check(graph: ir.Graph, path: Path, nodes: list[NodeRef]) -> None:
     """What TensorRT cannot build, found before the parser: custom nodes, fp8 casts, computed Q/DQ scales."""
-    constant = {t.name for t in model.graph.initializer}
-    for ref, n in zip(nodes, model.graph.node, strict=True):
+    constant: set[ir.Value | None] = set(graph.initializers.values())
+    for ref, n in zip(nodes, graph, strict=True):
         where = f"{path.name}: {ref.describe()}"
-        if n.domain not in ("", "ai.onnx") and (n.domain, n.op_type) not in TRT_BUILTINS:
+        if n.domain not in _STANDARD and (n.domain, n.op_type) not in TRT_BUILTINS:
             raise UserError(
                 f"{where} has no reference body to inline; TensorRT-RTX cannot host plugins, "
                 "so lower it first (dsv3c lower --target trt)"
             )
-        if n.op_type == "Cast" and any(a.name == "to" and a.i in FP8_TYPES for a in n.attribute):
+        to = n.attributes.get("to")
+        if n.op_type == "Cast" and to is not None and to.value in FP8_TYPES:
             raise UserError(f"{where} casts to fp8; TensorRT takes fp8 only from QuantizeLinear (use Q/DQ)")
-        if n.op_type in ("QuantizeLinear", "DequantizeLinear") and len(n.input) > 1 and n.input[1] not in constant:
+        if n.op_type in ("QuantizeLinear", "DequantizeLinear") and len(n.inputs) > 1 and n.inputs[1] not in constant:
+            scale = n.inputs[1]
             raise UserError(
-                f"{where} has a scale computed in the graph ({n.input[1]}); TensorRT needs build-time constant "
-                "Q/DQ scales: quantize with static activation scales (dsv3c quantize --calibrate N), or let dsv3c "
-                "lower them to MXFP8 (--lowering auto, --target-cc 12.0,12.1)"
+                f"{where} has a scale computed in the graph ({scale.name if scale is not None else ''}); TensorRT "
+                "needs build-time constant Q/DQ scales: quantize with static activation scales (dsv3c quantize "
+                "--calibrate N), or let dsv3c lower them to MXFP8 (--lowering auto, --target-cc 12.0,12.1)"
             )
-        foldable = n.op_type == "Constant" or all(i in constant for i in n.input if i)
+        foldable = n.op_type == "Constant" or all(v in constant for v in n.inputs if v is not None)
         if foldable and n.op_type not in ("Shape", "Size"):  # its outputs count as constants
-            constant.update(o for o in n.output if o)
+            constant.update(n.outputs)
