@@ -59,7 +59,11 @@ def _quantizer(name: str, recipe: Fp8Recipe, device: torch.device) -> Any:
     if name not in _COMPILED:
         compiled = torch.compile(fn, dynamic=True)
 
-        def guarded(*args: Any) -> Any:
+        def guarded(x: torch.Tensor, pow2: bool) -> Any:
+            # one input form (no autograd flag, contiguous) so the compiled kernel is not recompiled for
+            # every mix of requires_grad and strides the GEMMs pass in: each recompile costs seconds, and
+            # past dynamo's limit of 8 the quantizer silently runs eagerly
+            args = (x.detach().contiguous(), pow2)
             try:
                 return compiled(*args)
             except Exception as e:  # a broken inductor toolchain must not stop training
@@ -170,33 +174,41 @@ def fp8_matmul(x: torch.Tensor, w: torch.Tensor, recipe: Fp8Recipe) -> torch.Ten
 class _Fp8LinearFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx: Any, x: torch.Tensor, weight: torch.Tensor, recipe: Fp8Recipe) -> torch.Tensor:
-        ctx.save_for_backward(x, weight)
         ctx.recipe = recipe
-        return fp8_matmul(x, weight, recipe)
+        if recipe.granularity == "tensor":
+            ctx.save_for_backward(x, weight)
+            return _tensor_gemm(x, weight, recipe)
+        # the weight's 128x128 blocks serve the input-gradient GEMM too (transposed): quantize them once
+        qw, sw = _quantizer("quantize_blocks", recipe, x.device)(weight, recipe.pow2)
+        ctx.save_for_backward(x, qw, sw)
+        ctx.weight_shape = weight.shape
+        ctx.weight_dtype = weight.dtype
+        qx, sx = _quantizer("quantize_tiles", recipe, x.device)(x, recipe.pow2)
+        y = (scaled_mm_tile_block if _use_scaled_mm(recipe, x.device) else emulate_tile_block)(qx, sx, qw, sw)
+        return y[:, : weight.shape[0]]
 
     @staticmethod
     def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor | None, torch.Tensor | None, None]:
-        x, weight = ctx.saved_tensors
         recipe: Fp8Recipe = ctx.recipe
         grad = grad.contiguous()
         if recipe.granularity == "tensor":
+            x, weight = ctx.saved_tensors
             dx = _tensor_gemm(grad, weight.t(), recipe)  # [M, N] @ [N, K]
             dw = _tensor_gemm(grad.t(), x.t(), recipe)  # [N, M] @ [M, K]
             return dx.to(x.dtype), dw.to(weight.dtype), None
+        x, qw, sw = ctx.saved_tensors  # qw [Np, Kp], sw: the forward's weight blocks
         real = _use_scaled_mm(recipe, x.device)
         tiles = _quantizer("quantize_tiles", recipe, x.device)
-        blocks = _quantizer("quantize_blocks", recipe, x.device)
-        n, k = weight.shape
+        n, k = ctx.weight_shape
         # dgrad: dY per 1x128 along N times W^T per 128x128 block (the blocks of W, transposed)
         qg, sg = tiles(grad, recipe.pow2)  # [M, Np]
-        qw, sw = blocks(weight, recipe.pow2)  # [Np, Kp]
         qwt, swt = qw.t().contiguous(), sw.t().contiguous()  # [Kp, Np], [Kp/128, Np/128]
         dx = (scaled_mm_tile_block if real else emulate_tile_block)(qg, sg, qwt, swt)[:, :k]
         # wgrad: dY^T and X^T per 1x128 along M, i.e. dY and X per 128x1 tile
         qgt, sgt = tiles(grad.t(), recipe.pow2)  # [N, Mp]
         qxt, sxt = tiles(x.t(), recipe.pow2)  # [K, Mp]
         dw = (scaled_mm_tile_tile if real else emulate_tile_tile)(qgt, sgt, qxt, sxt)[:n, :k]
-        return dx.to(x.dtype), dw.to(weight.dtype), None
+        return dx.to(x.dtype), dw.to(ctx.weight_dtype), None
 
 
 def fp8_linear(x: torch.Tensor, weight: torch.Tensor, recipe: Fp8Recipe) -> torch.Tensor:
