@@ -21,14 +21,14 @@ small() {  # small PRECISION: the CPU-evaluable model, brought back as <=16 MB s
 }
 if [ "$MODE" = verify ]; then
   nvidia-smi --query-gpu=name,memory.total --format=csv,noheader
-  timeout 260 bash -c "$(declare -f small); OUT=$OUT; SMALL_STEPS=$SMALL_STEPS; small fp8"
+  timeout 330 bash -c "$(declare -f small); OUT=$OUT; SMALL_STEPS=$SMALL_STEPS; small fp8"
   python - <<'PY'
 import json
 rows = [json.loads(line) for line in open("/tmp/small-fp8/metrics.jsonl")]
 for r in rows[:: max(1, len(rows) // 8)] + rows[-1:]:
     print({k: r.get(k) for k in ("step", "loss", "lm_loss", "val_loss", "tokens_per_s", "load_max_mean")})
 PY
-  timeout 150 python -m pytest tests/test_train_fp8.py -q -x -p no:cacheprovider 2>&1 | grep -v Warn | tail -4; echo "pytest rc=$?"
+  timeout 110 python -m pytest tests/test_train_fp8.py -q -x -p no:cacheprovider 2>&1 | grep -v Warn | tail -4; echo "pytest rc=$?"
   timeout 150 python bench/train_fp8.py --skip-gemm --data runs/tokens --steps "${SMOKE_STEPS:-40}" --gamma0-steps 0 \
     --commit "$COMMIT" --out "$OUT/smoke.json" 2>&1 | grep -v curve | tail -8
 elif [ "$MODE" = probe ]; then
