@@ -3,7 +3,8 @@
 A floor of the package (like `errors`): it imports only `dsv3c.errors`, onnx, onnx_ir, numpy, ml_dtypes and
 the standard library, and every other package reads and writes folders only through it.
 
-    dsv3c.artifact.names           DOMAIN, MLA_OP, MOE_OP, MANIFEST_FILE, ENGINE_MANIFEST_FILE, WEIGHTS_FILE, ROLES
+    dsv3c.artifact.names           DOMAIN, MLA_OP, MOE_OP, MANIFEST_FILE, ENGINE_MANIFEST_FILE, WEIGHTS_FILE, ROLES,
+                                   mtp_role, mtp_roles
     dsv3c.artifact.manifest        Manifest (+ TensorInfo, Signature, CacheLayout), read_manifest, write_manifest
     dsv3c.artifact.engine_manifest EngineManifest (+ EngineRecord, TensorRecord, LayerSummary, ShapeRange)
     dsv3c.artifact.weights         the weights file: plan_layout, Layout, WeightsWriter, read_slots, read_slot

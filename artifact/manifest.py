@@ -8,7 +8,8 @@
       "weights_file": "weights.bin",
       "dtype": "float32" | "bfloat16",
       "opset": 21,
-      "graphs": {"prefill": "prefill.onnx", "decode": "decode.onnx", "mtp": "mtp.onnx" | null},
+      "graphs": {"prefill": "prefill.onnx", "decode": "decode.onnx", "mtp": "mtp.onnx" | null,
+                 "mtp.1": "mtp.1.onnx", ...},           # one graph per further MTP module (names.mtp_role)
       "signatures": {role: {"inputs": [{"name", "dtype", "shape"}], "outputs": [...]}},
       "cache": {...},                                   # the latent cache layout, see CacheLayout
       "stages": [{"stage": "export", "source": ..., "source_sha256": ..., ...}, ...]
@@ -84,8 +85,9 @@ class Signature:
 class CacheLayout:
     """Per layer i: `past_ckv.{i}` [batch, past, ckv_width] and `past_kpe.{i}` [batch, past, kpe_width]."""
 
-    layers: int  # decoder layers in decode.onnx; the MTP graph has its own one-layer cache
-    mtp_layers: int
+    layers: int  # decoder layers in decode.onnx
+    mtp_layers: int  # MTP graphs (mtp, mtp.1, ...), each with its own one-layer cache; folders before chained
+    # MTP have at most one (mtp), which reads the same
     ckv_width: int  # kv_lora_rank
     kpe_width: int  # qk_rope_head_dim
     dtype: str

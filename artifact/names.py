@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Container
+
 DOMAIN = "dsv3c"  # opset domain of the custom nodes, also the graphs' producer_name
 DOMAIN_VERSION = 1
 PRODUCER = "dsv3c"
@@ -12,3 +14,17 @@ MANIFEST_FILE = "manifest.json"  # an export folder
 ENGINE_MANIFEST_FILE = "engine_manifest.json"  # an engine folder (dsv3c build)
 WEIGHTS_FILE = "weights.bin"  # every weight of an export folder, once, in aligned slots
 ROLES = ("prefill", "decode", "mtp")  # graph roles, in this order
+
+
+def mtp_role(depth: int) -> str:
+    """The graph role of MTP module `depth`: `mtp` (depth 0, the only one folders had before chained drafts),
+    then `mtp.1`, `mtp.2`, ... (files mtp.1.onnx, ...), one per module of the checkpoint."""
+    return "mtp" if depth == 0 else f"mtp.{depth}"
+
+
+def mtp_roles(roles: Container[str]) -> list[str]:
+    """The MTP roles among `roles`, depth 0 first, as far as the depths run without a gap."""
+    out: list[str] = []
+    while mtp_role(len(out)) in roles:
+        out.append(mtp_role(len(out)))
+    return out

@@ -2,6 +2,7 @@
 
 dsv3c generate CKPT --prompt-ids 1,2,3 --prompt-ids 4,5        # PyTorch, a batch of two prompts
 dsv3c generate EXPORT --runtime ort --mtp --json               # onnxruntime, MTP speculative decoding
+dsv3c generate EXPORT --mtp --mtp-depth 1                      # draft with the first MTP module only
 dsv3c generate EXPORT --prompt "Hello" --device cuda           # text via tokenizer.json, CUDA EP
 """
 
@@ -59,7 +60,18 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     )
     p.add_argument("--dtype", choices=["fp32", "bf16"], default="fp32", help="compute dtype (torch runtime)")
     p.add_argument("--threads", type=thread_count, default=0, help="intra-op threads (0: the runtime's default)")
-    p.add_argument("--mtp", action="store_true", help="speculative decoding with the model's MTP module")
+    p.add_argument(
+        "--mtp",
+        action="store_true",
+        help="speculative decoding: the model's MTP modules, chained, draft one token each per step",
+    )
+    p.add_argument(
+        "--mtp-depth",
+        type=int,
+        default=None,
+        metavar="D",
+        help="with --mtp: draft with the first D MTP modules (default: all of them)",
+    )
     p.add_argument("--temperature", type=float, default=0.0, help="0 (default): greedy")
     p.add_argument("--top-k", type=int, default=0)
     p.add_argument("--top-p", type=float, default=1.0)
@@ -156,12 +168,15 @@ def run(args: argparse.Namespace) -> int:
     stream = _Stream(tokenizer) if primary and not args.json and len(prompts) == 1 else None
     stats = None
     ids: list[list[int]]
+    if args.mtp_depth is not None and not args.mtp:
+        raise UserError("--mtp-depth needs --mtp")
     if args.mtp:
-        ids, stats = generate_mtp(engine, prompts, args.max_new_tokens, sampling, stops, stream)
+        ids, stats = generate_mtp(engine, prompts, args.max_new_tokens, sampling, stops, stream, args.mtp_depth)
         if primary:
+            per_depth = ", ".join(f"{rate:.1%}" for rate in stats.acceptance_per_depth)
             print(
-                f"mtp: acceptance {stats.acceptance_rate:.1%} ({stats.accepted}/{stats.drafted} drafts), "
-                f"{stats.tokens_per_call:.2f} tokens per main-model call",
+                f"mtp: depth {stats.depth}, acceptance {stats.acceptance_rate:.1%} ({stats.accepted}/{stats.drafted} "
+                f"drafts; per depth {per_depth}), {stats.tokens_per_call:.2f} tokens per main-model call",
                 file=sys.stderr,
             )
     else:

@@ -3,6 +3,7 @@
     OUT/prefill.onnx   input_ids, positions -> logits, hidden, new_ckv.{i}, new_kpe.{i}   (naive MLA)
     OUT/decode.onnx    ... + past_ckv.{i}, past_kpe.{i} -> the same                       (absorbed MLA)
     OUT/mtp.onnx       next_ids, hidden, positions, past_ckv.0, past_kpe.0 -> logits, hidden_out, new_*.0 (MTP)
+    OUT/mtp.{d}.onnx   the same for MTP module d >= 1 (hidden: module d-1's hidden_out), one per module
     OUT/weights.bin    every weight once, referenced by all graphs (--weights none: an empty placeholder)
     OUT/manifest.json  see manifest.py
 
@@ -26,7 +27,7 @@ import torch
 from dsv3c import progress
 from dsv3c.artifact.atomic import atomic_folder
 from dsv3c.artifact.manifest import CacheLayout, Manifest, Signature, TensorInfo, WeightsKind, write_manifest
-from dsv3c.artifact.names import PRODUCER, WEIGHTS_FILE
+from dsv3c.artifact.names import PRODUCER, ROLES, WEIGHTS_FILE, mtp_roles
 from dsv3c.artifact.weights import Layout
 from dsv3c.errors import CheckpointError, UserError
 from dsv3c.export.checkpoint_fp8 import Fp8Plan, layout_for, plan_fp8, to_fp8_form, write_weights
@@ -246,7 +247,7 @@ def _manifest(
     }
     cache = CacheLayout(
         layers=config.num_hidden_layers,
-        mtp_layers=1 if "mtp" in roles else 0,
+        mtp_layers=len(mtp_roles(roles)),  # MTP graphs, each with its own one-layer cache
         ckv_width=config.kv_lora_rank,
         kpe_width=config.qk_rope_head_dim,
         dtype=_dtype_name(_ONNX_DTYPES[dtype]),
@@ -256,7 +257,7 @@ def _manifest(
         weights=weights,
         dtype=cache.dtype,
         opset=opset,
-        graphs={role: (f"{role}.onnx" if role in roles else None) for role in ("prefill", "decode", "mtp")},
+        graphs={role: (f"{role}.onnx" if role in roles else None) for role in (*ROLES, *mtp_roles(roles)[1:])},
         signatures=signatures,
         cache=cache,
         stages=[stage],

@@ -11,6 +11,8 @@ Graph signatures (inputs -> outputs); per layer i the cache is `ckv.{i}` [B, *, 
     prefill  input_ids, positions -> logits, hidden, new_ckv.{i}, new_kpe.{i}
     decode   input_ids, positions, past_ckv.{i}, past_kpe.{i} -> same as prefill
     mtp      next_ids, hidden, positions, past_ckv.0, past_kpe.0 -> logits, hidden_out, new_ckv.0, new_kpe.0
+    mtp.{d}  the same for MTP module d >= 1, whose `hidden` is module d-1's `hidden_out` (DeepSeek-V3's
+             sequential MTP: module d at slot t reads module d-1's state at t and token t+1+d)
 """
 
 from __future__ import annotations

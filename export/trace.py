@@ -16,12 +16,13 @@ import logging
 import warnings
 from collections.abc import Iterator
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import Any
 
 import onnx
 import onnx_ir as ir
 import onnxscript
 import torch
+from dsv3c.artifact.names import mtp_role
 from dsv3c.export.compose import Block, Composer, rename_dim
 from dsv3c.export.graphs import Embed, ExportLayer, Head, MTPGraph
 from dsv3c.export.onnx_ops import translation_table
@@ -31,7 +32,7 @@ from dsv3c.models.deepseek_v3 import DecoderLayer, DeepseekV3ForCausalLM
 from dsv3c.models.rope import inv_frequencies
 from torch import nn
 
-Role = Literal["prefill", "decode", "mtp"]
+Role = str  # prefill, decode, mtp (MTP depth 0), mtp.1, mtp.2, ... (artifact.names.mtp_role)
 DEFAULT_OPSET = 21
 # Example sizes: >= 2 each, and all different, so torch.export keeps every dim symbolic and separate.
 EXAMPLE_BATCH, EXAMPLE_SEQ, EXAMPLE_PAST = 2, 3, 5
@@ -56,7 +57,7 @@ def skeleton(config: DeepseekV3Config, dtype: torch.dtype) -> DeepseekV3ForCausa
 
 
 def trace_graphs(config: DeepseekV3Config, dtype: torch.dtype, opset: int = DEFAULT_OPSET) -> list[TracedGraph]:
-    """prefill, decode and (when the config has MTP) mtp, traced on meta."""
+    """prefill, decode and one graph per MTP module (mtp, mtp.1, ...), traced on meta."""
     model = skeleton(config, dtype)
     tracer = _Tracer(model, opset)
     embed = tracer.block(
@@ -71,9 +72,7 @@ def trace_graphs(config: DeepseekV3Config, dtype: torch.dtype, opset: int = DEFA
         "head", Head(model), (tracer.x,), ({0: tracer.batch, 1: tracer.seq},), ["x"], ["logits", "hidden"]
     )
     graphs = [_compose_lm(tracer, "prefill", embed, head), _compose_lm(tracer, "decode", embed, head)]
-    if config.num_nextn_predict_layers:
-        graphs.append(_compose_mtp(tracer))
-    return graphs
+    return graphs + _compose_mtp(tracer)
 
 
 class _Tracer:
@@ -170,15 +169,31 @@ def _compose_lm(tracer: _Tracer, role: Role, embed: Block, head: Block) -> Trace
     return TracedGraph(role, proto, list(composer.weights.values()))
 
 
-def _compose_mtp(tracer: _Tracer) -> TracedGraph:
+def _compose_mtp(tracer: _Tracer) -> list[TracedGraph]:
+    """One graph per MTP module, each over its own one-layer cache. Modules whose block is of the same kind
+    (dense or MoE) share one trace: depth d's instance takes `mtp.{d}.*` for the traced depth's weights."""
+    c = tracer.model.config
     args = (tracer.ids, tracer.x, tracer.ids, *tracer.cache)
     dims = tracer.token_dims(3) + tracer.cache_dims()
     names = ["next_ids", "hidden", "positions", "past_ckv.0", "past_kpe.0"]
     outputs = ["logits", "hidden_out", "new_ckv.0", "new_kpe.0"]
-    block = tracer.block("mtp", MTPGraph(tracer.model, depth=0, absorbed=True), args, dims, names, outputs)
-    composer = Composer()
-    composer.add(block, "mtp", {n: n for n in names}, {n: n for n in outputs})
-    return TracedGraph("mtp", composer.model("mtp", names, outputs, block.proto), list(composer.weights.values()))
+    traced: dict[bool, tuple[int, Block]] = {}  # block kind (MoE or not) -> (traced depth, block)
+    graphs = []
+    for depth in range(c.num_nextn_predict_layers):
+        moe = c.is_moe_layer(c.num_hidden_layers + depth)
+        if moe not in traced:
+            graph = MTPGraph(tracer.model, depth=depth, absorbed=True)
+            traced[moe] = (depth, tracer.block("mtp", graph, args, dims, names, outputs))
+        source, block = traced[moe]
+        prefix = f"mtp.{source}."
+        renamed = {w: f"mtp.{depth}.{w[len(prefix) :]}" for w in block.weights if w.startswith(prefix)}
+        composer = Composer()
+        composer.add(block, "mtp", {n: n for n in names}, {n: n for n in outputs}, weight_names=renamed)
+        role = mtp_role(depth)
+        graphs.append(
+            TracedGraph(role, composer.model(role, names, outputs, block.proto), list(composer.weights.values()))
+        )
+    return graphs
 
 
 def _weights_to_inputs(model: ir.Model, config: DeepseekV3Config) -> list[str]:

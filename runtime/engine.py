@@ -20,13 +20,13 @@ from dsv3c.models.config import DeepseekV3Config
 @dataclass
 class StepOutput:
     logits: torch.Tensor  # [B, q, vocab] on the engine's device
-    hidden: torch.Tensor  # [B, q, hidden], final-normed (what the LM head and the MTP module read)
+    hidden: torch.Tensor  # [B, q, hidden]: final-normed (main model); an MTP module's state (what the next reads)
 
 
 class Engine(Protocol):
     config: DeepseekV3Config
     device: torch.device
-    has_mtp: bool
+    mtp_depth: int  # MTP modules it can run (0: none); module d drafts the token d + 1 past the next one
 
     def start(self, batch: int, capacity: int) -> None:
         """Fresh caches for `batch` rows of `capacity` slots (they grow by chunks if a step needs more)."""
@@ -40,8 +40,9 @@ class Engine(Protocol):
         """ids, positions [B, q] over the past; writes q entries per row."""
         ...
 
-    def mtp(self, next_ids: torch.Tensor, hidden: torch.Tensor, positions: torch.Tensor) -> StepOutput:
-        """The MTP module over its own cache: token t+1 and main hidden at t -> logits for token t+2."""
+    def mtp(self, next_ids: torch.Tensor, hidden: torch.Tensor, positions: torch.Tensor, depth: int = 0) -> StepOutput:
+        """MTP module `depth` over its own cache: at slot t, token t+1+depth and the state at t (the main model's
+        final-normed hidden for depth 0, module depth-1's output after) -> logits for token t+2+depth."""
         ...
 
     def cache_bytes_per_token(self) -> int:

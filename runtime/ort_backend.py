@@ -1,4 +1,4 @@
-"""onnxruntime runtime over an export folder: prefill.onnx, decode.onnx and mtp.onnx with I/O binding.
+"""onnxruntime runtime over an export folder: prefill.onnx, decode.onnx and mtp(.{d}).onnx with I/O binding.
 
 Every tensor a graph reads or writes is a torch tensor bound by pointer (CPU, or CUDA with
 onnxruntime-gpu), so nothing is copied on the way in or out: the latent cache buffers are bound whole as
@@ -14,6 +14,7 @@ from typing import Any
 
 import torch
 from dsv3c.artifact.manifest import Manifest, Signature, read_manifest
+from dsv3c.artifact.names import mtp_role, mtp_roles
 from dsv3c.errors import UserError
 from dsv3c.models.config import DeepseekV3Config
 from dsv3c.runtime.engine import EngineBackend, StepOutput
@@ -87,7 +88,7 @@ def _empty_ortvalue(tensor: torch.Tensor, kind: str, index: int) -> Any:
 
 
 class OrtEngine:
-    """The Engine protocol over an export folder (see engine.py)."""
+    """The Engine protocol over an export folder (see engine.py). `roles` with "mtp" opens every MTP graph."""
 
     def __init__(
         self,
@@ -106,18 +107,23 @@ class OrtEngine:
         self.config = DeepseekV3Config.from_dict(manifest.config)
         self.device = torch.device(resolve_device(device))
         self.dtype = TORCH_TYPES.get(manifest.cache.dtype, torch.float32)
-        present = [r for r in roles if manifest.graphs.get(r)]
+        listed = [r for r, f in manifest.graphs.items() if f]
+        present = [r for r in roles if r in listed] + (mtp_roles(listed)[1:] if "mtp" in roles else [])
         self.graphs = {r: OrtGraph(manifest, r, device, threads, self.device) for r in present}
         if any(g.float_compute for g in self.graphs.values()):
             self.dtype = torch.float32  # the cache too: the graphs read and write it in float32
-        self.has_mtp = "mtp" in self.graphs and manifest.cache.mtp_layers > 0
+        self.mtp_depth = len(mtp_roles(self.graphs)) if manifest.cache.mtp_layers > 0 else 0
+        self.has_mtp = self.mtp_depth > 0
         c = manifest.cache
         self.cache_shape = CacheShape(c.layers, c.ckv_width, c.kpe_width, self.dtype)
         self.cache: LatentBuffers | None = None
-        self.mtp_cache: LatentBuffers | None = None
+        self.mtp_caches: list[LatentBuffers] = []  # one one-layer cache per MTP graph
 
     def start(self, batch: int, capacity: int) -> None:
-        self.cache, self.mtp_cache = self.cache_shape.allocate(batch, capacity, self.device, self.has_mtp)
+        self.cache, self.mtp_caches = self.cache_shape.allocate(batch, capacity, self.device, False)[0], []
+        for _ in range(self.mtp_depth):
+            one = CacheShape(1, self.cache_shape.ckv_width, self.cache_shape.kpe_width, self.dtype)
+            self.mtp_caches.append(one.allocate(batch, capacity, self.device, False)[0])
 
     def cache_bytes_per_token(self) -> int:
         return self.cache_shape.bytes_per_token
@@ -130,11 +136,13 @@ class OrtEngine:
     def decode(self, ids: torch.Tensor, positions: torch.Tensor) -> StepOutput:
         return self._step("decode", self._need(self.cache), {"input_ids": ids, "positions": positions}, positions, True)
 
-    def mtp(self, next_ids: torch.Tensor, hidden: torch.Tensor, positions: torch.Tensor) -> StepOutput:
-        if not self.has_mtp:
-            raise UserError(f"{self.manifest.folder}: this export has no MTP graph; drop --mtp")
+    def mtp(self, next_ids: torch.Tensor, hidden: torch.Tensor, positions: torch.Tensor, depth: int = 0) -> StepOutput:
+        if not 0 <= depth < self.mtp_depth:
+            raise UserError(f"{self.manifest.folder}: this export has {self.mtp_depth} MTP graphs, not {depth + 1}")
+        if depth >= len(self.mtp_caches):
+            raise RuntimeError("start() must be called before running a graph")
         feeds = {"next_ids": next_ids, "hidden": hidden.to(self.dtype), "positions": positions}
-        return self._step("mtp", self._need(self.mtp_cache), feeds, positions, True)
+        return self._step(mtp_role(depth), self.mtp_caches[depth], feeds, positions, True)
 
     def _step(
         self, role: str, cache: LatentBuffers, feeds: dict[str, torch.Tensor], positions: torch.Tensor, past: bool

@@ -20,15 +20,19 @@ class TorchEngine:
         self.config = model.config
         self.device = model.lm_head.weight.device
         self.dtype = model.lm_head.weight.dtype
-        self.has_mtp = len(model.mtp) > 0
+        self.mtp_depth = len(model.mtp)
+        self.has_mtp = self.mtp_depth > 0
         c = self.config
         self.cache_shape = CacheShape(c.num_hidden_layers, c.kv_lora_rank, c.qk_rope_head_dim, self.dtype)
         self.decode_path = decode_path
         self.cache: LatentBuffers | None = None
-        self.mtp_cache: LatentBuffers | None = None
+        self.mtp_caches: list[LatentBuffers] = []  # one one-layer cache per MTP module
 
     def start(self, batch: int, capacity: int) -> None:
-        self.cache, self.mtp_cache = self.cache_shape.allocate(batch, capacity, self.device, self.has_mtp)
+        self.cache, self.mtp_caches = self.cache_shape.allocate(batch, capacity, self.device, False)[0], []
+        for _ in range(self.mtp_depth):
+            one = CacheShape(1, self.cache_shape.ckv_width, self.cache_shape.kpe_width, self.dtype)
+            self.mtp_caches.append(one.allocate(batch, capacity, self.device, False)[0])
 
     def cache_bytes_per_token(self) -> int:
         return self.cache_shape.bytes_per_token
@@ -52,16 +56,16 @@ class TorchEngine:
         return StepOutput(out.logits, out.hidden_states)
 
     @torch.inference_mode()
-    def mtp(self, next_ids: torch.Tensor, hidden: torch.Tensor, positions: torch.Tensor) -> StepOutput:
-        if not self.has_mtp or self.mtp_cache is None:
-            raise RuntimeError("this model has no MTP module, or start() was not called")
-        cache = self.mtp_cache
+    def mtp(self, next_ids: torch.Tensor, hidden: torch.Tensor, positions: torch.Tensor, depth: int = 0) -> StepOutput:
+        if not 0 <= depth < len(self.mtp_caches):
+            raise RuntimeError(f"no MTP module {depth} (this model has {self.mtp_depth}), or start() was not called")
+        cache = self.mtp_caches[depth]
         cache.reserve(int(positions.max()) + 1)
         lengths, used = positions[:, 0], int(positions[:, 0].max())
         past = LayerCache(cache.ckv[0][:, :used], cache.kpe[0][:, :used])
         path = self.decode_path if used else "naive"
         logits, state, new = self.model.forward_mtp(
-            next_ids, hidden.to(self.dtype), positions, past, lengths, path=path
+            next_ids, hidden.to(self.dtype), positions, past, lengths, depth=depth, path=path
         )
         cache.write(0, new.ckv, new.kpe, positions)
         return StepOutput(logits, state)

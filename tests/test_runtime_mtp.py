@@ -41,13 +41,13 @@ class OracleDrafts:
 
     def __init__(self, engine: Engine, sequences: list[list[int]]):
         self.engine, self.sequences = engine, sequences
-        self.config, self.device, self.has_mtp = engine.config, engine.device, True
+        self.config, self.device, self.mtp_depth = engine.config, engine.device, 1
 
     def __getattr__(self, name: str) -> object:
         return getattr(self.engine, name)
 
-    def mtp(self, next_ids: torch.Tensor, hidden: torch.Tensor, positions: torch.Tensor) -> StepOutput:
-        out = self.engine.mtp(next_ids, hidden, positions)
+    def mtp(self, next_ids: torch.Tensor, hidden: torch.Tensor, positions: torch.Tensor, depth: int = 0) -> StepOutput:
+        out = self.engine.mtp(next_ids, hidden, positions, depth)
         logits = torch.zeros_like(out.logits)
         for b, row in enumerate(positions.tolist()):
             for i, t in enumerate(row):  # slot at position t drafts token t + 2
@@ -103,7 +103,7 @@ def test_every_draft_is_the_reference_mtp_prediction(tiny_checkpoint: Path, tiny
             with torch.no_grad():
                 hidden = model(torch.tensor([seq[:-1]])).hidden_states  # h_t for t < n - 1
                 logits, _, _ = model.forward_mtp(torch.tensor([seq[1:]]), hidden)  # slot n - 2 predicts token n
-            assert int(loop.draft[row]) == int(logits[0, -1].argmax())
+            assert int(loop.drafts[row, 0]) == int(logits[0, -1].argmax())
             checked += 1
         loop.step()
     assert checked >= 10

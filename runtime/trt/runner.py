@@ -111,6 +111,7 @@ class TrtEngine:
             role: TrtGraph(backend, self.runtime, folder / e.file, role) for role, e in self.manifest.engines.items()
         }
         self.has_mtp = "mtp" in self.graphs and int(self.manifest.cache["mtp_layers"]) > 0
+        self.mtp_depth = 1 if self.has_mtp else 0  # engines of MTP modules past the first are not run yet
         c = self.manifest.cache
         self.cache_shape = CacheShape(int(c["layers"]), int(c["ckv_width"]), int(c["kpe_width"]), self.dtype)
         self.cache: LatentBuffers | None = None
@@ -128,9 +129,11 @@ class TrtEngine:
     def decode(self, ids: torch.Tensor, positions: torch.Tensor) -> StepOutput:
         return self._step("decode", self.cache, {"input_ids": ids, "positions": positions}, positions, True)
 
-    def mtp(self, next_ids: torch.Tensor, hidden: torch.Tensor, positions: torch.Tensor) -> StepOutput:
+    def mtp(self, next_ids: torch.Tensor, hidden: torch.Tensor, positions: torch.Tensor, depth: int = 0) -> StepOutput:
         if not self.has_mtp:
             raise UserError("this engine folder has no MTP engine; build it from an export with an MTP graph")
+        if depth:
+            raise UserError("TensorRT engines draft with the first MTP module only; pass --mtp-depth 1")
         feeds = {"next_ids": next_ids, "hidden": hidden, "positions": positions}
         return self._step("mtp", self.mtp_cache, feeds, positions, True)
 
