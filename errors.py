@@ -2,7 +2,7 @@
 
 import re
 
-_LINE_BREAKS = re.compile(r"\s*[\r\n]+\s*")
+_LINE_BREAKS = re.compile(r"\s*[\n\r\v\f\x1c-\x1e\x85\u2028\u2029]+\s*")  # what str.splitlines breaks at
 
 
 class UserError(Exception):

@@ -9,7 +9,7 @@ checked before anything is written:
   `force` or not (`dsv3c export CKPT --out CKPT --force` must not replace the checkpoint);
 - an existing output is replaced only with `force`, and a folder only when dsv3c wrote it (a dsv3c
   manifest: `manifest.json`, `engine_manifest.json` or the checkpoint marker `.dsv3c`), never an
-  arbitrary folder of the user's;
+  arbitrary folder of the user's, nor a file where a folder output goes;
 - while the finished output is renamed into place, SIGINT and SIGTERM wait, so a signal never leaves
   the old output removed and the new one not yet in place;
 - temporaries of a run that was killed (SIGKILL, power loss) are removed by the next run that writes the
@@ -74,7 +74,7 @@ def is_dsv3c_folder(folder: Path) -> bool:
     for name in _MANIFESTS:
         try:
             raw = json.loads((Path(folder) / name).read_text())
-        except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError, RecursionError):
             continue
         if isinstance(raw, dict) and ("dsv3c_version" in raw or raw.get("written_by") == "dsv3c"):
             return True
@@ -94,7 +94,12 @@ def _check_replaceable(target: Path, force: bool) -> None:
         raise UserError(f"{target} already exists; choose another output or pass --force")
     if target.is_symlink():
         raise UserError(f"{target} is a symbolic link; dsv3c replaces only what it wrote, so remove it yourself")
-    if target.is_dir() and not is_dsv3c_folder(target) and any(target.iterdir()):
+    if not target.is_dir():  # dsv3c writes folders here, never a file: a file at this path is the user's
+        raise UserError(
+            f"{target} is a file, not a folder dsv3c wrote; --force replaces only dsv3c's own output folders, "
+            "so choose another output or remove it yourself"
+        )
+    if not is_dsv3c_folder(target) and any(target.iterdir()):
         raise UserError(
             f"{target} is a folder dsv3c did not write (no dsv3c manifest); --force replaces only dsv3c's own "
             "outputs, so choose another output or remove it yourself"

@@ -18,6 +18,7 @@ from types import ModuleType
 from typing import NoReturn
 
 from dsv3c import progress
+from dsv3c.cli.paths import check_path_arguments
 from dsv3c.errors import UserError
 
 # module names under dsv3c.cli; imported lazily so optional backends never slow or break start-up
@@ -98,6 +99,7 @@ def _main(argv: Sequence[str] | None) -> int:
     # --json (or --format json) output is machine-read: no progress bars, whatever the terminal
     machine_read = bool(getattr(args, "json", False)) or getattr(args, "format", None) == "json"
     try:
+        check_path_arguments(args)  # a name too long or a link loop: one line here, not a traceback later
         with progress.session(quiet=machine_read):
             return int(args._run(args))
     except UserError as e:
