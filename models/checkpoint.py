@@ -150,7 +150,7 @@ def _shard_files(folder: Path) -> tuple[list[str], dict[str, str] | None]:
     if index_path.is_file():
         try:
             weight_map = json.loads(index_path.read_text()).get("weight_map")
-        except (json.JSONDecodeError, AttributeError):
+        except (json.JSONDecodeError, UnicodeDecodeError, RecursionError, AttributeError):
             weight_map = None
         if not isinstance(weight_map, dict) or not all(isinstance(v, str) for v in weight_map.values()):
             raise CheckpointError(f"{index_path}: not a safetensors index (a JSON object with a 'weight_map')")
@@ -185,8 +185,14 @@ def _scan(folder: Path) -> dict[str, StoredTensor]:
     files, weight_map = _shard_files(folder)
     tensors: dict[str, StoredTensor] = {}
     for file in files:
-        if not (folder / file).is_file():
-            example = next(k for k, v in (weight_map or {}).items() if v == file)
+        try:
+            present = (folder / file).is_file()
+        except OSError:  # a shard name too long for the file system: no such file can be in the folder
+            present = False
+        if not present:
+            if weight_map is None:  # found by its name alone: a folder, or a link to nothing, called *.safetensors
+                raise CheckpointError(f"{folder / file}: not a file; a checkpoint's shards are safetensors files")
+            example = next(k for k, v in weight_map.items() if v == file)
             raise CheckpointError(
                 f"{folder / INDEX_FILE}: shard {file} (holding e.g. {example!r}) is missing; download it"
             )

@@ -153,24 +153,72 @@ def test_corrupt_body_bytes_and_truncation(good: Path, data: st.DataObject) -> N
         shutil.rmtree(folder)
 
 
+# shard names: plain ones, and ones no file system holds (a name over 255 bytes)
+shard_names = st.text(max_size=12) | st.sampled_from(["a" * 300 + ".safetensors", "x.safetensors", "loop.safetensors"])
+# JSON nested deeper than Python's parser recurses
+deep_json = st.integers(1_000, 100_000).flatmap(lambda n: st.sampled_from(["[" * n, '{"a":' * n, "[" * n + "]" * n]))
+
+
 @SETTINGS
 @given(
     index=st.recursive(
-        st.none() | st.integers() | st.text(max_size=12),
+        st.none() | st.integers() | shard_names,
         lambda c: st.dictionaries(st.text(max_size=8), c, max_size=3) | st.lists(c, max_size=3),
         max_leaves=6,
-    )
+    ),
+    raw=st.binary(max_size=40) | deep_json.map(str.encode),
 )
-def test_broken_index_files(good: Path, index: Any) -> None:
+def test_broken_index_files(good: Path, index: Any, raw: bytes) -> None:
     tmp = Path(tempfile.mkdtemp(prefix="dsv3c-hyp-"))
     try:
         shutil.copy(good / "config.json", tmp / "config.json")
         shutil.copy(good / "model.safetensors", tmp / "model-00001-of-00001.safetensors")
+        (tmp / "loop.safetensors").symlink_to("loop.safetensors")
         weight_map = {k: "model-00001-of-00001.safetensors" for k in _split(good / "model.safetensors")[0]}
         variants = [index, {"weight_map": index}, {"weight_map": {**weight_map, "x": index}}]
         for v in variants:
             (tmp / "model.safetensors.index.json").write_text(json.dumps(v))
             _load_all(tmp)
+        (tmp / "model.safetensors.index.json").write_bytes(raw)  # not UTF-8, not JSON, nested too deep
+        _load_all(tmp)
+    finally:
+        shutil.rmtree(tmp)
+
+
+@pytest.mark.parametrize(
+    "index",
+    [
+        json.dumps({"weight_map": {"model.norm.weight": "a" * 300 + ".safetensors"}}).encode(),  # was OSError
+        b"\xff\xfe{",  # was UnicodeDecodeError
+        b"[" * 50_000,  # was RecursionError
+    ],
+    ids=["shard-name-too-long", "not-utf8", "nested-too-deep"],
+)
+def test_an_index_no_one_could_read_is_one_line(good: Path, index: bytes) -> None:
+    """Found by probing the index with what the generated tests did not draw (found before the draws did)."""
+    tmp = _with_shard(good, (good / "model.safetensors").read_bytes())
+    try:
+        (tmp / "model.safetensors.index.json").write_bytes(index)
+        with pytest.raises(UserError, match="index") as e:
+            read_index(tmp)
+        assert "\n" not in str(e.value)
+    finally:
+        shutil.rmtree(tmp)
+
+
+@pytest.mark.parametrize("kind", ["folder", "dangling link", "link loop"])
+def test_a_shard_that_is_not_a_file_is_one_line(good: Path, kind: str) -> None:
+    """Found by probing: model.safetensors as a folder (or a link to nothing) raised StopIteration."""
+    tmp = _with_shard(good, b"")
+    try:
+        shard = tmp / "model.safetensors"
+        shard.unlink()
+        if kind == "folder":
+            shard.mkdir()
+        else:
+            shard.symlink_to("nowhere" if kind == "dangling link" else "model.safetensors")
+        with pytest.raises(UserError, match="not a file"):
+            read_index(tmp)
     finally:
         shutil.rmtree(tmp)
 
