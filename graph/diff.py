@@ -231,7 +231,9 @@ def diff_graphs(a: LoadedGraph, b: LoadedGraph, values: bool = True) -> tuple[Gr
     inits = match_initializers(ia, ib, m)
     init_entries = _initializer_changes(a, b, inits, values)
     changed = {e.name_a for e in init_entries if e.kind == "changed"}
-    rewrites, claims = group_rewrites(ia, ib, m, inits, changed, marks)
+    stages = stages_between(a.model, b.model)
+    # B lists the stages that ran since A: dsv3c's passes wrote it, and its cleanup marked every merge it made
+    rewrites, claims = group_rewrites(ia, ib, m, inits, changed, marks, merges_marked=bool(stages))
     init_entries = [e for e in init_entries if e.name_a not in claims.inits_a]
     init_entries += [
         InitializerChange("removed", x, "", layer_of_name(x))
@@ -256,7 +258,7 @@ def diff_graphs(a: LoadedGraph, b: LoadedGraph, values: bool = True) -> tuple[Gr
         rewrites,
         nodes,
         init_entries,
-        stages=stages_between(a.model, b.model),
+        stages=stages,
     )
     return result, m
 

@@ -26,10 +26,14 @@ class Marks:
         self.index = index
         self.of: dict[int, Provenance] = {}
         self.groups: dict[Key, list[int]] = {}
+        # node -> the duplicates the cleanup merged into it (`merged` carries no stage: no stage made the node)
+        self.merged: dict[int, tuple[str, ...]] = {}
         for j, node in enumerate(index.nodes):
             if not node.metadata_props:
                 continue
             marks = read_props(dict(node.metadata_props))
+            if marks.rewrite is not None and marks.rewrite.kind == provenance.MERGED:
+                self.merged[j] = marks.origin
             if marks.stage is None:
                 continue
             self.of[j] = marks

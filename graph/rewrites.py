@@ -14,8 +14,12 @@ structure, not from names (names only help the matching, graph/match.py):
   too (shared by the linears that read one activation: the first one claims it). A MoE node's expert
   weights make one rewrite. Each says its scheme, weight and scale shapes, and how the activation runs.
 - merged: a node of A that is gone from B because it computes what another, matched node of A computes
-  (common subexpression elimination: the same op, attributes and inputs), or a Constant whose value a
-  constant of B still holds. Consumers rewired to the survivor are not changes.
+  (common subexpression elimination). When dsv3c's cleanup ran between A and B, its marks say so: each
+  survivor is marked `merged` with the duplicates it absorbed as its origin (passes/merge_duplicates.py),
+  except a survivor that a stage made, which keeps that stage's marks: what it absorbed is inferred. Without
+  marks, duplicates are found by replaying the elimination over A (the same op, attributes and inputs).
+  Also a Constant whose value a constant of B still holds (its readers compare constants by value,
+  whoever removed it). Consumers rewired to the survivor are not changes.
 - lowered: a node of A replaced by nodes of B named `<node>/<what>` (inlined custom nodes, a MoE turned
   into com.microsoft::MoE plus routing, MLA into opset-23 Attention, a RoPE pattern into
   RotaryEmbedding, a blocked DequantizeLinear into per-tensor DequantizeLinear * scales), or by a node
@@ -98,9 +102,17 @@ class Claims:
 
 class _Grouper:
     def __init__(
-        self, a: GraphIndex, b: GraphIndex, m: Matching, inits: dict[str, str], changed: set[str], marks: Marks
+        self,
+        a: GraphIndex,
+        b: GraphIndex,
+        m: Matching,
+        inits: dict[str, str],
+        changed: set[str],
+        marks: Marks,
+        merges_marked: bool,
     ) -> None:
         self.a, self.b, self.m, self.inits, self.changed, self.marks = a, b, m, inits, changed, marks
+        self.merges_marked = merges_marked
         self.inits_back = {y: x for x, y in inits.items()}
         self.claims = Claims()
         self.finder_a, self.finder_b = LinearFinder(a.graph), LinearFinder(b.graph)
@@ -243,32 +255,65 @@ class _Grouper:
 
     # ---- merged (common subexpressions) ------------------------------------------------------------------
 
-    def merged(self) -> list[Rewrite]:
-        a, b = self.a, self.b
+    def _merged_by_marks(self) -> tuple[dict[int, int], set[int]]:
+        """Duplicate of A -> the matched node of A it was merged into, as the survivors' `merged` marks name them,
+        and every node of A the marks name (an origin that is no node of A was merged before A or made after it)."""
+        named = Counter(n.name for n in self.a.nodes if n.name)
+        where = {n.name: i for i, n in enumerate(self.a.nodes) if n.name and named[n.name] == 1}
+        into: dict[int, int] = {}
+        seen: set[int] = set()
+        for j, origin in self.marks.merged.items():
+            rep = self.m.b_to_a.get(j)
+            for name in origin:
+                i = where.get(name)
+                if i is None:
+                    continue
+                seen.add(i)
+                if rep is not None and i != rep:
+                    into.setdefault(i, rep)
+        return into, seen
+
+    def _merged_by_structure(self) -> dict[int, int]:
+        """Duplicate of A -> the matched node of A computing the same (same op, attributes and inputs), found by
+        replaying common subexpression elimination over A in graph order."""
+        a = self.a
         values: dict[str, Hashable] = {}
         first: dict[Hashable, int] = {}
-        b_constants = {k for j in range(len(b)) if (k := constant_key(b.nodes[j])) is not None}
-        by_layer: dict[int | None, list[tuple[int, int | None]]] = {}
+        into: dict[int, int] = {}
         for i, node in enumerate(a.nodes):
             key = (a.op(i), attribute_digest(node), tuple(values.get(x, x) for x in input_names(node)))
             rep = first.setdefault(key, i)
             for k, out in enumerate(output_names(node)):
                 values[out] = ("v", rep, k)
+            if rep != i and rep in self.m.a_to_b:
+                into[i] = rep
+        return into
+
+    def merged(self) -> list[Rewrite]:
+        a, b = self.a, self.b
+        into = self._merged_by_structure()
+        if self.merges_marked:
+            # the marks decide for every duplicate they name; the cleanup leaves a survivor that a stage made with
+            # that stage's marks (its group stays whole) and records nothing on it, so what it absorbed is inferred
+            marked, named = self._merged_by_marks()
+            into = {**{i: rep for i, rep in into.items() if i not in named}, **marked}
+        b_constants = {k for j in range(len(b)) if (k := constant_key(b.nodes[j])) is not None}
+        by_layer: dict[int | None, list[tuple[int, int | None]]] = {}
+        for i in range(len(a)):
             if not self.free_a(i):
                 continue
-            if rep != i and rep in self.m.a_to_b:
+            rep = into.get(i)
+            if rep is not None:
                 self.claims.merged_a[i] = rep
-            elif constant_key(a.nodes[i]) in b_constants:
-                rep = -1  # a constant whose value B still has (its readers compare constants by value)
-            else:
-                continue
+            elif constant_key(a.nodes[i]) not in b_constants:
+                continue  # else a constant whose value B still has (its readers compare constants by value)
             self.claims.nodes_a.add(i)
-            by_layer.setdefault(a.layers[i], []).append((i, rep if rep >= 0 else None))
+            by_layer.setdefault(a.layers[i], []).append((i, rep))
         found = []
         for layer, items in by_layer.items():
             ops = Counter(a.op(i) for i, _ in items)
-            into = sorted({x for _, r in items if r is not None and (x := a.layers[r]) is not None})
-            where = f" of layer{'s' if len(into) > 1 else ''} {', '.join(map(str, into))}" if into else ""
+            layers = sorted({x for _, r in items if r is not None and (x := a.layers[r]) is not None})
+            where = f" of layer{'s' if len(layers) > 1 else ''} {', '.join(map(str, layers))}" if layers else ""
             same = (["identical nodes" + where] if any(r is not None for _, r in items) else []) + (
                 ["equal constants"] if any(r is None for _, r in items) else []
             )
@@ -599,11 +644,18 @@ def _experts_name(weights: tuple[str, ...]) -> str:
 
 
 def group_rewrites(
-    a: GraphIndex, b: GraphIndex, m: Matching, inits: dict[str, str], changed: set[str], marks: Marks | None = None
+    a: GraphIndex,
+    b: GraphIndex,
+    m: Matching,
+    inits: dict[str, str],
+    changed: set[str],
+    marks: Marks | None = None,
+    merges_marked: bool = False,
 ) -> tuple[list[Rewrite], Claims]:
     """The pipeline rewrites between A and B; `changed`: initializers of A whose B counterpart differs;
-    `marks`: B's provenance marks, read first (structure is the fallback for nodes without them)."""
-    grouper = _Grouper(a, b, m, inits, changed, marks if marks is not None else Marks(b))
+    `marks`: B's provenance marks, read first (structure is the fallback for nodes without them);
+    `merges_marked`: dsv3c's cleanup ran between A and B, so B's `merged` marks say what it merged."""
+    grouper = _Grouper(a, b, m, inits, changed, marks if marks is not None else Marks(b), merges_marked)
     merged = grouper.merged()
     quantized = grouper.quantized()
     lowered = grouper.lowered()
