@@ -1,12 +1,13 @@
-"""MTP speculative decoding vs plain greedy on a trained model: acceptance, tokens per call, wall-clock speedup.
+"""MTP speculative decoding vs plain greedy on a trained model: acceptance per depth, tokens per call, speedup.
 
     python bench/mtp_speedup.py --checkpoint runs/small-bf16 --data HELDOUT_TEXT --out bench/results/mtp.json
     python bench/mtp_speedup.py --checkpoint CK --export EX --runtimes torch ort --threads 1 --new-tokens 64
 
 Prompts are consecutive stretches of held-out text (the checkpoint's tokenizer.json); each is decoded at
-batch 1, greedily and with MTP drafts, side by side in one run (eval/speedup.py), on PyTorch (the
-checkpoint) and onnxruntime (the export; made under --work when not given). The speculative output is
-checked token for token against greedy. CPU only: pass --threads to pin the intra-op threads.
+batch 1, greedily and with MTP drafts at each depth (1 .. the model's MTP modules, chained; --depths picks),
+side by side in one run (eval/speedup.py), on PyTorch (the checkpoint) and onnxruntime (the export; made
+under --work when not given). One row per runtime and depth; the speculative output is checked token for
+token against greedy. CPU only: pass --threads to pin the intra-op threads.
 """
 
 from __future__ import annotations
@@ -33,6 +34,7 @@ def parse() -> argparse.Namespace:
     p.add_argument("--prompt-tokens", type=int, default=32)
     p.add_argument("--new-tokens", type=int, default=64)
     p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--depths", type=int, nargs="+", help="drafting depths to time (default: 1 .. all MTP modules)")
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--work", type=Path, default=Path("/tmp/dsv3c-mtp-bench"))
     p.add_argument("--out", type=Path, help="write the rows and the run record as JSON")
@@ -67,13 +69,15 @@ def main() -> int:
         for runtime in args.runtimes:
             folder = args.checkpoint if runtime == "torch" else export_folder(args)
             engine = open_engine(folder, runtime, "cpu", "fp32", args.threads)
-            row = measure_speedup(engine, runtime, prompts, args.new_tokens, args.repeats)
-            rows.append(row.to_dict())
-            print(
-                f"{runtime:5s}: acceptance {row.acceptance_rate:.1%}, {row.tokens_per_call:.2f} tokens/call, "
-                f"greedy {row.greedy_tokens_per_s:.1f} tok/s, mtp {row.mtp_tokens_per_s:.1f} tok/s, "
-                f"speedup {row.speedup:.2f}x, identical to greedy: {row.identical}"
-            )
+            for row in measure_speedup(engine, runtime, prompts, args.new_tokens, args.repeats, args.depths):
+                rows.append(row.to_dict())
+                per_depth = " / ".join(f"{rate:.1%}" for rate in row.acceptance_per_depth)
+                print(
+                    f"{runtime:5s} depth {row.depth}: acceptance per depth {per_depth}, "
+                    f"{row.tokens_per_call:.2f} tokens/call, greedy {row.greedy_tokens_per_s:.1f} tok/s, "
+                    f"mtp {row.mtp_tokens_per_s:.1f} tok/s, speedup {row.speedup:.2f}x, "
+                    f"identical to greedy: {row.identical}"
+                )
     except UserError as e:
         print(f"mtp_speedup: error: {e}", file=sys.stderr)
         return 2
