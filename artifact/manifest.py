@@ -161,7 +161,7 @@ def is_export_folder(folder: Path) -> bool:
     """Whether `folder` holds a manifest.json that dsv3c wrote (checked by its keys, not validated)."""
     try:
         raw = json.loads((Path(folder) / MANIFEST_FILE).read_text())
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError, RecursionError):
         return False
     return isinstance(raw, dict) and "format_version" in raw and "dsv3c_version" in raw
 
@@ -180,6 +180,8 @@ def read_manifest(folder: str | Path) -> Manifest:
         raise ManifestError(f"{path}: cannot read ({e})") from None
     except json.JSONDecodeError as e:
         raise ManifestError(f"{path}: not valid JSON (line {e.lineno}: {e.msg})") from None
+    except RecursionError:  # arrays or objects nested thousands deep
+        raise ManifestError(f"{path}: not valid JSON (nested too deep)") from None
     try:
         manifest = _parse(raw)
     except (KeyError, TypeError, ValueError, AttributeError) as e:
@@ -232,6 +234,13 @@ def _file_name(value: Any) -> str | None:
     return value
 
 
+def _is_file(path: Path) -> bool:
+    try:
+        return path.is_file()
+    except OSError:  # a name too long for the file system: no such file can be in the folder
+        return False
+
+
 def _check(m: Manifest, path: Path) -> None:
     if m.weights not in WEIGHTS_KINDS:
         raise ManifestError(f"{path}: 'weights' must be checkpoint, random or none, got {m.weights!r}")
@@ -240,9 +249,9 @@ def _check(m: Manifest, path: Path) -> None:
             raise ManifestError(f"{path}: no {role} graph listed under 'graphs'")
     assert m.folder is not None
     for role, file in m.graphs.items():
-        if file is not None and not (m.folder / file).is_file():
+        if file is not None and not _is_file(m.folder / file):
             raise ManifestError(f"{path}: the {role} graph {file} is missing from the folder")
         if file is not None and role not in m.signatures:
             raise ManifestError(f"{path}: no signature for the {role} graph")
-    if m.weights != "none" and m.weights_file and not (m.folder / m.weights_file).is_file():
+    if m.weights != "none" and m.weights_file and not _is_file(m.folder / m.weights_file):
         raise ManifestError(f"{path}: weights are '{m.weights}' but {m.weights_file} is missing")

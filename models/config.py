@@ -160,6 +160,8 @@ class DeepseekV3Config:
             raw = json.loads(text)
         except json.JSONDecodeError as e:
             raise ConfigError(f"{path}: not valid JSON (line {e.lineno}: {e.msg})") from None
+        except RecursionError:  # arrays or objects nested thousands deep
+            raise ConfigError(f"{path}: not valid JSON (nested too deep)") from None
         try:
             return cls.from_dict(raw)
         except ConfigError as e:

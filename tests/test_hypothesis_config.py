@@ -82,8 +82,12 @@ def test_any_json_at_the_top_level(raw: Any) -> None:
     _load(raw)
 
 
+# JSON nested deeper than Python's parser recurses
+deep_json = st.integers(1_000, 100_000).flatmap(lambda n: st.sampled_from(["[" * n, '{"a":' * n, "[" * n + "]" * n]))
+
+
 @settings(max_examples=200, deadline=None)
-@given(st.binary(max_size=64) | st.text(max_size=64).map(str.encode))
+@given(st.binary(max_size=64) | st.text(max_size=64).map(str.encode) | deep_json.map(str.encode))
 def test_any_bytes_as_config_json(tmp_path_factory: pytest.TempPathFactory, data: bytes) -> None:
     path = tmp_path_factory.mktemp("cfg") / "config.json"
     path.write_bytes(data)
@@ -112,3 +116,10 @@ def test_absurd_values_fail_at_once_naming_the_field(field: str, value: object, 
     with pytest.raises(UserError, match=field):
         DeepseekV3Config.from_json(tmp_path / "config.json")
     assert time.perf_counter() - start < 1.0
+
+
+def test_json_nested_too_deep_is_one_config_error(tmp_path: Path) -> None:
+    """Found by probing config.json with what the generated tests did not draw: RecursionError, a traceback."""
+    (tmp_path / "config.json").write_text("[" * 50_000)
+    with pytest.raises(UserError, match="nested too deep"):
+        DeepseekV3Config.from_json(tmp_path / "config.json")

@@ -73,6 +73,7 @@ def manifest_edits(draw: st.DrawFn, raw: dict[str, Any]) -> Any:
         value = draw(
             json_values
             | st.sampled_from(["../x.onnx", "/etc/passwd", "prefill.onnx", "decode.onnx", "", "none", 2**70, -1])
+            | st.sampled_from(["a" * 300, "a" * 300 + ".onnx"])  # a file name no file system holds
         )
         _set(edited, path, value, draw(st.booleans()))
     return edited
@@ -110,8 +111,12 @@ def test_edited_manifests(good: Path, data: st.DataObject) -> None:
         shutil.rmtree(folder)
 
 
+# JSON nested deeper than Python's parser recurses
+deep_json = st.integers(1_000, 100_000).flatmap(lambda n: st.sampled_from(["[" * n, '{"a":' * n, "[" * n + "]" * n]))
+
+
 @settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
-@given(blob=st.binary(max_size=80) | st.text(max_size=80).map(str.encode))
+@given(blob=st.binary(max_size=80) | st.text(max_size=80).map(str.encode) | deep_json.map(str.encode))
 def test_manifest_bytes(good: Path, blob: bytes) -> None:
     folder = _copy(good)
     try:
@@ -207,6 +212,31 @@ def test_an_impossible_file_name_is_one_line(good: Path, location: str, expected
         next(e for e in t.external_data if e.key == "location").value = location
         onnx.save(proto, path)
         with pytest.raises(UserError, match=expected) as e:
+            read_export(folder)
+        assert "\n" not in str(e.value)
+    finally:
+        shutil.rmtree(folder)
+
+
+@pytest.mark.parametrize(
+    "edit",
+    [
+        {"graphs": {"prefill": "a" * 300}},  # was OSError (ENAMETOOLONG) from Path.is_file
+        {"weights_file": "a" * 300},
+        "[" * 50_000,  # was RecursionError
+    ],
+    ids=["graph-name-too-long", "weights-name-too-long", "nested-too-deep"],
+)
+def test_a_manifest_no_one_could_read_is_one_line(good: Path, edit: dict[str, Any] | str) -> None:
+    """Found by probing the manifest with what the generated tests did not draw (found before the draws did)."""
+    folder = _copy(good)
+    try:
+        raw = json.loads((good / "manifest.json").read_text())
+        if isinstance(edit, dict):
+            for key, value in edit.items():
+                raw[key] = {**raw[key], **value} if isinstance(value, dict) else value
+        (folder / "manifest.json").write_text(edit if isinstance(edit, str) else json.dumps(raw))
+        with pytest.raises(UserError, match=r"missing|nested too deep") as e:
             read_export(folder)
         assert "\n" not in str(e.value)
     finally:
