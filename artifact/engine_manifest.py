@@ -107,7 +107,7 @@ def read_engine_manifest(folder: Path) -> EngineManifest:
         raw = json.loads(path.read_text())
     except FileNotFoundError:
         raise UserError(f"{folder}: no {ENGINE_MANIFEST}; is this a folder written by 'dsv3c build'?") from None
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError, RecursionError) as e:
         raise UserError(f"{path}: cannot read ({type(e).__name__}: {e})") from None
     try:
         if raw["format_version"] not in READABLE_VERSIONS:

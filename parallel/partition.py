@@ -70,7 +70,7 @@ def read_partition(folder: Path) -> Partition:
     path = Path(folder) / PARTITION_FILE
     try:
         raw = json.loads(path.read_text())
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError, RecursionError) as e:
         raise UserError(f"{path}: not a readable partition manifest ({e})") from None
     if not isinstance(raw, dict) or raw.get("format") != FORMAT:
         raise UserError(f"{path}: not a dsv3c partition manifest (format {FORMAT!r})")

@@ -70,9 +70,16 @@ def related_folders(folder: Path) -> list[Path]:
         source = (read_manifest(folder).stage("export") or {}).get("source")
     except UserError:  # not an export folder (a checkpoint), or not a readable one
         source = None
-    if isinstance(source, str) and Path(source).is_dir():
+    if isinstance(source, str) and _is_folder(Path(source)):
         out.append(Path(source))
     return out
+
+
+def _is_folder(path: Path) -> bool:
+    try:
+        return path.is_dir()
+    except OSError:  # a recorded path no file system holds (a name over 255 bytes)
+        return False
 
 
 def load_tokenizer(folder: Path) -> Any:
@@ -98,7 +105,11 @@ def eos_ids(folder: Path) -> list[int]:
             continue
         try:
             eos = json.loads(path.read_text()).get("eos_token_id")
-        except (OSError, json.JSONDecodeError, AttributeError):
+        except (OSError, ValueError, RecursionError, AttributeError):  # ValueError: not UTF-8, not JSON
             raise UserError(f"{path}: not a valid generation config (expected a JSON object)") from None
-        return [eos] if isinstance(eos, int) else [e for e in eos or [] if isinstance(e, int)]
+        if eos is None or (isinstance(eos, int) and not isinstance(eos, bool)):
+            return [] if eos is None else [eos]
+        if not isinstance(eos, list) or not all(isinstance(e, int) and not isinstance(e, bool) for e in eos):
+            raise UserError(f"{path}: eos_token_id must be a token id or a list of them, got {str(eos)[:40]}")
+        return eos
     return []
