@@ -30,6 +30,8 @@ from dsv3c.passes.mxfp8 import (
 from dsv3c.passes.ort_run import GraphRunner, random_feeds
 from dsv3c.passes.pipelines import MXFP8_STAGE, MXFP8_WEIGHTS_STAGE
 
+from .fixtures.pipeline import PipelineFolders
+
 
 def mxfp8_reference(x: np.ndarray) -> np.ndarray:
     """MXFP8 round trip in numpy: per 32 values of the last axis, s = the smallest power of two >= amax / 448
@@ -103,26 +105,23 @@ def test_mxfp8_weights_equal_the_numpy_rule_per_row_block() -> None:
 
 @pytest.fixture(scope="module")
 def quantized(tiny_export: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """dsv3c quantize's default: 128x128 FP8 weights, online 1x128 activation tiles."""
-    from dsv3c.passes.pipelines import QuantizeOptions
-    from dsv3c.passes.quantize import quantize_folder
-
-    out = tmp_path_factory.mktemp("mxfp8") / "q"
-    quantize_folder(tiny_export, out, QuantizeOptions())
-    return out
+    """dsv3c quantize's default (128x128 FP8 weights, online 1x128 activation tiles) of the tiny export: the
+    folder the graph and CLI tests read too, quantized once per session (tests/fixtures/pipeline.py)."""
+    return PipelineFolders(tiny_export, tmp_path_factory.getbasetemp())["quantized"]
 
 
 @pytest.fixture(scope="module")
-def lowered(quantized: Path) -> dict[str, Path]:
+def lowered(quantized: Path, tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     """trt and portable with MXFP8 activations; trt-weights with MXFP8 weights too."""
     from dsv3c.passes.lower import lower_folder
     from dsv3c.passes.pipelines import Target
 
+    root = tmp_path_factory.mktemp("mxfp8")
     out = {}
     for target in (Target.TRT, Target.PORTABLE):
-        out[target.value] = quantized.parent / target.value
+        out[target.value] = root / target.value
         lower_folder(quantized, out[target.value], target, mxfp8=True)
-    out["trt-weights"] = quantized.parent / "trt-weights"
+    out["trt-weights"] = root / "trt-weights"
     lower_folder(quantized, out["trt-weights"], Target.TRT, mxfp8=True, mxfp8_weights=True)
     return out
 
