@@ -82,7 +82,13 @@ def main() -> int:
         print(f"mtp_speedup: error: {e}", file=sys.stderr)
         return 2
     if args.out:
-        record = {**run_record(), "checkpoint": str(args.checkpoint), "data": str(args.data), "rows": rows}
+        record = {**run_record(), "checkpoint": str(args.checkpoint), "data": str(args.data)}
+        config = json.loads((args.checkpoint / "config.json").read_text())
+        record["mtp_modules"] = config.get("num_nextn_predict_layers", 0)
+        trained = args.checkpoint / "training.json"  # how dsv3c train made it: corpus, settings, final losses
+        if trained.is_file():
+            record["training"] = json.loads(trained.read_text())
+        record["rows"] = rows
         write_result(args.out, record)
         print(f"wrote {args.out}")
     print(json.dumps(rows) if not args.out else "", end="")

@@ -173,7 +173,8 @@ def run(args: argparse.Namespace) -> int:
     if args.mtp:
         ids, stats = generate_mtp(engine, prompts, args.max_new_tokens, sampling, stops, stream, args.mtp_depth)
         if primary:
-            per_depth = ", ".join(f"{rate:.1%}" for rate in stats.acceptance_per_depth)
+            rates = zip(stats.acceptance_per_depth, stats.reached, strict=True)
+            per_depth = ", ".join(f"{rate:.1%}" if reached else "-" for rate, reached in rates)  # "-": never reached
             print(
                 f"mtp: depth {stats.depth}, acceptance {stats.acceptance_rate:.1%} ({stats.accepted}/{stats.drafted} "
                 f"drafts; per depth {per_depth}), {stats.tokens_per_call:.2f} tokens per main-model call",

@@ -184,7 +184,7 @@ class _Speculation:
         positions = (self.n - 1)[:, None] + torch.arange(self.depth + 1, device=self.device)  # [B, D + 1]
         last = self.tokens.read((self.n - 1)[:, None])
         verify = self.engine.decode(torch.cat([last, self.drafts], dim=1), positions)
-        chosen = torch.stack([self._choose(verify.logits[:, i]) for i in range(self.depth + 1)], dim=1)  # [B, D+1]
+        chosen = self._choose(verify.logits.flatten(0, 1)).view(positions.shape)  # g_0 .. g_D per row [B, D + 1]
         matched = torch.cumprod((chosen[:, :-1] == self.drafts).long(), dim=1)  # [B, D]: drafts 0..i all match
         accepted = torch.where(active, matched.sum(dim=1), 0)  # a per row
         self._count()
