@@ -15,7 +15,7 @@ import onnx_ir as ir
 from dsv3c.artifact import provenance
 from dsv3c.errors import UserError
 from dsv3c.graph.diff_types import Change, DiffReport, EntryKind, GraphDiff, InitializerChange, NodeChange
-from dsv3c.graph.index import GraphIndex, attribute_text, constant_key, input_names, layer_of_name, output_names
+from dsv3c.graph.index import GraphIndex, attribute_text, constant_key, elem_type, layer_of_name, op_label
 from dsv3c.graph.load import LoadedGraph, graph_paths, load_graph
 from dsv3c.graph.marks import Marks
 from dsv3c.graph.match import Matching, Unmatched, match_initializers, match_nodes
@@ -36,42 +36,51 @@ class _Sources:
         self.a, self.b, self.m, self.claims = a, b, m, claims
         self.inits_back = {y: x for x, y in inits.items()}
 
-    def of_a(self, name: str) -> Hashable:
-        if not name:
+    def of_a(self, value: ir.Value | None) -> Hashable:
+        if value is None or not value.name:
             return ""
-        if name in self.a.producer:
-            p, k = self.a.producer[name]
-            value = constant_key(self.a.nodes[p])
-            if value is not None:
-                return value
+        p = self.a.producer(value)
+        if p is not None:
+            constant = constant_key(p)
+            if constant is not None:
+                return constant
             if p in self.claims.lowered_a:
                 return ("lowered", self.claims.lowered_a[p])
-            return ("n", self.claims.merged_a.get(p, p), k)
-        return ("i", name) if name in self.a.initializers else ("g", name)
+            return ("n", self.claims.merged_a.get(p, p), value.index())
+        return ("i", value.name) if value.name in self.a.initializers else ("g", value.name)
 
-    def of_b(self, name: str) -> Hashable:
-        if not name:
+    def of_b(self, value: ir.Value | None) -> Hashable:
+        if value is None or not value.name:
             return ""
-        if name in self.b.producer:
-            p, k = self.b.producer[name]
-            value = constant_key(self.b.nodes[p])
-            if value is not None:
-                return value
+        p = self.b.producer(value)
+        if p is not None:
+            constant = constant_key(p)
+            if constant is not None:
+                return constant
             if p in self.claims.lowered_b:
                 return ("lowered", self.claims.lowered_b[p])
-            return ("n", self.m.b_to_a.get(p, ("b", p)), k)
-        if name in self.b.initializers:
-            return ("i", self.inits_back.get(name, ("b", name)))
-        return ("g", name)
+            return ("n", self.m.b_to_a.get(p, ("b", p)), value.index())
+        if value.name in self.b.initializers:
+            return ("i", self.inits_back.get(value.name, ("b", value.name)))
+        return ("g", value.name)
+
+
+def _name(value: ir.Value | None) -> str:
+    """A tensor as ONNX writes it: its name, "" for an omitted optional input."""
+    return value.name or "" if value is not None else ""
 
 
 def _node_changes(
-    a: GraphIndex, b: GraphIndex, i: int, j: int, src: _Sources, explained: frozenset[int] | set[int] = frozenset()
+    a: GraphIndex,
+    b: GraphIndex,
+    na: ir.Node,
+    nb: ir.Node,
+    src: _Sources,
+    explained: frozenset[int] | set[int] = frozenset(),
 ) -> list[Change]:
-    na, nb = a.nodes[i], b.nodes[j]
     changes = []
-    if a.op(i) != b.op(j):
-        changes.append(Change("op", a.op(i), b.op(j)))
+    if op_label(na) != op_label(nb):
+        changes.append(Change("op", op_label(na), op_label(nb)))
     if (na.name or "") != (nb.name or ""):
         changes.append(Change("name", na.name or "", nb.name or ""))
     attrs_a = {k: attribute_text(x) for k, x in na.attributes.items()}
@@ -79,17 +88,22 @@ def _node_changes(
     for key in sorted(attrs_a.keys() | attrs_b.keys()):
         if attrs_a.get(key) != attrs_b.get(key):
             changes.append(Change(f"attribute {key}", attrs_a.get(key, "(none)"), attrs_b.get(key, "(none)")))
-    if len(input_names(na)) != len(input_names(nb)):
-        changes.append(Change("inputs", str(len(input_names(na))), str(len(input_names(nb)))))
-    for k, (x, y) in enumerate(zip(input_names(na), input_names(nb), strict=False)):
+    if len(na.inputs) != len(nb.inputs):
+        changes.append(Change("inputs", str(len(na.inputs)), str(len(nb.inputs))))
+    for k, (x, y) in enumerate(zip(na.inputs, nb.inputs, strict=False)):
         # the same computed tensor name: e.g. a lowering kept the output name, or it was folded to a constant
-        same_tensor = x == y and x in a.producer and (y in b.producer or y in b.initializers)
+        same_tensor = (
+            bool(_name(x))
+            and _name(x) == _name(y)
+            and a.producer(x) is not None
+            and (b.producer(y) is not None or _name(y) in b.initializers)
+        )
         if k not in explained and not same_tensor and src.of_a(x) != src.of_b(y):
-            changes.append(Change(f"input {k}", x or "(none)", y or "(none)"))
-    if len(output_names(na)) != len(output_names(nb)):
-        changes.append(Change("outputs", str(len(output_names(na))), str(len(output_names(nb)))))
-    for k, (x, y) in enumerate(zip(output_names(na), output_names(nb), strict=False)):
-        ta, tb = a.elem_type(x), b.elem_type(y)
+            changes.append(Change(f"input {k}", _name(x) or "(none)", _name(y) or "(none)"))
+    if len(na.outputs) != len(nb.outputs):
+        changes.append(Change("outputs", str(len(na.outputs)), str(len(nb.outputs))))
+    for k, (u, v) in enumerate(zip(na.outputs, nb.outputs, strict=False)):
+        ta, tb = elem_type(u), elem_type(v)
         if ta and tb and ta != tb:
             changes.append(Change(f"output {k} dtype", dtype_name(ta), dtype_name(tb)))
     return changes
@@ -190,25 +204,21 @@ def _initializer_changes(
 
 def _node_entries(a: GraphIndex, b: GraphIndex, m: Matching, src: _Sources, claims: Claims) -> list[NodeChange]:
     entries = []
-    for i, j in m.a_to_b.items():
-        if i in claims.pairs:
+    for x, y in m.a_to_b.items():
+        if x in claims.pairs:
             continue
-        changes = _node_changes(a, b, i, j, src, claims.inputs.get(i, set()))
+        changes = _node_changes(a, b, x, y, src, claims.inputs.get(x, set()))
         if changes:
             kind: EntryKind = "renamed" if all(c.field == "name" for c in changes) else "changed"
-            entries.append(
-                NodeChange(
-                    kind, a.op(i), a.nodes[i].name or "", b.nodes[j].name or "", a.layers[i], m.method[i], changes
-                )
-            )
-    removed = [i for i in range(len(a)) if i not in m.a_to_b and i not in claims.nodes_a]
-    added = [j for j in range(len(b)) if j not in m.b_to_a and j not in claims.nodes_b]
+            entries.append(NodeChange(kind, op_label(x), x.name or "", y.name or "", a.layer(x), m.method[x], changes))
+    removed = [n for n in a.nodes if n not in m.a_to_b and n not in claims.nodes_a]
+    added = [n for n in b.nodes if n not in m.b_to_a and n not in claims.nodes_b]
     if removed:
         why_a = Unmatched(a, b, m.a_to_b, m.b_to_a).why
-        entries += [NodeChange("removed", a.op(i), a.label(i), "", a.layers[i], why=why_a(i)) for i in removed]
+        entries += [NodeChange("removed", op_label(n), a.label(n), "", a.layer(n), why=why_a(n)) for n in removed]
     if added:
         why_b = Unmatched(b, a, m.b_to_a, m.a_to_b).why
-        entries += [NodeChange("added", b.op(j), "", b.label(j), b.layers[j], why=why_b(j)) for j in added]
+        entries += [NodeChange("added", op_label(n), "", b.label(n), b.layer(n), why=why_b(n)) for n in added]
     return entries
 
 

@@ -1,8 +1,8 @@
-"""A cached view over one `ir.Graph`: node order, tensor names, layer numbers.
+"""A cached view over one `ir.Graph`: node order, layer numbers, and the names looked up across two graphs.
 
-Producers and consumers come from onnx_ir (`value.producer()`, `value.uses()`); the view only numbers the
-nodes in graph order (the matching and the diff refer to nodes by that number) and maps tensor names to
-values, so that callers (linear detection, matching, diff) stay linear in the graph's size.
+Callers (matching, rewrite grouping, diff) work on `ir.Node` and `ir.Value` objects, walking producers and
+readers through onnx_ir (`value.producer()`, `value.uses()`); the view keeps each node's place (to report
+in graph order) and layer, and maps tensor names to values only for what two graphs share by name.
 """
 
 from __future__ import annotations
@@ -10,7 +10,7 @@ from __future__ import annotations
 import functools
 import hashlib
 import re
-from collections.abc import Hashable, Iterator, Mapping
+from collections.abc import Hashable, Iterable, Mapping
 from typing import Any
 
 import numpy as np
@@ -51,58 +51,13 @@ def int_attr(node: ir.Node, name: str, default: int = 0) -> int:
     return attr.as_int() if attr is not None and attr.type == ir.AttributeType.INT else default
 
 
-class _Producers(Mapping[str, tuple[int, int]]):
-    """Tensor name -> (node number, output index), read from `value.producer()`."""
-
-    def __init__(self, view: GraphIndex) -> None:
-        self._view = view
-
-    def __getitem__(self, name: str) -> tuple[int, int]:
-        value = self._view.values.get(name)
-        node = value.producer() if value is not None else None
-        i = self._view.position.get(node) if node is not None else None
-        if value is None or i is None:
-            raise KeyError(name)
-        return i, value.index() or 0
-
-    def __contains__(self, name: object) -> bool:
-        value = self._view.values.get(name) if isinstance(name, str) else None
-        node = value.producer() if value is not None else None
-        return node is not None and node in self._view.position
-
-    def __iter__(self) -> Iterator[str]:
-        return (name for name in self._view.values if name in self)
-
-    def __len__(self) -> int:
-        return sum(1 for _ in self)
-
-
-class _Consumers(Mapping[str, list[tuple[int, int]]]):
-    """Tensor name -> [(node number, input index)] in graph order, read from `value.uses()`."""
-
-    def __init__(self, view: GraphIndex) -> None:
-        self._view = view
-
-    def __getitem__(self, name: str) -> list[tuple[int, int]]:
-        value = self._view.values.get(name)
-        if value is None:
-            raise KeyError(name)
-        position = self._view.position
-        # uses by nodes of subgraphs are left out: the view is the top level
-        found = sorted((position[u.node], u.idx) for u in value.uses() if u.node in position)
-        if not found:
-            raise KeyError(name)
-        return found
-
-    def __iter__(self) -> Iterator[str]:
-        return (name for name in self._view.values if name in self)
-
-    def __len__(self) -> int:
-        return sum(1 for _ in self)
-
-
 class GraphIndex:
-    """Node numbers and tensor names of a graph (top level only; subgraphs are attributes)."""
+    """The top level of a graph (subgraphs are attributes) in graph order: each node's place and layer.
+
+    Producers and readers are onnx_ir's (`value.producer()`, `value.uses()`), restricted to this level; the
+    place only orders nodes (reports list them in graph order). Tensor names are kept for what is looked up
+    across two graphs by name (a node's outputs in the other graph, initializers, graph inputs) and printed.
+    """
 
     def __init__(self, graph: ir.Graph) -> None:
         self.graph = graph
@@ -119,36 +74,54 @@ class GraphIndex:
                     self.values[v.name] = v
         self.inputs = [v.name or "" for v in graph.inputs if v.name not in self.initializers]
         self.outputs = [v.name or "" for v in graph.outputs]
-        self.producer = _Producers(self)
-        self.consumers = _Consumers(self)
+        self.output_values = frozenset(graph.outputs)
 
     def __len__(self) -> int:
         return len(self.nodes)
 
-    def elem_type(self, name: str) -> int | None:
-        """The tensor's element type where the graph declares it (value_info, an initializer), else None."""
-        value = self.values.get(name)
-        dtype = value.dtype if value is not None else None
-        return int(dtype) if dtype is not None and dtype != ir.DataType.UNDEFINED else None
+    def __contains__(self, node: object) -> bool:
+        return node in self.position
 
-    def shape(self, name: str) -> tuple[int | str, ...]:
-        """The tensor's declared dims (an int, a symbol, or "?"); () when the graph declares no shape."""
-        value = self.values.get(name)
-        if value is None or value.shape is None:
-            return ()
-        return tuple(d if isinstance(d, int) else d.value or "?" for d in value.shape.dims)
+    def producer(self, value: ir.Value | None) -> ir.Node | None:
+        """The node of this level computing `value`; None for an input, an initializer, or an omitted input."""
+        node = value.producer() if value is not None else None
+        return node if node is not None and node in self.position else None
 
-    def op(self, i: int) -> str:
-        return op_label(self.nodes[i])
+    def made(self, name: str) -> ir.Node | None:
+        """The node computing the tensor named `name` here (a name looked up from the other graph)."""
+        return self.producer(self.values.get(name)) if name else None
 
-    def label(self, i: int) -> str:
+    def uses(self, value: ir.Value | None) -> list[tuple[ir.Node, int]]:
+        """(node, input index) of this level's readers of `value`, in graph order (subgraphs' uses left out)."""
+        if value is None:
+            return []
+        position = self.position
+        found = [(u.node, u.idx) for u in value.uses() if u.node in position]
+        return sorted(found, key=lambda use: (position[use[0]], use[1]))
+
+    def readers(self, node: ir.Node) -> list[ir.Node]:
+        """The nodes reading any output of `node`, each once, in graph order."""
+        return self.in_order({c for v in node.outputs for c, _ in self.uses(v)})
+
+    def is_initializer(self, value: ir.Value | None) -> bool:
+        return value is not None and value.name is not None and self.initializers.get(value.name) is value
+
+    def is_output(self, node: ir.Node) -> bool:
+        return any(v in self.output_values for v in node.outputs)
+
+    def in_order(self, nodes: Iterable[ir.Node]) -> list[ir.Node]:
+        return sorted(nodes, key=self.position.__getitem__)
+
+    def label(self, node: ir.Node) -> str:
         """A node's name, or `op(first output)` when it has none."""
-        node = self.nodes[i]
         return node.name or f"{op_label(node)}({node.outputs[0].name or '' if node.outputs else '?'})"
 
+    def layer(self, node: ir.Node) -> int | None:
+        return self._layers[node]
+
     @functools.cached_property
-    def layers(self) -> list[int | None]:
-        return [self._layer(node) for node in self.nodes]
+    def _layers(self) -> dict[ir.Node, int | None]:
+        return {node: self._layer(node) for node in self.nodes}
 
     def _layer(self, node: ir.Node) -> int | None:
         inputs = input_names(node)
@@ -162,6 +135,12 @@ class GraphIndex:
             if layer is not None:
                 return layer
         return None
+
+
+def elem_type(value: ir.Value) -> int | None:
+    """The tensor's element type where the graph declares it (value_info, an initializer), else None."""
+    dtype = value.dtype
+    return int(dtype) if dtype is not None and dtype != ir.DataType.UNDEFINED else None
 
 
 def _float(f: float) -> str:

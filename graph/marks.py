@@ -14,71 +14,73 @@ from collections.abc import Callable
 import onnx_ir as ir
 from dsv3c.artifact import provenance
 from dsv3c.artifact.provenance import Provenance, read_props
-from dsv3c.graph.index import GraphIndex, int_attr, output_names
+from dsv3c.graph.index import GraphIndex, int_attr
 
 Key = tuple[str, str, tuple[str, ...]]  # (stage, rewrite, origin)
 
 
 class Marks:
-    """The marked nodes of one graph (by index), grouped by their marks."""
+    """The marked nodes of one graph, grouped by their marks."""
 
     def __init__(self, index: GraphIndex) -> None:
         self.index = index
-        self.of: dict[int, Provenance] = {}
-        self.groups: dict[Key, list[int]] = {}
+        self.of: dict[ir.Node, Provenance] = {}
+        self.groups: dict[Key, list[ir.Node]] = {}
         # node -> the duplicates the cleanup merged into it (`merged` carries no stage: no stage made the node)
-        self.merged: dict[int, tuple[str, ...]] = {}
-        for j, node in enumerate(index.nodes):
+        self.merged: dict[ir.Node, tuple[str, ...]] = {}
+        for node in index.nodes:
             if not node.metadata_props:
                 continue
             marks = read_props(dict(node.metadata_props))
             if marks.rewrite is not None and marks.rewrite.kind == provenance.MERGED:
-                self.merged[j] = marks.origin
+                self.merged[node] = marks.origin
             if marks.stage is None:
                 continue
-            self.of[j] = marks
-            self.groups.setdefault(self.key(j), []).append(j)
+            self.of[node] = marks
+            self.groups.setdefault(self.key(node), []).append(node)
 
     def __bool__(self) -> bool:
         return bool(self.of)
 
-    def key(self, j: int) -> Key:
-        m = self.of[j]
+    def key(self, node: ir.Node) -> Key:
+        m = self.of[node]
         return (m.stage or "", str(m.rewrite or ""), m.origin)
 
-    def kind(self, j: int) -> str:
-        m = self.of.get(j)
+    def kind(self, node: ir.Node) -> str:
+        m = self.of.get(node)
         return m.rewrite.kind if m is not None and m.rewrite is not None else ""
 
-    def group(self, j: int) -> list[int]:
-        """The nodes made by the rewrite that made node `j` (just `[j]` for an unmarked node)."""
-        return self.groups[self.key(j)] if j in self.of else [j]
+    def group(self, node: ir.Node) -> list[ir.Node]:
+        """The nodes made by the rewrite that made `node` (just `[node]` for an unmarked node)."""
+        return self.groups[self.key(node)] if node in self.of else [node]
 
-    def readers_outside(self, group: list[int]) -> list[tuple[int, int]]:
+    def readers_outside(self, group: list[ir.Node]) -> list[tuple[ir.Node, int]]:
         """(node, input index) of the nodes outside `group` that read what it computes from its inputs. Its
         constants are left out: the cleanup merges equal constants across groups, so others read them too."""
         inside = set(group)
         found = []
-        for j in group:
-            if self.index.nodes[j].op_type == "Constant":
+        for node in group:
+            if node.op_type == "Constant":
                 continue
-            for out in output_names(self.index.nodes[j]):
-                found += [(c, k) for c, k in self.index.consumers.get(out, []) if c not in inside]
+            for out in node.outputs:
+                found += [(c, k) for c, k in self.index.uses(out) if c not in inside]
         return found
 
-    def quantized_around(self, tensor: str, free: Callable[[int], bool]) -> tuple[list[int], provenance.Rewrite] | None:
+    def quantized_around(
+        self, tensor: ir.Value, free: Callable[[ir.Node], bool]
+    ) -> tuple[list[ir.Node], provenance.Rewrite] | None:
         """The `free` nodes that a quantizing rewrite made around `tensor` (one of them reads it), and the rewrite."""
-        for j, _ in self.index.consumers.get(tensor, []):
-            rewrite = self.of[j].rewrite if j in self.of else None
+        for reader, _ in self.index.uses(tensor):
+            rewrite = self.of[reader].rewrite if reader in self.of else None
             if rewrite is not None and rewrite.kind == provenance.QUANTIZED:
-                return [x for x in self.group(j) if free(x)], rewrite
+                return [x for x in self.group(reader) if free(x)], rewrite
         return None
 
-    def lowered_label(self, node: ir.Node, group: list[int]) -> str:
+    def lowered_label(self, node: ir.Node, group: list[ir.Node]) -> str:
         """The label a lowering's marks give the replaced `node` (`lowered(com.microsoft.MoE)`: "lowered (to
         com.microsoft::MoE)"); "" when no node of `group` carries a lowering mark with `node` as its origin."""
         marks = [
-            m for j in group if (m := self.of.get(j)) is not None and node.name and node.name in m.origin and m.rewrite
+            m for x in group if (m := self.of.get(x)) is not None and node.name and node.name in m.origin and m.rewrite
         ]
         rewrite = marks[0].rewrite if marks else None
         if rewrite is None:

@@ -21,7 +21,7 @@ from collections.abc import Callable, Hashable
 from dataclasses import dataclass, field
 
 import onnx_ir as ir
-from dsv3c.graph.index import GraphIndex, attribute_key, input_names, is_custom, output_names
+from dsv3c.graph.index import GraphIndex, attribute_key, is_custom, op_label
 from dsv3c.graph.marks import Marks
 
 METHODS = ("name", "outputs", "neighbours", "position")
@@ -29,16 +29,20 @@ METHODS = ("name", "outputs", "neighbours", "position")
 
 @dataclass
 class Matching:
-    a_to_b: dict[int, int] = field(default_factory=dict)
-    b_to_a: dict[int, int] = field(default_factory=dict)
-    method: dict[int, str] = field(default_factory=dict)  # by node index in A
-    derived: dict[int, list[int]] = field(default_factory=dict)  # node of A -> B nodes named `<its name>/...`
-    derived_b: dict[int, int] = field(default_factory=dict)  # and back: B node -> the node of A
+    a_to_b: dict[ir.Node, ir.Node] = field(default_factory=dict)
+    b_to_a: dict[ir.Node, ir.Node] = field(default_factory=dict)
+    method: dict[ir.Node, str] = field(default_factory=dict)  # by node of A
+    derived: dict[ir.Node, list[ir.Node]] = field(default_factory=dict)  # node of A -> B nodes made from it
+    derived_b: dict[ir.Node, ir.Node] = field(default_factory=dict)  # and back: B node -> the node of A
 
-    def add(self, a: int, b: int, method: str) -> None:
+    def add(self, a: ir.Node, b: ir.Node, method: str) -> None:
         self.a_to_b[a] = b
         self.b_to_a[b] = a
         self.method[a] = method
+
+    def derive(self, a: ir.Node, b: ir.Node) -> None:
+        self.derived.setdefault(a, []).append(b)
+        self.derived_b[b] = a
 
     def counts(self) -> dict[str, int]:
         c = Counter(self.method.values())
@@ -50,28 +54,31 @@ def attribute_digest(node: ir.Node) -> Hashable:
     return tuple(attribute_key(a) for _, a in sorted(node.attributes.items()))
 
 
+def _unique_names(index: GraphIndex) -> dict[str, ir.Node]:
+    count = Counter(n.name for n in index.nodes if n.name)
+    return {n.name: n for n in index.nodes if n.name and count[n.name] == 1}
+
+
 def _by_name(a: GraphIndex, b: GraphIndex, m: Matching) -> None:
-    count_a = Counter(n.name or "" for n in a.nodes)
-    count_b = Counter(n.name or "" for n in b.nodes)
-    where_b = {n.name: j for j, n in enumerate(b.nodes) if n.name and count_b[n.name] == 1}
-    for i, node in enumerate(a.nodes):
-        if node.name and count_a[node.name] == 1 and node.name in where_b:
-            m.add(i, where_b[node.name], "name")
+    where_b = _unique_names(b)
+    for name, node in _unique_names(a).items():
+        if name in where_b:
+            m.add(node, where_b[name], "name")
 
 
 def _derived(a: GraphIndex, b: GraphIndex, m: Matching, marks: Marks) -> None:
     # a node that B still has (same name, same op) was kept: `<name>/...` nodes are some pass's helpers
-    kept = {i for i, j in m.a_to_b.items() if a.op(i) == b.op(j)}
-    rewritten = {n.name: i for i, n in enumerate(a.nodes) if n.name and i not in kept}
+    kept = {x for x, y in m.a_to_b.items() if op_label(x) == op_label(y)}
+    rewritten = {n.name: n for n in a.nodes if n.name and n not in kept}
     if not rewritten:
         return
-    for j, node in enumerate(b.nodes):
-        if j in m.b_to_a:
+    for node in b.nodes:
+        if node in m.b_to_a:
             continue
-        origin = [rewritten[o] for o in marks.of[j].origin if o in rewritten] if j in marks.of else []
+        mark = marks.of.get(node)
+        origin = [rewritten[o] for o in mark.origin if o in rewritten] if mark is not None else []
         if origin:  # the pass said which node it replaced
-            m.derived.setdefault(origin[0], []).append(j)
-            m.derived_b[j] = origin[0]
+            m.derive(origin[0], node)
             continue
         name = node.name or ""
         if "/" not in name:
@@ -79,79 +86,78 @@ def _derived(a: GraphIndex, b: GraphIndex, m: Matching, marks: Marks) -> None:
         cut = len(name)
         while (cut := name.rfind("/", 0, cut)) > 0:  # longest prefix first
             if name[:cut] in rewritten:
-                i = rewritten[name[:cut]]
-                m.derived.setdefault(i, []).append(j)
-                m.derived_b[j] = i
+                m.derive(rewritten[name[:cut]], node)
                 break
 
 
 def _by_outputs(a: GraphIndex, b: GraphIndex, m: Matching) -> None:
-    for i, node in enumerate(a.nodes):
-        if i in m.a_to_b:
+    for node in a.nodes:
+        if node in m.a_to_b:
             continue
-        for name in output_names(node):
-            j = b.producer.get(name, (None, 0))[0] if name else None
-            if j is None or j in m.b_to_a or j in m.derived_b:
+        for out in node.outputs:
+            other = b.made(out.name or "")
+            if other is None or other in m.b_to_a or other in m.derived_b:
                 continue
-            if b.op(j) == a.op(i) or is_custom(node):
-                m.add(i, j, "outputs")
+            if op_label(other) == op_label(node) or is_custom(node):
+                m.add(node, other, "outputs")
                 break
 
 
-def _signature(index: GraphIndex, i: int, partner: Callable[[int], int | None], strict: bool) -> Hashable | None:
-    node = index.nodes[i]
-    parts: list[Hashable] = [index.op(i), attribute_digest(node) if strict else ""]
-    for name in input_names(node):
-        if not name:
+def _signature(
+    index: GraphIndex, node: ir.Node, partner: Callable[[ir.Node], ir.Node | None], strict: bool
+) -> Hashable | None:
+    parts: list[Hashable] = [op_label(node), attribute_digest(node) if strict else ""]
+    for value in node.inputs:
+        producer = index.producer(value)
+        if value is None or not value.name:
             parts.append("")
-        elif name in index.producer:
-            p, k = index.producer[name]
-            q = partner(p)
-            if q is None:
+        elif producer is not None:
+            other = partner(producer)
+            if other is None:
                 return None
-            parts.append(("n", q, k))
-        elif name in index.initializers:
-            parts.append(("i", name if strict else ""))
+            parts.append(("n", other, value.index()))
+        elif value.name in index.initializers:
+            parts.append(("i", value.name if strict else ""))
         else:
-            parts.append(("g", name))
+            parts.append(("g", value.name))
     return tuple(parts)
 
 
 def _by_neighbours(a: GraphIndex, b: GraphIndex, m: Matching, strict: bool) -> None:
-    candidates: dict[Hashable, list[int]] = {}
-    for i in range(len(a)):
-        if i not in m.a_to_b and i not in m.derived and (strict or input_names(a.nodes[i])):
-            sig = _signature(a, i, lambda p: p, strict)
-            candidates.setdefault(sig, []).append(i)
+    candidates: dict[Hashable, list[ir.Node]] = {}
+    for node in a.nodes:
+        if node not in m.a_to_b and node not in m.derived and (strict or node.inputs):
+            sig = _signature(a, node, lambda p: p, strict)
+            candidates.setdefault(sig, []).append(node)
     taken: Counter[Hashable] = Counter()
-    for j in range(len(b)):
-        if j in m.b_to_a or j in m.derived_b or not (strict or input_names(b.nodes[j])):
+    for node in b.nodes:
+        if node in m.b_to_a or node in m.derived_b or not (strict or node.inputs):
             continue
-        sig = _signature(b, j, m.b_to_a.get, strict)
+        sig = _signature(b, node, m.b_to_a.get, strict)
         if sig is None or sig not in candidates:
             continue
         queue = candidates[sig]
         while taken[sig] < len(queue) and queue[taken[sig]] in m.a_to_b:
             taken[sig] += 1
         if taken[sig] < len(queue):
-            m.add(queue[taken[sig]], j, "neighbours")
+            m.add(queue[taken[sig]], node, "neighbours")
             taken[sig] += 1
 
 
 def _by_position(a: GraphIndex, b: GraphIndex, m: Matching) -> None:
-    groups_a: dict[tuple[str, int | None], list[int]] = {}
-    groups_b: dict[tuple[str, int | None], list[int]] = {}
-    for i in range(len(a)):
-        if i not in m.a_to_b and i not in m.derived and a.op(i) != "Constant":
-            groups_a.setdefault((a.op(i), a.layers[i]), []).append(i)
-    for j in range(len(b)):
-        if j not in m.b_to_a and j not in m.derived_b and b.op(j) != "Constant":
-            groups_b.setdefault((b.op(j), b.layers[j]), []).append(j)
+    groups_a: dict[tuple[str, int | None], list[ir.Node]] = {}
+    groups_b: dict[tuple[str, int | None], list[ir.Node]] = {}
+    for node in a.nodes:
+        if node not in m.a_to_b and node not in m.derived and node.op_type != "Constant":
+            groups_a.setdefault((op_label(node), a.layer(node)), []).append(node)
+    for node in b.nodes:
+        if node not in m.b_to_a and node not in m.derived_b and node.op_type != "Constant":
+            groups_b.setdefault((op_label(node), b.layer(node)), []).append(node)
     for key, left in groups_a.items():
         right = groups_b.get(key, [])
         if len(left) == len(right):
-            for i, j in zip(left, right, strict=True):
-                m.add(i, j, "position")
+            for x, y in zip(left, right, strict=True):
+                m.add(x, y, "position")
 
 
 def match_nodes(a: GraphIndex, b: GraphIndex, marks: Marks | None = None) -> Matching:
@@ -167,54 +173,62 @@ def match_nodes(a: GraphIndex, b: GraphIndex, marks: Marks | None = None) -> Mat
 
 
 def match_initializers(a: GraphIndex, b: GraphIndex, m: Matching) -> dict[str, str]:
-    """Initializers of A -> B: by name, then renamed ones read at the same input of matched nodes."""
+    """Initializers of A -> B, by name: the same name, then renamed ones read at the same input of matched nodes."""
     pairs = {name: name for name in a.initializers if name in b.initializers}
     taken_b = set(pairs.values())
-    for i, j in m.a_to_b.items():
-        for x, y in zip(input_names(a.nodes[i]), input_names(b.nodes[j]), strict=False):
-            if x in a.initializers and y in b.initializers and x not in pairs and y not in taken_b:
-                pairs[x] = y
-                taken_b.add(y)
+    for x, y in m.a_to_b.items():
+        for u, v in zip(x.inputs, y.inputs, strict=False):
+            if a.is_initializer(u) and b.is_initializer(v):
+                assert u is not None and v is not None and u.name is not None and v.name is not None
+                if u.name not in pairs and v.name not in taken_b:
+                    pairs[u.name] = v.name
+                    taken_b.add(v.name)
     return pairs
 
 
 class Unmatched:
-    """Why a node found no partner, pass by pass, in words (as onnxscript's rewriter says why a rule did not
-    match): `why(i)` for a node of `this` that no node of `other` was matched to."""
+    """Why a node found no partner, pass by pass, in words (as onnxscript's rewriter says which condition of a
+    rule failed): `why(node)` for a node of `this` that no node of `other` was matched to."""
 
-    def __init__(self, this: GraphIndex, other: GraphIndex, partner: dict[int, int], other_partner: dict[int, int]):
+    def __init__(
+        self,
+        this: GraphIndex,
+        other: GraphIndex,
+        partner: dict[ir.Node, ir.Node],
+        other_partner: dict[ir.Node, ir.Node],
+    ):
         self.this, self.other, self.partner, self.other_partner = this, other, partner, other_partner
         self.names_this = Counter(n.name for n in this.nodes if n.name)
         self.names_other = Counter(n.name for n in other.nodes if n.name)
-        self.where_other = {n.name: j for j, n in enumerate(other.nodes) if n.name}
-        self.free_this = Counter((this.op(i), this.layers[i]) for i in range(len(this)) if i not in partner)
-        self.free_other = Counter((other.op(j), other.layers[j]) for j in range(len(other)) if j not in other_partner)
+        self.where_other = {n.name: n for n in other.nodes if n.name}
+        self.free_this = Counter((op_label(n), this.layer(n)) for n in this.nodes if n not in partner)
+        self.free_other = Counter((op_label(n), other.layer(n)) for n in other.nodes if n not in other_partner)
 
-    def why(self, i: int) -> str:
+    def why(self, node: ir.Node) -> str:
+        """One reason per matching pass: name, outputs, neighbours, position."""
         this, other = self.this, self.other
-        node, op, reasons = this.nodes[i], this.op(i), []
+        op, reasons = op_label(node), []
         if not node.name:
             reasons.append("it has no name")
         elif self.names_this[node.name] > 1 or self.names_other[node.name] > 1:
             reasons.append(f"its name {node.name!r} is not unique")
         elif node.name in self.where_other:
-            j = self.where_other[node.name]
-            reasons.append(f"the other graph's {node.name!r} is a {other.op(j)}")
+            reasons.append(f"the other graph's {node.name!r} is a {op_label(self.where_other[node.name])}")
         else:
             reasons.append(f"no node named {node.name!r} in the other graph")
-        made = [(o, other.producer[o][0]) for o in output_names(node) if o in other.producer]
+        made = [(v.name, there) for v in node.outputs if (there := other.made(v.name or "")) is not None]
         if not made:
             reasons.append("none of its outputs is computed there")
         else:
-            out, j = made[0]
-            reasons.append(f"its output {out!r} comes from a {other.op(j)} there")
-        for k, name in enumerate(input_names(node)):
-            p = this.producer.get(name, (None, 0))[0] if name else None
-            if p is not None and p not in self.partner:
-                reasons.append(f"input {k} comes from unmatched {this.label(p)!r}")
+            out, there = made[0]
+            reasons.append(f"its output {out!r} comes from a {op_label(there)} there")
+        for k, value in enumerate(node.inputs):
+            producer = this.producer(value) if value is not None and value.name else None
+            if producer is not None and producer not in self.partner:
+                reasons.append(f"input {k} comes from unmatched {this.label(producer)!r}")
                 break
         else:
             reasons.append(f"no {op} there reads the same inputs")
-        key = (op, this.layers[i])
+        key = (op, this.layer(node))
         reasons.append(f"{self.free_this[key]} unmatched {op} here vs {self.free_other[key]} there in its layer")
         return "; ".join(reasons)

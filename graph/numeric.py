@@ -32,7 +32,7 @@ MAX_PROTO = 1_900_000_000  # protobuf's 2 GB limit, with room for the graph
 class _Pair:
     a: str
     b: str
-    node: int  # producing node in A
+    node: ir.Node  # producing node in A
 
 
 def _dim_value(name: str) -> int:
@@ -49,8 +49,7 @@ def _vocab(g: LoadedGraph, index: GraphIndex, ids: str) -> int:
         dims = out.shape.dims if out.shape is not None else ()
         if "logits" in (out.name or "") and dims and isinstance(dims[-1], int):
             return int(dims[-1])
-    for node_idx, _ in index.consumers.get(ids, []):
-        node = index.nodes[node_idx]
+    for node, _ in index.uses(index.values.get(ids)):
         table = input_names(node)[0]
         if node.op_type == "Gather" and table in g.tensors:
             return g.tensors[table].shape[0]
@@ -117,16 +116,16 @@ def _symbols(v: ir.Value) -> list[str]:
 
 def _pairs(a: GraphIndex, b: GraphIndex, m: Matching) -> list[_Pair]:
     pairs = []
-    for i, node in enumerate(a.nodes):
-        j = m.a_to_b.get(i)
-        outputs_b = output_names(b.nodes[j]) if j is not None else []
+    for node in a.nodes:
+        partner = m.a_to_b.get(node)
+        outputs_b = output_names(partner) if partner is not None else []
         for k, name in enumerate(output_names(node)):
             if not name:
                 continue
-            if name in b.producer:
-                pairs.append(_Pair(name, name, i))
+            if b.made(name) is not None:
+                pairs.append(_Pair(name, name, node))
             elif k < len(outputs_b) and outputs_b[k]:
-                pairs.append(_Pair(name, outputs_b[k], i))
+                pairs.append(_Pair(name, outputs_b[k], node))
     return pairs
 
 
@@ -165,8 +164,8 @@ def _error(a: GraphIndex, pair: _Pair, x: np.ndarray, y: np.ndarray) -> TensorEr
     diff = float(np.max(np.abs(x64 - y64))) if x.size else 0.0
     ref = float(np.max(np.abs(x64))) if x.size else 0.0
     rel = diff / ref if ref > 0 else (0.0 if diff == 0 else float("inf"))
-    i = pair.node
-    return TensorError(pair.a, a.label(i), op_label(a.nodes[i]), a.layers[i], diff, rel)
+    node = pair.node
+    return TensorError(pair.a, a.label(node), op_label(node), a.layer(node), diff, rel)
 
 
 def _summarize(errors: list[TensorError], outputs: set[str], report: NumericReport) -> None:

@@ -41,7 +41,7 @@ from dataclasses import dataclass, field
 import onnx_ir as ir
 from dsv3c.artifact import provenance
 from dsv3c.graph.diff_types import Rewrite
-from dsv3c.graph.index import GraphIndex, constant_key, input_names, int_attr, is_custom, layer_of_name, output_names
+from dsv3c.graph.index import GraphIndex, constant_key, int_attr, is_custom, layer_of_name, op_label
 from dsv3c.graph.marks import Marks
 from dsv3c.graph.match import Matching, attribute_digest
 from dsv3c.onnxkit.dtypes import dtype_name
@@ -86,17 +86,17 @@ _FORWARD_DEPTH = 8
 class Claims:
     """What the rewrites explain: not to be reported again as single entries."""
 
-    nodes_a: set[int] = field(default_factory=set)  # removed nodes of A
-    nodes_b: set[int] = field(default_factory=set)  # added nodes of B
-    pairs: set[int] = field(default_factory=set)  # matched nodes (A index) whose changes are all explained
-    inputs: dict[int, set[int]] = field(default_factory=dict)  # matched node of A -> inputs rewired on purpose
+    nodes_a: set[ir.Node] = field(default_factory=set)  # removed nodes of A
+    nodes_b: set[ir.Node] = field(default_factory=set)  # added nodes of B
+    pairs: set[ir.Node] = field(default_factory=set)  # matched nodes of A whose changes are all explained
+    inputs: dict[ir.Node, set[int]] = field(default_factory=dict)  # matched node of A -> inputs rewired on purpose
     inits_a: set[str] = field(default_factory=set)
     inits_b: set[str] = field(default_factory=set)
-    merged_a: dict[int, int] = field(default_factory=dict)  # removed duplicate of A -> the matched node of A
-    lowered_a: dict[int, int] = field(default_factory=dict)  # node of A -> the lowered node of A it went with
-    lowered_b: dict[int, int] = field(default_factory=dict)  # node of B -> the lowered node of A it came from
+    merged_a: dict[ir.Node, ir.Node] = field(default_factory=dict)  # removed duplicate of A -> the matched node of A
+    lowered_a: dict[ir.Node, ir.Node] = field(default_factory=dict)  # node of A -> the lowered node it went with
+    lowered_b: dict[ir.Node, ir.Node] = field(default_factory=dict)  # node of B -> the lowered node of A it came from
 
-    def explain(self, node: int, k: int) -> None:
+    def explain(self, node: ir.Node, k: int) -> None:
         self.inputs.setdefault(node, set()).add(k)
 
 
@@ -116,107 +116,102 @@ class _Grouper:
         self.inits_back = {y: x for x, y in inits.items()}
         self.claims = Claims()
         self.finder_a, self.finder_b = LinearFinder(a.graph), LinearFinder(b.graph)
-        self.linear_a = {a.position[linear.node]: linear for linear in self.finder_a.find()}
+        self.linear_a = {linear.node: linear for linear in self.finder_a.find()}
         self.linears_b = self.finder_b.find()
         self.linear_of_weight: dict[str, Linear] = {}
         for linear in self.linears_b:
             for w in linear.weight_names:
                 self.linear_of_weight.setdefault(w, linear)
-        self.activation_owner: dict[int, Rewrite] = {}  # B node of an activation Q/DQ -> the rewrite claiming it
-        self.activations_seen: set[int] = set()  # B linears whose activation _activation looked at
-        self.owner_a: dict[int, Rewrite] = {}  # claimed node -> its rewrite
-        self.owner_b: dict[int, Rewrite] = {}
+        self.activation_owner: dict[ir.Node, Rewrite] = {}  # B node of an activation Q/DQ -> the rewrite claiming it
+        self.activations_seen: set[ir.Node] = set()  # B linears whose activation _activation looked at
+        self.owner_a: dict[ir.Node, Rewrite] = {}  # claimed node -> its rewrite
+        self.owner_b: dict[ir.Node, Rewrite] = {}
 
-    def _own(self, rw: Rewrite, nodes_a: Iterable[int], nodes_b: Iterable[int]) -> None:
+    def _own(self, rw: Rewrite, nodes_a: Iterable[ir.Node], nodes_b: Iterable[ir.Node]) -> None:
         self.owner_a.update(dict.fromkeys(nodes_a, rw))
         self.owner_b.update(dict.fromkeys(nodes_b, rw))
 
     # ---- helpers ---------------------------------------------------------------------------------------
 
-    def free_a(self, i: int) -> bool:
-        return i not in self.m.a_to_b and i not in self.claims.nodes_a and i not in self.m.derived
+    def free_a(self, node: ir.Node) -> bool:
+        return node not in self.m.a_to_b and node not in self.claims.nodes_a and node not in self.m.derived
 
-    def free_b(self, j: int) -> bool:
-        return j not in self.m.b_to_a and j not in self.claims.nodes_b and j not in self.m.derived_b
+    def free_b(self, node: ir.Node) -> bool:
+        return node not in self.m.b_to_a and node not in self.claims.nodes_b and node not in self.m.derived_b
 
     def _upstream(
         self,
         index: GraphIndex,
-        tensors: Iterable[str],
-        free: Callable[[int], bool],
-        claimed: set[int],
+        tensors: Iterable[ir.Value | None],
+        free: Callable[[ir.Node], bool],
+        claimed: set[ir.Node],
         ops: frozenset[str] | None,
-    ) -> list[int]:
+    ) -> list[ir.Node]:
         """Free nodes reachable backwards from `tensors` (claimed on the way); `ops`: only through these."""
-        found, todo = [], [t for t in tensors if t]
+        found, todo = [], [t for t in tensors if t is not None and t.name]
         while todo:
-            tensor = todo.pop()
-            if tensor not in index.producer:
-                continue
-            p = index.producer[tensor][0]
-            if p in claimed or not free(p) or (ops is not None and index.nodes[p].op_type not in ops):
+            p = index.producer(todo.pop())
+            if p is None or p in claimed or not free(p) or (ops is not None and p.op_type not in ops):
                 continue
             claimed.add(p)
             found.append(p)
-            todo.extend(n for n in input_names(index.nodes[p]) if n)
+            todo.extend(v for v in p.inputs if v is not None and v.name)
         return found
 
-    def _dominated(self, index: GraphIndex, starts: list[int], free: Callable[[int], bool]) -> list[int]:
+    def _dominated(self, index: GraphIndex, starts: list[ir.Node], free: Callable[[ir.Node], bool]) -> list[ir.Node]:
         """Free nodes upstream of `starts` whose outputs are read only inside the region (nodes that only fed it)."""
         first = set(starts)
-        region, heap, seen = set(starts), [-s for s in starts], set(starts)
+        region, seen = set(starts), set(starts)
+        heap = [-index.position[s] for s in starts]
         heapq.heapify(heap)  # the latest node first: its readers are decided before it
         found = []
         while heap:
-            i = -heapq.heappop(heap)
-            if i not in first:
-                users = {c for out in output_names(index.nodes[i]) for c, _ in index.consumers.get(out, [])}
-                graph_out = any(out in index.outputs for out in output_names(index.nodes[i]))
-                if graph_out or not users <= region or not free(i):
+            node = index.nodes[-heapq.heappop(heap)]
+            if node not in first:
+                if index.is_output(node) or not set(index.readers(node)) <= region or not free(node):
                     continue
-                region.add(i)
-                found.append(i)
-            for name in input_names(index.nodes[i]):
-                if name in index.producer and (p := index.producer[name][0]) not in seen:
+                region.add(node)
+                found.append(node)
+            for value in node.inputs:
+                p = index.producer(value)
+                if p is not None and p not in seen:
                     seen.add(p)
-                    heapq.heappush(heap, -p)
+                    heapq.heappush(heap, -index.position[p])
         return found
 
     def _forward(
-        self, index: GraphIndex, tensor: str, free: Callable[[int], bool]
-    ) -> tuple[list[int], list[tuple[int, int]]]:
+        self, index: GraphIndex, tensor: ir.Value, free: Callable[[ir.Node], bool]
+    ) -> tuple[list[ir.Node], list[tuple[ir.Node, int]]]:
         """From a weight: the free constant-path nodes it flows through, and where it is read after them."""
         path, readers, todo, seen = [], [], [(tensor, 0)], set()
         while todo:
-            name, depth = todo.pop()
-            for j, k in index.consumers.get(name, []):
-                node = index.nodes[j]
-                if j in seen:
+            value, depth = todo.pop()
+            for node, k in index.uses(value):
+                if node in seen:
                     continue
-                seen.add(j)
+                seen.add(node)
                 on_path = node.op_type in WEIGHT_PATH and node.domain in ("", "ai.onnx")
-                if free(j) and on_path and depth < _FORWARD_DEPTH:
-                    path.append(j)
-                    todo += [(out, depth + 1) for out in output_names(node) if out]
+                if free(node) and on_path and depth < _FORWARD_DEPTH:
+                    path.append(node)
+                    todo += [(out, depth + 1) for out in node.outputs if out.name]
                 else:
-                    readers.append((j, k))
+                    readers.append((node, k))
         return path, readers
 
-    def _user(self, index: GraphIndex, j: int) -> int:
+    def _user(self, index: GraphIndex, node: ir.Node) -> ir.Node:
         """From a weight's reader, the linear that uses it: through a Transpose/Cast to the MatMul or custom node."""
         for _ in range(4):
-            node = index.nodes[j]
-            if node.op_type not in _TO_USER or len(output_names(node)) != 1:
-                return j
-            users = index.consumers.get(output_names(node)[0], [])
+            if node.op_type not in _TO_USER or len(node.outputs) != 1:
+                return node
+            users = index.uses(node.outputs[0])
             if len(users) != 1:
-                return j
-            j = users[0][0]
-        return j
+                return node
+            node = users[0][0]
+        return node
 
-    def _initializers(self, rw: Rewrite, nodes_a: Iterable[int], nodes_b: Iterable[int]) -> None:
+    def _initializers(self, rw: Rewrite, nodes_a: Iterable[ir.Node], nodes_b: Iterable[ir.Node]) -> None:
         """Claim the initializers read by the rewrite's nodes that were removed, added or changed."""
-        for name in sorted({n for i in nodes_a for n in input_names(self.a.nodes[i]) if n in self.a.initializers}):
+        for name in _initializer_names(self.a, nodes_a):
             if name in self.claims.inits_a:
                 continue
             if name not in self.inits:
@@ -225,7 +220,7 @@ class _Grouper:
             elif name in self.changed:
                 rw.changed_initializers.append(name)
                 self.claims.inits_a.add(name)
-        for name in sorted({n for j in nodes_b for n in input_names(self.b.nodes[j]) if n in self.b.initializers}):
+        for name in _initializer_names(self.b, nodes_b):
             if name not in self.inits_back and name not in self.claims.inits_b:
                 rw.added_initializers.append(name)
                 self.claims.inits_b.add(name)
@@ -236,57 +231,55 @@ class _Grouper:
             (self.a, self.free_a, self.owner_a, True),
             (self.b, self.free_b, self.owner_b, False),
         ):
-            for i in reversed(range(len(index))):
-                node = index.nodes[i]
-                users = sorted({c for out in output_names(node) for c, _ in index.consumers.get(out, [])})
-                if not free(i) or not users or any(out in index.outputs for out in output_names(node)):
+            for node in reversed(index.nodes):
+                users = index.readers(node)
+                if not free(node) or not users or index.is_output(node):
                     continue
                 if all(u in owner for u in users):
                     rw = owner[users[0]]
-                    owner[i] = rw
+                    owner[node] = rw
                     if removed:
-                        self.claims.nodes_a.add(i)
-                        rw.removed_nodes.append(self.a.label(i))
-                        self._initializers(rw, [i], [])
+                        self.claims.nodes_a.add(node)
+                        rw.removed_nodes.append(self.a.label(node))
+                        self._initializers(rw, [node], [])
                     else:
-                        self.claims.nodes_b.add(i)
-                        rw.added_nodes.append(self.b.label(i))
-                        self._initializers(rw, [], [i])
+                        self.claims.nodes_b.add(node)
+                        rw.added_nodes.append(self.b.label(node))
+                        self._initializers(rw, [], [node])
 
     # ---- merged (common subexpressions) ------------------------------------------------------------------
 
-    def _merged_by_marks(self) -> tuple[dict[int, int], set[int]]:
+    def _merged_by_marks(self) -> tuple[dict[ir.Node, ir.Node], set[ir.Node]]:
         """Duplicate of A -> the matched node of A it was merged into, as the survivors' `merged` marks name them,
         and every node of A the marks name (an origin that is no node of A was merged before A or made after it)."""
         named = Counter(n.name for n in self.a.nodes if n.name)
-        where = {n.name: i for i, n in enumerate(self.a.nodes) if n.name and named[n.name] == 1}
-        into: dict[int, int] = {}
-        seen: set[int] = set()
-        for j, origin in self.marks.merged.items():
-            rep = self.m.b_to_a.get(j)
+        where = {n.name: n for n in self.a.nodes if n.name and named[n.name] == 1}
+        into: dict[ir.Node, ir.Node] = {}
+        seen: set[ir.Node] = set()
+        for survivor, origin in self.marks.merged.items():
+            rep = self.m.b_to_a.get(survivor)
             for name in origin:
-                i = where.get(name)
-                if i is None:
+                duplicate = where.get(name)
+                if duplicate is None:
                     continue
-                seen.add(i)
-                if rep is not None and i != rep:
-                    into.setdefault(i, rep)
+                seen.add(duplicate)
+                if rep is not None and duplicate is not rep:
+                    into.setdefault(duplicate, rep)
         return into, seen
 
-    def _merged_by_structure(self) -> dict[int, int]:
+    def _merged_by_structure(self) -> dict[ir.Node, ir.Node]:
         """Duplicate of A -> the matched node of A computing the same (same op, attributes and inputs), found by
         replaying common subexpression elimination over A in graph order."""
-        a = self.a
-        values: dict[str, Hashable] = {}
-        first: dict[Hashable, int] = {}
-        into: dict[int, int] = {}
-        for i, node in enumerate(a.nodes):
-            key = (a.op(i), attribute_digest(node), tuple(values.get(x, x) for x in input_names(node)))
-            rep = first.setdefault(key, i)
-            for k, out in enumerate(output_names(node)):
-                values[out] = ("v", rep, k)
-            if rep != i and rep in self.m.a_to_b:
-                into[i] = rep
+        canonical: dict[ir.Value, Hashable] = {}  # a value -> (its first computation, output index)
+        first: dict[Hashable, ir.Node] = {}
+        into: dict[ir.Node, ir.Node] = {}
+        for node in self.a.nodes:
+            operands = tuple(canonical.get(v, v.name) if v is not None else "" for v in node.inputs)
+            rep = first.setdefault((op_label(node), attribute_digest(node), operands), node)
+            for k, out in enumerate(node.outputs):
+                canonical[out] = ("v", rep, k)
+            if rep is not node and rep in self.m.a_to_b:
+                into[node] = rep
         return into
 
     def merged(self) -> list[Rewrite]:
@@ -296,23 +289,23 @@ class _Grouper:
             # the marks decide for every duplicate they name; the cleanup leaves a survivor that a stage made with
             # that stage's marks (its group stays whole) and records nothing on it, so what it absorbed is inferred
             marked, named = self._merged_by_marks()
-            into = {**{i: rep for i, rep in into.items() if i not in named}, **marked}
-        b_constants = {k for j in range(len(b)) if (k := constant_key(b.nodes[j])) is not None}
-        by_layer: dict[int | None, list[tuple[int, int | None]]] = {}
-        for i in range(len(a)):
-            if not self.free_a(i):
+            into = {**{x: rep for x, rep in into.items() if x not in named}, **marked}
+        b_constants = {k for node in b.nodes if (k := constant_key(node)) is not None}
+        by_layer: dict[int | None, list[tuple[ir.Node, ir.Node | None]]] = {}
+        for node in a.nodes:
+            if not self.free_a(node):
                 continue
-            rep = into.get(i)
+            rep = into.get(node)
             if rep is not None:
-                self.claims.merged_a[i] = rep
-            elif constant_key(a.nodes[i]) not in b_constants:
+                self.claims.merged_a[node] = rep
+            elif constant_key(node) not in b_constants:
                 continue  # else a constant whose value B still has (its readers compare constants by value)
-            self.claims.nodes_a.add(i)
-            by_layer.setdefault(a.layers[i], []).append((i, rep))
+            self.claims.nodes_a.add(node)
+            by_layer.setdefault(a.layer(node), []).append((node, rep))
         found = []
         for layer, items in by_layer.items():
-            ops = Counter(a.op(i) for i, _ in items)
-            layers = sorted({x for _, r in items if r is not None and (x := a.layers[r]) is not None})
+            ops = Counter(op_label(x) for x, _ in items)
+            layers = sorted({y for _, r in items if r is not None and (y := a.layer(r)) is not None})
             where = f" of layer{'s' if len(layers) > 1 else ''} {', '.join(map(str, layers))}" if layers else ""
             same = (["identical nodes" + where] if any(r is not None for _, r in items) else []) + (
                 ["equal constants"] if any(r is None for _, r in items) else []
@@ -324,9 +317,9 @@ class _Grouper:
                 layer,
                 target,
                 "",
-                removed_nodes=[a.label(i) for i, _ in items],
+                removed_nodes=[a.label(x) for x, _ in items],
             )
-            self._own(rw, [i for i, _ in items], [])
+            self._own(rw, [x for x, _ in items], [])
             found.append(rw)
         return found
 
@@ -334,12 +327,12 @@ class _Grouper:
 
     def _renamed_weight(self, y: str) -> str | None:
         """The float initializer of A that the fp8 initializer `y` of B replaces under another name, if any."""
-        _, readers = self._forward(self.b, y, self.free_b)
-        for j, k in readers:
-            i = self.m.b_to_a.get(j)
-            if i is None or k >= len(input_names(self.a.nodes[i])):
+        _, readers = self._forward(self.b, self.b.initializers[y], self.free_b)
+        for reader, k in readers:
+            partner = self.m.b_to_a.get(reader)
+            if partner is None or k >= len(partner.inputs):
                 continue
-            trace = self.finder_a.trace(self.a.values.get(input_names(self.a.nodes[i])[k]))
+            trace = self.finder_a.trace(partner.inputs[k])
             weights = self.finder_a.weights(trace) if trace else []
             dims = list(dims_of(self.b.initializers[y]))
             for w in weights:
@@ -365,58 +358,59 @@ class _Grouper:
 
     def _weight(self, x: str, y: str, groups: dict[Hashable, tuple[int, Rewrite]]) -> None:
         a, b, m, claims = self.a, self.b, self.m, self.claims
-        marked = self.marks.quantized_around(y, self.free_b)
+        weight_b = b.initializers[y]
+        marked = self.marks.quantized_around(weight_b, self.free_b)
         if marked is not None:  # the pass said which nodes it made for this weight
             path_b, scales_b, readers_b = marked[0], [], self.marks.readers_outside(marked[0])
             claims.nodes_b.update(path_b)
         else:
-            path_b, readers_b = self._forward(b, y, self.free_b)
+            path_b, readers_b = self._forward(b, weight_b, self.free_b)
             claims.nodes_b.update(path_b)
             scales_b = self._upstream(
-                b, [n for j in path_b for n in input_names(b.nodes[j])], self.free_b, claims.nodes_b, _QDQ_HELPERS
+                b, [v for n in path_b for v in n.inputs], self.free_b, claims.nodes_b, _QDQ_HELPERS
             )
-        path_a, readers_a = self._forward(a, x, self.free_a)
+        path_a, readers_a = self._forward(a, a.initializers[x], self.free_a)
         claims.nodes_a.update(path_a)
-        scales_a = self._upstream(
-            a, [n for i in path_a for n in input_names(a.nodes[i])], self.free_a, claims.nodes_a, _QDQ_HELPERS
-        )
-        user_a: int | None = None
-        user_b: int | None = None
-        for j, k in readers_b:
-            if j in m.b_to_a:
-                claims.explain(m.b_to_a[j], k)
-                user_b = self._user(b, j) if user_b is None else user_b
-            elif j in m.derived_b and user_a is None:
-                user_a = m.derived_b[j]  # read inside a lowered node: the lowering reports the rest
+        scales_a = self._upstream(a, [v for n in path_a for v in n.inputs], self.free_a, claims.nodes_a, _QDQ_HELPERS)
+        user_a: ir.Node | None = None
+        user_b: ir.Node | None = None
+        for reader, k in readers_b:
+            if reader in m.b_to_a:
+                claims.explain(m.b_to_a[reader], k)
+                user_b = self._user(b, reader) if user_b is None else user_b
+            elif reader in m.derived_b and user_a is None:
+                user_a = m.derived_b[reader]  # read inside a lowered node: the lowering reports the rest
         if user_b is not None and user_a is None:
             user_a = m.b_to_a.get(user_b)
         if user_a is None and readers_a:
             user_a = self._user(a, readers_a[0][0])
         linear = self.linear_of_weight.get(y)
-        moe = user_a is not None and a.nodes[user_a].op_type in MOE_OPS
-        experts = len(dims_of(b.initializers[y])) == 3 and (moe or (linear is not None and linear.kind == "experts"))
+        moe = user_a is not None and user_a.op_type in MOE_OPS
+        experts = len(dims_of(weight_b)) == 3 and (moe or (linear is not None and linear.kind == "experts"))
         key: Hashable = ("experts", user_a) if experts else ("weight", y)
-        order = user_a if user_a is not None else len(a) + len(groups)
+        order = a.position[user_a] if user_a is not None else len(a) + len(groups)
         if key not in groups:
-            scheme = linear.scheme if linear is not None and linear.scheme else dtype_name(_dtype(b.initializers[y]))
+            scheme = linear.scheme if linear is not None and linear.scheme else dtype_name(_dtype(weight_b))
             if marked is not None and marked[1].details:
                 scheme = ", ".join(marked[1].details)
-            layer = a.layers[user_a] if user_a is not None else layer_of_name(x)
-            rw = Rewrite("quantized", f"quantized ({scheme})", layer, "", a.op(user_a) if user_a is not None else "")
-            rw.stage = next((self.marks.of[j].stage or "" for j in path_b if j in self.marks.of), "")
-            rw.weight_dtype = dtype_name(_dtype(b.initializers[y]))
+            layer = a.layer(user_a) if user_a is not None else layer_of_name(x)
+            rw = Rewrite(
+                "quantized", f"quantized ({scheme})", layer, "", op_label(user_a) if user_a is not None else ""
+            )
+            rw.stage = next((self.marks.of[n].stage or "" for n in path_b if n in self.marks.of), "")
+            rw.weight_dtype = dtype_name(_dtype(weight_b))
             groups[key] = (order, rw)
         rw = groups[key][1]
         rw.weights.append(x if x == y else f"{x} -> {y}")
-        rw.weight_shapes.append(list(dims_of(b.initializers[y])))
-        scale = self.finder_b.scale_of(b.initializers[y])
+        rw.weight_shapes.append(list(dims_of(weight_b)))
+        scale = self.finder_b.scale_of(weight_b)
         if scale is None and linear is not None and len(linear.weights) == 1:
             scale = linear.scale_shape
         rw.scale_shapes.append(list(scale) if scale is not None else [])
         names = [w.split(" -> ")[0] for w in rw.weights]
         rw.target = _experts_name(tuple(names)) if experts else short_name(names[0])
-        rw.added_nodes += [b.label(j) for j in [*path_b, *scales_b]]
-        rw.removed_nodes += [a.label(i) for i in [*path_a, *scales_a]]
+        rw.added_nodes += [b.label(n) for n in [*path_b, *scales_b]]
+        rw.removed_nodes += [a.label(n) for n in [*path_a, *scales_a]]
         self._own(rw, [*path_a, *scales_a], [*path_b, *scales_b])
         self._initializers(rw, [*path_a, *scales_a], [*path_b, *scales_b])
         if x != y:
@@ -429,7 +423,7 @@ class _Grouper:
         elif x in self.changed and x not in claims.inits_a:
             rw.changed_initializers.append(x)
             claims.inits_a.add(x)
-        if user_b is not None and b.nodes[user_b].op_type in ("MatMul", "Gemm") and user_b in m.b_to_a:
+        if user_b is not None and user_b.op_type in ("MatMul", "Gemm") and user_b in m.b_to_a:
             self._activation(rw, m.b_to_a[user_b], user_b)
 
     def _activations_only(self, groups: dict[Hashable, tuple[int, Rewrite]]) -> None:
@@ -437,139 +431,135 @@ class _Grouper:
         activation a pass quantized, as its marks say: one rewrite each."""
         a, b, m = self.a, self.b, self.m
         for linear in self.linears_b:
-            j = b.position[linear.node]
-            if j in self.activations_seen or j not in m.b_to_a or b.nodes[j].op_type not in ("MatMul", "Gemm"):
+            node = linear.node
+            if node in self.activations_seen or node not in m.b_to_a or node.op_type not in ("MatMul", "Gemm"):
                 continue
-            producer = b.producer.get(input_names(b.nodes[j])[0], (None, 0))[0]
+            producer = b.producer(node.inputs[0])
             mark = self.marks.of.get(producer) if producer is not None else None
             if mark is None or mark.rewrite is None or mark.rewrite.kind != provenance.QUANTIZED:
                 continue
             if producer is not None and not self.free_b(producer) and producer not in self.activation_owner:
                 continue  # the Q/DQ is in A too: nothing changed here
-            user_a = m.b_to_a[j]
+            user_a = m.b_to_a[node]
             scheme = linear.scheme or linear.weight_dtype
             label = f"activations quantized (weights {scheme} already)"
-            rw = Rewrite("quantized", label, a.layers[user_a], "", a.op(user_a))
+            rw = Rewrite("quantized", label, a.layer(user_a), "", op_label(user_a))
             rw.stage = mark.stage or ""
             rw.weight_dtype = linear.weight_dtype
             rw.weights = list(linear.weight_names)
             rw.weight_shapes = [list(linear.weight_shape)]
             rw.scale_shapes = [list(linear.scale_shape) if linear.scale_shape is not None else []]
-            rw.target = short_name(linear.weight_names[0]) if linear.weights else b.label(j)
-            self._activation(rw, user_a, j)
-            groups[("activation", j)] = (user_a, rw)
+            rw.target = short_name(linear.weight_names[0]) if linear.weights else b.label(node)
+            self._activation(rw, user_a, node)
+            groups[("activation", node)] = (a.position[user_a], rw)
 
-    def _activation(self, rw: Rewrite, user_a: int, user_b: int) -> None:
+    def _activation(self, rw: Rewrite, user_a: ir.Node, user_b: ir.Node) -> None:
         """Claim the Q/DQ in front of the linear's data input (or note whose it shares)."""
         self.activations_seen.add(user_b)
         b, claims = self.b, self.claims
         marked: provenance.Rewrite | None = None
-        producer = b.producer.get(input_names(b.nodes[user_b])[0], (None, 0))[0]
+        tensor = user_b.inputs[0]
+        producer = b.producer(tensor)
         mark = self.marks.of.get(producer) if producer is not None else None
         if mark is not None and mark.rewrite is not None and mark.rewrite.kind == provenance.QUANTIZED:
             marked = mark.rewrite  # the pass said how it quantized this activation
-        description = ", ".join(marked.details) if marked else self.finder_b.activation(b.nodes[user_b].inputs[0])
+        description = ", ".join(marked.details) if marked else self.finder_b.activation(tensor)
         if not description:
             return
         rw.activation = description
         claims.explain(user_a, 0)
-        tensor = input_names(b.nodes[user_b])[0]
-        producer = b.producer.get(tensor, (None, 0))[0]
         if producer is not None and producer in self.activation_owner and self.activation_owner[producer] is not rw:
             rw.shared_activation = self.activation_owner[producer].target
             return
         if marked is not None and producer is not None:
-            found = [j for j in self.marks.group(producer) if self.free_b(j)]
+            found = [n for n in self.marks.group(producer) if self.free_b(n)]
         else:
             found = self._upstream(b, [tensor], self.free_b, set(), _QDQ_HELPERS)
-        if not any(b.nodes[j].op_type in ("QuantizeLinear", "Cast") for j in found):
+        if not any(n.op_type in ("QuantizeLinear", "Cast") for n in found):
             return
         claims.nodes_b.update(found)
-        for j in found:
-            self.activation_owner[j] = rw
+        for n in found:
+            self.activation_owner[n] = rw
         self._own(rw, [], found)
-        rw.added_nodes += [b.label(j) for j in sorted(found)]
+        rw.added_nodes += [b.label(n) for n in b.in_order(found)]
         self._initializers(rw, [], found)
 
     # ---- lowered -----------------------------------------------------------------------------------------
 
-    def _seeds(self, i: int) -> list[int]:
-        """Without a naming clue: the free nodes of B that now produce what the matched readers of i's outputs read."""
+    def _seeds(self, node: ir.Node) -> list[ir.Node]:
+        """Without a naming clue: the free nodes of B that now produce what the matched readers of `node`'s outputs
+        read (or B's graph outputs of the same names)."""
         a, b, m = self.a, self.b, self.m
-        seeds = []
-        for out in output_names(a.nodes[i]):
-            for c, k in a.consumers.get(out, []):
-                j = m.a_to_b.get(c)
-                if (
-                    j is not None
-                    and k < len(input_names(b.nodes[j]))
-                    and (t := input_names(b.nodes[j])[k]) in b.producer
-                ):
-                    p = b.producer[t][0]
-                    if self.free_b(p) and p not in seeds:
-                        seeds.append(p)
-            if out in a.outputs and out in b.producer and self.free_b(p := b.producer[out][0]) and p not in seeds:
+        seeds: list[ir.Node] = []
+        for out in node.outputs:
+            for reader, k in a.uses(out):
+                partner = m.a_to_b.get(reader)
+                p = b.producer(partner.inputs[k]) if partner is not None and k < len(partner.inputs) else None
+                if p is not None and self.free_b(p) and p not in seeds:
+                    seeds.append(p)
+            if (
+                out in a.output_values
+                and (p := b.made(out.name or "")) is not None
+                and self.free_b(p)
+                and p not in seeds
+            ):
                 seeds.append(p)
         return seeds
 
     def lowered(self) -> list[Rewrite]:
         a, b, m, claims = self.a, self.b, self.m, self.claims
         found = []
-        for i, node in enumerate(a.nodes):
-            if i in claims.nodes_a:
+        for node in a.nodes:
+            if node in claims.nodes_a:
                 continue
-            derived = [j for j in m.derived.get(i, []) if j not in claims.nodes_b]
-            j = m.a_to_b.get(i)
-            replaced = j is not None and b.op(j) != a.op(i)
+            derived = [n for n in m.derived.get(node, []) if n not in claims.nodes_b]
+            partner = m.a_to_b.get(node)
+            replaced = partner is not None and op_label(partner) != op_label(node)
             if not derived and not replaced:
-                if not (is_custom(node) and j is None):
+                if not (is_custom(node) and partner is None):
                     continue
-                derived = self._seeds(i)  # no naming clue: what sits where the custom node was
+                derived = self._seeds(node)  # no naming clue: what sits where the custom node was
                 if not derived:
                     continue
-            starts = [*derived, *([j] if replaced and j is not None else [])]
+            starts = [*derived, *([partner] if replaced and partner is not None else [])]
             claims.nodes_b.update(derived)
-            fed = self._upstream(
-                b, [n for s in starts for n in input_names(b.nodes[s])], self.free_b, claims.nodes_b, None
-            )
-            group = sorted({*starts, *fed})
+            fed = self._upstream(b, [v for s in starts for v in s.inputs], self.free_b, claims.nodes_b, None)
+            group = b.in_order({*starts, *fed})
             removed = []
             if replaced:
-                claims.pairs.add(i)
-            elif j is None:
-                claims.nodes_a.add(i)
-                removed = self._dominated(a, [i], self.free_a)
+                claims.pairs.add(node)
+            elif partner is None:
+                claims.nodes_a.add(node)
+                removed = self._dominated(a, [node], self.free_a)
                 claims.nodes_a.update(removed)
-            for x in (i, *removed):
-                claims.lowered_a[x] = i
+            for x in (node, *removed):
+                claims.lowered_a[x] = node
             for y in group:
-                claims.lowered_b[y] = i
-            linear = self.linear_a.get(i) if node.op_type in ("MatMul", "Gemm") else None
-            target = short_name(linear.weight_names[0]) if linear is not None else a.label(i)  # a linear by its weight
+                claims.lowered_b[y] = node
+            linear = self.linear_a.get(node) if node.op_type in ("MatMul", "Gemm") else None
+            target = short_name(linear.weight_names[0]) if linear is not None else a.label(node)  # a linear: its weight
             rw = Rewrite(
                 "lowered",
-                self.marks.lowered_label(self.a.nodes[i], group) or self._label(i, group),
-                a.layers[i],
+                self.marks.lowered_label(node, group) or self._label(node, group),
+                a.layer(node),
                 target,
-                a.op(i),
+                op_label(node),
                 [b.label(x) for x in group],
                 [a.label(x) for x in removed],
             )
             rw.stage = next((self.marks.of[y].stage or "" for y in group if y in self.marks.of), "")
-            self._initializers(rw, [i, *removed], group)
-            self._own(rw, [i, *removed], group)
+            self._initializers(rw, [node, *removed], group)
+            self._own(rw, [node, *removed], group)
             found.append(rw)
         return found
 
-    def _label(self, i: int, group: list[int]) -> str:
-        b = self.b
-        kernels = [b.op(j) for j in group if is_custom(b.nodes[j]) or b.nodes[j].op_type in FUSED_OPS]
+    def _label(self, node: ir.Node, group: list[ir.Node]) -> str:
+        kernels = [op_label(n) for n in group if is_custom(n) or n.op_type in FUSED_OPS]
         if kernels:
             return f"lowered (to {' + '.join(dict.fromkeys(kernels))})"
-        node = self.a.nodes[i]
         if is_custom(node):
             return f"lowered (inlined, {len(group)} nodes)"
-        ops = " + ".join(dict.fromkeys(b.op(j) for j in group if b.nodes[j].op_type not in _PLUMBING))
+        ops = " + ".join(dict.fromkeys(op_label(n) for n in group if n.op_type not in _PLUMBING))
         if node.op_type in ("QuantizeLinear", "DequantizeLinear") and int_attr(node, "block_size"):
             return f"lowered (blocked {node.op_type} as {ops or 'constants'})"
         return f"lowered (to {ops})" if ops else "lowered (rewritten)"
@@ -580,46 +570,45 @@ class _Grouper:
         a, b, claims = self.a, self.b, self.claims
 
         def constant_in_b(name: str) -> bool:
+            """B holds the tensor of this name (one of A's) as a constant: an initializer or a Constant's output."""
             if name in b.initializers:
                 return True
-            p = b.producer.get(name)
-            return p is not None and b.nodes[p[0]].op_type == "Constant" and not b.nodes[p[0]].inputs
+            p = b.made(name)
+            return p is not None and p.op_type == "Constant" and not p.inputs
 
         starts = [
-            i
-            for i in range(len(a))
-            if self.free_a(i)
-            and output_names(a.nodes[i])
-            and all(constant_in_b(o) for o in output_names(a.nodes[i]) if o)
+            n
+            for n in a.nodes
+            if self.free_a(n) and n.outputs and all(constant_in_b(v.name) for v in n.outputs if v.name)
         ]
         if not starts:
             return []
         claims.nodes_a.update(starts)
         extra = self._dominated(a, starts, self.free_a)
         claims.nodes_a.update(extra)
-        by_layer: dict[int | None, list[int]] = {}
-        for i in sorted({*starts, *extra}):
-            by_layer.setdefault(a.layers[i], []).append(i)
+        by_layer: dict[int | None, list[ir.Node]] = {}
+        for n in a.in_order({*starts, *extra}):
+            by_layer.setdefault(a.layer(n), []).append(n)
         found = []
         for layer, nodes in by_layer.items():
-            outs = [o for i in nodes for o in output_names(a.nodes[i]) if o and constant_in_b(o)]
-            made = [p for o in outs if (q := b.producer.get(o)) is not None and self.free_b(p := q[0])]
+            outs = [v.name for n in nodes for v in n.outputs if v.name and constant_in_b(v.name)]
+            made = [p for o in outs if (p := b.made(o)) is not None and self.free_b(p)]
             claims.nodes_b.update(made)
-            ops = Counter(a.op(i) for i in nodes)
-            n, s = len(nodes), "s" if len(nodes) > 1 else ""
+            ops = Counter(op_label(n) for n in nodes)
+            count, s = len(nodes), "s" if len(nodes) > 1 else ""
             label = (
-                f"lifted to initializers ({n} constant{s})"
+                f"lifted to initializers ({count} constant{s})"
                 if set(ops) == {"Constant"}
-                else f"folded to constants ({n} node{s})"
+                else f"folded to constants ({count} node{s})"
             )
             rw = Rewrite(
                 "folded",
                 label,
                 layer,
-                ", ".join(f"{op} x{n}" if n > 1 else op for op, n in ops.items()),
+                ", ".join(f"{op} x{k}" if k > 1 else op for op, k in ops.items()),
                 "",
-                [b.label(j) for j in made],
-                [a.label(i) for i in nodes],
+                [b.label(p) for p in made],
+                [a.label(n) for n in nodes],
             )
             self._initializers(rw, nodes, made)
             self._own(rw, nodes, made)
@@ -629,6 +618,11 @@ class _Grouper:
                     claims.inits_b.add(o)
             found.append(rw)
         return found
+
+
+def _initializer_names(index: GraphIndex, nodes: Iterable[ir.Node]) -> list[str]:
+    """The names of the initializers `nodes` read, sorted (each once)."""
+    return sorted({v.name for n in nodes for v in n.inputs if index.is_initializer(v) and v is not None and v.name})
 
 
 def _dtype(value: ir.Value) -> int:

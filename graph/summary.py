@@ -110,14 +110,14 @@ def function_label(f: ir.Function) -> str:
 
 def _custom(index: GraphIndex) -> list[CustomNodes]:
     groups: dict[tuple[str, tuple[tuple[str, str], ...]], CustomNodes] = {}
-    for i, node in enumerate(index.nodes):
+    for node in index.nodes:
         if not is_custom(node):
             continue
         attrs = tuple(sorted((k, attribute_text(a)) for k, a in node.attributes.items()))
         group = groups.setdefault((op_label(node), attrs), CustomNodes(op_label(node), 0, dict(attrs), [], []))
         group.count += 1
-        group.names.append(index.label(i))
-        layer = index.layers[i]
+        group.names.append(index.label(node))
+        layer = index.layer(node)
         if layer is not None:
             group.layers.append(layer)
     return list(groups.values())
@@ -173,7 +173,7 @@ def summarize(g: LoadedGraph) -> GraphSummary:
         opsets={d or "ai.onnx": v for d, v in model.opset_imports.items()},
         producer=f"{model.producer_name or ''} {model.producer_version or ''}".strip(),
         nodes=len(index),
-        ops=dict(Counter(index.op(i) for i in range(len(index))).most_common()),
+        ops=dict(Counter(op_label(n) for n in index.nodes).most_common()),
         inputs=inputs,
         outputs=[_spec(v) for v in g.graph.outputs],
         parameters=sum(r.parameters for r in rows.values()),
