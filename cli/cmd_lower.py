@@ -79,8 +79,8 @@ def parse_dims(items: list[str]) -> dict[str, int]:
         if not item.strip():
             continue
         name, sep, value = item.partition("=")
-        if not sep or not name.strip() or not value.strip().isdigit() or int(value) < 1:
-            raise UserError(f"--shape: '{item}' is not DIM=N with N >= 1 (e.g. --shape batch=1,seq=32)")
+        if not sep or not name.strip() or not value.strip().isdigit() or not 1 <= int(value) < 2**63:  # ONNX: int64
+            raise UserError(f"--shape: '{item}' is not DIM=N with 1 <= N < 2^63 (e.g. --shape batch=1,seq=32)")
         dims[name.strip()] = int(value)
     return dims
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import numpy as np
@@ -16,8 +17,8 @@ class SamplingConfig:
     seed: int = 0
 
     def __post_init__(self) -> None:
-        if self.temperature < 0:
-            raise UserError(f"--temperature must be >= 0 (0 means greedy), got {self.temperature}")
+        if not (self.temperature >= 0 and math.isfinite(self.temperature)):  # NaN fails every comparison
+            raise UserError(f"--temperature must be a number >= 0 (0 means greedy), got {self.temperature}")
         if self.top_k < 0:
             raise UserError(f"--top-k must be >= 0 (0 means no limit), got {self.top_k}")
         if not 0 < self.top_p <= 1:
@@ -41,7 +42,9 @@ class Sampler:
 
     def _sample_row(self, logits: np.ndarray) -> int:
         c = self.config
-        scaled = logits.astype(np.float64) / c.temperature
+        scaled = logits.astype(np.float64) - logits.max()  # <= 0: a tiny temperature gives -inf, never inf - inf
+        with np.errstate(over="ignore"):
+            scaled /= c.temperature
         order = np.argsort(-scaled, kind="stable")  # best first
         if c.top_k:
             order = order[: c.top_k]

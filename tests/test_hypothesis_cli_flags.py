@@ -1,0 +1,77 @@
+"""Flag values, generated: sampling's --temperature/--top-k/--top-p (any float, NaN and subnormals included)
+and lower's --shape (any text) either work or are one UserError, never another exception."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from dsv3c.cli.cmd_lower import parse_dims
+from dsv3c.errors import UserError
+from dsv3c.runtime.sampling import Sampler, SamplingConfig
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+VOCAB = 64
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    temperature=st.floats() | st.sampled_from([5e-324, 1e-310, 1e-300, 1e300]),
+    top_k=st.integers(-3, 2 * VOCAB),
+    top_p=st.floats(),
+    seed=st.integers(0, 2**32),
+    scale=st.floats(1e-3, 1e4),
+)
+def test_sampling_flags_give_a_token_or_one_user_error(
+    temperature: float, top_k: int, top_p: float, seed: int, scale: float
+) -> None:
+    try:
+        config = SamplingConfig(temperature, top_k, top_p, seed)
+    except UserError as e:
+        assert "\n" not in str(e)
+        return
+    logits = (np.random.default_rng(seed).standard_normal((3, VOCAB)) * scale).astype(np.float32)
+    ids = Sampler(config)(logits)
+    assert ids.shape == (3,) and ((ids >= 0) & (ids < VOCAB)).all()
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    items=st.lists(
+        st.text(max_size=12)
+        | st.tuples(st.sampled_from(["batch", "seq", " q", ""]), st.integers(-5, 2**70)).map(
+            lambda t: f"{t[0]}={t[1]}"
+        ),
+        max_size=3,
+    )
+)
+def test_shape_flags_give_dims_or_one_user_error(items: list[str]) -> None:
+    try:
+        dims = parse_dims(items)
+    except UserError as e:
+        assert "\n" not in str(e)
+        return
+    assert all(1 <= n < 2**63 for n in dims.values())
+
+
+# ---- regression tests: each failed before its fix ----------------------------------------------------------
+
+
+@pytest.mark.parametrize("temperature", [float("nan"), float("inf")])
+def test_a_temperature_that_is_not_a_number_is_refused(temperature: float) -> None:
+    """Found by probing the flags: --temperature nan reached numpy, which raised 'Probabilities contain NaN'."""
+    with pytest.raises(UserError, match="--temperature must be a number >= 0"):
+        SamplingConfig(temperature)
+
+
+def test_a_tiny_temperature_samples_the_argmax() -> None:
+    """Found by the sampling property test: logits / 5e-324 overflowed to inf, inf - inf gave NaN probabilities."""
+    logits = np.random.default_rng(0).standard_normal((4, VOCAB)).astype(np.float32)
+    assert np.array_equal(Sampler(SamplingConfig(5e-324, seed=1))(logits), logits.argmax(-1))
+
+
+def test_a_shape_past_int64_is_refused() -> None:
+    """Found by probing the flags: --shape batch=99999999999999999999 raised OverflowError in a pass."""
+    with pytest.raises(UserError, match="1 <= N < 2\\^63"):
+        parse_dims(["batch=99999999999999999999"])
+    assert parse_dims(["batch=9223372036854775807"]) == {"batch": 2**63 - 1}
