@@ -1,12 +1,13 @@
 """Time `dsv3c diff` on the full DeepSeek-V3 topology (weights declared, not written), before vs after fp8.
 
-    python bench/diff_scale.py [--layers 61] [--out DIR]
+    python bench/diff_scale.py [--layers 61] [--out DIR] [--result bench/results/FILE.json]
 
 Runs the real pipeline: `dsv3c export --preset v3 --weights none`, then `dsv3c quantize` of that folder;
 the diff reads the passes' provenance marks.
 
 Prints seconds for loading one graph as an `ir.Model` (external weights declared, never read), for load +
-match + diff, for each renderer, and for inspect, and peak RSS.
+match + diff, for each renderer, and for inspect, and peak RSS; `--result` also writes them as JSON with the
+command, the commit and the machine.
 Goal (issue 7, kept by issue 10): the whole diff under 60 s on the 2-core CPU machine.
 """
 
@@ -40,10 +41,14 @@ def quantized_folder(src: Path, dst: Path) -> None:
     quantize_folder(src, dst, QuantizeOptions())
 
 
+SECONDS: dict[str, float] = {}  # label -> seconds, in the order measured
+
+
 def timed(label: str, fn, *args):  # type: ignore[no-untyped-def]
     start = time.perf_counter()
     result = fn(*args)
-    print(f"{label:<34} {time.perf_counter() - start:>7.2f} s", flush=True)
+    SECONDS[label] = round(time.perf_counter() - start, 3)
+    print(f"{label:<34} {SECONDS[label]:>7.2f} s", flush=True)
     return result
 
 
@@ -51,6 +56,7 @@ def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--layers", type=int, default=61)
     p.add_argument("--out", type=Path, default=None, help="scratch folder (default: a temporary one)")
+    p.add_argument("--result", type=Path, default=None, help="write the timings as a result file (JSON)")
     args = p.parse_args()
     from dsv3c.graph.diff import diff_paths
     from dsv3c.graph.load import load_graph
@@ -84,7 +90,25 @@ def main() -> int:
             f"graphs {len(report.graphs)}, nodes A+B {nodes}, rewrites {rewrites}, other differences {other}, "
             f"text {len(text) / 1024:.0f} KiB, html {len(html) / 1024:.0f} KiB"
         )
-        print(f"peak RSS {resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20:.2f} GB")
+        rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
+        print(f"peak RSS {rss:.2f} GB")
+        if args.result is not None:
+            from dsv3c.eval.record import run_record, write_result
+
+            result = {
+                **run_record(),
+                "layers": args.layers,
+                "seconds": SECONDS,
+                "diff_total_seconds": round(total, 3),
+                "goal_seconds": 60,
+                "graphs": len(report.graphs),
+                "nodes_a_plus_b": nodes,
+                "rewrites": rewrites,
+                "other_differences": other,
+                "peak_rss_gb": round(rss, 3),
+            }
+            write_result(args.result, result)
+            print(f"wrote {args.result}")
         return 0 if total < 60 else 1
     finally:
         if args.out is None:
