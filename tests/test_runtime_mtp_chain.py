@@ -183,3 +183,13 @@ def test_cli_uses_every_depth(chain_export: Path, greedy: list[list[int]], capsy
     assert result["ids"] == greedy and result["mtp"]["depth"] == 1
     assert main([*argv, "--mtp-depth", "3"]) == 2
     assert "--mtp-depth must be 1 to 2" in capsys.readouterr().err
+
+
+def test_speedup_rows_per_depth(chain_export: Path) -> None:
+    from dsv3c.eval.speedup import measure_speedup
+
+    rows = measure_speedup(OrtEngine(chain_export, threads=1), "ort", PROMPTS[:2], 6, repeats=1)
+    assert [r.depth for r in rows] == [1, 2] and all(r.identical for r in rows)
+    assert [len(r.acceptance_per_depth) for r in rows] == [1, 2]
+    assert rows[0].greedy_s == rows[1].greedy_s  # one greedy timing, side by side with every depth
+    assert rows[1].drafted == 2 * rows[0].drafted  # random weights: no draft accepted, same steps, 2 drafts each
