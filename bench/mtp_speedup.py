@@ -7,7 +7,8 @@ Prompts are consecutive stretches of held-out text (the checkpoint's tokenizer.j
 batch 1, greedily and with MTP drafts at each depth (1 .. the model's MTP modules, chained; --depths picks),
 side by side in one run (eval/speedup.py), on PyTorch (the checkpoint) and onnxruntime (the export; made
 under --work when not given). One row per runtime and depth; the speculative output is checked token for
-token against greedy. CPU only: pass --threads to pin the intra-op threads.
+token against greedy. On the CPU pass --threads to pin the intra-op threads; `--device cuda` runs PyTorch on
+the GPU and onnxruntime on its CUDA provider (onnxruntime-gpu).
 """
 
 from __future__ import annotations
@@ -36,6 +37,7 @@ def parse() -> argparse.Namespace:
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--depths", type=int, nargs="+", help="drafting depths to time (default: 1 .. all MTP modules)")
     p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
     p.add_argument("--work", type=Path, default=Path("/tmp/dsv3c-mtp-bench"))
     p.add_argument("--out", type=Path, help="write the rows and the run record as JSON")
     return p.parse_args()
@@ -68,7 +70,7 @@ def main() -> int:
         rows = []
         for runtime in args.runtimes:
             folder = args.checkpoint if runtime == "torch" else export_folder(args)
-            engine = open_engine(folder, runtime, "cpu", "fp32", args.threads)
+            engine = open_engine(folder, runtime, args.device, "fp32", args.threads)
             for row in measure_speedup(engine, runtime, prompts, args.new_tokens, args.repeats, args.depths):
                 rows.append(row.to_dict())
                 per_depth = " / ".join(f"{rate:.1%}" for rate in row.acceptance_per_depth)
@@ -84,7 +86,7 @@ def main() -> int:
     if args.out:
         record = {**run_record(), "checkpoint": str(args.checkpoint), "data": str(args.data)}
         config = json.loads((args.checkpoint / "config.json").read_text())
-        record["mtp_modules"] = config.get("num_nextn_predict_layers", 0)
+        record["device"], record["mtp_modules"] = args.device, config.get("num_nextn_predict_layers", 0)
         trained = args.checkpoint / "training.json"  # how dsv3c train made it: corpus, settings, final losses
         if trained.is_file():
             record["training"] = json.loads(trained.read_text())
