@@ -12,11 +12,14 @@ import argparse
 import json
 import sys
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from dsv3c.cli.args import thread_count
 from dsv3c.errors import UserError
 from dsv3c.runtime.sampling import SamplingConfig
+
+if TYPE_CHECKING:
+    from dsv3c.runtime.speculative import SpecStats
 
 HELP = "generate tokens from a checkpoint folder (PyTorch) or an export folder (onnxruntime)"
 
@@ -145,12 +148,25 @@ def _open(args: argparse.Namespace) -> tuple[Any, Any]:
     return TorchEngine(ep.model), ep
 
 
+def _print_mtp(stats: SpecStats) -> None:
+    """The drafting summary on stderr ("-": a depth no step reached)."""
+    rates = zip(stats.acceptance_per_depth, stats.reached, strict=True)
+    per_depth = ", ".join(f"{rate:.1%}" if reached else "-" for rate, reached in rates)
+    print(
+        f"mtp: depth {stats.depth}, acceptance {stats.acceptance_rate:.1%} ({stats.accepted}/{stats.drafted} "
+        f"drafts; per depth {per_depth}), {stats.tokens_per_call:.2f} tokens per main-model call",
+        file=sys.stderr,
+    )
+
+
 def run(args: argparse.Namespace) -> int:
     from dsv3c.runtime.engine import EngineBackend
     from dsv3c.runtime.generate import generate
     from dsv3c.runtime.loading import open_engine
     from dsv3c.runtime.speculative import generate_mtp
 
+    if args.mtp_depth is not None and not args.mtp:
+        raise UserError("--mtp-depth needs --mtp")
     sampling = SamplingConfig(args.temperature, args.top_k, args.top_p, args.seed)
     prompts, tokenizer = _prompts(args)
     if not args.ep and (args.model / "partition.json").is_file():
@@ -168,18 +184,8 @@ def run(args: argparse.Namespace) -> int:
     stream = _Stream(tokenizer) if primary and not args.json and len(prompts) == 1 else None
     stats = None
     ids: list[list[int]]
-    if args.mtp_depth is not None and not args.mtp:
-        raise UserError("--mtp-depth needs --mtp")
     if args.mtp:
         ids, stats = generate_mtp(engine, prompts, args.max_new_tokens, sampling, stops, stream, args.mtp_depth)
-        if primary:
-            rates = zip(stats.acceptance_per_depth, stats.reached, strict=True)
-            per_depth = ", ".join(f"{rate:.1%}" if reached else "-" for rate, reached in rates)  # "-": never reached
-            print(
-                f"mtp: depth {stats.depth}, acceptance {stats.acceptance_rate:.1%} ({stats.accepted}/{stats.drafted} "
-                f"drafts; per depth {per_depth}), {stats.tokens_per_call:.2f} tokens per main-model call",
-                file=sys.stderr,
-            )
     else:
         ids = generate(EngineBackend(engine), prompts, args.max_new_tokens, sampling, stops, stream)
     if ep is not None:
@@ -200,6 +206,8 @@ def run(args: argparse.Namespace) -> int:
     else:
         for i, row in enumerate(ids):
             print(texts[i] if texts is not None else " ".join(map(str, row)))
+    if stats is not None:
+        _print_mtp(stats)
     if ep is not None:
         print(ep.summary(), file=sys.stderr)
     return 0
