@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from dsv3c.artifact.atomic import write_text
+from dsv3c.artifact.fields import check_fields
 from dsv3c.artifact.names import ENGINE_MANIFEST_FILE
 from dsv3c.errors import UserError
 
@@ -113,9 +114,26 @@ def read_engine_manifest(folder: Path) -> EngineManifest:
         if raw["format_version"] not in READABLE_VERSIONS:
             raise ValueError(f"format_version {raw['format_version']}, this dsv3c reads {FORMAT_VERSION}")
         engines = {role: _engine(e) for role, e in raw["engines"].items()}
-        return EngineManifest(**{**raw, "engines": engines})
-    except (KeyError, TypeError, ValueError) as e:
+        manifest = EngineManifest(**{**raw, "engines": engines})
+        _check(manifest)
+        return manifest
+    except (KeyError, TypeError, ValueError, AttributeError) as e:
         raise UserError(f"{path}: malformed ({type(e).__name__}: {e}); rebuild the folder") from None
+
+
+def _check(manifest: EngineManifest) -> None:
+    """ValueError for what the readers (inspect, the runner) could not use: a field of another type, an engine
+    file that is not a plain name in the folder (never a path out of it), profile ranges of unequal lengths."""
+    check_fields(manifest)  # a hand-edited file fails here, in one line, not where a wrong type is first used
+    if not {"name", "version"} <= set(manifest.backend):
+        raise ValueError("backend needs its name and version")
+    for record in manifest.engines.values():
+        name = record.file
+        if Path(name).name != name or name in ("", ".", "..") or "\0" in name or len(name.encode()) > 255:
+            raise ValueError(f"engine file {name[:80]!r} is not the name of a file in the folder")
+        for dims, r in (item for profile in record.profiles for item in profile.items()):
+            if not len(r.min) == len(r.opt) == len(r.max):
+                raise ValueError(f"{record.role} profile of {dims}: min, opt and max differ in length")
 
 
 def _engine(raw: dict[str, Any]) -> EngineRecord:
