@@ -75,3 +75,27 @@ def test_a_shape_past_int64_is_refused() -> None:
     with pytest.raises(UserError, match="1 <= N < 2\\^63"):
         parse_dims(["batch=99999999999999999999"])
     assert parse_dims(["batch=9223372036854775807"]) == {"batch": 2**63 - 1}
+
+
+@settings(max_examples=200, deadline=None)
+@given(lr=st.floats(), gamma=st.floats(), alpha=st.floats(), mtp=st.floats())
+def test_training_rates_are_finite_or_one_user_error(lr: float, gamma: float, alpha: float, mtp: float) -> None:
+    from dsv3c.train.config import TrainConfig
+
+    config = TrainConfig(lr=lr, bias_gamma=gamma, balance_alpha=alpha, mtp_lambda=mtp)
+    try:
+        config.check()
+    except UserError as e:
+        assert "\n" not in str(e)
+        return
+    assert all(np.isfinite([lr, gamma, alpha, mtp])) and lr > 0 and min(gamma, alpha, mtp) >= 0
+
+
+@pytest.mark.parametrize("flag", ["lr", "bias_gamma", "balance_alpha", "mtp_lambda"])
+def test_an_infinite_training_rate_is_refused(flag: str) -> None:
+    """Found by probing the flags: --lr inf (and --gamma, --alpha, --mtp-lambda inf) passed the check; with
+    --lr inf, AdamW's first step makes every later loss NaN."""
+    from dsv3c.train.config import TrainConfig
+
+    with pytest.raises(UserError, match="finite"):
+        TrainConfig(**{flag: float("inf")}).check()

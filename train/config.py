@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
@@ -62,8 +63,9 @@ class TrainConfig:
                 raise UserError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(self, name)}")
         if self.precision not in ("fp32", "bf16", "fp8"):
             raise UserError(f"--precision must be fp32, bf16 or fp8, got {self.precision!r}")
-        if self.lr <= 0 or self.bias_gamma < 0 or self.balance_alpha < 0 or self.mtp_lambda < 0:
-            raise UserError("--lr must be > 0; --gamma, --alpha and --mtp-lambda must be >= 0")
+        weights = (self.bias_gamma, self.balance_alpha, self.mtp_lambda)
+        if not (self.lr > 0 and all(w >= 0 for w in weights) and all(map(math.isfinite, (self.lr, *weights)))):
+            raise UserError("--lr must be > 0; --gamma, --alpha and --mtp-lambda must be >= 0 (all finite numbers)")
 
 
 def all_preset_names() -> list[str]:
