@@ -9,6 +9,7 @@ import argparse
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from dsv3c.cli.args import seed
 from dsv3c.errors import UserError
 
 if TYPE_CHECKING:
@@ -28,7 +29,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         action="store_true",
         help="run both graphs (onnxruntime, seeded inputs) and compare every shared tensor",
     )
-    p.add_argument("--seed", type=int, default=0, help="seed of the --numeric inputs")
+    p.add_argument("--seed", type=seed, default=0, help="seed of the --numeric inputs")
     p.add_argument(
         "--data",
         type=Path,

@@ -8,6 +8,7 @@ import tempfile
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from dsv3c.cli.args import seed
 from dsv3c.errors import UserError
 
 if TYPE_CHECKING:
@@ -62,7 +63,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     )
     p.add_argument("--report-format", choices=("text", "json", "html"), default="text", help="of --report")
     p.add_argument("--report-out", type=Path, metavar="FILE", help="write --report here instead of standard output")
-    p.add_argument("--seed", type=int, default=0, help="seed of the random calibration and report inputs")
+    p.add_argument("--seed", type=seed, default=0, help="seed of the random calibration and report inputs")
     p.add_argument("--force", action="store_true", help="replace OUT if it exists")
 
 

@@ -23,6 +23,8 @@ class SamplingConfig:
             raise UserError(f"--top-k must be >= 0 (0 means no limit), got {self.top_k}")
         if not 0 < self.top_p <= 1:
             raise UserError(f"--top-p must be in (0, 1], got {self.top_p}")
+        if self.seed < 0:  # numpy's generators take none
+            raise UserError(f"--seed must be >= 0, got {self.seed}")
 
     @property
     def greedy(self) -> bool:
