@@ -111,7 +111,7 @@ def _refused_with_one_line(root: Path, argv: list[str | Path]) -> str:
     return lines[0]
 
 
-@settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(command=st.sampled_from(sorted(INPUTS)), name=names)
 def test_a_bad_input_path_is_one_line(root: Path, command: str, name: str) -> None:
     _refused_with_one_line(root, INPUTS[command](root, _path(root, name)))

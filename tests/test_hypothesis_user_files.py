@@ -198,7 +198,7 @@ def _edited(engines: Path, edits: list[tuple[tuple[Any, ...], Any]]) -> Path:
     return folder
 
 
-@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(data=st.data())
 def test_edited_engine_manifests_inspect_or_are_one_line(engines: Path, data: st.DataObject) -> None:
     import shutil
