@@ -9,6 +9,8 @@ string), so they survive saving and loading and are visible in any ONNX viewer:
 - `dsv3c.rewrite`: what the stage did, as `kind(detail, detail)`: `quantized(fp8, block 128)`,
   `lowered(com.microsoft.MoE)`, `inlined(dsv3c.MoE)`, `merged`.
 - `dsv3c.origin`: the names of the node(s) the new node replaced or was derived from, one per line.
+- `dsv3c.merged_from`: on a node a stage made, the duplicates the cleanup later merged into it, one per
+  line (its own marks stay those of the stage that made it).
 
 The model itself carries `dsv3c.stages` (the stage names that ran, one per line) so a reader can tell a
 graph dsv3c wrote from a foreign one. A node keeps the marks of the stage that created it: a later stage
@@ -26,8 +28,9 @@ import onnx_ir as ir
 STAGE = "dsv3c.stage"
 REWRITE = "dsv3c.rewrite"
 ORIGIN = "dsv3c.origin"
+MERGED_FROM = "dsv3c.merged_from"
 MODEL_STAGES = "dsv3c.stages"
-KEYS = (STAGE, REWRITE, ORIGIN)
+KEYS = (STAGE, REWRITE, ORIGIN, MERGED_FROM)
 
 # The rewrite kinds the passes use; a reader treats any other kind as opaque text.
 QUANTIZED = "quantized"
@@ -78,6 +81,7 @@ class Provenance:
     stage: str | None = None
     rewrite: Rewrite | None = None
     origin: tuple[str, ...] = ()
+    merged_from: tuple[str, ...] = ()  # duplicates merged into a node that keeps its stage's marks
 
     @property
     def stamped(self) -> bool:
@@ -130,12 +134,16 @@ def read(node: ir.Node) -> Provenance:
 def read_props(meta: Mapping[str, str]) -> Provenance:
     """The marks in a node's metadata_props, however it was read (onnx_ir, or protobuf entries as a dict)."""
     rewrite = meta.get(REWRITE)
-    origin = meta.get(ORIGIN, "")
     return Provenance(
         stage=meta.get(STAGE),
         rewrite=Rewrite.parse(rewrite) if rewrite else None,
-        origin=tuple(line for line in origin.split("\n") if line),
+        origin=_lines(meta.get(ORIGIN, "")),
+        merged_from=_lines(meta.get(MERGED_FROM, "")),
     )
+
+
+def _lines(text: str) -> tuple[str, ...]:
+    return tuple(line for line in text.split("\n") if line)
 
 
 def record_stage(model: ir.Model, stage: str) -> None:

@@ -26,14 +26,16 @@ class Marks:
         self.index = index
         self.of: dict[ir.Node, Provenance] = {}
         self.groups: dict[Key, list[ir.Node]] = {}
-        # node -> the duplicates the cleanup merged into it (`merged` carries no stage: no stage made the node)
+        # node -> the duplicates the cleanup merged into it: the origin of a node marked `merged` (no stage made
+        # it), or the `merged_from` of a node that keeps the marks of the stage that made it
         self.merged: dict[ir.Node, tuple[str, ...]] = {}
         for node in index.nodes:
             if not node.metadata_props:
                 continue
             marks = read_props(dict(node.metadata_props))
-            if marks.rewrite is not None and marks.rewrite.kind == provenance.MERGED:
-                self.merged[node] = marks.origin
+            absorbed = marks.origin if marks.rewrite is not None and marks.rewrite.kind == provenance.MERGED else ()
+            if absorbed or marks.merged_from:
+                self.merged[node] = (*absorbed, *marks.merged_from)
             if marks.stage is None:
                 continue
             self.of[node] = marks

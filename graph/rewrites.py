@@ -16,7 +16,7 @@ structure, not from names (names only help the matching, graph/match.py):
 - merged: a node of A that is gone from B because it computes what another, matched node of A computes
   (common subexpression elimination). When dsv3c's cleanup ran between A and B, its marks say so: each
   survivor is marked `merged` with the duplicates it absorbed as its origin (passes/merge_duplicates.py),
-  except a survivor that a stage made, which keeps that stage's marks: what it absorbed is inferred. Without
+  or, when a stage made it and it keeps that stage's marks, names them in `dsv3c.merged_from`. Without
   marks, duplicates are found by replaying the elimination over A (the same op, attributes and inputs).
   Also a Constant whose value a constant of B still holds (its readers compare constants by value,
   whoever removed it). Consumers rewired to the survivor are not changes.
@@ -249,23 +249,19 @@ class _Grouper:
 
     # ---- merged (common subexpressions) ------------------------------------------------------------------
 
-    def _merged_by_marks(self) -> tuple[dict[ir.Node, ir.Node], set[ir.Node]]:
-        """Duplicate of A -> the matched node of A it was merged into, as the survivors' `merged` marks name them,
-        and every node of A the marks name (an origin that is no node of A was merged before A or made after it)."""
+    def _merged_by_marks(self) -> dict[ir.Node, ir.Node]:
+        """Duplicate of A -> the matched node of A it was merged into, as the survivors' marks name them (an origin
+        that is no node of A was merged before A or made after it)."""
         named = Counter(n.name for n in self.a.nodes if n.name)
         where = {n.name: n for n in self.a.nodes if n.name and named[n.name] == 1}
         into: dict[ir.Node, ir.Node] = {}
-        seen: set[ir.Node] = set()
         for survivor, origin in self.marks.merged.items():
             rep = self.m.b_to_a.get(survivor)
             for name in origin:
                 duplicate = where.get(name)
-                if duplicate is None:
-                    continue
-                seen.add(duplicate)
-                if rep is not None and duplicate is not rep:
+                if duplicate is not None and rep is not None and duplicate is not rep:
                     into.setdefault(duplicate, rep)
-        return into, seen
+        return into
 
     def _merged_by_structure(self) -> dict[ir.Node, ir.Node]:
         """Duplicate of A -> the matched node of A computing the same (same op, attributes and inputs), found by
@@ -284,12 +280,8 @@ class _Grouper:
 
     def merged(self) -> list[Rewrite]:
         a, b = self.a, self.b
-        into = self._merged_by_structure()
-        if self.merges_marked:
-            # the marks decide for every duplicate they name; the cleanup leaves a survivor that a stage made with
-            # that stage's marks (its group stays whole) and records nothing on it, so what it absorbed is inferred
-            marked, named = self._merged_by_marks()
-            into = {**{x: rep for x, rep in into.items() if x not in named}, **marked}
+        # dsv3c's cleanup marked every survivor with what it absorbed; structure speaks only for other graphs
+        into = self._merged_by_marks() if self.merges_marked else self._merged_by_structure()
         b_constants = {k for node in b.nodes if (k := constant_key(node)) is not None}
         by_layer: dict[int | None, list[tuple[ir.Node, ir.Node | None]]] = {}
         for node in a.nodes:

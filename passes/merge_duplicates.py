@@ -9,9 +9,9 @@ survivor `dsv3c.rewrite = merged`, `dsv3c.origin = <the duplicates' names>` (art
 The survivor gets no `dsv3c.stage`: that mark names the stage that created a node, and the cleanup did not
 create it (it is the node A had; the model's `dsv3c.stages` lists the cse stage that ran). So a reader that
 matches nodes by their stage marks sees the survivor as the node it was. A survivor that already carries
-marks (of a stage, or of the export) keeps them, so its rewrite's group stays whole; one marked `merged` by an
-earlier cleanup adds the new duplicates to its origin. A duplicate that had absorbed others passes its origin
-on to its survivor.
+marks (of a stage, or of the export) keeps them, so its rewrite's group stays whole, and records what it
+absorbed under a key of its own, `dsv3c.merged_from`; one marked `merged` by an earlier cleanup adds the new
+duplicates to its origin. A duplicate that had absorbed others passes them on to its survivor.
 """
 
 from __future__ import annotations
@@ -101,8 +101,12 @@ def _stamp(survivor: ir.Node, duplicates: list[ir.Node]) -> None:
         marks = provenance.read(dup)
         if marks.rewrite is not None and marks.rewrite.kind == provenance.MERGED:
             names += marks.origin  # what the duplicate had absorbed in an earlier cleanup
+        names += marks.merged_from
     marks = provenance.read(survivor)
     if not marks.stamped:
         provenance.stamp(survivor, rewrite=MERGED, origin=names)
     elif marks.rewrite is not None and marks.rewrite.kind == provenance.MERGED:
         provenance.stamp(survivor, origin=[*marks.origin, *names], overwrite=True)
+    else:  # a stage's (or the export's) node: its marks stay as they are, the merge goes under its own key
+        merged = provenance.origin_names([*marks.merged_from, *names])
+        survivor.metadata_props[provenance.MERGED_FROM] = "\n".join(merged)

@@ -53,11 +53,33 @@ def test_survivors_name_the_duplicates_they_absorbed() -> None:
     merged = _merged(model)
     assert {name: m.origin for name, m in merged.items()} == {"neg1": ("neg2",), "relu1": ("relu2",), "t1": ("t3",)}
     assert all(m.stage is None for m in merged.values())  # the cleanup did not create them
-    # a survivor a stage made keeps that stage's marks, so its rewrite's group stays whole
+    # a survivor a stage made keeps that stage's marks, so its rewrite's group stays whole; what it absorbed
+    # goes under a key of its own
     assert provenance.read(nodes["c1"]) == provenance.Provenance(
-        "fp8-weights", provenance.quantized("fp8", "block 128"), ()
+        "fp8-weights", provenance.quantized("fp8", "block 128"), (), merged_from=("c2",)
     )
+    assert nodes["c1"].metadata_props[provenance.MERGED_FROM] == "c2"
     assert not provenance.read(nodes["t2"]).stamped and not provenance.read(nodes["c3"]).stamped
+
+
+def test_a_stage_made_survivor_collects_what_later_cleanups_merge_into_it() -> None:
+    """A stage's node absorbs a duplicate, then (another cleanup) one that had absorbed others itself: its
+    `merged_from` grows and its stage marks never change."""
+    model, nodes = _graph()
+    provenance.stamp(nodes["neg1"], stage="moe-body-topk", rewrite="rewritten", origin=["moe"])
+    stage_marks = {k: v for k, v in nodes["neg1"].metadata_props.items() if k != provenance.MERGED_FROM}
+    MergeDuplicatesPass()(model)
+    assert provenance.read(nodes["neg1"]).merged_from == ("neg2",)
+    assert _merged(model)["relu1"].origin == ("relu2",)
+    x = model.graph.inputs[0]
+    neg3 = ir.node("Neg", [x], name="neg3")
+    neg3.metadata_props[provenance.MERGED_FROM] = "neg8"  # a stage's node that absorbed neg8 earlier
+    out = ir.node("Add", [model.graph.outputs[0], neg3.outputs[0]], name="last")
+    model.graph.extend([neg3, out])
+    model.graph.outputs[0] = out.outputs[0]
+    assert MergeDuplicatesPass()(model).modified
+    assert provenance.read(nodes["neg1"]).merged_from == ("neg2", "neg3", "neg8")
+    assert {k: v for k, v in nodes["neg1"].metadata_props.items() if k != provenance.MERGED_FROM} == stage_marks
 
 
 def test_a_later_cleanup_adds_to_the_origin() -> None:
@@ -90,6 +112,7 @@ def test_the_cleanup_of_a_real_export_accounts_for_every_removed_duplicate(tiny_
             assert not merged
             continue
         origins = [name for m in merged.values() for name in m.origin]
+        origins += [name for n in model.graph for name in provenance.read(n).merged_from]
         assert merged and all(m.stage is None for m in merged.values()), role
         assert len(origins) == len(set(origins)) and set(origins) <= before[role] - after, role
         assert set(merged) <= after  # the survivors are there, named as they were
