@@ -7,7 +7,8 @@ string), so they survive saving and loading and are visible in any ONNX viewer:
 
 - `dsv3c.stage`: the pipeline stage that created the node (`fp8-weights`, `moe-to-com-microsoft`).
 - `dsv3c.rewrite`: what the stage did, as `kind(detail, detail)`: `quantized(fp8, block 128)`,
-  `lowered(com.microsoft.MoE)`, `inlined(dsv3c.MoE)`, `merged`.
+  `lowered(com.microsoft.MoE)`, `inlined(dsv3c.MoE)`, `merged`, `folded`, `lifted` (an initializer made
+  from a Constant: its marks are on the initializer's value).
 - `dsv3c.origin`: the names of the node(s) the new node replaced or was derived from, one per line.
 - `dsv3c.merged_from`: on a node a stage made, the duplicates the cleanup later merged into it, one per
   line (its own marks stay those of the stage that made it).
@@ -37,6 +38,8 @@ QUANTIZED = "quantized"
 LOWERED = "lowered"
 INLINED = "inlined"
 MERGED = "merged"
+FOLDED = "folded"
+LIFTED = "lifted"
 REWRITTEN = "rewritten"
 
 _REWRITE = re.compile(r"^(?P<kind>[a-z][a-z0-9_-]*)(?:\((?P<details>.*)\))?$")

@@ -21,6 +21,7 @@ from collections.abc import Callable, Hashable
 from dataclasses import dataclass, field
 
 import onnx_ir as ir
+from dsv3c.artifact import provenance
 from dsv3c.graph.index import GraphIndex, attribute_key, is_custom, op_label
 from dsv3c.graph.marks import Marks
 
@@ -76,7 +77,9 @@ def _derived(a: GraphIndex, b: GraphIndex, m: Matching, marks: Marks) -> None:
         if node in m.b_to_a:
             continue
         mark = marks.of.get(node)
-        origin = [rewritten[o] for o in mark.origin if o in rewritten] if mark is not None else []
+        # a folded constant's origin is what it computes, not a node it stands in for: the diff's folded group
+        replaced = mark is not None and (mark.rewrite is None or mark.rewrite.kind != provenance.FOLDED)
+        origin = [rewritten[o] for o in mark.origin if o in rewritten] if mark is not None and replaced else []
         if origin:  # the pass said which node it replaced
             m.derive(origin[0], node)
             continue

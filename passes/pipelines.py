@@ -6,10 +6,9 @@ import enum
 from dataclasses import dataclass, field
 from typing import Any
 
-import onnx_ir.passes.common as common
 from dsv3c.export.functions import ExpertSet
 from dsv3c.models.fp8 import DEFAULT_BLOCK, Block
-from dsv3c.passes.cleanup import cleanup_stages
+from dsv3c.passes.cleanup import LiftConstantsPass, cleanup_stages
 from dsv3c.passes.fp8_activations import Fp8ActivationsPass
 from dsv3c.passes.fp8_math import ActScheme, WeightScheme
 from dsv3c.passes.fp8_weights import Fp8WeightsPass
@@ -107,7 +106,7 @@ def lower_pipeline(
             Stage("rope-to-rotary-embedding", RopeToRotaryEmbeddingPass()),
             *mxfp8_stages(Mxfp8Form.TRT, mxfp8, mxfp8_weights),
             Stage("constant-qdq-scales", TrtQdqPass()),
-            Stage("lift-constants", common.LiftConstantsToInitializersPass(lift_all_constants=False, size_limit=1)),
+            Stage("lift-constants", LiftConstantsPass("lift-constants")),
             *cleanup_stages(),
         ]
     return [
