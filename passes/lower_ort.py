@@ -48,7 +48,13 @@ def routing_function(node: ir.Node, opset: int) -> ir.Function:
 
 
 def expert_shape(value: ir.Value) -> tuple[int, int, int]:
-    shape = static_dims(value.shape)
+    known = value.shape
+    producer = value.producer()
+    if known is None and producer is not None and producer.domain == "" and producer.op_type == "DequantizeLinear":
+        # an FP8 checkpoint's experts reach the MoE through DequantizeLinear, whose output the export leaves
+        # without a shape: it is the shape of the e4m3 tensor it dequantizes
+        known = producer.inputs[0].shape if producer.inputs[0] is not None else None
+    shape = static_dims(known)
     if len(shape) != 3:
         raise ir.passes.PreconditionError(f"expert weights {value.name} have shape {list(shape)}, not [E, out, in]")
     return shape[0], shape[1], shape[2]
