@@ -14,8 +14,10 @@ string), so they survive saving and loading and are visible in any ONNX viewer:
   line (its own marks stay those of the stage that made it).
 
 The model itself carries `dsv3c.stages` (the stage names that ran, one per line) so a reader can tell a
-graph dsv3c wrote from a foreign one. A node keeps the marks of the stage that created it: a later stage
-stamps only nodes that carry no stage yet.
+graph dsv3c wrote from a foreign one, and `dsv3c.marks`, the revision of these marks its stages wrote
+(2: every merge is recorded, `merged_from` included; folders written before it carry none, and their
+merges into stage-made nodes are found by structure, as then). A node keeps the marks of the stage that
+created it: a later stage stamps only nodes that carry no stage yet.
 """
 
 from __future__ import annotations
@@ -31,6 +33,8 @@ REWRITE = "dsv3c.rewrite"
 ORIGIN = "dsv3c.origin"
 MERGED_FROM = "dsv3c.merged_from"
 MODEL_STAGES = "dsv3c.stages"
+MODEL_MARKS = "dsv3c.marks"
+MARKS_REVISION = 2  # 2: merges into stage-made nodes are stamped (merged_from)
 KEYS = (STAGE, REWRITE, ORIGIN, MERGED_FROM)
 
 # The rewrite kinds the passes use; a reader treats any other kind as opaque text.
@@ -153,6 +157,13 @@ def record_stage(model: ir.Model, stage: str) -> None:
     """Append `stage` to the model's list of stages that ran."""
     stages = model_stages(model)
     model.metadata_props[MODEL_STAGES] = "\n".join([*stages, stage])
+    model.metadata_props[MODEL_MARKS] = str(MARKS_REVISION)
+
+
+def merges_recorded(model: ir.Model) -> bool:
+    """Whether the stages that wrote `model` recorded every merge they made (marks revision 2 or later)."""
+    revision = model.metadata_props.get(MODEL_MARKS, "")
+    return revision.isdigit() and int(revision) >= MARKS_REVISION
 
 
 def model_stages(model: ir.Model) -> list[str]:

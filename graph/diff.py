@@ -242,8 +242,10 @@ def diff_graphs(a: LoadedGraph, b: LoadedGraph, values: bool = True) -> tuple[Gr
     init_entries = _initializer_changes(a, b, inits, values)
     changed = {e.name_a for e in init_entries if e.kind == "changed"}
     stages = stages_between(a.model, b.model)
-    # B lists the stages that ran since A: dsv3c's passes wrote it, and its cleanup marked every merge it made
-    rewrites, claims = group_rewrites(ia, ib, m, inits, changed, marks, merges_marked=bool(stages))
+    # B lists the stages that ran since A: dsv3c's passes wrote it, and (since marks revision 2) its cleanup
+    # marked every merge it made; an older folder's merges into stage-made nodes are found by structure
+    merged_by_marks = bool(stages) and provenance.merges_recorded(b.model)
+    rewrites, claims = group_rewrites(ia, ib, m, inits, changed, marks, merges_marked=merged_by_marks)
     init_entries = [e for e in init_entries if e.name_a not in claims.inits_a]
     init_entries += [
         InitializerChange("removed", x, "", layer_of_name(x))
