@@ -222,6 +222,8 @@ def test_engine_manifest_round_trips(tmp_path: Path) -> None:
         LayerSummary(total=3, by_type={"MATMUL": 3}),
         ["8.9"],
     )
-    manifest = EngineManifest({"name": "tensorrt_rtx", "version": "1.7.1"}, "fp32", ["8.9"], {}, {}, {}, {"decode": record})
+    manifest = EngineManifest(
+        {"name": "tensorrt_rtx", "version": "1.7.1"}, "fp32", ["8.9"], {}, {}, {}, {"decode": record}
+    )
     write_engine_manifest(manifest, tmp_path)
     assert read_engine_manifest(tmp_path) == manifest
