@@ -109,10 +109,19 @@ def test_reports_are_written_through_a_temporary_sibling(made: tuple[Path, Path]
     refused(cli("diff", exp / "prefill.onnx", exp / "decode.onnx", "--out", tmp_path), "is a folder")
 
 
+def _default_signals() -> None:
+    """The child gets SIGINT and SIGTERM's default dispositions: a suite started in the background (`make test &`)
+    runs with SIGINT ignored, and dsv3c rightly keeps a signal its caller ignores ignored."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
+
+
 def _start_long_export(out: Path) -> subprocess.Popen[str]:
     """`dsv3c export --preset v3 --weights none`: the 671B topology, about 20 s: long enough to interrupt."""
     command = [sys.executable, "-m", "dsv3c", "export", "--preset", "v3", "--weights", "none", "--out", str(out)]
-    process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    process = subprocess.Popen(
+        command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, preexec_fn=_default_signals
+    )
     deadline = time.monotonic() + 120
     while not list(out.parent.glob(f".{out.name}.*.partial")):  # the temporary folder: writing has begun
         assert process.poll() is None and time.monotonic() < deadline, process.communicate()
