@@ -11,7 +11,6 @@ from __future__ import annotations
 import hashlib
 import shutil
 import tempfile
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -29,21 +28,13 @@ from dsv3c.runtime.speculative import SpecStats, generate_mtp
 from dsv3c.runtime.torch_backend import TorchEngine
 
 from .conftest import random_model
+from .fixtures.threads import one_thread  # noqa: F401  (autouse: this module decodes on one thread)
 
 STEPS = 200
 # measured on 6 held-out prompts (PyTorch and onnxruntime alike): 63% of depth-0 drafts accepted, 72% of the
 # depth-1 drafts reached (46% of all steps), 1.95 tokens per main-model call; a random model: 0% at both
 # depths, and the trained model with module 1's weights replaced by random ones: 0% at depth 1
 MIN_DEPTH0, MIN_DEPTH1 = 0.45, 0.45
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread() -> Iterator[None]:
-    """Batch-1 decoding of a tiny model: more threads only wait on each other on a shared CPU."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def _cache_key() -> str:

@@ -4,7 +4,6 @@ onnxruntime, each the reference chain's prediction, with output identical to pla
 from __future__ import annotations
 
 import json
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -23,18 +22,10 @@ from dsv3c.runtime.speculative import SpecStats, _Rows, _Speculation, generate_m
 from dsv3c.runtime.torch_backend import TorchEngine
 
 from .conftest import random_model
+from .fixtures.threads import one_thread  # noqa: F401  (autouse: this module decodes on one thread)
 
 PROMPTS = [[5, 17, 301, 42, 9, 77, 120], [3], [250, 251, 252, 253]]
 NEW = 24
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread() -> Iterator[None]:
-    """Batch-1 decoding of a tiny model: more threads only wait on each other on a shared CPU."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="module")

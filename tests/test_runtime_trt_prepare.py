@@ -20,6 +20,7 @@ from dsv3c.errors import UserError
 from dsv3c.onnxkit.session import SessionSetup, open_session
 from dsv3c.runtime.trt.prepare import load_for_parser, online_scale_node
 
+from .fixtures.exports import without_function_bodies
 from .fixtures.pipeline import PipelineFolders
 
 
@@ -104,10 +105,7 @@ def test_trt_lowering_needs_no_inlining(folders: PipelineFolders) -> None:
 
 
 def test_custom_node_without_body_is_named(tiny_export: Path, tmp_path: Path) -> None:
-    shutil.copytree(tiny_export, tmp_path / "exp")
-    model = onnx.load(str(tmp_path / "exp" / "decode.onnx"), load_external_data=False)
-    del model.functions[:]
-    onnx.save(model, str(tmp_path / "exp" / "decode.onnx"))
+    without_function_bodies(tiny_export, tmp_path / "exp")
     with pytest.raises(UserError, match=r"node \d+ 'layers\.0/node_mla_attention' \(dsv3c::MLAAttention\).*plugins"):
         load_for_parser(read_manifest(tmp_path / "exp"), "decode")
 

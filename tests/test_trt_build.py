@@ -19,6 +19,8 @@ from dsv3c.errors import UserError
 from dsv3c.runtime.trt.backend import available
 from onnx import TensorProto, helper, numpy_helper
 
+from .fixtures.exports import without_function_bodies
+
 pytestmark = pytest.mark.skipif(available() is not None, reason=f"TensorRT not installed: {available()}")
 
 
@@ -257,10 +259,7 @@ def test_partial_fp8_blocks_name_the_node(tiny_export: Path, tmp_path: Path) -> 
 def test_custom_node_without_body_is_named(tiny_export: Path, tmp_path: Path) -> None:
     from dsv3c.runtime.trt.build import BuildOptions, build_engines
 
-    shutil.copytree(tiny_export, tmp_path / "exp")
-    model = onnx.load(str(tmp_path / "exp" / "decode.onnx"), load_external_data=False)
-    del model.functions[:]
-    onnx.save(model, str(tmp_path / "exp" / "decode.onnx"))
+    without_function_bodies(tiny_export, tmp_path / "exp")
     with pytest.raises(UserError, match=r"node \d+ 'layers\.0/node_mla_attention' \(dsv3c::MLAAttention\).*plugins"):
         build_engines(tmp_path / "exp", tmp_path / "e", BuildOptions(roles=["decode"], lowering="inline"))
 
