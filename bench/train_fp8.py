@@ -2,6 +2,10 @@
 
     python bench/train_fp8.py --data TOKENS_DIR --out bench/results/train_fp8.json [--steps N] [--gamma0-steps N]
     python bench/train_fp8.py --plot bench/results/train_fp8.json      # the PNG beside it (needs matplotlib)
+    python bench/train_fp8.py --combine A.json B.json --out C.json     # runs made in separate calls, one result
+
+A device call may be too short for all three runs: `--runs fp8` in one call and `--runs bf16 bf16-gamma0` in
+the next (same --steps), then `--combine` joins them (and the GEMM rows of an earlier file) into one result.
 
 Trains the `bench-moe` preset (hidden 2048, 8 layers, 32 routed experts, MTP depth 1) three times:
 BF16 and FP8 (DeepSeek's recipe) with bias balancing (gamma 1e-3), and BF16 with gamma 0 (expert load
@@ -162,7 +166,7 @@ def run_training(args: argparse.Namespace, corpus: Any, save: Any) -> list[dict[
     ]
     results = []
     for name, precision, gamma, steps in runs:
-        if steps <= 0:
+        if steps <= 0 or name not in args.runs:
             continue
         train = dataclasses.replace(
             base,
@@ -226,6 +230,33 @@ def summarize(runs: list[dict[str, Any]]) -> dict[str, Any]:
     return out
 
 
+def combine(paths: list[Path]) -> dict[str, Any]:
+    """One result from several files: every run (a later file's run replaces an earlier one of the same
+    name), the GEMM rows of the last file that has them, each file's command, commit and machine."""
+    parts = [json.loads(p.read_text()) for p in paths]
+    runs: dict[str, dict[str, Any]] = {}
+    for part in parts:
+        for run in part.get("runs", []):
+            runs[run["run"]] = {**run, "commit": part["commit"], "command": part["command"]}
+    steps = {r["steps"] for r in runs.values() if r["run"] in ("bf16", "fp8")}
+    if len(steps) > 1:
+        raise SystemExit(f"train_fp8: error: the bf16 and fp8 runs differ in steps ({sorted(steps)}); rerun one")
+    result: dict[str, Any] = {
+        "command": "python bench/train_fp8.py --combine " + " ".join(str(p) for p in paths),
+        "parts": [{k: part.get(k) for k in ("command", "commit", "machine")} for part in parts],
+        "commit": parts[-1]["commit"],
+        "machine": parts[-1]["machine"],
+        "corpus": next((p["corpus"] for p in parts if "corpus" in p), None),
+    }
+    gemm_parts = [p for p in parts if p.get("gemm")]
+    if gemm_parts:
+        result["gemm"] = gemm_parts[-1]["gemm"]
+        result["gemm_commit"] = gemm_parts[-1]["commit"]
+    ordered = [runs[n] for n in ("bf16", "fp8", "bf16-gamma0") if n in runs]
+    result["runs"], result["summary"] = ordered, summarize(ordered)
+    return result
+
+
 def plot(path: Path) -> None:
     import matplotlib
 
@@ -279,9 +310,24 @@ def main() -> int:
     p.add_argument("--skip-train", action="store_true")
     p.add_argument("--commit", default="unknown", help="the commit measured (the GPU copy has no .git)")
     p.add_argument("--plot", type=Path, help="only draw the PNG of an existing results JSON")
+    p.add_argument(
+        "--runs",
+        nargs="+",
+        choices=["bf16", "fp8", "bf16-gamma0"],
+        default=["bf16", "fp8", "bf16-gamma0"],
+        help="which training runs to make (default: all three)",
+    )
+    p.add_argument("--combine", type=Path, nargs="+", help="join results JSONs of separate calls into --out")
     args = p.parse_args()
     if args.plot:
         plot(args.plot)
+        return 0
+    if args.combine:
+        combined = combine(args.combine)
+        _write(args.out, combined)
+        if args.out is not None:
+            plot(args.out)
+        print(json.dumps(combined["summary"], indent=1))
         return 0
     if not torch.cuda.is_available():
         print("train_fp8: error: no CUDA device; run this on the GPU machine", file=sys.stderr)

@@ -2,7 +2,10 @@
 # The GPU round of issue 12 (run from the repository root on the GPU machine; results under $OUT):
 #   bench/train_fp8_gpu.sh probe   # versions, FP8 tests on the GPU, GEMMs at hidden 7168, the small BF16 model, a smoke run
 #   bench/train_fp8_gpu.sh verify  # FP8 tests on the GPU, a short BF16-vs-FP8 run, the small FP8 model
-#   bench/train_fp8_gpu.sh bench   # bench-moe BF16 vs FP8 (+ gamma 0), the small FP8 model
+#   RUNS="fp8" bench/train_fp8_gpu.sh bench          # one call: bench-moe in FP8 for BENCH_STEPS steps
+#   RUNS="bf16 bf16-gamma0" bench/train_fp8_gpu.sh bench   # the next call: BF16, same steps, and gamma 0
+#   bench/train_fp8_gpu.sh small   # the small FP8 model alone
+# then on the CPU: python bench/train_fp8.py --combine GEMMS.json FP8.json BF16.json --out RESULT.json
 # Token ids come prepared (runs/tokens: tokens.npy + tokenizer.json + corpus.json, made on CPU by
 # `dsv3c train --prepare` and one `--data` use), so the GPU image needs no `tokenizers`.
 set -u
@@ -40,9 +43,15 @@ elif [ "$MODE" = probe ]; then
   timeout 200 python bench/train_fp8.py --skip-gemm --data runs/tokens --steps 12 --gamma0-steps 0 --commit "$COMMIT" \
     --out "$OUT/smoke.json" 2>&1 | grep -v curve | tail -8
   SMALL_STEPS=${SMALL_STEPS} timeout 200 bash -c "$(declare -f small); OUT=$OUT; small bf16"
+elif [ "$MODE" = small ]; then
+  timeout 330 bash -c "$(declare -f small); OUT=$OUT; SMALL_STEPS=$SMALL_STEPS; small fp8"
 else
-  timeout 230 python bench/train_fp8.py --data runs/tokens --steps "$BENCH_STEPS" --gamma0-steps "$GAMMA0_STEPS" \
-    --commit "$COMMIT" --out "$OUT/train_fp8.json" 2>&1 | tail -12
-  timeout 190 bash -c "$(declare -f small); OUT=$OUT; SMALL_STEPS=$SMALL_STEPS; small fp8"
+  RUNS=${RUNS:-bf16 fp8 bf16-gamma0}
+  nvidia-smi --query-gpu=name,memory.total --format=csv,noheader
+  timeout "${BENCH_LIMIT:-540}" python bench/train_fp8.py --skip-gemm --runs $RUNS --data runs/tokens \
+    --steps "$BENCH_STEPS" --gamma0-steps "$GAMMA0_STEPS" --commit "$COMMIT" --out "$OUT/train_fp8_${RUNS// /_}.json" 2>&1 \
+    | grep -v curve | tail -12
+  # a run cut off by the time limit still brings back its curve
+  for d in /tmp/train-fp8-bench/*/; do [ -f "$d/metrics.jsonl" ] && cp "$d/metrics.jsonl" "$OUT/$(basename "$d")-metrics.jsonl"; done
 fi
 ls -la "$OUT" "$OUT"/*/ 2>/dev/null
