@@ -48,33 +48,49 @@ def _use_scaled_mm(recipe: Fp8Recipe, device: torch.device) -> bool:
     return torch.cuda.get_device_capability(device) >= (8, 9)
 
 
-_COMPILED: dict[str, Any] = {}
+_COMPILED: dict[tuple[str, torch.dtype, bool], Any] = {}
+_ROW_MULTIPLE = 16  # cuBLAS's FP8 GEMMs want rows in multiples of 16
+_RECOMPILE_LIMIT = 32
 
 
 def _quantizer(name: str, recipe: Fp8Recipe, device: torch.device) -> Any:
-    """The quantizer, compiled on CUDA (one fused kernel instead of ~6); eager if compiling fails."""
+    """The quantizer, compiled on CUDA (one fused kernel instead of ~6); eager if compiling fails.
+
+    Dynamo compiles a new variant for each input form it has not seen, and past its limit (8 per
+    function by default) the quantizer silently runs eagerly: on the H200 a bench-moe FP8 step then took
+    ~2 s instead of ~0.7. So the kernel sees few forms: detached and contiguous, rows padded to a multiple
+    of 16 (an expert's slice has any count, 1 included, which dynamo specializes on) and K to a multiple
+    of 128 (no padding branch inside), both sizes marked dynamic from the first call. What still varies
+    (the dtype: bf16 or float32 activations; K = 128, one tile, or more) gives a handful of variants, and
+    the limit is raised for these calls alone so none falls back. Zero rows and columns quantize to
+    zeros, so the rows kept are unchanged.
+    """
     fn = getattr(fq, name)
     if device.type != "cuda" or not recipe.compile:
         return fn
-    if name not in _COMPILED:
-        compiled = torch.compile(fn, dynamic=True)
+    rows = fq.TILE if name == "quantize_blocks" else _ROW_MULTIPLE
 
-        def guarded(x: torch.Tensor, pow2: bool) -> Any:
-            # one input form (no autograd flag, contiguous) so the compiled kernel is not recompiled for
-            # every mix of requires_grad and strides the GEMMs pass in: each recompile costs seconds, and
-            # past dynamo's limit of 8 the quantizer silently runs eagerly
-            args = (x.detach().contiguous(), pow2)
-            try:
-                return compiled(*args)
-            except Exception as e:  # a broken inductor toolchain must not stop training
-                import warnings
+    def guarded(x: torch.Tensor, pow2: bool) -> Any:
+        m = x.shape[0]
+        x = fq.pad_to(fq.pad_to(x.detach(), rows, 0), fq.TILE, 1).contiguous()
+        torch._dynamo.maybe_mark_dynamic(x, 0)
+        torch._dynamo.maybe_mark_dynamic(x, 1)
+        key = (name, x.dtype, pow2)
+        if key not in _COMPILED:
+            _COMPILED[key] = torch.compile(fn, dynamic=True)
+        try:
+            with torch._dynamo.config.patch(recompile_limit=_RECOMPILE_LIMIT):
+                q, scale = _COMPILED[key](x, pow2)
+        except Exception as e:  # a broken inductor toolchain must not stop training
+            import warnings
 
-                warnings.warn(f"torch.compile of {name} failed ({type(e).__name__}); quantizing eagerly", stacklevel=2)
-                _COMPILED[name] = fn
-                return fn(*args)
+            warnings.warn(f"torch.compile of {name} failed ({type(e).__name__}); quantizing eagerly", stacklevel=2)
+            _COMPILED[key] = fn
+            q, scale = fn(x, pow2)
+        # quantize_blocks pads its rows itself (to 128); a tile's rows are kept at the caller's count
+        return (q, scale) if name == "quantize_blocks" else (q[:m], scale[:m])
 
-        _COMPILED[name] = guarded
-    return _COMPILED[name]
+    return guarded
 
 
 def _pad_rows(x: torch.Tensor, multiple: int = 16) -> torch.Tensor:
