@@ -24,7 +24,8 @@ class LoadTracker:
         self.routers = [m for m in model.modules() if isinstance(m, Router)]
         self.alpha = alpha
         self.batch_size = 1
-        self.counts = [torch.zeros(r.weight.shape[0]) for r in self.routers]
+        # on the router's device: a host copy in the hook would wait for the GPU in every MoE layer's forward
+        self.counts = [torch.zeros(r.weight.shape[0], device=r.weight.device) for r in self.routers]
         self.loss_terms: list[torch.Tensor] = []
         self.tracking = True
         self._handles = [r.register_forward_hook(self._hook(i)) for i, r in enumerate(self.routers)]
@@ -37,7 +38,10 @@ class LoadTracker:
                 return
             indices = output[1]  # [N, k]
             n_experts = self.counts[index].numel()
-            self.counts[index] += expert_counts(indices.detach(), n_experts).to(self.counts[index].device).float()
+            counts = expert_counts(indices.detach(), n_experts)
+            if self.counts[index].device != counts.device:  # the model moved after the tracker was made
+                self.counts[index] = self.counts[index].to(counts.device)
+            self.counts[index] += counts.float()
             if self.alpha > 0 and router.training:
                 assert isinstance(router, Router)
                 self.loss_terms.append(self._sequence_loss(router, inputs[0], indices, n_experts))
@@ -61,9 +65,11 @@ class LoadTracker:
     def step(self, gamma: float) -> dict[str, float]:
         """After an optimizer step: move the biases by gamma; return this step's load and reset the counts."""
         ratios = []
-        for router, counts in zip(self.routers, self.counts, strict=True):
-            if counts.sum() > 0:
-                ratios.append(float(counts.max() / counts.mean()))
+        # one wait for the device per step: every layer's counts come to the host together
+        on_host = torch.cat(self.counts).cpu().split([c.numel() for c in self.counts]) if self.counts else ()
+        for router, counts, host in zip(self.routers, self.counts, on_host, strict=True):
+            if host.sum() > 0:
+                ratios.append(float(host.max() / host.mean()))
                 if gamma > 0 and router.e_score_correction_bias is not None:
                     bias = router.e_score_correction_bias
                     bias.data = update_correction_bias(bias.data, counts.to(bias.device), gamma)
