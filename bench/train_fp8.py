@@ -3,6 +3,8 @@
     python bench/train_fp8.py --data TOKENS_DIR --out bench/results/train_fp8.json [--steps N] [--gamma0-steps N]
     python bench/train_fp8.py --plot bench/results/train_fp8.json      # the PNG beside it (needs matplotlib)
     python bench/train_fp8.py --combine A.json B.json --out C.json     # runs made in separate calls, one result
+        [--cut-off fp8=METRICS.jsonl --cut-off-steps N]                  # a run the call's time limit cut off
+        [--gemm-from GEMMS.json]                                          # the GEMM rows of another call
 
 A device call may be too short for all three runs: `--runs fp8` in one call and `--runs bf16 bf16-gamma0` in
 the next (same --steps), then `--combine` joins them (and the GEMM rows of an earlier file) into one result.
@@ -214,7 +216,7 @@ def run_training(args: argparse.Namespace, corpus: Any, save: Any) -> list[dict[
 def summarize(runs: list[dict[str, Any]]) -> dict[str, Any]:
     by = {r["run"]: r for r in runs}
     out: dict[str, Any] = {}
-    if "bf16" in by and "fp8" in by:
+    if "bf16" in by and "fp8" in by and "final_train_loss" in by["fp8"]:
         b, f = by["bf16"], by["fp8"]
         out["fp8_rel_train_loss_error"] = abs(f["final_train_loss"] - b["final_train_loss"]) / b["final_train_loss"]
         out["fp8_rel_val_loss_error"] = abs(f["final_val_loss"] - b["final_val_loss"]) / b["final_val_loss"]
@@ -230,14 +232,53 @@ def summarize(runs: list[dict[str, Any]]) -> dict[str, Any]:
     return out
 
 
-def combine(paths: list[Path]) -> dict[str, Any]:
+def cut_off_run(name: str, metrics: Path, planned_steps: int) -> dict[str, Any]:
+    """A run the device call's time limit stopped: its curve so far (metrics.jsonl), no final numbers.
+    Its learning-rate schedule is the planned run's, so its curve compares step for step with a
+    finished run of the same planned steps."""
+    rows = [json.loads(line) for line in metrics.read_text().splitlines() if line.strip()]
+    tps = [m["tokens_per_s"] for m in rows[len(rows) // 4 :] if "val_loss" not in m]
+    return {
+        "run": name,
+        "precision": "fp8" if name.startswith("fp8") else "bf16",
+        "steps": planned_steps,
+        "cut_off_at_step": rows[-1]["step"],
+        "tokens_per_s": statistics.median(tps) if tps else None,
+        "load_max_mean": statistics.mean(m["load_max_mean"] for m in rows),
+        "curve": [
+            {k: m[k] for k in ("step", "tokens", "lm_loss", "val_loss", "load_max_mean") if k in m} for m in rows
+        ],
+    }
+
+
+def compare_curves(a: dict[str, Any], b: dict[str, Any], last: int = 5) -> dict[str, Any]:
+    """b against a on the steps both reached: train loss over the last `last` logged steps, val loss at
+    each validation step both made (relative, signed: > 0 means b is worse)."""
+    a_at = {m["step"]: m for m in a["curve"]}
+    common = [m for m in b["curve"] if m["step"] in a_at and "val_loss" not in m][-last:]
+    ta = statistics.mean(a_at[m["step"]]["lm_loss"] for m in common)
+    tb = statistics.mean(m["lm_loss"] for m in common)
+    vals = {
+        m["step"]: (m["val_loss"] - a_at[m["step"]]["val_loss"]) / a_at[m["step"]]["val_loss"]
+        for m in b["curve"]
+        if "val_loss" in m and "val_loss" in a_at.get(m["step"], {})
+    }
+    return {"steps": [m["step"] for m in common], "rel_train_loss": (tb - ta) / ta, "rel_val_loss_at_step": vals}
+
+
+def combine(
+    paths: list[Path], cut_off: dict[str, Path] | None = None, cut_off_steps: int = 0, gemm_from: Path | None = None
+) -> dict[str, Any]:
     """One result from several files: every run (a later file's run replaces an earlier one of the same
-    name), the GEMM rows of the last file that has them, each file's command, commit and machine."""
+    name), the GEMM rows of `gemm_from` (else of the last file that has them), each file's command,
+    commit and machine."""
     parts = [json.loads(p.read_text()) for p in paths]
     runs: dict[str, dict[str, Any]] = {}
     for part in parts:
         for run in part.get("runs", []):
             runs[run["run"]] = {**run, "commit": part["commit"], "command": part["command"]}
+    for name, metrics in (cut_off or {}).items():
+        runs[name] = cut_off_run(name, metrics, cut_off_steps)
     steps = {r["steps"] for r in runs.values() if r["run"] in ("bf16", "fp8")}
     if len(steps) > 1:
         raise SystemExit(f"train_fp8: error: the bf16 and fp8 runs differ in steps ({sorted(steps)}); rerun one")
@@ -248,12 +289,17 @@ def combine(paths: list[Path]) -> dict[str, Any]:
         "machine": parts[-1]["machine"],
         "corpus": next((p["corpus"] for p in parts if "corpus" in p), None),
     }
-    gemm_parts = [p for p in parts if p.get("gemm")]
+    gemm_parts = [json.loads(gemm_from.read_text())] if gemm_from else [p for p in parts if p.get("gemm")]
     if gemm_parts:
         result["gemm"] = gemm_parts[-1]["gemm"]
         result["gemm_commit"] = gemm_parts[-1]["commit"]
+        result["gemm_command"] = gemm_parts[-1]["command"]
     ordered = [runs[n] for n in ("bf16", "fp8", "bf16-gamma0") if n in runs]
     result["runs"], result["summary"] = ordered, summarize(ordered)
+    if "bf16" in runs and "fp8" in runs:
+        result["summary"]["fp8_vs_bf16_on_common_steps"] = compare_curves(runs["bf16"], runs["fp8"])
+        if runs["bf16"].get("tokens_per_s") and runs["fp8"].get("tokens_per_s"):
+            result["summary"]["fp8_tokens_per_s_ratio"] = runs["fp8"]["tokens_per_s"] / runs["bf16"]["tokens_per_s"]
     return result
 
 
@@ -318,12 +364,18 @@ def main() -> int:
         help="which training runs to make (default: all three)",
     )
     p.add_argument("--combine", type=Path, nargs="+", help="join results JSONs of separate calls into --out")
+    p.add_argument(
+        "--cut-off", action="append", default=[], metavar="RUN=METRICS", help="with --combine: a cut-off run"
+    )
+    p.add_argument("--cut-off-steps", type=int, default=0, help="the steps the cut-off runs were planned for")
+    p.add_argument("--gemm-from", type=Path, help="with --combine: take the GEMM rows (only) from this results JSON")
     args = p.parse_args()
     if args.plot:
         plot(args.plot)
         return 0
     if args.combine:
-        combined = combine(args.combine)
+        cut = dict((k, Path(v)) for k, v in (c.split("=", 1) for c in args.cut_off))
+        combined = combine(args.combine, cut, args.cut_off_steps, args.gemm_from)
         _write(args.out, combined)
         if args.out is not None:
             plot(args.out)
