@@ -57,8 +57,9 @@ def _quantizer(name: str, recipe: Fp8Recipe, device: torch.device) -> Any:
     """The quantizer, compiled on CUDA (one fused kernel instead of ~6); eager if compiling fails.
 
     Dynamo compiles a new variant for each input form it has not seen, and past its limit (8 per
-    function by default) the quantizer silently runs eagerly: on the H200 a bench-moe FP8 step then took
-    ~2 s instead of ~0.7. So the kernel sees few forms: detached and contiguous, rows padded to a multiple
+    function by default) the quantizer silently runs eagerly, as it did on the H200 for bench-moe's
+    expert slices (the step time barely changed once fixed: the step is bound by host work elsewhere,
+    bench/train_step_profile.py). So the kernel sees few forms: detached and contiguous, rows padded to a multiple
     of 16 (an expert's slice has any count, 1 included, which dynamo specializes on) and K to a multiple
     of 128 (no padding branch inside), both sizes marked dynamic from the first call. What still varies
     (the dtype: bf16 or float32 activations; K = 128, one tile, or more) gives a handful of variants, and
