@@ -27,6 +27,7 @@ from dsv3c.train.balance import LoadTracker
 from dsv3c.train.config import TrainConfig, config_hash
 from dsv3c.train.corpus import Corpus
 from dsv3c.train.data import WindowBatches
+from dsv3c.train.fp8_experts import group_experts
 from dsv3c.train.fp8_linear import Fp8Recipe, convert_to_fp8
 from dsv3c.train.output import plot_curves, write_checkpoint
 from dsv3c.train.state import STATE_DIR, load_state, save_state
@@ -63,6 +64,7 @@ def build_model(config: DeepseekV3Config, train: TrainConfig, device: torch.devi
     if train.precision == "fp8":
         recipe = Fp8Recipe(granularity=train.fp8_granularity, pow2=train.fp8_pow2, compile=train.fp8_compile)
         convert_to_fp8(model, recipe)
+        group_experts(model, recipe)  # routed experts as grouped GEMMs (block granularity)
     return model
 
 
