@@ -5,6 +5,7 @@
 #   RUNS="fp8" bench/train_fp8_gpu.sh bench          # one call: bench-moe in FP8 for BENCH_STEPS steps
 #   RUNS="bf16 bf16-gamma0" bench/train_fp8_gpu.sh bench   # the next call: BF16, same steps, and gamma 0
 #   bench/train_fp8_gpu.sh small   # the small FP8 model alone
+#   bench/train_fp8_gpu.sh profile # step time: bf16, fp8 (grouped experts), fp8-per-expert; and the loop's additions
 # then on the CPU: python bench/train_fp8.py --combine GEMMS.json FP8.json BF16.json --out RESULT.json
 # Token ids come prepared (runs/tokens: tokens.npy + tokenizer.json + corpus.json, made on CPU by
 # `dsv3c train --prepare` and one `--data` use), so the GPU image needs no `tokenizers`.
@@ -43,6 +44,10 @@ elif [ "$MODE" = probe ]; then
   timeout 200 python bench/train_fp8.py --skip-gemm --data runs/tokens --steps 12 --gamma0-steps 0 --commit "$COMMIT" \
     --out "$OUT/smoke.json" 2>&1 | grep -v curve | tail -8
   SMALL_STEPS=${SMALL_STEPS} timeout 200 bash -c "$(declare -f small); OUT=$OUT; small bf16"
+elif [ "$MODE" = profile ]; then
+  timeout 200 python bench/train_step_profile.py --commit "$COMMIT" --out "$OUT/train_step_profile.json" 2>&1 | grep -v "^W1201" | tail -60
+  timeout 200 python bench/train_step_profile.py --loop-variants --precisions bf16 fp8 --commit "$COMMIT" \
+    --out "$OUT/train_loop_variants.json" 2>&1 | grep -v "^W1201" | tail -10
 elif [ "$MODE" = small ]; then
   timeout 330 bash -c "$(declare -f small); OUT=$OUT; SMALL_STEPS=$SMALL_STEPS; small fp8"
 else
