@@ -97,15 +97,15 @@ def compare_exports(
 ) -> QuantReport:
     """Errors of each candidate export against `reference`, per graph and layer; on seeded random inputs,
     or with `text` (token windows [B, S] per batch) on real text, each graph fed as in generation
-    (calibrate.text_feeds: decode and MTP continue the reference's prefill)."""
-    from dsv3c.passes.calibrate import ROLE_ORDER, text_feeds
+    (calibrate.text_feeds: decode and MTP module 0 continue the reference's prefill, module d its module d-1)."""
+    from dsv3c.passes.calibrate import chain_order, feeds_from, text_feeds
 
     manifest = read_manifest(reference)
     report = QuantReport(list(candidates))
     all_logits: dict[str, list[np.ndarray]] = {s: [] for s in ["reference", *candidates]}
-    prefill_ref: list[dict[str, np.ndarray]] = []
-    order = sorted(manifest.graphs.items(), key=lambda kv: ROLE_ORDER.index(kv[0]) if kv[0] in ROLE_ORDER else 9)
-    for role, file in order:
+    reference_out: dict[str, list[dict[str, np.ndarray]]] = {}  # per role and batch: what later graphs read
+    for role in chain_order(manifest.graphs):
+        file = manifest.graphs[role]
         if file is None:
             continue
         ref_model = load_graph(reference, role)
@@ -119,11 +119,11 @@ def compare_exports(
             if text is None:
                 feeds = random_feeds(manifest, role, rng, shape or FeedShape())
             else:
-                feeds = text_feeds(manifest, role, text[b], prefill_ref[b] if role != "prefill" else {})
+                source = feeds_from(role)
+                feeds = text_feeds(manifest, role, text[b], {} if source is None else reference_out[source][b])
             for s, runner in runners.items():
                 outputs[s].append(runner.run(feeds))
-        if role == "prefill":
-            prefill_ref = outputs["reference"]
+        reference_out[role] = outputs["reference"]
         for label, tensor in [*probes, (OUTPUT, OUTPUT)]:
             ref = _tokens([o[tensor] for o in outputs["reference"]])
             cands = {s: _tokens([o[tensor] for o in outputs[s]]) for s in candidates}
