@@ -8,6 +8,8 @@ from dsv3c.models.fp8 import dequantize_block_fp8
 from dsv3c.train import fp8_quant as fq
 from dsv3c.train.fp8_linear import Fp8Linear, Fp8Recipe, convert_to_fp8, fp8_linear, fp8_matmul
 
+from .fixtures.cublas_scaled_mm import cublas_scaled_mm
+
 
 def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
     return float((a.float() - b.float()).norm() / b.float().norm())
@@ -147,41 +149,6 @@ def test_scaled_mm_agrees_with_the_emulation(m: int, k: int, n: int) -> None:
 # ---- the CUDA path's GEMM calls, against cuBLAS's block-scaling contract (runs without a GPU) ----------
 
 
-def _ceil(a: int, b: int) -> int:
-    return -(-a // b)
-
-
-def _sizes_strides(s: torch.Tensor, sizes: tuple[int, int], strides: tuple[int, int]) -> bool:
-    """torch's check_size_stride on both dims: a dim of size <= 1 may have any stride."""
-    pairs = enumerate(zip(sizes, strides, strict=True))
-    return tuple(s.shape) == sizes and all(n <= 1 or s.stride(d) == st for d, (n, st) in pairs)
-
-
-def _dequantized(t: torch.Tensor, s: torch.Tensor) -> torch.Tensor | None:
-    """t fp8 [R, K] with scales in one of cuBLAS's block layouts -> float32, or None if the layout is not one."""
-    rows, k = t.shape
-    kb = _ceil(k, 128)
-    col = torch.arange(k) // 128
-    if _sizes_strides(s, (rows, kb), (1, rows)):  # 1x128 tiles, outer-dim-major
-        return t.float() * s[:, col]
-    # 128x128 blocks: rows of K/128 rounded up to 4 scales (16 bytes), as cuBLAS reads them
-    if _sizes_strides(s, (_ceil(rows, 128), kb), (-(-kb // 4) * 4, 1)):
-        return t.float() * s[torch.arange(rows) // 128][:, col]
-    return None
-
-
-def _cublas_scaled_mm(a: torch.Tensor, b: torch.Tensor, *, scale_a: torch.Tensor, scale_b: torch.Tensor, out_dtype):  # type: ignore[no-untyped-def]
-    """torch._scaled_mm for block scales as cuBLAS defines them; refuses what cuBLAS would misread."""
-    assert a.dtype == b.dtype == torch.float8_e4m3fn and a.shape[1] == b.shape[0]
-    assert a.shape[1] % 16 == 0 and b.shape[0] % 16 == 0 and b.shape[1] % 16 == 0, "sizes must divide by 16"
-    if scale_a.numel() == 1 and scale_b.numel() == 1:
-        return ((a.float() * scale_a) @ (b.float() * scale_b)).to(out_dtype)
-    x, w = _dequantized(a, scale_a), _dequantized(b.t(), scale_b.t())
-    if x is None or w is None:
-        raise RuntimeError(f"Invalid scaling configuration: {scale_a.shape} {scale_a.stride()} {scale_b.stride()}")
-    return (x @ w.t()).to(out_dtype)
-
-
 @pytest.mark.parametrize("m,k,n", [(37, 384, 320), (200, 256, 1024), (16, 1024, 768), (5, 128, 256)])
 def test_the_cuda_gemm_calls_meet_cublas_block_layouts(monkeypatch, m: int, k: int, n: int) -> None:  # type: ignore[no-untyped-def]
     """K/128 = 3 (hidden 384) or 2 (an expert's 256) once gave NaN training on the H200: cuBLAS reads 128x128
@@ -189,7 +156,7 @@ def test_the_cuda_gemm_calls_meet_cublas_block_layouts(monkeypatch, m: int, k: i
     emulation, through a _scaled_mm that refuses layouts cuBLAS would misread."""
     from dsv3c.train import fp8_linear as fl
 
-    monkeypatch.setattr(torch, "_scaled_mm", _cublas_scaled_mm)
+    monkeypatch.setattr(torch, "_scaled_mm", cublas_scaled_mm)
     monkeypatch.setattr(fl, "_TILE_TILE_LAYOUT", [])
     monkeypatch.setattr(fl, "_use_scaled_mm", lambda recipe, device: recipe.backend != "emulate")
     torch.manual_seed(0)

@@ -13,6 +13,8 @@ from dsv3c.models.deepseek_v3 import MoE
 from dsv3c.train.fp8_experts import Fp8GroupedMoE, group_experts
 from dsv3c.train.fp8_linear import Fp8Recipe, convert_to_fp8
 
+from .fixtures.cublas_scaled_mm import cublas_scaled_mm
+
 
 def _moe(hidden: int, inter: int, experts: int, seed: int = 0) -> MoE:
     config = DeepseekV3Config.from_preset("tiny").replace(
@@ -107,3 +109,28 @@ def test_an_fp8_model_trains_with_grouped_experts():
         first = float(main.detach()) if first is None else first
         last = float(main.detach())
     assert last < first - 0.2, (first, last)
+
+
+@pytest.mark.parametrize("hidden, inter", [(256, 128), (384, 96)])
+def test_the_grouped_cuda_gemm_calls_meet_cublas_block_layouts(monkeypatch, hidden, inter):
+    """The grouped path's real-FP8 calls (forward, dgrad, wgrad per expert) through a _scaled_mm that
+    refuses what cuBLAS would misread, against the emulation: K/128 of 1, 2 and 3 occur here."""
+    from dsv3c.train import fp8_linear as fl
+
+    monkeypatch.setattr(torch, "_scaled_mm", cublas_scaled_mm)
+    monkeypatch.setattr(fl, "_TILE_TILE_LAYOUT", [])
+    monkeypatch.setattr(fl, "_use_scaled_mm", lambda recipe, device: recipe.backend != "emulate")
+    results = []
+    for backend in ("scaled_mm", "emulate"):
+        recipe = Fp8Recipe(backend=backend, compile=False)
+        moe = _moe(hidden, inter, experts=4)
+        convert_to_fp8(moe, recipe)
+        group_experts(moe, recipe)
+        g = torch.Generator().manual_seed(3)
+        flat, weights = torch.randn(150, hidden, generator=g), torch.rand(150, 2, generator=g)
+        indices = torch.stack([torch.zeros(150, dtype=torch.long), torch.randint(1, 4, (150,), generator=g)], 1)
+        results.append((*_run(moe, flat, weights, indices), moe.experts[0].down_proj.weight.grad))
+    for real, emulated in zip(*results, strict=True):
+        rel = ((real.float() - emulated).norm() / emulated.norm()).item()
+        assert rel < 2e-2, rel  # the real path rounds its GEMM outputs to bf16
+    assert fl._TILE_TILE_LAYOUT[0][0] != "emulated"

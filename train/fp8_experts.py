@@ -21,17 +21,10 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
-from dsv3c.models.deepseek_v3 import MoE
+from dsv3c.models.deepseek_v3 import MLP, MoE
+from dsv3c.train import fp8_linear as fl
 from dsv3c.train import fp8_quant as fq
-from dsv3c.train.fp8_linear import (
-    Fp8Recipe,
-    _quantizer,
-    _use_scaled_mm,
-    emulate_tile_block,
-    emulate_tile_tile,
-    scaled_mm_tile_block,
-    scaled_mm_tile_tile,
-)
+from dsv3c.train.fp8_linear import Fp8Recipe
 
 
 def _padded(n: int) -> int:
@@ -47,14 +40,14 @@ class _GroupedFp8Function(torch.autograd.Function):
         ctx: Any, x: torch.Tensor, weight: torch.Tensor, starts: list[int], sizes: list[int], recipe: Fp8Recipe
     ) -> torch.Tensor:
         experts, n, k = weight.shape
-        real = _use_scaled_mm(recipe, x.device)
+        real = fl._use_scaled_mm(recipe, x.device)
         # every expert's 128x128 blocks in one call: [E * Np, Kp] rows never mix experts (Np % 128 == 0)
         w = fq.pad_to(weight, fq.TILE, 1).reshape(experts * _padded(n), k)
-        qw, sw = _quantizer("quantize_blocks", recipe, x.device)(w, recipe.pow2)
+        qw, sw = fl._quantizer("quantize_blocks", recipe, x.device)(w, recipe.pow2)
         qw = qw.view(experts, _padded(n), qw.shape[-1])
         sw = sw.view(experts, _padded(n) // fq.TILE, sw.shape[-1])
-        qx, sx = _quantizer("quantize_tiles", recipe, x.device)(x, recipe.pow2)
-        gemm = scaled_mm_tile_block if real else emulate_tile_block
+        qx, sx = fl._quantizer("quantize_tiles", recipe, x.device)(x, recipe.pow2)
+        gemm = fl.scaled_mm_tile_block if real else fl.emulate_tile_block
         out = x.new_zeros((x.shape[0], n), dtype=torch.bfloat16 if real else x.dtype)
         for e, (start, size) in enumerate(zip(starts, sizes, strict=True)):
             if size:
@@ -70,14 +63,14 @@ class _GroupedFp8Function(torch.autograd.Function):
         x, qw, sw = ctx.saved_tensors
         recipe: Fp8Recipe = ctx.recipe
         _, n, k = ctx.weight_shape
-        real = _use_scaled_mm(recipe, x.device)
-        tiles = _quantizer("quantize_tiles", recipe, x.device)
+        real = fl._use_scaled_mm(recipe, x.device)
+        tiles = fl._quantizer("quantize_tiles", recipe, x.device)
         grad = grad.contiguous()
         qg, sg = tiles(grad, recipe.pow2)  # dgrad: 1x128 along N
         qgt, sgt = tiles(grad.t(), recipe.pow2)  # wgrad: 128x1 along the rows, i.e. 1x128 of the transposes
         qxt, sxt = tiles(x.t(), recipe.pow2)
-        tile_block = scaled_mm_tile_block if real else emulate_tile_block
-        tile_tile = scaled_mm_tile_tile if real else emulate_tile_tile
+        tile_block = fl.scaled_mm_tile_block if real else fl.emulate_tile_block
+        tile_tile = fl.scaled_mm_tile_tile if real else fl.emulate_tile_tile
         dx = torch.zeros_like(x)
         dw = torch.zeros(ctx.weight_shape, dtype=ctx.weight_dtype, device=x.device)
         for e, (start, size) in enumerate(zip(ctx.starts, ctx.sizes, strict=True)):
@@ -130,7 +123,7 @@ class Fp8GroupedMoE(MoE):
         dest = torch.arange(len(order), device=flat.device) + shift.to(flat.device)[flat_indices[order]]
         x = flat.new_zeros((sum(sizes), flat.shape[1]))
         x[dest] = flat[tokens]
-        experts = [self.experts[e] for e in active]
+        experts: list[MLP] = [self.experts[e] for e in active]  # type: ignore[misc]
         inter = experts[0].gate_proj.weight.shape[0]
         pad = _padded(inter) - inter
         gate_up = torch.stack(
@@ -156,6 +149,6 @@ def group_experts(model: torch.nn.Module, recipe: Fp8Recipe) -> int:
     for module in model.modules():
         if type(module) is MoE:
             module.__class__ = Fp8GroupedMoE
-            module.recipe = recipe  # type: ignore[attr-defined]
+            module.recipe = recipe  # type: ignore[assignment]
             count += 1
     return count
