@@ -31,6 +31,11 @@ def _padded(n: int) -> int:
     return -(-n // fq.TILE) * fq.TILE
 
 
+def _reduction_multiple(real: bool) -> int:
+    """What a GEMM's reduction axis is padded to: 4 x 128 for cuBLAS's block scales (fp8_linear), else 128."""
+    return fl._SCALE_ROW_BLOCKS * fq.TILE if real else fq.TILE
+
+
 class _GroupedFp8Function(torch.autograd.Function):
     """x [Tp, K] (expert segments at `starts`, each a multiple of 128 rows) times each expert's
     weight [E, N, K]^T -> [Tp, N]; forward, input-gradient and weight-gradient GEMMs in FP8."""
@@ -39,20 +44,21 @@ class _GroupedFp8Function(torch.autograd.Function):
     def forward(
         ctx: Any, x: torch.Tensor, weight: torch.Tensor, starts: list[int], sizes: list[int], recipe: Fp8Recipe
     ) -> torch.Tensor:
-        experts, n, k = weight.shape
+        experts, n, _ = weight.shape
         real = fl._use_scaled_mm(recipe, x.device)
-        # every expert's 128x128 blocks in one call: [E * Np, Kp] rows never mix experts (Np % 128 == 0)
-        w = fq.pad_to(weight, fq.TILE, 1).reshape(experts * _padded(n), k)
-        qw, sw = fl._quantizer("quantize_blocks", recipe, x.device)(w, recipe.pow2)
-        qw = qw.view(experts, _padded(n), qw.shape[-1])
-        sw = sw.view(experts, _padded(n) // fq.TILE, sw.shape[-1])
-        qx, sx = fl._quantizer("quantize_tiles", recipe, x.device)(x, recipe.pow2)
+        red = _reduction_multiple(real)
+        # every expert's 128x128 blocks in one call: [E * Np, Kr] rows never mix experts (Np % 128 == 0);
+        # K is padded here, once, to what the real GEMM needs, so no per-expert call pads it again
+        w = fq.pad_to(fq.pad_to(weight, fq.TILE, 1), red, 2)
+        qw, sw = fl._quantizer("quantize_blocks", recipe, x.device)(w.reshape(experts * w.shape[1], -1), recipe.pow2)
+        qw = qw.view(experts, w.shape[1], qw.shape[-1])
+        sw = sw.view(experts, w.shape[1] // fq.TILE, sw.shape[-1])
+        qx, sx = fl._quantizer("quantize_tiles", recipe, x.device)(fq.pad_to(x, red, 1), recipe.pow2)
         gemm = fl.scaled_mm_tile_block if real else fl.emulate_tile_block
         out = x.new_zeros((x.shape[0], n), dtype=torch.bfloat16 if real else x.dtype)
         for e, (start, size) in enumerate(zip(starts, sizes, strict=True)):
-            if size:
-                rows = slice(start, start + size)
-                out[rows] = gemm(qx[rows], sx[rows], qw[e], sw[e])[:, :n].to(out.dtype)
+            rows = slice(start, start + size)
+            out[rows] = gemm(qx[rows], sx[rows], qw[e], sw[e])[:, :n].to(out.dtype)
         ctx.save_for_backward(x, qw, sw)
         ctx.starts, ctx.sizes, ctx.recipe, ctx.weight_shape = starts, sizes, recipe, weight.shape
         ctx.weight_dtype = weight.dtype
@@ -65,8 +71,12 @@ class _GroupedFp8Function(torch.autograd.Function):
         _, n, k = ctx.weight_shape
         real = fl._use_scaled_mm(recipe, x.device)
         tiles = fl._quantizer("quantize_tiles", recipe, x.device)
+        red = _reduction_multiple(real)
         grad = grad.contiguous()
-        qg, sg = tiles(grad, recipe.pow2)  # dgrad: 1x128 along N
+        qg, sg = tiles(fq.pad_to(grad, red, 1), recipe.pow2)  # dgrad: 1x128 along N, N padded once
+        # W^T's blocks for dgrad, all experts at once: [E, Kr, Nr] (N padded as dY's is)
+        qwt = fq.pad_to(qw.transpose(1, 2), red, 2).contiguous()
+        swt = F.pad(sw.transpose(1, 2), (0, qwt.shape[2] // fq.TILE - sw.shape[1]), value=1.0).contiguous()
         qgt, sgt = tiles(grad.t(), recipe.pow2)  # wgrad: 128x1 along the rows, i.e. 1x128 of the transposes
         qxt, sxt = tiles(x.t(), recipe.pow2)
         tile_block = fl.scaled_mm_tile_block if real else fl.emulate_tile_block
@@ -74,11 +84,8 @@ class _GroupedFp8Function(torch.autograd.Function):
         dx = torch.zeros_like(x)
         dw = torch.zeros(ctx.weight_shape, dtype=ctx.weight_dtype, device=x.device)
         for e, (start, size) in enumerate(zip(ctx.starts, ctx.sizes, strict=True)):
-            if not size:
-                continue
             rows, blocks = slice(start, start + size), slice(start // fq.TILE, (start + size) // fq.TILE)
-            qwt, swt = qw[e].t().contiguous(), sw[e].t().contiguous()
-            dx[rows] = tile_block(qg[rows], sg[rows], qwt, swt)[:, :k].to(dx.dtype)
+            dx[rows] = tile_block(qg[rows], sg[rows], qwt[e], swt[e])[:, :k].to(dx.dtype)
             a, sa = qgt[:, rows].contiguous(), sgt[:, blocks].contiguous()
             b, sb = qxt[:, rows].contiguous(), sxt[:, blocks].contiguous()
             dw[e] = tile_tile(a, sa, b, sb)[:n, :k].to(dw.dtype)
