@@ -7,11 +7,11 @@ ranks become `RemoteExpert` placeholders without weights; the dispatcher never c
 
 from __future__ import annotations
 
-import json
 import zlib
 from pathlib import Path
 
 import torch
+from dsv3c.artifact.json_file import read_json_object
 from dsv3c.errors import CheckpointError, UserError
 from dsv3c.models.checkpoint import CheckpointIndex, StoredTensor, load_state_dict_streaming, read_index
 from dsv3c.models.checkpoint_layout import (
@@ -101,10 +101,17 @@ def _rank_folder_index(source: Path, plan: ExpertPlan, rank: int) -> CheckpointI
     folder = read_partition(source).folder(rank)
     _check_rank_file(folder, rank, plan.ranks)
     config = DeepseekV3Config.from_json(_config_path(folder))
-    try:
-        weight_map = json.loads((folder / INDEX_FILE).read_text())["weight_map"]
-    except (OSError, KeyError, TypeError, json.JSONDecodeError):
-        raise CheckpointError(f"{folder / INDEX_FILE}: missing or not a safetensors index; partition again") from None
+    weight_map = read_json_object(folder / INDEX_FILE, "partition again").get("weight_map")
+    if not isinstance(weight_map, dict) or not all(isinstance(v, str) for v in weight_map.values()):
+        raise CheckpointError(
+            f"{folder / INDEX_FILE}: not a safetensors index (no 'weight_map' of names); partition again"
+        )
+    for file in set(weight_map.values()):  # a shard is a file of the rank folder, never a path out of it
+        if Path(file).name != file or not file.isprintable() or not file.endswith(".safetensors"):
+            raise CheckpointError(
+                f"{folder / INDEX_FILE}: shard {file[:80]!r} is not a .safetensors file name of the rank folder; "
+                "partition again"
+            )
     tensors: dict[str, StoredTensor] = {}
     for file in sorted(set(weight_map.values())):
         try:
@@ -138,14 +145,11 @@ def _rank_folder_index(source: Path, plan: ExpertPlan, rank: int) -> CheckpointI
 
 
 def _check_rank_file(folder: Path, rank: int, ranks: int) -> None:
-    try:
-        raw = json.loads((folder / RANK_FILE).read_text())
-    except (OSError, json.JSONDecodeError):
-        raise CheckpointError(f"{folder / RANK_FILE}: missing or unreadable; partition again") from None
-    if raw.get("rank") != rank or raw.get("ranks") != ranks:
-        raise CheckpointError(
-            f"{folder}: holds rank {raw.get('rank')} of {raw.get('ranks')}, but rank {rank} of {ranks} opened it"
-        )
+    raw = read_json_object(folder / RANK_FILE, "partition again")
+    held = (raw.get("rank"), raw.get("ranks"))
+    if held != (rank, ranks) or not all(type(n) is int for n in held):  # JSON's true is not rank 1
+        shown = " of ".join(repr(n)[:20] for n in held)
+        raise CheckpointError(f"{folder}: holds rank {shown}, but rank {rank} of {ranks} opened it; partition again")
 
 
 def random_rank_model(

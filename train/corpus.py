@@ -21,6 +21,7 @@ from typing import Any
 
 import numpy as np
 from dsv3c.artifact.atomic import atomic_folder, write_checkpoint_marker
+from dsv3c.artifact.json_file import read_json_object
 from dsv3c.errors import UserError
 
 CORPUS_FILE = "corpus.json"  # origin of the text: packages, versions, sha256s
@@ -43,9 +44,20 @@ class Corpus:
     @property
     def vocab_size(self) -> int:
         """Read from tokenizer.json itself, so training needs no `tokenizers` import (the GPU image has none)."""
-        data = json.loads(self.tokenizer_path.read_text())
-        ids = list(data["model"]["vocab"].values()) + [t["id"] for t in data.get("added_tokens", [])]
-        return max(ids) + 1
+        fix = "delete the token cache to tokenize again"
+        data = read_json_object(self.tokenizer_path, fix)
+        model, added = data.get("model"), data.get("added_tokens", [])
+        vocab = model.get("vocab") if isinstance(model, dict) else None
+        if not isinstance(vocab, dict) or not isinstance(added, list) or not all(isinstance(t, dict) for t in added):
+            raise UserError(f"{self.tokenizer_path}: not a tokenizer (no model.vocab object); {fix}")
+        ids = list(vocab.values()) + [t.get("id") for t in added]
+        if not ids or not all(type(i) is int and 0 <= i < 2**31 for i in ids):
+            raise UserError(f"{self.tokenizer_path}: token ids must be integers in [0, 2**31); {fix}")
+        size = max(ids) + 1
+        largest = max((int(part.max()) for part in (self.train, self.val) if part.size), default=-1)
+        if largest >= size:
+            raise UserError(f"{self.tokenizer_path}: has {size} token ids, but the tokens use id {largest}; {fix}")
+        return size
 
 
 # ---- Debian packages -> text folder --------------------------------------------------------------
@@ -240,9 +252,14 @@ def is_token_cache(folder: Path) -> bool:
 def _read_cache(cache: Path, val_fraction: float) -> Corpus:
     try:
         tokens = np.load(cache / "tokens.npy", allow_pickle=False)
-        origin = json.loads((cache / CORPUS_FILE).read_text())
     except (OSError, ValueError) as e:
         raise UserError(f"token cache {cache} is unreadable ({e}); delete it to tokenize again") from None
+    if tokens.ndim != 1 or tokens.dtype not in (np.uint16, np.int32) or (tokens.size and tokens.min() < 0):
+        raise UserError(
+            f"{cache / 'tokens.npy'}: not token ids (expected one row of uint16 or int32 >= 0, got "
+            f"{tokens.dtype} {list(tokens.shape)}); delete the token cache to tokenize again"
+        )
+    origin = read_json_object(cache / CORPUS_FILE, "delete the token cache to tokenize again")
     train, val = split_tokens(tokens, val_fraction)
     return Corpus(train, val, cache / TOKENIZER_FILE, origin)
 
@@ -273,8 +290,9 @@ def _build_cache(folder: Path, files: list[Path], own_tokenizer: Path, vocab_siz
         "files": len(files),
         "sha256": _content_hash(folder, files),
     }
-    if (folder / CORPUS_FILE).is_file():
-        origin = {**json.loads((folder / CORPUS_FILE).read_text()), "folder": str(folder.resolve())}
+    if (folder / CORPUS_FILE).is_file():  # the origin record of a folder --prepare wrote
+        fix = "remove it from --data or make the folder again with --prepare"
+        origin = {**read_json_object(folder / CORPUS_FILE, fix), "folder": str(folder.resolve())}
     origin["tokens"] = len(ids)
     cache.parent.mkdir(parents=True, exist_ok=True)
     with atomic_folder(cache, overwrite=True) as tmp:

@@ -8,11 +8,13 @@ interrupted save leaves the previous state whole. Nothing is unpickled on load.
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 from typing import Any
 
 import torch
 from dsv3c.artifact.atomic import atomic_folder, write_checkpoint_marker
+from dsv3c.artifact.json_file import read_json_object
 from dsv3c.errors import UserError
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
@@ -58,12 +60,12 @@ def load_state(out: Path, model: torch.nn.Module, optimizer: torch.optim.Optimiz
     folder = out / STATE_DIR
     if not (folder / "state.json").is_file():
         raise UserError(f"--resume: {folder} has no saved training state; start without --resume")
+    meta = read_json_object(folder / "state.json", "start without --resume")
+    step, adam_steps = _checked_steps(meta, folder / "state.json")
     try:
-        meta = json.loads((folder / "state.json").read_text())
         weights = load_file(str(folder / "model.safetensors"))
         moments = load_file(str(folder / "optimizer.safetensors"))
-        step = int(meta["step"])
-    except (SafetensorError, OSError, ValueError, KeyError, json.JSONDecodeError) as e:
+    except (SafetensorError, OSError, ValueError) as e:
         raise UserError(f"--resume: training state in {folder} is unreadable ({e}); start without --resume") from None
     if meta.get("config_hash") != config_hash:
         raise UserError(
@@ -83,9 +85,35 @@ def load_state(out: Path, model: torch.nn.Module, optimizer: torch.optim.Optimiz
         for p in group["params"]:
             name = next(n for n, q in by_name.items() if q is p)
             if f"{name}.exp_avg" in moments:
+                for key in ("exp_avg", "exp_avg_sq"):
+                    if f"{name}.{key}" not in moments or moments[f"{name}.{key}"].shape != p.shape:
+                        raise UserError(f"--resume: optimizer state {name}.{key} in {folder} does not fit this model")
                 optimizer.state[p] = {
-                    "step": torch.tensor(meta["adam_steps"].get(name, step), dtype=torch.float32),
+                    "step": torch.tensor(adam_steps.get(name, step), dtype=torch.float32),
                     "exp_avg": moments[f"{name}.exp_avg"].to(p.device),
                     "exp_avg_sq": moments[f"{name}.exp_avg_sq"].to(p.device),
                 }
     return step
+
+
+def _checked_steps(meta: dict[str, Any], path: Path) -> tuple[int, dict[str, float]]:
+    """state.json's step (an int >= 0) and AdamW's per-parameter step counts (finite numbers >= 0): what
+    save_state wrote, or a one-line error for a file edited or damaged since."""
+    step = meta.get("step")
+    if type(step) is not int or step < 0:
+        raise UserError(f"{path}: step must be an integer >= 0, got {_shown(step)}; start without --resume")
+    adam_steps = meta.get("adam_steps", {})
+    if not isinstance(adam_steps, dict):
+        raise UserError(f"{path}: adam_steps must be an object, got {_shown(adam_steps)}; start without --resume")
+    for name, value in adam_steps.items():
+        if type(value) not in (int, float) or not 0 <= value < math.inf:
+            raise UserError(
+                f"{path}: adam_steps[{name!r:.60}] must be a finite number >= 0, got {_shown(value)}; "
+                "start without --resume"
+            )
+    return step, adam_steps
+
+
+def _shown(value: Any) -> str:
+    text = repr(value)
+    return text if len(text) <= 40 else f"{text[:40]}..."
