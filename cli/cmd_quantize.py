@@ -8,7 +8,7 @@ import tempfile
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from dsv3c.cli.args import seed
+from dsv3c.cli.args import calibration_batches, seed
 from dsv3c.errors import UserError
 
 if TYPE_CHECKING:
@@ -32,10 +32,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--pow2-scales", action="store_true", help="round activation scales up to powers of two")
     p.add_argument(
         "--calibrate",
-        type=int,
+        type=calibration_batches,
         default=0,
         metavar="N",
-        help="static per-tensor activation scales from N batches: of --calibration-data text, else random ids",
+        help="static per-tensor activation scales from N batches (at most 1024): of --calibration-data text, "
+        "else random ids",
     )
     p.add_argument(
         "--weight-scheme",
@@ -82,8 +83,6 @@ def run(args: argparse.Namespace) -> int:
         from dsv3c.artifact.atomic import check_disjoint
 
         check_disjoint(args.report_out, [args.export_dir, args.out, args.calibration_data, args.report_data])
-    if args.calibrate < 0:
-        raise UserError(f"--calibrate must be a number of batches >= 1, got {args.calibrate}")
     if args.calibration_data is not None and not args.calibrate:
         raise UserError("--calibration-data gives the batches of --calibrate N; pass --calibrate too")
     args.calibration_text = None

@@ -113,3 +113,36 @@ def test_a_negative_seed_is_one_line(argv: list[str], capsys: pytest.CaptureFixt
     assert e.value.code == 2 and "expected a seed >= 0" in err and err.count("\n") == 1
     with pytest.raises(UserError, match="--seed must be >= 0"):
         SamplingConfig(1.0, seed=-1)
+
+
+@settings(max_examples=200, deadline=None)
+@given(text=st.integers(-(2**70), 2**70).map(str) | st.text(max_size=12))
+def test_calibration_batches_are_bounded_or_one_usage_error(text: str) -> None:
+    import argparse
+
+    from dsv3c.cli.args import MAX_CALIBRATION_BATCHES, calibration_batches
+
+    try:
+        assert 0 <= calibration_batches(text) <= MAX_CALIBRATION_BATCHES
+    except argparse.ArgumentTypeError as e:
+        assert "\n" not in str(e) and len(str(e)) < 200
+
+
+@pytest.mark.parametrize("n", ["1025", str(10**22), "-1"])
+def test_a_calibration_past_the_bound_is_one_line(n: str, capsys: pytest.CaptureFixture[str]) -> None:
+    """Found by reading the flag checks: any N >= 0 was accepted, and calibration runs every graph on each of N
+    batches (with random ids nothing else bounds N), so --calibrate 10**22 would never end. Refused now, before
+    any work."""
+    from dsv3c.cli import main as cli_main
+
+    with pytest.raises(SystemExit) as e:
+        cli_main.main(["quantize", "x", "--out", "y", "--calibrate", n])
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and "from 1 to 1024" in err and err.count("\n") == 1 and "Traceback" not in err, err
+
+
+def test_the_largest_calibration_is_accepted() -> None:
+    from dsv3c.cli.main import build_parser
+
+    args = build_parser().parse_args(["quantize", "x", "--out", "y", "--calibrate", "1024"])
+    assert args.calibrate == 1024
