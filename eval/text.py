@@ -71,13 +71,10 @@ def is_corpus(path: Path) -> bool:
 
 def heldout_stream(path: Path, tokenizer: Any, needed: int, val_fraction: float) -> list[int]:
     """The held-out split of a training corpus, exactly as training holds it out (train.corpus)."""
-    import json
-
     from dsv3c.train.corpus import load_corpus
 
     corpus = load_corpus(path, val_fraction=val_fraction, log=lambda _: None)
-    vocab = json.loads(corpus.tokenizer_path.read_text())["model"]["vocab"]
-    if vocab != tokenizer.get_vocab(with_added_tokens=False):
+    if corpus.vocab != tokenizer.get_vocab(with_added_tokens=False):
         raise UserError(f"--data {path}: the corpus's tokenizer.json is not the model's; its ids would mean other text")
     return corpus.val[:needed].astype(np.int64).tolist()
 

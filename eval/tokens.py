@@ -34,7 +34,7 @@ def val_fraction(*models: Path, default: float = 0.02) -> float:
             if path.is_file():
                 try:
                     value = json.loads(path.read_text()).get("train", {}).get("val_fraction")
-                except (OSError, json.JSONDecodeError, AttributeError):
+                except (OSError, UnicodeDecodeError, json.JSONDecodeError, RecursionError, AttributeError):
                     continue
                 if isinstance(value, float):
                     return value

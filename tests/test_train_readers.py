@@ -198,6 +198,75 @@ def test_a_text_folders_corpus_json_is_one_line(tmp_path: Path) -> None:
         load_corpus(tmp_path / "text", cache_dir=tmp_path / "cache", vocab_size=300, log=lambda _: None)
 
 
+def test_a_text_folders_tokenizer_json_is_one_line(tmp_path: Path) -> None:
+    """A text folder's own tokenizer.json is loaded by the tokenizers package, which raised a bare Exception
+    (a traceback) for one it could not load."""
+    pytest.importorskip("tokenizers")
+    (tmp_path / "text").mkdir()
+    (tmp_path / "text" / "a.txt").write_text("hello world " * 200)
+    for data, expected in [(b"{}", "not a tokenizer the tokenizers package loads"), (DEEP, "nested too deep")]:
+        (tmp_path / "text" / TOKENIZER_FILE).write_bytes(data)
+        with pytest.raises(UserError, match=expected) as e:
+            load_corpus(tmp_path / "text", cache_dir=tmp_path / "cache", log=lambda _: None)
+        assert "\n" not in str(e.value)
+
+
+@settings(max_examples=100, deadline=None)
+@given(lines=st.lists(contents, max_size=4))
+def test_any_metrics_file_keeps_its_whole_rows(lines: list[bytes]) -> None:
+    """--resume keeps the rows of metrics.jsonl up to the first it cannot use (a line cut by an interruption):
+    any bytes there (not UTF-8, nested too deep, not an object) were a traceback, or a KeyError after training."""
+    from dsv3c.train.loop import METRICS_FILE, _read_metrics
+
+    good = b'{"step": 1, "tokens": 32, "loss": 5.0, "lm_loss": 4.9}'
+    with tempfile.TemporaryDirectory(prefix="dsv3c-metrics-") as tmp:
+        path = Path(tmp) / METRICS_FILE
+        path.write_bytes(b"\n".join([good, *lines]))
+        rows = _read_metrics(path)
+    assert rows[0] == json.loads(good)
+    assert all(type(r["step"]) is int and type(r["tokens"]) is int for r in rows)
+
+
+@pytest.mark.parametrize("bad", [b"\xff\xfe", DEEP, b"[1]", b'{"step": 2}', b'{"step": 2, "tokens": 64, "loss": "x"}'])
+def test_a_damaged_metrics_row_ends_the_kept_rows(bad: bytes, tmp_path: Path) -> None:
+    from dsv3c.train.loop import METRICS_FILE, _read_metrics
+
+    good = b'{"step": 1, "tokens": 32, "loss": 5.0}'
+    (tmp_path / METRICS_FILE).write_bytes(b"\n".join([good, bad, good]))
+    assert _read_metrics(tmp_path / METRICS_FILE) == [json.loads(good)]
+
+
+# ---- eval reads the same files: --data CACHE (held-out split) and a model's training.json -------------------
+
+
+def test_eval_on_a_cache_with_a_damaged_tokenizer_is_one_line(tmp_path: Path) -> None:
+    """eval --data CACHE compared the cache's tokenizer.json vocabulary with the model's: KeyError for {}."""
+    from dsv3c.eval.text import heldout_stream
+
+    class Tokenizer:  # the model's: only its vocabulary is compared
+        def __init__(self, vocab: dict[str, int]):
+            self.vocab = vocab
+
+        def get_vocab(self, with_added_tokens: bool) -> dict[str, int]:
+            return self.vocab
+
+    ours = _tokenizer()["model"]["vocab"]
+    assert len(heldout_stream(_cache(tmp_path / "good"), Tokenizer(ours), 64, 0.02)) == 64
+    with pytest.raises(UserError, match="is not the model's"):
+        heldout_stream(_cache(tmp_path / "other"), Tokenizer({**ours, "x": 99}), 64, 0.02)
+    with pytest.raises(UserError, match="not a tokenizer"):
+        heldout_stream(_cache(tmp_path / "cache", tokenizer=b"{}"), Tokenizer(ours), 64, 0.02)
+
+
+@pytest.mark.parametrize("data", [DEEP, b"\xff\xfe{"])
+def test_a_damaged_training_json_is_skipped_by_eval(tmp_path: Path, data: bytes) -> None:
+    """eval reads the held-out fraction from a model's training.json, else the default; these bytes raised."""
+    from dsv3c.eval.tokens import val_fraction
+
+    (tmp_path / "training.json").write_bytes(data)
+    assert val_fraction(tmp_path) == 0.02
+
+
 # ---- through the CLI: exit code 2, one line ----------------------------------------------------------------
 
 
@@ -216,13 +285,15 @@ def test_train_on_a_damaged_token_cache(tmp_path: Path, capsys, name: str, data:
     assert f"{cache / name}:" in line and "delete the token cache" in line, line
 
 
+TRAINED = ["train", "--preset", "quick", "--steps", "1", "--batch-size", "2", "--seq-len", "16", "--save-every", "1"]
+
+
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """OUT of one training step of the quick preset on a token cache, its state saved (--save-every 1)."""
     folder = tmp_path_factory.mktemp("trained")
     cache = _cache(folder / "cache")
-    argv = ["train", "--preset", "quick", "--steps", "1", "--batch-size", "2", "--seq-len", "16", "--save-every", "1"]
-    assert main([*argv, "--data", str(cache), "--out", str(folder / "out"), "--quiet"]) == 0
+    assert main([*TRAINED, "--data", str(cache), "--out", str(folder / "out"), "--quiet"]) == 0
     assert (folder / "out" / STATE_DIR / "state.json").is_file()
     return folder
 
@@ -235,3 +306,17 @@ def test_train_resume_on_a_damaged_state(trained: Path, tmp_path: Path, capsys, 
     (tmp_path / "out" / STATE_DIR / "state.json").write_bytes(data)
     line = _train(capsys, "--data", str(trained / "cache"), "--out", str(tmp_path / "out"), "--resume")
     assert "state.json:" in line and "start without --resume" in line, line
+
+
+def test_train_resume_with_damaged_metrics(trained: Path, tmp_path: Path, capsys) -> None:
+    """A metrics.jsonl that is not UTF-8 was a UnicodeDecodeError traceback on --resume."""
+    import shutil
+
+    from dsv3c.train.loop import METRICS_FILE
+
+    shutil.copytree(trained / "out", tmp_path / "out")
+    metrics = tmp_path / "out" / METRICS_FILE
+    metrics.write_bytes(metrics.read_bytes() + b"\xff\xfe[[[\n")
+    out = ["--data", str(trained / "cache"), "--out", str(tmp_path / "out"), "--quiet", "--resume"]
+    assert main([*TRAINED, *out]) == 0  # the same flags as the saved run (its config hash): nothing left to train
+    assert [json.loads(line)["step"] for line in metrics.read_text().splitlines()] == [1]

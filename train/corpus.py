@@ -30,6 +30,7 @@ METADATA = {CORPUS_FILE, TOKENIZER_FILE}
 BOS, EOS = "<|begin_of_text|>", "<|end_of_text|>"  # ids 0 and 1, as the presets' bos/eos_token_id
 DEFAULT_PACKAGES = ("python3.11-doc", "dict-gcide")
 CHUNK_BYTES = 1 << 20  # the dictionary is split into ~1 MiB files at entry boundaries
+_REBUILD_CACHE = "delete the token cache to tokenize again"
 
 
 @dataclass(frozen=True)
@@ -44,20 +45,31 @@ class Corpus:
     @property
     def vocab_size(self) -> int:
         """Read from tokenizer.json itself, so training needs no `tokenizers` import (the GPU image has none)."""
-        fix = "delete the token cache to tokenize again"
-        data = read_json_object(self.tokenizer_path, fix)
+        vocab, added = self._tokenizer_ids()
+        size = max([*vocab.values(), *added]) + 1
+        largest = max((int(part.max()) for part in (self.train, self.val) if part.size), default=-1)
+        if largest >= size:
+            raise UserError(
+                f"{self.tokenizer_path}: has {size} token ids, but the tokens use id {largest}; {_REBUILD_CACHE}"
+            )
+        return size
+
+    @property
+    def vocab(self) -> dict[str, int]:
+        """tokenizer.json's model vocabulary (token -> id), without the added tokens."""
+        return self._tokenizer_ids()[0]
+
+    def _tokenizer_ids(self) -> tuple[dict[str, int], list[int]]:
+        """(model.vocab, the added tokens' ids) of tokenizer.json: a one-line error for a file no tokenizer wrote."""
+        data = read_json_object(self.tokenizer_path, _REBUILD_CACHE)
         model, added = data.get("model"), data.get("added_tokens", [])
         vocab = model.get("vocab") if isinstance(model, dict) else None
         if not isinstance(vocab, dict) or not isinstance(added, list) or not all(isinstance(t, dict) for t in added):
-            raise UserError(f"{self.tokenizer_path}: not a tokenizer (no model.vocab object); {fix}")
-        ids = list(vocab.values()) + [t.get("id") for t in added]
+            raise UserError(f"{self.tokenizer_path}: not a tokenizer (no model.vocab object); {_REBUILD_CACHE}")
+        ids = [*vocab.values(), *(t.get("id") for t in added)]
         if not ids or not all(type(i) is int and 0 <= i < 2**31 for i in ids):
-            raise UserError(f"{self.tokenizer_path}: token ids must be integers in [0, 2**31); {fix}")
-        size = max(ids) + 1
-        largest = max((int(part.max()) for part in (self.train, self.val) if part.size), default=-1)
-        if largest >= size:
-            raise UserError(f"{self.tokenizer_path}: has {size} token ids, but the tokens use id {largest}; {fix}")
-        return size
+            raise UserError(f"{self.tokenizer_path}: token ids must be integers in [0, 2**31); {_REBUILD_CACHE}")
+        return vocab, ids[len(vocab) :]
 
 
 # ---- Debian packages -> text folder --------------------------------------------------------------
@@ -257,9 +269,9 @@ def _read_cache(cache: Path, val_fraction: float) -> Corpus:
     if tokens.ndim != 1 or tokens.dtype not in (np.uint16, np.int32) or (tokens.size and tokens.min() < 0):
         raise UserError(
             f"{cache / 'tokens.npy'}: not token ids (expected one row of uint16 or int32 >= 0, got "
-            f"{tokens.dtype} {list(tokens.shape)}); delete the token cache to tokenize again"
+            f"{tokens.dtype} {list(tokens.shape)}); {_REBUILD_CACHE}"
         )
-    origin = read_json_object(cache / CORPUS_FILE, "delete the token cache to tokenize again")
+    origin = read_json_object(cache / CORPUS_FILE, _REBUILD_CACHE)
     train, val = split_tokens(tokens, val_fraction)
     return Corpus(train, val, cache / TOKENIZER_FILE, origin)
 
@@ -269,15 +281,29 @@ def _build_cache(folder: Path, files: list[Path], own_tokenizer: Path, vocab_siz
         from tokenizers import Tokenizer
     except ImportError:
         raise UserError("tokenizing --data needs the 'tokenizers' package (pip install tokenizers)") from None
+    origin: dict[str, Any] = {
+        "folder": str(folder.resolve()),
+        "files": len(files),
+        "sha256": _content_hash(folder, files),
+    }
+    fix = "remove it from --data or make the folder again with --prepare"
+    if (folder / CORPUS_FILE).is_file():  # the origin record of a folder --prepare wrote; read before any work
+        origin = {**read_json_object(folder / CORPUS_FILE, fix), "folder": str(folder.resolve())}
     texts = []
     for f in files:
         try:
             texts.append(f.read_text(encoding="utf-8"))
         except UnicodeDecodeError:
             raise UserError(f"--data: {f} is not UTF-8 text; remove it or convert it") from None
-    tokenizer = (
-        Tokenizer.from_file(str(own_tokenizer)) if own_tokenizer.is_file() else train_tokenizer(files, vocab_size)
-    )
+    if own_tokenizer.is_file():
+        read_json_object(own_tokenizer, fix)  # its bytes: one line, as for corpus.json
+        try:
+            tokenizer = Tokenizer.from_file(str(own_tokenizer))
+        except Exception as e:  # tokenizers raises a bare Exception for a file it cannot load
+            why = str(e)[:200]
+            raise UserError(f"{own_tokenizer}: not a tokenizer the tokenizers package loads ({why}); {fix}") from None
+    else:
+        tokenizer = train_tokenizer(files, vocab_size)
     eos = tokenizer.token_to_id(EOS)
     ids: list[int] = []
     for encoding in tokenizer.encode_batch(texts, add_special_tokens=False):
@@ -285,14 +311,6 @@ def _build_cache(folder: Path, files: list[Path], own_tokenizer: Path, vocab_siz
         if eos is not None:
             ids.append(eos)
     dtype = np.uint16 if tokenizer.get_vocab_size() <= 65536 else np.int32
-    origin: dict[str, Any] = {
-        "folder": str(folder.resolve()),
-        "files": len(files),
-        "sha256": _content_hash(folder, files),
-    }
-    if (folder / CORPUS_FILE).is_file():  # the origin record of a folder --prepare wrote
-        fix = "remove it from --data or make the folder again with --prepare"
-        origin = {**read_json_object(folder / CORPUS_FILE, fix), "folder": str(folder.resolve())}
     origin["tokens"] = len(ids)
     cache.parent.mkdir(parents=True, exist_ok=True)
     with atomic_folder(cache, overwrite=True) as tmp:

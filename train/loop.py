@@ -238,11 +238,15 @@ def _read_metrics(path: Path) -> list[dict[str, Any]]:
     if not path.is_file():
         return []
     rows = []
-    for line in path.read_text().splitlines():
+    for line in path.read_bytes().decode("utf-8", errors="replace").splitlines():  # written as ASCII JSON
         try:
-            rows.append(json.loads(line))
-        except json.JSONDecodeError:
-            break  # a line cut by an interruption: keep what came before
+            row = json.loads(line)
+        except (json.JSONDecodeError, RecursionError):
+            break  # a line cut by an interruption (or damaged): keep what came before
+        numbers = isinstance(row, dict) and all(type(v) in (int, float) for v in row.values())
+        if not numbers or type(row.get("step")) is not int or type(row.get("tokens")) is not int:
+            break  # the loop writes numbers only, each row with its step and tokens (the curves plot them)
+        rows.append(row)
     return rows
 
 
