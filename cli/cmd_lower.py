@@ -10,8 +10,9 @@ from dsv3c.errors import UserError
 
 if TYPE_CHECKING:
     from dsv3c.artifact.manifest import Manifest
+    from dsv3c.passes.mlir import CompileTarget
 
-HELP = "lower an export folder for a backend: portable (standard ONNX), ort, trt or iree (with --emit mlir)"
+HELP = "lower an export folder for a backend: portable (standard ONNX), ort, trt or iree (with --emit mlir or vmfb)"
 TARGETS = ("portable", "ort", "trt", "iree")
 
 
@@ -27,7 +28,23 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         "Q/DQ; iree: fixed shapes, element-wise Q/DQ",
     )
     p.add_argument("--out", required=True, type=Path, help="export folder to create")
-    p.add_argument("--emit", choices=("mlir",), help="also write {graph}.mlir through IREE's importer (--target iree)")
+    p.add_argument(
+        "--emit",
+        choices=("mlir", "vmfb"),
+        help="also write {graph}.mlir through IREE's importer (--target iree); vmfb: and {graph}.vmfb, compiled "
+        "by iree-compile for --backend",
+    )
+    p.add_argument(
+        "--backend",
+        metavar="NAME",
+        help="with --emit vmfb: llvm-cpu (default; IREE's local-task driver) or cuda (IREE's cuda driver)",
+    )
+    p.add_argument(
+        "--gpu-target",
+        metavar="sm_NN",
+        help="with --backend cuda: the GPU's compute capability (default sm_90, H100/H200); where IREE has no "
+        "description of it, PTX for the newest one below it, which the driver JIT-compiles",
+    )
     p.add_argument(
         "--shape",
         action="append",
@@ -94,10 +111,13 @@ def run(args: argparse.Namespace) -> int:
         check_output(args.dump_dir, [args.export_dir, args.out], args.force)
     if args.block_8bit != 128 and not args.weights_8bit:
         raise UserError("--block-8bit sets the block of --weights-8bit; pass --weights-8bit too")
+    compile_for = _compile_target(args)
     with stage_dumps(args.dump_dir, args.force, [args.export_dir, args.out]) as dump_dir:
-        manifest = _lower(args, dump_dir)
+        manifest = _lower(args, dump_dir, compile_for)
     stage = manifest.stages[-1]
     extra = f" and {', '.join(stage['mlir'].values())}" if "mlir" in stage else ""
+    if "vmfb" in stage and compile_for is not None:
+        extra += f", {', '.join(stage['vmfb']['files'].values())} for {compile_for.describe()}"
     eight = " with 8-bit weights" if args.weights_8bit else ""
     print(f"wrote {args.out}: {', '.join(r for r, f in manifest.graphs.items() if f)} for {args.target}{eight}{extra}")
     error = stage.get("error_vs_source", {})
@@ -109,7 +129,20 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
-def _lower(args: argparse.Namespace, dump_dir: Path | None) -> Manifest:
+def _compile_target(args: argparse.Namespace) -> CompileTarget | None:
+    """--backend / --gpu-target checked before the lowering starts (the cuda target is probed, ~1 s)."""
+    if args.emit != "vmfb":
+        if args.backend is not None or args.gpu_target is not None:
+            raise UserError("--backend and --gpu-target choose what --emit vmfb compiles for; pass --emit vmfb too")
+        return None
+    if args.target != "iree":
+        raise UserError("--emit vmfb compiles the iree lowering's MLIR; use it with --target iree")
+    from dsv3c.passes.mlir import compile_target
+
+    return compile_target(args.backend or ("cuda" if args.gpu_target else "llvm-cpu"), args.gpu_target)
+
+
+def _lower(args: argparse.Namespace, dump_dir: Path | None, compile_for: CompileTarget | None) -> Manifest:
     from dsv3c.passes.lower import lower_folder
     from dsv3c.passes.pipelines import Target
 
@@ -119,6 +152,7 @@ def _lower(args: argparse.Namespace, dump_dir: Path | None) -> Manifest:
         Target(args.target),
         dims=parse_dims(args.shape) or None,
         emit_mlir=args.emit == "mlir",
+        compile_for=compile_for,
         dump_dir=dump_dir,
         force=args.force,
         weights_8bit=args.block_8bit if args.weights_8bit else None,

@@ -17,7 +17,7 @@ from dsv3c.artifact.manifest import Manifest
 from dsv3c.errors import UserError
 from dsv3c.models.fp8 import DEFAULT_BLOCK, Block
 from dsv3c.passes.lower_ort_8bit import Int8Options
-from dsv3c.passes.mlir import import_onnx
+from dsv3c.passes.mlir import CompileTarget, compile_mlir, import_onnx
 from dsv3c.passes.ort_run import FeedShape, GraphRunner, random_feeds, relative_error
 from dsv3c.passes.pipelines import Target, lower_pipeline
 from dsv3c.passes.stages import run_pipeline
@@ -30,6 +30,7 @@ def lower_folder(
     *,
     dims: dict[str, int] | None = None,
     emit_mlir: bool = False,
+    compile_for: CompileTarget | None = None,
     dump_dir: Path | None = None,
     force: bool = False,
     weights_8bit: int | None = None,
@@ -38,7 +39,8 @@ def lower_folder(
 ) -> Manifest:
     """Write `out`: the export folder `src` lowered to `target` (plus `{role}.mlir` with emit_mlir);
     `weights_8bit`: the block size of 8-bit weights (ort only); `mxfp8`: online activation scales as
-    MXFP8 (lower_mxfp8.py; not for iree)."""
+    MXFP8 (lower_mxfp8.py; not for iree); `compile_for`: also `{role}.vmfb`, the MLIR compiled by iree-compile."""
+    emit_mlir = emit_mlir or compile_for is not None
     if mxfp8_weights and not mxfp8:
         raise UserError("--mxfp8-weights pairs the weights with MXFP8 activations; pass --activations mxfp8 too")
     if mxfp8 and target == Target.IREE:
@@ -88,6 +90,9 @@ def lower_folder(
         if emit_mlir:
             files = {role: import_onnx(folder / f"{role}.onnx", folder / f"{role}.mlir") for role in graphs.models}
             extra["mlir"] = {role: path.name for role, path in files.items()}
+        if compile_for is not None:
+            vmfbs = {role: compile_mlir(mlir, folder / f"{role}.vmfb", compile_for) for role, mlir in files.items()}
+            extra["vmfb"] = {**compile_for.to_dict(), "files": {role: path.name for role, path in vmfbs.items()}}
         if int8 is not None:
             extra["error_vs_source"] = error_vs_source(src, graphs, folder)
         return extra
