@@ -199,7 +199,13 @@ class IreeModule:
         try:
             self.device = rt.get_device(driver)
         except (RuntimeError, ValueError) as e:
-            raise UserError(f"IREE's {driver} driver has no device here: {_first_line(e)}") from None
+            hint = ""
+            if driver == "cuda" and "libcuda.so" in str(e):  # IREE dlopens the unversioned name only
+                hint = (
+                    " (IREE loads 'libcuda.so'; where only libcuda.so.1 exists, link it as libcuda.so in a "
+                    "folder on LD_LIBRARY_PATH)"
+                )
+            raise UserError(f"IREE's {driver} driver has no device here: {_first_line(e)}{hint}") from None
         config = rt.Config(device=self.device)
         self.context = rt.SystemContext(config=config)
         try:
