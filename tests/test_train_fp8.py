@@ -158,7 +158,7 @@ def test_the_cuda_gemm_calls_meet_cublas_block_layouts(monkeypatch, m: int, k: i
 
     monkeypatch.setattr(torch, "_scaled_mm", cublas_scaled_mm)
     monkeypatch.setattr(fl, "_TILE_TILE_LAYOUT", [])
-    monkeypatch.setattr(fl, "_use_scaled_mm", lambda recipe, device: recipe.backend != "emulate")
+    monkeypatch.setattr(fl, "use_scaled_mm", lambda recipe, device: recipe.backend != "emulate")
     torch.manual_seed(0)
     x, w = torch.randn(m, k), torch.randn(n, k) * 0.05
     real = Fp8Recipe(backend="scaled_mm", compile=False)

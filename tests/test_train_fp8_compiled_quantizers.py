@@ -21,8 +21,8 @@ def test_the_compiled_quantizers_stay_few_variants_and_equal_eager(monkeypatch):
     monkeypatch.setattr(fp8_linear, "_COMPILED", {})
     recipe = fp8_linear.Fp8Recipe()
     cuda = torch.device("cuda")  # only its type is read: it selects the compiled path
-    tiles = fp8_linear._quantizer("quantize_tiles", recipe, cuda)
-    blocks = fp8_linear._quantizer("quantize_blocks", recipe, cuda)
+    tiles = fp8_linear.quantizer("quantize_tiles", recipe, cuda)
+    blocks = fp8_linear.quantizer("quantize_blocks", recipe, cuda)
     before = dynamo_utils.counters["stats"]["unique_graphs"]
     rng = random.Random(0)
     for _ in range(40):

@@ -119,7 +119,7 @@ def test_the_grouped_cuda_gemm_calls_meet_cublas_block_layouts(monkeypatch, hidd
 
     monkeypatch.setattr(torch, "_scaled_mm", cublas_scaled_mm)
     monkeypatch.setattr(fl, "_TILE_TILE_LAYOUT", [])
-    monkeypatch.setattr(fl, "_use_scaled_mm", lambda recipe, device: recipe.backend != "emulate")
+    monkeypatch.setattr(fl, "use_scaled_mm", lambda recipe, device: recipe.backend != "emulate")
     results = []
     for backend in ("scaled_mm", "emulate"):
         recipe = Fp8Recipe(backend=backend, compile=False)

@@ -33,7 +33,7 @@ def _padded(n: int) -> int:
 
 def _reduction_multiple(real: bool) -> int:
     """What a GEMM's reduction axis is padded to: 4 x 128 for cuBLAS's block scales (fp8_linear), else 128."""
-    return fl._SCALE_ROW_BLOCKS * fq.TILE if real else fq.TILE
+    return fl.SCALE_ROW_BLOCKS * fq.TILE if real else fq.TILE
 
 
 class _GroupedFp8Function(torch.autograd.Function):
@@ -45,15 +45,15 @@ class _GroupedFp8Function(torch.autograd.Function):
         ctx: Any, x: torch.Tensor, weight: torch.Tensor, starts: list[int], sizes: list[int], recipe: Fp8Recipe
     ) -> torch.Tensor:
         experts, n, _ = weight.shape
-        real = fl._use_scaled_mm(recipe, x.device)
+        real = fl.use_scaled_mm(recipe, x.device)
         red = _reduction_multiple(real)
         # every expert's 128x128 blocks in one call: [E * Np, Kr] rows never mix experts (Np % 128 == 0);
         # K is padded here, once, to what the real GEMM needs, so no per-expert call pads it again
         w = fq.pad_to(fq.pad_to(weight, fq.TILE, 1), red, 2)
-        qw, sw = fl._quantizer("quantize_blocks", recipe, x.device)(w.reshape(experts * w.shape[1], -1), recipe.pow2)
+        qw, sw = fl.quantizer("quantize_blocks", recipe, x.device)(w.reshape(experts * w.shape[1], -1), recipe.pow2)
         qw = qw.view(experts, w.shape[1], qw.shape[-1])
         sw = sw.view(experts, w.shape[1] // fq.TILE, sw.shape[-1])
-        qx, sx = fl._quantizer("quantize_tiles", recipe, x.device)(fq.pad_to(x, red, 1), recipe.pow2)
+        qx, sx = fl.quantizer("quantize_tiles", recipe, x.device)(fq.pad_to(x, red, 1), recipe.pow2)
         gemm = fl.scaled_mm_tile_block if real else fl.emulate_tile_block
         out = x.new_zeros((x.shape[0], n), dtype=torch.bfloat16 if real else x.dtype)
         for e, (start, size) in enumerate(zip(starts, sizes, strict=True)):
@@ -69,8 +69,8 @@ class _GroupedFp8Function(torch.autograd.Function):
         x, qw, sw = ctx.saved_tensors
         recipe: Fp8Recipe = ctx.recipe
         _, n, k = ctx.weight_shape
-        real = fl._use_scaled_mm(recipe, x.device)
-        tiles = fl._quantizer("quantize_tiles", recipe, x.device)
+        real = fl.use_scaled_mm(recipe, x.device)
+        tiles = fl.quantizer("quantize_tiles", recipe, x.device)
         red = _reduction_multiple(real)
         grad = grad.contiguous()
         qg, sg = tiles(fq.pad_to(grad, red, 1), recipe.pow2)  # dgrad: 1x128 along N, N padded once

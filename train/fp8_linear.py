@@ -42,7 +42,7 @@ class Fp8Recipe:
 # ---- the quantized GEMMs -------------------------------------------------------------------------
 
 
-def _use_scaled_mm(recipe: Fp8Recipe, device: torch.device) -> bool:
+def use_scaled_mm(recipe: Fp8Recipe, device: torch.device) -> bool:
     if recipe.backend == "emulate" or device.type != "cuda":
         return False
     return torch.cuda.get_device_capability(device) >= (8, 9)
@@ -53,7 +53,7 @@ _ROW_MULTIPLE = 16  # cuBLAS's FP8 GEMMs want rows in multiples of 16
 _RECOMPILE_LIMIT = 32
 
 
-def _quantizer(name: str, recipe: Fp8Recipe, device: torch.device) -> Any:
+def quantizer(name: str, recipe: Fp8Recipe, device: torch.device) -> Any:
     """The quantizer, compiled on CUDA (one fused kernel instead of ~6); eager if compiling fails.
 
     Dynamo compiles a new variant for each input form it has not seen, and past its limit (8 per
@@ -102,15 +102,15 @@ def _pad_rows(x: torch.Tensor, multiple: int = 16) -> torch.Tensor:
 # torch 2.11 does not check this and passes K/128 as is, so any K/128 not divisible by 4 (hidden 384: 3; an
 # expert's 256: 2) gives silently wrong products (newer torch checks the padded stride instead). Zero-padding
 # K to a multiple of 4 x 128 satisfies both: the padded tiles hold zeros, so the product is unchanged.
-_SCALE_ROW_BLOCKS = 4
+SCALE_ROW_BLOCKS = 4
 
 
 def _pad_reduction(a: torch.Tensor, sa: torch.Tensor, b: torch.Tensor, sb: torch.Tensor) -> tuple[torch.Tensor, ...]:
     """Pad K (a, b: [*, K]; sa: [M, K/128]; sb: [N/128, K/128]) so K/128 is a multiple of 4; scales pad with 1."""
-    extra = -sa.shape[1] % _SCALE_ROW_BLOCKS
+    extra = -sa.shape[1] % SCALE_ROW_BLOCKS
     if not extra:
         return a, sa, b, sb
-    a, b = fq.pad_to(a, _SCALE_ROW_BLOCKS * fq.TILE, 1), fq.pad_to(b, _SCALE_ROW_BLOCKS * fq.TILE, 1)
+    a, b = fq.pad_to(a, SCALE_ROW_BLOCKS * fq.TILE, 1), fq.pad_to(b, SCALE_ROW_BLOCKS * fq.TILE, 1)
     sa = torch.nn.functional.pad(sa, (0, extra), value=1.0)
     sb = torch.nn.functional.pad(sb, (0, extra), value=1.0)
     return a, sa, b, sb
@@ -170,7 +170,7 @@ def _tensor_gemm(a: torch.Tensor, b: torch.Tensor, recipe: Fp8Recipe) -> torch.T
     """a [M, K] @ b [N, K]^T with one scale per operand."""
     qa, sa = fq.quantize_tensor(a, recipe.pow2)
     qb, sb = fq.quantize_tensor(b, recipe.pow2)
-    if _use_scaled_mm(recipe, a.device):
+    if use_scaled_mm(recipe, a.device):
         m = qa.shape[0]
         qa = _pad_rows(qa)
         return torch._scaled_mm(qa, qb.t(), scale_a=sa, scale_b=sb, out_dtype=torch.bfloat16)[:m]
@@ -181,9 +181,9 @@ def fp8_matmul(x: torch.Tensor, w: torch.Tensor, recipe: Fp8Recipe) -> torch.Ten
     """The forward GEMM alone: x [M, K] @ w [N, K]^T, both quantized as `recipe` says."""
     if recipe.granularity == "tensor":
         return _tensor_gemm(x, w, recipe)
-    real = _use_scaled_mm(recipe, x.device)
-    qx, sx = _quantizer("quantize_tiles", recipe, x.device)(x, recipe.pow2)
-    qw, sw = _quantizer("quantize_blocks", recipe, x.device)(w, recipe.pow2)
+    real = use_scaled_mm(recipe, x.device)
+    qx, sx = quantizer("quantize_tiles", recipe, x.device)(x, recipe.pow2)
+    qw, sw = quantizer("quantize_blocks", recipe, x.device)(w, recipe.pow2)
     y = (scaled_mm_tile_block if real else emulate_tile_block)(qx, sx, qw, sw)
     return y[:, : w.shape[0]]
 
@@ -196,12 +196,12 @@ class _Fp8LinearFunction(torch.autograd.Function):
             ctx.save_for_backward(x, weight)
             return _tensor_gemm(x, weight, recipe)
         # the weight's 128x128 blocks serve the input-gradient GEMM too (transposed): quantize them once
-        qw, sw = _quantizer("quantize_blocks", recipe, x.device)(weight, recipe.pow2)
+        qw, sw = quantizer("quantize_blocks", recipe, x.device)(weight, recipe.pow2)
         ctx.save_for_backward(x, qw, sw)
         ctx.weight_shape = weight.shape
         ctx.weight_dtype = weight.dtype
-        qx, sx = _quantizer("quantize_tiles", recipe, x.device)(x, recipe.pow2)
-        y = (scaled_mm_tile_block if _use_scaled_mm(recipe, x.device) else emulate_tile_block)(qx, sx, qw, sw)
+        qx, sx = quantizer("quantize_tiles", recipe, x.device)(x, recipe.pow2)
+        y = (scaled_mm_tile_block if use_scaled_mm(recipe, x.device) else emulate_tile_block)(qx, sx, qw, sw)
         return y[:, : weight.shape[0]]
 
     @staticmethod
@@ -214,8 +214,8 @@ class _Fp8LinearFunction(torch.autograd.Function):
             dw = _tensor_gemm(grad.t(), x.t(), recipe)  # [N, M] @ [M, K]
             return dx.to(x.dtype), dw.to(weight.dtype), None
         x, qw, sw = ctx.saved_tensors  # qw [Np, Kp], sw: the forward's weight blocks
-        real = _use_scaled_mm(recipe, x.device)
-        tiles = _quantizer("quantize_tiles", recipe, x.device)
+        real = use_scaled_mm(recipe, x.device)
+        tiles = quantizer("quantize_tiles", recipe, x.device)
         n, k = ctx.weight_shape
         # dgrad: dY per 1x128 along N times W^T per 128x128 block (the blocks of W, transposed)
         qg, sg = tiles(grad, recipe.pow2)  # [M, Np]
