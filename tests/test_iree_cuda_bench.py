@@ -11,6 +11,8 @@ from pathlib import Path
 
 import pytest
 
+from .fixtures.iree_small import small_checkpoint_and_export
+
 pytest.importorskip("iree.compiler", reason="the mlir extra (iree-base-compiler) is not installed")
 pytest.importorskip("iree.runtime", reason="the mlir extra (iree-base-runtime) is not installed")
 
@@ -25,19 +27,7 @@ def bench(*args: str) -> subprocess.CompletedProcess[str]:
 
 @pytest.fixture(scope="module")
 def small(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
-    """(checkpoint, export) of the tiny preset cut to one dense and one MoE layer without MTP: two graphs to
-    trace and compile keep this file under a minute."""
-    from dsv3c.export.exporter import export
-    from dsv3c.export.source import from_folder
-    from dsv3c.models.checkpoint import save_model
-
-    from .conftest import random_model
-    from .fixtures.exports import mini_config
-
-    root = tmp_path_factory.mktemp("iree-small")
-    save_model(random_model(mini_config(num_nextn_predict_layers=0)), root / "ckpt")
-    export(from_folder(root / "ckpt"), root / "export", weights="checkpoint")
-    return root / "ckpt", root / "export"
+    return small_checkpoint_and_export(tmp_path_factory.mktemp("iree-small"))
 
 
 @pytest.fixture(scope="module")
