@@ -33,7 +33,8 @@ Known limits (H200, onnxruntime-gpu 1.31.1, December 2026): the capture fails at
 memory" in the BFC arena while capturing: the cell is reported as skipped); a bf16 V2-Lite session took more
 than 130 s to load, one per (batch, capacity) bucket: its experts' Cast to float16 and the fc1 interleave
 were folded on the CPU at every load. The ort lowering now stores them folded (passes/lower_ort.py; the
-`small` decode's load on the CPU went from 12.7 s to 1.0 s); the V2-Lite load on the H200 is not remeasured.
+`small` decode's load on the CPU went from 7.0 s to 0.84 s, bench/session_load.py); the V2-Lite load on
+the H200 is not remeasured.
 """
 
 from __future__ import annotations

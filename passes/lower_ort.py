@@ -10,9 +10,10 @@ Log(R) (-inf where R = 0) it picks exactly the selected experts and mixes with R
 sum brings back DeepSeek's scale (norm_topk_prob or not, routed_scaling_factor). fc1 is [E, 2 ff, D]
 with gate and up rows interleaved (g0, u0, g1, u1, ...). For float expert weights it is written as one
 weight, already interleaved and in the kernel's precision (fc2 too): built in the graph instead, onnxruntime
-folds the interleave and the Casts at every session load (the `small` preset's decode took 12.7 s to load
-on this CPU, 0.15 s without optimizations; a bf16 V2-Lite over 130 s on the H200). FP8 expert weights stay
-FP8 in the file, so their DequantizeLinear and the interleave stay in the graph. swiglu_fusion=1 and
+folds the interleave and the Casts at every session load (`bench/session_load.py`, `small` preset, 2-core
+CPU: decode 7.0 s to load before, 0.84 s after; a bf16 V2-Lite took over 130 s per session on the
+H200). FP8 expert weights stay FP8 in the file, so their DequantizeLinear and the interleave stay in the
+graph. swiglu_fusion=1 and
 activation_alpha=1, activation_beta=0 are what the CPU kernel implements (docs/toolchain.md).
 """
 
