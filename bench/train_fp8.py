@@ -11,9 +11,11 @@ the next (same --steps), then `--combine` joins them (and the GEMM rows of an ea
 
 Trains the `bench-moe` preset (hidden 2048, 8 layers, 32 routed experts, MTP depth 1) three times:
 BF16 and FP8 (DeepSeek's recipe) with bias balancing (gamma 1e-3), and BF16 with gamma 0 (expert load
-without balancing). Records final train/val loss, FP8's relative loss error, step time, the share of
-CUDA time spent in GEMM kernels (torch.profiler over 3 steps), tokens/s and peak memory; then times
-forward GEMMs (bf16 vs FP8 block-scaled, GEMM alone and with the online quantization) at hidden 7168.
+without balancing); `--runs bf16-repeat bf16-seed1` adds BF16's own spread (the same run again, and
+seed 1: another initialization, data order and validation windows). Records final train/val loss, FP8's
+relative loss error, step time, the share of CUDA time spent in GEMM kernels (torch.profiler over 3 steps),
+tokens/s and peak memory; then times forward GEMMs (bf16 vs FP8 block-scaled, GEMM alone and with the
+online quantization) at hidden 7168.
 """
 
 from __future__ import annotations
@@ -39,6 +41,7 @@ from dsv3c.train.fp8_linear import Fp8Recipe, fp8_linear, fp8_matmul  # noqa: E4
 from dsv3c.train.loop import build_model, losses, make_optimizer, train_model  # noqa: E402
 
 GEMM_KERNELS = ("gemm", "nvjet", "cutlass", "xmma", "sm90_", "matmul", "scaled_mm")
+RUN_ORDER = ("bf16", "fp8", "bf16-gamma0", "bf16-repeat", "bf16-seed1")
 
 
 def _gpu_time(fn: Any, iters: int = 20) -> float:
@@ -161,19 +164,24 @@ def run_training(args: argparse.Namespace, corpus: Any, save: Any) -> list[dict[
         save_every=10**9,
         bias_gamma=1e-3,
     )
+    # bf16-repeat: bf16 again, same seed and data order (the spread from GPU nondeterminism alone);
+    # bf16-seed1: another seed (initialization and data order), BF16's run-to-run spread
     runs = [
-        ("bf16", "bf16", 1e-3, args.steps),
-        ("fp8", "fp8", 1e-3, args.steps),
-        ("bf16-gamma0", "bf16", 0.0, args.gamma0_steps),
+        ("bf16", "bf16", 1e-3, args.steps, 0),
+        ("fp8", "fp8", 1e-3, args.steps, 0),
+        ("bf16-gamma0", "bf16", 0.0, args.gamma0_steps, 0),
+        ("bf16-repeat", "bf16", 1e-3, args.steps, 0),
+        ("bf16-seed1", "bf16", 1e-3, args.steps, 1),
     ]
     results = []
-    for name, precision, gamma, steps in runs:
+    for name, precision, gamma, steps, seed in runs:
         if steps <= 0 or name not in args.runs:
             continue
         train = dataclasses.replace(
             base,
             precision=precision,
             bias_gamma=gamma,
+            seed=seed,
             steps=steps,
             warmup_steps=base.warmup_steps,
             val_every=max(1, steps // 4),
@@ -204,7 +212,7 @@ def run_training(args: argparse.Namespace, corpus: Any, save: Any) -> list[dict[
                 {k: m[k] for k in ("step", "tokens", "lm_loss", "val_loss", "load_max_mean") if k in m} for m in metrics
             ],
         }
-        if name != "bf16-gamma0":
+        if name in ("bf16", "fp8"):
             row.update(profile_steps(config, train, corpus))
         print(json.dumps({k: v for k, v in row.items() if k != "curve"}), flush=True)
         results.append(row)
@@ -229,6 +237,17 @@ def summarize(runs: list[dict[str, Any]]) -> dict[str, Any]:
         same = [m["load_max_mean"] for m in by["bf16"]["curve"] if m["step"] <= n]
         out["load_max_mean_gamma_1e-3"] = statistics.mean(same)
         out["load_max_mean_gamma_0"] = by["bf16-gamma0"]["load_max_mean"]
+    # BF16 against itself: what a difference of FP8 from BF16 has to be set against
+    if "bf16" in by and "bf16-repeat" in by:
+        b, r = by["bf16"], by["bf16-repeat"]
+        out["bf16_repeat_identical"] = (b["final_train_loss"], b["final_val_loss"]) == (
+            r["final_train_loss"],
+            r["final_val_loss"],
+        )
+    if "bf16" in by and "bf16-seed1" in by and "final_train_loss" in by["bf16-seed1"]:
+        b, s = by["bf16"], by["bf16-seed1"]
+        out["bf16_seed1_rel_train_loss"] = (s["final_train_loss"] - b["final_train_loss"]) / b["final_train_loss"]
+        out["bf16_seed1_rel_val_loss"] = (s["final_val_loss"] - b["final_val_loss"]) / b["final_val_loss"]
     return out
 
 
@@ -294,7 +313,7 @@ def combine(
         result["gemm"] = gemm_parts[-1]["gemm"]
         result["gemm_commit"] = gemm_parts[-1]["commit"]
         result["gemm_command"] = gemm_parts[-1]["command"]
-    ordered = [runs[n] for n in ("bf16", "fp8", "bf16-gamma0") if n in runs]
+    ordered = [runs[n] for n in RUN_ORDER if n in runs]
     result["runs"], result["summary"] = ordered, summarize(ordered)
     if "bf16" in runs and "fp8" in runs:
         result["summary"]["fp8_vs_bf16_on_common_steps"] = compare_curves(runs["bf16"], runs["fp8"])
@@ -359,7 +378,7 @@ def main() -> int:
     p.add_argument(
         "--runs",
         nargs="+",
-        choices=["bf16", "fp8", "bf16-gamma0"],
+        choices=["bf16", "fp8", "bf16-gamma0", "bf16-repeat", "bf16-seed1"],
         default=["bf16", "fp8", "bf16-gamma0"],
         help="which training runs to make (default: all three)",
     )
