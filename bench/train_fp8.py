@@ -35,9 +35,10 @@ from _bootstrap import import_dsv3c
 import_dsv3c()
 
 import torch  # noqa: E402
+from dsv3c.runtime.bench.memory import device_bandwidth  # noqa: E402
 from dsv3c.train.config import TrainConfig, model_config  # noqa: E402
 from dsv3c.train.corpus import load_corpus  # noqa: E402
-from dsv3c.train.fp8_linear import Fp8Recipe, fp8_linear, fp8_matmul  # noqa: E402
+from dsv3c.train.fp8_linear import Fp8Recipe, fp8_linear, fp8_matmul, quantizer  # noqa: E402
 from dsv3c.train.loop import build_model, losses, make_optimizer, train_model  # noqa: E402
 
 GEMM_KERNELS = ("gemm", "nvjet", "cutlass", "xmma", "sm90_", "matmul", "scaled_mm")
@@ -59,19 +60,27 @@ def _gpu_time(fn: Any, iters: int = 20) -> float:
     return statistics.median(times)
 
 
-def _gemm_row(name: str, m: int, k: int, n: int) -> dict[str, Any]:
+def _gemm_row(name: str, m: int, k: int, n: int, bandwidth: float) -> dict[str, Any]:
     from dsv3c.train import fp8_quant as fq
     from dsv3c.train.fp8_linear import scaled_mm_tile_block
 
     x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
     w = torch.randn(n, k, device="cuda") * 0.02
     wb = w.bfloat16()
-    recipe = Fp8Recipe(backend="scaled_mm")
+    recipe = Fp8Recipe(backend="scaled_mm")  # the quantizers as Triton kernels where triton is installed
+    compiled = Fp8Recipe(backend="scaled_mm", triton=False)  # as torch.compile'd torch ops
     qx, sx = fq.quantize_tiles(x)
     qw, sw = fq.quantize_blocks(w)
     bf16 = _gpu_time(lambda: x @ wb.t())
     gemm = _gpu_time(lambda: scaled_mm_tile_block(qx, sx, qw, sw))
     e2e = _gpu_time(lambda: fp8_matmul(x, w, recipe))
+    e2e_compiled = _gpu_time(lambda: fp8_matmul(x, w, compiled))
+    quant = {}
+    for name, r in (("triton", recipe), ("compiled", compiled)):
+        tiles, blocks = quantizer("quantize_tiles", r, x.device), quantizer("quantize_blocks", r, x.device)
+        quant[name] = (_gpu_time(lambda t=tiles: t(x, False)), _gpu_time(lambda b=blocks: b(w, False)))
+    # what one pass over the bytes costs: x read (bf16) and written (fp8), w read (float32) and written
+    floor_ms = (x.numel() * 3 + w.numel() * 5) / bandwidth * 1e3
     xt = x.float().requires_grad_()
     wt = w.clone().requires_grad_()
     xb, wbb = x.clone().requires_grad_(), wb.clone().requires_grad_()
@@ -88,10 +97,15 @@ def _gemm_row(name: str, m: int, k: int, n: int) -> dict[str, Any]:
         "bf16_ms": bf16,
         "fp8_gemm_ms": gemm,
         "fp8_with_quant_ms": e2e,
+        "fp8_with_quant_compiled_ms": e2e_compiled,
+        "quantize_x_ms": {k: v[0] for k, v in quant.items()},
+        "quantize_w_ms": {k: v[1] for k, v in quant.items()},
+        "quantize_bandwidth_floor_ms": floor_ms,
         "bf16_tflops": flop / bf16 / 1e9,
         "fp8_tflops": flop / gemm / 1e9,
         "speedup_gemm": bf16 / gemm,
         "speedup_with_quant": bf16 / e2e,
+        "speedup_with_quant_compiled": bf16 / e2e_compiled,
         "fwd_bwd_bf16_ms": fwd_bwd_bf16,
         "fwd_bwd_fp8_ms": fwd_bwd_fp8,
         "speedup_fwd_bwd": fwd_bwd_bf16 / fwd_bwd_fp8,
@@ -103,6 +117,7 @@ def gemm_comparison() -> list[dict[str, Any]]:
     """Forward GEMMs of V3 (hidden 7168) at 8192 tokens: bf16 vs FP8 1x128/128x128, GEMM alone and end to end."""
     rows = []
     m = 8192
+    bandwidth = device_bandwidth()
     for name, k, n in [
         ("q_a_proj", 7168, 1536),
         ("expert up", 7168, 2048),
@@ -110,7 +125,7 @@ def gemm_comparison() -> list[dict[str, Any]]:
         ("dense up", 7168, 18432),
         ("o_proj", 16384, 7168),
     ]:
-        rows.append(_gemm_row(name, m, k, n))
+        rows.append(_gemm_row(name, m, k, n, bandwidth))
         print(json.dumps(rows[-1]), flush=True)
     return rows
 

@@ -36,7 +36,8 @@ class Fp8Recipe:
     granularity: Granularity = "block"  # 1x128 tiles and 128x128 blocks, or one scale per tensor
     pow2: bool = False  # round every scale up to a power of two
     backend: Backend = "auto"  # scaled_mm on a CUDA device that has FP8 GEMMs, else emulate
-    compile: bool = True  # torch.compile the quantizers on CUDA (eager quantization costs more than the GEMM)
+    compile: bool = True  # fuse the quantizers on CUDA (eager quantization costs more than the GEMM)
+    triton: bool = True  # fuse them as Triton kernels where triton is installed (else torch.compile)
 
 
 # ---- the quantized GEMMs -------------------------------------------------------------------------
@@ -54,7 +55,8 @@ _RECOMPILE_LIMIT = 32
 
 
 def quantizer(name: str, recipe: Fp8Recipe, device: torch.device) -> Any:
-    """The quantizer, compiled on CUDA (one fused kernel instead of ~6); eager if compiling fails.
+    """The quantizer: on CUDA a Triton kernel (train/fp8_triton.py), else compiled (one fused kernel
+    instead of ~6; eager if compiling fails).
 
     Dynamo compiles a new variant for each input form it has not seen, and past its limit (8 per
     function by default) the quantizer silently runs eagerly, as it did on the H200 for bench-moe's
@@ -69,6 +71,11 @@ def quantizer(name: str, recipe: Fp8Recipe, device: torch.device) -> Any:
     fn = getattr(fq, name)
     if device.type != "cuda" or not recipe.compile:
         return fn
+    if recipe.triton and not _TRITON_FAILED:
+        from dsv3c.train import fp8_triton
+
+        if fp8_triton.available():
+            return _with_fallback(getattr(fp8_triton, name), name, recipe, device)
     rows = fq.TILE if name == "quantize_blocks" else _ROW_MULTIPLE
 
     def guarded(x: torch.Tensor, pow2: bool) -> Any:
@@ -92,6 +99,24 @@ def quantizer(name: str, recipe: Fp8Recipe, device: torch.device) -> Any:
         return (q, scale) if name == "quantize_blocks" else (q[:m], scale[:m])
 
     return guarded
+
+
+_TRITON_FAILED: list[str] = []  # set once a Triton kernel failed to build or run: the compiled path from then on
+
+
+def _with_fallback(kernel: Any, name: str, recipe: Fp8Recipe, device: torch.device) -> Any:
+    def run(x: torch.Tensor, pow2: bool) -> Any:
+        if not _TRITON_FAILED:
+            try:
+                return kernel(x, pow2)
+            except Exception as e:  # a broken triton install must not stop training
+                import warnings
+
+                warnings.warn(f"Triton {name} failed ({type(e).__name__}: {e}); using torch.compile", stacklevel=2)
+                _TRITON_FAILED.append(name)
+        return quantizer(name, recipe, device)(x, pow2)
+
+    return run
 
 
 def _pad_rows(x: torch.Tensor, multiple: int = 16) -> torch.Tensor:

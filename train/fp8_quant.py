@@ -24,7 +24,13 @@ _TINY = 1e-12  # an all-zero tile gets a tiny scale: its values quantize to exac
 
 def _scale(amax: torch.Tensor, pow2: bool) -> torch.Tensor:
     scale = amax.float().clamp(min=_TINY) / FP8_MAX
-    return torch.exp2(torch.ceil(torch.log2(scale))) if pow2 else scale
+    if not pow2:
+        return scale
+    # the power of two at or above the scale, from its bits (positive and normal): the exponent, plus one
+    # if any mantissa bit is set; exp2(ceil(log2(s))) in float32 misses it when log2 rounds to an integer
+    bits = scale.view(torch.int32)
+    up = (bits & 0x7FFFFF).ne(0).to(torch.int32) << 23
+    return ((bits & 0x7F800000) + up).view(torch.float32)
 
 
 def pad_to(x: torch.Tensor, multiple: int, dim: int) -> torch.Tensor:
