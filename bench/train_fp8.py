@@ -76,9 +76,9 @@ def _gemm_row(name: str, m: int, k: int, n: int, bandwidth: float) -> dict[str, 
     e2e = _gpu_time(lambda: fp8_matmul(x, w, recipe))
     e2e_compiled = _gpu_time(lambda: fp8_matmul(x, w, compiled))
     quant = {}
-    for name, r in (("triton", recipe), ("compiled", compiled)):
+    for kind, r in (("triton", recipe), ("compiled", compiled)):
         tiles, blocks = quantizer("quantize_tiles", r, x.device), quantizer("quantize_blocks", r, x.device)
-        quant[name] = (_gpu_time(lambda t=tiles: t(x, False)), _gpu_time(lambda b=blocks: b(w, False)))
+        quant[kind] = (_gpu_time(lambda t=tiles: t(x, False)), _gpu_time(lambda b=blocks: b(w, False)))
     # what one pass over the bytes costs: x read (bf16) and written (fp8), w read (float32) and written
     floor_ms = (x.numel() * 3 + w.numel() * 5) / bandwidth * 1e3
     xt = x.float().requires_grad_()
@@ -357,9 +357,14 @@ def plot(path: Path) -> None:
     if gemms:
         names = [g["gemm"] for g in gemms]
         x = range(len(names))
-        axes[2].bar([i - 0.3 for i in x], [g["speedup_gemm"] for g in gemms], 0.3, label="GEMM only")
-        axes[2].bar(list(x), [g["speedup_with_quant"] for g in gemms], 0.3, label="with quantization")
-        axes[2].bar([i + 0.3 for i in x], [g["speedup_fwd_bwd"] for g in gemms], 0.3, label="fwd+bwd")
+        bars = [("speedup_gemm", "GEMM only"), ("speedup_with_quant", "with quantization")]
+        if "speedup_with_quant_compiled" in gemms[0]:
+            bars = [*bars, ("speedup_with_quant_compiled", "with quantization (torch.compile)")]
+        bars.append(("speedup_fwd_bwd", "fwd+bwd"))
+        width = 0.8 / len(bars)
+        for j, (key, label) in enumerate(bars):
+            offset = (j - (len(bars) - 1) / 2) * width
+            axes[2].bar([i + offset for i in x], [g[key] for g in gemms], width, label=label)
         axes[2].axhline(1.0, color="gray")
         axes[2].set_xticks(list(x), names, rotation=20)
         axes[2].set(ylabel="FP8 speed / BF16", title="hidden 7168, 8192 tokens")
