@@ -65,7 +65,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         "--fp8-granularity", choices=("block", "tensor"), default="block", help="1x128 / 128x128 scales, or per tensor"
     )
     p.add_argument("--pow2-scales", action="store_true", help="round FP8 scales up to powers of two")
-    p.add_argument("--no-compile", action="store_true", help="do not torch.compile the FP8 quantizers on CUDA")
+    p.add_argument(
+        "--no-compile", action="store_true", help="quantize eagerly on CUDA (not as Triton kernels or torch.compile)"
+    )
     p.add_argument("--val-every", type=int, default=50)
     p.add_argument("--save-every", type=int, default=100, help="steps between saved training states")
     p.add_argument("--save-dtype", choices=("bf16", "fp32"), default="bf16", help="checkpoint weight dtype")
