@@ -3,7 +3,8 @@
 A model too large to carry (V2-Lite: 31 GB in bf16) is exported here as topology only and filled on the
 machine that runs it. The graphs already name every weight's slot (ONNX external data: file, offset,
 length; `dsv3c.artifact.weights` reads them); this writes those slots: ones for RMSNorm weights,
-N(0, std) for everything else, each tensor from its own generator seeded by (seed, name), so the same
+uniform bytes for 8-bit weights (their scales set so that they dequantize with std `std`), N(0, std) for
+everything else, each tensor from its own generator seeded by (seed, name), so the same
 folder and seed give the same bytes in any order. The weights file is written beside the old one and
 renamed over it, then the manifest says `"weights": "random"` and records a `fill_random` stage.
 """
@@ -27,14 +28,23 @@ DTYPES = {
     ir.DataType.FLOAT16: torch.float16,
     ir.DataType.BFLOAT16: torch.bfloat16,
     ir.DataType.FLOAT8E4M3FN: torch.float8_e4m3fn,
+    ir.DataType.UINT8: torch.uint8,  # `lower --target ort --weights-8bit`: MatMulNBits / QMoE weights
 }
+# the float scales of 8-bit weights (passes/lower_ort_8bit.py names them so)
+QUANT_SCALES = ("_q8_scales",)
 
 
 def random_tensor(slot: Slot, seed: int, std: float, device: torch.device) -> torch.Tensor:
     dtype = DTYPES[slot.dtype]
     if slot.name.endswith("norm.weight"):
         return torch.ones(slot.shape, dtype=dtype, device=device)
+    if slot.name.endswith(QUANT_SCALES):
+        # 8-bit weights are uniform bytes around the zero point 128: std(q - 128) = 128 / sqrt(3), so this
+        # scale gives the dequantized weights the float ones' std
+        return torch.full(slot.shape, std * 3**0.5 / 128, dtype=dtype, device=device)
     generator = torch.Generator(device=device).manual_seed((seed * 0x9E3779B1 + zlib.crc32(slot.name.encode())) % 2**63)
+    if dtype == torch.uint8:
+        return torch.randint(0, 256, slot.shape, dtype=torch.uint8, device=device, generator=generator)
     values = torch.empty(slot.shape, dtype=torch.float32, device=device).normal_(0.0, std, generator=generator)
     return values.to(dtype)
 

@@ -1,4 +1,5 @@
-"""Text prompts through tokenizer.json, and random weights filled into a --weights none export."""
+"""Text prompts through tokenizer.json, and random weights filled into a --weights none export (float, and
+an 8-bit lowering's: uniform bytes around the zero point, scales that give the float weights' std)."""
 
 from __future__ import annotations
 
@@ -7,11 +8,15 @@ import json
 import shutil
 from pathlib import Path
 
+import numpy as np
+import onnx
 import pytest
+import torch
 from dsv3c.cli.main import main
 from dsv3c.errors import UserError
 from dsv3c.runtime.generate import generate
 from dsv3c.runtime.ort_backend import OrtBackend
+from dsv3c.runtime.ort_cuda_graph import StaticDecoder
 from dsv3c.runtime.random_weights import fill_random
 
 
@@ -50,3 +55,20 @@ def test_text_prompt_with_tokenizer_json(tiny_export: Path, tmp_path: Path, caps
     expected = generate(OrtBackend(folder), [[5, 17, 301]], 6)[0]
     assert result["ids"] == expected
     assert result["text"] == " ".join(f"w{i}" for i in expected)
+
+
+def test_fill_random_writes_8bit_weights_that_dequantize_to_the_float_std(tiny_export: Path, tmp_path: Path) -> None:
+    canon = without_weights(tiny_export, tmp_path / "canon")
+    lowered = tmp_path / "ort8"
+    assert main(["lower", str(canon), "--target", "ort", "--weights-8bit", "--out", str(lowered)]) == 0
+    fill_random(lowered, seed=1, std=0.02)
+    decode = onnx.load(str(lowered / "decode.onnx"))  # external data read from the filled weights file
+    init = {t.name: onnx.numpy_helper.to_array(t) for t in decode.graph.initializer}
+    q8 = [n for n in init if n.endswith("_q8")]
+    assert q8 and all(init[n].dtype == np.uint8 for n in q8)
+    q = np.concatenate([init[n].ravel() for n in q8]).astype(np.float64) - 128
+    scale = init[q8[0] + "_scales"].ravel()[0]
+    assert abs(q.mean()) < 1.0 and abs((q * scale).std() - 0.02) < 0.002
+    step = StaticDecoder(lowered, 1, 32, device="cpu", cuda_graph=False)
+    logits = step.step(torch.zeros(1, 1, dtype=torch.long), torch.full((1, 1), 3, dtype=torch.long))
+    assert torch.isfinite(logits).all()
