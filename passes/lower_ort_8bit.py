@@ -19,8 +19,13 @@ D and ff, so it is the largest power of two <= `block` (and >= 16) that does, an
 float experts (lower_ort.py). Measured on this CPU (onnxruntime 1.32): the fast 8-bit kernels quantize the
 activations to int8 per block too (MatMulNBits accuracy_level=4; QMoE's block-wise 8-bit path always
 does); MatMulNBits at accuracy_level 0 dequantizes the whole matrix every call (30x slower at M=1), so
-the pass sets 4 (0 stays available for exactness checks). Only float32 graphs are converted (the kernels'
-scales share A's dtype).
+the pass sets 4 (0 stays available for exactness checks).
+
+Precision: the kernels read their scales in the activations' dtype, so the scales are stored in it.
+MatMulNBits runs in the graph's dtype (onnxruntime's CUDA kernel takes float32, float16 and bfloat16).
+QMoE runs where the float MoE lowering runs its MoE (lower_ort.kernel_dtype: float32 and float16 as they are,
+bfloat16 in float16, with Casts around it). onnxruntime registers QMoE on CUDA for float16 and bfloat16 only:
+a float32 graph's QMoE runs on the CPU (the CPU kernel's fast path), so export bf16 or fp16 for the GPU.
 
 Converted: every linear MatMul (attention q/kv_a/o, dense and shared-expert MLPs, the output heads, MTP's
 eh_proj: those of a quantized export that DeepSeek's recipe keeps high precision too) and the routed
@@ -52,7 +57,7 @@ from dsv3c.export.builder import Builder, initializer, static_dims
 from dsv3c.export.onnx_ops import DOMAIN, MOE_OP
 from dsv3c.models.fp8 import DEFAULT_BLOCK, Block
 from dsv3c.onnxkit.linears import MOE_EXPERT_INPUTS, LinearKind, rewritable_linears, weight_source
-from dsv3c.passes.lower_ort import MS_DOMAIN, expert_shape, routing
+from dsv3c.passes.lower_ort import MS_DOMAIN, _cast, expert_shape, kernel_dtype, routing
 from dsv3c.passes.stages import DsPass, StageResult
 
 BITS = 8
@@ -61,6 +66,7 @@ QMAX = 127  # symmetric: q in [-127, 127]
 FAST = 4  # accuracy_level: int8 activations, the fast path (see the module docstring)
 MIN_BLOCK = 16
 SUFFIX, SCALES = "_q8", "_q8_scales"
+SCALE_NUMPY = {ir.DataType.FLOAT: np.float32, ir.DataType.FLOAT16: np.float16, ir.DataType.BFLOAT16: ml_dtypes.bfloat16}
 
 
 @dataclass(frozen=True)
@@ -147,17 +153,22 @@ class _Quantized:
         q_shape: tuple[int, ...],
         s_shape: tuple[int, ...],
         make: Callable[[], tuple[np.ndarray, np.ndarray]],
+        scale_dtype: ir.DataType = ir.DataType.FLOAT,
     ) -> tuple[ir.Value, ir.Value]:
-        """Initializers `name` (uint8 `q_shape`) and `name`_scales-like (float32 `s_shape`), or the existing."""
+        """Initializers `name` (uint8 `q_shape`) and `name`_scales-like (`scale_dtype` `s_shape`: the kernels
+        read their scales in the activations' dtype), or the existing."""
         names = (name + SUFFIX, name + SCALES)
         if names[0] in graph.initializers:
             return graph.initializers[names[0]], graph.initializers[names[1]]
+        as_scale = SCALE_NUMPY[scale_dtype]
 
         def part(i: int, shape: tuple[int, ...]) -> Callable[[], ir.TensorProtocol]:
-            return lambda: ir.tensor(self.get(name, make)[i].reshape(shape))
+            if i == 1:
+                return lambda: ir.tensor(self.get(name, make)[1].reshape(shape).astype(as_scale))
+            return lambda: ir.tensor(self.get(name, make)[0].reshape(shape))
 
         q = ir.LazyTensor(part(0, q_shape), ir.DataType.UINT8, ir.Shape(q_shape), name=names[0])
-        s = ir.LazyTensor(part(1, s_shape), ir.DataType.FLOAT, ir.Shape(s_shape), name=names[1])
+        s = ir.LazyTensor(part(1, s_shape), scale_dtype, ir.Shape(s_shape), name=names[1])
         return mark_weight(initializer(graph, names[0], q)), mark_weight(initializer(graph, names[1], s))
 
 
@@ -165,10 +176,10 @@ def _rows(source: Source, block: int) -> Callable[[], tuple[np.ndarray, np.ndarr
     return lambda: quantize_rows(source(), block)
 
 
-def _require_float32(value: ir.Value | None, what: str) -> None:
-    if value is not None and value.dtype not in (None, ir.DataType.FLOAT):
+def _require_float(value: ir.Value | None, what: str) -> None:
+    if value is not None and value.dtype not in (None, *SCALE_NUMPY):
         raise ir.passes.PreconditionError(
-            f"{what} is {value.dtype}; 8-bit weights are lowered for float32 graphs (export with --dtype fp32)"
+            f"{what} is {value.dtype}; 8-bit weights are lowered for float32, float16 and bfloat16 graphs"
         )
 
 
@@ -183,7 +194,7 @@ class MatMulNBitsPass(DsPass):
     def requires(self, model: ir.Model) -> None:
         for linear in rewritable_linears(model.graph):
             if linear.kind == LinearKind.MATMUL:
-                _require_float32(linear.activation, f"the input of linear {linear.name}")
+                _require_float(linear.activation, f"the input of linear {linear.name}")
                 if linear.weight.const_value is None:
                     raise ir.passes.PreconditionError(f"linear {linear.name} has no weight tensor")
 
@@ -197,7 +208,10 @@ class MatMulNBitsPass(DsPass):
             n, k = static_dims(linear.weight.shape)
             blocks = -(-k // block)
             source = float_source(graph, linear.weight, self.options.source_block)
-            q, s = self.cache.register(graph, linear.name, (n, blocks, block), (n, blocks), _rows(source, block))
+            dtype = linear.activation.dtype if linear.activation is not None else None
+            q, s = self.cache.register(
+                graph, linear.name, (n, blocks, block), (n, blocks), _rows(source, block), dtype or ir.DataType.FLOAT
+            )
             self._replace(graph, linear.user, q, s, n, k)
             converted[linear.name] = None
         if converted:
@@ -253,7 +267,7 @@ class MoEToQMoEPass(DsPass):
 
     def requires(self, model: ir.Model) -> None:
         for node in self._moes(model):
-            _require_float32(node.inputs[0], f"the input of {node.name}")
+            _require_float(node.inputs[0], f"the input of {node.name}")
             for index in MOE_EXPERT_INPUTS:
                 expert_shape(node.inputs[index])  # type: ignore[arg-type]
                 if weight_source(node.inputs[index]) is None:
@@ -292,19 +306,25 @@ class MoEToQMoEPass(DsPass):
 
         assert gate.name is not None and down.name is not None
         prefix = gate.name.removesuffix("gate_proj.weight")
+        compute = kernel_dtype(x.dtype)
         q1, s1 = self.cache.register(
-            graph, prefix + "gate_up_proj.weight", (experts, 2 * ff, hidden), (experts, 2 * ff, hidden // block), fc1
+            graph,
+            prefix + "gate_up_proj.weight",
+            (experts, 2 * ff, hidden),
+            (experts, 2 * ff, hidden // block),
+            fc1,
+            compute,
         )
         q2, s2 = self.cache.register(
-            graph, down.name, (experts, hidden, ff), (experts, hidden, ff // block), _rows(d, block)
+            graph, down.name, (experts, hidden, ff), (experts, hidden, ff // block), _rows(d, block), compute
         )
         rewrite = provenance.lowered(f"{MS_DOMAIN}.QMoE")
         r = routing(graph, moe, opset, rewrite)
         b = Builder(moe.name or "moe", rewrite=rewrite, origin=moe)
         y = b.op(
             "QMoE",
-            x,
-            b.op("Log", r, name="router_log"),
+            _cast(b, x, x.dtype, compute, "x"),
+            _cast(b, b.op("Log", r, name="router_log"), ir.DataType.FLOAT, compute, "router_log"),
             q1,
             s1,
             None,
@@ -323,7 +343,7 @@ class MoEToQMoEPass(DsPass):
             quant_type="int",
         )
         total = b.op("ReduceSum", r, b.ints(-1, name="axes"), keepdims=1, name="weight_sum")  # [N, 1]
-        out = b.op("Mul", y, b.op("CastLike", total, x), name="scaled")
+        out = b.op("Mul", _cast(b, y, compute, x.dtype, "y"), b.op("CastLike", total, x), name="scaled")
         b.insert_before(graph, moe)
         ir.convenience.replace_nodes_and_values(
             graph, insertion_point=moe, old_nodes=[moe], new_nodes=[], old_values=moe.outputs, new_values=[out]

@@ -205,3 +205,44 @@ def test_weightless_and_bad_requests(export_dir: Path, tmp_path: Path, capsys: p
     assert cli.main([*base, "--target", "ort", "--weights-8bit", "--block-8bit", "48"]) == 2
     assert cli.main([*base, "--target", "ort", "--block-8bit", "32"]) == 2
     assert "error" in capsys.readouterr().err
+
+
+def test_bf16_graphs_store_scales_in_the_kernels_dtypes(tmp_path: Path) -> None:
+    """A bf16 export (what runs on the GPU: onnxruntime's CUDA QMoE takes float16 and bfloat16 only):
+    MatMulNBits reads bf16 activations with bf16 scales, QMoE runs in float16 between Casts with float16
+    scales, and the 8-bit bytes are those of the fp32 export of the same weights."""
+    from dsv3c.export.exporter import export
+    from dsv3c.export.source import from_folder
+    from dsv3c.models.checkpoint import init_random, save_model
+
+    from .fixtures.exports import mini_config
+
+    ckpt = tmp_path / "ckpt"
+    save_model(init_random(mini_config(), seed=0), ckpt, dtype="bf16")
+    folders = {}
+    for dtype in ("fp32", "bf16"):
+        export(from_folder(ckpt), tmp_path / f"export-{dtype}", weights="checkpoint", dtype=dtype)
+        out = lower_folder(tmp_path / f"export-{dtype}", tmp_path / f"ort8-{dtype}", Target.ORT, weights_8bit=32)
+        assert out.folder is not None
+        folders[dtype] = out.folder
+    assert read_manifest(folders["bf16"]).stages[-1]["error_vs_source"]["measured"] is False
+    graph = onnx.load(str(folders["bf16"] / "decode.onnx"))
+    values = {v.name: v.type.tensor_type.elem_type for v in (*graph.graph.value_info, *graph.graph.input)}
+    init = {t.name: onnx.numpy_helper.to_array(t) for t in graph.graph.initializer}
+    kinds = {t.name: t.data_type for t in graph.graph.initializer}
+    producers = {o: n for n in graph.graph.node for o in n.output}
+    nbits = [n for n in graph.graph.node if n.op_type == "MatMulNBits"]
+    qmoe = [n for n in graph.graph.node if n.op_type == "QMoE"]
+    assert nbits and qmoe
+    for n in nbits:
+        assert kinds[n.input[2]] == TensorProto.BFLOAT16
+        assert values.get(n.input[0], TensorProto.BFLOAT16) == TensorProto.BFLOAT16
+    for n in qmoe:
+        assert producers[n.input[0]].op_type == "Cast" and producers[n.input[1]].op_type == "Cast"
+        assert kinds[n.input[3]] == kinds[n.input[6]] == TensorProto.FLOAT16
+    fp32 = onnx.load(str(folders["fp32"] / "decode.onnx"))
+    ref = {t.name: onnx.numpy_helper.to_array(t) for t in fp32.graph.initializer}
+    q8 = [name for name in init if name.endswith("_q8")]
+    assert q8 and all(np.array_equal(init[n], ref[n]) for n in q8)
+    for name in (n for n in init if n.endswith("_q8_scales")):
+        np.testing.assert_allclose(init[name].astype(np.float32), ref[name], rtol=2**-7)
