@@ -7,13 +7,15 @@ Here (CPU machine), write `lower --target ort` folders without weights (a few MB
     dsv3c lower gpu/small-canon --target ort --out gpu/small
     dsv3c export --preset v2-lite --weights none --dtype bf16 --out gpu/v2-lite-canon
     dsv3c lower gpu/v2-lite-canon --target ort --out gpu/v2-lite
+    dsv3c lower gpu/v2-lite-canon --target ort --weights-8bit --out gpu/v2-lite-8bit   # MatMulNBits + QMoE
 
 On the GPU machine (onnxruntime-gpu installed in place of onnxruntime, see README "Optional backends"; torch with CUDA):
 
-    python bench/gpu_decode.py gpu/small gpu/v2-lite --out gpu.json
+    python bench/gpu_decode.py gpu/small gpu/v2-lite gpu/v2-lite-8bit --out gpu.json
 
 A `--weights none` folder is filled with random weights in place first, drawn on the GPU
-(bench/fill_random_weights.py). PyTorch and transformers run the same shapes with their own random
+(bench/fill_random_weights.py; 8-bit weights as uniform bytes whose scales give the float weights' std).
+PyTorch and transformers run the same shapes with their own random
 weights made on the GPU (speed does not depend on the values).
 
 Every cell (model, runtime, batch, context) times `--steps` greedy decode steps, one token per row each,
