@@ -3,8 +3,9 @@
     python bench/train_step_profile.py [--preset bench-moe] [--precisions bf16 fp8] [--out FILE]
 
 Random token ids (routing at initialization, as in the first steps of a run), so no corpus is needed.
-`fp8` is what `dsv3c train` runs (routed experts as grouped GEMMs, train/fp8_experts.py);
-`fp8-per-expert` is FP8 with one Fp8Linear per routed expert, as before the grouping.
+`bf16` and `fp8` are what `dsv3c train` runs on CUDA (routed experts as grouped GEMMs:
+train/grouped_experts.py, train/fp8_experts.py); `*-per-expert` is the model's MoE loop, one expert
+after another (for FP8 with one Fp8Linear per routed expert), as before the grouping.
 Per precision: 3 warm-up steps (the FP8 quantizers compile), the wall clock of 3 synchronized steps, then
 torch.profiler over 2 steps: the ops with the most host (self CPU) time and the kernels with the most
 device time. A step whose wall clock far exceeds its CUDA time is bound by the host.
@@ -33,6 +34,7 @@ from dsv3c.models.deepseek_v3 import MoE  # noqa: E402
 from dsv3c.train.balance import LoadTracker  # noqa: E402
 from dsv3c.train.config import TrainConfig, model_config  # noqa: E402
 from dsv3c.train.fp8_experts import Fp8GroupedMoE  # noqa: E402
+from dsv3c.train.grouped_experts import GroupedMoE  # noqa: E402
 from dsv3c.train.loop import build_model, losses, make_optimizer  # noqa: E402
 
 DEVICE = torch.device("cuda")
@@ -40,15 +42,15 @@ VARIANTS = ("bare", "tracker", "tracker-host-counts", "tracker+clip")
 
 
 def _stepper(preset: str, precision: str, batch: int, seq_len: int, vocab: int, variant: str) -> Any:
-    per_expert = precision == "fp8-per-expert"  # FP8 with one Fp8Linear per expert, as before grouping
+    per_expert = precision.endswith("-per-expert")  # the model's MoE loop, one expert after another
     train = TrainConfig(
-        precision="fp8" if per_expert else precision, device=DEVICE.type, batch_size=batch, seq_len=seq_len, seed=0
+        precision=precision.removesuffix("-per-expert"), device=DEVICE.type, batch_size=batch, seq_len=seq_len, seed=0
     )
     config = model_config(preset, None).replace(vocab_size=vocab)
     model = build_model(config, train, DEVICE).train()
     if per_expert:
         for module in model.modules():
-            if isinstance(module, Fp8GroupedMoE):
+            if isinstance(module, (Fp8GroupedMoE, GroupedMoE)):
                 module.__class__ = MoE
     opt = make_optimizer(model, train)
     gen = torch.Generator().manual_seed(0)
@@ -150,9 +152,10 @@ def main() -> int:
     p.add_argument(
         "--precisions",
         nargs="+",
-        default=["bf16", "fp8", "fp8-per-expert"],
-        choices=["bf16", "fp8", "fp8-per-expert", "fp32"],
-        help="fp8: routed experts as grouped GEMMs (what dsv3c train runs); fp8-per-expert: one Fp8Linear each",
+        default=["bf16", "bf16-per-expert", "fp8", "fp8-per-expert"],
+        choices=["bf16", "bf16-per-expert", "fp8", "fp8-per-expert", "fp32"],
+        help="bf16, fp8: routed experts as grouped GEMMs (what dsv3c train runs on CUDA); *-per-expert: the "
+        "model's MoE loop (for fp8 one Fp8Linear per expert)",
     )
     p.add_argument("--batch-size", type=int, default=16)
     p.add_argument("--seq-len", type=int, default=1024)

@@ -29,6 +29,7 @@ from dsv3c.train.corpus import Corpus
 from dsv3c.train.data import WindowBatches
 from dsv3c.train.fp8_experts import group_experts
 from dsv3c.train.fp8_linear import Fp8Recipe, convert_to_fp8
+from dsv3c.train.grouped_experts import group_experts as group_bf16_experts
 from dsv3c.train.output import plot_curves, write_checkpoint
 from dsv3c.train.state import STATE_DIR, load_state, save_state
 
@@ -65,6 +66,8 @@ def build_model(config: DeepseekV3Config, train: TrainConfig, device: torch.devi
         recipe = Fp8Recipe(granularity=train.fp8_granularity, pow2=train.fp8_pow2, compile=train.fp8_compile)
         convert_to_fp8(model, recipe)
         group_experts(model, recipe)  # routed experts as grouped GEMMs (block granularity)
+    elif train.precision == "bf16" and device.type == "cuda" and torch.cuda.get_device_capability(device) >= (9, 0):
+        group_bf16_experts(model)  # routed experts as grouped bf16 GEMMs (torch._grouped_mm's sm90 kernels)
     return model
 
 
