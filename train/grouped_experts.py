@@ -18,10 +18,24 @@ import torch.nn.functional as F
 from dsv3c.models.deepseek_v3 import MLP, MoE
 
 
+_FAILED: list[str] = []  # set once torch._grouped_mm refused: the loop from then on
+
+
 class GroupedMoE(MoE):
     """MoE whose routed experts run as grouped GEMMs (made from a MoE in place; weights unchanged)."""
 
     def routed(self, flat: torch.Tensor, weights: torch.Tensor, indices: torch.Tensor) -> torch.Tensor:
+        if not _FAILED:
+            try:
+                return self._grouped(flat, weights, indices)
+            except RuntimeError as e:  # a device or torch without these kernels must not stop training
+                import warnings
+
+                warnings.warn(f"torch._grouped_mm failed ({e}); running the experts one by one", stacklevel=2)
+                _FAILED.append(str(e))
+        return super().routed(flat, weights, indices)
+
+    def _grouped(self, flat: torch.Tensor, weights: torch.Tensor, indices: torch.Tensor) -> torch.Tensor:
         k = indices.shape[1]
         flat_indices = indices.flatten()
         order = flat_indices.argsort(stable=True)  # as MoE.routed: each expert's pairs in token order
