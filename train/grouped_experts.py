@@ -17,7 +17,6 @@ import torch
 import torch.nn.functional as F
 from dsv3c.models.deepseek_v3 import MLP, MoE
 
-
 _FAILED: list[str] = []  # set once torch._grouped_mm refused: the loop from then on
 
 
