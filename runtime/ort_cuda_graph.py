@@ -70,6 +70,7 @@ class StaticDecoder:
         cuda_graph: bool = True,
         profile: bool = False,
         threads: int = 0,
+        warmup_runs: int = 2,
     ):
         ort = import_ort()
         self.manifest: Manifest = read_manifest(folder)
@@ -128,6 +129,21 @@ class StaticDecoder:
             self.run_options.add_run_config_entry("disable_synchronize_execution_providers", "1")
         if self.device.type == "cuda":
             torch.cuda.synchronize()  # the buffers were written on torch's default stream
+        if self.stream is not None and cuda_graph:
+            self._warm_up(ort, warmup_runs)
+
+    def _warm_up(self, ort: Any, runs: int) -> None:
+        """Runs without capture (gpu_graph_id -1) before the first captured one, so that the arena holds
+        every buffer a step needs: a cudaMalloc inside the capture makes it fail ("Failed to allocate
+        memory" at batch 32 on the H200, where onnxruntime's own warm-up run was not enough)."""
+        options = ort.RunOptions()
+        options.add_run_config_entry("gpu_graph_id", "-1")
+        options.add_run_config_entry("disable_synchronize_execution_providers", "1")
+        assert self.stream is not None
+        with torch.cuda.stream(self.stream):
+            for _ in range(runs):
+                self.session.run_with_iobinding(self.binding, options)
+        self.stream.synchronize()
 
     def step(self, ids: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
         """ids, positions [B, 1] (on the device): one token per row at positions[b, 0]; returns the logits
