@@ -70,7 +70,7 @@ _QDQ_HELPERS = _ops(
 # ops a lowering may lower to that are worth naming: "lowered (to Attention)"
 FUSED_OPS = _ops(
     "Attention RotaryEmbedding RMSNormalization LayerNormalization MultiHeadAttention GroupQueryAttention "
-    "SkipLayerNormalization MoE QMoE"
+    "SkipLayerNormalization SimplifiedLayerNormalization SkipSimplifiedLayerNormalization MoE QMoE"
 )
 # ops that only move, reshape or make data: left out of a lowering's "to X + Y" label
 _PLUMBING = _ops(
@@ -126,6 +126,7 @@ class _Grouper:
         self.activations_seen: set[ir.Node] = set()  # B linears whose activation _activation looked at
         self.owner_a: dict[ir.Node, Rewrite] = {}  # claimed node -> its rewrite
         self.owner_b: dict[ir.Node, Rewrite] = {}
+        self._a_by_name: dict[str, ir.Node] | None = None  # built on first use, by _named_origin
 
     def _own(self, rw: Rewrite, nodes_a: Iterable[ir.Node], nodes_b: Iterable[ir.Node]) -> None:
         self.owner_a.update(dict.fromkeys(nodes_a, rw))
@@ -522,7 +523,12 @@ class _Grouper:
                 claims.pairs.add(node)
             elif partner is None:
                 claims.nodes_a.add(node)
-                removed = self._dominated(a, [node], self.free_a)
+                # a fusion replaces several nodes at once (a residual Add and the RMSNorm it feeds): its marks
+                # name them all, and one whose output the group still computes, read beyond it too, is not
+                # dominated by `node`
+                named = list(dict.fromkeys(self._named_origin(node, group) + self._outputs_kept(node, group)))
+                claims.nodes_a.update(named)
+                removed = named + self._dominated(a, [node, *named], self.free_a)
                 claims.nodes_a.update(removed)
             for x in (node, *removed):
                 claims.lowered_a[x] = node
@@ -544,6 +550,27 @@ class _Grouper:
             self._own(rw, [node, *removed], group)
             found.append(rw)
         return found
+
+    def _named_origin(self, node: ir.Node, group: list[ir.Node]) -> list[ir.Node]:
+        """The free nodes of A besides `node` that the lowering marks of `group` name as replaced."""
+        if self._a_by_name is None:
+            self._a_by_name = {n.name: n for n in self.a.nodes if n.name}
+        names = [
+            o
+            for y in group
+            if (mark := self.marks.of.get(y)) is not None
+            and mark.rewrite is not None
+            and mark.rewrite.kind == provenance.LOWERED
+            and node.name in mark.origin
+            for o in mark.origin
+        ]
+        found = (self._a_by_name.get(name) for name in dict.fromkeys(names))
+        return [x for x in found if x is not None and x is not node and self.free_a(x)]
+
+    def _outputs_kept(self, node: ir.Node, group: list[ir.Node]) -> list[ir.Node]:
+        """The free nodes of A besides `node` whose outputs, under the same names, nodes of `group` compute."""
+        made = (self.a.made(out.name) for y in group for out in y.outputs if out.name)
+        return [x for x in dict.fromkeys(made) if x is not None and x is not node and self.free_a(x)]
 
     def _label(self, node: ir.Node, group: list[ir.Node]) -> str:
         kernels = [op_label(n) for n in group if is_custom(n) or n.op_type in FUSED_OPS]

@@ -19,6 +19,7 @@ from dsv3c.passes.lower_mxfp8 import Mxfp8Form, Mxfp8WeightsPass, OnlineActivati
 from dsv3c.passes.lower_ort import LowerMoEToOrtPass
 from dsv3c.passes.lower_ort_8bit import Int8Options, MatMulNBitsPass, MoEToQMoEPass
 from dsv3c.passes.lower_trt import ATTENTION_OPSET, MlaToAttentionPass, TrtQdqPass, UpgradeOpsetPass
+from dsv3c.passes.ort_fusions import OrtFusionsPass
 from dsv3c.passes.policy import Policy
 from dsv3c.passes.rope import RopeToRotaryEmbeddingPass
 from dsv3c.passes.stages import Stage
@@ -75,11 +76,13 @@ def lower_pipeline(
     int8: Int8Options | None = None,
     mxfp8: bool = False,
     mxfp8_weights: bool = False,
+    ort_fusions: bool = True,
 ) -> list[Stage]:
     """The stages that take a canonical (or quantized) export to `target`; `dims` fixes shapes (iree);
     `int8` (ort): 8-bit weights in MatMulNBits / QMoE (a MoE QMoE cannot take keeps float experts);
     `mxfp8`: online activation scales as MXFP8 (TensorRT's dynamic quantization for trt, its emulation in
-    standard ONNX ops for portable and ort), `mxfp8_weights`: the FP8 weights they meet too."""
+    standard ONNX ops for portable and ort), `mxfp8_weights`: the FP8 weights they meet too;
+    `ort_fusions` (ort): RMSNorm and the residual Add before it as onnxruntime's fused ops (ort_fusions.py)."""
     emulated = mxfp8_stages(Mxfp8Form.EMULATED, mxfp8, mxfp8_weights)
     if target == Target.PORTABLE:
         return [*emulated, Stage("inline-custom", InlineCustomPass()), *cleanup_stages()]
@@ -96,6 +99,7 @@ def lower_pipeline(
             Stage("moe-to-com-microsoft", LowerMoEToOrtPass()),
             Stage("inline-custom", InlineCustomPass()),
             *cleanup_stages(),
+            *([Stage("ort-fusions", OrtFusionsPass())] if ort_fusions else []),
         ]
     if target == Target.TRT:
         return [

@@ -1,0 +1,129 @@
+"""Nodes onnxruntime runs per static decode step, and decode ms/token, with and without the ort fusions.
+
+    python bench/ort_step_nodes.py [--preset small] [--work DIR] [--capacity 128] [--steps 8] [--rounds 4] [--out FILE]
+
+Exports the preset (--weights none), lowers it with `--target ort` twice (the default pipeline and the same
+without its `ort-fusions` stage), fills both with the same random weights, and per lowering opens the decode
+graph as runtime/ort_cuda_graph.py's StaticDecoder (batch 1, the CPU provider, no CUDA graph): one profiled
+step counted by op type (the node events `placement_from_profile` counts), then --rounds rounds of --steps
+timed steps, the lowerings taking turns. Also the largest difference between the two lowerings' logits at
+the same step, relative to the largest logit.
+"""
+
+from __future__ import annotations
+
+import argparse
+import collections
+import json
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+from _bootstrap import import_dsv3c
+
+import_dsv3c()
+
+import torch  # noqa: E402
+from dsv3c.cli.main import main as dsv3c_main  # noqa: E402
+from dsv3c.eval.record import run_record, write_result  # noqa: E402
+from dsv3c.passes.lower import lower_folder  # noqa: E402
+from dsv3c.passes.pipelines import Target  # noqa: E402
+from dsv3c.runtime.ort_cuda_graph import StaticDecoder  # noqa: E402
+from dsv3c.runtime.random_weights import fill_random  # noqa: E402
+
+LOWERINGS = {"unfused": False, "fused": True}  # name -> ort_fusions
+
+
+def nodes_by_op(profile: Path) -> dict[str, int]:
+    """Node events of one run by op type, selected as placement_from_profile selects them."""
+    seen: dict[str, str] = {}
+    for e in json.loads(profile.read_text()):
+        args = e.get("args", {})
+        if e.get("cat") == "Node" and "provider" in args and e.get("name", "").endswith("_kernel_time"):
+            seen[e["name"][: -len("_kernel_time")]] = args.get("op_name", "?")
+    return dict(collections.Counter(seen.values()).most_common())
+
+
+def profile_step(folder: Path, capacity: int, threads: int) -> tuple[dict[str, int], torch.Tensor]:
+    """One profiled decode step at position 0: its nodes by op type, and its logits."""
+    decoder = StaticDecoder(folder, 1, capacity, device="cpu", cuda_graph=False, profile=True, threads=threads)
+    logits = decoder.step(torch.tensor([[7]]), torch.tensor([[0]])).clone()
+    return nodes_by_op(Path(decoder.session.end_profiling())), logits
+
+
+def time_steps(
+    folders: dict[str, Path], capacity: int, steps: int, rounds: int, threads: int
+) -> dict[str, list[float]]:
+    """ms per decode step of each folder, the folders taking turns for `rounds` rounds of `steps` steps, so
+    that a change in the shared machine's load falls on both alike."""
+    decoders = {
+        name: StaticDecoder(folder, 1, capacity, device="cpu", cuda_graph=False, threads=threads)
+        for name, folder in folders.items()
+    }
+    ids, times = torch.tensor([[7]]), {name: [] for name in folders}
+    for decoder in decoders.values():  # warm-up: onnxruntime allocates its arenas in the first runs
+        for position in range(2):
+            decoder.step(ids, torch.tensor([[position]]))
+    for _ in range(rounds):
+        for name, decoder in decoders.items():
+            for position in range(2, 2 + steps):
+                start = time.perf_counter()
+                decoder.step(ids, torch.tensor([[position]]))
+                times[name].append(1e3 * (time.perf_counter() - start))
+    return times
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--preset", default="small")
+    p.add_argument("--work", type=Path, help="folder for the export and lowerings (default: a temporary one)")
+    p.add_argument("--capacity", type=int, default=128)
+    p.add_argument("--steps", type=int, default=8, help="timed steps per round")
+    p.add_argument("--rounds", type=int, default=4)
+    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--out", type=Path)
+    args = p.parse_args()
+    with tempfile.TemporaryDirectory() as tmp:
+        work = args.work or Path(tmp)
+        work.mkdir(parents=True, exist_ok=True)
+        canon = work / "canon"
+        if dsv3c_main(["export", "--preset", args.preset, "--weights", "none", "--out", str(canon), "--force"]):
+            return 2
+        rows, logits, folders = {}, {}, {}
+        for name, fusions in LOWERINGS.items():
+            folders[name] = work / f"ort-{name}"
+            lower_folder(canon, folders[name], Target.ORT, force=True, ort_fusions=fusions)
+            fill_random(folders[name])
+            ops, logits[name] = profile_step(folders[name], args.capacity, args.threads)
+            rows[name] = {"nodes_per_step": sum(ops.values()), "nodes_by_op": ops}
+        times = time_steps(folders, args.capacity, args.steps, args.rounds, args.threads)
+    for name, row in rows.items():
+        row["ms_per_token_median"] = statistics.median(times[name])
+        row["ms_per_token_min"] = min(times[name])
+        row["ms_per_token"] = times[name]
+        print(f"{name}: {row['nodes_per_step']} nodes/step, {row['ms_per_token_median']:.2f} ms/token median")
+        print("  " + ", ".join(f"{op} {n}" for op, n in row["nodes_by_op"].items()))
+    a, b = logits["unfused"], logits["fused"]
+    difference = float((a - b).abs().max() / a.abs().max())
+    print(f"fused vs unfused logits: max |diff| / max |logit| = {difference:.2e}")
+    if args.out:
+        result = {
+            **run_record(),
+            "preset": args.preset,
+            "batch": 1,
+            "capacity": args.capacity,
+            "steps": args.steps,
+            "rounds": args.rounds,
+            "threads": args.threads,
+            "provider": "CPUExecutionProvider",
+            "lowerings": rows,
+            "logits_max_rel_difference": difference,
+        }
+        write_result(args.out, result)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
