@@ -47,9 +47,10 @@ def nodes_by_op(profile: Path) -> dict[str, int]:
 
 
 def profile_step(folder: Path, capacity: int, threads: int) -> tuple[dict[str, int], torch.Tensor]:
-    """One profiled decode step at position 0: its nodes by op type, and its logits."""
+    """One profiled decode step at position 5 (rotated; the empty cache slots before it count as tokens): its
+    nodes by op type, and its logits."""
     decoder = StaticDecoder(folder, 1, capacity, device="cpu", cuda_graph=False, profile=True, threads=threads)
-    logits = decoder.step(torch.tensor([[7]]), torch.tensor([[0]])).clone()
+    logits = decoder.step(torch.tensor([[7]]), torch.tensor([[5]])).clone()
     return nodes_by_op(Path(decoder.session.end_profiling())), logits
 
 

