@@ -1,13 +1,15 @@
 """Nodes onnxruntime runs per static decode step, and decode ms/token, with and without the ort fusions.
 
-    python bench/ort_step_nodes.py [--preset small] [--work DIR] [--capacity 128] [--steps 8] [--rounds 4] [--out FILE]
+    python bench/ort_step_nodes.py [--preset small] [--work DIR] [--capacity 128] [--steps 8] [--rounds 4]
+                                   [--device cpu|cuda] [--out FILE]
 
 Exports the preset (--weights none), lowers it with `--target ort` twice (the default pipeline and the same
-without its `ort-fusions` stage), fills both with the same random weights, and per lowering opens the decode
-graph as runtime/ort_cuda_graph.py's StaticDecoder (batch 1, the CPU provider, no CUDA graph): one profiled
-step counted by op type (the node events `placement_from_profile` counts), then --rounds rounds of --steps
-timed steps, the lowerings taking turns. Also the largest difference between the two lowerings' logits at
-the same step, relative to the largest logit.
+without its `ort-fusions` and `ort-rotary` stages), fills both with the same random weights, and per
+lowering opens the decode graph as runtime/ort_cuda_graph.py's StaticDecoder (batch 1): one profiled step,
+not captured, counted by op type and provider (the node events `placement_from_profile` counts), then
+--rounds rounds of --steps timed steps, the lowerings taking turns (on --device cuda replayed as a CUDA
+graph). Also the largest difference between the two lowerings' logits at the same step, relative to the
+largest logit.
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import Any
 
 from _bootstrap import import_dsv3c
 
@@ -36,42 +39,53 @@ from dsv3c.runtime.random_weights import fill_random  # noqa: E402
 LOWERINGS = {"unfused": False, "fused": True}  # name -> ort_fusions
 
 
-def nodes_by_op(profile: Path) -> dict[str, int]:
-    """Node events of one run by op type, selected as placement_from_profile selects them."""
-    seen: dict[str, str] = {}
+def nodes_by_op(profile: Path) -> tuple[dict[str, int], dict[str, int]]:
+    """Node events of one run by op type and by provider, selected as placement_from_profile selects them."""
+    seen: dict[str, tuple[str, str]] = {}
     for e in json.loads(profile.read_text()):
         args = e.get("args", {})
         if e.get("cat") == "Node" and "provider" in args and e.get("name", "").endswith("_kernel_time"):
-            seen[e["name"][: -len("_kernel_time")]] = args.get("op_name", "?")
-    return dict(collections.Counter(seen.values()).most_common())
+            seen[e["name"][: -len("_kernel_time")]] = (args.get("op_name", "?"), args["provider"])
+    ops = collections.Counter(op for op, _ in seen.values())
+    return dict(ops.most_common()), dict(collections.Counter(p for _, p in seen.values()))
 
 
-def profile_step(folder: Path, capacity: int, threads: int) -> tuple[dict[str, int], torch.Tensor]:
-    """One profiled decode step at position 5 (rotated; the empty cache slots before it count as tokens): its
-    nodes by op type, and its logits."""
-    decoder = StaticDecoder(folder, 1, capacity, device="cpu", cuda_graph=False, profile=True, threads=threads)
-    logits = decoder.step(torch.tensor([[7]]), torch.tensor([[5]])).clone()
-    return nodes_by_op(Path(decoder.session.end_profiling())), logits
+def profile_step(folder: Path, capacity: int, device: str, threads: int) -> tuple[dict[str, Any], torch.Tensor]:
+    """One profiled decode step at position 5 (rotated; the empty cache slots before it count as tokens),
+    not captured: its nodes by op type and provider, and its logits."""
+    decoder = StaticDecoder(folder, 1, capacity, device=device, cuda_graph=False, profile=True, threads=threads)
+    logits = decoder.step(torch.tensor([[7]], device=device), torch.tensor([[5]], device=device)).cpu()
+    ops, providers = nodes_by_op(Path(decoder.session.end_profiling()))
+    return {"nodes_per_step": sum(ops.values()), "nodes_by_op": ops, "by_provider": providers}, logits
 
 
 def time_steps(
-    folders: dict[str, Path], capacity: int, steps: int, rounds: int, threads: int
+    folders: dict[str, Path], capacity: int, steps: int, rounds: int, device: str, threads: int
 ) -> dict[str, list[float]]:
-    """ms per decode step of each folder, the folders taking turns for `rounds` rounds of `steps` steps, so
-    that a change in the shared machine's load falls on both alike."""
+    """ms per decode step of each folder (on CUDA replayed as a CUDA graph, synchronized after each step), the
+    folders taking turns for `rounds` rounds of `steps` steps, so that a change in the shared machine's load
+    falls on both alike."""
+    cuda = device == "cuda"
     decoders = {
-        name: StaticDecoder(folder, 1, capacity, device="cpu", cuda_graph=False, threads=threads)
+        name: StaticDecoder(folder, 1, capacity, device=device, cuda_graph=cuda, threads=threads)
         for name, folder in folders.items()
     }
-    ids, times = torch.tensor([[7]]), {name: [] for name in folders}
-    for decoder in decoders.values():  # warm-up: onnxruntime allocates its arenas in the first runs
+    ids, times = torch.tensor([[7]], device=device), {name: [] for name in folders}
+    positions = [torch.tensor([[p]], device=device) for p in range(2 + steps)]
+
+    def step(decoder: StaticDecoder, position: int) -> None:
+        decoder.step(ids, positions[position])
+        if cuda:
+            torch.cuda.synchronize()
+
+    for decoder in decoders.values():  # warm-up: onnxruntime allocates its arenas (and captures) first
         for position in range(2):
-            decoder.step(ids, torch.tensor([[position]]))
+            step(decoder, position)
     for _ in range(rounds):
         for name, decoder in decoders.items():
             for position in range(2, 2 + steps):
                 start = time.perf_counter()
-                decoder.step(ids, torch.tensor([[position]]))
+                step(decoder, position)
                 times[name].append(1e3 * (time.perf_counter() - start))
     return times
 
@@ -84,6 +98,7 @@ def main() -> int:
     p.add_argument("--steps", type=int, default=8, help="timed steps per round")
     p.add_argument("--rounds", type=int, default=4)
     p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--device", choices=["cpu", "cuda"], default="cpu", help="cuda: onnxruntime's CUDA EP")
     p.add_argument("--out", type=Path)
     args = p.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
@@ -97,14 +112,14 @@ def main() -> int:
             folders[name] = work / f"ort-{name}"
             lower_folder(canon, folders[name], Target.ORT, force=True, ort_fusions=fusions)
             fill_random(folders[name])
-            ops, logits[name] = profile_step(folders[name], args.capacity, args.threads)
-            rows[name] = {"nodes_per_step": sum(ops.values()), "nodes_by_op": ops}
-        times = time_steps(folders, args.capacity, args.steps, args.rounds, args.threads)
+            rows[name], logits[name] = profile_step(folders[name], args.capacity, args.device, args.threads)
+        times = time_steps(folders, args.capacity, args.steps, args.rounds, args.device, args.threads)
     for name, row in rows.items():
         row["ms_per_token_median"] = statistics.median(times[name])
         row["ms_per_token_min"] = min(times[name])
         row["ms_per_token"] = times[name]
-        print(f"{name}: {row['nodes_per_step']} nodes/step, {row['ms_per_token_median']:.2f} ms/token median")
+        where = ", ".join(f"{n} on {p}" for p, n in row["by_provider"].items())
+        print(f"{name}: {row['nodes_per_step']} nodes/step ({where}), {row['ms_per_token_median']:.2f} ms/token median")
         print("  " + ", ".join(f"{op} {n}" for op, n in row["nodes_by_op"].items()))
     a, b = logits["unfused"], logits["fused"]
     difference = float((a - b).abs().max() / a.abs().max())
@@ -118,7 +133,7 @@ def main() -> int:
             "steps": args.steps,
             "rounds": args.rounds,
             "threads": args.threads,
-            "provider": "CPUExecutionProvider",
+            "device": args.device,
             "lowerings": rows,
             "logits_max_rel_difference": difference,
         }
