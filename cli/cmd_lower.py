@@ -82,6 +82,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         "(1x32 along the input, E8M0), both operands of a block-scaled MXFP8 GEMM; changes the weights",
     )
     p.add_argument(
+        "--no-fusions",
+        action="store_true",
+        help="ort: keep RMSNorm, its residual Add and RoPE as the export wrote them (for an onnxruntime "
+        "without the fused kernels SimplifiedLayerNormalization, SkipSimplifiedLayerNormalization, RotaryEmbedding)",
+    )
+    p.add_argument(
         "--dump-dir",
         type=Path,
         help="write every graph after every stage into this new folder (no weight data); it appears only when "
@@ -109,6 +115,8 @@ def run(args: argparse.Namespace) -> int:
     check_output(args.out, [args.export_dir], args.force)  # before any work: never over the input
     if args.dump_dir is not None:
         check_output(args.dump_dir, [args.export_dir, args.out], args.force)
+    if args.no_fusions and args.target != "ort":
+        raise UserError("--no-fusions keeps onnxruntime's fused ops out of the ort lowering; use it with --target ort")
     if args.block_8bit != 128 and not args.weights_8bit:
         raise UserError("--block-8bit sets the block of --weights-8bit; pass --weights-8bit too")
     compile_for = _compile_target(args)
@@ -158,4 +166,5 @@ def _lower(args: argparse.Namespace, dump_dir: Path | None, compile_for: Compile
         weights_8bit=args.block_8bit if args.weights_8bit else None,
         mxfp8=args.activations == "mxfp8",
         mxfp8_weights=args.mxfp8_weights,
+        ort_fusions=not args.no_fusions,
     )

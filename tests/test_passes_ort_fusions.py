@@ -102,3 +102,14 @@ def test_fused_decode_runs_as_a_static_step_with_fewer_nodes(lowerings: dict[str
     a, b = logits["unfused"], logits["fused"]
     assert (a - b).abs().max() <= 1e-5 * a.abs().max()
     assert ran["fused"] < ran["unfused"]
+
+
+def test_cli_no_fusions_keeps_the_exported_norms(tiny_export: Path, tmp_path: Path) -> None:
+    from dsv3c.cli.main import main
+
+    out = tmp_path / "plain"
+    assert main(["lower", str(tiny_export), "--target", "ort", "--no-fusions", "--out", str(out)]) == 0
+    ops = _ops(ir.load(out / "decode.onnx"))
+    assert ops["Pow"] > 0 and not any("Normalization" in op or "Rotary" in op for op in ops)
+    trt = ["lower", str(tiny_export), "--target", "trt", "--no-fusions", "--out", str(tmp_path / "trt")]
+    assert main(trt) == 2 and not (tmp_path / "trt").exists()
