@@ -1,9 +1,10 @@
 """The FP8 quantizers as Triton kernels: one pass over the input, fp8 values and float32 scales out.
 
-They compute exactly what `fp8_quant.quantize_tiles` and `quantize_blocks` compute (same padding, same
-values bit for bit: IEEE division, round-to-nearest-even into E4M3, the power of two taken from the
-scale's bits), and read any strided input, so the 128x1 tiles of the backward pass (`tiles(x.t())`) cost
-no transposed copy. Why not torch.compile: on the H200 the compiled quantizers of `x` [8192, 7168] and a
+They compute exactly what `fp8_quant.quantize_tiles` and `quantize_blocks` compute on the CPU (same
+padding, same values bit for bit: IEEE division, round-to-nearest-even into E4M3, the power of two taken
+from the scale's bits; torch on CUDA divides by a scalar as a product with its reciprocal, 1 ulp off),
+and read any strided input, so the 128x1 tiles of the backward pass (`tiles(x.t())`) cost no transposed
+copy. Why not torch.compile: on the H200 the compiled quantizers of `x` [8192, 7168] and a
 [1536, 7168] weight took 0.62 ms, about 8x what their bytes need, and cost dynamo's dispatch on every
 call (bench/results/train_fp8_gemm_h200_2026-12-01.json). Triton comes with torch's CUDA wheels; where
 it is missing, `available()` is False and the compiled quantizers are used.
