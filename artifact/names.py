@@ -9,6 +9,8 @@ DOMAIN_VERSION = 1
 PRODUCER = "dsv3c"
 MLA_OP = "MLAAttention"  # dsv3c::MLAAttention (schema: dsv3c.export.onnx_ops)
 MOE_OP = "MoE"  # dsv3c::MoE
+# 8-bit weights of `lower --target ort --weights-8bit`: `<weight>_q8` (uint8) and `<weight>_q8_scales`
+Q8_SUFFIX, Q8_SCALES_SUFFIX = "_q8", "_q8_scales"
 
 MANIFEST_FILE = "manifest.json"  # an export folder
 ENGINE_MANIFEST_FILE = "engine_manifest.json"  # an engine folder (dsv3c build)

@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import argparse
 import collections
-import json
 import statistics
 import sys
 import tempfile
@@ -33,21 +32,16 @@ from dsv3c.cli.main import main as dsv3c_main  # noqa: E402
 from dsv3c.eval.record import run_record, write_result  # noqa: E402
 from dsv3c.passes.lower import lower_folder  # noqa: E402
 from dsv3c.passes.pipelines import Target  # noqa: E402
-from dsv3c.runtime.ort_cuda_graph import StaticDecoder  # noqa: E402
+from dsv3c.runtime.ort_cuda_graph import StaticDecoder, node_events  # noqa: E402
 from dsv3c.runtime.random_weights import fill_random  # noqa: E402
 
 LOWERINGS = {"unfused": False, "fused": True}  # name -> ort_fusions
 
 
 def nodes_by_op(profile: Path) -> tuple[dict[str, int], dict[str, int]]:
-    """Node events of one run by op type and by provider, selected as placement_from_profile selects them."""
-    seen: dict[str, tuple[str, str]] = {}
-    for e in json.loads(profile.read_text()):
-        args = e.get("args", {})
-        if e.get("cat") == "Node" and "provider" in args and e.get("name", "").endswith("_kernel_time"):
-            seen[e["name"][: -len("_kernel_time")]] = (args.get("op_name", "?"), args["provider"])
-    ops = collections.Counter(op for op, _ in seen.values())
-    return dict(ops.most_common()), dict(collections.Counter(p for _, p in seen.values()))
+    """Node events of one run by op type and by provider (the events `placement_from_profile` counts)."""
+    seen = node_events(profile).values()
+    return dict(collections.Counter(op for _, op in seen).most_common()), dict(collections.Counter(p for p, _ in seen))
 
 
 def profile_step(folder: Path, capacity: int, device: str, threads: int) -> tuple[dict[str, Any], torch.Tensor]:

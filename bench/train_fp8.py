@@ -398,7 +398,7 @@ def main() -> int:
     p.add_argument(
         "--runs",
         nargs="+",
-        choices=["bf16", "fp8", "bf16-gamma0", "bf16-repeat", "bf16-seed1"],
+        choices=list(RUN_ORDER),
         default=["bf16", "fp8", "bf16-gamma0"],
         help="which training runs to make (default: all three)",
     )

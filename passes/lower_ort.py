@@ -86,7 +86,7 @@ def kernel_dtype(dtype: ir.DataType | None) -> ir.DataType:
     return dtype if dtype in (ir.DataType.FLOAT, ir.DataType.FLOAT16) else ir.DataType.FLOAT16
 
 
-def _cast(b: Builder, value: ir.Value, have: ir.DataType | None, to: ir.DataType | None, name: str) -> ir.Value:
+def cast(b: Builder, value: ir.Value, have: ir.DataType | None, to: ir.DataType | None, name: str) -> ir.Value:
     """`value` (of dtype `have`) as `to`: itself when they agree."""
     if to is None or have == to:
         return value
@@ -94,11 +94,11 @@ def _cast(b: Builder, value: ir.Value, have: ir.DataType | None, to: ir.DataType
     return out
 
 
-_NUMPY = {ir.DataType.FLOAT: np.float32, ir.DataType.FLOAT16: np.float16, ir.DataType.BFLOAT16: ml_dtypes.bfloat16}
+FLOAT_NUMPY = {ir.DataType.FLOAT: np.float32, ir.DataType.FLOAT16: np.float16, ir.DataType.BFLOAT16: ml_dtypes.bfloat16}
 
 
 def _float_initializer(value: ir.Value) -> bool:
-    return value.is_initializer() and value.const_value is not None and value.dtype in _NUMPY
+    return value.is_initializer() and value.const_value is not None and value.dtype in FLOAT_NUMPY
 
 
 def _weight(graph: ir.Graph, name: str, dtype: ir.DataType, shape: tuple[int, ...], make: object) -> ir.Value:
@@ -115,7 +115,7 @@ def folded_expert_weights(
     """fc1 [E, 2 ff, D] (rows g0, u0, g1, u1, ...) and fc2 [E, D, ff] as weights in `compute` precision."""
     experts, ff, hidden = expert_shape(gate)
     assert gate.name is not None and down.name is not None
-    to = _NUMPY[compute]
+    to = FLOAT_NUMPY[compute]
     g, u, d = gate.const_value, up.const_value, down.const_value
     assert g is not None and u is not None and d is not None
 
@@ -182,15 +182,15 @@ class LowerMoEToOrtPass(DsPass):
             axis = b.ints(2, name="axis")
             pairs = b.op("Concat", b.op("Unsqueeze", gate, axis), b.op("Unsqueeze", up, axis), axis=2, name="gate_up")
             shape = b.ints(experts, 2 * ff, hidden, name="fc1_shape")
-            fc1 = _cast(
+            fc1 = cast(
                 b, b.op("Reshape", pairs, shape, name="fc1"), gate.dtype or x.dtype, compute, "fc1"
             )  # [E, 2ff, D]
-            fc2 = _cast(b, down, down.dtype or x.dtype, compute, "down")
+            fc2 = cast(b, down, down.dtype or x.dtype, compute, "down")
         top_k = moe.attributes["top_k"].as_int()
         y = b.op(
             "MoE",
-            _cast(b, x, x.dtype, compute, "x"),
-            _cast(b, b.op("Log", r, name="router_log"), ir.DataType.FLOAT, compute, "router_log"),
+            cast(b, x, x.dtype, compute, "x"),
+            cast(b, b.op("Log", r, name="router_log"), ir.DataType.FLOAT, compute, "router_log"),
             fc1,
             None,
             fc2,
@@ -204,7 +204,7 @@ class LowerMoEToOrtPass(DsPass):
             normalize_routing_weights=1,
         )
         total = b.op("ReduceSum", r, b.ints(-1, name="axes"), keepdims=1, name="weight_sum")  # [N, 1]
-        out = b.op("Mul", _cast(b, y, compute, x.dtype, "y"), b.op("CastLike", total, x), name="scaled")
+        out = b.op("Mul", cast(b, y, compute, x.dtype, "y"), b.op("CastLike", total, x), name="scaled")
         b.insert_before(graph, moe)
         ir.convenience.replace_nodes_and_values(
             graph, insertion_point=moe, old_nodes=[moe], new_nodes=[], old_values=moe.outputs, new_values=[out]

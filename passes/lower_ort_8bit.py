@@ -53,11 +53,12 @@ import numpy as np
 import onnx_ir as ir
 from dsv3c.artifact import provenance
 from dsv3c.artifact.export_folder import mark_weight
+from dsv3c.artifact.names import Q8_SCALES_SUFFIX, Q8_SUFFIX
 from dsv3c.export.builder import Builder, initializer, static_dims
 from dsv3c.export.onnx_ops import DOMAIN, MOE_OP
 from dsv3c.models.fp8 import DEFAULT_BLOCK, Block
 from dsv3c.onnxkit.linears import MOE_EXPERT_INPUTS, LinearKind, rewritable_linears, weight_source
-from dsv3c.passes.lower_ort import MS_DOMAIN, _cast, expert_shape, kernel_dtype, routing
+from dsv3c.passes.lower_ort import FLOAT_NUMPY, MS_DOMAIN, cast, expert_shape, kernel_dtype, routing
 from dsv3c.passes.stages import DsPass, StageResult
 
 BITS = 8
@@ -65,8 +66,7 @@ ZERO_POINT = 128  # the kernels' default zero point at 8 bits
 QMAX = 127  # symmetric: q in [-127, 127]
 FAST = 4  # accuracy_level: int8 activations, the fast path (see the module docstring)
 MIN_BLOCK = 16
-SUFFIX, SCALES = "_q8", "_q8_scales"
-SCALE_NUMPY = {ir.DataType.FLOAT: np.float32, ir.DataType.FLOAT16: np.float16, ir.DataType.BFLOAT16: ml_dtypes.bfloat16}
+SUFFIX, SCALES = Q8_SUFFIX, Q8_SCALES_SUFFIX
 
 
 @dataclass(frozen=True)
@@ -160,7 +160,7 @@ class _Quantized:
         names = (name + SUFFIX, name + SCALES)
         if names[0] in graph.initializers:
             return graph.initializers[names[0]], graph.initializers[names[1]]
-        as_scale = SCALE_NUMPY[scale_dtype]
+        as_scale = FLOAT_NUMPY[scale_dtype]
 
         def part(i: int, shape: tuple[int, ...]) -> Callable[[], ir.TensorProtocol]:
             if i == 1:
@@ -177,7 +177,7 @@ def _rows(source: Source, block: int) -> Callable[[], tuple[np.ndarray, np.ndarr
 
 
 def _require_float(value: ir.Value | None, what: str) -> None:
-    if value is not None and value.dtype not in (None, *SCALE_NUMPY):
+    if value is not None and value.dtype not in (None, *FLOAT_NUMPY):
         raise ir.passes.PreconditionError(
             f"{what} is {value.dtype}; 8-bit weights are lowered for float32, float16 and bfloat16 graphs"
         )
@@ -323,8 +323,8 @@ class MoEToQMoEPass(DsPass):
         b = Builder(moe.name or "moe", rewrite=rewrite, origin=moe)
         y = b.op(
             "QMoE",
-            _cast(b, x, x.dtype, compute, "x"),
-            _cast(b, b.op("Log", r, name="router_log"), ir.DataType.FLOAT, compute, "router_log"),
+            cast(b, x, x.dtype, compute, "x"),
+            cast(b, b.op("Log", r, name="router_log"), ir.DataType.FLOAT, compute, "router_log"),
             q1,
             s1,
             None,
@@ -343,7 +343,7 @@ class MoEToQMoEPass(DsPass):
             quant_type="int",
         )
         total = b.op("ReduceSum", r, b.ints(-1, name="axes"), keepdims=1, name="weight_sum")  # [N, 1]
-        out = b.op("Mul", _cast(b, y, compute, x.dtype, "y"), b.op("CastLike", total, x), name="scaled")
+        out = b.op("Mul", cast(b, y, compute, x.dtype, "y"), b.op("CastLike", total, x), name="scaled")
         b.insert_before(graph, moe)
         ir.convenience.replace_nodes_and_values(
             graph, insertion_point=moe, old_nodes=[moe], new_nodes=[], old_values=moe.outputs, new_values=[out]

@@ -24,12 +24,11 @@ import collections
 import onnx_ir as ir
 import onnx_ir.passes.common as common
 from dsv3c.artifact import provenance
+from dsv3c.passes.lower_ort import MS_DOMAIN
 from dsv3c.passes.stages import DsPass, StageResult
 from onnxscript.rewriter import pattern
 from onnxscript.rewriter.ort_fusions.rms_normalization import rms_normalization_rules
 from onnxscript.rewriter.ort_fusions.skip_normalization import skip_rms_normalization_ruleset
-
-MS_DOMAIN = "com.microsoft"
 
 # in order: the norms first, since the skip rules match the SimplifiedLayerNormalization they make
 RULE_SETS = (pattern.RewriteRuleSet(rms_normalization_rules), skip_rms_normalization_ruleset)

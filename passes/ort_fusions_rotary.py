@@ -19,10 +19,10 @@ import onnx_ir as ir
 import onnx_ir.passes.common as common
 from dsv3c.artifact import provenance
 from dsv3c.export.builder import Builder
+from dsv3c.passes.lower_ort import MS_DOMAIN
 from dsv3c.passes.rope import Rope, match
 from dsv3c.passes.stages import DsPass, StageResult
 
-MS_DOMAIN = "com.microsoft"
 REWRITE = provenance.lowered(f"{MS_DOMAIN}.RotaryEmbedding")
 
 Caches = tuple[ir.Value, ir.Value, ir.Value]  # position ids, cos cache, sin cache

@@ -44,14 +44,19 @@ class Placement:
         return {"by_provider": self.by_provider, "off_device": self.off_device}
 
 
-def placement_from_profile(path: Path, provider: str) -> Placement:
-    """Count the node events of an onnxruntime profile (one run) by execution provider."""
-    events = json.loads(path.read_text())
+def node_events(path: Path) -> dict[str, tuple[str, str]]:
+    """The nodes an onnxruntime profile saw run: node name -> (execution provider, op type)."""
     seen: dict[str, tuple[str, str]] = {}
-    for e in events:
+    for e in json.loads(path.read_text()):
         args = e.get("args", {})
         if e.get("cat") == "Node" and "provider" in args and e.get("name", "").endswith("_kernel_time"):
             seen[e["name"][: -len("_kernel_time")]] = (args["provider"], args.get("op_name", "?"))
+    return seen
+
+
+def placement_from_profile(path: Path, provider: str) -> Placement:
+    """Count the node events of an onnxruntime profile (one run) by execution provider."""
+    seen = node_events(path)
     by_provider = Counter(p for p, _ in seen.values())
     off = Counter(op for p, op in seen.values() if p != provider)
     return Placement(dict(by_provider), dict(off))

@@ -20,6 +20,7 @@ import onnx_ir as ir
 import torch
 from dsv3c.artifact.atomic import atomic_file
 from dsv3c.artifact.manifest import read_manifest, write_manifest
+from dsv3c.artifact.names import Q8_SCALES_SUFFIX
 from dsv3c.artifact.weights import Layout, Slot, WeightsWriter, read_slots
 from dsv3c.errors import UserError
 
@@ -30,15 +31,13 @@ DTYPES = {
     ir.DataType.FLOAT8E4M3FN: torch.float8_e4m3fn,
     ir.DataType.UINT8: torch.uint8,  # `lower --target ort --weights-8bit`: MatMulNBits / QMoE weights
 }
-# the float scales of 8-bit weights (passes/lower_ort_8bit.py names them so)
-QUANT_SCALES = ("_q8_scales",)
 
 
 def random_tensor(slot: Slot, seed: int, std: float, device: torch.device) -> torch.Tensor:
     dtype = DTYPES[slot.dtype]
     if slot.name.endswith("norm.weight"):
         return torch.ones(slot.shape, dtype=dtype, device=device)
-    if slot.name.endswith(QUANT_SCALES):
+    if slot.name.endswith(Q8_SCALES_SUFFIX):
         # 8-bit weights are uniform bytes around the zero point 128: std(q - 128) = 128 / sqrt(3), so this
         # scale gives the dequantized weights the float ones' std
         return torch.full(slot.shape, std * 3**0.5 / 128, dtype=dtype, device=device)
