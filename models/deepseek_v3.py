@@ -248,11 +248,8 @@ class MoE(nn.Module):
         for the per-expert counts, instead of once per expert: on a GPU those waits dominated a step.
         """
         out = torch.zeros_like(flat, dtype=torch.float32)
-        k = indices.shape[1]
-        flat_indices = indices.flatten()
-        order = flat_indices.argsort(stable=True)  # positions token * k + slot, grouped by expert
-        tokens, slots = order // k, order % k
-        counts = torch.bincount(flat_indices, minlength=len(self.experts)).tolist()
+        tokens, slots, counts_on_device = sort_by_expert(indices, len(self.experts))
+        counts = counts_on_device.tolist()
         start = 0
         for e, n in enumerate(counts):
             if n:
@@ -261,6 +258,15 @@ class MoE(nn.Module):
                 out.index_add_(0, token, expert_out * weights[token, slot, None])
             start += n
         return out
+
+
+def sort_by_expert(indices: torch.Tensor, experts: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The (token, slot) pairs of top-k `indices` [N, k] sorted by expert, stably (each expert's tokens in
+    ascending order): (tokens, slots, tokens per expert [experts]), all on the device."""
+    k = indices.shape[1]
+    flat = indices.flatten()
+    order = flat.argsort(stable=True)  # positions token * k + slot, grouped by expert
+    return order // k, order % k, torch.bincount(flat, minlength=experts)
 
 
 class DecoderLayer(nn.Module):

@@ -21,7 +21,7 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
-from dsv3c.models.deepseek_v3 import MLP, MoE
+from dsv3c.models.deepseek_v3 import MLP, MoE, sort_by_expert
 from dsv3c.train import fp8_linear as fl
 from dsv3c.train import fp8_quant as fq
 from dsv3c.train.fp8_linear import Fp8Recipe
@@ -111,11 +111,8 @@ class Fp8GroupedMoE(MoE):
     recipe: Fp8Recipe
 
     def routed(self, flat: torch.Tensor, weights: torch.Tensor, indices: torch.Tensor) -> torch.Tensor:
-        k = indices.shape[1]
-        flat_indices = indices.flatten()
-        order = flat_indices.argsort(stable=True)  # as MoE.routed: each expert's pairs in token order
-        tokens, slots = order // k, order % k
-        counts = torch.bincount(flat_indices, minlength=len(self.experts)).tolist()
+        tokens, slots, on_device = sort_by_expert(indices, len(self.experts))  # as MoE.routed
+        counts = on_device.tolist()
         # only the experts that got tokens take part, so an idle expert gets no gradient (None, not zeros)
         # and the optimizer leaves it alone, as with one Fp8Linear per expert
         active = [e for e, c in enumerate(counts) if c]
@@ -127,7 +124,7 @@ class Fp8GroupedMoE(MoE):
         for i, e in enumerate(active):
             shift[e] = starts[i] - before
             before += counts[e]
-        dest = torch.arange(len(order), device=flat.device) + shift.to(flat.device)[flat_indices[order]]
+        dest = torch.arange(len(tokens), device=flat.device) + shift.to(flat.device)[indices[tokens, slots]]
         x = flat.new_zeros((sum(sizes), flat.shape[1]))
         x[dest] = flat[tokens]
         experts: list[MLP] = [self.experts[e] for e in active]  # type: ignore[misc]

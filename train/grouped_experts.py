@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
-from dsv3c.models.deepseek_v3 import MLP, MoE
+from dsv3c.models.deepseek_v3 import MLP, MoE, sort_by_expert
 
 _FAILED: list[str] = []  # set once torch._grouped_mm refused: the loop from then on
 
@@ -35,11 +35,7 @@ class GroupedMoE(MoE):
         return super().routed(flat, weights, indices)
 
     def _grouped(self, flat: torch.Tensor, weights: torch.Tensor, indices: torch.Tensor) -> torch.Tensor:
-        k = indices.shape[1]
-        flat_indices = indices.flatten()
-        order = flat_indices.argsort(stable=True)  # as MoE.routed: each expert's pairs in token order
-        tokens, slots = order // k, order % k
-        counts = torch.bincount(flat_indices, minlength=len(self.experts))
+        tokens, slots, counts = sort_by_expert(indices, len(self.experts))  # as MoE.routed
         active = [e for e, c in enumerate(counts.tolist()) if c]  # the layer's one wait for the device
         experts: list[MLP] = [self.experts[e] for e in active]  # type: ignore[misc]
         dtype = torch.bfloat16 if flat.is_cuda else flat.dtype
