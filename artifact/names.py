@@ -11,6 +11,8 @@ MLA_OP = "MLAAttention"  # dsv3c::MLAAttention (schema: dsv3c.export.onnx_ops)
 MOE_OP = "MoE"  # dsv3c::MoE
 # 8-bit weights of `lower --target ort --weights-8bit`: `<weight>_q8` (uint8) and `<weight>_q8_scales`
 Q8_SUFFIX, Q8_SCALES_SUFFIX = "_q8", "_q8_scales"
+# a float weight the ort lowering stores transposed, as its MatMul reads it ([in, out])
+TRANSPOSED_SUFFIX = "_t"
 
 MANIFEST_FILE = "manifest.json"  # an export folder
 ENGINE_MANIFEST_FILE = "engine_manifest.json"  # an engine folder (dsv3c build)

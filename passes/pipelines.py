@@ -24,6 +24,7 @@ from dsv3c.passes.ort_fusions_rotary import OrtRotaryPass
 from dsv3c.passes.policy import Policy
 from dsv3c.passes.rope import RopeToRotaryEmbeddingPass
 from dsv3c.passes.stages import Stage
+from dsv3c.passes.transposed_weights import TransposedWeightsPass
 
 
 @dataclass(frozen=True)
@@ -101,6 +102,7 @@ def lower_pipeline(
             Stage("moe-to-com-microsoft", LowerMoEToOrtPass()),
             Stage("inline-custom", InlineCustomPass()),
             *cleanup_stages(),
+            Stage("weights-transposed", TransposedWeightsPass()),  # after fold-constants took out no-op Casts
             *([Stage("ort-fusions", OrtFusionsPass()), Stage("ort-rotary", OrtRotaryPass())] if ort_fusions else []),
         ]
     if target == Target.TRT:

@@ -358,7 +358,7 @@ def test_marks_and_structure_agree(folders: PipelineFolders, tmp_path: Path, a: 
     _only_rewrites(inferred)
     assert _summary(marked) == _summary(inferred)
     stages = {r.stage for r in marked.rewrites if r.kind == "lowered"}
-    assert stages <= {"inline-custom", "moe-to-com-microsoft", "ort-fusions", "ort-rotary"} and (
+    assert stages <= {"inline-custom", "moe-to-com-microsoft", "weights-transposed", "ort-fusions", "ort-rotary"} and (
         b == "quantized" or stages
     )
     assert {r.stage for r in inferred.rewrites} == {""}  # nothing to read: inferred

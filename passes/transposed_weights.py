@@ -1,0 +1,79 @@
+"""Float weights stored as their MatMul reads them: `MatMul(x, Transpose(W))` -> `MatMul(x, W_t)`.
+
+The exporter keeps torch's [out, in] layout and transposes in the graph. onnxruntime folds that Transpose
+at every session load, a copy of every dense weight per session: the `small` preset's decode took about
+twice as long to open (bench/session_load.py). The ort lowering writes `W_t = W.T` once instead, named
+`<W>` + TRANSPOSED_SUFFIX and shared by every graph of the folder. The numbers do not change: the MatMul
+reads the same values in the same layout onnxruntime made.
+
+Only a float initializer directly behind the Transpose is stored transposed. FP8 weights keep their
+8-bit bytes and their DequantizeLinear (transposing them would make a float copy, not save one);
+8-bit lowerings have already turned these MatMuls into MatMulNBits.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx_ir as ir
+from dsv3c.artifact import provenance
+from dsv3c.artifact.export_folder import mark_weight
+from dsv3c.artifact.names import TRANSPOSED_SUFFIX
+from dsv3c.export.builder import Builder, initializer, static_dims
+from dsv3c.onnxkit.linears import LinearKind, rewritable_linears
+from dsv3c.passes.lower_ort import FLOAT_NUMPY
+from dsv3c.passes.stages import DsPass, StageResult
+
+
+def _transposed(graph: ir.Graph, weight: ir.Value) -> ir.Value:
+    """W.T as a weight of the folder (computed when written), made once per name."""
+    assert weight.name is not None and weight.dtype is not None
+    name = weight.name + TRANSPOSED_SUFFIX
+    if name in graph.initializers:
+        return graph.initializers[name]
+    tensor = weight.const_value
+    assert tensor is not None
+    rows, cols = static_dims(weight.shape)
+    lazy = ir.LazyTensor(
+        lambda: ir.tensor(np.ascontiguousarray(tensor.numpy().T)),
+        weight.dtype,
+        ir.Shape((cols, rows)),
+        name=name,
+    )
+    return mark_weight(initializer(graph, name, lazy))
+
+
+class TransposedWeightsPass(DsPass):
+    def call(self, model: ir.Model) -> ir.passes.PassResult:
+        graph = model.graph
+        stored: dict[str, None] = {}
+        for use in rewritable_linears(graph):
+            weight, matmul = use.weight, use.user
+            transpose = matmul.inputs[1].producer() if matmul.inputs[1] is not None else None
+            if use.kind != LinearKind.MATMUL or transpose is None or transpose.inputs[0] is not weight:
+                continue  # not a plain float weight (FP8 behind its DequantizeLinear, a Cast, ...)
+            if weight.const_value is None or weight.dtype not in FLOAT_NUMPY:
+                continue
+            self._replace(graph, matmul, transpose, _transposed(graph, weight))
+            assert weight.name is not None
+            stored[weight.name] = None
+        for name in stored:  # the [out, in] original, unless something else still reads it
+            value = graph.initializers[name]
+            if not value.uses() and value not in graph.outputs:
+                graph.initializers.pop(name)
+        return StageResult(model, bool(stored), {"stored_transposed": len(stored)})
+
+    def _replace(self, graph: ir.Graph, matmul: ir.Node, transpose: ir.Node, weight_t: ir.Value) -> None:
+        if provenance.read(matmul).stage is not None:
+            # made by an earlier stage (the MoE routing's router): that stage's rewrite explains it already
+            matmul.replace_input_with(1, weight_t)
+        else:  # the exporter's linear: a new MatMul, marked as replacing it and its Transpose, for `dsv3c diff`
+            b = Builder(matmul.name or "matmul", rewrite=provenance.lowered("MatMul"), origin=[matmul, transpose])
+            out = b.op("MatMul", matmul.inputs[0], weight_t, name="stored_transposed")
+            old = matmul.outputs[0]
+            out.shape, out.type = old.shape, old.type
+            b.insert_before(graph, matmul)
+            ir.convenience.replace_nodes_and_values(
+                graph, insertion_point=matmul, old_nodes=[matmul], new_nodes=[], old_values=[old], new_values=[out]
+            )
+        if not transpose.outputs[0].uses():
+            graph.remove(transpose, safe=True)
