@@ -1,10 +1,11 @@
 """Float weights stored as their MatMul reads them: `MatMul(x, Transpose(W))` -> `MatMul(x, W_t)`.
 
 The exporter keeps torch's [out, in] layout and transposes in the graph. onnxruntime folds that Transpose
-at every session load, a copy of every dense weight per session: the `small` preset's decode took about
-twice as long to open (bench/session_load.py). The ort lowering writes `W_t = W.T` once instead, named
-`<W>` + TRANSPOSED_SUFFIX and shared by every graph of the folder. The numbers do not change: the MatMul
-reads the same values in the same layout onnxruntime made.
+at every session load, a copy of every dense weight per session: the `small` preset's decode took 0.75 s
+to open, 0.38 s with the weights stored transposed (bench/session_load.py on the 2-core CPU,
+bench/results/session_load_small_transposed_cpu_2026-12-02.json). The ort lowering writes `W_t = W.T`
+once instead, named `<W>` + TRANSPOSED_SUFFIX and shared by every graph of the folder. The numbers do not
+change: the MatMul reads the same values in the same layout onnxruntime made.
 
 Only a float initializer directly behind the Transpose is stored transposed. FP8 weights keep their
 8-bit bytes and their DequantizeLinear (transposing them would make a float copy, not save one);
