@@ -19,7 +19,6 @@ import collections
 import statistics
 import sys
 import tempfile
-import time
 from pathlib import Path
 from typing import Any
 
@@ -32,6 +31,7 @@ from dsv3c.cli.main import main as dsv3c_main  # noqa: E402
 from dsv3c.eval.record import run_record, write_result  # noqa: E402
 from dsv3c.passes.lower import lower_folder  # noqa: E402
 from dsv3c.passes.pipelines import Target  # noqa: E402
+from dsv3c.runtime.bench.static_steps import interleaved_step_ms  # noqa: E402
 from dsv3c.runtime.ort_cuda_graph import StaticDecoder, node_events  # noqa: E402
 from dsv3c.runtime.random_weights import fill_random  # noqa: E402
 
@@ -51,37 +51,6 @@ def profile_step(folder: Path, capacity: int, device: str, threads: int) -> tupl
     logits = decoder.step(torch.tensor([[7]], device=device), torch.tensor([[5]], device=device)).cpu()
     ops, providers = nodes_by_op(Path(decoder.session.end_profiling()))
     return {"nodes_per_step": sum(ops.values()), "nodes_by_op": ops, "by_provider": providers}, logits
-
-
-def time_steps(
-    folders: dict[str, Path], capacity: int, steps: int, rounds: int, device: str, threads: int
-) -> dict[str, list[float]]:
-    """ms per decode step of each folder (on CUDA replayed as a CUDA graph, synchronized after each step), the
-    folders taking turns for `rounds` rounds of `steps` steps, so that a change in the shared machine's load
-    falls on both alike."""
-    cuda = device == "cuda"
-    decoders = {
-        name: StaticDecoder(folder, 1, capacity, device=device, cuda_graph=cuda, threads=threads)
-        for name, folder in folders.items()
-    }
-    ids, times = torch.tensor([[7]], device=device), {name: [] for name in folders}
-    positions = [torch.tensor([[p]], device=device) for p in range(2 + steps)]
-
-    def step(decoder: StaticDecoder, position: int) -> None:
-        decoder.step(ids, positions[position])
-        if cuda:
-            torch.cuda.synchronize()
-
-    for decoder in decoders.values():  # warm-up: onnxruntime allocates its arenas (and captures) first
-        for position in range(2):
-            step(decoder, position)
-    for _ in range(rounds):
-        for name, decoder in decoders.items():
-            for position in range(2, 2 + steps):
-                start = time.perf_counter()
-                step(decoder, position)
-                times[name].append(1e3 * (time.perf_counter() - start))
-    return times
 
 
 def main() -> int:
@@ -105,9 +74,9 @@ def main() -> int:
         for name, fusions in LOWERINGS.items():
             folders[name] = work / f"ort-{name}"
             lower_folder(canon, folders[name], Target.ORT, force=True, ort_fusions=fusions)
-            fill_random(folders[name])
+            fill_random(folders[name], device=args.device)  # drawn on the GPU there (faster)
             rows[name], logits[name] = profile_step(folders[name], args.capacity, args.device, args.threads)
-        times = time_steps(folders, args.capacity, args.steps, args.rounds, args.device, args.threads)
+        times, _ = interleaved_step_ms(folders, args.capacity, args.steps, args.rounds, args.device, args.threads)
     for name, row in rows.items():
         row["ms_per_token_median"] = statistics.median(times[name])
         row["ms_per_token_min"] = min(times[name])

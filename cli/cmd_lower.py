@@ -88,6 +88,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         "without the fused kernels SimplifiedLayerNormalization, SkipSimplifiedLayerNormalization, RotaryEmbedding)",
     )
     p.add_argument(
+        "--concat-cache",
+        action="store_true",
+        help="ort: keep the decode step's Concat of the past cache and the new entries (by default attention "
+        "reads the two apart, which saves a copy of the cache per step and costs six small nodes per layer)",
+    )
+    p.add_argument(
         "--dump-dir",
         type=Path,
         help="write every graph after every stage into this new folder (no weight data); it appears only when "
@@ -117,6 +123,10 @@ def run(args: argparse.Namespace) -> int:
         check_output(args.dump_dir, [args.export_dir, args.out], args.force)
     if args.no_fusions and args.target != "ort":
         raise UserError("--no-fusions keeps onnxruntime's fused ops out of the ort lowering; use it with --target ort")
+    if args.concat_cache and args.target != "ort":
+        raise UserError(
+            "--concat-cache keeps the exported decode attention of the ort lowering; use it with --target ort"
+        )
     if args.block_8bit != 128 and not args.weights_8bit:
         raise UserError("--block-8bit sets the block of --weights-8bit; pass --weights-8bit too")
     compile_for = _compile_target(args)
@@ -167,4 +177,5 @@ def _lower(args: argparse.Namespace, dump_dir: Path | None, compile_for: Compile
         mxfp8=args.activations == "mxfp8",
         mxfp8_weights=args.mxfp8_weights,
         ort_fusions=not args.no_fusions,
+        attention_past_apart=not args.concat_cache,
     )

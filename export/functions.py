@@ -75,7 +75,11 @@ class Body:
 def _mla_mask(b: Body, ckv: str, positions: str) -> str:
     """[B, 1, S, T] bool: past slot j visible iff j < positions[b, 0]; new i' iff pos[i'] <= pos[i]."""
     total, seq, batch = b.shape(ckv, 1, 2), b.shape(positions, 1, 2), b.shape(positions, 0, 1)
-    past = b.op("Sub", total, seq)  # [1]
+    return mla_mask_past(b, b.op("Sub", total, seq), seq, batch, positions)
+
+
+def mla_mask_past(b: Body, past: str, seq: str, batch: str, positions: str) -> str:
+    """The same mask from the number of past slots, new tokens and rows ([1] int64 each): [B, 1, S, P + S]."""
     zero, one = b.op("Constant", value_int=0), b.op("Constant", value_int=1)
     slots = b.op("Range", zero, b.op("Squeeze", past, b.ints(0)), one)  # [P]
     first = b.op("Slice", positions, b.ints(0), b.ints(1), b.ints(1))  # [B, 1]

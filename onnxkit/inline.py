@@ -10,6 +10,8 @@ its origin (artifact/provenance.py).
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import onnx_ir as ir
 from dsv3c.artifact import provenance
 from dsv3c.artifact.provenance import Rewrite
@@ -34,7 +36,7 @@ def inline_call(
     function: ir.Function,
     prefix: str | None = None,
     rewrite: Rewrite | None = None,
-    origin: ir.Node | None = None,
+    origin: ir.Node | Sequence[ir.Node] | None = None,
 ) -> tuple[list[ir.Node], list[ir.Value]]:
     """Replace `call` by a copy of `function`'s body; returns the new nodes (in order) and the outputs.
 

@@ -21,6 +21,7 @@ from dsv3c.passes.lower_ort_8bit import Int8Options, MatMulNBitsPass, MoEToQMoEP
 from dsv3c.passes.lower_trt import ATTENTION_OPSET, MlaToAttentionPass, TrtQdqPass, UpgradeOpsetPass
 from dsv3c.passes.ort_fusions import OrtFusionsPass
 from dsv3c.passes.ort_fusions_rotary import OrtRotaryPass
+from dsv3c.passes.ort_split_past import SplitPastAttentionPass
 from dsv3c.passes.policy import Policy
 from dsv3c.passes.rope import RopeToRotaryEmbeddingPass
 from dsv3c.passes.stages import Stage
@@ -79,13 +80,15 @@ def lower_pipeline(
     mxfp8: bool = False,
     mxfp8_weights: bool = False,
     ort_fusions: bool = True,
+    attention_past_apart: bool = True,
 ) -> list[Stage]:
     """The stages that take a canonical (or quantized) export to `target`; `dims` fixes shapes (iree);
     `int8` (ort): 8-bit weights in MatMulNBits / QMoE (a MoE QMoE cannot take keeps float experts);
     `mxfp8`: online activation scales as MXFP8 (TensorRT's dynamic quantization for trt, its emulation in
     standard ONNX ops for portable and ort), `mxfp8_weights`: the FP8 weights they meet too;
     `ort_fusions` (ort): RMSNorm with the residual Add before it, and RoPE, as onnxruntime's fused ops
-    (ort_fusions.py, ort_fusions_rotary.py)."""
+    (ort_fusions.py, ort_fusions_rotary.py); `attention_past_apart` (ort): decode attention reads the past cache
+    and the new entries apart instead of their Concat (ort_split_past.py)."""
     emulated = mxfp8_stages(Mxfp8Form.EMULATED, mxfp8, mxfp8_weights)
     if target == Target.PORTABLE:
         return [*emulated, Stage("inline-custom", InlineCustomPass()), *cleanup_stages()]
@@ -100,6 +103,7 @@ def lower_pipeline(
             *emulated,
             *eight_bit,
             Stage("moe-to-com-microsoft", LowerMoEToOrtPass()),
+            *([Stage("attention-past-apart", SplitPastAttentionPass())] if attention_past_apart else []),
             Stage("inline-custom", InlineCustomPass()),
             *cleanup_stages(),
             Stage("weights-transposed", TransposedWeightsPass()),  # after fold-constants took out no-op Casts

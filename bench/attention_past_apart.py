@@ -1,0 +1,99 @@
+"""Decode ms/token of the ort lowering with attention over the past cache and the new entries apart (the
+default, passes/ort_split_past.py) and over their Concat (`lower --concat-cache`), per context.
+
+    python bench/attention_past_apart.py [--preset small] [--capacities 128 1024 4096 16384] [--steps 5]
+                                         [--rounds 8] [--device cpu|cuda] [--work DIR] [--out FILE]
+
+Exports the preset (--weights none), lowers it both ways, fills both with the same random weights, and per
+capacity opens both decode graphs as runtime/ort_cuda_graph.py's StaticDecoder (batch 1, the cache's
+capacity = the context; a static step attends over all of it) and times them taking turns
+(runtime/bench/static_steps.py). Also the largest logits difference between the two, relative to the
+largest logit, and the cache bytes a step must read once.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+import tempfile
+from pathlib import Path
+
+from _bootstrap import import_dsv3c
+
+import_dsv3c()
+
+import torch  # noqa: E402
+from dsv3c.artifact.manifest import read_manifest  # noqa: E402
+from dsv3c.cli.main import main as dsv3c_main  # noqa: E402
+from dsv3c.eval.record import run_record, write_result  # noqa: E402
+from dsv3c.passes.lower import lower_folder  # noqa: E402
+from dsv3c.passes.pipelines import Target  # noqa: E402
+from dsv3c.runtime.bench.static_steps import interleaved_step_ms  # noqa: E402
+from dsv3c.runtime.random_weights import fill_random  # noqa: E402
+
+LOWERINGS = {"concat": False, "apart": True}  # name -> attention_past_apart
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--preset", default="small")
+    p.add_argument("--capacities", type=int, nargs="+", default=[128, 1024, 4096, 16384])
+    p.add_argument("--steps", type=int, default=5, help="timed steps per round")
+    p.add_argument("--rounds", type=int, default=8)
+    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--device", choices=["cpu", "cuda"], default="cpu", help="cuda: onnxruntime's CUDA EP")
+    p.add_argument("--work", type=Path, help="folder for the export and lowerings (default: a temporary one)")
+    p.add_argument("--out", type=Path)
+    args = p.parse_args()
+    rows = []
+    with tempfile.TemporaryDirectory() as tmp:
+        work = args.work or Path(tmp)
+        work.mkdir(parents=True, exist_ok=True)
+        canon = work / "canon"
+        if dsv3c_main(["export", "--preset", args.preset, "--weights", "none", "--out", str(canon), "--force"]):
+            return 2
+        folders = {}
+        for name, apart in LOWERINGS.items():
+            folders[name] = work / f"ort-{name}"
+            lower_folder(canon, folders[name], Target.ORT, force=True, attention_past_apart=apart)
+            fill_random(folders[name], device=args.device)
+        c = read_manifest(canon).cache  # the main cache only (the MTP module's is not read by a decode step)
+        token_bytes = (
+            (int(c["ckv_width"]) + int(c["kpe_width"])) * int(c["layers"]) * getattr(torch, c["dtype"]).itemsize
+        )
+        for capacity in args.capacities:
+            times, logits = interleaved_step_ms(folders, capacity, args.steps, args.rounds, args.device, args.threads)
+            a, b = logits["concat"], logits["apart"]
+            row = {
+                "context": capacity,
+                "cache_bytes_per_step": token_bytes * capacity,
+                "logits_max_rel_difference": float((a - b).abs().max() / a.abs().max()),
+            }
+            for name, ms in times.items():
+                row[name] = {"ms_per_token_median": statistics.median(ms), "ms_per_token_min": min(ms), "ms": ms}
+            ratio = row["concat"]["ms_per_token_median"] / row["apart"]["ms_per_token_median"]
+            print(
+                f"context {capacity}: concat {row['concat']['ms_per_token_median']:.2f} ms, apart "
+                f"{row['apart']['ms_per_token_median']:.2f} ms (median; {ratio:.2f}x), logits differ by "
+                f"{row['logits_max_rel_difference']:.1e}",
+                flush=True,
+            )
+            rows.append(row)
+    if args.out:
+        result = {
+            **run_record(),
+            "preset": args.preset,
+            "batch": 1,
+            "steps": args.steps,
+            "rounds": args.rounds,
+            "threads": args.threads,
+            "device": args.device,
+            "rows": rows,
+        }
+        write_result(args.out, result)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
