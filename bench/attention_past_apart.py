@@ -59,9 +59,7 @@ def main() -> int:
             lower_folder(canon, folders[name], Target.ORT, force=True, attention_past_apart=apart)
             fill_random(folders[name], device=args.device)
         c = read_manifest(canon).cache  # the main cache only (the MTP module's is not read by a decode step)
-        token_bytes = (
-            (int(c["ckv_width"]) + int(c["kpe_width"])) * int(c["layers"]) * getattr(torch, c["dtype"]).itemsize
-        )
+        token_bytes = c.width * c.layers * getattr(torch, c.dtype).itemsize
         for capacity in args.capacities:
             times, logits = interleaved_step_ms(folders, capacity, args.steps, args.rounds, args.device, args.threads)
             a, b = logits["concat"], logits["apart"]
