@@ -3,9 +3,8 @@
 The exported decode step concatenates the whole past cache with the step's new entries
 (`Concat(past_ckv, new_ckv)`, the same for the RoPE keys) and attends over the result. That Concat reads
 and writes every cached byte once more per step, on top of the two reads attention needs (scores, then
-values): at context 4096 the `small` preset's decode on the 2-core CPU grew by 5x what its cache bytes
-predict. This stage of the ort lowering inlines each absorbed dsv3c::MLAAttention
-whose cache inputs are such Concats as the same absorbed attention over the two parts:
+values). This stage of the ort lowering inlines each absorbed dsv3c::MLAAttention whose cache inputs are
+such Concats as the same absorbed attention over the two parts:
 
     s = [q_rows @ past_ckv^T + pe_rows @ past_kpe^T,  q_rows @ new_ckv^T + pe_rows @ new_kpe^T]  (scores, small)
     p = softmax(mask(s * scale))
@@ -16,6 +15,12 @@ summation order of the values' two parts. It costs six more small nodes per laye
 Add, a Split, a values GEMM, an Add, less the two Concats), which a launch-bound step at short context
 pays for. It applies to decode and the MTP modules (each over its own cache); prefill has no past. A past
 of length 0 works too (the score and value GEMMs over it are empty).
+
+Measured (bench/attention_past_apart.py, `small` preset, batch 1, 2-core CPU,
+bench/results/attention_past_apart_small_cpu_2026-12-02.json): the same speed at contexts 128 to 4096
+(0.98-1.02x) and 1.11x at 16384. On that CPU absorbed MLA is bound by its GEMMs' arithmetic (about
+4 x heads FLOPs per cache byte, bench/decode_attention.py), not by the bytes the Concat moves; a GPU, where
+it is bound by bandwidth, is where the copy costs most (not measured yet: `--device cuda`).
 """
 
 from __future__ import annotations
