@@ -1,7 +1,8 @@
 """GPU decode benchmark: onnxruntime's CUDA EP (captured CUDA graphs, and without) vs PyTorch eager and
 transformers on the same GPU, side by side in one run, against the memory-bandwidth floor.
 
-Here (CPU machine), write `lower --target ort` folders without weights (a few MB each, easy to carry):
+Here (CPU machine), write `lower --target ort` folders without weights (a few MB each, easy to carry;
+`bench/decode_gpu.sh folders` does this into runs/gpu, and its `small` and `v2-lite` modes run the GPU round):
 
     dsv3c export --preset small --weights none --out gpu/small-canon
     dsv3c lower gpu/small-canon --target ort --out gpu/small

@@ -1,0 +1,34 @@
+#!/usr/bin/env bash
+# The GPU round of issue 14, in few device calls (results under $OUT):
+#   bench/decode_gpu.sh folders          # here, on the CPU: weightless export folders under runs/gpu (~12 MB)
+# then on the GPU machine, with onnxruntime-gpu staged at /tmp/site and runs/gpu carried:
+#   bench/decode_gpu.sh small COMMIT     # small fp32: every runtime; the fusions' and the split attention's effect
+#   bench/decode_gpu.sh v2-lite COMMIT   # V2-Lite shapes, bf16 and 8-bit: ort-graph vs PyTorch, node placement
+# A `--weights none` folder is filled with random weights on the GPU by bench/gpu_decode.py.
+set -u
+MODE=$1; COMMIT=${2:-unknown}; OUT=${OUT:-/tmp/out}; DIR=runs/gpu
+if [ "$MODE" = folders ]; then
+  set -e; mkdir -p $DIR
+  python -m dsv3c export --preset small --weights none --out $DIR/small-canon --force
+  python -m dsv3c lower $DIR/small-canon --target ort --out $DIR/small --force
+  python -m dsv3c export --preset v2-lite --weights none --dtype bf16 --out $DIR/v2-lite-canon --force
+  python -m dsv3c lower $DIR/v2-lite-canon --target ort --out $DIR/v2-lite --force
+  python -m dsv3c lower $DIR/v2-lite-canon --target ort --weights-8bit --out $DIR/v2-lite-8bit --force
+  rm -rf $DIR/small-canon $DIR/v2-lite-canon
+  du -sh $DIR
+  exit 0
+fi
+mkdir -p /tmp/pkg "$OUT" && ln -sfn "$PWD" /tmp/pkg/dsv3c && export PYTHONPATH=/tmp/site:/tmp/pkg
+nvidia-smi --query-gpu=name,memory.total --format=csv,noheader
+python -c "import onnxruntime as o; print('onnxruntime', o.__version__, o.get_available_providers())"
+if [ "$MODE" = small ]; then
+  timeout 300 python bench/gpu_decode.py $DIR/small --runtimes ort-graph ort-static torch transformers \
+    --contexts 128 4096 --batches 1 8 32 --steps 24 --commit "$COMMIT" --out "$OUT/gpu_decode_small.json" 2>&1 | tail -30
+  timeout 120 python bench/ort_step_nodes.py --device cuda --out "$OUT/ort_step_nodes_small.json" 2>&1 | tail -5
+  timeout 150 python bench/attention_past_apart.py --device cuda --capacities 128 4096 16384 \
+    --out "$OUT/attention_past_apart_small.json" 2>&1 | tail -5
+else
+  timeout 480 python bench/gpu_decode.py $DIR/v2-lite $DIR/v2-lite-8bit --runtimes ort-graph torch \
+    --contexts 128 4096 --batches 1 8 32 --steps 24 --commit "$COMMIT" --out "$OUT/gpu_decode_v2-lite.json" 2>&1 | tail -30
+  for f in v2-lite v2-lite-8bit; do timeout 60 python -m dsv3c inspect $DIR/$f --placement cuda 2>&1 | tail -6; done
+fi
