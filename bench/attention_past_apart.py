@@ -61,18 +61,18 @@ def main() -> int:
         c = read_manifest(canon).cache  # the main cache only (the MTP module's is not read by a decode step)
         token_bytes = c.width * c.layers * getattr(torch, c.dtype).itemsize
         for capacity in args.capacities:
-            times, logits = interleaved_step_ms(folders, capacity, args.steps, args.rounds, args.device, args.threads)
-            a, b = logits["concat"], logits["apart"]
+            timed = interleaved_step_ms(folders, capacity, args.steps, args.rounds, args.device, args.threads)
+            times, a, b = timed.ms, timed.logits["concat"], timed.logits["apart"]
             row = {
-                "context": capacity,
-                "cache_bytes_per_step": token_bytes * capacity,
+                "context": timed.capacity,  # the asked one rounded up to whole cache growth chunks
+                "cache_bytes_per_step": token_bytes * timed.capacity,
                 "logits_max_rel_difference": float((a - b).abs().max() / a.abs().max()),
             }
             for name, ms in times.items():
                 row[name] = {"ms_per_token_median": statistics.median(ms), "ms_per_token_min": min(ms), "ms": ms}
             ratio = row["concat"]["ms_per_token_median"] / row["apart"]["ms_per_token_median"]
             print(
-                f"context {capacity}: concat {row['concat']['ms_per_token_median']:.2f} ms, apart "
+                f"context {timed.capacity}: concat {row['concat']['ms_per_token_median']:.2f} ms, apart "
                 f"{row['apart']['ms_per_token_median']:.2f} ms (median; {ratio:.2f}x), logits differ by "
                 f"{row['logits_max_rel_difference']:.1e}",
                 flush=True,

@@ -76,7 +76,8 @@ def main() -> int:
             lower_folder(canon, folders[name], Target.ORT, force=True, ort_fusions=fusions)
             fill_random(folders[name], device=args.device)  # drawn on the GPU there (faster)
             rows[name], logits[name] = profile_step(folders[name], args.capacity, args.device, args.threads)
-        times, _ = interleaved_step_ms(folders, args.capacity, args.steps, args.rounds, args.device, args.threads)
+        timed = interleaved_step_ms(folders, args.capacity, args.steps, args.rounds, args.device, args.threads)
+        times = timed.ms
     for name, row in rows.items():
         row["ms_per_token_median"] = statistics.median(times[name])
         row["ms_per_token_min"] = min(times[name])
@@ -92,7 +93,7 @@ def main() -> int:
             **run_record(),
             "preset": args.preset,
             "batch": 1,
-            "capacity": args.capacity,
+            "capacity": timed.capacity,
             "steps": args.steps,
             "rounds": args.rounds,
             "threads": args.threads,

@@ -8,23 +8,32 @@ so that a change in a shared machine's load falls on all alike.
 from __future__ import annotations
 
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 from dsv3c.runtime.ort_cuda_graph import StaticDecoder
 
 
+@dataclass
+class StepTimes:
+    ms: dict[str, list[float]]  # folder name -> ms of each timed step
+    logits: dict[str, torch.Tensor]  # folder name -> logits of its first timed step (on the CPU)
+    capacity: int  # the cache's capacity as allocated (the asked one rounded up to whole growth chunks)
+
+
 def interleaved_step_ms(
     folders: dict[str, Path], capacity: int, steps: int, rounds: int, device: str = "cpu", threads: int = 2
-) -> tuple[dict[str, list[float]], dict[str, torch.Tensor]]:
+) -> StepTimes:
     """ms per decode step of each folder (batch 1; on CUDA replayed as a CUDA graph and synchronized after
-    each step), and each folder's logits at the first timed step (on the CPU)."""
+    each step), and each folder's logits at the first timed step."""
     cuda = device == "cuda"
     decoders = {
         name: StaticDecoder(folder, 1, capacity, device=device, cuda_graph=cuda, threads=threads)
         for name, folder in folders.items()
     }
     ids = torch.tensor([[7]], device=device)
+    capacity = next(iter(decoders.values())).capacity
     first = max(0, capacity - steps - 2)  # the last slots: the step attends over a full cache
     positions = [torch.tensor([[first + p]], device=device) for p in range(2 + steps)]
     times: dict[str, list[float]] = {name: [] for name in folders}
@@ -47,4 +56,4 @@ def interleaved_step_ms(
                 times[name].append(1e3 * (time.perf_counter() - start))
                 if name not in logits:
                     logits[name] = out.float().cpu().clone()
-    return times, logits
+    return StepTimes(times, logits, capacity)
