@@ -17,8 +17,8 @@ pays for. It applies to decode and the MTP modules (each over its own cache); pr
 of length 0 works too (the score and value GEMMs over it are empty).
 
 Measured (bench/attention_past_apart.py, `small` preset, batch 1, 2-core CPU,
-bench/results/attention_past_apart_small_cpu_2026-12-02.json): the same speed at contexts 128 to 4096
-(0.98-1.02x) and 1.11x at 16384. On that CPU absorbed MLA is bound by its GEMMs' arithmetic (about
+bench/results/attention_past_apart_small_cpu_2026-12-02.json): the same speed at contexts 256 to 4096
+(1.00-1.03x) and 1.12x at 16384. On that CPU absorbed MLA is bound by its GEMMs' arithmetic (about
 4 x heads FLOPs per cache byte, bench/decode_attention.py), not by the bytes the Concat moves; a GPU, where
 it is bound by bandwidth, is where the copy costs most (not measured yet: `--device cuda`).
 """
