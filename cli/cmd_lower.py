@@ -91,7 +91,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         "--concat-cache",
         action="store_true",
         help="ort: keep the decode step's Concat of the past cache and the new entries (by default attention "
-        "reads the two apart, which saves a copy of the cache per step and costs six small nodes per layer)",
+        "reads the two apart, which saves a copy of the cache per step and costs five small nodes per layer)",
     )
     p.add_argument(
         "--dump-dir",

@@ -11,9 +11,10 @@ such Concats as the same absorbed attention over the two parts:
     latent = p[..., :P] @ past_ckv + p[..., P:] @ new_ckv
 
 Only the scores ([B, H*S, P+S], H/r of the cache's size) are concatenated. The same numbers up to the
-summation order of the values' two parts. It costs six more small nodes per layer (two score GEMMs, an
-Add, a Split, a values GEMM, an Add, less the two Concats), which a launch-bound step at short context
-pays for. It applies to decode and the MTP modules (each over its own cache); prefill has no past. A past
+summation order of the values' two parts. It costs five more small nodes per layer (the new entries' two
+score GEMMs and their Add, the scores' Concat, a Split, their values GEMM and an Add, less the cache's
+two Concats: `small`'s static decode step runs 574 nodes instead of 534), which a launch-bound step at
+short context pays for. It applies to decode and the MTP modules (each over its own cache); prefill has no past. A past
 of length 0 works too (the score and value GEMMs over it are empty).
 
 Measured (bench/attention_past_apart.py, `small` preset, batch 1, 2-core CPU,
