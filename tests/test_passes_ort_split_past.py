@@ -87,3 +87,22 @@ def test_concat_cache_is_for_the_ort_target(tiny_export: Path, tmp_path: Path, c
     code = cli.main(["lower", str(tiny_export), "--target", "portable", "--concat-cache", "--out", str(tmp_path / "p")])
     assert code == 2 and "--concat-cache" in capsys.readouterr().err
     assert not (tmp_path / "p").exists()
+
+
+def test_an_empty_past_gives_the_same_step(lowerings: dict[str, Path]) -> None:
+    """A decode step over a past of length 0: the GEMMs over the past are empty, the result the same."""
+    import numpy as np
+    import onnxruntime as ort
+
+    logits = {}
+    for name, folder in lowerings.items():
+        session = ort.InferenceSession(str(folder / "decode.onnx"), providers=["CPUExecutionProvider"])
+        feeds = {}
+        for i in session.get_inputs():
+            if i.name in ("input_ids", "positions"):
+                feeds[i.name] = np.array([[5 if i.name == "input_ids" else 0]], dtype=np.int64)
+            else:  # past_ckv.N / past_kpe.N [batch, 0, width]
+                feeds[i.name] = np.zeros((1, 0, int(i.shape[2])), dtype=np.float32)
+        logits[name] = session.run(["logits"], feeds)[0]
+    a, b = logits["concat"], logits["apart"]
+    assert np.isfinite(b).all() and np.abs(a - b).max() <= 1e-5 * np.abs(a).max()
