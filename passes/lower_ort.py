@@ -101,7 +101,7 @@ def _float_initializer(value: ir.Value) -> bool:
     return value.is_initializer() and value.const_value is not None and value.dtype in FLOAT_NUMPY
 
 
-def _weight(graph: ir.Graph, name: str, dtype: ir.DataType, shape: tuple[int, ...], make: object) -> ir.Value:
+def folder_weight(graph: ir.Graph, name: str, dtype: ir.DataType, shape: tuple[int, ...], make: object) -> ir.Value:
     """A pass-made weight `name` (computed when written), or the one an earlier graph of the folder made."""
     if name in graph.initializers:
         return graph.initializers[name]
@@ -124,7 +124,7 @@ def folded_expert_weights(
         return ir.tensor(pairs.reshape(experts, 2 * ff, hidden).astype(to))
 
     suffix = "" if compute == gate.dtype else f"_{compute.name.lower()}"
-    fc1_value = _weight(
+    fc1_value = folder_weight(
         graph,
         gate.name.removesuffix("gate_proj.weight") + "gate_up_proj.weight" + suffix,
         compute,
@@ -133,7 +133,7 @@ def folded_expert_weights(
     )
     if down.dtype == compute:
         return fc1_value, down
-    fc2 = _weight(
+    fc2 = folder_weight(
         graph,
         f"{down.name}_{compute.name.lower()}",
         compute,

@@ -17,30 +17,26 @@ from __future__ import annotations
 import numpy as np
 import onnx_ir as ir
 from dsv3c.artifact import provenance
-from dsv3c.artifact.export_folder import mark_weight
 from dsv3c.artifact.names import TRANSPOSED_SUFFIX
-from dsv3c.export.builder import Builder, initializer, static_dims
+from dsv3c.export.builder import Builder, static_dims
 from dsv3c.onnxkit.linears import LinearKind, rewritable_linears
-from dsv3c.passes.lower_ort import FLOAT_NUMPY
+from dsv3c.passes.lower_ort import FLOAT_NUMPY, folder_weight
 from dsv3c.passes.stages import DsPass, StageResult
 
 
 def _transposed(graph: ir.Graph, weight: ir.Value) -> ir.Value:
     """W.T as a weight of the folder (computed when written), made once per name."""
     assert weight.name is not None and weight.dtype is not None
-    name = weight.name + TRANSPOSED_SUFFIX
-    if name in graph.initializers:
-        return graph.initializers[name]
     tensor = weight.const_value
     assert tensor is not None
     rows, cols = static_dims(weight.shape)
-    lazy = ir.LazyTensor(
-        lambda: ir.tensor(np.ascontiguousarray(tensor.numpy().T)),
+    return folder_weight(
+        graph,
+        weight.name + TRANSPOSED_SUFFIX,
         weight.dtype,
-        ir.Shape((cols, rows)),
-        name=name,
+        (cols, rows),
+        lambda: ir.tensor(np.ascontiguousarray(tensor.numpy().T)),
     )
-    return mark_weight(initializer(graph, name, lazy))
 
 
 class TransposedWeightsPass(DsPass):
