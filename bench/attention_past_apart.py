@@ -24,15 +24,12 @@ from _bootstrap import import_dsv3c
 import_dsv3c()
 
 import torch  # noqa: E402
+from _ort_variants import max_relative_difference, ort_variants  # noqa: E402
 from dsv3c.artifact.manifest import read_manifest  # noqa: E402
-from dsv3c.cli.main import main as dsv3c_main  # noqa: E402
 from dsv3c.eval.record import run_record, write_result  # noqa: E402
-from dsv3c.passes.lower import lower_folder  # noqa: E402
-from dsv3c.passes.pipelines import Target  # noqa: E402
 from dsv3c.runtime.bench.static_steps import interleaved_step_ms  # noqa: E402
-from dsv3c.runtime.random_weights import fill_random  # noqa: E402
 
-LOWERINGS = {"concat": False, "apart": True}  # name -> attention_past_apart
+LOWERINGS = {"concat": {"attention_past_apart": False}, "apart": {"attention_past_apart": True}}
 
 
 def main() -> int:
@@ -49,24 +46,18 @@ def main() -> int:
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
         work = args.work or Path(tmp)
-        work.mkdir(parents=True, exist_ok=True)
-        canon = work / "canon"
-        if dsv3c_main(["export", "--preset", args.preset, "--weights", "none", "--out", str(canon), "--force"]):
+        folders = ort_variants(args.preset, work, LOWERINGS, args.device)
+        if folders is None:
             return 2
-        folders = {}
-        for name, apart in LOWERINGS.items():
-            folders[name] = work / f"ort-{name}"
-            lower_folder(canon, folders[name], Target.ORT, force=True, attention_past_apart=apart)
-            fill_random(folders[name], device=args.device)
-        c = read_manifest(canon).cache  # the main cache only (the MTP module's is not read by a decode step)
+        c = read_manifest(work / "canon").cache  # the main cache only (the MTP module's is not read by a decode step)
         token_bytes = c.width * c.layers * getattr(torch, c.dtype).itemsize
         for capacity in args.capacities:
             timed = interleaved_step_ms(folders, capacity, args.steps, args.rounds, args.device, args.threads)
-            times, a, b = timed.ms, timed.logits["concat"], timed.logits["apart"]
+            times = timed.ms
             row = {
                 "context": timed.capacity,  # the asked one rounded up to whole cache growth chunks
                 "cache_bytes_per_step": token_bytes * timed.capacity,
-                "logits_max_rel_difference": float((a - b).abs().max() / a.abs().max()),
+                "logits_max_rel_difference": max_relative_difference(timed.logits["concat"], timed.logits["apart"]),
             }
             for name, ms in times.items():
                 row[name] = {"ms_per_token_median": statistics.median(ms), "ms_per_token_min": min(ms), "ms": ms}

@@ -27,15 +27,12 @@ from _bootstrap import import_dsv3c
 import_dsv3c()
 
 import torch  # noqa: E402
-from dsv3c.cli.main import main as dsv3c_main  # noqa: E402
+from _ort_variants import max_relative_difference, ort_variants  # noqa: E402
 from dsv3c.eval.record import run_record, write_result  # noqa: E402
-from dsv3c.passes.lower import lower_folder  # noqa: E402
-from dsv3c.passes.pipelines import Target  # noqa: E402
 from dsv3c.runtime.bench.static_steps import interleaved_step_ms  # noqa: E402
 from dsv3c.runtime.ort_cuda_graph import StaticDecoder, node_events  # noqa: E402
-from dsv3c.runtime.random_weights import fill_random  # noqa: E402
 
-LOWERINGS = {"unfused": False, "fused": True}  # name -> ort_fusions
+LOWERINGS = {"unfused": {"ort_fusions": False}, "fused": {"ort_fusions": True}}  # name -> lower_folder options
 
 
 def nodes_by_op(profile: Path) -> tuple[dict[str, int], dict[str, int]]:
@@ -65,17 +62,12 @@ def main() -> int:
     p.add_argument("--out", type=Path)
     args = p.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
-        work = args.work or Path(tmp)
-        work.mkdir(parents=True, exist_ok=True)
-        canon = work / "canon"
-        if dsv3c_main(["export", "--preset", args.preset, "--weights", "none", "--out", str(canon), "--force"]):
+        folders = ort_variants(args.preset, args.work or Path(tmp), LOWERINGS, args.device)
+        if folders is None:
             return 2
-        rows, logits, folders = {}, {}, {}
-        for name, fusions in LOWERINGS.items():
-            folders[name] = work / f"ort-{name}"
-            lower_folder(canon, folders[name], Target.ORT, force=True, ort_fusions=fusions)
-            fill_random(folders[name], device=args.device)  # drawn on the GPU there (faster)
-            rows[name], logits[name] = profile_step(folders[name], args.capacity, args.device, args.threads)
+        rows, logits = {}, {}
+        for name, folder in folders.items():
+            rows[name], logits[name] = profile_step(folder, args.capacity, args.device, args.threads)
         timed = interleaved_step_ms(folders, args.capacity, args.steps, args.rounds, args.device, args.threads)
         times = timed.ms
     for name, row in rows.items():
@@ -85,8 +77,7 @@ def main() -> int:
         where = ", ".join(f"{n} on {p}" for p, n in row["by_provider"].items())
         print(f"{name}: {row['nodes_per_step']} nodes/step ({where}), {row['ms_per_token_median']:.2f} ms/token median")
         print("  " + ", ".join(f"{op} {n}" for op, n in row["nodes_by_op"].items()))
-    a, b = logits["unfused"], logits["fused"]
-    difference = float((a - b).abs().max() / a.abs().max())
+    difference = max_relative_difference(logits["unfused"], logits["fused"])
     print(f"fused vs unfused logits: max |diff| / max |logit| = {difference:.2e}")
     if args.out:
         result = {

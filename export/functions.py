@@ -89,15 +89,46 @@ def mla_mask_past(b: Body, past: str, seq: str, batch: str, positions: str) -> s
     return b.op("Unsqueeze", b.op("Concat", past_ok, new_ok, axis=2), b.ints(1))  # [B, 1, S, T]
 
 
-def mla_function(absorbed: bool, opset: int, overload: str = "") -> onnx.FunctionProto:
-    """Inputs q_nope, q_pe, ckv, kpe, wkv_b, positions -> output [B, S, H * v] (model.mla_naive/absorbed)."""
-    b = Body()
-    heads, nope, rank = b.shape("q_nope", 2, 3), b.shape("q_nope", 3, 4), b.shape("ckv", 2, 3)
+@dataclass(frozen=True)
+class MlaPrelude:
+    """What every MLA body starts with: kv_b_proj split per head, the queries per head, the scale."""
+
+    rank: str  # [1]: kv_lora_rank, read from the cache's width
+    w_k: str  # [H, nope, r]
+    w_v: str  # [H, v, r]
+    q_nope: str  # [B, H, S, nope]
+    q_pe: str  # [B, H, S, rope]
+    scale: str  # softmax_scale in the queries' dtype
+
+
+def mla_prelude(b: Body, ckv: str) -> MlaPrelude:
+    """The nodes every MLA body starts with, over the inputs q_nope, q_pe, wkv_b and the cache `ckv`."""
+    heads, nope, rank = b.shape("q_nope", 2, 3), b.shape("q_nope", 3, 4), b.shape(ckv, 2, 3)
     w = b.op("Reshape", "wkv_b", b.op("Concat", heads, b.ints(-1), rank, axis=0))  # [H, nope + v, r]
     v_dim = b.op("Sub", b.shape(w, 1, 2), nope)
     w_k, w_v = b.op("Split", w, b.op("Concat", nope, v_dim, axis=0), axis=1, n_out=2)  # [H, nope, r], [H, v, r]
     q_nope, q_pe = b.t("q_nope", 0, 2, 1, 3), b.t("q_pe", 0, 2, 1, 3)  # [B, H, S, nope], [B, H, S, rope]
     scale = b.op("CastLike", b.attr("softmax_scale", onnx.AttributeProto.FLOAT), "q_nope")
+    return MlaPrelude(rank, w_k, w_v, q_nope, q_pe, scale)
+
+
+def absorbed_output(b: Body, latent_rows: str, probs: str, m: MlaPrelude) -> None:
+    """The absorbed body's end: latent rows [B, H*S, r] -> `output` [B, S, H * v] through W_uv."""
+    latent = b.op("Reshape", latent_rows, b.op("Concat", b.shape(probs, 0, 3), m.rank, axis=0))  # [B, H, S, r]
+    mla_output(b, b.op("MatMul", latent, b.t(m.w_v, 0, 2, 1)))  # [B, H, S, r] @ [H, r, v]
+
+
+def mla_output(b: Body, out: str) -> None:
+    """[B, H, S, v] -> the body's `output` [B, S, H * v]."""
+    flat = b.op("Concat", b.shape("q_nope", 0, 2), b.ints(-1), axis=0)
+    b.op("Reshape", b.t(out, 0, 2, 1, 3), flat, out="output")
+
+
+def mla_function(absorbed: bool, opset: int, overload: str = "") -> onnx.FunctionProto:
+    """Inputs q_nope, q_pe, ckv, kpe, wkv_b, positions -> output [B, S, H * v] (model.mla_naive/absorbed)."""
+    b = Body()
+    m = mla_prelude(b, "ckv")
+    rank, w_k, w_v, q_nope, q_pe, scale = m.rank, m.w_k, m.w_v, m.q_nope, m.q_pe, m.scale
     if absorbed:
         # Heads fold into the GEMM's rows ([B, H*S, r] @ [B, r, T]): one batched GEMM per row of the batch
         # reads the latent cache once. Broadcasting it over a head axis instead ([B, H, S, r] @ [B, 1, r, T])
@@ -124,12 +155,9 @@ def mla_function(absorbed: bool, opset: int, overload: str = "") -> onnx.Functio
     if absorbed:
         prob_rows = b.op("Concat", b.shape(probs, 0, 1), b.ints(-1), b.shape(probs, 3, 4), axis=0)  # [B, H*S, T]
         latent = b.op("MatMul", b.op("Reshape", probs, prob_rows), "ckv")  # [B, H*S, r]: the cache read once
-        latent = b.op("Reshape", latent, b.op("Concat", b.shape(probs, 0, 3), rank, axis=0))  # [B, H, S, r]
-        out = b.op("MatMul", latent, b.t(w_v, 0, 2, 1))  # [B, H, S, r] @ [H, r, v]
+        absorbed_output(b, latent, probs, m)
     else:
-        out = b.op("MatMul", probs, values)  # [B, H, S, v]
-    flat = b.op("Concat", b.shape("q_nope", 0, 2), b.ints(-1), axis=0)
-    b.op("Reshape", b.t(out, 0, 2, 1, 3), flat, out="output")  # [B, S, H * v]
+        mla_output(b, b.op("MatMul", probs, values))  # [B, H, S, v]
     return _function(MLA_OP, ["q_nope", "q_pe", "ckv", "kpe", "wkv_b", "positions"], b, MLA_ATTRS, opset, overload)
 
 

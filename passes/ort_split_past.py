@@ -29,7 +29,7 @@ from __future__ import annotations
 import onnx
 import onnx_ir as ir
 from dsv3c.artifact.names import DOMAIN, MLA_OP
-from dsv3c.export.functions import MLA_ATTRS, Body, mla_mask_past
+from dsv3c.export.functions import MLA_ATTRS, Body, absorbed_output, mla_mask_past, mla_prelude
 from dsv3c.onnxkit.inline import inline_call
 from dsv3c.passes.stages import DsPass, StageResult
 from onnx import TensorProto, helper
@@ -40,22 +40,17 @@ INPUTS = ["q_nope", "q_pe", "past_ckv", "new_ckv", "past_kpe", "new_kpe", "wkv_b
 def split_past_function(opset: int) -> onnx.FunctionProto:
     """Absorbed MLA over (past, new) caches given apart; output [B, S, H * v] as export/functions.py's body."""
     b = Body()
-    heads, nope, rank = b.shape("q_nope", 2, 3), b.shape("q_nope", 3, 4), b.shape("past_ckv", 2, 3)
-    w = b.op("Reshape", "wkv_b", b.op("Concat", heads, b.ints(-1), rank, axis=0))  # [H, nope + v, r]
-    v_dim = b.op("Sub", b.shape(w, 1, 2), nope)
-    w_k, w_v = b.op("Split", w, b.op("Concat", nope, v_dim, axis=0), axis=1, n_out=2)
-    q_nope, q_pe = b.t("q_nope", 0, 2, 1, 3), b.t("q_pe", 0, 2, 1, 3)  # [B, H, S, nope], [B, H, S, rope]
-    scale = b.op("CastLike", b.attr("softmax_scale", onnx.AttributeProto.FLOAT), "q_nope")
-    q_latent = b.op("MatMul", q_nope, w_k)  # [B, H, S, r]
-    q_rows = b.op("Reshape", q_latent, b.op("Concat", b.shape("q_nope", 0, 1), b.ints(-1), rank, axis=0))
-    pe_rows = b.op("Reshape", q_pe, b.op("Concat", b.shape("q_pe", 0, 1), b.ints(-1), b.shape("q_pe", 3, 4), axis=0))
+    m = mla_prelude(b, "past_ckv")
+    q_latent = b.op("MatMul", m.q_nope, m.w_k)  # [B, H, S, r]
+    q_rows = b.op("Reshape", q_latent, b.op("Concat", b.shape("q_nope", 0, 1), b.ints(-1), m.rank, axis=0))
+    pe_rows = b.op("Reshape", m.q_pe, b.op("Concat", b.shape("q_pe", 0, 1), b.ints(-1), b.shape("q_pe", 3, 4), axis=0))
 
     def scores(ckv: str, kpe: str) -> str:  # [B, H*S, len]
         return b.op("Add", b.op("MatMul", q_rows, b.t(ckv, 0, 2, 1)), b.op("MatMul", pe_rows, b.t(kpe, 0, 2, 1)))
 
     rows = b.op("Concat", scores("past_ckv", "past_kpe"), scores("new_ckv", "new_kpe"), axis=2)  # [B, H*S, T]
     head_shape = b.op("Concat", b.shape(q_latent, 0, 3), b.ints(-1), axis=0)
-    scores_4d = b.op("Reshape", b.op("Mul", rows, scale), head_shape)  # [B, H, S, T]
+    scores_4d = b.op("Reshape", b.op("Mul", rows, m.scale), head_shape)  # [B, H, S, T]
     past, seq, batch = b.shape("past_ckv", 1, 2), b.shape("positions", 1, 2), b.shape("positions", 0, 1)
     mask = mla_mask_past(b, past, seq, batch, "positions")
     masked = b.op("Where", mask, b.op("Cast", scores_4d, to=TensorProto.FLOAT), b.scalar(float("-inf")))
@@ -63,9 +58,7 @@ def split_past_function(opset: int) -> onnx.FunctionProto:
     prob_rows = b.op("Reshape", probs, b.op("Concat", b.shape(probs, 0, 1), b.ints(-1), b.shape(probs, 3, 4), axis=0))
     p_past, p_new = b.op("Split", prob_rows, b.op("Concat", past, seq, axis=0), axis=2, n_out=2)
     latent = b.op("Add", b.op("MatMul", p_past, "past_ckv"), b.op("MatMul", p_new, "new_ckv"))  # [B, H*S, r]
-    latent = b.op("Reshape", latent, b.op("Concat", b.shape(probs, 0, 3), rank, axis=0))  # [B, H, S, r]
-    out = b.op("MatMul", latent, b.t(w_v, 0, 2, 1))  # [B, H, S, v]
-    b.op("Reshape", b.t(out, 0, 2, 1, 3), b.op("Concat", b.shape("q_nope", 0, 2), b.ints(-1), axis=0), out="output")
+    absorbed_output(b, latent, probs, m)
     return helper.make_function(
         DOMAIN, MLA_OP, INPUTS, ["output"], b.nodes, [helper.make_opsetid("", opset)], attributes=MLA_ATTRS
     )

@@ -16,12 +16,12 @@ import pytest
 import torch
 from dsv3c.artifact import provenance
 from dsv3c.artifact.manifest import read_manifest
-from dsv3c.passes.lower import lower_folder
-from dsv3c.passes.pipelines import Target
 from dsv3c.passes.rope import Rope
 from dsv3c.passes.rope import match as rope_match
 from dsv3c.runtime.ort_backend import OrtEngine
 from dsv3c.runtime.ort_cuda_graph import StaticDecoder
+
+from .fixtures.exports import lower_ort
 
 NORM = "SimplifiedLayerNormalization"
 SKIP = "com.microsoft::SkipSimplifiedLayerNormalization"
@@ -29,16 +29,10 @@ ROTARY = "com.microsoft::RotaryEmbedding"
 NORM_OPS = ("Pow", "ReduceMean", "Sqrt", "Reciprocal")  # what only the decomposed RMSNorm uses
 
 
-def _lower(export: Path, out: Path, fusions: bool) -> Path:
-    folder = lower_folder(export, out, Target.ORT, ort_fusions=fusions).folder
-    assert folder is not None
-    return folder
-
-
 @pytest.fixture(scope="module")
 def lowerings(tiny_export: Path, tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     root = tmp_path_factory.mktemp("ort-fusions")
-    return {name: _lower(tiny_export, root / name, name == "fused") for name in ("unfused", "fused")}
+    return {name: lower_ort(tiny_export, root / name, ort_fusions=name == "fused") for name in ("unfused", "fused")}
 
 
 def _ops(model: ir.Model) -> Counter[str]:

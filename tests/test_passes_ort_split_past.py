@@ -12,22 +12,18 @@ import onnx_ir as ir
 import pytest
 import torch
 from dsv3c.cli import main as cli
-from dsv3c.passes.lower import lower_folder
-from dsv3c.passes.pipelines import Target
 from dsv3c.runtime.ort_backend import OrtEngine
 from dsv3c.runtime.ort_cuda_graph import StaticDecoder
 
-
-def _lower(export: Path, out: Path, apart: bool) -> Path:
-    folder = lower_folder(export, out, Target.ORT, attention_past_apart=apart).folder
-    assert folder is not None
-    return folder
+from .fixtures.exports import lower_ort
 
 
 @pytest.fixture(scope="module")
 def lowerings(tiny_export: Path, tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     root = tmp_path_factory.mktemp("past-apart")
-    return {name: _lower(tiny_export, root / name, name == "apart") for name in ("concat", "apart")}
+    return {
+        name: lower_ort(tiny_export, root / name, attention_past_apart=name == "apart") for name in ("concat", "apart")
+    }
 
 
 def _cache_concats(graph: ir.Graph) -> int:

@@ -13,16 +13,11 @@ import onnx_ir as ir
 import pytest
 import torch
 from dsv3c.artifact.names import TRANSPOSED_SUFFIX
-from dsv3c.passes.lower import lower_folder
-from dsv3c.passes.pipelines import QuantizeOptions, Target
+from dsv3c.passes.pipelines import QuantizeOptions
 from dsv3c.passes.quantize import quantize_folder
 from dsv3c.runtime.ort_backend import OrtEngine
 
-
-def _lower(export: Path, out: Path) -> Path:
-    folder = lower_folder(export, out, Target.ORT).folder
-    assert folder is not None
-    return folder
+from .fixtures.exports import lower_ort
 
 
 def _transposed_initializers(graph: ir.Graph) -> int:
@@ -33,7 +28,7 @@ def _transposed_initializers(graph: ir.Graph) -> int:
 
 @pytest.fixture(scope="module")
 def lowered(tiny_export: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return _lower(tiny_export, tmp_path_factory.mktemp("transposed") / "ort")
+    return lower_ort(tiny_export, tmp_path_factory.mktemp("transposed") / "ort")
 
 
 @pytest.mark.parametrize("role", ["prefill", "decode", "mtp"])
@@ -70,7 +65,7 @@ def test_fp8_weights_keep_their_bytes(tiny_export: Path, tmp_path: Path) -> None
     """Transposing an FP8 weight would store a float copy: its DequantizeLinear and Transpose stay."""
     quantized = tmp_path / "fp8"
     quantize_folder(tiny_export, quantized, QuantizeOptions(block=(16, 16)))
-    graph = ir.load(_lower(quantized, tmp_path / "fp8-ort") / "decode.onnx").graph
+    graph = ir.load(lower_ort(quantized, tmp_path / "fp8-ort") / "decode.onnx").graph
     fp8 = [v for v in graph.initializers.values() if v.dtype == ir.DataType.FLOAT8E4M3FN]
     assert fp8
     assert not any(
