@@ -153,7 +153,9 @@ def measure_cell(
     if runtime in ("ort-graph", "ort-static"):
         profile = f"placement {runtime}" not in made  # the first cell of each: where its nodes run
         made.setdefault(f"placement {runtime}", None)
+        start = time.perf_counter()
         decoder = StaticDecoder(folder, batch, capacity, cuda_graph=runtime == "ort-graph", profile=profile)
+        extra["session_load_s"] = time.perf_counter() - start
         fill_cache(decoder.cache, context, args.seed)
         seconds = time_steps(decoder.step, ids, positions, args.steps)
         if profile:
@@ -199,7 +201,10 @@ def measure_cell(
     return {"seconds_per_step": seconds, **extra}
 
 
-def bench_folder(folder: Path, args: argparse.Namespace, bandwidth: float) -> list[dict[str, Any]]:
+def bench_folder(
+    folder: Path, args: argparse.Namespace, bandwidth: float, rows: list[dict[str, Any]], save: Callable[[], None]
+) -> None:
+    """Append a row per cell to `rows`, saving after each: a run cut short by its time limit keeps what it measured."""
     import torch
     from dsv3c.artifact.manifest import read_manifest
     from dsv3c.models.config import DeepseekV3Config
@@ -216,7 +221,6 @@ def bench_folder(folder: Path, args: argparse.Namespace, bandwidth: float) -> li
     dtype = TORCH_TYPES[manifest.cache.dtype]
     cache_per_token = (manifest.cache.ckv_width + manifest.cache.kpe_width) * manifest.cache.layers * dtype.itemsize
     made: dict[str, Any] = {"config": config, "dtype": dtype}
-    rows = []
     for runtime in args.runtimes:
         for batch in args.batches:
             for context in args.contexts:
@@ -229,6 +233,7 @@ def bench_folder(folder: Path, args: argparse.Namespace, bandwidth: float) -> li
                     rows.append(
                         {"model": folder.name, "runtime": runtime, "batch": batch, "context": context, "skipped": text}
                     )
+                    save()
                     continue
                 weights, distinct = weight_bytes(manifest, batch)
                 step_bytes = weights + batch * context * cache_per_token
@@ -251,6 +256,7 @@ def bench_folder(folder: Path, args: argparse.Namespace, bandwidth: float) -> li
                     **cell,
                 }
                 rows.append(row)
+                save()
                 print(
                     f"{label}: {s * 1e3:.2f} ms/step ({row['x_floor']:.1f}x floor {floor_s * 1e3:.3f} ms), "
                     f"{row['tokens_per_s']:.0f} tok/s",
@@ -259,7 +265,6 @@ def bench_folder(folder: Path, args: argparse.Namespace, bandwidth: float) -> li
         made.pop("ort", None)
         made.pop(runtime, None)
         torch.cuda.empty_cache()
-    return rows
 
 
 def table(rows: list[dict[str, Any]]) -> str:
@@ -307,14 +312,10 @@ def main() -> int:
     bandwidth = device_bandwidth()
     print(f"device copy bandwidth (read + write): {bandwidth / 1e9:.0f} GB/s", flush=True)
     rows: list[dict[str, Any]] = []
-    try:
-        for folder in args.folders:
-            rows += bench_folder(folder, args, bandwidth)
-    except UserError as e:
-        print(f"gpu_decode: error: {e}", file=sys.stderr)
-        return 2
-    print(table(rows))
-    if args.out is not None:
+
+    def save() -> None:
+        if args.out is None:
+            return
         result = {
             "command": "python bench/gpu_decode.py " + " ".join(sys.argv[1:]),
             "commit": args.commit,
@@ -328,6 +329,15 @@ def main() -> int:
             "rows": rows,
         }
         args.out.write_text(json.dumps(result, indent=1) + "\n")
+
+    try:
+        for folder in args.folders:
+            bench_folder(folder, args, bandwidth, rows, save)
+    except UserError as e:
+        print(f"gpu_decode: error: {e}", file=sys.stderr)
+        return 2
+    print(table(rows))
+    if args.out is not None:
         print(f"wrote {args.out}")
     return 0
 
