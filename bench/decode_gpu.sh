@@ -2,8 +2,9 @@
 # The GPU round of issue 14, in few device calls (results under $OUT):
 #   bench/decode_gpu.sh folders          # here, on the CPU: weightless export folders under runs/gpu (~12 MB)
 # then on the GPU machine, with onnxruntime-gpu staged at /tmp/site and runs/gpu carried:
-#   bench/decode_gpu.sh small COMMIT     # small fp32: every runtime; the fusions' and the split attention's effect
-#   bench/decode_gpu.sh v2-lite COMMIT   # V2-Lite shapes, bf16 and 8-bit: ort-graph vs PyTorch, node placement
+#   bench/decode_gpu.sh small COMMIT     # small fp32: every runtime, and the kernels of one step
+#   bench/decode_gpu.sh small-ablations COMMIT   # the fusions' and the split attention's effect
+#   bench/decode_gpu.sh v2-lite COMMIT   # V2-Lite shapes, bf16 and 8-bit: ort-graph vs PyTorch and transformers
 # A `--weights none` folder is filled with random weights on the GPU by bench/gpu_decode.py.
 set -u
 MODE=$1; COMMIT=${2:-unknown}; OUT=${OUT:-/tmp/out}; DIR=runs/gpu
@@ -23,12 +24,20 @@ nvidia-smi --query-gpu=name,memory.total --format=csv,noheader
 python -c "import onnxruntime as o; print('onnxruntime', o.__version__, o.get_available_providers())"
 if [ "$MODE" = small ]; then
   timeout 300 python bench/gpu_decode.py $DIR/small --runtimes ort-graph ort-static torch transformers \
-    --contexts 128 4096 --batches 1 8 32 --steps 24 --commit "$COMMIT" --out "$OUT/gpu_decode_small.json" 2>&1 | tail -30
+    --contexts 128 4096 --batches 1 8 32 --steps 24 --commit "$COMMIT" --out "$OUT/gpu_decode_small.json" 2>&1 | tail -32
+  for b in 1 8; do
+    timeout 60 python bench/gpu_step_kernels.py $DIR/small --batch $b --commit "$COMMIT" --top 20 \
+      --out "$OUT/gpu_step_kernels_small_b$b.json" 2>&1 | tail -22
+  done
+elif [ "$MODE" = small-ablations ]; then
   timeout 120 python bench/ort_step_nodes.py --device cuda --out "$OUT/ort_step_nodes_small.json" 2>&1 | tail -5
   timeout 150 python bench/attention_past_apart.py --device cuda --capacities 128 4096 16384 \
     --out "$OUT/attention_past_apart_small.json" 2>&1 | tail -5
 else
-  timeout 480 python bench/gpu_decode.py $DIR/v2-lite $DIR/v2-lite-8bit --runtimes ort-graph torch \
-    --contexts 128 4096 --batches 1 8 32 --steps 24 --commit "$COMMIT" --out "$OUT/gpu_decode_v2-lite.json" 2>&1 | tail -30
-  for f in v2-lite v2-lite-8bit; do timeout 60 python -m dsv3c inspect $DIR/$f --placement cuda 2>&1 | tail -6; done
+  timeout 330 python bench/gpu_decode.py $DIR/v2-lite --runtimes ort-graph torch transformers \
+    --contexts 128 4096 --batches 1 8 32 --steps 24 --commit "$COMMIT" --out "$OUT/gpu_decode_v2-lite.json" 2>&1 | tail -24
+  timeout 150 python bench/gpu_decode.py $DIR/v2-lite-8bit --runtimes ort-graph \
+    --contexts 128 4096 --batches 1 8 32 --steps 24 --commit "$COMMIT" --out "$OUT/gpu_decode_v2-lite-8bit.json" 2>&1 | tail -12
+  timeout 100 python bench/gpu_step_kernels.py $DIR/v2-lite $DIR/v2-lite-8bit --batch 1 --commit "$COMMIT" --top 25 \
+    --out "$OUT/gpu_step_kernels_v2-lite_b1.json" 2>&1 | tail -54
 fi

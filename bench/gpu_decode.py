@@ -45,9 +45,12 @@ the H200 is not remeasured.
 from __future__ import annotations
 
 import argparse
+import gc
 import json
 import platform
+import subprocess
 import sys
+import tempfile
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -151,7 +154,8 @@ def measure_cell(
     positions = torch.full((batch, 1), context, dtype=torch.long, device="cuda")
     extra: dict[str, Any] = {}
     if runtime in ("ort-graph", "ort-static"):
-        profile = f"placement {runtime}" not in made  # the first cell of each: where its nodes run
+        # the first captured cell says where the nodes run (its timed replays run no profiled nodes)
+        profile = runtime == "ort-graph" and f"placement {runtime}" not in made
         made.setdefault(f"placement {runtime}", None)
         start = time.perf_counter()
         decoder = StaticDecoder(folder, batch, capacity, cuda_graph=runtime == "ort-graph", profile=profile)
@@ -163,6 +167,7 @@ def measure_cell(
             print(f"{folder.name} {runtime}: nodes by provider {extra['placement']}", flush=True)
         extra["capacity"] = decoder.capacity
         del decoder
+        gc.collect()  # its session's arena goes before the next cell's session loads
     elif runtime == "ort":
         engine = made.get("ort") or OrtEngine(folder, "cuda", roles=("decode",))
         made["ort"] = engine
@@ -225,6 +230,7 @@ def bench_folder(
         for batch in args.batches:
             for context in args.contexts:
                 label = f"{folder.name} {runtime} batch {batch} context {context}"
+                free_gib = torch.cuda.mem_get_info()[0] / 2**30
                 try:
                     cell = measure_cell(runtime, folder, made, batch, context, args)
                 except Exception as e:  # a runtime that cannot run a cell: say so in one line and go on
@@ -253,6 +259,7 @@ def bench_folder(
                     "bytes_per_token": step_bytes / batch,
                     "weight_bytes_per_step": weights,
                     "distinct_experts": distinct,
+                    "gpu_free_gib_before": free_gib,
                     **cell,
                 }
                 rows.append(row)
@@ -265,6 +272,29 @@ def bench_folder(
         made.pop("ort", None)
         made.pop(runtime, None)
         torch.cuda.empty_cache()
+
+
+def run_apart(folder: Path, runtime: str, args: argparse.Namespace, bandwidth: float) -> list[dict[str, Any]]:
+    """One runtime of one folder in a process of its own: onnxruntime aborts the process on some CUDA errors
+    (a failed cudaFreeHost after a capture), and each runtime's memory goes back to the device when it ends.
+    Cells a dead process did not measure are reported as skipped."""
+    with tempfile.TemporaryDirectory() as tmp:
+        out = Path(tmp) / "rows.json"
+        command = [sys.executable, __file__, str(folder), "--in-process", "--runtimes", runtime, "--bandwidth"]
+        command += [repr(bandwidth), "--steps", str(args.steps), "--seed", str(args.seed), "--out", str(out)]
+        command += ["--contexts", *map(str, args.contexts), "--batches", *map(str, args.batches)]
+        code = subprocess.run(command, check=False).returncode
+        rows: list[dict[str, Any]] = json.loads(out.read_text())["rows"] if out.exists() else []
+    done = {(r["batch"], r["context"]) for r in rows}
+    for batch in args.batches:
+        for context in args.contexts:
+            if (batch, context) not in done:
+                text = f"the process ended with code {code} before this cell"
+                print(f"{folder.name} {runtime} batch {batch} context {context}: skipped ({text})", flush=True)
+                rows.append(
+                    {"model": folder.name, "runtime": runtime, "batch": batch, "context": context, "skipped": text}
+                )
+    return rows
 
 
 def table(rows: list[dict[str, Any]]) -> str:
@@ -300,6 +330,8 @@ def main() -> int:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--commit", default="", help="the commit measured (recorded in the results)")
     p.add_argument("--out", type=Path, help="write the rows and the run's command, commit and machine as JSON")
+    p.add_argument("--in-process", action="store_true", help="every runtime in this process (default: one each)")
+    p.add_argument("--bandwidth", type=float, help=argparse.SUPPRESS)  # a child takes its parent's measurement
     args = p.parse_args()
     if not torch.cuda.is_available():
         print("gpu_decode: error: torch sees no CUDA device; run this on the GPU machine", file=sys.stderr)
@@ -309,8 +341,9 @@ def main() -> int:
     from dsv3c.runtime.bench.memory import device_bandwidth
 
     torch.backends.cuda.matmul.allow_tf32 = True  # onnxruntime's CUDA EP runs fp32 MatMul in TF32 as well
-    bandwidth = device_bandwidth()
-    print(f"device copy bandwidth (read + write): {bandwidth / 1e9:.0f} GB/s", flush=True)
+    bandwidth = args.bandwidth or device_bandwidth()
+    if args.bandwidth is None:
+        print(f"device copy bandwidth (read + write): {bandwidth / 1e9:.0f} GB/s", flush=True)
     rows: list[dict[str, Any]] = []
 
     def save() -> None:
@@ -328,16 +361,24 @@ def main() -> int:
             },
             "rows": rows,
         }
-        args.out.write_text(json.dumps(result, indent=1) + "\n")
+        partial = args.out.with_name(args.out.name + ".partial")  # a reader never sees half a file
+        partial.write_text(json.dumps(result, indent=1) + "\n")
+        partial.replace(args.out)
 
     try:
         for folder in args.folders:
-            bench_folder(folder, args, bandwidth, rows, save)
+            if args.in_process:
+                bench_folder(folder, args, bandwidth, rows, save)
+                continue
+            for runtime in args.runtimes:
+                rows += run_apart(folder, runtime, args, bandwidth)
+                save()
     except UserError as e:
         print(f"gpu_decode: error: {e}", file=sys.stderr)
         return 2
-    print(table(rows))
-    if args.out is not None:
+    if args.bandwidth is None:  # not a child's rows
+        print(table(rows))
+    if args.out is not None and args.bandwidth is None:
         print(f"wrote {args.out}")
     return 0
 

@@ -1,0 +1,115 @@
+"""What one static decode step spends on the GPU: its CUDA kernels by name (count and device time per step),
+the device busy time against the step's wall time, uncaptured and replayed as a CUDA graph.
+
+    python bench/gpu_step_kernels.py FOLDER [FOLDER ...] [--batch 1] [--capacity 256] [--steps 10] [--top 25]
+                                     [--commit C] [--out FILE]
+
+FOLDER is a `lower --target ort` folder (a `--weights none` one is filled with random weights on the GPU,
+as bench/gpu_decode.py does). The kernels are recorded with torch.profiler (CUPTI sees every kernel of the
+process, onnxruntime's included) over --steps uncaptured steps of runtime/ort_cuda_graph.py's StaticDecoder.
+Busy time over wall time says how much of a step is kernels and how much is the gaps between them: a
+launch-bound step shows many short kernels and a low busy fraction uncaptured; the capture removes the
+launches but not the kernels themselves.
+"""
+
+from __future__ import annotations
+
+import argparse
+import collections
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+from _bootstrap import import_dsv3c
+
+import_dsv3c()
+
+import torch  # noqa: E402
+from dsv3c.artifact.manifest import read_manifest  # noqa: E402
+from dsv3c.eval.record import run_record, write_result  # noqa: E402
+from dsv3c.runtime.ort_cuda_graph import StaticDecoder  # noqa: E402
+from dsv3c.runtime.random_weights import fill_random  # noqa: E402
+
+
+def wall_ms(decoder: StaticDecoder, ids: torch.Tensor, positions: torch.Tensor, steps: int) -> float:
+    for _ in range(3):
+        decoder.step(ids, positions)
+    torch.cuda.synchronize()
+    start = time.perf_counter()
+    for _ in range(steps):
+        decoder.step(ids, positions)
+    torch.cuda.synchronize()
+    return (time.perf_counter() - start) / steps * 1e3
+
+
+def kernels_per_step(decoder: StaticDecoder, ids: torch.Tensor, positions: torch.Tensor, steps: int) -> Any:
+    """{kernel name: (launches, device us)} per step, over `steps` recorded steps."""
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        for _ in range(steps):
+            decoder.step(ids, positions)
+        torch.cuda.synchronize()
+    totals: dict[str, list[float]] = collections.defaultdict(lambda: [0, 0.0])
+    for event in prof.events():
+        if event.device_type == torch.autograd.DeviceType.CUDA:
+            name = event.name[:120]
+            totals[name][0] += 1
+            totals[name][1] += event.device_time
+    return {name: (n / steps, us / steps) for name, (n, us) in totals.items()}
+
+
+def profile_folder(folder: Path, args: argparse.Namespace) -> dict[str, Any]:
+    if read_manifest(folder).weights == "none":
+        fill_random(folder, seed=0, device="cuda")
+    ids = torch.zeros(args.batch, 1, dtype=torch.long, device="cuda")
+    positions = torch.full((args.batch, 1), args.capacity // 2, dtype=torch.long, device="cuda")
+    row: dict[str, Any] = {"model": folder.name, "batch": args.batch}
+    plain = StaticDecoder(folder, args.batch, args.capacity, cuda_graph=False)
+    row["capacity"] = plain.capacity
+    row["uncaptured_ms"] = wall_ms(plain, ids, positions, args.steps)
+    kernels = kernels_per_step(plain, ids, positions, args.steps)
+    del plain
+    captured = StaticDecoder(folder, args.batch, args.capacity, cuda_graph=True)
+    row["captured_ms"] = wall_ms(captured, ids, positions, args.steps)
+    del captured
+    busy_us = sum(us for _, us in kernels.values())
+    row["kernels_per_step"] = sum(n for n, _ in kernels.values())
+    row["kernel_busy_ms"] = busy_us / 1e3
+    ranked = sorted(kernels.items(), key=lambda kv: -kv[1][1])
+    row["kernels"] = [{"name": k, "launches": n, "us": us} for k, (n, us) in ranked]
+    print(
+        f"{folder.name} batch {args.batch} capacity {row['capacity']}: {row['kernels_per_step']:.0f} kernels/step, "
+        f"busy {row['kernel_busy_ms']:.2f} ms; wall {row['uncaptured_ms']:.2f} ms uncaptured, "
+        f"{row['captured_ms']:.2f} ms captured"
+    )
+    for k, (n, us) in ranked[: args.top]:
+        print(f"  {us:8.1f} us {n:6.0f}x  {k}")
+    return row
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("folders", type=Path, nargs="+")
+    p.add_argument("--batch", type=int, default=1)
+    p.add_argument("--capacity", type=int, default=256)
+    p.add_argument("--steps", type=int, default=10)
+    p.add_argument("--top", type=int, default=25)
+    p.add_argument("--commit", default="")
+    p.add_argument("--out", type=Path)
+    args = p.parse_args()
+    if not torch.cuda.is_available():
+        print("gpu_step_kernels: error: torch sees no CUDA device; run this on the GPU machine", file=sys.stderr)
+        return 2
+    rows = [profile_folder(folder, args) for folder in args.folders]
+    if args.out is not None:
+        record = run_record()
+        if args.commit:  # the device's copy may carry an older .git than the tree it runs
+            record["commit"] = args.commit
+        write_result(args.out, {**record, "rows": rows})
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
