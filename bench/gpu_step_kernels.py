@@ -44,7 +44,7 @@ def wall_ms(decoder: StaticDecoder, ids: torch.Tensor, positions: torch.Tensor, 
 
 
 def kernels_per_step(decoder: StaticDecoder, ids: torch.Tensor, positions: torch.Tensor, steps: int) -> Any:
-    """{kernel name: (launches, device us)} per step, over `steps` recorded steps."""
+    """{kernel, memcpy or memset name: (launches, device us)} per step, over `steps` recorded steps."""
     from torch.profiler import ProfilerActivity, profile
 
     with profile(activities=[ProfilerActivity.CUDA]) as prof:
@@ -52,11 +52,11 @@ def kernels_per_step(decoder: StaticDecoder, ids: torch.Tensor, positions: torch
             decoder.step(ids, positions)
         torch.cuda.synchronize()
     totals: dict[str, list[float]] = collections.defaultdict(lambda: [0, 0.0])
-    for event in prof.events():
-        if event.device_type == torch.autograd.DeviceType.CUDA:
-            name = event.name[:120]
+    for event in prof.profiler.kineto_results.events():  # raw records: each kernel, memcpy and memset once
+        if event.device_type() == torch.autograd.DeviceType.CUDA:
+            name = event.name()[:120]
             totals[name][0] += 1
-            totals[name][1] += event.device_time
+            totals[name][1] += event.duration_ns() / 1e3
     return {name: (n / steps, us / steps) for name, (n, us) in totals.items()}
 
 
