@@ -57,6 +57,7 @@ from pathlib import Path
 from typing import Any
 
 from _bootstrap import import_dsv3c
+from _capture_settings import CAPTURE_SETTINGS
 
 RUNTIMES = ("ort-graph", "ort-static", "ort", "torch", "transformers")
 
@@ -158,7 +159,8 @@ def measure_cell(
         profile = runtime == "ort-graph" and f"placement {runtime}" not in made
         made.setdefault(f"placement {runtime}", None)
         start = time.perf_counter()
-        decoder = StaticDecoder(folder, batch, capacity, cuda_graph=runtime == "ort-graph", profile=profile)
+        settings = CAPTURE_SETTINGS[args.capture_settings]
+        decoder = StaticDecoder(folder, batch, capacity, cuda_graph=runtime == "ort-graph", profile=profile, **settings)
         extra["session_load_s"] = time.perf_counter() - start
         fill_cache(decoder.cache, context, args.seed)
         seconds = time_steps(decoder.step, ids, positions, args.steps)
@@ -260,6 +262,7 @@ def bench_folder(
                     "weight_bytes_per_step": weights,
                     "distinct_experts": distinct,
                     "gpu_free_gib_before": free_gib,
+                    "capture_settings": args.capture_settings,
                     **cell,
                 }
                 rows.append(row)
@@ -283,6 +286,7 @@ def run_apart(folder: Path, runtime: str, args: argparse.Namespace, bandwidth: f
         command = [sys.executable, __file__, str(folder), "--in-process", "--runtimes", runtime, "--bandwidth"]
         command += [repr(bandwidth), "--steps", str(args.steps), "--seed", str(args.seed), "--out", str(out)]
         command += ["--contexts", *map(str, args.contexts), "--batches", *map(str, args.batches)]
+        command += ["--capture-settings", args.capture_settings]
         code = subprocess.run(command, check=False).returncode
         rows: list[dict[str, Any]] = json.loads(out.read_text())["rows"] if out.exists() else []
     done = {(r["batch"], r["context"]) for r in rows}
@@ -330,6 +334,12 @@ def main() -> int:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--commit", default="", help="the commit measured (recorded in the results)")
     p.add_argument("--out", type=Path, help="write the rows and the run's command, commit and machine as JSON")
+    p.add_argument(
+        "--capture-settings",
+        choices=CAPTURE_SETTINGS,
+        default="default",
+        help="StaticDecoder's session settings (bench/capture_variants.py)",
+    )
     p.add_argument("--in-process", action="store_true", help="every runtime in this process (default: one each)")
     p.add_argument("--bandwidth", type=float, help=argparse.SUPPRESS)  # a child takes its parent's measurement
     args = p.parse_args()

@@ -68,6 +68,7 @@ class SessionSetup:
     fixed_dims: Mapping[str, int] = field(default_factory=dict)  # symbolic dimension -> size, folded at load
     cuda_options: Mapping[str, str] = field(default_factory=dict)  # CUDA provider options (enable_cuda_graph, ...)
     profile_prefix: str | None = None  # write onnxruntime's per-node profile to files starting with this
+    memory_pattern: bool = True  # onnxruntime's memory pattern: one block per run for the planned buffers
 
     def __post_init__(self) -> None:
         if self.optimization not in get_args(Optimization):
@@ -100,6 +101,7 @@ def session_options(setup: SessionSetup) -> Any:
         )
     for name, size in setup.fixed_dims.items():
         options.add_free_dimension_override_by_name(name, size)
+    options.enable_mem_pattern = setup.memory_pattern
     if setup.profile_prefix is not None:
         options.enable_profiling = True
         options.profile_file_prefix = setup.profile_prefix

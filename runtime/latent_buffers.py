@@ -51,8 +51,11 @@ class LatentBuffers:
     ):
         self.widths, self.dtype, self.device = widths, dtype, device
         capacity = _round_up(max(capacity, 1))
-        self.ckv = [torch.zeros(batch, capacity, widths[0], dtype=dtype, device=device) for _ in range(layers)]
-        self.kpe = [torch.zeros(batch, capacity, widths[1], dtype=dtype, device=device) for _ in range(layers)]
+        # one tensor per kind [layers, B, capacity, width], the layers its views: every layer's new entries
+        # can then be written by one scatter (write_layers) instead of one per layer
+        self.ckv_layers = torch.zeros(layers, batch, capacity, widths[0], dtype=dtype, device=device)
+        self.kpe_layers = torch.zeros(layers, batch, capacity, widths[1], dtype=dtype, device=device)
+        self.ckv, self.kpe = list(self.ckv_layers.unbind(0)), list(self.kpe_layers.unbind(0))
 
     @property
     def capacity(self) -> int:
@@ -71,17 +74,25 @@ class LatentBuffers:
         if needed <= self.capacity:
             return
         capacity = _round_up(max(needed, self.capacity + self.capacity // 4))
-        for buffers in (self.ckv, self.kpe):
-            for i, old in enumerate(buffers):
-                new = old.new_zeros(old.shape[0], capacity, old.shape[2])
-                new[:, : old.shape[1]] = old
-                buffers[i] = new
+        grown = []
+        for old in (self.ckv_layers, self.kpe_layers):
+            new = old.new_zeros(old.shape[0], old.shape[1], capacity, old.shape[3])
+            new[:, :, : old.shape[2]] = old
+            grown.append(new)
+        self.ckv_layers, self.kpe_layers = grown
+        self.ckv, self.kpe = list(self.ckv_layers.unbind(0)), list(self.kpe_layers.unbind(0))
 
     def write(self, layer: int, ckv: torch.Tensor, kpe: torch.Tensor, positions: torch.Tensor) -> None:
         """Store the q new entries of each row [B, q, *] at slots positions[b, i] ([B, q])."""
         rows = torch.arange(positions.shape[0], device=positions.device)[:, None]  # [B, 1]
         self.ckv[layer][rows, positions] = ckv.to(self.dtype)
         self.kpe[layer][rows, positions] = kpe.to(self.dtype)
+
+    def write_layers(self, ckv: torch.Tensor, kpe: torch.Tensor, positions: torch.Tensor, rows: torch.Tensor) -> None:
+        """Every layer's q new entries at once: ckv, kpe [layers, B, q, *] at slots positions[b, i];
+        rows is torch.arange(B)[:, None] on the buffers' device (made once by the caller)."""
+        self.ckv_layers[:, rows, positions] = ckv.to(self.dtype)
+        self.kpe_layers[:, rows, positions] = kpe.to(self.dtype)
 
 
 def _round_up(n: int) -> int:

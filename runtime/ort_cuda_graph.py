@@ -8,7 +8,8 @@ allocated and bound once per bucket:
   EP (a node left on the CPU, or a host copy between them, makes onnxruntime refuse the capture);
 - the latent cache is a fixed-capacity LatentBuffers bound whole as the past (the graph masks slots at and
   beyond positions[b, 0]), and the step's ids and positions are device tensors updated in place;
-- the new cache entries come back in bound outputs and are scattered into the buffers by torch, on the
+- the new cache entries come back in bound outputs (views of one tensor per kind) and are scattered into
+  the buffers by torch, two scatters for all layers, on the
   same stream that onnxruntime computes on (`user_compute_stream`), and the run skips onnxruntime's
   end-of-run synchronization (`disable_synchronize_execution_providers`): a step never waits for the host.
 
@@ -76,6 +77,9 @@ class StaticDecoder:
         profile: bool = False,
         threads: int = 0,
         warmup_runs: int = 2,
+        memory_pattern: bool = True,
+        cuda_extra: dict[str, str] | None = None,
+        per_layer_writes: bool = False,  # the old way, one scatter per layer and kind (for benchmarks)
     ):
         ort = import_ort()
         self.manifest: Manifest = read_manifest(folder)
@@ -95,17 +99,19 @@ class StaticDecoder:
             cuda = {
                 "enable_cuda_graph": "1" if cuda_graph else "0",
                 "user_compute_stream": str(self.stream.cuda_stream),
+                **(cuda_extra or {}),
             }
         setup = SessionSetup(
             device="cuda" if self.device.type == "cuda" else "cpu",
             threads=threads,
             fixed_dims={"batch": batch, "past": self.capacity, "q": 1},
             cuda_options=cuda,
+            memory_pattern=memory_pattern,
             profile_prefix=str(Path(os.environ.get("TMPDIR", "/tmp")) / "dsv3c-placement") if profile else None,
         )
         path = self.manifest.graph_path("decode")
         self.session = open_session(path, setup, what="this graph as a static decode step")
-        self.profiling = profile
+        self.profiling, self.per_layer_writes = profile, per_layer_writes
         signature = self.manifest.signatures["decode"]
         self.ids = torch.zeros(batch, 1, dtype=torch.long, device=self.device)
         self.positions = torch.zeros(batch, 1, dtype=torch.long, device=self.device)
@@ -115,6 +121,11 @@ class StaticDecoder:
         missing = [t.name for t in signature.inputs if t.name not in inputs]
         if missing:
             raise UserError(f"{path}: inputs {missing} are not a decode step's; re-export the folder")
+        # the new cache entries land in views of one tensor per kind, so one scatter per kind stores them all
+        layers = len(self.cache.ckv)
+        self.new_ckv = torch.empty(layers, batch, 1, c.ckv_width, dtype=self.cache.dtype, device=self.device)
+        self.new_kpe = torch.empty(layers, batch, 1, c.kpe_width, dtype=self.cache.dtype, device=self.device)
+        self.rows = torch.arange(batch, device=self.device)[:, None]
         self.outputs = {
             t.name: torch.empty(
                 [batch, 1, *(d for d in t.shape[2:] if isinstance(d, int))],
@@ -123,6 +134,12 @@ class StaticDecoder:
             )
             for t in signature.outputs
         }
+        for i in range(layers):
+            for name, stacked in ((f"new_ckv.{i}", self.new_ckv), (f"new_kpe.{i}", self.new_kpe)):
+                out = self.outputs.get(name)
+                if out is None or out.shape != stacked[i].shape or out.dtype != stacked.dtype:
+                    raise UserError(f"{path}: output {name} is not a decode step's new cache entry; re-export")
+                self.outputs[name] = stacked[i]
         self.binding = self.session.io_binding()
         kind, index = self.device.type, self.device.index or 0
         for name, tensor in inputs.items():
@@ -169,8 +186,11 @@ class StaticDecoder:
         self.ids.copy_(ids, non_blocking=True)
         self.positions.copy_(positions, non_blocking=True)
         self.session.run_with_iobinding(self.binding, self.run_options)
-        for i in range(len(self.cache.ckv)):
-            self.cache.write(i, self.outputs[f"new_ckv.{i}"], self.outputs[f"new_kpe.{i}"], self.positions)
+        if self.per_layer_writes:
+            for i in range(len(self.cache.ckv)):
+                self.cache.write(i, self.new_ckv[i], self.new_kpe[i], self.positions)
+        else:
+            self.cache.write_layers(self.new_ckv, self.new_kpe, self.positions, self.rows)
 
     def synchronize(self) -> None:
         if self.stream is not None:

@@ -65,6 +65,19 @@ def test_cache_grows_by_chunks_and_writes_per_row_slots() -> None:
     assert cache.capacity == 2 * GROWTH_CHUNK and cache.ckv[0] is not first
     assert cache.ckv[1][0, 3:5].eq(1).all() and cache.ckv[1][1, :2].eq(1).all() and cache.ckv[1][0, :3].eq(0).all()
     assert cache.bytes_per_token == (4 + 2) * 2 * 4
+    assert cache.ckv[1].data_ptr() == cache.ckv_layers[1].data_ptr()  # grown, the layers are views again
+
+
+def test_write_layers_stores_what_a_write_per_layer_stores() -> None:
+    one, every = (LatentBuffers(3, 2, (4, 2), torch.float32, torch.device("cpu"), 10) for _ in range(2))
+    positions = torch.tensor([[5, 6], [2, 3]])
+    ckv, kpe = torch.randn(3, 2, 2, 4), torch.randn(3, 2, 2, 2)
+    for layer in range(3):
+        one.write(layer, ckv[layer], kpe[layer], positions)
+    every.write_layers(ckv, kpe, positions, torch.arange(2)[:, None])
+    for layer in range(3):
+        assert torch.equal(one.ckv[layer], every.ckv[layer]) and torch.equal(one.kpe[layer], every.kpe[layer])
+    assert every.ckv[2][1, 3].equal(ckv[2, 1, 1]) and every.ckv[2][1, 4].eq(0).all()
 
 
 def test_weights_none_export_is_refused(tmp_path: Path, tiny_export: Path) -> None:

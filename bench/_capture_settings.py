@@ -1,0 +1,15 @@
+"""Session settings tried for onnxruntime's CUDA graph capture (bench/capture_variants.py), by name, as
+runtime/ort_cuda_graph.py's StaticDecoder keyword arguments; bench/gpu_decode.py --capture-settings picks one."""
+
+from __future__ import annotations
+
+from typing import Any
+
+AS_REQUESTED = {"arena_extend_strategy": "kSameAsRequested"}
+CAPTURE_SETTINGS: dict[str, dict[str, Any]] = {
+    "default": {},
+    "more-warm-up-runs": {"warmup_runs": 6},
+    "no-memory-pattern": {"memory_pattern": False},
+    "arena-as-requested": {"cuda_extra": AS_REQUESTED},
+    "both": {"memory_pattern": False, "cuda_extra": AS_REQUESTED},
+}
