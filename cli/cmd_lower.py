@@ -94,6 +94,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         "reads the two apart, which saves a copy of the cache per step and costs five small nodes per layer)",
     )
     p.add_argument(
+        "--shared-experts-apart",
+        action="store_true",
+        help="ort: keep DeepSeekMoE's shared experts as MatMuls (by default a bf16 or float16 lowering runs "
+        "them as always-chosen experts of com.microsoft::MoE, which saves several kernels per layer)",
+    )
+    p.add_argument(
         "--dump-dir",
         type=Path,
         help="write every graph after every stage into this new folder (no weight data); it appears only when "
@@ -127,6 +133,8 @@ def run(args: argparse.Namespace) -> int:
         raise UserError(
             "--concat-cache keeps the exported decode attention of the ort lowering; use it with --target ort"
         )
+    if args.shared_experts_apart and args.target != "ort":
+        raise UserError("--shared-experts-apart keeps the ort lowering's shared experts as MatMuls; use --target ort")
     if args.block_8bit != 128 and not args.weights_8bit:
         raise UserError("--block-8bit sets the block of --weights-8bit; pass --weights-8bit too")
     compile_for = _compile_target(args)
@@ -178,4 +186,5 @@ def _lower(args: argparse.Namespace, dump_dir: Path | None, compile_for: Compile
         mxfp8_weights=args.mxfp8_weights,
         ort_fusions=not args.no_fusions,
         attention_past_apart=not args.concat_cache,
+        shared_experts_in_moe=not args.shared_experts_apart,
     )

@@ -38,12 +38,14 @@ def lower_folder(
     mxfp8_weights: bool = False,
     ort_fusions: bool = True,
     attention_past_apart: bool = True,
+    shared_experts_in_moe: bool = True,
 ) -> Manifest:
     """Write `out`: the export folder `src` lowered to `target` (plus `{role}.mlir` with emit_mlir);
     `weights_8bit`: the block size of 8-bit weights (ort only); `mxfp8`: online activation scales as
     MXFP8 (lower_mxfp8.py; not for iree); `compile_for`: also `{role}.vmfb`, the MLIR compiled by iree-compile;
     `ort_fusions=False`: ort without the fused norms (to measure what they gain); `attention_past_apart=False`:
-    ort's decode attention over the exported Concat of past and new cache (ort_split_past.py)."""
+    ort's decode attention over the exported Concat of past and new cache (ort_split_past.py);
+    `shared_experts_in_moe=False`: the shared experts as MatMuls, not experts of com.microsoft::MoE."""
     emit_mlir = emit_mlir or compile_for is not None
     if mxfp8_weights and not mxfp8:
         raise UserError("--mxfp8-weights pairs the weights with MXFP8 activations; pass --activations mxfp8 too")
@@ -77,7 +79,9 @@ def lower_folder(
         if weights_8bit < 16 or weights_8bit & (weights_8bit - 1):
             raise UserError(f"--block-8bit {weights_8bit}: the kernels take a power of two >= 16 (e.g. 32, 128)")
         int8 = Int8Options(weights_8bit, fp8_block(graphs))
-    stages = lower_pipeline(target, dims, int8, mxfp8, mxfp8_weights, ort_fusions, attention_past_apart)
+    stages = lower_pipeline(
+        target, dims, int8, mxfp8, mxfp8_weights, ort_fusions, attention_past_apart, shared_experts_in_moe
+    )
     records = run_pipeline(graphs, stages, dump_dir)
     stage = {
         "stage": "lower",

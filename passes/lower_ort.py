@@ -15,6 +15,12 @@ CPU: decode 7.0 s to load before, 0.84 s after; a bf16 V2-Lite took over 130 s p
 H200). FP8 expert weights stay FP8 in the file, so their DequantizeLinear and the interleave stay in the
 graph. swiglu_fusion=1 and
 activation_alpha=1, activation_beta=0 are what the CPU kernel implements (docs/toolchain.md).
+
+Where the kernel runs in 16 bits (bf16 and float16 exports) and the weights are float, DeepSeekMoE's shared
+experts join it (passes/shared_experts.py): fc1 and fc2 gain n experts after the E routed ones, R gains n
+columns of ones (log 1 = 0: always chosen, at weight 1), k becomes top_k + n, and sum(R) counts them, so
+out = sum_routed R_e y_e + y_shared, what the MoE plus the shared MLP computed. The shared MLP's MatMuls,
+SiLU and the Add of the two are gone (on the GPU, several launches per layer at decode).
 """
 
 from __future__ import annotations
@@ -29,6 +35,7 @@ from dsv3c.export.functions import MOE_ATTRS, Body, moe_routing, moe_variant
 from dsv3c.export.onnx_ops import DOMAIN, MOE_OP
 from dsv3c.onnxkit.inline import inline_call
 from dsv3c.onnxkit.linears import MOE_EXPERT_INPUTS
+from dsv3c.passes.shared_experts import SharedExperts, find_shared_experts, remove_shared
 from dsv3c.passes.stages import DsPass, StageResult
 from onnx import helper
 
@@ -110,35 +117,50 @@ def folder_weight(graph: ir.Graph, name: str, dtype: ir.DataType, shape: tuple[i
 
 
 def folded_expert_weights(
-    graph: ir.Graph, gate: ir.Value, up: ir.Value, down: ir.Value, compute: ir.DataType
+    graph: ir.Graph,
+    gate: ir.Value,
+    up: ir.Value,
+    down: ir.Value,
+    compute: ir.DataType,
+    shared: SharedExperts | None = None,
 ) -> tuple[ir.Value, ir.Value]:
-    """fc1 [E, 2 ff, D] (rows g0, u0, g1, u1, ...) and fc2 [E, D, ff] as weights in `compute` precision."""
+    """fc1 [E, 2 ff, D] (rows g0, u0, g1, u1, ...) and fc2 [E, D, ff] as weights in `compute` precision;
+    with `shared`, its n experts follow the E routed ones (E + n experts)."""
     experts, ff, hidden = expert_shape(gate)
     assert gate.name is not None and down.name is not None
     to = FLOAT_NUMPY[compute]
     g, u, d = gate.const_value, up.const_value, down.const_value
     assert g is not None and u is not None and d is not None
+    extra = shared.count if shared is not None else 0
+
+    def parts() -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        if shared is None:
+            return g.numpy(), u.numpy(), d.numpy()
+        sg, su, sd = shared.stacked(ff)
+        return tuple(np.concatenate([a.numpy(), b]) for a, b in ((g, sg), (u, su), (d, sd)))  # type: ignore[return-value]
 
     def fc1() -> ir.TensorProtocol:
-        pairs = np.stack([g.numpy(), u.numpy()], axis=2)  # [E, ff, 2, D]
-        return ir.tensor(pairs.reshape(experts, 2 * ff, hidden).astype(to))
+        g_all, u_all, _ = parts()
+        pairs = np.stack([g_all, u_all], axis=2)  # [E, ff, 2, D]
+        return ir.tensor(pairs.reshape(experts + extra, 2 * ff, hidden).astype(to))
 
+    with_shared = "_with_shared" if extra else ""
     suffix = "" if compute == gate.dtype else f"_{compute.name.lower()}"
     fc1_value = folder_weight(
         graph,
-        gate.name.removesuffix("gate_proj.weight") + "gate_up_proj.weight" + suffix,
+        gate.name.removesuffix("gate_proj.weight") + "gate_up_proj.weight" + with_shared + suffix,
         compute,
-        (experts, 2 * ff, hidden),
+        (experts + extra, 2 * ff, hidden),
         fc1,
     )
-    if down.dtype == compute:
+    if down.dtype == compute and not extra:
         return fc1_value, down
     fc2 = folder_weight(
         graph,
-        f"{down.name}_{compute.name.lower()}",
+        f"{down.name}{with_shared}_{compute.name.lower()}",
         compute,
-        (experts, hidden, ff),
-        lambda: ir.tensor(d.numpy().astype(to)),
+        (experts + extra, hidden, ff),
+        lambda: ir.tensor(parts()[2].astype(to)),
     )
     return fc1_value, fc2
 
@@ -151,6 +173,10 @@ def _drop_unused(graph: ir.Graph, values: list[ir.Value]) -> None:
 
 
 class LowerMoEToOrtPass(DsPass):
+    def __init__(self, shared_experts: bool = True) -> None:
+        super().__init__()
+        self.shared_experts = shared_experts  # fold the shared experts in where the kernel runs in 16 bits
+
     def requires(self, model: ir.Model) -> None:
         for node in self._moes(model):
             for index in MOE_EXPERT_INPUTS:
@@ -174,10 +200,25 @@ class LowerMoEToOrtPass(DsPass):
         r = routing(graph, moe, opset)
         experts, ff, hidden = expert_shape(gate)
         compute = kernel_dtype(x.dtype)
-        b = Builder(moe.name or "moe", rewrite=provenance.lowered(f"{MS_DOMAIN}.MoE"), origin=moe)
         folded = all(_float_initializer(v) for v in (gate, up, down))
+        # the shared experts join the kernel's experts where it runs in 16 bits (on the GPU the float32
+        # kernel is a slow SIMT GEMM: the shared MLP stays on cuBLAS there)
+        sixteen_bits = compute == ir.DataType.FLOAT16
+        shared = find_shared_experts(moe, ff) if self.shared_experts and folded and sixteen_bits else None
+        if shared is not None and not all(_float_initializer(v) for v in (shared.gate, shared.up, shared.down)):
+            shared = None
+        origin = [moe, *((*shared.nodes, shared.add) if shared is not None else ())]
+        b = Builder(moe.name or "moe", rewrite=provenance.lowered(f"{MS_DOMAIN}.MoE"), origin=origin)
+        if shared is not None:  # always chosen, each at weight 1 (log 1 = 0): R gains n columns of ones
+            ones = b.op(
+                "Expand",
+                b.const(np.ones((1, shared.count), np.float32), name="shared_weights"),
+                b.op("Concat", b.op("Shape", r, start=0, end=1), b.ints(shared.count, name="n"), axis=0),
+                name="shared_rows",
+            )
+            r = b.op("Concat", r, ones, axis=1, name="with_shared")
         if folded:
-            fc1, fc2 = folded_expert_weights(graph, gate, up, down, compute)
+            fc1, fc2 = folded_expert_weights(graph, gate, up, down, compute, shared)
         else:  # FP8 experts reach the MoE through their DequantizeLinear: interleave and cast in the graph
             axis = b.ints(2, name="axis")
             pairs = b.op("Concat", b.op("Unsqueeze", gate, axis), b.op("Unsqueeze", up, axis), axis=2, name="gate_up")
@@ -186,7 +227,7 @@ class LowerMoEToOrtPass(DsPass):
                 b, b.op("Reshape", pairs, shape, name="fc1"), gate.dtype or x.dtype, compute, "fc1"
             )  # [E, 2ff, D]
             fc2 = cast(b, down, down.dtype or x.dtype, compute, "down")
-        top_k = moe.attributes["top_k"].as_int()
+        top_k = moe.attributes["top_k"].as_int() + (shared.count if shared is not None else 0)
         y = b.op(
             "MoE",
             cast(b, x, x.dtype, compute, "x"),
@@ -209,5 +250,7 @@ class LowerMoEToOrtPass(DsPass):
         ir.convenience.replace_nodes_and_values(
             graph, insertion_point=moe, old_nodes=[moe], new_nodes=[], old_values=moe.outputs, new_values=[out]
         )
+        if shared is not None:
+            remove_shared(graph, shared)
         if folded:
             _drop_unused(graph, [gate, up, down])

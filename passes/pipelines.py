@@ -81,6 +81,7 @@ def lower_pipeline(
     mxfp8_weights: bool = False,
     ort_fusions: bool = True,
     attention_past_apart: bool = True,
+    shared_experts_in_moe: bool = True,
 ) -> list[Stage]:
     """The stages that take a canonical (or quantized) export to `target`; `dims` fixes shapes (iree);
     `int8` (ort): 8-bit weights in MatMulNBits / QMoE (a MoE QMoE cannot take keeps float experts);
@@ -88,7 +89,8 @@ def lower_pipeline(
     standard ONNX ops for portable and ort), `mxfp8_weights`: the FP8 weights they meet too;
     `ort_fusions` (ort): RMSNorm with the residual Add before it, and RoPE, as onnxruntime's fused ops
     (ort_fusions.py, ort_fusions_rotary.py); `attention_past_apart` (ort): decode attention reads the past cache
-    and the new entries apart instead of their Concat (ort_split_past.py)."""
+    and the new entries apart instead of their Concat (ort_split_past.py); `shared_experts_in_moe` (ort, 16-bit
+    graphs): the shared experts as always-chosen experts of com.microsoft::MoE (shared_experts.py)."""
     emulated = mxfp8_stages(Mxfp8Form.EMULATED, mxfp8, mxfp8_weights)
     if target == Target.PORTABLE:
         return [*emulated, Stage("inline-custom", InlineCustomPass()), *cleanup_stages()]
@@ -102,7 +104,7 @@ def lower_pipeline(
         return [
             *emulated,
             *eight_bit,
-            Stage("moe-to-com-microsoft", LowerMoEToOrtPass()),
+            Stage("moe-to-com-microsoft", LowerMoEToOrtPass(shared_experts=shared_experts_in_moe)),
             *([Stage("attention-past-apart", SplitPastAttentionPass())] if attention_past_apart else []),
             Stage("inline-custom", InlineCustomPass()),
             *cleanup_stages(),

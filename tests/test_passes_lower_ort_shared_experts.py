@@ -1,0 +1,100 @@
+"""The ort lowering of a 16-bit export runs DeepSeekMoE's shared experts inside com.microsoft::MoE: n more
+experts of the routed width, always chosen at weight 1 (passes/shared_experts.py). A float32 export keeps
+them as MatMuls (onnxruntime's float32 MoE kernel is a slow SIMT GEMM on the GPU)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import ml_dtypes
+import numpy as np
+import onnx_ir as ir
+import pytest
+import torch
+from dsv3c.passes.lower import lower_folder
+from dsv3c.passes.pipelines import Target
+from dsv3c.runtime.ort_backend import OrtEngine
+
+from .fixtures.exports import mini_config
+
+SHARED = 2  # two shared experts: the shared MLP is twice the routed width, split in two experts
+
+
+@pytest.fixture(scope="module")
+def exports(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    from dsv3c.export.exporter import export
+    from dsv3c.export.source import from_folder
+    from dsv3c.models.checkpoint import init_random, save_model
+
+    root = tmp_path_factory.mktemp("shared-experts")
+    save_model(init_random(mini_config(n_shared_experts=SHARED), seed=3), root / "ckpt", dtype="bf16")
+    for dtype in ("bf16", "fp32"):
+        export(from_folder(root / "ckpt"), root / dtype, weights="checkpoint", dtype=dtype)
+    return {"bf16": root / "bf16", "fp32": root / "fp32", "root": root}
+
+
+def _moes(folder: Path) -> list[ir.Node]:
+    graph = ir.load(folder / "decode.onnx").graph
+    return [n for n in graph if n.domain == "com.microsoft" and n.op_type == "MoE"]
+
+
+def _lower(export: Path, out: Path, shared_experts_in_moe: bool = True) -> Path:
+    folder = lower_folder(export, out, Target.ORT, shared_experts_in_moe=shared_experts_in_moe).folder
+    assert folder is not None
+    return folder
+
+
+def _logits(folder: Path) -> torch.Tensor:
+    """Prefill of 6 tokens, then two decode steps: the last logits of each call, stacked."""
+    engine = OrtEngine(folder)
+    engine.start(1, 16)
+    ids, positions = torch.tensor([[5, 9, 2, 7, 1, 3]]), torch.arange(6)[None]
+    out = [engine.prefill(ids, positions).logits[:, -1]]
+    for step in range(2):
+        token = out[-1].argmax(-1, keepdim=True)
+        out.append(engine.decode(token, torch.tensor([[6 + step]])).logits[:, -1])
+    return torch.cat(out).float()
+
+
+def test_shared_experts_become_experts_of_the_moe_in_bf16(exports: dict[str, Path], tmp_path: Path) -> None:
+    config = mini_config(n_shared_experts=SHARED)
+    canonical = ir.load(exports["bf16"] / "decode.onnx").graph.initializers
+    folder = _lower(exports["bf16"], tmp_path / "ort")
+    graph = ir.load(folder / "decode.onnx").graph
+    assert not [name for name in graph.initializers if "shared_experts" in name]
+    moes = _moes(folder)
+    assert len(moes) == config.num_hidden_layers - config.first_k_dense_replace
+    ff, experts = config.moe_intermediate_size, config.n_routed_experts
+    for moe in moes:
+        assert moe.attributes["k"].as_int() == config.num_experts_per_tok + SHARED
+        fc1, fc2 = moe.inputs[2], moe.inputs[4]
+        assert fc1 is not None and fc2 is not None and fc1.name is not None
+        prefix = fc1.name.split("experts.gate_up_proj")[0]
+        gate = canonical[prefix + "shared_experts.gate_proj.weight"].const_value.numpy()  # type: ignore[union-attr]
+        down = canonical[prefix + "shared_experts.down_proj.weight"].const_value.numpy()  # type: ignore[union-attr]
+        got1, got2 = fc1.const_value.numpy(), fc2.const_value.numpy()  # type: ignore[union-attr]
+        assert got1.shape == (experts + SHARED, 2 * ff, config.hidden_size)
+        for i in range(SHARED):  # shared expert i: units i ff .. (i + 1) ff, gate rows interleaved with up
+            want_gate = gate[i * ff : (i + 1) * ff].astype(np.float16)
+            np.testing.assert_array_equal(got1[experts + i, 0::2], want_gate)
+            np.testing.assert_array_equal(got2[experts + i], down[:, i * ff : (i + 1) * ff].astype(np.float16))
+        assert gate.dtype == ml_dtypes.bfloat16
+
+
+def test_bf16_logits_stay_those_of_the_shared_mlp_as_matmuls(exports: dict[str, Path], tmp_path: Path) -> None:
+    """The same function as the shared MLP as MatMuls: on the CPU provider a bf16 graph computes in float32
+    (runtime/float_compute.py), so the two lowerings agree to float32 rounding (measured 3e-7 of the
+    largest logit) and the greedy tokens are the same. On the GPU the shared experts run in the kernel's
+    float16 instead of bf16 MatMuls: float16 keeps more mantissa bits than bf16, in a smaller range."""
+    folded = _logits(_lower(exports["bf16"], tmp_path / "folded"))
+    apart = _logits(_lower(exports["bf16"], tmp_path / "apart", shared_experts_in_moe=False))
+    assert torch.equal(folded.argmax(-1), apart.argmax(-1))
+    assert (folded - apart).abs().max() <= 1e-5 * apart.abs().max()
+
+
+def test_float32_exports_keep_the_shared_mlp(exports: dict[str, Path], tmp_path: Path) -> None:
+    config = mini_config(n_shared_experts=SHARED)
+    folder = _lower(exports["fp32"], tmp_path / "ort32")
+    graph = ir.load(folder / "decode.onnx").graph
+    assert [name for name in graph.initializers if "shared_experts" in name]
+    assert all(moe.attributes["k"].as_int() == config.num_experts_per_tok for moe in _moes(folder))
