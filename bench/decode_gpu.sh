@@ -5,6 +5,7 @@
 #   bench/decode_gpu.sh small COMMIT     # small fp32: every runtime, and the kernels of one step
 #   bench/decode_gpu.sh small-ablations COMMIT   # the fusions' and the split attention's effect
 #   bench/decode_gpu.sh capture COMMIT   # V2-Lite's batch-32 capture settings, and the cache writes' effect
+#   bench/decode_gpu.sh apart COMMIT     # then: V2-Lite with its shared experts as MatMuls, and 8-bit
 #   bench/decode_gpu.sh v2-lite COMMIT   # V2-Lite shapes, bf16 and 8-bit: ort-graph vs PyTorch and transformers
 # A `--weights none` folder is filled with random weights on the GPU by bench/gpu_decode.py.
 set -u
@@ -16,6 +17,7 @@ if [ "$MODE" = folders ]; then
   python -m dsv3c export --preset v2-lite --weights none --dtype bf16 --out $DIR/v2-lite-canon --force
   python -m dsv3c lower $DIR/v2-lite-canon --target ort --out $DIR/v2-lite --force
   python -m dsv3c lower $DIR/v2-lite-canon --target ort --weights-8bit --out $DIR/v2-lite-8bit --force
+  python -m dsv3c lower $DIR/v2-lite-canon --target ort --shared-experts-apart --out $DIR/v2-lite-apart --force
   rm -rf $DIR/small-canon $DIR/v2-lite-canon
   du -sh $DIR
   exit 0
@@ -31,17 +33,27 @@ if [ "$MODE" = small ]; then
       --out "$OUT/gpu_step_kernels_small_b$b.json" 2>&1 | tail -22
   done
 elif [ "$MODE" = capture ]; then
-  # batch 32's capture: which session settings make it work; then the ort-graph rows with them, and the
-  # kernels of a step with the new cache entries stored by two scatters against two per layer
+  # batch 32's capture: which session settings make it work; then V2-Lite's ort-graph rows with them, and
+  # the kernels of a step with the new cache entries stored by two scatters against two per layer
   timeout 200 python bench/capture_variants.py $DIR/v2-lite --batch 32 --commit "$COMMIT" \
     --out "$OUT/capture_variants_v2-lite_b32.json" 2>&1 | grep -v Warning | tee /tmp/capture.txt | tail -8
-  S=$(sed -n 's/^works: //p' /tmp/capture.txt); [ -z "$S" ] || [ "$S" = none ] && S=default
-  for f in v2-lite v2-lite-8bit; do
-    timeout 150 python bench/gpu_decode.py $DIR/$f --runtimes ort-graph --capture-settings "$S" --contexts 128 4096 \
-      --batches 1 8 32 --steps 24 --commit "$COMMIT" --out "$OUT/gpu_decode_${f}_ort_graph.json" 2>&1 | tail -9
-  done
-  timeout 120 python bench/gpu_step_kernels.py $DIR/v2-lite $DIR/small --batch 1 --rounds 5 --top 12 \
-    --commit "$COMMIT" --out "$OUT/gpu_step_kernels_writes_b1.json" 2>&1 | grep -v -i warn | tail -28
+  S=$(sed -n 's/^works: //p' /tmp/capture.txt); { [ -z "$S" ] || [ "$S" = none ]; } && S=default
+  echo "$S" > /tmp/capture_settings
+  timeout 150 python bench/gpu_decode.py $DIR/v2-lite --runtimes ort-graph --capture-settings "$S" --contexts 128 4096 \
+    --batches 1 8 32 --steps 24 --commit "$COMMIT" --out "$OUT/gpu_decode_v2-lite_ort_graph.json" 2>&1 | tail -9
+  timeout 100 python bench/gpu_step_kernels.py $DIR/v2-lite --batch 1 --rounds 5 --top 12 \
+    --commit "$COMMIT" --out "$OUT/gpu_step_kernels_v2-lite_b1.json" 2>&1 | grep -v -i warn | tail -14
+  rm -f $DIR/v2-lite/weights.bin; df -h /tmp | tail -1  # room for the next folder's weights
+elif [ "$MODE" = apart ]; then
+  # the shared experts as MatMuls (lower --shared-experts-apart), and the 8-bit V2-Lite, with the same settings
+  S=$(cat /tmp/capture_settings 2>/dev/null || echo default)
+  timeout 130 python bench/gpu_decode.py $DIR/v2-lite-apart --runtimes ort-graph --capture-settings "$S" \
+    --contexts 128 4096 --batches 1 8 --steps 24 --commit "$COMMIT" --out "$OUT/gpu_decode_v2-lite-apart.json" 2>&1 | tail -6
+  rm -f $DIR/v2-lite-apart/weights.bin
+  timeout 130 python bench/gpu_decode.py $DIR/v2-lite-8bit --runtimes ort-graph --capture-settings "$S" \
+    --contexts 128 4096 --batches 1 8 32 --steps 24 --commit "$COMMIT" --out "$OUT/gpu_decode_v2-lite-8bit.json" 2>&1 | tail -9
+  timeout 60 python bench/gpu_step_kernels.py $DIR/small --batch 1 --rounds 5 --top 8 \
+    --commit "$COMMIT" --out "$OUT/gpu_step_kernels_small_b1.json" 2>&1 | grep -v -i warn | tail -10
 elif [ "$MODE" = small-ablations ]; then
   timeout 120 python bench/ort_step_nodes.py --device cuda --out "$OUT/ort_step_nodes_small.json" 2>&1 | tail -5
   timeout 150 python bench/attention_past_apart.py --device cuda --capacities 128 4096 16384 \
