@@ -7,7 +7,8 @@ from typing import Any
 
 AS_REQUESTED = {"arena_extend_strategy": "kSameAsRequested"}
 CAPTURE_SETTINGS: dict[str, dict[str, Any]] = {
-    "default": {},
+    "default": {},  # six uncaptured runs, then the capture (StaticDecoder's default since 2026-12-02)
+    "two-warm-up-runs": {"warmup_runs": 2},  # the default before: V2-Lite's batch 32 failed with it
     "more-warm-up-runs": {"warmup_runs": 6},
     "no-memory-pattern": {"memory_pattern": False},
     "arena-as-requested": {"cuda_extra": AS_REQUESTED},

@@ -2,12 +2,15 @@
 
     python bench/capture_variants.py FOLDER [--batch 32] [--capacity 256] [--steps 16] [--out FILE]
 
-At batch 32 the V2-Lite capture fails on the H200 ("Failed to allocate memory for requested buffer of size
+At batch 32 the V2-Lite capture failed on the H200 ("Failed to allocate memory for requested buffer of size
 4096" from the BFC arena while capturing: a cudaMalloc is not allowed inside a capture), although two
-uncaptured runs come first and no memory is short. Each variant opens runtime/ort_cuda_graph.py's
-StaticDecoder with one change and reports ms/step or the first line of its error:
+uncaptured runs came first and no memory was short. Each variant opens runtime/ort_cuda_graph.py's
+StaticDecoder with one change and reports ms/step or the first line of its error. Measured at d0fc5e5
+(bench/results/capture_variants_v2-lite_b32_h200_2026-12-02b.json): only six uncaptured runs worked,
+which StaticDecoder now makes by default.
 
-    default                 two uncaptured runs, then the capture
+    default                 StaticDecoder's default (six uncaptured runs since; two when measured)
+    two-warm-up-runs        two uncaptured runs, then the capture
     more-warm-up-runs       six uncaptured runs
     no-memory-pattern       onnxruntime's memory pattern off (its one block per run, sized after run one)
     arena-as-requested      the CUDA arena grows by what is asked, not by powers of two

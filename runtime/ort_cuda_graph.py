@@ -76,7 +76,7 @@ class StaticDecoder:
         cuda_graph: bool = True,
         profile: bool = False,
         threads: int = 0,
-        warmup_runs: int = 2,
+        warmup_runs: int = 6,
         memory_pattern: bool = True,
         cuda_extra: dict[str, str] | None = None,
         per_layer_writes: bool = False,  # the old way, one scatter per layer and kind (for benchmarks)
@@ -157,7 +157,9 @@ class StaticDecoder:
     def _warm_up(self, ort: Any, runs: int) -> None:
         """Runs without capture (gpu_graph_id -1) before the first captured one, so that the arena holds
         every buffer a step needs: a cudaMalloc inside the capture makes it fail ("Failed to allocate
-        memory" at batch 32 on the H200, where onnxruntime's own warm-up run was not enough)."""
+        memory" at batch 32 on the H200). Two runs were enough for `small`, not for V2-Lite at batch 32;
+        six were (bench/capture_variants.py: the memory pattern off or the arena grown as requested were
+        not; bench/results/capture_variants_v2-lite_b32_h200_2026-12-02b.json)."""
         options = ort.RunOptions()
         options.add_run_config_entry("gpu_graph_id", "-1")
         options.add_run_config_entry("disable_synchronize_execution_providers", "1")

@@ -92,6 +92,16 @@ def test_bf16_logits_stay_those_of_the_shared_mlp_as_matmuls(exports: dict[str, 
     assert (folded - apart).abs().max() <= 1e-5 * apart.abs().max()
 
 
+def test_the_bytes_a_step_reads_do_not_change(exports: dict[str, Path], tmp_path: Path) -> None:
+    """The benchmarks' floor counts the shared experts stacked in the MoE as read at every step."""
+    from dsv3c.artifact.manifest import read_manifest
+    from dsv3c.runtime.bench.memory import graph_weight_bytes
+
+    folded = graph_weight_bytes(read_manifest(_lower(exports["bf16"], tmp_path / "folded")))
+    apart = graph_weight_bytes(read_manifest(_lower(exports["bf16"], tmp_path / "apart", False)))
+    assert [folded(t) for t in (1, 2, 8)] == [apart(t) for t in (1, 2, 8)]
+
+
 def test_float32_exports_keep_the_shared_mlp(exports: dict[str, Path], tmp_path: Path) -> None:
     config = mini_config(n_shared_experts=SHARED)
     folder = _lower(exports["fp32"], tmp_path / "ort32")

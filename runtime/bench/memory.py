@@ -44,8 +44,9 @@ def weight_bytes_per_step(config: DeepseekV3Config, tokens: int, itemsize: int) 
 def stored_weight_bytes(manifest: Manifest, role: str = "decode") -> tuple[int, int, int]:
     """(dense, embedding, routed experts) bytes of an export's `role` graph, every weight as stored (its
     dtype's size: 4 for float32, 1 for fp8 or 8-bit integers, plus their scales); routed experts are the
-    stacked weights whose names hold `.experts.`."""
+    stacked weights whose names hold `.experts.` (the shared experts stacked after them count as dense)."""
     proto = manifest.load_structure(role)
+    routed = DeepseekV3Config.from_dict(manifest.config).n_routed_experts or 0
     embed, experts, dense = 0, 0, 0
     for t in proto.graph.initializer:
         if t.data_location != onnx.TensorProto.EXTERNAL:
@@ -54,7 +55,12 @@ def stored_weight_bytes(manifest: Manifest, role: str = "decode") -> tuple[int, 
         if "embed_tokens" in t.name:
             embed += nbytes
         elif ".experts." in t.name:
-            experts += nbytes
+            # the ort lowering may stack the shared experts after the routed ones (passes/shared_experts.py):
+            # those are read at every step, like the dense weights
+            stacked = t.dims[0] if t.dims else routed
+            part = nbytes * routed // stacked if routed and stacked > routed else nbytes
+            experts += part
+            dense += nbytes - part
         else:
             dense += nbytes
     return dense, embed, experts
