@@ -32,14 +32,11 @@ distinct experts among batch x top_k uniform choices), and batch x context cache
     torch       our PyTorch model, eager, absorbed MLA over the latent cache
     transformers  transformers' DeepseekV3/V2ForCausalLM, eager attention, its DynamicCache (expanded K/V)
 
-Known limits (H200, onnxruntime-gpu 1.31.1, December 2026): the capture failed at batch 32 ("Failed to allocate
-memory" in the BFC arena while capturing: the cell is reported as skipped); StaticDecoder now runs two
-uncaptured steps (gpu_graph_id -1) first so that the arena holds every buffer before the capture, not yet
-re-measured; a bf16 V2-Lite session took more
-than 130 s to load, one per (batch, capacity) bucket: its experts' Cast to float16 and the fc1 interleave
-were folded on the CPU at every load. The ort lowering now stores them folded (passes/lower_ort.py; the
-`small` decode's load on the CPU went from 7.0 s to 0.84 s, bench/session_load.py); the V2-Lite load on
-the H200 is not remeasured.
+Each runtime of each folder runs in a process of its own (`--in-process` keeps one): onnxruntime aborts the
+process on some CUDA errors, and a runtime's memory goes back to the device when its process ends. The
+results file is rewritten after every cell. H200, onnxruntime-gpu 1.31.1 (December 2026): every cell runs,
+batch 32 included, since StaticDecoder makes six uncaptured runs before its capture (two were not enough
+for V2-Lite: bench/capture_variants.py); a bf16 V2-Lite session opens in 5-7 s.
 """
 
 from __future__ import annotations
