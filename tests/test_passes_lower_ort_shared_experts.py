@@ -108,3 +108,14 @@ def test_float32_exports_keep_the_shared_mlp(exports: dict[str, Path], tmp_path:
     graph = ir.load(folder / "decode.onnx").graph
     assert [name for name in graph.initializers if "shared_experts" in name]
     assert all(moe.attributes["k"].as_int() == config.num_experts_per_tok for moe in _moes(folder))
+
+
+def test_shared_experts_apart_is_for_the_ort_target(
+    exports: dict[str, Path], tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from dsv3c.cli import main as cli
+
+    out = tmp_path / "p"
+    args = ["lower", str(exports["bf16"]), "--target", "portable", "--shared-experts-apart", "--out", str(out)]
+    assert cli.main(args) == 2
+    assert "--shared-experts-apart" in capsys.readouterr().err and not out.exists()
