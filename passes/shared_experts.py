@@ -54,10 +54,11 @@ def _only_use(value: ir.Value) -> ir.Node | None:
     return uses[0].node if len(uses) == 1 and not value.is_graph_output() else None
 
 
-def _linear(value: ir.Value | None, x: ir.Value | None) -> tuple[ir.Node, ir.Node, ir.Value] | None:
-    """(MatMul, Transpose, W) when `value` is MatMul(x, Transpose(W)) of a float initializer W [out, in]."""
+def _linear(value: ir.Value | None, x: ir.Value | None = None) -> tuple[ir.Node, ir.Node, ir.Value] | None:
+    """(MatMul, Transpose, W) when `value` is MatMul(x, Transpose(W)) of an initializer W [out, in] read by
+    nothing else (x: any input when None)."""
     matmul = _producer(value, "MatMul")
-    if matmul is None or x is None or matmul.inputs[0] is not x:
+    if matmul is None or (x is not None and matmul.inputs[0] is not x):
         return None
     transpose = _producer(matmul.inputs[1], "Transpose")
     perm = transpose.attributes.get("perm") if transpose is not None else None
@@ -83,7 +84,7 @@ def find_shared_experts(moe: ir.Node, ff: int) -> SharedExperts | None:
     if add is None or add.op_type != "Add" or add.domain != "":
         return None
     other = add.inputs[1] if add.inputs[0] is view.outputs[0] else add.inputs[0]
-    down = _linear(other, _input_of(other))
+    down = _linear(other)
     if down is None or _only_use(down[0].outputs[0]) is not add:
         return None
     product = _producer(down[0].inputs[0], "Mul")
@@ -108,12 +109,6 @@ def find_shared_experts(moe: ir.Node, ff: int) -> SharedExperts | None:
         nodes = (down[0], down[1], product, silu, sigmoid, gate[0], gate[1], up[0], up[1])
         return SharedExperts(gate[2], up[2], down[2], width // ff, add, view.outputs[0], nodes)
     return None
-
-
-def _input_of(value: ir.Value | None) -> ir.Value | None:
-    """The MatMul's first input behind `value` (what `_linear` must see as its x)."""
-    node = _producer(value, "MatMul")
-    return node.inputs[0] if node is not None else None
 
 
 def remove_shared(graph: ir.Graph, shared: SharedExperts) -> None:
