@@ -86,9 +86,7 @@ def main() -> int:
     working = [r["variant"] for r in rows if "ms_per_step" in r]
     print(f"works: {working[0] if working else 'none'}")
     if args.out is not None:
-        record = run_record()
-        if args.commit:  # the device's copy may carry an older .git than the tree it runs
-            record["commit"] = args.commit
+        record = run_record(commit=args.commit)
         write_result(args.out, {**record, "model": args.folder.name, "rows": rows})
     return 0
 

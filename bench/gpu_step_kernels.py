@@ -116,9 +116,7 @@ def main() -> int:
         return 2
     rows = [profile_folder(folder, args) for folder in args.folders]
     if args.out is not None:
-        record = run_record()
-        if args.commit:  # the device's copy may carry an older .git than the tree it runs
-            record["commit"] = args.commit
+        record = run_record(commit=args.commit)
         write_result(args.out, {**record, "rows": rows})
     return 0
 

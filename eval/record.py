@@ -46,11 +46,12 @@ def machine() -> dict[str, Any]:
     }
 
 
-def run_record(argv: list[str] | None = None) -> dict[str, Any]:
+def run_record(argv: list[str] | None = None, commit: str = "") -> dict[str, Any]:
+    """`commit` overrides the checkout's own (a device's copy may carry an older .git than the tree it runs)."""
     args = sys.argv if argv is None else argv
     return {
         "command": " ".join(args if argv is not None else [Path(sys.executable).name, *args]),
-        "commit": _commit(),
+        "commit": commit or _commit(),
         "date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
         "machine": machine(),
     }
