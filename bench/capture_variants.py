@@ -34,10 +34,9 @@ import_dsv3c()
 
 import torch  # noqa: E402
 from _capture_settings import CAPTURE_SETTINGS  # noqa: E402
-from dsv3c.artifact.manifest import read_manifest  # noqa: E402
+from _gpu import fill_if_weightless, no_cuda  # noqa: E402
 from dsv3c.eval.record import run_record, write_result  # noqa: E402
 from dsv3c.runtime.ort_cuda_graph import StaticDecoder  # noqa: E402
-from dsv3c.runtime.random_weights import fill_random  # noqa: E402
 
 
 def try_variant(folder: Path, args: argparse.Namespace, options: dict[str, Any]) -> dict[str, Any]:
@@ -71,11 +70,9 @@ def main() -> int:
     p.add_argument("--commit", default="")
     p.add_argument("--out", type=Path)
     args = p.parse_args()
-    if not torch.cuda.is_available():
-        print("capture_variants: error: torch sees no CUDA device; run this on the GPU machine", file=sys.stderr)
+    if no_cuda("capture_variants"):
         return 2
-    if read_manifest(args.folder).weights == "none":
-        fill_random(args.folder, seed=0, device="cuda")
+    fill_if_weightless(args.folder)
     rows = []
     for name, options in CAPTURE_SETTINGS.items():
         row = {"variant": name, "batch": args.batch, "capacity": args.capacity}

@@ -55,6 +55,7 @@ from typing import Any
 
 from _bootstrap import import_dsv3c
 from _capture_settings import CAPTURE_SETTINGS
+from _gpu import fill_if_weightless, no_cuda
 
 RUNTIMES = ("ort-graph", "ort-static", "ort", "torch", "transformers")
 
@@ -213,14 +214,12 @@ def bench_folder(
     from dsv3c.artifact.manifest import read_manifest
     from dsv3c.models.config import DeepseekV3Config
     from dsv3c.runtime.ort_backend import TORCH_TYPES
-    from dsv3c.runtime.random_weights import fill_random
 
-    manifest = read_manifest(folder)
-    if manifest.weights == "none":
-        start = time.perf_counter()
-        size = fill_random(folder, seed=args.seed, device="cuda")
+    start = time.perf_counter()
+    size = fill_if_weightless(folder, seed=args.seed)
+    if size is not None:
         print(f"{folder}: filled {size / 2**30:.1f} GiB of random weights in {time.perf_counter() - start:.0f} s")
-        manifest = read_manifest(folder)
+    manifest = read_manifest(folder)
     config = DeepseekV3Config.from_dict(manifest.config)
     dtype = TORCH_TYPES[manifest.cache.dtype]
     cache_per_token = (manifest.cache.ckv_width + manifest.cache.kpe_width) * manifest.cache.layers * dtype.itemsize
@@ -340,8 +339,7 @@ def main() -> int:
     p.add_argument("--in-process", action="store_true", help="every runtime in this process (default: one each)")
     p.add_argument("--bandwidth", type=float, help=argparse.SUPPRESS)  # a child takes its parent's measurement
     args = p.parse_args()
-    if not torch.cuda.is_available():
-        print("gpu_decode: error: torch sees no CUDA device; run this on the GPU machine", file=sys.stderr)
+    if no_cuda("gpu_decode"):
         return 2
     import onnxruntime as ort
     from dsv3c.errors import UserError

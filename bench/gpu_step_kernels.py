@@ -28,10 +28,9 @@ from _bootstrap import import_dsv3c
 import_dsv3c()
 
 import torch  # noqa: E402
-from dsv3c.artifact.manifest import read_manifest  # noqa: E402
+from _gpu import fill_if_weightless, no_cuda  # noqa: E402
 from dsv3c.eval.record import run_record, write_result  # noqa: E402
 from dsv3c.runtime.ort_cuda_graph import StaticDecoder  # noqa: E402
-from dsv3c.runtime.random_weights import fill_random  # noqa: E402
 
 
 def wall_ms(decoder: StaticDecoder, ids: torch.Tensor, positions: torch.Tensor, steps: int) -> float:
@@ -63,8 +62,7 @@ def kernels_per_step(decoder: StaticDecoder, ids: torch.Tensor, positions: torch
 
 
 def profile_folder(folder: Path, args: argparse.Namespace) -> dict[str, Any]:
-    if read_manifest(folder).weights == "none":
-        fill_random(folder, seed=0, device="cuda")
+    fill_if_weightless(folder)
     ids = torch.zeros(args.batch, 1, dtype=torch.long, device="cuda")
     positions = torch.full((args.batch, 1), args.capacity // 2, dtype=torch.long, device="cuda")
     row: dict[str, Any] = {"model": folder.name, "batch": args.batch}
@@ -111,8 +109,7 @@ def main() -> int:
     p.add_argument("--commit", default="")
     p.add_argument("--out", type=Path)
     args = p.parse_args()
-    if not torch.cuda.is_available():
-        print("gpu_step_kernels: error: torch sees no CUDA device; run this on the GPU machine", file=sys.stderr)
+    if no_cuda("gpu_step_kernels"):
         return 2
     rows = [profile_folder(folder, args) for folder in args.folders]
     if args.out is not None:
