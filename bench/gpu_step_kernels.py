@@ -4,6 +4,7 @@ entries stored by one scatter per kind for all layers, and by one per layer, sid
 
     python bench/gpu_step_kernels.py FOLDER [FOLDER ...] [--batch 1] [--capacity 256] [--steps 10] [--top 25]
                                      [--commit C] [--out FILE]
+    python bench/gpu_step_kernels.py --from RESULT.json [--top 0]   # a stored run's summary, on any machine
 
 FOLDER is a `lower --target ort` folder (a `--weights none` one is filled with random weights on the GPU,
 as bench/gpu_decode.py does). The kernels are recorded with torch.profiler (CUPTI sees every kernel of the
@@ -17,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import collections
+import json
 import statistics
 import sys
 import time
@@ -61,6 +63,39 @@ def kernels_per_step(decoder: StaticDecoder, ids: torch.Tensor, positions: torch
     return {name: (n / steps, us / steps) for name, (n, us) in totals.items()}
 
 
+# kernel name fragments -> what they do, first match wins (cuBLAS, onnxruntime's and torch's kernel names)
+CATEGORIES = (
+    ("MoE", ("MoeFCGemm", "GroupProblemShape", "cutlass_kernels::", "SoftmaxTopK", "moe_gemv")),
+    ("dense GEMM", ("nvjet", "gemv", "gemm", "dot_kernel", "splitKreduce", "reduce_1Block", "MatMulFloat8b")),
+    ("Cast", ("OP_Cast",)),
+    ("routing (TopK, gather, scatter)", ("TopK", "GatherScatterElements")),
+    ("cache writes (torch)", ("index_put", "arange")),
+    ("memcpy, memset", ("Memcpy", "Memset")),
+)
+
+
+def categorized(kernels: list[dict[str, Any]]) -> dict[str, tuple[float, float]]:
+    """{category: (launches, us) per step} of a row's kernels; what matches no fragment is "other"."""
+    out: dict[str, list[float]] = collections.defaultdict(lambda: [0, 0.0])
+    for k in kernels:
+        kind = next((c for c, parts in CATEGORIES if any(p in k["name"] for p in parts)), "other")
+        out[kind][0] += k["launches"]
+        out[kind][1] += k["us"]
+    return {c: (n, us) for c, (n, us) in sorted(out.items(), key=lambda kv: -kv[1][1])}
+
+
+def print_summary(row: dict[str, Any], top: int) -> None:
+    print(
+        f"{row['model']} batch {row['batch']} capacity {row['capacity']}: {row['kernels_per_step']:.0f} kernels/step, "
+        f"busy {row['kernel_busy_ms']:.2f} ms; wall {row['uncaptured_ms']:.2f} ms uncaptured, "
+        f"{row['captured_ms']:.2f} ms captured ({row['captured_per_layer_writes_ms']:.2f} with a scatter per layer)"
+    )
+    for kind, (n, us) in categorized(row["kernels"]).items():
+        print(f"  {us / 1e3:6.2f} ms {n:6.0f}x  {kind}")
+    for k in row["kernels"][:top]:
+        print(f"  {k['us']:8.1f} us {k['launches']:6.0f}x  {k['name']}")
+
+
 def profile_folder(folder: Path, args: argparse.Namespace) -> dict[str, Any]:
     fill_if_weightless(folder)
     ids = torch.zeros(args.batch, 1, dtype=torch.long, device="cuda")
@@ -88,19 +123,14 @@ def profile_folder(folder: Path, args: argparse.Namespace) -> dict[str, Any]:
     row["kernel_busy_ms"] = busy_us / 1e3
     ranked = sorted(kernels.items(), key=lambda kv: -kv[1][1])
     row["kernels"] = [{"name": k, "launches": n, "us": us} for k, (n, us) in ranked]
-    print(
-        f"{folder.name} batch {args.batch} capacity {row['capacity']}: {row['kernels_per_step']:.0f} kernels/step, "
-        f"busy {row['kernel_busy_ms']:.2f} ms; wall {row['uncaptured_ms']:.2f} ms uncaptured, "
-        f"{row['captured_ms']:.2f} ms captured ({row['captured_per_layer_writes_ms']:.2f} with a scatter per layer)"
-    )
-    for k, (n, us) in ranked[: args.top]:
-        print(f"  {us:8.1f} us {n:6.0f}x  {k}")
+    print_summary(row, args.top)
     return row
 
 
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("folders", type=Path, nargs="+")
+    p.add_argument("folders", type=Path, nargs="*")
+    p.add_argument("--from", dest="result", type=Path, help="print the summary of a results file instead")
     p.add_argument("--batch", type=int, default=1)
     p.add_argument("--capacity", type=int, default=256)
     p.add_argument("--steps", type=int, default=10)
@@ -109,6 +139,12 @@ def main() -> int:
     p.add_argument("--commit", default="")
     p.add_argument("--out", type=Path)
     args = p.parse_args()
+    if args.result is not None:  # no GPU needed: the kernels by category of a stored run
+        for row in json.loads(args.result.read_text())["rows"]:
+            print_summary(row, args.top)
+        return 0
+    if not args.folders:
+        p.error("give FOLDER(s) to profile, or --from RESULT")
     if no_cuda("gpu_step_kernels"):
         return 2
     rows = [profile_folder(folder, args) for folder in args.folders]
