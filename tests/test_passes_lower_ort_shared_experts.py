@@ -92,6 +92,39 @@ def test_bf16_logits_stay_those_of_the_shared_mlp_as_matmuls(exports: dict[str, 
     assert (folded - apart).abs().max() <= 1e-5 * apart.abs().max()
 
 
+def test_the_mtp_graph_folds_them_too_and_computes_the_same(exports: dict[str, Path], tmp_path: Path) -> None:
+    """The MTP module's MoE has shared experts as well: folded, its graph gives what the MatMuls gave."""
+    from dsv3c.artifact.manifest import read_manifest
+    from dsv3c.onnxkit.session import SessionSetup, open_session
+    from dsv3c.runtime.float_compute import compute_in_float32
+
+    outputs = []
+    for name, fold in (("folded", True), ("apart", False)):
+        folder = _lower(exports["bf16"], tmp_path / name, fold)
+        model = ir.load(folder / read_manifest(folder).graph_path("mtp").name)
+        ks = {n.attributes["k"].as_int() for n in model.graph if n.op_type == "MoE"}
+        assert ks == {mini_config().num_experts_per_tok + (SHARED if fold else 0)}
+        compute_in_float32(model)  # the CPU provider has no bf16 MatMul
+        session = open_session(model_bytes(model), SessionSetup(weights_folder=folder))
+        rng = np.random.default_rng(0)
+        feeds = {}
+        for i in session.get_inputs():
+            shape = [d if isinstance(d, int) else 3 for d in i.shape]
+            if "past" in i.name:
+                shape[1] = 0  # no cache yet: three new tokens
+            if i.type == "tensor(int64)":
+                feeds[i.name] = (np.arange(int(np.prod(shape))) % 7).reshape(shape)
+            else:
+                feeds[i.name] = rng.standard_normal(shape).astype(np.float32)
+        outputs.append(session.run(None, feeds)[0].astype(np.float32))
+    folded, apart = outputs
+    assert np.abs(folded - apart).max() <= 1e-5 * np.abs(apart).max()
+
+
+def model_bytes(model: ir.Model) -> bytes:
+    return ir.serde.serialize_model(model).SerializeToString()
+
+
 def test_the_bytes_a_step_reads_do_not_change(exports: dict[str, Path], tmp_path: Path) -> None:
     """The benchmarks' floor counts the shared experts stacked in the MoE as read at every step."""
     from dsv3c.artifact.manifest import read_manifest
