@@ -13,6 +13,7 @@ MOE_OP = "MoE"  # dsv3c::MoE
 Q8_SUFFIX, Q8_SCALES_SUFFIX = "_q8", "_q8_scales"
 # a float weight the ort lowering stores transposed, as its MatMul reads it ([in, out])
 TRANSPOSED_SUFFIX = "_t"
+MERGED_JOIN = "+"  # the weights of MatMuls merged into one (passes/merged_matmuls.py): their names, joined
 
 MANIFEST_FILE = "manifest.json"  # an export folder
 ENGINE_MANIFEST_FILE = "engine_manifest.json"  # an engine folder (dsv3c build)

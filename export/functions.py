@@ -204,8 +204,10 @@ def moe_selection(b: Body, v: MoEVariant) -> tuple[str, str, str]:
         kept = b.op("Cast", b.op("ScatterElements", zeros, keep, ones, axis=1), to=TensorProto.BOOL)  # [N, G]
         masked = b.op("Where", b.op("Unsqueeze", kept, b.ints(2)), groups, b.scalar(float("-inf")))
         choice = b.op("Reshape", masked, b.op("Shape", choice))  # [N, E]
-    _, indices = b.op("TopK", choice, b.attr("top_k", onnx.AttributeProto.INT), axis=-1, n_out=2)  # [N, k]
-    weights = b.op("GatherElements", scores, indices, axis=1)  # [N, k], unbiased
+    top, indices = b.op("TopK", choice, b.attr("top_k", onnx.AttributeProto.INT), axis=-1, n_out=2)  # [N, k]
+    # the chosen scores: TopK's own values where it ranked the scores themselves (V2's softmax), else gathered
+    # (unbiased, from the biased or group-masked choice)
+    weights = top if choice == scores else b.op("GatherElements", scores, indices, axis=1)  # [N, k]
     if v.normalize:
         weights = b.op("Div", weights, b.op("ReduceSum", weights, b.ints(-1), keepdims=1))
     weights = b.op("Mul", weights, b.attr("routed_scaling_factor", onnx.AttributeProto.FLOAT))

@@ -104,7 +104,7 @@ def cast(b: Builder, value: ir.Value, have: ir.DataType | None, to: ir.DataType 
 FLOAT_NUMPY = {ir.DataType.FLOAT: np.float32, ir.DataType.FLOAT16: np.float16, ir.DataType.BFLOAT16: ml_dtypes.bfloat16}
 
 
-def _float_initializer(value: ir.Value) -> bool:
+def float_initializer(value: ir.Value) -> bool:
     return value.is_initializer() and value.const_value is not None and value.dtype in FLOAT_NUMPY
 
 
@@ -165,6 +165,23 @@ def folded_expert_weights(
     return fc1_value, fc2
 
 
+def with_shared_columns(b: Builder, r: ir.Value, experts: int, count: int) -> ir.Value:
+    """R [N, E] -> [N, E + count] with ones in the new columns. R is the routing's scatter of the chosen
+    weights into zeros (export/functions.py): scattered into a row of E zeros and `count` ones instead,
+    which saves the zeros' fill and a Concat (two of the kernels a decode step launches per MoE layer)."""
+    scatter = r.producer()
+    fill = scatter.inputs[0].producer() if scatter is not None and scatter.inputs[0] is not None else None
+    if scatter is None or scatter.op_type != "ScatterElements" or fill is None or fill.op_type != "ConstantOfShape":
+        raise ir.passes.PreconditionError(f"bug: the routing of {b.prefix} is not a scatter into zeros")
+    _, indices, updates = scatter.inputs
+    assert indices is not None and updates is not None
+    rows = b.op("Concat", b.op("Shape", indices, start=0, end=1), b.ints(experts + count, name="width"), axis=0)
+    row = np.concatenate([np.zeros((1, experts), np.float32), np.ones((1, count), np.float32)], axis=1)
+    base = b.op("Expand", b.const(row, name="shared_weights"), rows, name="shared_rows")
+    out: ir.Value = b.op("ScatterElements", base, indices, updates, axis=1, name="with_shared")
+    return out
+
+
 def _drop_unused(graph: ir.Graph, values: list[ir.Value]) -> None:
     for value in values:
         name = value.name
@@ -200,23 +217,17 @@ class LowerMoEToOrtPass(DsPass):
         r = routing(graph, moe, opset)
         experts, ff, hidden = expert_shape(gate)
         compute = kernel_dtype(x.dtype)
-        folded = all(_float_initializer(v) for v in (gate, up, down))
+        folded = all(float_initializer(v) for v in (gate, up, down))
         # the shared experts join the kernel's experts where it runs in 16 bits (on the GPU the float32
         # kernel is a slow SIMT GEMM: the shared MLP stays on cuBLAS there)
         sixteen_bits = compute == ir.DataType.FLOAT16
         shared = find_shared_experts(moe, ff) if self.shared_experts and folded and sixteen_bits else None
-        if shared is not None and not all(_float_initializer(v) for v in (shared.gate, shared.up, shared.down)):
+        if shared is not None and not all(float_initializer(v) for v in (shared.gate, shared.up, shared.down)):
             shared = None
         origin = [moe, *((*shared.nodes, shared.add) if shared is not None else ())]
         b = Builder(moe.name or "moe", rewrite=provenance.lowered(f"{MS_DOMAIN}.MoE"), origin=origin)
         if shared is not None:  # always chosen, each at weight 1 (log 1 = 0): R gains n columns of ones
-            ones = b.op(
-                "Expand",
-                b.const(np.ones((1, shared.count), np.float32), name="shared_weights"),
-                b.op("Concat", b.op("Shape", r, start=0, end=1), b.ints(shared.count, name="n"), axis=0),
-                name="shared_rows",
-            )
-            r = b.op("Concat", r, ones, axis=1, name="with_shared")
+            r = with_shared_columns(b, r, experts, shared.count)
         if folded:
             fc1, fc2 = folded_expert_weights(graph, gate, up, down, compute, shared)
         else:  # FP8 experts reach the MoE through their DequantizeLinear: interleave and cast in the graph

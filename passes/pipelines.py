@@ -19,11 +19,14 @@ from dsv3c.passes.lower_mxfp8 import Mxfp8Form, Mxfp8WeightsPass, OnlineActivati
 from dsv3c.passes.lower_ort import LowerMoEToOrtPass
 from dsv3c.passes.lower_ort_8bit import Int8Options, MatMulNBitsPass, MoEToQMoEPass
 from dsv3c.passes.lower_trt import ATTENTION_OPSET, MlaToAttentionPass, TrtQdqPass, UpgradeOpsetPass
+from dsv3c.passes.merged_matmuls import MergedMatMulsPass
+from dsv3c.passes.multiply_by_one import MultiplyByOnePass
 from dsv3c.passes.ort_fusions import OrtFusionsPass
 from dsv3c.passes.ort_fusions_rotary import OrtRotaryPass
 from dsv3c.passes.ort_split_past import SplitPastAttentionPass
 from dsv3c.passes.policy import Policy
 from dsv3c.passes.rope import RopeToRotaryEmbeddingPass
+from dsv3c.passes.shared_shapes import SharedInputShapesPass
 from dsv3c.passes.stages import Stage
 from dsv3c.passes.transposed_weights import TransposedWeightsPass
 
@@ -107,8 +110,11 @@ def lower_pipeline(
             Stage("moe-to-com-microsoft", LowerMoEToOrtPass(shared_experts=shared_experts_in_moe)),
             *([Stage("attention-past-apart", SplitPastAttentionPass())] if attention_past_apart else []),
             Stage("inline-custom", InlineCustomPass()),
+            Stage("shared-input-shapes", SharedInputShapesPass()),  # the layers' masks: one, after the CSE
             *cleanup_stages(),
+            Stage("multiply-by-one", MultiplyByOnePass()),  # where shapes are known
             Stage("weights-transposed", TransposedWeightsPass()),  # after fold-constants took out no-op Casts
+            Stage("merged-matmuls", MergedMatMulsPass()),  # over the weights as stored
             *([Stage("ort-fusions", OrtFusionsPass()), Stage("ort-rotary", OrtRotaryPass())] if ort_fusions else []),
         ]
     if target == Target.TRT:

@@ -7,7 +7,9 @@ bench/results/session_load_small_transposed_cpu_2026-12-02.json). The ort loweri
 once instead, named `<W>` + TRANSPOSED_SUFFIX and shared by every graph of the folder. The numbers do not
 change: the MatMul reads the same values in the same layout onnxruntime made.
 
-Only a float initializer directly behind the Transpose is stored transposed. FP8 weights keep their
+Only a float initializer directly behind the Transpose is stored transposed, or behind a Cast to another
+float type, stored cast (the MoE router, which DeepSeek computes in float32: in a bf16 graph its Cast ran
+in every layer of every step, 26 kernels of V2-Lite's step on the H200). FP8 weights keep their
 8-bit bytes and their DequantizeLinear (transposing them would make a float copy, not save one);
 8-bit lowerings have already turned these MatMuls into MatMulNBits.
 """
@@ -24,19 +26,30 @@ from dsv3c.passes.lower_ort import FLOAT_NUMPY, folder_weight
 from dsv3c.passes.stages import DsPass, StageResult
 
 
-def _transposed(graph: ir.Graph, weight: ir.Value) -> ir.Value:
-    """W.T as a weight of the folder (computed when written), made once per name."""
+def _transposed(graph: ir.Graph, weight: ir.Value, to: ir.DataType | None = None) -> ir.Value:
+    """W.T (cast to `to`, when given) as a weight of the folder (computed when written), made once per name."""
     assert weight.name is not None and weight.dtype is not None
     tensor = weight.const_value
     assert tensor is not None
     rows, cols = static_dims(weight.shape)
+    dtype = to or weight.dtype
+    suffix = TRANSPOSED_SUFFIX + ("" if dtype == weight.dtype else f"_{dtype.name.lower()}")
     return folder_weight(
         graph,
-        weight.name + TRANSPOSED_SUFFIX,
-        weight.dtype,
+        weight.name + suffix,
+        dtype,
         (cols, rows),
-        lambda: ir.tensor(np.ascontiguousarray(tensor.numpy().T)),
+        lambda: ir.tensor(np.ascontiguousarray(tensor.numpy().T.astype(FLOAT_NUMPY[dtype]))),
     )
+
+
+def _cast_to(value: ir.Value | None, weight: ir.Value) -> ir.DataType | None:
+    """The float type `value` = Cast(weight) casts to; None when it is no such Cast."""
+    cast = value.producer() if value is not None else None
+    if cast is None or cast.op_type != "Cast" or cast.domain not in ("", "ai.onnx") or cast.inputs[0] is not weight:
+        return None
+    to = ir.DataType(cast.attributes["to"].as_int())
+    return to if to in FLOAT_NUMPY else None
 
 
 class TransposedWeightsPass(DsPass):
@@ -46,11 +59,18 @@ class TransposedWeightsPass(DsPass):
         for use in rewritable_linears(graph):
             weight, matmul = use.weight, use.user
             transpose = matmul.inputs[1].producer() if matmul.inputs[1] is not None else None
-            if use.kind != LinearKind.MATMUL or transpose is None or transpose.inputs[0] is not weight:
-                continue  # not a plain float weight (FP8 behind its DequantizeLinear, a Cast, ...)
+            if use.kind != LinearKind.MATMUL or transpose is None:
+                continue
+            source = transpose.inputs[0]
+            to = None if source is weight else _cast_to(source, weight)
+            if source is not weight and to is None:
+                continue  # not a plain float weight (FP8 behind its DequantizeLinear, ...)
             if weight.const_value is None or weight.dtype not in FLOAT_NUMPY:
                 continue
-            self._replace(graph, matmul, transpose, _transposed(graph, weight))
+            self._replace(graph, matmul, transpose, _transposed(graph, weight, to))
+            cast = source.producer() if source is not weight and source is not None else None
+            if cast is not None and not cast.outputs[0].uses():
+                graph.remove(cast, safe=True)
             assert weight.name is not None
             stored[weight.name] = None
         for name in stored:  # the [out, in] original, unless something else still reads it

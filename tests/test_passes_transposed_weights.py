@@ -13,6 +13,7 @@ import onnx_ir as ir
 import pytest
 import torch
 from dsv3c.artifact.names import TRANSPOSED_SUFFIX
+from dsv3c.passes.merged_matmuls import merged_parts
 from dsv3c.passes.pipelines import QuantizeOptions
 from dsv3c.passes.quantize import quantize_folder
 from dsv3c.runtime.ort_backend import OrtEngine
@@ -41,12 +42,14 @@ def test_every_float_linear_weight_is_stored_transposed(tiny_export: Path, lower
     assert stored
     for value in stored:
         assert value.name is not None and value.const_value is not None
-        original = canonical.initializers[value.name.removesuffix(TRANSPOSED_SUFFIX)].const_value
-        assert original is not None
-        np.testing.assert_array_equal(value.const_value.numpy(), original.numpy().T)
+        # MatMuls of one activation read one weight, their parts side by side (passes/merged_matmuls.py)
+        parts = [canonical.initializers[n.removesuffix(TRANSPOSED_SUFFIX)] for n in merged_parts(value.name)]
+        assert all(p.const_value is not None for p in parts)
+        expected = np.concatenate([p.const_value.numpy().T for p in parts], axis=1)  # type: ignore[union-attr]
+        np.testing.assert_array_equal(value.const_value.numpy(), expected)
         # the [out, in] original is not kept beside it when only MatMuls read it
         assert all(u.node.op_type == "MatMul" for u in value.uses())
-        assert value.name.removesuffix(TRANSPOSED_SUFFIX) not in graph.initializers
+        assert not any(p.name in graph.initializers for p in parts)
 
 
 def test_the_lowering_computes_the_same_logits(tiny_export: Path, lowered: Path) -> None:
