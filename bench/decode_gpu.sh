@@ -7,6 +7,8 @@
 #   bench/decode_gpu.sh capture COMMIT   # V2-Lite's batch-32 capture settings, and the cache writes' effect
 #   bench/decode_gpu.sh apart COMMIT     # then: V2-Lite with its shared experts as MatMuls, and 8-bit
 #   bench/decode_gpu.sh v2-lite COMMIT   # V2-Lite shapes, bf16 and 8-bit: ort-graph vs PyTorch and transformers
+#   bench/decode_gpu.sh cut COMMIT       # V2-Lite bf16 ort-graph and its step's kernels (this lowering)
+#   bench/decode_gpu.sh cut-before COMMIT BEFORE   # then folders lowered at BEFORE (`*-before`), small, 8-bit
 # A `--weights none` folder is filled with random weights on the GPU by bench/gpu_decode.py.
 set -u
 MODE=$1; COMMIT=${2:-unknown}; OUT=${OUT:-/tmp/out}; DIR=runs/gpu
@@ -54,6 +56,26 @@ elif [ "$MODE" = apart ]; then
     --contexts 128 4096 --batches 1 8 32 --steps 24 --commit "$COMMIT" --out "$OUT/gpu_decode_v2-lite-8bit.json" 2>&1 | tail -9
   timeout 60 python bench/gpu_step_kernels.py $DIR/small --batch 1 --rounds 5 --top 8 \
     --commit "$COMMIT" --out "$OUT/gpu_step_kernels_small_b1.json" 2>&1 | grep -v -i warn | tail -10
+elif [ "$MODE" = cut ]; then
+  # fewer kernels per step: V2-Lite bf16 lowered now, every batch, and the kernels of its batch-1 step
+  timeout 260 python bench/gpu_decode.py $DIR/v2-lite --runtimes ort-graph --contexts 128 4096 \
+    --batches 1 8 32 --steps 24 --commit "$COMMIT" --out "$OUT/gpu_decode_v2-lite_ort_graph.json" 2>&1 | tail -9
+  timeout 150 python bench/gpu_step_kernels.py $DIR/v2-lite --batch 1 --rounds 5 --top 40 \
+    --commit "$COMMIT" --out "$OUT/gpu_step_kernels_v2-lite_b1.json" 2>&1 | grep -v -i warn | tail -30
+  rm -f $DIR/v2-lite/weights.bin; df -h /tmp | tail -1
+elif [ "$MODE" = cut-before ]; then
+  # then, on the same GPU: the folders lowered before the cut (`*-before`, lowered at BEFORE), and 8-bit
+  BEFORE=${3:-unknown}
+  timeout 170 python bench/gpu_decode.py $DIR/v2-lite-before --runtimes ort-graph --contexts 128 4096 \
+    --batches 1 8 --steps 24 --commit "$BEFORE" --out "$OUT/gpu_decode_v2-lite-before.json" 2>&1 | tail -6
+  rm -f $DIR/v2-lite-before/weights.bin
+  for f in small small-before; do
+    c=$COMMIT; [ $f = small-before ] && c=$BEFORE
+    timeout 90 python bench/gpu_decode.py $DIR/$f --runtimes ort-graph --contexts 128 4096 --batches 1 8 32 \
+      --steps 24 --commit "$c" --out "$OUT/gpu_decode_$f.json" 2>&1 | tail -8
+  done
+  timeout 170 python bench/gpu_decode.py $DIR/v2-lite-8bit --runtimes ort-graph --contexts 128 4096 \
+    --batches 1 8 32 --steps 24 --commit "$COMMIT" --out "$OUT/gpu_decode_v2-lite-8bit.json" 2>&1 | tail -9
 elif [ "$MODE" = small-ablations ]; then
   timeout 120 python bench/ort_step_nodes.py --device cuda --out "$OUT/ort_step_nodes_small.json" 2>&1 | tail -5
   timeout 150 python bench/attention_past_apart.py --device cuda --capacities 128 4096 16384 \
