@@ -64,8 +64,11 @@ elif [ "$MODE" = cut ]; then
     --commit "$COMMIT" --out "$OUT/gpu_step_kernels_v2-lite_b1.json" 2>&1 | grep -v -i warn | tail -30
   rm -f $DIR/v2-lite/weights.bin; df -h /tmp | tail -1
 elif [ "$MODE" = cut-before ]; then
-  # then, on the same GPU: the folders lowered before the cut (`*-before`, lowered at BEFORE), and 8-bit
+  # then, side by side in one call: V2-Lite now and lowered at BEFORE (`*-before`), small both ways, 8-bit
   BEFORE=${3:-unknown}
+  timeout 170 python bench/gpu_decode.py $DIR/v2-lite --runtimes ort-graph --contexts 128 4096 \
+    --batches 1 8 --steps 24 --commit "$COMMIT" --out "$OUT/gpu_decode_v2-lite-after.json" 2>&1 | tail -6
+  rm -f $DIR/v2-lite/weights.bin
   timeout 170 python bench/gpu_decode.py $DIR/v2-lite-before --runtimes ort-graph --contexts 128 4096 \
     --batches 1 8 --steps 24 --commit "$BEFORE" --out "$OUT/gpu_decode_v2-lite-before.json" 2>&1 | tail -6
   rm -f $DIR/v2-lite-before/weights.bin
