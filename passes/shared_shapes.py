@@ -6,13 +6,18 @@ inputs differ from layer to layer, so CSE cannot merge the chains, and onnxrunti
 kernels in every layer (27 times each per step of V2-Lite on the H200). But the inputs are declared with
 the same shape (`[batch, past, 512]`: the same dim names mean the same sizes in ONNX), so their Shapes are
 one value. This pass points each such Shape at the first input declared like it; the cleanup's CSE then
-merges each layer's mask chain into one. Only fully declared shapes count (every dim a number or a name).
+merges each layer's mask chain into one. Only the cache's inputs, fully declared (every dim a number or
+a name), are read this way.
 """
 
 from __future__ import annotations
 
 import onnx_ir as ir
+from dsv3c.artifact import provenance
+from dsv3c.export.builder import Builder
 from dsv3c.passes.stages import DsPass, StageResult
+
+CACHE_INPUTS = ("past_ckv.", "past_kpe.")
 
 
 def _declared(value: ir.Value) -> tuple[int | str, ...] | None:
@@ -35,7 +40,8 @@ class SharedInputShapesPass(DsPass):
         first: dict[tuple[int | str, ...], ir.Value] = {}
         moved = 0
         for value in model.graph.inputs:
-            dims = _declared(value)
+            # the latent cache's inputs only: the ids and positions share their Shapes through the CSE already
+            dims = _declared(value) if (value.name or "").startswith(CACHE_INPUTS) else None
             if dims is None:
                 continue
             same = first.setdefault(dims, value)
@@ -44,6 +50,18 @@ class SharedInputShapesPass(DsPass):
             for use in list(value.uses()):
                 node = use.node
                 if node.op_type == "Shape" and node.domain in ("", "ai.onnx") and node.graph is model.graph:
-                    node.replace_input_with(use.idx, same)
+                    self._reread(model.graph, node, same)
                     moved += 1
         return StageResult(model, moved > 0, {"shapes_shared": moved})
+
+    def _reread(self, graph: ir.Graph, shape: ir.Node, same: ir.Value) -> None:
+        """A new Shape of `same` in place of `shape`, marked as its rewrite (for `dsv3c diff`)."""
+        b = Builder(shape.name or "shape", rewrite=provenance.lowered("Shape"), origin=shape)
+        attrs = {k: a.as_int() for k, a in shape.attributes.items() if k in ("start", "end")}
+        out = b.op("Shape", same, name="shared", **attrs)
+        old = shape.outputs[0]
+        out.shape, out.type = old.shape, old.type
+        b.insert_before(graph, shape)
+        ir.convenience.replace_nodes_and_values(
+            graph, insertion_point=shape, old_nodes=[shape], new_nodes=[], old_values=[old], new_values=[out]
+        )

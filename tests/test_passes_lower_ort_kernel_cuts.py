@@ -169,11 +169,14 @@ def test_only_inputs_declared_alike_share_a_shape() -> None:
     def info(name: str, dims: list[int | str | None]) -> onnx.ValueInfoProto:
         return helper.make_tensor_value_info(name, TensorProto.FLOAT, dims)
 
-    inputs = [info("a", ["batch", "past", 8]), info("b", ["batch", "past", 8]), info("c", ["batch", "other", 8])]
-    inputs.append(info("d", ["batch", None, 8]))  # an unnamed dim: not known to be the same
-    nodes = [helper.make_node("Shape", [n], [f"s{n}"]) for n in "abcd"]
-    nodes.append(helper.make_node("Concat", [f"s{n}" for n in "abcd"], ["y"], axis=0))
+    names = {"a": "past_ckv.0", "b": "past_ckv.1", "c": "past_ckv.2", "d": "past_ckv.3", "e": "ids"}
+    inputs = [info(names["a"], ["batch", "past", 8]), info(names["b"], ["batch", "past", 8])]
+    inputs.append(info(names["c"], ["batch", "other", 8]))
+    inputs.append(info(names["d"], ["batch", None, 8]))  # an unnamed dim: not known to be the same
+    inputs.append(info(names["e"], ["batch", "past", 8]))  # not the cache's
+    nodes = [helper.make_node("Shape", [v], [f"s{k}"]) for k, v in names.items()]
+    nodes.append(helper.make_node("Concat", [f"s{k}" for k in names], ["y"], axis=0))
     model = _model(nodes, inputs, ["y"])
     SharedInputShapesPass()(model)
-    read = {n.outputs[0].name: n.inputs[0].name for n in model.graph if n.op_type == "Shape"}
-    assert read == {"sa": "a", "sb": "a", "sc": "c", "sd": "d"}
+    read = {n.inputs[0].name for n in model.graph if n.op_type == "Shape"}
+    assert read == {"past_ckv.0", "past_ckv.2", "past_ckv.3", "ids"}
