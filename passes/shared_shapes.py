@@ -12,6 +12,8 @@ a name), are read this way.
 
 from __future__ import annotations
 
+from typing import Any
+
 import onnx_ir as ir
 from dsv3c.artifact import provenance
 from dsv3c.export.builder import Builder
@@ -57,7 +59,7 @@ class SharedInputShapesPass(DsPass):
     def _reread(self, graph: ir.Graph, shape: ir.Node, same: ir.Value) -> None:
         """A new Shape of `same` in place of `shape`, marked as its rewrite (for `dsv3c diff`)."""
         b = Builder(shape.name or "shape", rewrite=provenance.lowered("Shape"), origin=shape)
-        attrs = {k: a.as_int() for k, a in shape.attributes.items() if k in ("start", "end")}
+        attrs: dict[str, Any] = {k: a.as_int() for k, a in shape.attributes.items() if k in ("start", "end")}
         out = b.op("Shape", same, name="shared", **attrs)
         old = shape.outputs[0]
         out.shape, out.type = old.shape, old.type
