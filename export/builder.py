@@ -88,6 +88,15 @@ class Builder:
             graph.insert_before(node, self.tape.nodes)
             self.tape = ir.tape.Tape()
 
+    def replace(self, graph: ir.Graph, node: ir.Node, out: ir.Value) -> None:
+        """The tape's nodes in place of `node`, whose one output becomes `out` (which takes its shape and type)."""
+        old = node.outputs[0]
+        out.shape, out.type = old.shape, old.type
+        self.insert_before(graph, node)
+        ir.convenience.replace_nodes_and_values(
+            graph, insertion_point=node, old_nodes=[node], new_nodes=[], old_values=[old], new_values=[out]
+        )
+
     def insert_after(self, graph: ir.Graph, node: ir.Node) -> None:
         if self.tape.nodes:
             graph.insert_after(node, self.tape.nodes)

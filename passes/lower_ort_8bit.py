@@ -236,12 +236,7 @@ class MatMulNBitsPass(DsPass):
             block_size=self.options.block,
             accuracy_level=self.options.accuracy_level,
         )
-        old = matmul.outputs[0]
-        out.shape, out.type = old.shape, old.type
-        b.insert_before(graph, matmul)
-        ir.convenience.replace_nodes_and_values(
-            graph, insertion_point=matmul, old_nodes=[matmul], new_nodes=[], old_values=[old], new_values=[out]
-        )
+        b.replace(graph, matmul, out)
 
 
 def qmoe_block(block: int, hidden: int, ff: int) -> int | None:

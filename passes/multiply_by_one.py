@@ -2,7 +2,7 @@
 
 DeepSeekMoE's routing multiplies the chosen weights by routed_scaling_factor, an attribute of the MoE node
 that becomes a Constant when the body is inlined. Models whose factor is 1.0 (V2-Lite) then ran a
-multiplication by one per MoE layer in every decode step (26 kernels per step on the GPU). x * 1 is x
+multiplication by one per MoE layer in every decode step (a kernel per MoE layer on the GPU). x * 1 is x
 exactly in IEEE arithmetic, so the node goes; a factor other than 1 (V3's 2.5) keeps it.
 """
 

@@ -19,8 +19,9 @@ of length 0 works too (the score and value GEMMs over it are empty).
 
 Where kv_b_proj is a float weight, the body reads it as the two per-head weights it needs, written once
 into the folder: w_uk [H, nope, r] and w_uv_t [H, r, v] (W_uv already transposed). Split from kv_b_proj in
-the graph instead, onnxruntime ran that Split in every layer of every step (27 of V2-Lite's kernels per
-step on the H200), since it does not fold a weight's Split.
+the graph instead, onnxruntime folds that Split of a weight at every session load (V2-Lite's step on the
+H200 ran as many Split kernels before as after, bench/results/gpu_step_kernels_v2-lite_b1_h200_2026-12-02b.json
+and -02c.json): written once, no session spends the copy.
 
 Measured (bench/attention_past_apart.py, `small` preset, batch 1, 2-core CPU,
 bench/results/attention_past_apart_small_cpu_2026-12-02.json): the same speed at contexts 256 to 4096

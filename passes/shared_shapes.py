@@ -60,10 +60,4 @@ class SharedInputShapesPass(DsPass):
         """A new Shape of `same` in place of `shape`, marked as its rewrite (for `dsv3c diff`)."""
         b = Builder(shape.name or "shape", rewrite=provenance.lowered("Shape"), origin=shape)
         attrs: dict[str, Any] = {k: a.as_int() for k, a in shape.attributes.items() if k in ("start", "end")}
-        out = b.op("Shape", same, name="shared", **attrs)
-        old = shape.outputs[0]
-        out.shape, out.type = old.shape, old.type
-        b.insert_before(graph, shape)
-        ir.convenience.replace_nodes_and_values(
-            graph, insertion_point=shape, old_nodes=[shape], new_nodes=[], old_values=[old], new_values=[out]
-        )
+        b.replace(graph, shape, b.op("Shape", same, name="shared", **attrs))

@@ -8,8 +8,9 @@ once instead, named `<W>` + TRANSPOSED_SUFFIX and shared by every graph of the f
 change: the MatMul reads the same values in the same layout onnxruntime made.
 
 Only a float initializer directly behind the Transpose is stored transposed, or behind a Cast to another
-float type, stored cast (the MoE router, which DeepSeek computes in float32: in a bf16 graph its Cast ran
-in every layer of every step, 26 kernels of V2-Lite's step on the H200). FP8 weights keep their
+float type, stored cast (the MoE router, which DeepSeek computes in float32: onnxruntime folded that Cast
+at session load, as it folds the Transpose, so the step ran no Cast of it on the H200 before or after;
+what storing it cast saves is the fold). FP8 weights keep their
 8-bit bytes and their DequantizeLinear (transposing them would make a float copy, not save one);
 8-bit lowerings have already turned these MatMuls into MatMulNBits.
 """
@@ -85,12 +86,6 @@ class TransposedWeightsPass(DsPass):
             matmul.replace_input_with(1, weight_t)
         else:  # the exporter's linear: a new MatMul, marked as replacing it and its Transpose, for `dsv3c diff`
             b = Builder(matmul.name or "matmul", rewrite=provenance.lowered("MatMul"), origin=[matmul, transpose])
-            out = b.op("MatMul", matmul.inputs[0], weight_t, name="stored_transposed")
-            old = matmul.outputs[0]
-            out.shape, out.type = old.shape, old.type
-            b.insert_before(graph, matmul)
-            ir.convenience.replace_nodes_and_values(
-                graph, insertion_point=matmul, old_nodes=[matmul], new_nodes=[], old_values=[old], new_values=[out]
-            )
+            b.replace(graph, matmul, b.op("MatMul", matmul.inputs[0], weight_t, name="stored_transposed"))
         if not transpose.outputs[0].uses():
             graph.remove(transpose, safe=True)
