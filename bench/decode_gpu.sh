@@ -9,6 +9,9 @@
 #   bench/decode_gpu.sh v2-lite COMMIT   # V2-Lite shapes, bf16 and 8-bit: ort-graph vs PyTorch and transformers
 #   bench/decode_gpu.sh cut COMMIT       # V2-Lite bf16 ort-graph and its step's kernels (this lowering)
 #   bench/decode_gpu.sh cut-before COMMIT BEFORE   # then folders lowered at BEFORE (`*-before`), small, 8-bit
+#   bench/decode_gpu.sh eight-bit COMMIT # 8-bit V2-Lite, shared experts in QMoE vs as MatMulNBits, side by side
+#   bench/decode_gpu.sh grid COMMIT      # V2-Lite bf16: ort-graph, PyTorch eager, transformers at 128/1024/4096
+#   bench/decode_gpu.sh long COMMIT      # V2-Lite bf16 at 16384, the Concat form, the kernels at 4096
 # A `--weights none` folder is filled with random weights on the GPU by bench/gpu_decode.py.
 set -u
 MODE=$1; COMMIT=${2:-unknown}; OUT=${OUT:-/tmp/out}; DIR=runs/gpu
@@ -20,6 +23,9 @@ if [ "$MODE" = folders ]; then
   python -m dsv3c lower $DIR/v2-lite-canon --target ort --out $DIR/v2-lite --force
   python -m dsv3c lower $DIR/v2-lite-canon --target ort --weights-8bit --out $DIR/v2-lite-8bit --force
   python -m dsv3c lower $DIR/v2-lite-canon --target ort --shared-experts-apart --out $DIR/v2-lite-apart --force
+  python -m dsv3c lower $DIR/v2-lite-canon --target ort --weights-8bit --shared-experts-apart \
+    --out $DIR/v2-lite-8bit-apart --force
+  python -m dsv3c lower $DIR/v2-lite-canon --target ort --concat-cache --out $DIR/v2-lite-concat --force
   rm -rf $DIR/small-canon $DIR/v2-lite-canon
   du -sh $DIR
   exit 0
@@ -79,6 +85,30 @@ elif [ "$MODE" = cut-before ]; then
   done
   timeout 170 python bench/gpu_decode.py $DIR/v2-lite-8bit --runtimes ort-graph --contexts 128 4096 \
     --batches 1 8 32 --steps 24 --commit "$COMMIT" --out "$OUT/gpu_decode_v2-lite-8bit.json" 2>&1 | tail -9
+elif [ "$MODE" = eight-bit ]; then
+  # 8-bit V2-Lite with its shared experts in QMoE (the default) and as MatMulNBits, in one call
+  for f in v2-lite-8bit v2-lite-8bit-apart; do
+    timeout 200 python bench/gpu_decode.py $DIR/$f --runtimes ort-graph --contexts 128 1024 4096 \
+      --batches 1 8 32 --steps 24 --commit "$COMMIT" --out "$OUT/gpu_decode_$f.json" 2>&1 | tail -11
+  done
+  timeout 120 python bench/gpu_step_kernels.py $DIR/v2-lite-8bit --batch 1 --rounds 5 --top 30 \
+    --commit "$COMMIT" --out "$OUT/gpu_step_kernels_v2-lite-8bit_b1.json" 2>&1 | grep -v -i warn | tail -22
+  rm -f $DIR/v2-lite-8bit*/weights.bin; df -h /tmp | tail -1
+elif [ "$MODE" = grid ]; then
+  # every runtime side by side, the README's V2-Lite table
+  timeout 560 python bench/gpu_decode.py $DIR/v2-lite --runtimes ort-graph torch transformers \
+    --contexts 128 1024 4096 --batches 1 8 32 --steps 24 --commit "$COMMIT" --out "$OUT/gpu_decode_v2-lite.json" 2>&1 | tail -30
+  rm -f $DIR/v2-lite/weights.bin
+elif [ "$MODE" = long ]; then
+  # context 16384 against the cache bytes; the exported Concat of the cache against attention over it apart
+  timeout 200 python bench/gpu_decode.py $DIR/v2-lite --runtimes ort-graph --contexts 128 4096 16384 \
+    --batches 1 8 --steps 24 --commit "$COMMIT" --out "$OUT/gpu_decode_v2-lite_long.json" 2>&1 | tail -8
+  timeout 120 python bench/gpu_step_kernels.py $DIR/v2-lite --batch 1 --capacity 4096 --rounds 3 --top 30 \
+    --commit "$COMMIT" --out "$OUT/gpu_step_kernels_v2-lite_b1_4096.json" 2>&1 | grep -v -i warn | tail -22
+  rm -f $DIR/v2-lite/weights.bin
+  timeout 170 python bench/gpu_decode.py $DIR/v2-lite-concat --runtimes ort-graph --contexts 128 4096 \
+    --batches 1 8 --steps 24 --commit "$COMMIT" --out "$OUT/gpu_decode_v2-lite-concat.json" 2>&1 | tail -6
+  rm -f $DIR/v2-lite-concat/weights.bin
 elif [ "$MODE" = small-ablations ]; then
   timeout 120 python bench/ort_step_nodes.py --device cuda --out "$OUT/ort_step_nodes_small.json" 2>&1 | tail -5
   timeout 150 python bench/attention_past_apart.py --device cuda --capacities 128 4096 16384 \

@@ -96,8 +96,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--shared-experts-apart",
         action="store_true",
-        help="ort: keep DeepSeekMoE's shared experts as MatMuls (by default a bf16 or float16 lowering runs "
-        "them as always-chosen experts of com.microsoft::MoE, which saves several kernels per layer)",
+        help="ort: keep DeepSeekMoE's shared experts as MatMuls (MatMulNBits with --weights-8bit; by default a "
+        "bf16 or float16 lowering runs them as always-chosen experts of com.microsoft::MoE or QMoE, which saves "
+        "several kernels per layer)",
     )
     p.add_argument(
         "--dump-dir",

@@ -29,8 +29,10 @@ a float32 graph's QMoE runs on the CPU (the CPU kernel's fast path), so export b
 
 Converted: every linear MatMul (attention q/kv_a/o, dense and shared-expert MLPs, the output heads, MTP's
 eh_proj: those of a quantized export that DeepSeek's recipe keeps high precision too) and the routed
-experts. Left as they were: the MoE router (precision-critical, tiny), MLA's kv_b_proj (the attention core
-splits it per head; not a 2-D MatMul), the embedding (a Gather). The activations' FP8 fake-quantization
+experts. In 16-bit graphs with float weights the shared experts join QMoE instead (`foldable_shared`;
+`lower --shared-experts-apart` keeps them as MatMulNBits). Left as they were: the MoE router
+(precision-critical, tiny), MLA's kv_b_proj (the attention core splits it per head; not a 2-D MatMul),
+the embedding (a Gather). The activations' FP8 fake-quantization
 of a quantized export stays in front of the converted linears.
 
 Error (`dsv3c lower` records it per output in the manifest, on seeded random inputs): one linear adds
@@ -58,7 +60,17 @@ from dsv3c.export.builder import Builder, initializer, static_dims
 from dsv3c.export.onnx_ops import DOMAIN, MOE_OP
 from dsv3c.models.fp8 import DEFAULT_BLOCK, Block
 from dsv3c.onnxkit.linears import MOE_EXPERT_INPUTS, LinearKind, rewritable_linears, weight_source
-from dsv3c.passes.lower_ort import FLOAT_NUMPY, MS_DOMAIN, cast, expert_shape, kernel_dtype, routing
+from dsv3c.passes.lower_ort import (
+    FLOAT_NUMPY,
+    MS_DOMAIN,
+    cast,
+    expert_shape,
+    float_initializer,
+    kernel_dtype,
+    routing,
+    with_shared_columns,
+)
+from dsv3c.passes.shared_experts import SharedExperts, find_shared_experts, remove_shared
 from dsv3c.passes.stages import DsPass, StageResult
 
 BITS = 8
@@ -186,10 +198,11 @@ def _require_float(value: ir.Value | None, what: str) -> None:
 class MatMulNBitsPass(DsPass):
     """Every linear `MatMul(x, Transpose(W))` -> MatMulNBits(bits=8) over W quantized per row per block."""
 
-    def __init__(self, options: Int8Options, cache: _Quantized | None = None) -> None:
+    def __init__(self, options: Int8Options, cache: _Quantized | None = None, shared_experts: bool = True) -> None:
         super().__init__()
         self.options = options
         self.cache = cache or _Quantized()
+        self.shared_experts = shared_experts  # leave the shared MLPs MoEToQMoEPass folds into QMoE
 
     def requires(self, model: ir.Model) -> None:
         for linear in rewritable_linears(model.graph):
@@ -201,9 +214,13 @@ class MatMulNBitsPass(DsPass):
     def call(self, model: ir.Model) -> ir.passes.PassResult:
         graph, block = model.graph, self.options.block
         linears = rewritable_linears(graph)
+        folded = set()
+        for moe in _moes(graph) if self.shared_experts else []:
+            shared = foldable_shared(moe, self.options)
+            folded |= set(shared.nodes) if shared is not None else set()
         converted: dict[str, None] = {}
         for linear in linears:
-            if linear.kind != LinearKind.MATMUL:
+            if linear.kind != LinearKind.MATMUL or linear.user in folded:
                 continue
             n, k = static_dims(linear.weight.shape)
             blocks = -(-k // block)
@@ -248,20 +265,42 @@ def qmoe_block(block: int, hidden: int, ff: int) -> int | None:
     return None
 
 
+def _moes(graph: ir.Graph) -> list[ir.Node]:
+    return [n for n in graph if n.domain == DOMAIN and n.op_type == MOE_OP]
+
+
+def foldable_shared(moe: ir.Node, options: Int8Options) -> SharedExperts | None:
+    """The shared experts QMoE runs as always-chosen experts of `moe` (as lower_ort.py does in 16-bit
+    graphs), or None. Where the kernel runs in float16 (bf16 and float16 graphs) and the shared MLP's
+    weights are float: its three MatMulNBits per layer (on the H200 at one token a row, 0.9 TB/s each,
+    bench/results/gpu_step_kernels_v2-lite_b1_h200_2026-12-02.json) become rows of the grouped GEMV the
+    routed experts already run. Each shared row is quantized per block along K as MatMulNBits would have
+    quantized it (the expert width is a multiple of the block), so the 8-bit weights are the same numbers."""
+    x, gate = moe.inputs[0], moe.inputs[MOE_EXPERT_INPUTS[0]]
+    if x is None or gate is None or kernel_dtype(x.dtype) != ir.DataType.FLOAT16:
+        return None
+    _, ff, hidden = expert_shape(gate)
+    if qmoe_block(options.block, hidden, ff) is None:
+        return None
+    shared = find_shared_experts(moe, ff)
+    if shared is None or not all(float_initializer(v) for v in (shared.gate, shared.up, shared.down)):
+        return None
+    return shared
+
+
 class MoEToQMoEPass(DsPass):
     """dsv3c::MoE -> DeepSeek's routing + com.microsoft::QMoE with 8-bit experts (see lower_ort.py for the
-    routing: Log(R) as router_probs picks exactly the selected experts, the sum of R restores the scale)."""
+    routing: Log(R) as router_probs picks exactly the selected experts, the sum of R restores the scale);
+    in float16 kernels with the shared experts as always-chosen experts (`foldable_shared`)."""
 
-    def __init__(self, options: Int8Options, cache: _Quantized | None = None) -> None:
+    def __init__(self, options: Int8Options, cache: _Quantized | None = None, shared_experts: bool = True) -> None:
         super().__init__()
         self.options = options
         self.cache = cache or _Quantized()
-
-    def _moes(self, model: ir.Model) -> list[ir.Node]:
-        return [n for n in model.graph if n.domain == DOMAIN and n.op_type == MOE_OP]
+        self.shared_experts = shared_experts
 
     def requires(self, model: ir.Model) -> None:
-        for node in self._moes(model):
+        for node in _moes(model.graph):
             _require_float(node.inputs[0], f"the input of {node.name}")
             for index in MOE_EXPERT_INPUTS:
                 expert_shape(node.inputs[index])  # type: ignore[arg-type]
@@ -273,7 +312,7 @@ class MoEToQMoEPass(DsPass):
         done: list[str | None] = []
         kept: list[str | None] = []
         blocks: set[int] = set()
-        for moe in self._moes(model):
+        for moe in _moes(graph):
             block = self._lower(graph, moe, opset)
             (done if block else kept).append(moe.name)
             if block:
@@ -295,27 +334,45 @@ class MoEToQMoEPass(DsPass):
         if block is None:
             return None
         g, u, d = (float_source(graph, w, self.options.source_block) for w in (gate, up, down))
+        shared = foldable_shared(moe, self.options) if self.shared_experts else None
+        extra = shared.count if shared is not None else 0
+
+        def parts() -> tuple[np.ndarray, np.ndarray, np.ndarray]:  # routed experts, then the shared ones
+            if shared is None:
+                return g(), u(), d()
+            more = (a.astype(np.float32) for a in shared.stacked(ff))
+            return tuple(np.concatenate([a, b]) for a, b in zip((g(), u(), d()), more, strict=True))  # type: ignore[return-value]
 
         def fc1() -> tuple[np.ndarray, np.ndarray]:  # [E, 2 ff, D], rows g0, u0, g1, u1, ...
-            return quantize_rows(np.stack([g(), u()], axis=2).reshape(experts, 2 * ff, hidden), block)
+            g_all, u_all, _ = parts()
+            return quantize_rows(np.stack([g_all, u_all], axis=2).reshape(experts + extra, 2 * ff, hidden), block)
 
         assert gate.name is not None and down.name is not None
         prefix = gate.name.removesuffix("gate_proj.weight")
+        with_shared = "_with_shared" if extra else ""
         compute = kernel_dtype(x.dtype)
         q1, s1 = self.cache.register(
             graph,
-            prefix + "gate_up_proj.weight",
-            (experts, 2 * ff, hidden),
-            (experts, 2 * ff, hidden // block),
+            prefix + "gate_up_proj.weight" + with_shared,
+            (experts + extra, 2 * ff, hidden),
+            (experts + extra, 2 * ff, hidden // block),
             fc1,
             compute,
         )
         q2, s2 = self.cache.register(
-            graph, down.name, (experts, hidden, ff), (experts, hidden, ff // block), _rows(d, block), compute
+            graph,
+            down.name + with_shared,
+            (experts + extra, hidden, ff),
+            (experts + extra, hidden, ff // block),
+            lambda: quantize_rows(parts()[2], block),
+            compute,
         )
         rewrite = provenance.lowered(f"{MS_DOMAIN}.QMoE")
         r = routing(graph, moe, opset, rewrite)
-        b = Builder(moe.name or "moe", rewrite=rewrite, origin=moe)
+        origin = [moe, *((*shared.nodes, shared.add) if shared is not None else ())]
+        b = Builder(moe.name or "moe", rewrite=rewrite, origin=origin)
+        if shared is not None:  # always chosen, each at weight 1 (log 1 = 0): R gains n columns of ones
+            r = with_shared_columns(b, r, experts, extra)
         y = b.op(
             "QMoE",
             cast(b, x, x.dtype, compute, "x"),
@@ -327,7 +384,7 @@ class MoEToQMoEPass(DsPass):
             s2,
             domain=MS_DOMAIN,
             name="qmoe",
-            k=moe.attributes["top_k"].as_int(),
+            k=moe.attributes["top_k"].as_int() + extra,
             activation_type="swiglu",
             swiglu_fusion=1,
             activation_alpha=1.0,
@@ -343,4 +400,6 @@ class MoEToQMoEPass(DsPass):
         ir.convenience.replace_nodes_and_values(
             graph, insertion_point=moe, old_nodes=[moe], new_nodes=[], old_values=moe.outputs, new_values=[out]
         )
+        if shared is not None:
+            remove_shared(graph, shared)
         return block

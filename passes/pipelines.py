@@ -101,8 +101,8 @@ def lower_pipeline(
         eight_bit = []
         if int8 is not None:
             eight_bit = [
-                Stage("linears-to-matmul-nbits", MatMulNBitsPass(int8)),
-                Stage("moe-to-qmoe", MoEToQMoEPass(int8)),
+                Stage("linears-to-matmul-nbits", MatMulNBitsPass(int8, shared_experts=shared_experts_in_moe)),
+                Stage("moe-to-qmoe", MoEToQMoEPass(int8, shared_experts=shared_experts_in_moe)),
             ]
         return [
             *emulated,

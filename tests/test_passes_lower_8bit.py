@@ -244,7 +244,14 @@ def test_bf16_graphs_store_scales_in_the_kernels_dtypes(tmp_path: Path) -> None:
         assert kinds[n.input[3]] == kinds[n.input[6]] == TensorProto.FLOAT16
     fp32 = onnx.load(str(folders["fp32"] / "decode.onnx"))
     ref = {t.name: onnx.numpy_helper.to_array(t) for t in fp32.graph.initializer}
+    # the bf16 graph's QMoE holds the shared experts after the routed ones (fp32 keeps them apart:
+    # tests/test_passes_lower_8bit_shared_experts.py); the routed experts' bytes are the same
     q8 = [name for name in init if name.endswith("_q8")]
-    assert q8 and all(np.array_equal(init[n], ref[n]) for n in q8)
+    assert q8 and all(np.array_equal(init[n][: len(ref[_apart(n)])], ref[_apart(n)]) for n in q8)
     for name in (n for n in init if n.endswith("_q8_scales")):
-        np.testing.assert_allclose(init[name].astype(np.float32), ref[name], rtol=2**-7)
+        want = ref[_apart(name)]
+        np.testing.assert_allclose(init[name][: len(want)].astype(np.float32), want, rtol=2**-7)
+
+
+def _apart(name: str) -> str:
+    return name.replace("_with_shared", "")
