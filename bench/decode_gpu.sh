@@ -9,7 +9,7 @@
 #   bench/decode_gpu.sh v2-lite COMMIT   # V2-Lite shapes, bf16 and 8-bit: ort-graph vs PyTorch and transformers
 #   bench/decode_gpu.sh cut COMMIT       # V2-Lite bf16 ort-graph and its step's kernels (this lowering)
 #   bench/decode_gpu.sh cut-before COMMIT BEFORE   # then folders lowered at BEFORE (`*-before`), small, 8-bit
-#   bench/decode_gpu.sh eight-bit COMMIT # 8-bit V2-Lite, shared experts in QMoE vs as MatMulNBits, side by side
+#   bench/decode_gpu.sh eight-bit COMMIT BEFORE  # 8-bit V2-Lite now, shared experts apart, lowered at BEFORE
 #   bench/decode_gpu.sh grid COMMIT      # V2-Lite bf16: ort-graph, PyTorch eager, transformers at 128/1024/4096
 #   bench/decode_gpu.sh long COMMIT      # V2-Lite bf16 at 16384, the Concat form, the kernels at 4096
 # A `--weights none` folder is filled with random weights on the GPU by bench/gpu_decode.py.
@@ -86,14 +86,21 @@ elif [ "$MODE" = cut-before ]; then
   timeout 170 python bench/gpu_decode.py $DIR/v2-lite-8bit --runtimes ort-graph --contexts 128 4096 \
     --batches 1 8 32 --steps 24 --commit "$COMMIT" --out "$OUT/gpu_decode_v2-lite-8bit.json" 2>&1 | tail -9
 elif [ "$MODE" = eight-bit ]; then
-  # 8-bit V2-Lite with its shared experts in QMoE (the default) and as MatMulNBits, in one call
-  for f in v2-lite-8bit v2-lite-8bit-apart; do
-    timeout 200 python bench/gpu_decode.py $DIR/$f --runtimes ort-graph --contexts 128 1024 4096 \
-      --batches 1 8 32 --steps 24 --commit "$COMMIT" --out "$OUT/gpu_decode_$f.json" 2>&1 | tail -11
-  done
-  timeout 120 python bench/gpu_step_kernels.py $DIR/v2-lite-8bit --batch 1 --rounds 5 --top 30 \
+  # 8-bit V2-Lite: shared experts in QMoE and MatMulNBits merged (the default), shared experts as
+  # MatMulNBits (`*-apart`), and lowered at BEFORE (`*-before`), in one call
+  BEFORE=${3:-unknown}
+  timeout 150 python bench/gpu_step_kernels.py $DIR/v2-lite-8bit --batch 1 --rounds 5 --top 30 \
     --commit "$COMMIT" --out "$OUT/gpu_step_kernels_v2-lite-8bit_b1.json" 2>&1 | grep -v -i warn | tail -22
-  rm -f $DIR/v2-lite-8bit*/weights.bin; df -h /tmp | tail -1
+  timeout 200 python bench/gpu_decode.py $DIR/v2-lite-8bit --runtimes ort-graph --contexts 128 1024 4096 \
+    --batches 1 8 32 --steps 24 --commit "$COMMIT" --out "$OUT/gpu_decode_v2-lite-8bit.json" 2>&1 | tail -11
+  rm -f $DIR/v2-lite-8bit/weights.bin
+  for f in v2-lite-8bit-apart v2-lite-8bit-before; do
+    c=$COMMIT; [ $f = v2-lite-8bit-before ] && c=$BEFORE
+    timeout 120 python bench/gpu_decode.py $DIR/$f --runtimes ort-graph --contexts 128 4096 \
+      --batches 1 8 --steps 24 --commit "$c" --out "$OUT/gpu_decode_$f.json" 2>&1 | tail -6
+    rm -f $DIR/$f/weights.bin
+  done
+  df -h /tmp | tail -1
 elif [ "$MODE" = grid ]; then
   # every runtime side by side, the README's V2-Lite table
   timeout 560 python bench/gpu_decode.py $DIR/v2-lite --runtimes ort-graph torch transformers \

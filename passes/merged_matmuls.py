@@ -10,6 +10,8 @@ after its parts
 (kv_a_proj's latent/RoPE split): one launch fewer again.
 
 The numbers do not change: every output column is the same dot product of x and one weight column.
+The 8-bit lowering's MatMulNBits (passes/lower_ort_8bit.py) merge the same way: their rows are quantized
+one by one, so the merged weight is the parts' uint8 rows and scales stacked (same K, bits and block).
 """
 
 from __future__ import annotations
@@ -21,7 +23,7 @@ import onnx_ir as ir
 from dsv3c.artifact import provenance
 from dsv3c.artifact.names import MERGED_JOIN
 from dsv3c.export.builder import Builder, static_dims
-from dsv3c.passes.lower_ort import FLOAT_NUMPY, folder_weight
+from dsv3c.passes.lower_ort import FLOAT_NUMPY, MS_DOMAIN, folder_weight
 from dsv3c.passes.stages import DsPass, StageResult
 
 
@@ -33,6 +35,32 @@ def _stored_weight(node: ir.Node) -> ir.Value | None:
     if w is None or not w.is_initializer() or w.const_value is None or w.dtype not in FLOAT_NUMPY:
         return None
     return w if w.shape is not None and len(w.shape) == 2 and all(isinstance(d, int) for d in w.shape) else None
+
+
+NBITS_ATTRS = ("K", "bits", "block_size", "accuracy_level")
+
+
+def _nbits_weights(node: ir.Node) -> tuple[ir.Value, ir.Value] | None:
+    """(B, scales) of a MatMulNBits without zero points or bias, when both are initializers."""
+    if node.op_type != "MatMulNBits" or node.domain != MS_DOMAIN or len(node.inputs) != 3:
+        return None
+    b, scales = node.inputs[1], node.inputs[2]
+    known = all(v is not None and v.is_initializer() and v.const_value is not None for v in (b, scales))
+    if not known or any(a not in node.attributes for a in (*NBITS_ATTRS, "N")):
+        return None
+    return b, scales  # type: ignore[return-value]
+
+
+def _group_key(node: ir.Node) -> tuple[object, ...] | None:
+    """What MatMuls of one activation must share to merge: the weight's dtype (MatMul) or the 8-bit
+    layout (MatMulNBits)."""
+    w = _stored_weight(node)
+    if w is not None:
+        return ("MatMul", w.dtype)
+    nbits = _nbits_weights(node)
+    if nbits is not None:
+        return ("MatMulNBits", nbits[1].dtype, *(node.attributes[a].as_int() for a in NBITS_ATTRS))
+    return None
 
 
 def merged_name(weights: list[ir.Value]) -> str:
@@ -61,56 +89,39 @@ def _last_axis(node: ir.Node, rank: int) -> bool:
 class MergedMatMulsPass(DsPass):
     def call(self, model: ir.Model) -> ir.passes.PassResult:
         graph = model.graph
-        groups: dict[ir.Value, list[ir.Node]] = defaultdict(list)
+        groups: dict[tuple[object, ...], list[ir.Node]] = defaultdict(list)
         for node in graph:
             x = node.inputs[0] if node.inputs else None
-            w = _stored_weight(node)
-            if x is not None and w is not None and node.outputs[0] not in graph.outputs:
-                groups[x].append(node)
+            key = _group_key(node)
+            if x is not None and key is not None and node.outputs[0] not in graph.outputs:
+                groups[(x, *key)].append(node)
         merged = 0
-        for matmuls in groups.values():
-            by_dtype: dict[ir.DataType | None, list[ir.Node]] = defaultdict(list)
-            for m in matmuls:
-                by_dtype[m.inputs[1].dtype if m.inputs[1] is not None else None].append(m)
-            for same in by_dtype.values():
-                if len(same) > 1:
-                    self._merge(graph, same)
-                    merged += len(same)
+        for same in groups.values():
+            if len(same) > 1:
+                self._merge(graph, same)
+                merged += len(same)
         return StageResult(model, merged > 0, {"matmuls_merged": merged})
 
     def _merge(self, graph: ir.Graph, matmuls: list[ir.Node]) -> None:
-        weights = [m.inputs[1] for m in matmuls]
-        assert all(w is not None for w in weights)
-        dims = [static_dims(w.shape) for w in weights]  # type: ignore[union-attr]
-        tensors = [w.const_value for w in weights]  # type: ignore[union-attr]
-        dtype = weights[0].dtype  # type: ignore[union-attr]
-        assert dtype is not None
-        width = [d[1] for d in dims]
-        joined = folder_weight(
-            graph,
-            merged_name(weights),  # type: ignore[arg-type]
-            dtype,
-            (dims[0][0], sum(width)),
-            lambda: ir.tensor(np.concatenate([t.numpy() for t in tensors], axis=1)),  # type: ignore[union-attr]
-        )
-        # pieces: each MatMul's output, or the pieces of the one Split along the last axis that alone reads it
-        pieces: list[tuple[int, ir.Value]] = []
-        absorbed: list[ir.Node] = []
-        for m, n in zip(matmuls, width, strict=True):
-            out = m.outputs[0]
-            uses = list(out.uses())
-            split = uses[0].node if len(uses) == 1 else None
-            rank = len(out.shape) if out.shape is not None else 0
-            sizes = _sizes(split) if split is not None and split.op_type == "Split" and rank else None
-            whole = split is not None and sizes is not None and sum(sizes) == n and _last_axis(split, rank)
-            if whole and split is not None and sizes is not None and not any(o in graph.outputs for o in split.outputs):
-                pieces += list(zip(sizes, split.outputs, strict=True))
-                absorbed.append(split)
-            else:
-                pieces.append((n, out))
         first = min(matmuls, key=lambda m: list(graph).index(m))
-        b = Builder(first.name or "matmul", rewrite=provenance.lowered("MatMul"), origin=[*matmuls, *absorbed])
-        product = b.op("MatMul", first.inputs[0], joined, name="merged")
+        nbits = first.op_type == "MatMulNBits"
+        weights = [m.inputs[1] for m in matmuls] + ([m.inputs[2] for m in matmuls] if nbits else [])
+        if nbits:  # rows [N, K / block, block] and scales [N, K / block], stacked along N
+            width = [m.attributes["N"].as_int() for m in matmuls]
+        else:  # [K, N], side by side
+            width = [static_dims(m.inputs[1].shape)[1] for m in matmuls]  # type: ignore[union-attr]
+        pieces, absorbed = self._pieces(graph, matmuls, width)
+        op = f"{MS_DOMAIN}.{first.op_type}" if nbits else first.op_type
+        b = Builder(first.name or "matmul", rewrite=provenance.lowered(op), origin=[*matmuls, *absorbed])
+        if nbits:
+            count = len(matmuls)
+            joined, scales = _stacked(graph, weights[:count], 0), _stacked(graph, weights[count:], 0)
+            attrs = {a: first.attributes[a].as_int() for a in NBITS_ATTRS}
+            product = b.op(
+                "MatMulNBits", first.inputs[0], joined, scales, domain=MS_DOMAIN, name="merged", N=sum(width), **attrs
+            )
+        else:
+            product = b.op("MatMul", first.inputs[0], _stacked(graph, weights, 1), name="merged")
         outs = b.op(
             "Split",
             product,
@@ -129,3 +140,41 @@ class MergedMatMulsPass(DsPass):
             assert w is not None and w.name is not None
             if not w.uses() and w not in graph.outputs and w.name in graph.initializers:
                 graph.initializers.pop(w.name)
+
+    def _pieces(
+        self, graph: ir.Graph, matmuls: list[ir.Node], width: list[int]
+    ) -> tuple[list[tuple[int, ir.Value]], list[ir.Node]]:
+        """Each MatMul's output, or the pieces of the one Split along the last axis that alone reads it
+        (with its width); and those Splits."""
+        pieces: list[tuple[int, ir.Value]] = []
+        absorbed: list[ir.Node] = []
+        for m, n in zip(matmuls, width, strict=True):
+            out = m.outputs[0]
+            uses = list(out.uses())
+            split = uses[0].node if len(uses) == 1 else None
+            rank = len(out.shape) if out.shape is not None else 0
+            sizes = _sizes(split) if split is not None and split.op_type == "Split" and rank else None
+            whole = split is not None and sizes is not None and sum(sizes) == n and _last_axis(split, rank)
+            if whole and split is not None and sizes is not None and not any(o in graph.outputs for o in split.outputs):
+                pieces += list(zip(sizes, split.outputs, strict=True))
+                absorbed.append(split)
+            else:
+                pieces.append((n, out))
+        return pieces, absorbed
+
+
+def _stacked(graph: ir.Graph, values: list[ir.Value | None], axis: int) -> ir.Value:
+    """The initializers `values` concatenated along `axis`, as a weight of the folder named after its parts."""
+    tensors = [v.const_value for v in values if v is not None]
+    dims = [static_dims(v.shape) for v in values if v is not None]
+    shape = list(dims[0])
+    shape[axis] = sum(d[axis] for d in dims)
+    dtype = values[0].dtype if values[0] is not None else None
+    assert dtype is not None and len(tensors) == len(values)
+    return folder_weight(
+        graph,
+        merged_name(values),  # type: ignore[arg-type]
+        dtype,
+        tuple(shape),
+        lambda: ir.tensor(np.concatenate([t.numpy() for t in tensors], axis=axis)),  # type: ignore[union-attr]
+    )

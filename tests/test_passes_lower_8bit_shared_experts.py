@@ -10,7 +10,9 @@ import numpy as np
 import onnx
 import pytest
 import torch
+from dsv3c.artifact.names import MERGED_JOIN
 from dsv3c.passes.lower import lower_folder
+from dsv3c.passes.merged_matmuls import merged_parts
 from dsv3c.passes.pipelines import Target
 from dsv3c.runtime.ort_backend import OrtEngine
 
@@ -53,6 +55,18 @@ def _initializers(folder: Path) -> dict[str, np.ndarray]:
     return {t.name: onnx.numpy_helper.to_array(t) for t in graph.initializer}
 
 
+def _part(initializers: dict[str, np.ndarray], name: str) -> np.ndarray:
+    """The rows of MatMulNBits weight `name`: an initializer of its own, or its rows in a merged one
+    (passes/merged_matmuls.py stacks the parts' rows in the order of the parts' names). Only parts of
+    equal rows are looked up here (a shared MLP's gate and up)."""
+    if name in initializers:
+        return initializers[name]
+    merged = next(n for n in initializers if name in merged_parts(n) and MERGED_JOIN in n)
+    parts, rows = merged_parts(merged), initializers[merged]
+    size, i = len(rows) // len(parts), merged_parts(merged).index(name)
+    return rows[i * size : (i + 1) * size]
+
+
 def _logits(folder: Path) -> torch.Tensor:
     """Prefill of 6 tokens, then two greedy decode steps: the last logits of each call, stacked."""
     engine = OrtEngine(folder)
@@ -83,10 +97,10 @@ def test_qmoe_holds_the_shared_experts_as_matmul_nbits_would_have_read_them(fold
     assert fc1.shape[0] == fc2.shape[0] == experts + SHARED
     np.testing.assert_array_equal(fc1[:experts], apart[prefix + "experts.gate_up_proj.weight_q8"])
     # MatMulNBits' rows [N, K / block, block], as [N, K]
-    gate, up, down = (apart[prefix + f"shared_experts.{p}_proj.weight_q8"] for p in ("gate", "up", "down"))
+    gate, up, down = (_part(apart, prefix + f"shared_experts.{p}_proj.weight_q8") for p in ("gate", "up", "down"))
     gate, up, down = (w.reshape(len(w), -1) for w in (gate, up, down))
     scales = folded[prefix + "experts.down_proj.weight_with_shared_q8_scales"]
-    down_scales = apart[prefix + "shared_experts.down_proj.weight_q8_scales"]
+    down_scales = _part(apart, prefix + "shared_experts.down_proj.weight_q8_scales")
     per = ff // BLOCK
     for i in range(SHARED):  # shared expert i: units i ff .. (i + 1) ff, gate rows interleaved with up
         np.testing.assert_array_equal(fc1[experts + i, 0::2], gate[i * ff : (i + 1) * ff])
