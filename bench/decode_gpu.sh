@@ -12,6 +12,7 @@
 #   bench/decode_gpu.sh eight-bit COMMIT BEFORE  # 8-bit V2-Lite now, shared experts apart, lowered at BEFORE
 #   bench/decode_gpu.sh grid COMMIT      # V2-Lite bf16: ort-graph, PyTorch eager, transformers at 128/1024/4096
 #   bench/decode_gpu.sh long COMMIT      # V2-Lite bf16 at 16384, the Concat form, the kernels at 4096
+#   bench/decode_gpu.sh experts COMMIT   # V2-Lite with 8-bit experts only, beside all 8-bit and bf16
 # A `--weights none` folder is filled with random weights on the GPU by bench/gpu_decode.py.
 set -u
 MODE=$1; COMMIT=${2:-unknown}; OUT=${OUT:-/tmp/out}; DIR=runs/gpu
@@ -26,6 +27,7 @@ if [ "$MODE" = folders ]; then
   python -m dsv3c lower $DIR/v2-lite-canon --target ort --weights-8bit --shared-experts-apart \
     --out $DIR/v2-lite-8bit-apart --force
   python -m dsv3c lower $DIR/v2-lite-canon --target ort --concat-cache --out $DIR/v2-lite-concat --force
+  python -m dsv3c lower $DIR/v2-lite-canon --target ort --weights-8bit experts --out $DIR/v2-lite-8bit-experts --force
   rm -rf $DIR/small-canon $DIR/v2-lite-canon
   du -sh $DIR
   exit 0
@@ -116,6 +118,18 @@ elif [ "$MODE" = long ]; then
   timeout 170 python bench/gpu_decode.py $DIR/v2-lite-concat --runtimes ort-graph --contexts 128 4096 \
     --batches 1 8 --steps 24 --commit "$COMMIT" --out "$OUT/gpu_decode_v2-lite-concat.json" 2>&1 | tail -6
   rm -f $DIR/v2-lite-concat/weights.bin
+elif [ "$MODE" = experts ]; then
+  # 8-bit experts with bf16 linears (`--weights-8bit experts`), beside all 8-bit and bf16, in one call
+  timeout 120 python bench/gpu_step_kernels.py $DIR/v2-lite-8bit-experts --batch 1 --rounds 5 --top 20 \
+    --commit "$COMMIT" --out "$OUT/gpu_step_kernels_v2-lite-8bit-experts_b1.json" 2>&1 | grep -v -i warn | tail -14
+  timeout 200 python bench/gpu_decode.py $DIR/v2-lite-8bit-experts --runtimes ort-graph --contexts 128 1024 4096 \
+    --batches 1 8 32 --steps 24 --commit "$COMMIT" --out "$OUT/gpu_decode_v2-lite-8bit-experts.json" 2>&1 | tail -11
+  rm -f $DIR/v2-lite-8bit-experts/weights.bin
+  for f in v2-lite-8bit v2-lite; do
+    timeout 130 python bench/gpu_decode.py $DIR/$f --runtimes ort-graph --contexts 128 4096 \
+      --batches 1 8 --steps 24 --commit "$COMMIT" --out "$OUT/gpu_decode_$f-beside.json" 2>&1 | tail -6
+    rm -f $DIR/$f/weights.bin
+  done
 elif [ "$MODE" = small-ablations ]; then
   timeout 120 python bench/ort_step_nodes.py --device cuda --out "$OUT/ort_step_nodes_small.json" 2>&1 | tail -5
   timeout 150 python bench/attention_past_apart.py --device cuda --capacities 128 4096 16384 \

@@ -34,6 +34,7 @@ def lower_folder(
     dump_dir: Path | None = None,
     force: bool = False,
     weights_8bit: int | None = None,
+    linears_8bit: bool = True,
     mxfp8: bool = False,
     mxfp8_weights: bool = False,
     ort_fusions: bool = True,
@@ -41,7 +42,8 @@ def lower_folder(
     shared_experts_in_moe: bool = True,
 ) -> Manifest:
     """Write `out`: the export folder `src` lowered to `target` (plus `{role}.mlir` with emit_mlir);
-    `weights_8bit`: the block size of 8-bit weights (ort only); `mxfp8`: online activation scales as
+    `weights_8bit`: the block size of 8-bit weights (ort only), for the experts and, with `linears_8bit`, the
+    linears; `mxfp8`: online activation scales as
     MXFP8 (lower_mxfp8.py; not for iree); `compile_for`: also `{role}.vmfb`, the MLIR compiled by iree-compile;
     `ort_fusions=False`: ort without the fused norms (to measure what they gain); `attention_past_apart=False`:
     ort's decode attention over the exported Concat of past and new cache (ort_split_past.py);
@@ -78,7 +80,7 @@ def lower_folder(
     if weights_8bit is not None:
         if weights_8bit < 16 or weights_8bit & (weights_8bit - 1):
             raise UserError(f"--block-8bit {weights_8bit}: the kernels take a power of two >= 16 (e.g. 32, 128)")
-        int8 = Int8Options(weights_8bit, fp8_block(graphs))
+        int8 = Int8Options(weights_8bit, fp8_block(graphs), linears=linears_8bit)
     stages = lower_pipeline(
         target, dims, int8, mxfp8, mxfp8_weights, ort_fusions, attention_past_apart, shared_experts_in_moe
     )

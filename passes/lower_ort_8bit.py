@@ -86,13 +86,20 @@ class Int8Options:
     block: int = 128  # values per scale along K; a power of two >= 16
     source_block: Block = DEFAULT_BLOCK  # the FP8 blocks of a quantized export (its quantize stage's options)
     accuracy_level: int = FAST  # MatMulNBits: 0 keeps fp32 activations (exact, but dequantizes every call)
+    linears: bool = True  # MatMulNBits for the linears too; False: the experts only (QMoE)
 
     def __post_init__(self) -> None:
         if self.block < MIN_BLOCK or self.block & (self.block - 1):
             raise ValueError(f"bug: 8-bit block {self.block} is not a power of two >= {MIN_BLOCK}")
 
     def to_dict(self) -> dict[str, object]:
-        return {"bits": BITS, "block": self.block, "accuracy_level": self.accuracy_level, "symmetric": True}
+        return {
+            "bits": BITS,
+            "block": self.block,
+            "accuracy_level": self.accuracy_level,
+            "symmetric": True,
+            "linears": self.linears,
+        }
 
 
 def quantize_rows(w: np.ndarray, block: int) -> tuple[np.ndarray, np.ndarray]:

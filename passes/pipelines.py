@@ -100,8 +100,9 @@ def lower_pipeline(
     if target == Target.ORT:
         eight_bit = []
         if int8 is not None:
+            linears = MatMulNBitsPass(int8, shared_experts=shared_experts_in_moe)
             eight_bit = [
-                Stage("linears-to-matmul-nbits", MatMulNBitsPass(int8, shared_experts=shared_experts_in_moe)),
+                *([Stage("linears-to-matmul-nbits", linears)] if int8.linears else []),
                 Stage("moe-to-qmoe", MoEToQMoEPass(int8, shared_experts=shared_experts_in_moe)),
             ]
         return [

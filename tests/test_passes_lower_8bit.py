@@ -176,7 +176,7 @@ def test_ort_8bit(source: str, export_dir: Path, quantized: Path, tmp_path: Path
             router = "model.layers.1.mlp.gate.weight"  # stays float (stored transposed where float32)
             assert names & {router, router + TRANSPOSED_SUFFIX}
     stage = read_manifest(out).stages[-1]
-    assert stage["weights_8bit"] == {"bits": 8, "block": 128, "accuracy_level": 4, "symmetric": True}
+    assert stage["weights_8bit"] == {"bits": 8, "block": 128, "accuracy_level": 4, "symmetric": True, "linears": True}
     error = stage["error_vs_source"]
     assert error["measured"] and error["max_logits"] < LOGITS_TOL
     assert error["max_median_token_logits"] < MEDIAN_TOKEN_TOL
@@ -255,3 +255,16 @@ def test_bf16_graphs_store_scales_in_the_kernels_dtypes(tmp_path: Path) -> None:
 
 def _apart(name: str) -> str:
     return name.replace("_with_shared", "")
+
+
+def test_experts_only(export_dir: Path, tmp_path: Path) -> None:
+    """`--weights-8bit experts`: QMoE for the routed experts, the linears stay float MatMuls."""
+    out = tmp_path / "experts"
+    args = ["lower", str(export_dir), "--target", "ort", "--weights-8bit", "experts", "--out", str(out)]
+    assert cli.main(args) == 0
+    graph = ir.load(out / "decode.onnx").graph
+    ops = {n.op_type for n in graph}
+    assert "QMoE" in ops and "MatMulNBits" not in ops and "MatMul" in ops
+    stage = read_manifest(out).stages[-1]
+    assert stage["weights_8bit"]["linears"] is False
+    assert stage["error_vs_source"]["measured"] and stage["error_vs_source"]["max_logits"] < LOGITS_TOL
