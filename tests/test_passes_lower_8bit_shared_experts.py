@@ -14,9 +14,9 @@ from dsv3c.artifact.names import MERGED_JOIN
 from dsv3c.passes.lower import lower_folder
 from dsv3c.passes.merged_matmuls import merged_parts
 from dsv3c.passes.pipelines import Target
-from dsv3c.runtime.ort_backend import OrtEngine
 
-from .fixtures.exports import mini_config
+from .fixtures.exports import greedy_logits as _logits
+from .fixtures.exports import mini_config, shared_expert_exports
 
 SHARED = 2
 BLOCK = 32
@@ -29,14 +29,8 @@ EIGHT_BIT_VS_FLOAT = 5e-2
 
 @pytest.fixture(scope="module")
 def folders(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
-    from dsv3c.export.exporter import export
-    from dsv3c.export.source import from_folder
-    from dsv3c.models.checkpoint import init_random, save_model
-
     root = tmp_path_factory.mktemp("shared-8bit")
-    save_model(init_random(mini_config(n_shared_experts=SHARED), seed=3), root / "ckpt", dtype="bf16")
-    for dtype in ("bf16", "fp32"):
-        export(from_folder(root / "ckpt"), root / dtype, weights="checkpoint", dtype=dtype)
+    shared_expert_exports(root, SHARED, seed=3, dtypes=("bf16", "fp32"))
     made = {
         "folded": lower_folder(root / "bf16", root / "folded", Target.ORT, weights_8bit=BLOCK),
         "apart": lower_folder(
@@ -65,18 +59,6 @@ def _part(initializers: dict[str, np.ndarray], name: str) -> np.ndarray:
     parts, rows = merged_parts(merged), initializers[merged]
     size, i = len(rows) // len(parts), merged_parts(merged).index(name)
     return rows[i * size : (i + 1) * size]
-
-
-def _logits(folder: Path) -> torch.Tensor:
-    """Prefill of 6 tokens, then two greedy decode steps: the last logits of each call, stacked."""
-    engine = OrtEngine(folder)
-    engine.start(1, 16)
-    ids, positions = torch.tensor([[5, 9, 2, 7, 1, 3]]), torch.arange(6)[None]
-    out = [engine.prefill(ids, positions).logits[:, -1]]
-    for step in range(2):
-        token = out[-1].argmax(-1, keepdim=True)
-        out.append(engine.decode(token, torch.tensor([[6 + step]])).logits[:, -1])
-    return torch.cat(out).float()
 
 
 def test_qmoe_holds_the_shared_experts_as_matmul_nbits_would_have_read_them(folders: dict[str, Path]) -> None:

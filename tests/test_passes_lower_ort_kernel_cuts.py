@@ -20,10 +20,9 @@ import pytest
 import torch
 from dsv3c.passes.multiply_by_one import MultiplyByOnePass
 from dsv3c.passes.shared_shapes import SharedInputShapesPass
-from dsv3c.runtime.ort_backend import OrtEngine
 from onnx import TensorProto, helper
 
-from .fixtures.exports import lower_ort, mini_config
+from .fixtures.exports import greedy_logits, lower_ort, mini_config
 
 V2_ROUTING = {
     "scoring_func": "softmax",
@@ -61,17 +60,7 @@ def test_the_lowering_computes_what_the_export_computes(folders: dict[str, Path]
     rounding: the lowering runs the experts in com.microsoft::MoE's float16 (measured 5.7e-5 of the largest
     logit, bit for bit what the lowering gave before these cuts, at 270d4d0). A wrong mask or per-head
     layout moves the logits by their own size."""
-    logits = []
-    for folder in (folders["export"], folders["ort"]):
-        engine = OrtEngine(folder)
-        engine.start(1, 16)
-        ids, positions = torch.tensor([[5, 9, 2, 7, 1, 3]]), torch.arange(6)[None]
-        out = [engine.prefill(ids, positions).logits[:, -1]]
-        for step in range(3):
-            token = out[-1].argmax(-1, keepdim=True)
-            out.append(engine.decode(token, torch.tensor([[6 + step]])).logits[:, -1])
-        logits.append(torch.cat(out).float())
-    export, lowered = logits
+    export, lowered = (greedy_logits(folders[name], steps=3) for name in ("export", "ort"))
     assert torch.equal(export.argmax(-1), lowered.argmax(-1))
     assert (export - lowered).abs().max() <= 2e-4 * export.abs().max()
 

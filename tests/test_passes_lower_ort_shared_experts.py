@@ -13,24 +13,17 @@ import pytest
 import torch
 from dsv3c.passes.lower import lower_folder
 from dsv3c.passes.pipelines import Target
-from dsv3c.runtime.ort_backend import OrtEngine
 
-from .fixtures.exports import mini_config
+from .fixtures.exports import greedy_logits as _logits
+from .fixtures.exports import mini_config, shared_expert_exports
 
 SHARED = 2  # two shared experts: the shared MLP is twice the routed width, split in two experts
 
 
 @pytest.fixture(scope="module")
 def exports(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
-    from dsv3c.export.exporter import export
-    from dsv3c.export.source import from_folder
-    from dsv3c.models.checkpoint import init_random, save_model
-
     root = tmp_path_factory.mktemp("shared-experts")
-    save_model(init_random(mini_config(n_shared_experts=SHARED), seed=3), root / "ckpt", dtype="bf16")
-    for dtype in ("bf16", "fp32"):
-        export(from_folder(root / "ckpt"), root / dtype, weights="checkpoint", dtype=dtype)
-    return {"bf16": root / "bf16", "fp32": root / "fp32", "root": root}
+    return {**shared_expert_exports(root, SHARED, seed=3, dtypes=("bf16", "fp32")), "root": root}
 
 
 def _moes(folder: Path) -> list[ir.Node]:
@@ -42,18 +35,6 @@ def _lower(export: Path, out: Path, shared_experts_in_moe: bool = True) -> Path:
     folder = lower_folder(export, out, Target.ORT, shared_experts_in_moe=shared_experts_in_moe).folder
     assert folder is not None
     return folder
-
-
-def _logits(folder: Path) -> torch.Tensor:
-    """Prefill of 6 tokens, then two decode steps: the last logits of each call, stacked."""
-    engine = OrtEngine(folder)
-    engine.start(1, 16)
-    ids, positions = torch.tensor([[5, 9, 2, 7, 1, 3]]), torch.arange(6)[None]
-    out = [engine.prefill(ids, positions).logits[:, -1]]
-    for step in range(2):
-        token = out[-1].argmax(-1, keepdim=True)
-        out.append(engine.decode(token, torch.tensor([[6 + step]])).logits[:, -1])
-    return torch.cat(out).float()
 
 
 def test_shared_experts_become_experts_of_the_moe_in_bf16(exports: dict[str, Path], tmp_path: Path) -> None:
