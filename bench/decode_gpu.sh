@@ -10,6 +10,7 @@
 #   bench/decode_gpu.sh cut COMMIT       # V2-Lite bf16 ort-graph and its step's kernels (this lowering)
 #   bench/decode_gpu.sh cut-before COMMIT BEFORE   # then folders lowered at BEFORE (`*-before`), small, 8-bit
 #   bench/decode_gpu.sh eight-bit COMMIT BEFORE  # 8-bit V2-Lite now, shared experts apart, lowered at BEFORE
+#     (runs/gpu/v2-lite-8bit-before: `lower --weights-8bit` from a checkout of BEFORE, e.g. a git worktree)
 #   bench/decode_gpu.sh grid COMMIT      # V2-Lite bf16: ort-graph, PyTorch eager, transformers at 128/1024/4096
 #   bench/decode_gpu.sh long COMMIT      # V2-Lite bf16 at 16384, the Concat form, the kernels at 4096
 #   bench/decode_gpu.sh experts COMMIT   # V2-Lite with 8-bit experts only, beside all 8-bit and bf16
@@ -27,7 +28,8 @@ if [ "$MODE" = folders ]; then
   python -m dsv3c lower $DIR/v2-lite-canon --target ort --weights-8bit --shared-experts-apart \
     --out $DIR/v2-lite-8bit-apart --force
   python -m dsv3c lower $DIR/v2-lite-canon --target ort --concat-cache --out $DIR/v2-lite-concat --force
-  python -m dsv3c lower $DIR/v2-lite-canon --target ort --weights-8bit experts --out $DIR/v2-lite-8bit-experts --force
+  python -m dsv3c lower $DIR/v2-lite-canon --target ort --weights-8bit --weights-8bit-scope experts \
+    --out $DIR/v2-lite-8bit-experts --force
   rm -rf $DIR/small-canon $DIR/v2-lite-canon
   du -sh $DIR
   exit 0
@@ -119,7 +121,7 @@ elif [ "$MODE" = long ]; then
     --batches 1 8 --steps 24 --commit "$COMMIT" --out "$OUT/gpu_decode_v2-lite-concat.json" 2>&1 | tail -6
   rm -f $DIR/v2-lite-concat/weights.bin
 elif [ "$MODE" = experts ]; then
-  # 8-bit experts with bf16 linears (`--weights-8bit experts`), beside all 8-bit and bf16, in one call
+  # 8-bit experts with bf16 linears (`--weights-8bit-scope experts`), beside all 8-bit and bf16, in one call
   timeout 120 python bench/gpu_step_kernels.py $DIR/v2-lite-8bit-experts --batch 1 --rounds 5 --top 20 \
     --commit "$COMMIT" --out "$OUT/gpu_step_kernels_v2-lite-8bit-experts_b1.json" 2>&1 | grep -v -i warn | tail -14
   timeout 200 python bench/gpu_decode.py $DIR/v2-lite-8bit-experts --runtimes ort-graph --contexts 128 1024 4096 \

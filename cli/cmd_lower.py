@@ -55,13 +55,16 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     )
     p.add_argument(
         "--weights-8bit",
-        nargs="?",
-        const="all",
+        action="store_true",
+        help="--target ort: store the linears and routed experts as 8-bit integers that onnxruntime's kernels "
+        "read directly (MatMulNBits, QMoE), from FP8 or float weights; the manifest records the error this adds",
+    )
+    p.add_argument(
+        "--weights-8bit-scope",
         choices=("all", "experts"),
-        help="--target ort: store the linears and routed experts (`experts`: the experts only) as 8-bit integers "
-        "that onnxruntime's kernels read directly (MatMulNBits, QMoE), from FP8 or float weights; the manifest "
-        "records the error this adds. On the GPU at one token a row, 8-bit MatMulNBits reads slower than a "
-        "bf16 GEMV, so `experts` (nearly all of the bytes) runs faster there",
+        default="all",
+        help="with --weights-8bit: `experts` keeps the linears float (on the GPU at one token a row, 8-bit "
+        "MatMulNBits reads slower than a bf16 GEMV; the experts are nearly all of the bytes)",
     )
     p.add_argument(
         "--block-8bit",
@@ -139,6 +142,8 @@ def run(args: argparse.Namespace) -> int:
         )
     if args.shared_experts_apart and args.target != "ort":
         raise UserError("--shared-experts-apart keeps the ort lowering's shared experts as MatMuls; use --target ort")
+    if args.weights_8bit_scope != "all" and not args.weights_8bit:
+        raise UserError("--weights-8bit-scope says what --weights-8bit stores in 8 bits; pass --weights-8bit too")
     if args.block_8bit != 128 and not args.weights_8bit:
         raise UserError("--block-8bit sets the block of --weights-8bit; pass --weights-8bit too")
     compile_for = _compile_target(args)
@@ -148,7 +153,9 @@ def run(args: argparse.Namespace) -> int:
     extra = f" and {', '.join(stage['mlir'].values())}" if "mlir" in stage else ""
     if "vmfb" in stage and compile_for is not None:
         extra += f", {', '.join(stage['vmfb']['files'].values())} for {compile_for.describe()}"
-    eight = {None: "", "all": " with 8-bit weights", "experts": " with 8-bit experts"}[args.weights_8bit]
+    eight = ""
+    if args.weights_8bit:
+        eight = " with 8-bit experts" if args.weights_8bit_scope == "experts" else " with 8-bit weights"
     print(f"wrote {args.out}: {', '.join(r for r, f in manifest.graphs.items() if f)} for {args.target}{eight}{extra}")
     error = stage.get("error_vs_source", {})
     if error.get("measured"):
@@ -186,7 +193,7 @@ def _lower(args: argparse.Namespace, dump_dir: Path | None, compile_for: Compile
         dump_dir=dump_dir,
         force=args.force,
         weights_8bit=args.block_8bit if args.weights_8bit else None,
-        linears_8bit=args.weights_8bit != "experts",
+        linears_8bit=args.weights_8bit_scope != "experts",
         mxfp8=args.activations == "mxfp8",
         mxfp8_weights=args.mxfp8_weights,
         ort_fusions=not args.no_fusions,

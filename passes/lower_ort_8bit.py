@@ -344,14 +344,12 @@ class MoEToQMoEPass(DsPass):
         shared = foldable_shared(moe, self.options) if self.shared_experts else None
         extra = shared.count if shared is not None else 0
 
-        def parts() -> tuple[np.ndarray, np.ndarray, np.ndarray]:  # routed experts, then the shared ones
-            if shared is None:
-                return g(), u(), d()
-            more = (a.astype(np.float32) for a in shared.stacked(ff))
-            return tuple(np.concatenate([a, b]) for a, b in zip((g(), u(), d()), more, strict=True))  # type: ignore[return-value]
+        def part(i: int) -> np.ndarray:  # gate, up or down (0, 1, 2): the routed experts, then the shared ones
+            routed = (g, u, d)[i]()
+            return routed if shared is None else np.concatenate([routed, shared.stacked(ff)[i].astype(np.float32)])
 
         def fc1() -> tuple[np.ndarray, np.ndarray]:  # [E, 2 ff, D], rows g0, u0, g1, u1, ...
-            g_all, u_all, _ = parts()
+            g_all, u_all = part(0), part(1)
             return quantize_rows(np.stack([g_all, u_all], axis=2).reshape(experts + extra, 2 * ff, hidden), block)
 
         assert gate.name is not None and down.name is not None
@@ -371,7 +369,7 @@ class MoEToQMoEPass(DsPass):
             down.name + with_shared,
             (experts + extra, hidden, ff),
             (experts + extra, hidden, ff // block),
-            lambda: quantize_rows(parts()[2], block),
+            lambda: quantize_rows(part(2), block),
             compute,
         )
         rewrite = provenance.lowered(f"{MS_DOMAIN}.QMoE")

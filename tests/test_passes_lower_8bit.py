@@ -206,6 +206,7 @@ def test_weightless_and_bad_requests(export_dir: Path, tmp_path: Path, capsys: p
     assert cli.main([*base, "--target", "trt", "--weights-8bit"]) == 2
     assert cli.main([*base, "--target", "ort", "--weights-8bit", "--block-8bit", "48"]) == 2
     assert cli.main([*base, "--target", "ort", "--block-8bit", "32"]) == 2
+    assert cli.main([*base, "--target", "ort", "--weights-8bit-scope", "experts"]) == 2
     assert "error" in capsys.readouterr().err
 
 
@@ -258,13 +259,16 @@ def _apart(name: str) -> str:
 
 
 def test_experts_only(export_dir: Path, tmp_path: Path) -> None:
-    """`--weights-8bit experts`: QMoE for the routed experts, the linears stay float MatMuls."""
+    """`--weights-8bit-scope experts`: QMoE for the routed experts, the linears stay float MatMuls (a flag
+    before the folder still takes no value)."""
     out = tmp_path / "experts"
-    args = ["lower", str(export_dir), "--target", "ort", "--weights-8bit", "experts", "--out", str(out)]
+    args = ["lower", "--weights-8bit", str(export_dir), "--target", "ort", "--weights-8bit-scope", "experts"]
+    args += ["--out", str(out)]
     assert cli.main(args) == 0
     graph = ir.load(out / "decode.onnx").graph
     ops = {n.op_type for n in graph}
-    assert "QMoE" in ops and "MatMulNBits" not in ops and "MatMul" in ops
+    assert "QMoE" in ops and "MatMulNBits" not in ops
+    assert [n for n in graph if n.op_type == "MatMul" and any("self_attn" in (v.name or "") for v in n.inputs)]
     stage = read_manifest(out).stages[-1]
     assert stage["weights_8bit"]["linears"] is False
     assert stage["error_vs_source"]["measured"] and stage["error_vs_source"]["max_logits"] < LOGITS_TOL

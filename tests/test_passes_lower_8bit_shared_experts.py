@@ -38,6 +38,7 @@ def folders(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
         ),
         "fp32": lower_folder(root / "fp32", root / "fp32-8bit", Target.ORT, weights_8bit=BLOCK),
         "float": lower_folder(root / "bf16", root / "float", Target.ORT),
+        "experts": lower_folder(root / "bf16", root / "experts", Target.ORT, weights_8bit=BLOCK, linears_8bit=False),
     }
     out = {name: result.folder for name, result in made.items()}
     assert all(folder is not None for folder in out.values())
@@ -108,3 +109,19 @@ def test_float32_8bit_graphs_keep_the_shared_mlp_as_matmul_nbits(folders: dict[s
     assert [name for name in nbits if "shared_experts" in name]
     ks = {next(a.i for a in n.attribute if a.name == "k") for n in graph.node if n.op_type == "QMoE"}
     assert ks == {mini_config().num_experts_per_tok}
+
+
+def test_experts_only_folds_the_shared_experts_without_matmul_nbits(folders: dict[str, Path]) -> None:
+    """`--weights-8bit-scope experts` on a bf16 export: QMoE holds the shared experts (MatMulNBitsPass never
+    ran), the linears stay MatMuls, and the numbers are those of the full 8-bit graph's experts."""
+    graph = onnx.load(str(folders["experts"] / "decode.onnx")).graph
+    assert not [n for n in graph.node if n.op_type == "MatMulNBits"]
+    ks = {next(a.i for a in n.attribute if a.name == "k") for n in graph.node if n.op_type == "QMoE"}
+    assert ks == {mini_config().num_experts_per_tok + SHARED}
+    assert not [t.name for t in graph.initializer if "shared_experts" in t.name]
+    experts, full = _initializers(folders["experts"]), _initializers(folders["folded"])
+    name = "model.layers.1.mlp.experts.gate_up_proj.weight_with_shared_q8"
+    np.testing.assert_array_equal(experts[name], full[name])
+    assert (_logits(folders["experts"]) - _logits(folders["float"])).abs().max() <= EIGHT_BIT_VS_FLOAT * _logits(
+        folders["float"]
+    ).abs().max()
