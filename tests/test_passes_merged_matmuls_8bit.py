@@ -17,11 +17,11 @@ K, BLOCK = 64, 32
 WIDTHS = {"w1": 48, "w2": 24}  # w2's output is split in 16 + 8, as kv_a_proj's latent and RoPE parts
 
 
-def _model() -> ir.Model:
+def _model(blocks: tuple[int, int] = (BLOCK, BLOCK)) -> ir.Model:
     rng = np.random.default_rng(0)
     inits, nodes = [], []
-    for name, n in WIDTHS.items():
-        q, s = quantize_rows(rng.standard_normal((n, K)).astype(np.float32), BLOCK)
+    for (name, n), block in zip(WIDTHS.items(), blocks, strict=True):
+        q, s = quantize_rows(rng.standard_normal((n, K)).astype(np.float32), block)
         inits += [numpy_helper.from_array(q, f"{name}_q8"), numpy_helper.from_array(s, f"{name}_q8_scales")]
         out = "y1" if name == "w1" else "y2"
         nodes.append(
@@ -34,7 +34,7 @@ def _model() -> ir.Model:
                 K=K,
                 N=n,
                 bits=8,
-                block_size=BLOCK,
+                block_size=block,
                 accuracy_level=4,
             )
         )
@@ -74,3 +74,10 @@ def test_matmul_nbits_of_one_activation_merge_with_the_same_outputs(tmp_path: Pa
     after = GraphRunner(model, tmp_path / "after").run(x)
     for name, want in before.items():
         np.testing.assert_allclose(after[name], want, rtol=1e-6, atol=1e-6)
+
+
+def test_matmul_nbits_of_other_layouts_stay_apart() -> None:
+    """Rows quantized in blocks of another size are another layout: no merge."""
+    model = _model(blocks=(BLOCK, BLOCK // 2))
+    MergedMatMulsPass()(model)
+    assert len([n for n in model.graph if n.op_type == "MatMulNBits"]) == 2
