@@ -182,6 +182,19 @@ def with_shared_columns(b: Builder, r: ir.Value, experts: int, count: int) -> ir
     return out
 
 
+def kernel_shared_experts(moe: ir.Node) -> SharedExperts | None:
+    """The shared MLP added to `moe`'s output, as experts its kernel can run: where the kernel runs in 16 bits
+    (on the GPU the float32 MoE kernel is a slow SIMT GEMM: the shared MLP stays on cuBLAS there) and the
+    shared weights are float initializers; else None."""
+    x, gate = moe.inputs[0], moe.inputs[MOE_EXPERT_INPUTS[0]]
+    if x is None or gate is None or kernel_dtype(x.dtype) != ir.DataType.FLOAT16:
+        return None
+    shared = find_shared_experts(moe, expert_shape(gate)[1])
+    if shared is None or not all(float_initializer(v) for v in (shared.gate, shared.up, shared.down)):
+        return None
+    return shared
+
+
 def _drop_unused(graph: ir.Graph, values: list[ir.Value]) -> None:
     for value in values:
         name = value.name
@@ -218,12 +231,7 @@ class LowerMoEToOrtPass(DsPass):
         experts, ff, hidden = expert_shape(gate)
         compute = kernel_dtype(x.dtype)
         folded = all(float_initializer(v) for v in (gate, up, down))
-        # the shared experts join the kernel's experts where it runs in 16 bits (on the GPU the float32
-        # kernel is a slow SIMT GEMM: the shared MLP stays on cuBLAS there)
-        sixteen_bits = compute == ir.DataType.FLOAT16
-        shared = find_shared_experts(moe, ff) if self.shared_experts and folded and sixteen_bits else None
-        if shared is not None and not all(float_initializer(v) for v in (shared.gate, shared.up, shared.down)):
-            shared = None
+        shared = kernel_shared_experts(moe) if self.shared_experts and folded else None
         origin = [moe, *((*shared.nodes, shared.add) if shared is not None else ())]
         b = Builder(moe.name or "moe", rewrite=provenance.lowered(f"{MS_DOMAIN}.MoE"), origin=origin)
         if shared is not None:  # always chosen, each at weight 1 (log 1 = 0): R gains n columns of ones

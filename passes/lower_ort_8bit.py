@@ -65,12 +65,12 @@ from dsv3c.passes.lower_ort import (
     MS_DOMAIN,
     cast,
     expert_shape,
-    float_initializer,
     kernel_dtype,
+    kernel_shared_experts,
     routing,
     with_shared_columns,
 )
-from dsv3c.passes.shared_experts import SharedExperts, find_shared_experts, remove_shared
+from dsv3c.passes.shared_experts import SharedExperts, remove_shared
 from dsv3c.passes.stages import DsPass, StageResult
 
 BITS = 8
@@ -283,16 +283,11 @@ def foldable_shared(moe: ir.Node, options: Int8Options) -> SharedExperts | None:
     bench/results/gpu_step_kernels_v2-lite_b1_h200_2026-12-02.json) become rows of the grouped GEMV the
     routed experts already run. Each shared row is quantized per block along K as MatMulNBits would have
     quantized it (the expert width is a multiple of the block), so the 8-bit weights are the same numbers."""
-    x, gate = moe.inputs[0], moe.inputs[MOE_EXPERT_INPUTS[0]]
-    if x is None or gate is None or kernel_dtype(x.dtype) != ir.DataType.FLOAT16:
+    gate = moe.inputs[MOE_EXPERT_INPUTS[0]]
+    if gate is None:
         return None
     _, ff, hidden = expert_shape(gate)
-    if qmoe_block(options.block, hidden, ff) is None:
-        return None
-    shared = find_shared_experts(moe, ff)
-    if shared is None or not all(float_initializer(v) for v in (shared.gate, shared.up, shared.down)):
-        return None
-    return shared
+    return kernel_shared_experts(moe) if qmoe_block(options.block, hidden, ff) is not None else None
 
 
 class MoEToQMoEPass(DsPass):
