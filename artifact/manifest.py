@@ -47,9 +47,17 @@ APPEND_RULE = (
     "row b's past holds valid entries [0, positions[b, 0]); the runtime writes new entry i of row b at "
     "slot positions[b, i] and passes past = that buffer (entries at and beyond positions[b, 0] are ignored)"
 )
+# `lower --target ort --cache-in-place` (passes/ort_cache_in_place.py): decode and MTP graphs write the cache
+IN_PLACE_RULE = (
+    "the step writes new entry i of row b at slot positions[b, i] of its past input and returns that buffer as "
+    "present_ckv.N / present_kpe.N (bind them onto the past buffers to write in place); slots beyond "
+    "positions[b, i] are ignored, so past must hold more than max(positions) slots; prefill returns its new "
+    "entries, written by the runtime at slot positions[b, i]"
+)
 __all__ = [
     "APPEND_RULE",
     "FORMAT_VERSION",
+    "IN_PLACE_RULE",
     "MANIFEST_FILE",
     "ROLES",
     "CacheLayout",

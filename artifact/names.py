@@ -19,6 +19,14 @@ MANIFEST_FILE = "manifest.json"  # an export folder
 ENGINE_MANIFEST_FILE = "engine_manifest.json"  # an engine folder (dsv3c build)
 WEIGHTS_FILE = "weights.bin"  # every weight of an export folder, once, in aligned slots
 ROLES = ("prefill", "decode", "mtp")  # graph roles, in this order
+# the cache outputs of decode and MTP graphs that write their cache in place (`lower --cache-in-place`):
+# present_ckv.N is past_ckv.N with the step's entries written (artifact/manifest.py: IN_PLACE_RULE)
+PRESENT_PREFIXES = ("present_ckv.", "present_kpe.")
+
+
+def present_name(past: str) -> str:
+    """The output an in-place graph returns the past input `past` (past_ckv.N) as: present_ckv.N."""
+    return "present_" + past.removeprefix("past_")
 
 
 def mtp_role(depth: int) -> str:

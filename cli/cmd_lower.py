@@ -100,6 +100,13 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         "reads the two apart, which saves a copy of the cache per step and costs five small nodes per layer)",
     )
     p.add_argument(
+        "--cache-in-place",
+        action="store_true",
+        help="ort: decode writes its new cache entries into the past buffer and attends over that one buffer "
+        "(its outputs present_ckv.N / present_kpe.N; five fewer small nodes per layer than the default, for "
+        "runtimes that bind them onto the past: dsv3c's own do)",
+    )
+    p.add_argument(
         "--shared-experts-apart",
         action="store_true",
         help="ort: keep DeepSeekMoE's shared experts as MatMuls (MatMulNBits with --weights-8bit; by default a "
@@ -199,4 +206,5 @@ def _lower(args: argparse.Namespace, dump_dir: Path | None, compile_for: Compile
         ort_fusions=not args.no_fusions,
         attention_past_apart=not args.concat_cache,
         shared_experts_in_moe=not args.shared_experts_apart,
+        cache_in_place=args.cache_in_place,
     )

@@ -54,18 +54,18 @@ from onnx import TensorProto, helper
 INPUTS = ["q_nope", "q_pe", "past_ckv", "new_ckv", "past_kpe", "new_kpe", "wkv_b", "positions"]
 
 
-def _per_head_prelude(b: Body) -> MlaPrelude:
+def per_head_prelude(b: Body, ckv: str = "past_ckv") -> MlaPrelude:
     """mla_prelude with kv_b_proj given per head (inputs w_uk [H, nope, r] and w_uv_t [H, r, v])."""
     q_nope, q_pe = b.t("q_nope", 0, 2, 1, 3), b.t("q_pe", 0, 2, 1, 3)
     scale = b.op("CastLike", b.attr("softmax_scale", onnx.AttributeProto.FLOAT), "q_nope")
-    return MlaPrelude(b.shape("past_ckv", 2, 3), "w_uk", "w_uv_t", q_nope, q_pe, scale)
+    return MlaPrelude(b.shape(ckv, 2, 3), "w_uk", "w_uv_t", q_nope, q_pe, scale)
 
 
 def split_past_function(opset: int, per_head_weights: bool = False) -> onnx.FunctionProto:
     """Absorbed MLA over (past, new) caches given apart; output [B, S, H * v] as export/functions.py's body.
     With `per_head_weights` its inputs take kv_b_proj as the two per-head weights the body reads."""
     b = Body()
-    m = _per_head_prelude(b) if per_head_weights else mla_prelude(b, "past_ckv")
+    m = per_head_prelude(b) if per_head_weights else mla_prelude(b, "past_ckv")
     q_latent = b.op("MatMul", m.q_nope, m.w_k)  # [B, H, S, r]
     q_rows = b.op("Reshape", q_latent, b.op("Concat", b.shape("q_nope", 0, 1), b.ints(-1), m.rank, axis=0))
     pe_rows = b.op("Reshape", m.q_pe, b.op("Concat", b.shape("q_pe", 0, 1), b.ints(-1), b.shape("q_pe", 3, 4), axis=0))
@@ -124,7 +124,7 @@ def per_head_weights(graph: ir.Graph, wkv_b: ir.Value | None, q_nope: ir.Value |
     ]
 
 
-def _cache_parts(value: ir.Value | None, mla: ir.Node) -> tuple[ir.Node, ir.Value, ir.Value] | None:
+def cache_parts(value: ir.Value | None, mla: ir.Node) -> tuple[ir.Node, ir.Value, ir.Value] | None:
     """(the Concat, past, new) when `value` is Concat(past, new) along the sequence, read by `mla` alone."""
     concat = value.producer() if value is not None else None
     if concat is None or concat.op_type != "Concat" or concat.domain not in ("", "ai.onnx") or len(concat.inputs) != 2:
@@ -136,7 +136,7 @@ def _cache_parts(value: ir.Value | None, mla: ir.Node) -> tuple[ir.Node, ir.Valu
     return (concat, past, new) if past is not None and new is not None else None
 
 
-def _absorbed(node: ir.Node) -> bool:
+def absorbed_mla(node: ir.Node) -> bool:
     a = node.attributes.get("absorbed")
     return a is not None and bool(a.as_int())
 
@@ -147,8 +147,8 @@ class SplitPastAttentionPass(DsPass):
         opset = model.opset_imports[""]
         functions = {given: ir.serde.deserialize_function(split_past_function(opset, given)) for given in (False, True)}
         split, given_per_head = 0, 0
-        for mla in [n for n in graph if n.domain == DOMAIN and n.op_type == MLA_OP and _absorbed(n)]:
-            ckv, kpe = _cache_parts(mla.inputs[2], mla), _cache_parts(mla.inputs[3], mla)
+        for mla in [n for n in graph if n.domain == DOMAIN and n.op_type == MLA_OP and absorbed_mla(n)]:
+            ckv, kpe = cache_parts(mla.inputs[2], mla), cache_parts(mla.inputs[3], mla)
             if ckv is None or kpe is None:
                 continue
             q_nope, q_pe, _, _, wkv_b, positions = mla.inputs

@@ -21,6 +21,7 @@ from dsv3c.passes.lower_ort_8bit import Int8Options, MatMulNBitsPass, MoEToQMoEP
 from dsv3c.passes.lower_trt import ATTENTION_OPSET, MlaToAttentionPass, TrtQdqPass, UpgradeOpsetPass
 from dsv3c.passes.merged_matmuls import MergedMatMulsPass
 from dsv3c.passes.multiply_by_one import MultiplyByOnePass
+from dsv3c.passes.ort_cache_in_place import CacheInPlacePass
 from dsv3c.passes.ort_fusions import OrtFusionsPass
 from dsv3c.passes.ort_fusions_rotary import OrtRotaryPass
 from dsv3c.passes.ort_split_past import SplitPastAttentionPass
@@ -76,6 +77,13 @@ def mxfp8_stages(form: Mxfp8Form, mxfp8: bool, weights: bool) -> list[Stage]:
     return stages + ([Stage(MXFP8_WEIGHTS_STAGE, Mxfp8WeightsPass(form))] if mxfp8 and weights else [])
 
 
+def decode_attention_stages(past_apart: bool, in_place: bool) -> list[Stage]:
+    """ort: what decode attention reads, the written cache (in place) or the past and new entries apart."""
+    if in_place:
+        return [Stage("cache-in-place", CacheInPlacePass())]
+    return [Stage("attention-past-apart", SplitPastAttentionPass())] if past_apart else []
+
+
 def lower_pipeline(
     target: Target,
     dims: dict[str, int] | None = None,
@@ -85,6 +93,7 @@ def lower_pipeline(
     ort_fusions: bool = True,
     attention_past_apart: bool = True,
     shared_experts_in_moe: bool = True,
+    cache_in_place: bool = False,
 ) -> list[Stage]:
     """The stages that take a canonical (or quantized) export to `target`; `dims` fixes shapes (iree);
     `int8` (ort): 8-bit weights in MatMulNBits / QMoE (a MoE QMoE cannot take keeps float experts);
@@ -92,8 +101,10 @@ def lower_pipeline(
     standard ONNX ops for portable and ort), `mxfp8_weights`: the FP8 weights they meet too;
     `ort_fusions` (ort): RMSNorm with the residual Add before it, and RoPE, as onnxruntime's fused ops
     (ort_fusions.py, ort_fusions_rotary.py); `attention_past_apart` (ort): decode attention reads the past cache
-    and the new entries apart instead of their Concat (ort_split_past.py); `shared_experts_in_moe` (ort, 16-bit
-    graphs): the shared experts as always-chosen experts of com.microsoft::MoE (shared_experts.py)."""
+    and the new entries apart instead of their Concat (ort_split_past.py); `cache_in_place` (ort, instead):
+    decode writes its new entries into the bound past buffer and attends over it (ort_cache_in_place.py);
+    `shared_experts_in_moe` (ort, 16-bit graphs): the shared experts as always-chosen experts of
+    com.microsoft::MoE (shared_experts.py)."""
     emulated = mxfp8_stages(Mxfp8Form.EMULATED, mxfp8, mxfp8_weights)
     if target == Target.PORTABLE:
         return [*emulated, Stage("inline-custom", InlineCustomPass()), *cleanup_stages()]
@@ -109,7 +120,7 @@ def lower_pipeline(
             *emulated,
             *eight_bit,
             Stage("moe-to-com-microsoft", LowerMoEToOrtPass(shared_experts=shared_experts_in_moe)),
-            *([Stage("attention-past-apart", SplitPastAttentionPass())] if attention_past_apart else []),
+            *decode_attention_stages(attention_past_apart, cache_in_place),
             Stage("inline-custom", InlineCustomPass()),
             Stage("shared-input-shapes", SharedInputShapesPass()),  # the layers' masks: one, after the CSE
             *cleanup_stages(),

@@ -3,7 +3,8 @@
 Every tensor a graph reads or writes is a torch tensor bound by pointer (CPU, or CUDA with
 onnxruntime-gpu), so nothing is copied on the way in or out: the latent cache buffers are bound whole as
 the past (the graph masks slots at and beyond positions[b, 0]), the q new entries per row come back in
-small bound outputs and are scattered into the buffers at positions[b, i].
+small bound outputs and are scattered into the buffers at positions[b, i]. A graph lowered with
+`--cache-in-place` writes them itself: its present outputs are bound onto the past buffers.
 """
 
 from __future__ import annotations
@@ -14,7 +15,7 @@ from typing import Any
 
 import torch
 from dsv3c.artifact.manifest import Manifest, Signature, read_manifest
-from dsv3c.artifact.names import mtp_role, mtp_roles
+from dsv3c.artifact.names import PRESENT_PREFIXES, mtp_role, mtp_roles, present_name
 from dsv3c.errors import UserError
 from dsv3c.models.config import DeepseekV3Config
 from dsv3c.runtime.engine import EngineBackend, StepOutput
@@ -42,6 +43,7 @@ class OrtGraph:
         self.widths = {t.name: [d for d in t.shape[2:] if isinstance(d, int)] for t in self.signature.outputs}
         if any(len(w) != len(t.shape) - 2 for w, t in zip(self.widths.values(), self.signature.outputs, strict=True)):
             raise UserError(f"{role}.onnx: an output has a symbolic width; re-export the folder")
+        self.in_place = any(n.startswith(PRESENT_PREFIXES) for n in self.outputs)  # ort_cache_in_place.py
         self.hidden_name = next((n for n in self.outputs if n.startswith("hidden")), None)
         if "logits" not in self.outputs or self.hidden_name is None:
             raise UserError(f"{role}.onnx: outputs {list(self.outputs)} lack logits/hidden; re-export the folder")
@@ -51,14 +53,18 @@ class OrtGraph:
         bound = TORCH_TYPES[dtype]
         return torch.float32 if self.float_compute and bound in (torch.bfloat16, torch.float16) else bound
 
-    def run(self, feeds: dict[str, torch.Tensor], q: tuple[int, int]) -> dict[str, torch.Tensor]:
-        """feeds: every input by name; q = (batch, new tokens). Returns every output by name."""
+    def run(
+        self, feeds: dict[str, torch.Tensor], q: tuple[int, int], aliases: dict[str, str] | None = None
+    ) -> dict[str, torch.Tensor]:
+        """feeds: every input by name; q = (batch, new tokens); `aliases`: outputs bound onto the buffer of
+        an input (output -> input name). Returns every output by name."""
         missing = [n for n in self.inputs if n not in feeds]
         if missing:
             raise UserError(f"{self.role}.onnx expects inputs {missing} this runtime does not provide; re-export")
         binding = self.session.io_binding()
         kind, index = self.device.type, self.device.index or 0
         keep: list[Any] = []
+        bound: dict[str, torch.Tensor] = {}
         for name, dtype in self.inputs.items():
             tensor = feeds[name].to(dtype).contiguous()  # no copy when it already is (the cache buffers)
             if tensor.numel() == 0:  # an empty past: let onnxruntime own the (zero-byte) buffer
@@ -67,9 +73,16 @@ class OrtGraph:
                 binding.bind_ortvalue_input(name, ort_value)
                 continue
             keep.append(tensor)
+            bound[name] = tensor
             binding.bind_input(name, kind, index, ONNX_TYPES[tensor.dtype], list(tensor.shape), tensor.data_ptr())
         outputs: dict[str, torch.Tensor] = {}
         for name, info in self.outputs.items():
+            alias = (aliases or {}).get(name)
+            if alias is not None:
+                out = bound[alias]
+                outputs[name] = out
+                binding.bind_output(name, kind, index, ONNX_TYPES[out.dtype], list(out.shape), out.data_ptr())
+                continue
             shape = [*q, *self.widths[name]]
             out = torch.empty(shape, dtype=self._bound(info.dtype), device=self.device)
             outputs[name] = out
@@ -149,18 +162,25 @@ class OrtEngine:
     ) -> StepOutput:
         graph = self.graphs[role]
         cache.reserve(int(positions.max()) + 1)
-        if past:
-            feeds.update(self._past(cache, positions))
-        out = graph.run(feeds, (positions.shape[0], positions.shape[1]))
-        for i in range(len(cache.ckv)):
-            cache.write(i, out[f"new_ckv.{i}"], out[f"new_kpe.{i}"], positions)
+        in_place = past and graph.in_place
+        views = self._past(cache, positions, in_place) if past else {}
+        feeds.update(views)
+        aliases = {present_name(n): n for n in views} if in_place else {}
+        out = graph.run(feeds, (positions.shape[0], positions.shape[1]), aliases)
+        for present, name in aliases.items():
+            if out[present].data_ptr() != views[name].data_ptr():  # bound a converted copy: store it back
+                views[name].copy_(out[present])
+        if not in_place:
+            for i in range(len(cache.ckv)):
+                cache.write(i, out[f"new_ckv.{i}"], out[f"new_kpe.{i}"], positions)
         assert graph.hidden_name is not None
         return StepOutput(out["logits"], out[graph.hidden_name])
 
     @staticmethod
-    def _past(cache: LatentBuffers, positions: torch.Tensor) -> dict[str, torch.Tensor]:
-        """Whole buffers as the past; with one row its valid prefix is contiguous, so bind just that."""
-        used = int(positions[:, 0].max())
+    def _past(cache: LatentBuffers, positions: torch.Tensor, in_place: bool = False) -> dict[str, torch.Tensor]:
+        """Whole buffers as the past; with one row its valid prefix is contiguous, so bind just that (and,
+        for a graph that writes the cache in place, the slots it writes)."""
+        used = int(positions.max()) + 1 if in_place else int(positions[:, 0].max())
         cut = used if cache.batch == 1 or used == 0 else cache.capacity
         past = {}
         for i, (ckv, kpe) in enumerate(zip(cache.ckv, cache.kpe, strict=True)):

@@ -10,8 +10,9 @@ allocated and bound once per bucket:
   beyond positions[b, 0]), and the step's ids and positions are device tensors updated in place;
 - the new cache entries come back in bound outputs (views of one tensor per kind) and are scattered into
   the buffers by torch, two scatters for all layers, on the same stream that onnxruntime computes on
-  (`user_compute_stream`), and the run skips onnxruntime's end-of-run synchronization
-  (`disable_synchronize_execution_providers`): a step never waits for the host.
+  (`user_compute_stream`); a graph lowered with `--cache-in-place` writes them itself into the buffers,
+  its present outputs bound onto the past inputs (passes/ort_cache_in_place.py); the run skips
+  onnxruntime's end-of-run synchronization (`disable_synchronize_execution_providers`): a step never waits for the host.
 
 On a CPU (or with `cuda_graph=False`) the same static-shape session runs without capture: the tests
 compare its steps with the dynamic-shape OrtEngine, and the benchmark isolates what the capture gains.
@@ -28,6 +29,7 @@ from typing import Any
 
 import torch
 from dsv3c.artifact.manifest import Manifest, read_manifest
+from dsv3c.artifact.names import PRESENT_PREFIXES, present_name
 from dsv3c.errors import UserError
 from dsv3c.onnxkit.session import SessionSetup, import_ort, open_session
 from dsv3c.runtime.latent_buffers import CacheShape, LatentBuffers
@@ -121,11 +123,7 @@ class StaticDecoder:
         missing = [t.name for t in signature.inputs if t.name not in inputs]
         if missing:
             raise UserError(f"{path}: inputs {missing} are not a decode step's; re-export the folder")
-        # the new cache entries land in views of one tensor per kind, so one scatter per kind stores them all
-        layers = len(self.cache.ckv)
-        self.new_ckv = torch.empty(layers, batch, 1, c.ckv_width, dtype=self.cache.dtype, device=self.device)
-        self.new_kpe = torch.empty(layers, batch, 1, c.kpe_width, dtype=self.cache.dtype, device=self.device)
-        self.rows = torch.arange(batch, device=self.device)[:, None]
+        self.in_place = any(t.name.startswith(PRESENT_PREFIXES) for t in signature.outputs)
         self.outputs = {
             t.name: torch.empty(
                 [batch, 1, *(d for d in t.shape[2:] if isinstance(d, int))],
@@ -133,13 +131,25 @@ class StaticDecoder:
                 device=self.device,
             )
             for t in signature.outputs
+            if not t.name.startswith(PRESENT_PREFIXES)
         }
-        for i in range(layers):
-            for name, stacked in ((f"new_ckv.{i}", self.new_ckv), (f"new_kpe.{i}", self.new_kpe)):
-                out = self.outputs.get(name)
-                if out is None or out.shape != stacked[i].shape or out.dtype != stacked.dtype:
-                    raise UserError(f"{path}: output {name} is not a decode step's new cache entry; re-export")
-                self.outputs[name] = stacked[i]
+        layers = len(self.cache.ckv)
+        if self.in_place:  # the graph writes the cache: its present outputs are the past buffers themselves
+            for name in [n for n in inputs if n.startswith("past_")]:
+                self.outputs[present_name(name)] = inputs[name]
+        else:  # the new entries land in views of one tensor per kind, so one scatter per kind stores them all
+            self.new_ckv = torch.empty(layers, batch, 1, c.ckv_width, dtype=self.cache.dtype, device=self.device)
+            self.new_kpe = torch.empty(layers, batch, 1, c.kpe_width, dtype=self.cache.dtype, device=self.device)
+            self.rows = torch.arange(batch, device=self.device)[:, None]
+            for i in range(layers):
+                for name, stacked in ((f"new_ckv.{i}", self.new_ckv), (f"new_kpe.{i}", self.new_kpe)):
+                    out = self.outputs.get(name)
+                    if out is None or out.shape != stacked[i].shape or out.dtype != stacked.dtype:
+                        raise UserError(f"{path}: output {name} is not a decode step's new cache entry; re-export")
+                    self.outputs[name] = stacked[i]
+        unknown = [t.name for t in signature.outputs if t.name not in self.outputs]
+        if unknown:
+            raise UserError(f"{path}: outputs {unknown} are not a decode step's; re-export the folder")
         self.binding = self.session.io_binding()
         kind, index = self.device.type, self.device.index or 0
         for name, tensor in inputs.items():
@@ -188,6 +198,8 @@ class StaticDecoder:
         self.ids.copy_(ids, non_blocking=True)
         self.positions.copy_(positions, non_blocking=True)
         self.session.run_with_iobinding(self.binding, self.run_options)
+        if self.in_place:
+            return
         if self.per_layer_writes:
             for i in range(len(self.cache.ckv)):
                 self.cache.write(i, self.new_ckv[i], self.new_kpe[i], self.positions)
