@@ -47,7 +47,7 @@ APPEND_RULE = (
     "row b's past holds valid entries [0, positions[b, 0]); the runtime writes new entry i of row b at "
     "slot positions[b, i] and passes past = that buffer (entries at and beyond positions[b, 0] are ignored)"
 )
-# `lower --target ort --cache-in-place` (passes/ort_cache_in_place.py): decode and MTP graphs write the cache
+# `lower --target ort` (--decode-cache in-place, passes/ort_cache_in_place.py): decode and MTP graphs write the cache
 IN_PLACE_RULE = (
     "the step writes new entry i of row b at slot positions[b, i] of its past input and returns that buffer as "
     "present_ckv.N / present_kpe.N (bind them onto the past buffers to write in place); slots beyond "

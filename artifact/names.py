@@ -19,7 +19,7 @@ MANIFEST_FILE = "manifest.json"  # an export folder
 ENGINE_MANIFEST_FILE = "engine_manifest.json"  # an engine folder (dsv3c build)
 WEIGHTS_FILE = "weights.bin"  # every weight of an export folder, once, in aligned slots
 ROLES = ("prefill", "decode", "mtp")  # graph roles, in this order
-# the cache outputs of decode and MTP graphs that write their cache in place (`lower --cache-in-place`):
+# the cache outputs of decode and MTP graphs that write their cache in place (`lower --target ort`):
 # present_ckv.N is past_ckv.N with the step's entries written (artifact/manifest.py: IN_PLACE_RULE)
 PRESENT_PREFIXES = ("present_ckv.", "present_kpe.")
 

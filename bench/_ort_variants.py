@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import torch
 from dsv3c.cli.main import main as dsv3c_main
@@ -12,7 +13,7 @@ from dsv3c.passes.pipelines import Target
 from dsv3c.runtime.random_weights import fill_random
 
 
-def ort_variants(preset: str, work: Path, variants: dict[str, dict[str, bool]], device: str) -> dict[str, Path] | None:
+def ort_variants(preset: str, work: Path, variants: dict[str, dict[str, Any]], device: str) -> dict[str, Path] | None:
     """{name: work/ort-<name>}, the canonical export in work/canon; None when the export failed (it said why)."""
     work.mkdir(parents=True, exist_ok=True)
     canon = work / "canon"

@@ -14,7 +14,7 @@
 #   bench/decode_gpu.sh grid COMMIT      # V2-Lite bf16: ort-graph, PyTorch eager, transformers at 128/1024/4096
 #   bench/decode_gpu.sh long COMMIT      # V2-Lite bf16 at 16384, the Concat form, the kernels at 4096
 #   bench/decode_gpu.sh experts COMMIT   # V2-Lite with 8-bit experts only, beside all 8-bit and bf16
-#   bench/decode_gpu.sh in-place COMMIT  # V2-Lite bf16 with the cache written in place, beside the default
+#   bench/decode_gpu.sh in-place COMMIT  # V2-Lite bf16, cache written in place (the default) beside `apart`
 # A `--weights none` folder is filled with random weights on the GPU by bench/gpu_decode.py.
 set -u
 MODE=$1; COMMIT=${2:-unknown}; OUT=${OUT:-/tmp/out}; DIR=runs/gpu
@@ -28,10 +28,10 @@ if [ "$MODE" = folders ]; then
   python -m dsv3c lower $DIR/v2-lite-canon --target ort --shared-experts-apart --out $DIR/v2-lite-apart --force
   python -m dsv3c lower $DIR/v2-lite-canon --target ort --weights-8bit --shared-experts-apart \
     --out $DIR/v2-lite-8bit-apart --force
-  python -m dsv3c lower $DIR/v2-lite-canon --target ort --concat-cache --out $DIR/v2-lite-concat --force
+  python -m dsv3c lower $DIR/v2-lite-canon --target ort --decode-cache concat --out $DIR/v2-lite-concat --force
   python -m dsv3c lower $DIR/v2-lite-canon --target ort --weights-8bit --weights-8bit-scope experts \
     --out $DIR/v2-lite-8bit-experts --force
-  python -m dsv3c lower $DIR/v2-lite-canon --target ort --cache-in-place --out $DIR/v2-lite-inplace --force
+  python -m dsv3c lower $DIR/v2-lite-canon --target ort --decode-cache apart --out $DIR/v2-lite-cache-apart --force
   rm -rf $DIR/small-canon $DIR/v2-lite-canon
   du -sh $DIR
   exit 0
@@ -135,12 +135,12 @@ elif [ "$MODE" = experts ]; then
     rm -f $DIR/$f/weights.bin
   done
 elif [ "$MODE" = in-place ]; then
-  # the cache written in place by the graph (`lower --cache-in-place`) beside the default, in one call
-  timeout 100 python bench/gpu_step_kernels.py $DIR/v2-lite-inplace --batch 1 --rounds 5 --top 30 \
+  # the cache written in place by the graph (the default) beside `--decode-cache apart`, in one call
+  timeout 100 python bench/gpu_step_kernels.py $DIR/v2-lite --batch 1 --rounds 5 --top 30 \
     --commit "$COMMIT" --out "$OUT/gpu_step_kernels_v2-lite-inplace_b1.json" 2>&1 | grep -v -i warn | tail -22
-  for f in v2-lite-inplace v2-lite; do
+  for f in v2-lite v2-lite-cache-apart; do
     timeout 220 python bench/gpu_decode.py $DIR/$f --runtimes ort-graph --contexts 128 4096 16384 \
-      --batches 1 8 32 --steps 24 --commit "$COMMIT" --out "$OUT/gpu_decode_$f-inplace-beside.json" 2>&1 | tail -11
+      --batches 1 8 32 --steps 24 --commit "$COMMIT" --out "$OUT/gpu_decode_$f-decode-cache.json" 2>&1 | tail -11
     rm -f $DIR/$f/weights.bin
   done
 elif [ "$MODE" = small-ablations ]; then

@@ -94,17 +94,13 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         "without the fused kernels SimplifiedLayerNormalization, SkipSimplifiedLayerNormalization, RotaryEmbedding)",
     )
     p.add_argument(
-        "--concat-cache",
-        action="store_true",
-        help="ort: keep the decode step's Concat of the past cache and the new entries (by default attention "
-        "reads the two apart, which saves a copy of the cache per step and costs five small nodes per layer)",
-    )
-    p.add_argument(
-        "--cache-in-place",
-        action="store_true",
-        help="ort: decode writes its new cache entries into the past buffer and attends over that one buffer "
-        "(its outputs present_ckv.N / present_kpe.N; five fewer small nodes per layer than the default, for "
-        "runtimes that bind them onto the past: dsv3c's own do)",
+        "--decode-cache",
+        choices=["in-place", "apart", "concat"],  # passes.pipelines.DecodeCache (imported when lowering)
+        help="ort: how decode and MTP graphs meet their new cache entries. in-place (the default): written into "
+        "the past buffer, which attention then reads once (outputs present_ckv.N / present_kpe.N, to be bound "
+        "onto the past: dsv3c's runtimes do); apart: returned as new_ckv.N / new_kpe.N, attention over past and "
+        "new apart (five more small nodes per layer); concat: returned, attention over the exported Concat of "
+        "the two (a copy of the cache per step)",
     )
     p.add_argument(
         "--shared-experts-apart",
@@ -143,10 +139,8 @@ def run(args: argparse.Namespace) -> int:
         check_output(args.dump_dir, [args.export_dir, args.out], args.force)
     if args.no_fusions and args.target != "ort":
         raise UserError("--no-fusions keeps onnxruntime's fused ops out of the ort lowering; use it with --target ort")
-    if args.concat_cache and args.target != "ort":
-        raise UserError(
-            "--concat-cache keeps the exported decode attention of the ort lowering; use it with --target ort"
-        )
+    if args.decode_cache is not None and args.target != "ort":
+        raise UserError("--decode-cache chooses the ort lowering's decode attention; use it with --target ort")
     if args.shared_experts_apart and args.target != "ort":
         raise UserError("--shared-experts-apart keeps the ort lowering's shared experts as MatMuls; use --target ort")
     if args.weights_8bit_scope != "all" and not args.weights_8bit:
@@ -188,7 +182,7 @@ def _compile_target(args: argparse.Namespace) -> CompileTarget | None:
 
 def _lower(args: argparse.Namespace, dump_dir: Path | None, compile_for: CompileTarget | None) -> Manifest:
     from dsv3c.passes.lower import lower_folder
-    from dsv3c.passes.pipelines import Target
+    from dsv3c.passes.pipelines import DecodeCache, Target
 
     return lower_folder(
         args.export_dir,
@@ -204,7 +198,6 @@ def _lower(args: argparse.Namespace, dump_dir: Path | None, compile_for: Compile
         mxfp8=args.activations == "mxfp8",
         mxfp8_weights=args.mxfp8_weights,
         ort_fusions=not args.no_fusions,
-        attention_past_apart=not args.concat_cache,
+        decode_cache=DecodeCache(args.decode_cache) if args.decode_cache else DecodeCache.IN_PLACE,
         shared_experts_in_moe=not args.shared_experts_apart,
-        cache_in_place=args.cache_in_place,
     )

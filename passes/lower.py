@@ -15,13 +15,12 @@ import numpy as np
 from dsv3c import progress
 from dsv3c.artifact.export_folder import ExportGraphs, plan_slots, read_export, write_export
 from dsv3c.artifact.manifest import IN_PLACE_RULE, Manifest
-from dsv3c.artifact.names import PRESENT_PREFIXES
 from dsv3c.errors import UserError
 from dsv3c.models.fp8 import DEFAULT_BLOCK, Block
 from dsv3c.passes.lower_ort_8bit import Int8Options
 from dsv3c.passes.mlir import CompileTarget, compile_mlir, import_onnx
 from dsv3c.passes.ort_run import FeedShape, GraphRunner, random_feeds, relative_error
-from dsv3c.passes.pipelines import Target, lower_pipeline
+from dsv3c.passes.pipelines import DecodeCache, Target, lower_pipeline
 from dsv3c.passes.stages import run_pipeline
 
 
@@ -40,19 +39,16 @@ def lower_folder(
     mxfp8: bool = False,
     mxfp8_weights: bool = False,
     ort_fusions: bool = True,
-    attention_past_apart: bool = True,
+    decode_cache: DecodeCache = DecodeCache.IN_PLACE,
     shared_experts_in_moe: bool = True,
-    cache_in_place: bool = False,
 ) -> Manifest:
     """Write `out`: the export folder `src` lowered to `target` (plus `{role}.mlir` with emit_mlir);
     `weights_8bit`: the block size of 8-bit weights (ort only), for the experts and, with `linears_8bit`, the
     linears; `mxfp8`: online activation scales as
     MXFP8 (lower_mxfp8.py; not for iree); `compile_for`: also `{role}.vmfb`, the MLIR compiled by iree-compile;
-    `ort_fusions=False`: ort without the fused norms (to measure what they gain); `attention_past_apart=False`:
-    ort's decode attention over the exported Concat of past and new cache (ort_split_past.py);
-    `shared_experts_in_moe=False`: the shared experts as MatMuls, not experts of com.microsoft::MoE;
-    `cache_in_place`: ort's decode and MTP graphs write their new cache entries into the past buffer
-    (ort_cache_in_place.py; the manifest's cache.append_rule says so)."""
+    `ort_fusions=False`: ort without the fused norms (to measure what they gain); `decode_cache` (ort): how
+    decode meets its new cache entries (pipelines.DecodeCache; in place, the manifest's cache.append_rule
+    says so); `shared_experts_in_moe=False`: the shared experts as MatMuls, not experts of com.microsoft::MoE."""
     emit_mlir = emit_mlir or compile_for is not None
     if mxfp8_weights and not mxfp8:
         raise UserError("--mxfp8-weights pairs the weights with MXFP8 activations; pass --activations mxfp8 too")
@@ -62,10 +58,6 @@ def lower_folder(
         raise UserError("--weights-8bit stores weights for onnxruntime's kernels; use it with --target ort")
     if emit_mlir and target != Target.IREE:
         raise UserError("--emit mlir goes through IREE's importer; use it with --target iree")
-    if cache_in_place and (target != Target.ORT or not attention_past_apart):
-        raise UserError(
-            "--cache-in-place is a decode attention of the ort lowering; use --target ort without --concat-cache"
-        )
     if dims and target != Target.IREE:
         raise UserError("--shape fixes dimensions for --target iree only")
     graphs = read_export(src)
@@ -97,12 +89,11 @@ def lower_folder(
         mxfp8,
         mxfp8_weights,
         ort_fusions,
-        attention_past_apart,
+        decode_cache,
         shared_experts_in_moe,
-        cache_in_place,
     )
     records = run_pipeline(graphs, stages, dump_dir)
-    if cache_in_place:
+    if target == Target.ORT and decode_cache == DecodeCache.IN_PLACE:
         graphs.manifest.cache = dataclasses.replace(graphs.manifest.cache, append_rule=IN_PLACE_RULE)
     stage = {
         "stage": "lower",
@@ -152,20 +143,6 @@ ERROR_FEEDS = FeedShape(batch=2, seq=8, decode_seq=1, past=8)
 ERROR_SEED = 0
 
 
-def in_place_as_new(runner: GraphRunner, feeds: dict[str, np.ndarray]) -> dict[str, Any]:
-    """The outputs of a graph, those of an in-place graph (ort_cache_in_place.py) as the exported graph's:
-    its past inputs get room for the step's entries, which its present outputs then give as new_*."""
-    if not any(n.startswith(PRESENT_PREFIXES) for n in runner.output_names):
-        return runner.run(feeds)
-    past = next((v.shape[1] for n, v in feeds.items() if n.startswith("past_")), 0)
-    seq = feeds["positions"].shape[1]
-    room = {n: np.pad(v, ((0, 0), (0, seq), (0, 0))) if n.startswith("past_") else v for n, v in feeds.items()}
-    out = runner.run(room)
-    written = {n: v for n, v in out.items() if n.startswith(PRESENT_PREFIXES)}
-    new = {"new_" + n.removeprefix("present_"): v[:, past : past + seq] for n, v in written.items()}
-    return {**{n: v for n, v in out.items() if n not in written}, **new}
-
-
 def error_vs_source(src: Path, lowered: ExportGraphs, folder: Path) -> dict[str, Any]:
     """Relative error of every output of every lowered graph (weights in `folder`) against the source
     folder's graph, on the same seeded random inputs. For logits also per token (the median over tokens:
@@ -180,7 +157,7 @@ def error_vs_source(src: Path, lowered: ExportGraphs, folder: Path) -> dict[str,
     for role, model in lowered.models.items():
         feeds = random_feeds(source.manifest, role, np.random.default_rng(ERROR_SEED), ERROR_FEEDS)
         want = GraphRunner(source.models[role], src).run(feeds)
-        got = in_place_as_new(GraphRunner(model, folder), feeds)
+        got = GraphRunner(model, folder).run(feeds)
         errors[role] = {name: relative_error(got[name], value) for name, value in want.items()}
         if "logits" in want:
             a, b = np.asarray(got["logits"], np.float64), np.asarray(want["logits"], np.float64)

@@ -1,10 +1,11 @@
-"""Decode attention over a latent cache the step writes in place (`lower --target ort --cache-in-place`).
+"""Decode attention over a latent cache the step writes in place (`lower --target ort`, the default of
+`--decode-cache`).
 
 The exported decode step returns the step's new cache entries (`new_ckv.i` [B, S, r]) and attends over
-`Concat(past, new)`; the default ort lowering keeps the two apart (ort_split_past.py), which costs five
-small nodes per layer: the new entries' score GEMMs and their Add, the scores' Concat, a Split of the
-probabilities, their values GEMM and an Add. This stage instead writes the new entries into the past
-buffer inside the graph and attends over that one buffer:
+`Concat(past, new)`, a copy of the cache per step; keeping the two apart (`--decode-cache apart`,
+ort_split_past.py) costs five small nodes per layer instead: the new entries' score GEMMs and their Add,
+the scores' Concat, a Split of the probabilities, their values GEMM and an Add. This stage writes the new
+entries into the past buffer inside the graph and attends over that one buffer:
 
     present = ScatterElements(past, positions broadcast over the width, new, axis=1)   # slots positions[b, i]
     s = q_rows @ present_ckv^T + pe_rows @ present_kpe^T ; p = softmax(mask(s * scale)) ; latent = p @ present_ckv
@@ -17,6 +18,12 @@ write in place: onnxruntime's ScatterElements copies its input only when the out
 (ScatterND copies its strides from pinned host memory at run time, which a captured replay would reread).
 Unbound, onnxruntime returns the whole updated cache (a copy per step; correct, not fast).
 
+Measured side by side against `apart` (`bash bench/decode_gpu.sh in-place f982954`, the H200,
+bench/results/gpu_decode_v2-lite-{inplace,apart-beside-inplace}_h200_2026-12-02f.json): V2-Lite bf16 1.07-1.09x
+at batch 1 (4.90 -> 4.53 ms at context 128), 1.04-1.07x at batch 8, 1.02-1.10x at batch 32, contexts 128 to
+16384; 1,537 -> 1,399 kernels per step. On the 2-core CPU (`python bench/attention_past_apart.py`, `small`)
+1.01-1.02x.
+
 The contract differs from the exported one (artifact/manifest.py: IN_PLACE_RULE): the past input must hold
 more than max(positions) slots, and everything at slots > positions[b, i] is ignored. Positions past the
 buffer are an error of onnxruntime's CPU kernel; on CUDA they are the caller's bug (the runtimes reserve
@@ -26,11 +33,12 @@ no past and keeps returning its new entries.
 
 from __future__ import annotations
 
+import numpy as np
 import onnx
 import onnx_ir as ir
 from dsv3c.artifact import provenance
 from dsv3c.artifact.names import DOMAIN, MLA_OP, PRESENT_PREFIXES
-from dsv3c.export.builder import Builder
+from dsv3c.export.builder import Builder, initializer
 from dsv3c.export.functions import MLA_ATTRS, Body, absorbed_output, mla_output, mla_prelude
 from dsv3c.onnxkit.inline import inline_call
 from dsv3c.passes.ort_split_past import absorbed_mla, cache_parts, per_head_prelude, per_head_weights
@@ -71,26 +79,33 @@ class _Shared:
     """The nodes every layer of one graph shares, made once before the graph's first node: the mask over
     the buffer's P slots and the scatter's indices per cache width."""
 
-    def __init__(self, graph: ir.Graph, positions: ir.Value, past: ir.Value):
-        self.graph, self.positions = graph, positions
+    def __init__(self, graph: ir.Graph, positions: ir.Value, past: ir.Value, first: ir.Node):
+        # constants as initializers of their own: as Constant nodes the CSE would merge them with equal
+        # ones of the export, renaming those (which `dsv3c diff` would report)
+        self.graph, self.positions, self.first = graph, positions, first
         b = Builder("cache_in_place", rewrite=provenance.lowered("in-place cache"))
-        slots = b.op("Squeeze", b.op("Shape", past, start=1, end=2), b.ints(0))
-        zero, one = b.const(0), b.const(1)
-        columns = b.op("Unsqueeze", b.op("Range", zero, slots, one), b.ints(0, 1, 2))  # [1, 1, 1, P]
+        slots = b.op("Squeeze", b.op("Shape", past, start=1, end=2), self._ints("axes_0", 0))
+        zero, one = self._ints("zero", 0, scalar=True), self._ints("one", 1, scalar=True)
+        columns = b.op("Unsqueeze", b.op("Range", zero, slots, one), self._ints("axes_012", 0, 1, 2))  # [1,1,1,P]
         self.visible = b.op(
-            "LessOrEqual", columns, b.op("Unsqueeze", positions, b.ints(1, 3)), name="visible"
+            "LessOrEqual", columns, b.op("Unsqueeze", positions, self._ints("axes_13", 1, 3)), name="visible"
         )  # [B, 1, S, P]
-        b.insert_before(graph, graph.node(0))
+        b.insert_before(graph, first)
         self._indices: dict[int, ir.Value] = {}
 
     def indices(self, width: int) -> ir.Value:
         """positions [B, S] broadcast to [B, S, width] (ScatterElements' indices along the slots)."""
         if width not in self._indices:
             b = Builder(f"cache_in_place/indices_{width}", rewrite=provenance.lowered("in-place cache"))
-            shape = b.op("Concat", b.op("Shape", self.positions), b.ints(width), axis=0)
-            self._indices[width] = b.op("Expand", b.op("Unsqueeze", self.positions, b.ints(2)), shape)
-            b.insert_before(self.graph, self.graph.node(0))
+            shape = b.op("Concat", b.op("Shape", self.positions), self._ints(f"width_{width}", width), axis=0)
+            axes = self.graph.initializers.get("cache_in_place/axes_2") or self._ints("axes_2", 2)
+            self._indices[width] = b.op("Expand", b.op("Unsqueeze", self.positions, axes), shape)
+            b.insert_before(self.graph, self.first)
         return self._indices[width]
+
+    def _ints(self, name: str, *values: int, scalar: bool = False) -> ir.Value:
+        array = np.array(values[0] if scalar else values, dtype=np.int64)
+        return initializer(self.graph, f"cache_in_place/{name}", ir.tensor(array))
 
 
 def _width(value: ir.Value) -> int | None:
@@ -125,7 +140,7 @@ class CacheInPlacePass(DsPass):
             q_nope, q_pe, _, _, wkv_b, positions = mla.inputs
             assert positions is not None
             if shared is None:
-                shared = _Shared(graph, positions, parts[0][0])
+                shared = _Shared(graph, positions, parts[0][0], mla)
             b = Builder(mla.name or "mla", rewrite=provenance.lowered("in-place cache"), origin=[ckv[0], kpe[0]])
             present = []
             for past, new in parts:

@@ -3,7 +3,8 @@
 The graph is serialized with its weights still referring to the folder's weights file (onnxruntime reads
 them through `session.model_external_initializers_file_folder_path`), so nothing is copied. Inputs are
 seeded random values shaped by the manifest's signature: token ids within the vocabulary, positions
-that continue a full past, caches and hidden states from N(0, 1).
+that continue a full past, caches and hidden states from N(0, 1). A graph that writes its cache in place
+(ort_cache_in_place.py) is run as the exported graph it replaces, so that the two compare by name.
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ import numpy as np
 import onnx
 import onnx_ir as ir
 from dsv3c.artifact.manifest import Manifest
+from dsv3c.artifact.names import PRESENT_PREFIXES
 from dsv3c.errors import UserError
 from dsv3c.onnxkit.session import SessionSetup, open_session
 
@@ -71,6 +73,20 @@ class GraphRunner:
         self.output_names = [o.name for o in self.session.get_outputs()]
 
     def run(self, feeds: dict[str, np.ndarray]) -> dict[str, Any]:
+        """Every output by name; an in-place graph's as the exported graph's: its past inputs get room for
+        the step's entries (at positions[b, i], right after a full past), and the slots its present_*
+        outputs wrote come back as new_*."""
+        if not any(n.startswith(PRESENT_PREFIXES) for n in self.output_names):
+            return self.run_as_is(feeds)
+        past = next((v.shape[1] for n, v in feeds.items() if n.startswith("past_")), 0)
+        seq = feeds["positions"].shape[1]
+        room = {n: np.pad(v, ((0, 0), (0, seq), (0, 0))) if n.startswith("past_") else v for n, v in feeds.items()}
+        out = self.run_as_is(room)
+        written = {n: v for n, v in out.items() if n.startswith(PRESENT_PREFIXES)}
+        new = {"new_" + n.removeprefix("present_"): v[:, past : past + seq] for n, v in written.items()}
+        return {**{n: v for n, v in out.items() if n not in written}, **new}
+
+    def run_as_is(self, feeds: dict[str, np.ndarray]) -> dict[str, Any]:
         return dict(zip(self.output_names, self.session.run(None, feeds), strict=True))
 
 

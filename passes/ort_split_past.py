@@ -1,5 +1,7 @@
 """Decode attention over the latent cache without copying it: the past and the new entries kept apart.
 
+`lower --target ort --decode-cache apart` (the default writes the cache in place: ort_cache_in_place.py).
+
 The exported decode step concatenates the whole past cache with the step's new entries
 (`Concat(past_ckv, new_ckv)`, the same for the RoPE keys) and attends over the result. That Concat reads
 and writes every cached byte once more per step, on top of the two reads attention needs (scores, then

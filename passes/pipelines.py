@@ -67,6 +67,14 @@ class Target(enum.Enum):
     IREE = "iree"  # IREE: inlined, fixed shapes, blocked Q/DQ as element-wise math
 
 
+class DecodeCache(enum.Enum):
+    """ort: how decode attention meets the step's new cache entries (`lower --decode-cache`)."""
+
+    IN_PLACE = "in-place"  # written into the bound past buffer, attention over it (ort_cache_in_place.py)
+    APART = "apart"  # returned; attention over the past and the new entries apart (ort_split_past.py)
+    CONCAT = "concat"  # returned; attention over the exported Concat of the two
+
+
 MXFP8_STAGE = "online-activations-to-mxfp8"
 MXFP8_WEIGHTS_STAGE = "weights-to-mxfp8"
 
@@ -77,11 +85,10 @@ def mxfp8_stages(form: Mxfp8Form, mxfp8: bool, weights: bool) -> list[Stage]:
     return stages + ([Stage(MXFP8_WEIGHTS_STAGE, Mxfp8WeightsPass(form))] if mxfp8 and weights else [])
 
 
-def decode_attention_stages(past_apart: bool, in_place: bool) -> list[Stage]:
-    """ort: what decode attention reads, the written cache (in place) or the past and new entries apart."""
-    if in_place:
+def decode_cache_stages(decode_cache: DecodeCache) -> list[Stage]:
+    if decode_cache == DecodeCache.IN_PLACE:
         return [Stage("cache-in-place", CacheInPlacePass())]
-    return [Stage("attention-past-apart", SplitPastAttentionPass())] if past_apart else []
+    return [Stage("attention-past-apart", SplitPastAttentionPass())] if decode_cache == DecodeCache.APART else []
 
 
 def lower_pipeline(
@@ -91,18 +98,16 @@ def lower_pipeline(
     mxfp8: bool = False,
     mxfp8_weights: bool = False,
     ort_fusions: bool = True,
-    attention_past_apart: bool = True,
+    decode_cache: DecodeCache = DecodeCache.IN_PLACE,
     shared_experts_in_moe: bool = True,
-    cache_in_place: bool = False,
 ) -> list[Stage]:
     """The stages that take a canonical (or quantized) export to `target`; `dims` fixes shapes (iree);
     `int8` (ort): 8-bit weights in MatMulNBits / QMoE (a MoE QMoE cannot take keeps float experts);
     `mxfp8`: online activation scales as MXFP8 (TensorRT's dynamic quantization for trt, its emulation in
     standard ONNX ops for portable and ort), `mxfp8_weights`: the FP8 weights they meet too;
     `ort_fusions` (ort): RMSNorm with the residual Add before it, and RoPE, as onnxruntime's fused ops
-    (ort_fusions.py, ort_fusions_rotary.py); `attention_past_apart` (ort): decode attention reads the past cache
-    and the new entries apart instead of their Concat (ort_split_past.py); `cache_in_place` (ort, instead):
-    decode writes its new entries into the bound past buffer and attends over it (ort_cache_in_place.py);
+    (ort_fusions.py, ort_fusions_rotary.py); `decode_cache` (ort): decode writes its new cache entries into the
+    bound past buffer and attends over it, or returns them and attends over past and new apart or concatenated;
     `shared_experts_in_moe` (ort, 16-bit graphs): the shared experts as always-chosen experts of
     com.microsoft::MoE (shared_experts.py)."""
     emulated = mxfp8_stages(Mxfp8Form.EMULATED, mxfp8, mxfp8_weights)
@@ -120,7 +125,7 @@ def lower_pipeline(
             *emulated,
             *eight_bit,
             Stage("moe-to-com-microsoft", LowerMoEToOrtPass(shared_experts=shared_experts_in_moe)),
-            *decode_attention_stages(attention_past_apart, cache_in_place),
+            *decode_cache_stages(decode_cache),
             Stage("inline-custom", InlineCustomPass()),
             Stage("shared-input-shapes", SharedInputShapesPass()),  # the layers' masks: one, after the CSE
             *cleanup_stages(),

@@ -3,8 +3,9 @@
 Every tensor a graph reads or writes is a torch tensor bound by pointer (CPU, or CUDA with
 onnxruntime-gpu), so nothing is copied on the way in or out: the latent cache buffers are bound whole as
 the past (the graph masks slots at and beyond positions[b, 0]), the q new entries per row come back in
-small bound outputs and are scattered into the buffers at positions[b, i]. A graph lowered with
-`--cache-in-place` writes them itself: its present outputs are bound onto the past buffers.
+small bound outputs and are scattered into the buffers at positions[b, i]. A decode or MTP graph
+of `lower --target ort` writes them itself (`--decode-cache in-place`, the default): its present outputs
+are bound onto the past buffers.
 """
 
 from __future__ import annotations

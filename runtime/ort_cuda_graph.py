@@ -10,9 +10,10 @@ allocated and bound once per bucket:
   beyond positions[b, 0]), and the step's ids and positions are device tensors updated in place;
 - the new cache entries come back in bound outputs (views of one tensor per kind) and are scattered into
   the buffers by torch, two scatters for all layers, on the same stream that onnxruntime computes on
-  (`user_compute_stream`); a graph lowered with `--cache-in-place` writes them itself into the buffers,
-  its present outputs bound onto the past inputs (passes/ort_cache_in_place.py); the run skips
-  onnxruntime's end-of-run synchronization (`disable_synchronize_execution_providers`): a step never waits for the host.
+  (`user_compute_stream`); a graph of `lower --target ort` (`--decode-cache in-place`) writes them
+  itself into the buffers, its present outputs bound onto the past inputs (passes/ort_cache_in_place.py);
+  the run skips onnxruntime's end-of-run synchronization (`disable_synchronize_execution_providers`): a
+  step never waits for the host.
 
 On a CPU (or with `cuda_graph=False`) the same static-shape session runs without capture: the tests
 compare its steps with the dynamic-shape OrtEngine, and the benchmark isolates what the capture gains.

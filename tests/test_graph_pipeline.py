@@ -194,10 +194,7 @@ def test_lowered_to_onnxruntime_moe(folders: PipelineFolders, capsys: pytest.Cap
     code, text = _run_cli(["diff", str(folders["quantized"]), str(folders["ort"])], capsys)
     assert code == 1 and "lowered (to com.microsoft::MoE): dsv3c::MoE layers.1/" in text
     assert re.search(r"lowered \(to com\.microsoft::MoE\): dsv3c::MoE layers\.1/.*\[by moe-to-com-microsoft\]", text)
-    assert (
-        "  stages (from the passes' provenance marks): moe-to-com-microsoft, attention-past-apart, inline-custom, "
-        in text
-    )
+    assert "  stages (from the passes' provenance marks): moe-to-com-microsoft, cache-in-place, inline-custom, " in text
     # export -> ort: quantized and lowered at once; the experts' fp8 weights now feed com.microsoft::MoE
     both = diff_paths(folders["export"] / "prefill.onnx", folders["ort"] / "prefill.onnx").graphs[0]
     _only_rewrites(both)

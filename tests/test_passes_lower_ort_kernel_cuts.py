@@ -69,7 +69,7 @@ def test_one_attention_mask_serves_every_layer(folders: dict[str, Path]) -> None
     graph = _graph(folders["ort"])
     layers = mini_config().num_hidden_layers
     assert len(_ops(_graph(folders["export"]), "MLAAttention")) == layers
-    assert len(_ops(graph, "Less")) == 1  # the past slots below the position, one per step
+    assert len(_ops(graph, "LessOrEqual")) == 1  # the slots at or below the position, one per step
     assert len(_ops(graph, "Where")) == layers  # each layer masks its own scores with it
 
 

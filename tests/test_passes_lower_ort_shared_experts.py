@@ -92,7 +92,7 @@ def test_the_mtp_graph_folds_them_too_and_computes_the_same(exports: dict[str, P
         for i in session.get_inputs():
             shape = [d if isinstance(d, int) else 3 for d in i.shape]
             if "past" in i.name:
-                shape[1] = 0  # no cache yet: three new tokens
+                shape[1] = 7  # room for the three new tokens at their positions (up to 6): the graph writes there
             if i.type == "tensor(int64)":
                 feeds[i.name] = (np.arange(int(np.prod(shape))) % 7).reshape(shape)
             else:

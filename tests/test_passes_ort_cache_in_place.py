@@ -1,6 +1,6 @@
-"""`lower --target ort --cache-in-place`: decode and MTP graphs write their new cache entries into the bound
-past buffer and attend over it; the runtimes bind the present outputs onto the past buffers, and every
-step computes what the canonical graph computes."""
+"""`lower --target ort` (`--decode-cache in-place`, the default): decode and MTP graphs write their new cache
+entries into the bound past buffer and attend over it; the runtimes bind the present outputs onto the past
+buffers, and every step computes what the canonical graph computes."""
 
 from __future__ import annotations
 
@@ -12,10 +12,9 @@ import onnx_ir as ir
 import pytest
 import torch
 from dsv3c.artifact.manifest import IN_PLACE_RULE, read_manifest
-from dsv3c.cli import main as cli
 from dsv3c.onnxkit.session import SessionSetup, open_session
 from dsv3c.passes.lower import lower_folder
-from dsv3c.passes.pipelines import Target
+from dsv3c.passes.pipelines import DecodeCache, Target
 from dsv3c.runtime.engine import EngineBackend
 from dsv3c.runtime.generate import generate
 from dsv3c.runtime.ort_backend import OrtEngine
@@ -30,9 +29,7 @@ PROMPTS = [[5, 17, 301, 42, 9, 77, 120], [3, 4], [250, 251, 252, 253]]
 @pytest.fixture(scope="module")
 def lowerings(tiny_export: Path, tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     root = tmp_path_factory.mktemp("in-place")
-    return {
-        name: lower_ort(tiny_export, root / name, cache_in_place=name == "in-place") for name in ("apart", "in-place")
-    }
+    return {name: lower_ort(tiny_export, root / name, decode_cache=DecodeCache(name)) for name in ("apart", "in-place")}
 
 
 def test_the_graphs_write_the_cache_and_read_it_once(lowerings: dict[str, Path]) -> None:
@@ -117,33 +114,12 @@ def test_unbound_it_returns_the_written_cache(lowerings: dict[str, Path]) -> Non
             assert changed.tolist() == [3, 8 + 5]  # row 0 slot 3, row 1 slot 5: nothing else
 
 
-def test_cache_in_place_is_for_the_ort_target(tiny_export: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]):
-    code = cli.main(
-        ["lower", str(tiny_export), "--target", "portable", "--cache-in-place", "--out", str(tmp_path / "p")]
-    )
-    assert code == 2 and "--cache-in-place" in capsys.readouterr().err
-    code = cli.main(
-        [
-            "lower",
-            str(tiny_export),
-            "--target",
-            "ort",
-            "--concat-cache",
-            "--cache-in-place",
-            "--out",
-            str(tmp_path / "c"),
-        ]
-    )
-    assert code == 2 and "--concat-cache" in capsys.readouterr().err
-    assert not (tmp_path / "p").exists() and not (tmp_path / "c").exists()
-
-
 def test_error_vs_source_reads_what_it_wrote(tiny_export: Path, tmp_path: Path) -> None:
     """An 8-bit lowering measures its error against the source; in place, the written slots stand for new_*:
     the same outputs, and the same errors as the default attention's (8-bit rounding dominates both)."""
     errors = {}
-    for name, in_place in (("apart", False), ("in-place", True)):
-        lower_folder(tiny_export, tmp_path / name, Target.ORT, weights_8bit=32, cache_in_place=in_place)
+    for name, cache in (("apart", DecodeCache.APART), ("in-place", DecodeCache.IN_PLACE)):
+        lower_folder(tiny_export, tmp_path / name, Target.ORT, weights_8bit=32, decode_cache=cache)
         errors[name] = read_manifest(tmp_path / name).stages[-1]["error_vs_source"]["outputs"]
     assert errors["in-place"].keys() == errors["apart"].keys()
     for role, outputs in errors["apart"].items():

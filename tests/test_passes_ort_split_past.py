@@ -1,7 +1,8 @@
-"""The ort lowering's decode attention reads the past cache and the new entries apart (no Concat of the
-cache), computes what the canonical graph computes, and `--concat-cache` keeps the exported form.
+"""`lower --target ort --decode-cache apart`: decode attention reads the past cache and the new entries apart
+(no Concat of the cache) and computes what the canonical graph computes; `--decode-cache concat` keeps the
+exported form. (The default, in place: test_passes_ort_cache_in_place.py.)
 
-bench/attention_past_apart.py measures the two forms side by side per context.
+bench/attention_past_apart.py measures the forms side by side per context.
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ import onnx_ir as ir
 import pytest
 import torch
 from dsv3c.cli import main as cli
+from dsv3c.passes.pipelines import DecodeCache
 from dsv3c.runtime.ort_backend import OrtEngine
 from dsv3c.runtime.ort_cuda_graph import StaticDecoder
 
@@ -21,9 +23,7 @@ from .fixtures.exports import lower_ort
 @pytest.fixture(scope="module")
 def lowerings(tiny_export: Path, tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     root = tmp_path_factory.mktemp("past-apart")
-    return {
-        name: lower_ort(tiny_export, root / name, attention_past_apart=name == "apart") for name in ("concat", "apart")
-    }
+    return {name: lower_ort(tiny_export, root / name, decode_cache=DecodeCache(name)) for name in ("concat", "apart")}
 
 
 def _cache_concats(graph: ir.Graph) -> int:
@@ -79,9 +79,10 @@ def test_static_decoder_over_a_full_capacity_cache(lowerings: dict[str, Path]) -
     assert (a - b).abs().max() <= 1e-5 * a.abs().max()
 
 
-def test_concat_cache_is_for_the_ort_target(tiny_export: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]):
-    code = cli.main(["lower", str(tiny_export), "--target", "portable", "--concat-cache", "--out", str(tmp_path / "p")])
-    assert code == 2 and "--concat-cache" in capsys.readouterr().err
+def test_decode_cache_is_for_the_ort_target(tiny_export: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]):
+    lower = ["lower", str(tiny_export), "--target", "portable", "--decode-cache", "concat"]
+    code = cli.main([*lower, "--out", str(tmp_path / "p")])
+    assert code == 2 and "--decode-cache" in capsys.readouterr().err and not (tmp_path / "p").exists()
     assert not (tmp_path / "p").exists()
 
 
