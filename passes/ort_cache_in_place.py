@@ -18,8 +18,8 @@ write in place: onnxruntime's ScatterElements copies its input only when the out
 (ScatterND copies its strides from pinned host memory at run time, which a captured replay would reread).
 Unbound, onnxruntime returns the whole updated cache (a copy per step; correct, not fast).
 
-Measured side by side against `apart` (`bash bench/decode_gpu.sh in-place f982954`, the H200,
-bench/results/gpu_decode_v2-lite-{inplace,apart-beside-inplace}_h200_2026-12-02f.json): V2-Lite bf16 1.07-1.09x
+Measured side by side against `apart` (`bash bench/decode_gpu.sh in-place 329cee6`, the H200,
+bench/results/gpu_decode_v2-lite{,-cache-apart}_h200_2026-12-02g.json): V2-Lite bf16 1.07-1.09x
 at batch 1 (4.90 -> 4.53 ms at context 128), 1.04-1.07x at batch 8, 1.02-1.10x at batch 32, contexts 128 to
 16384; 1,537 -> 1,399 kernels per step. On the 2-core CPU (`python bench/attention_past_apart.py`, `small`)
 1.01-1.02x.
