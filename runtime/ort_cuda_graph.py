@@ -170,7 +170,8 @@ class StaticDecoder:
         every buffer a step needs: a cudaMalloc inside the capture makes it fail ("Failed to allocate
         memory" at batch 32 on the H200). Two runs were enough for `small`, not for V2-Lite at batch 32;
         six were (bench/capture_variants.py: the memory pattern off or the arena grown as requested were
-        not; bench/results/capture_variants_v2-lite_b32_h200_2026-12-02b.json)."""
+        not; bench/results/capture_variants_v2-lite_b32_h200_2026-12-02b.json). A graph that writes its cache
+        in place writes slot 0 of every row in these runs (positions 0): a step at position 0 overwrites it."""
         options = ort.RunOptions()
         options.add_run_config_entry("gpu_graph_id", "-1")
         options.add_run_config_entry("disable_synchronize_execution_providers", "1")
