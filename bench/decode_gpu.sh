@@ -15,6 +15,8 @@
 #   bench/decode_gpu.sh long COMMIT      # V2-Lite bf16 at 16384, the Concat form, the kernels at 4096
 #   bench/decode_gpu.sh experts COMMIT   # V2-Lite with 8-bit experts only, beside all 8-bit and bf16
 #   bench/decode_gpu.sh in-place COMMIT  # V2-Lite bf16, cache written in place (the default) beside `apart`
+#   bench/decode_gpu.sh half-softmax COMMIT  # the 16-bit Softmax's check, and a V2-Lite step's kernels
+#   bench/decode_gpu.sh rope-softmax COMMIT  # V2-Lite bf16 now beside runs/gpu/v2-lite-before, every batch
 # A `--weights none` folder is filled with random weights on the GPU by bench/gpu_decode.py.
 set -u
 MODE=$1; COMMIT=${2:-unknown}; OUT=${OUT:-/tmp/out}; DIR=runs/gpu
@@ -141,6 +143,20 @@ elif [ "$MODE" = in-place ]; then
   for f in v2-lite v2-lite-cache-apart; do
     timeout 220 python bench/gpu_decode.py $DIR/$f --runtimes ort-graph --contexts 128 4096 16384 \
       --batches 1 8 32 --steps 24 --commit "$COMMIT" --out "$OUT/gpu_decode_$f-decode-cache.json" 2>&1 | tail -11
+    rm -f $DIR/$f/weights.bin
+  done
+elif [ "$MODE" = half-softmax ]; then
+  # is the CUDA Softmax of 16-bit scores the float32 one between Casts (passes/ort_half_softmax.py), and
+  # the kernels of a V2-Lite step with it and the query and key RoPE in one op (passes/ort_rope_together.py)
+  timeout 120 python bench/gpu_half_softmax.py --out "$OUT/gpu_half_softmax.json" 2>&1 | grep -v -i warn | tail -30
+  timeout 150 python bench/gpu_step_kernels.py $DIR/v2-lite --batch 1 --rounds 5 --top 30 \
+    --commit "$COMMIT" --out "$OUT/gpu_step_kernels_v2-lite_b1.json" 2>&1 | grep -v -i warn | tail -22
+elif [ "$MODE" = rope-softmax ]; then
+  # then V2-Lite lowered now beside v2-lite-before (`lower --target ort` from a checkout of the commit before
+  # the two stages), one call
+  for f in v2-lite v2-lite-before; do
+    timeout 270 python bench/gpu_decode.py $DIR/$f --runtimes ort-graph --contexts 128 4096 16384 \
+      --batches 1 8 32 --steps 24 --commit "$COMMIT" --out "$OUT/gpu_decode_$f.json" 2>&1 | tail -11
     rm -f $DIR/$f/weights.bin
   done
 elif [ "$MODE" = small-ablations ]; then

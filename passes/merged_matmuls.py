@@ -27,7 +27,7 @@ from dsv3c.passes.lower_ort import FLOAT_NUMPY, MS_DOMAIN, folder_weight
 from dsv3c.passes.stages import DsPass, StageResult
 
 
-def _stored_weight(node: ir.Node) -> ir.Value | None:
+def stored_weight(node: ir.Node) -> ir.Value | None:
     """The float [in, out] weight `node` multiplies by, when it is a standard MatMul of that form."""
     if node.op_type != "MatMul" or node.domain not in ("", "ai.onnx") or len(node.inputs) != 2:
         return None
@@ -54,7 +54,7 @@ def _nbits_weights(node: ir.Node) -> tuple[ir.Value, ir.Value] | None:
 def _group_key(node: ir.Node) -> tuple[object, ...] | None:
     """What MatMuls of one activation must share to merge: the weight's dtype (MatMul) or the 8-bit
     layout (MatMulNBits)."""
-    w = _stored_weight(node)
+    w = stored_weight(node)
     if w is not None:
         return ("MatMul", w.dtype)
     nbits = _nbits_weights(node)
@@ -72,7 +72,7 @@ def merged_parts(name: str) -> list[str]:
     return name.split(MERGED_JOIN)
 
 
-def _sizes(split: ir.Node) -> list[int] | None:
+def split_sizes(split: ir.Node) -> list[int] | None:
     """A Split's piece sizes when they are a constant input."""
     sizes = split.inputs[1] if len(split.inputs) > 1 else None
     tensor = sizes.const_value if sizes is not None else None
@@ -153,7 +153,7 @@ class MergedMatMulsPass(DsPass):
             uses = list(out.uses())
             split = uses[0].node if len(uses) == 1 else None
             rank = len(out.shape) if out.shape is not None else 0
-            sizes = _sizes(split) if split is not None and split.op_type == "Split" and rank else None
+            sizes = split_sizes(split) if split is not None and split.op_type == "Split" and rank else None
             whole = split is not None and sizes is not None and sum(sizes) == n and _last_axis(split, rank)
             if whole and split is not None and sizes is not None and not any(o in graph.outputs for o in split.outputs):
                 pieces += list(zip(sizes, split.outputs, strict=True))

@@ -24,6 +24,8 @@ from dsv3c.passes.multiply_by_one import MultiplyByOnePass
 from dsv3c.passes.ort_cache_in_place import CacheInPlacePass
 from dsv3c.passes.ort_fusions import OrtFusionsPass
 from dsv3c.passes.ort_fusions_rotary import OrtRotaryPass
+from dsv3c.passes.ort_half_softmax import HalfSoftmaxPass
+from dsv3c.passes.ort_rope_together import RopeTogetherPass
 from dsv3c.passes.ort_split_past import SplitPastAttentionPass
 from dsv3c.passes.policy import Policy
 from dsv3c.passes.rope import RopeToRotaryEmbeddingPass
@@ -133,6 +135,8 @@ def lower_pipeline(
             Stage("weights-transposed", TransposedWeightsPass()),  # after fold-constants took out no-op Casts
             Stage("merged-matmuls", MergedMatMulsPass()),  # over the weights as stored
             *([Stage("ort-fusions", OrtFusionsPass()), Stage("ort-rotary", OrtRotaryPass())] if ort_fusions else []),
+            *([Stage("rope-together", RopeTogetherPass())] if ort_fusions else []),  # after the merge and the rotary
+            Stage("half-softmax", HalfSoftmaxPass()),
         ]
     if target == Target.TRT:
         return [

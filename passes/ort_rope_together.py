@@ -1,0 +1,263 @@
+"""The queries' and the key's RoPE of an MLA layer as one com.microsoft::RotaryEmbedding (`lower --target ort`).
+
+In a model with a plain q_proj (V2-Lite; q_lora_rank null) the queries and the latent KV come out of one
+merged projection (passes/merged_matmuls.py), and after the rotary fusion (ort_fusions_rotary.py) a layer
+rotates its RoPE parts in two ops, each between Casts in a 16-bit graph (DeepSeek rotates in float32):
+
+    q, ckv, kpe = Split(x @ W)                      q: [B, S, H * (n + r)], head by head: n nope, r rope
+    q_nope, q_pe = Split(Reshape(q, [B, S, H, n + r]), [n, r])
+    q_pe = Cast(Rotary(Cast(q_pe), heads=H))        kpe = Cast(Rotary(Cast(kpe), heads=1))
+
+Both use the same positions and cos/sin, so they are one rotation over H + 1 heads when the projection
+writes the query heads' RoPE columns and the key's side by side. This stage reorders W's columns once (a
+weight of the folder named `<W>` + ROPE_LAST_SUFFIX) to [all heads' nope | the other parts | all heads'
+rope | the key's rope] and writes
+
+    q_nope, ckv, pe = Split(x @ W')
+    q_pe, kpe = Split(Cast(Rotary(Cast(pe), heads=H + 1)), [H * r, r])
+
+Every output is the same dot product and the same float32 rotation as before, rounded once, so the numbers
+do not change. Per layer at decode: the per-head Split, a rotary op and two Casts fewer, a Split more (three
+launches fewer in a bf16 graph, one in a float32 one). Models with q_lora (V3, the `tiny` and `small`
+presets) compute their queries in a GEMM of their own, and are left as they are: joining their RoPE parts
+would cost a Concat.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import onnx_ir as ir
+import onnx_ir.passes.common as common
+from dsv3c.artifact import provenance
+from dsv3c.export.builder import Builder, static_dims
+from dsv3c.passes.lower_ort import MS_DOMAIN, folder_weight
+from dsv3c.passes.merged_matmuls import split_sizes, stored_weight
+from dsv3c.passes.stages import DsPass, StageResult
+
+ROPE_LAST_SUFFIX = "/rope_last"  # a merged projection's weight with its RoPE columns last
+REWRITE = provenance.lowered(f"{MS_DOMAIN}.RotaryEmbedding")
+
+
+def _only_use(value: ir.Value | None, graph: ir.Graph) -> ir.Node | None:
+    if value is None or value in graph.outputs:
+        return None
+    uses = list(value.uses())
+    return uses[0].node if len(uses) == 1 else None
+
+
+def _cast(node: ir.Node | None, to: ir.DataType | None = None) -> bool:
+    return (
+        node is not None
+        and node.op_type == "Cast"
+        and node.domain == ""
+        and (to is None or node.attributes["to"].as_int() == to)
+    )
+
+
+def _rotary(node: ir.Node | None) -> bool:
+    return node is not None and node.op_type == "RotaryEmbedding" and node.domain == MS_DOMAIN
+
+
+@dataclass
+class _Side:
+    """One rotary op of the layer and the chain around it: `start` (a piece of a Split) is rotated into `end`."""
+
+    rotary: ir.Node
+    start: ir.Value
+    end: ir.Value
+    widen: ir.DataType | None  # the Cast before the rotation: its type (None: no Casts)
+    narrow: ir.DataType | None  # the Cast after it
+
+
+def _side(graph: ir.Graph, rotary: ir.Node, flat: bool) -> _Side | None:
+    """Walk from `rotary` up to its Split piece and down to what reads the result; `flat`: the query's
+    Reshapes to [B, S, H * r] and back are part of it."""
+    x = rotary.inputs[0]
+    if x is None or _only_use(x, graph) is not rotary:
+        return None
+    if flat:
+        reshape = x.producer()
+        if reshape is None or reshape.op_type != "Reshape" or _only_use(reshape.inputs[0], graph) is not reshape:
+            return None
+        x = reshape.inputs[0]
+    cast = x.producer() if x is not None else None
+    widen = None
+    if _cast(cast, ir.DataType.FLOAT) and cast is not None and _only_use(cast.inputs[0], graph) is cast:
+        widen, x = ir.DataType.FLOAT, cast.inputs[0]
+    end = rotary.outputs[0]
+    if flat:
+        back = _only_use(end, graph)
+        if back is None or back.op_type != "Reshape":
+            return None
+        end = back.outputs[0]
+    narrow = None
+    after = _only_use(end, graph)
+    if widen is not None and _cast(after) and after is not None:
+        narrow, end = ir.DataType(after.attributes["to"].as_int()), after.outputs[0]
+        if x is None or narrow != x.dtype:
+            return None
+    elif widen is not None:
+        return None
+    assert x is not None
+    return _Side(rotary, x, end, widen, narrow)
+
+
+def _same_rotation(a: ir.Node, b: ir.Node) -> bool:
+    """Same positions, cos and sin, and the same attributes but the heads."""
+    attrs = lambda n: {k: v.value for k, v in n.attributes.items() if k != "num_heads"}  # noqa: E731
+    return list(a.inputs[1:]) == list(b.inputs[1:]) and attrs(a) == attrs(b)
+
+
+@dataclass
+class _Layer:
+    matmul: ir.Node  # x @ W
+    split: ir.Node  # its Split into the parts
+    q: int  # the queries' piece of it
+    k: int  # the key rope's piece
+    heads_split: ir.Node  # q_nope, q_pe = Split(Reshape(q))
+    heads: int
+    nope: int
+    rope: int
+    query: _Side
+    key: _Side
+
+
+def _layer(graph: ir.Graph, key_rotary: ir.Node) -> _Layer | None:
+    """The layer around a one-head rotary op, when it has the form of the module docstring."""
+    key = _side(graph, key_rotary, flat=False)
+    split = key.start.producer() if key is not None else None
+    if key is None or split is None or split.op_type != "Split" or len(split.outputs) < 3:
+        return None
+    matmul = split.inputs[0].producer() if split.inputs[0] is not None else None
+    sizes = split_sizes(split)
+    axis = split.attributes["axis"].as_int() if "axis" in split.attributes else 0
+    if matmul is None or stored_weight(matmul) is None or sizes is None or axis not in (-1, 2):
+        return None
+    if _only_use(matmul.outputs[0], graph) is not split:
+        return None
+    for q, piece in enumerate(split.outputs):
+        view = _only_use(piece, graph)
+        heads_split = _only_use(view.outputs[0], graph) if view is not None and view.op_type == "Reshape" else None
+        if heads_split is None or heads_split.op_type != "Split" or len(heads_split.outputs) != 2:
+            continue
+        shape = view.outputs[0].shape if view is not None else None
+        parts = split_sizes(heads_split)
+        if shape is None or len(shape) != 4 or not isinstance(shape[2], int) or parts is None:
+            continue
+        query_rotary = _only_use(heads_split.outputs[1], graph)
+        while query_rotary is not None and not _rotary(query_rotary):  # through the Cast and the Reshape
+            query_rotary = _only_use(query_rotary.outputs[0], graph)
+        query = _side(graph, query_rotary, flat=True) if query_rotary is not None else None
+        if query is None or query.start is not heads_split.outputs[1] or not _same_rotation(query.rotary, key.rotary):
+            continue
+        heads, (nope, rope) = shape[2], parts
+        fits = sizes[q] == heads * (nope + rope) and sizes[split.outputs.index(key.start)] == rope
+        if fits and (query.widen, query.narrow) == (key.widen, key.narrow):
+            k = list(split.outputs).index(key.start)
+            return _Layer(matmul, split, q, k, heads_split, heads, nope, rope, query, key)
+    return None
+
+
+def _columns(layer: _Layer, widths: list[int]) -> tuple[np.ndarray, list[int]]:
+    """W's columns in the new order, and the new pieces' widths: nope, the other parts, the rope parts."""
+    offsets = np.cumsum([0, *widths])
+    per_head = np.arange(layer.heads)[:, None] * (layer.nope + layer.rope) + offsets[layer.q]
+    nope = (per_head + np.arange(layer.nope)).reshape(-1)
+    rope = (per_head + layer.nope + np.arange(layer.rope)).reshape(-1)
+    others = [j for j in range(len(widths)) if j not in (layer.q, layer.k)]
+    key = np.arange(offsets[layer.k], offsets[layer.k + 1])
+    order = np.concatenate([nope, *(np.arange(offsets[j], offsets[j + 1]) for j in others), rope, key])
+    return order, [nope.size, *(widths[j] for j in others), rope.size + key.size]
+
+
+def _rewrite(graph: ir.Graph, layer: _Layer) -> None:
+    weight = layer.matmul.inputs[1]
+    assert weight is not None and weight.name is not None and weight.dtype is not None
+    widths = split_sizes(layer.split)
+    assert widths is not None
+    order, new_widths = _columns(layer, widths)
+    source = weight.const_value
+
+    def reordered() -> ir.TensorProtocol:
+        assert source is not None
+        return ir.tensor(source.numpy()[:, order])
+
+    stored = folder_weight(graph, weight.name + ROPE_LAST_SUFFIX, weight.dtype, static_dims(weight.shape), reordered)
+    query, key = layer.query, layer.key
+    origin = [layer.matmul, layer.split, layer.heads_split, query.rotary, key.rotary]
+    b = Builder(layer.split.name or "rope_together", rewrite=REWRITE, origin=origin)
+    product = b.op("MatMul", layer.matmul.inputs[0], stored, name="rope_last")
+    widths_value = b.const(np.array(new_widths, np.int64), name="widths")
+    pieces = b.op("Split", product, widths_value, axis=-1, num_outputs=len(new_widths), name="split")
+    q_nope = b.op("Reshape", pieces[0], b.ints(0, 0, layer.heads, layer.nope, name="nope_shape"), name="q_nope")
+    pe = pieces[-1]
+    if query.widen is not None:
+        pe = b.op("Cast", pe, to=query.widen, name="widen")
+    attrs = {k: v.value for k, v in query.rotary.attributes.items() if k != "num_heads"}
+    rotated = b.op(
+        "RotaryEmbedding", pe, *query.rotary.inputs[1:], domain=MS_DOMAIN, num_heads=layer.heads + 1, **attrs
+    )
+    if query.narrow is not None:
+        rotated = b.op("Cast", rotated, to=query.narrow, name="narrow")
+    q_flat, k_pe = b.op(
+        "Split",
+        rotated,
+        b.const(np.array([layer.heads * layer.rope, layer.rope], np.int64), name="rope_widths"),
+        axis=-1,
+        num_outputs=2,
+        name="rope_split",
+    )
+    q_pe = b.op("Reshape", q_flat, b.ints(0, 0, layer.heads, layer.rope, name="rope_shape"), name="q_pe")
+    others = [v for j, v in enumerate(layer.split.outputs) if j not in (layer.q, layer.k)]
+    _types(layer, new_widths, pieces, q_nope, pe, rotated, q_flat, k_pe, q_pe)
+    b.insert_before(graph, layer.matmul)
+    old = [layer.heads_split.outputs[0], *others, query.end, key.end]
+    new = [q_nope, *pieces[1:-1], q_pe, k_pe]
+    ir.convenience.replace_nodes_and_values(
+        graph, insertion_point=layer.matmul, old_nodes=[], new_nodes=[], old_values=old, new_values=new
+    )
+
+
+def _types(layer: _Layer, widths: list[int], pieces: tuple[ir.Value, ...], *values: ir.Value) -> None:
+    """The new values' types and shapes (no shape inference knows the com.microsoft op)."""
+    half = layer.split.outputs[0].type
+    rows = layer.split.outputs[0].shape
+    assert rows is not None
+    q_nope, pe, rotated, q_flat, k_pe, q_pe = values
+    width = (layer.heads + 1) * layer.rope
+    for value, w in zip(pieces, widths, strict=True):
+        value.type, value.shape = half, ir.Shape([*rows.dims[:2], w])
+    rotate_type = ir.TensorType(layer.query.widen) if layer.query.widen is not None else half
+    for value, w, t in (
+        (pe, width, rotate_type),
+        (rotated, width, half),
+        (q_flat, layer.heads * layer.rope, half),
+        (k_pe, layer.rope, half),
+    ):
+        value.type, value.shape = t, ir.Shape([*rows.dims[:2], w])
+    q_nope.type, q_nope.shape = half, ir.Shape([*rows.dims[:2], layer.heads, layer.nope])
+    q_pe.type, q_pe.shape = half, ir.Shape([*rows.dims[:2], layer.heads, layer.rope])
+
+
+class RopeTogetherPass(DsPass):
+    """Each MLA layer's query and key RoPE (the form of the module docstring) -> one RotaryEmbedding."""
+
+    def call(self, model: ir.Model) -> ir.passes.PassResult:
+        graph = model.graph
+        layers = [
+            layer
+            for node in list(graph)
+            if _rotary(node) and node.attributes["num_heads"].as_int() == 1 and (layer := _layer(graph, node))
+        ]
+        weights = {layer.matmul.inputs[1] for layer in layers}
+        for layer in layers:
+            _rewrite(graph, layer)
+        if layers:
+            common.RemoveUnusedNodesPass()(model)  # the old projections, Splits, Casts and rotary ops
+            graph.sort()  # layer 0's new rotary op reads the cos/sin cache made after its projection
+            for weight in weights:  # stored once, reordered
+                if weight is not None and weight.name is not None and not weight.uses():
+                    graph.initializers.pop(weight.name, None)
+        return StageResult(model, bool(layers), {"rope_together": len(layers)} if layers else {})
