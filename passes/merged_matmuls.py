@@ -40,7 +40,7 @@ def stored_weight(node: ir.Node) -> ir.Value | None:
 NBITS_ATTRS = ("K", "bits", "block_size", "accuracy_level")
 
 
-def _nbits_weights(node: ir.Node) -> tuple[ir.Value, ir.Value] | None:
+def nbits_weights(node: ir.Node) -> tuple[ir.Value, ir.Value] | None:
     """(B, scales) of a MatMulNBits without zero points or bias, when both are initializers."""
     if node.op_type != "MatMulNBits" or node.domain != MS_DOMAIN or len(node.inputs) != 3:
         return None
@@ -57,7 +57,7 @@ def _group_key(node: ir.Node) -> tuple[object, ...] | None:
     w = stored_weight(node)
     if w is not None:
         return ("MatMul", w.dtype)
-    nbits = _nbits_weights(node)
+    nbits = nbits_weights(node)
     if nbits is not None:
         return ("MatMulNBits", nbits[1].dtype, *(node.attributes[a].as_int() for a in NBITS_ATTRS))
     return None

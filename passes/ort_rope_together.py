@@ -9,9 +9,9 @@ rotates its RoPE parts in two ops, each between Casts in a 16-bit graph (DeepSee
     q_pe = Cast(Rotary(Cast(q_pe), heads=H))        kpe = Cast(Rotary(Cast(kpe), heads=1))
 
 Both use the same positions and cos/sin, so they are one rotation over H + 1 heads when the projection
-writes the query heads' RoPE columns and the key's side by side. This stage reorders W's columns once (a
-weight of the folder named `<W>` + ROPE_LAST_SUFFIX) to [all heads' nope | the other parts | all heads'
-rope | the key's rope] and writes
+writes the query heads' RoPE columns and the key's side by side. This stage reorders W's columns once
+(a weight of the folder named `<W>` + ROPE_LAST_SUFFIX; of an 8-bit MatMulNBits, its rows and their
+scales) to [all heads' nope | the other parts | all heads' rope | the key's rope] and writes
 
     q_nope, ckv, pe = Split(x @ W')
     q_pe, kpe = Split(Cast(Rotary(Cast(pe), heads=H + 1)), [H * r, r])
@@ -31,12 +31,13 @@ import numpy as np
 import onnx_ir as ir
 import onnx_ir.passes.common as common
 from dsv3c.artifact import provenance
+from dsv3c.artifact.names import Q8_SCALES_SUFFIX, Q8_SUFFIX
 from dsv3c.export.builder import Builder, static_dims
 from dsv3c.passes.lower_ort import MS_DOMAIN, folder_weight
-from dsv3c.passes.merged_matmuls import split_sizes, stored_weight
+from dsv3c.passes.merged_matmuls import nbits_weights, split_sizes, stored_weight
 from dsv3c.passes.stages import DsPass, StageResult
 
-ROPE_LAST_SUFFIX = "/rope_last"  # a merged projection's weight with its RoPE columns last
+ROPE_LAST_SUFFIX = "/rope_last"  # a merged projection's weight with its RoPE columns last (8-bit: then _q8...)
 REWRITE = provenance.lowered(f"{MS_DOMAIN}.RotaryEmbedding")
 
 
@@ -133,7 +134,8 @@ def _layer(graph: ir.Graph, key_rotary: ir.Node) -> _Layer | None:
     matmul = split.inputs[0].producer() if split.inputs[0] is not None else None
     sizes = split_sizes(split)
     axis = split.attributes["axis"].as_int() if "axis" in split.attributes else 0
-    if matmul is None or stored_weight(matmul) is None or sizes is None or axis not in (-1, 2):
+    projection = matmul is not None and (stored_weight(matmul) is not None or nbits_weights(matmul) is not None)
+    if matmul is None or not projection or sizes is None or axis not in (-1, 2):
         return None
     if _only_use(matmul.outputs[0], graph) is not split:
         return None
@@ -172,23 +174,39 @@ def _columns(layer: _Layer, widths: list[int]) -> tuple[np.ndarray, list[int]]:
     return order, [nope.size, *(widths[j] for j in others), rope.size + key.size]
 
 
-def _rewrite(graph: ir.Graph, layer: _Layer) -> None:
-    weight = layer.matmul.inputs[1]
+def _reordered(graph: ir.Graph, weight: ir.Value | None, order: np.ndarray, axis: int) -> ir.Value:
+    """`weight` with its output channels (`axis`) in `order`, a weight of the folder."""
     assert weight is not None and weight.name is not None and weight.dtype is not None
+    source = weight.const_value
+
+    def make() -> ir.TensorProtocol:
+        assert source is not None
+        return ir.tensor(np.take(source.numpy(), order, axis=axis))
+
+    # an 8-bit weight's name keeps ending in its suffix (runtime/random_weights.py draws scales by it)
+    kind = next((k for k in (Q8_SCALES_SUFFIX, Q8_SUFFIX) if weight.name.endswith(k)), "")
+    name = weight.name + ROPE_LAST_SUFFIX + kind
+    return folder_weight(graph, name, weight.dtype, static_dims(weight.shape), make)
+
+
+def _projection(b: Builder, graph: ir.Graph, matmul: ir.Node, order: np.ndarray) -> ir.Value:
+    """`matmul` again with its output columns in `order`: a float [in, out] weight's columns, or a
+    MatMulNBits' rows and their scales (each row is quantized on its own)."""
+    if matmul.op_type == "MatMul":
+        return b.op("MatMul", matmul.inputs[0], _reordered(graph, matmul.inputs[1], order, 1), name="rope_last")
+    rows, scales = (_reordered(graph, v, order, 0) for v in matmul.inputs[1:3])
+    attrs = {k: v.value for k, v in matmul.attributes.items()}
+    return b.op("MatMulNBits", matmul.inputs[0], rows, scales, domain=MS_DOMAIN, name="rope_last", **attrs)
+
+
+def _rewrite(graph: ir.Graph, layer: _Layer) -> None:
     widths = split_sizes(layer.split)
     assert widths is not None
     order, new_widths = _columns(layer, widths)
-    source = weight.const_value
-
-    def reordered() -> ir.TensorProtocol:
-        assert source is not None
-        return ir.tensor(source.numpy()[:, order])
-
-    stored = folder_weight(graph, weight.name + ROPE_LAST_SUFFIX, weight.dtype, static_dims(weight.shape), reordered)
     query, key = layer.query, layer.key
     origin = [layer.matmul, layer.split, layer.heads_split, query.rotary, key.rotary]
     b = Builder(layer.split.name or "rope_together", rewrite=REWRITE, origin=origin)
-    product = b.op("MatMul", layer.matmul.inputs[0], stored, name="rope_last")
+    product = _projection(b, graph, layer.matmul, order)
     widths_value = b.const(np.array(new_widths, np.int64), name="widths")
     pieces = b.op("Split", product, widths_value, axis=-1, num_outputs=len(new_widths), name="split")
     q_nope = b.op("Reshape", pieces[0], b.ints(0, 0, layer.heads, layer.nope, name="nope_shape"), name="q_nope")
@@ -251,7 +269,7 @@ class RopeTogetherPass(DsPass):
             for node in list(graph)
             if _rotary(node) and node.attributes["num_heads"].as_int() == 1 and (layer := _layer(graph, node))
         ]
-        weights = {layer.matmul.inputs[1] for layer in layers}
+        weights = {v for layer in layers for v in layer.matmul.inputs[1:]}
         for layer in layers:
             _rewrite(graph, layer)
         if layers:

@@ -4,6 +4,7 @@ computes attention's softmax on the 16-bit scores (passes/ort_half_softmax.py): 
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import onnx_ir as ir
@@ -22,28 +23,32 @@ def _skipped(self: object, model: ir.Model) -> StageResult:
     return StageResult(model, False, {})
 
 
-@pytest.fixture(scope="module", params=["fp32", "bf16"])
-def folders(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
-    """A plain-q mini model exported in `dtype`, lowered with the two stages and without them."""
+@pytest.fixture(scope="module", params=["fp32", "bf16", "bf16-8bit"])
+def folders(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
+    """A plain-q mini model exported in fp32 or bf16, lowered with the two stages and without them
+    (`-8bit`: `--weights-8bit`, the merged projection a MatMulNBits)."""
     from dsv3c.export.exporter import export
     from dsv3c.export.source import from_folder
     from dsv3c.models.checkpoint import init_random, save_model
 
     root = tmp_path_factory.mktemp(f"rope-together-{request.param}")
     save_model(init_random(mini_config(**PLAIN_Q), seed=3), root / "ckpt", dtype="bf16")
-    export(from_folder(root / "ckpt"), root / "export", weights="checkpoint", dtype=request.param)
+    dtype = request.param.removesuffix("-8bit")
+    export(from_folder(root / "ckpt"), root / "export", weights="checkpoint", dtype=dtype)
+    options = {"weights_8bit": 32} if request.param.endswith("-8bit") else {}  # values per scale
     with pytest.MonkeyPatch.context() as patch:
         patch.setattr(RopeTogetherPass, "call", _skipped)
         patch.setattr(HalfSoftmaxPass, "call", _skipped)
-        before = lower_ort(root / "export", root / "before")
-    return {"dtype": Path(request.param), "before": before, "after": lower_ort(root / "export", root / "after")}
+        before = lower_ort(root / "export", root / "before", **options)
+    after = lower_ort(root / "export", root / "after", **options)
+    return {"dtype": dtype, "before": before, "after": after, "8bit": bool(options)}
 
 
 def _ops(folder: Path, op: str, role: str = "decode") -> list[ir.Node]:
     return [n for n in ir.load(folder / f"{role}.onnx").graph if n.op_type == op]
 
 
-def test_the_logits_do_not_change(folders: dict[str, Path]) -> None:
+def test_the_logits_do_not_change(folders: dict[str, Any]) -> None:
     """Prefill and decode steps over the cache: the same float32 arithmetic in another order of columns."""
     before, after = greedy_logits(folders["before"], steps=3), greedy_logits(folders["after"], steps=3)
     assert torch.equal(before.argmax(-1), after.argmax(-1))
@@ -63,27 +68,32 @@ def test_each_layer_rotates_its_query_heads_and_key_in_one_op(folders: dict[str,
     assert not heads_splits
     casts = len(_ops(folders["before"], "Cast", role)) - len(_ops(folders["after"], "Cast", role))
     # a bf16 graph: two Casts per layer around the rope, two around attention's softmax
-    assert casts == (4 * layers if str(folders["dtype"]) == "bf16" else 0)
+    assert casts == (4 * layers if folders["dtype"] == "bf16" else 0)
 
 
-def test_the_reordered_weight_holds_the_same_columns(folders: dict[str, Path]) -> None:
+def test_the_reordered_weight_holds_the_same_columns(folders: dict[str, Any]) -> None:
     """[every head's nope | the latent | every head's rope | the key's rope], each column as it was."""
     config = mini_config(**PLAIN_Q)
     before = ir.load(folders["before"] / "decode.onnx").graph.initializers
     after = ir.load(folders["after"] / "decode.onnx").graph.initializers
-    reordered = [name for name in after if name.endswith(ROPE_LAST_SUFFIX)]
-    assert len(reordered) == config.num_hidden_layers
+    reordered = [name for name in after if ROPE_LAST_SUFFIX in name]
+    eight_bit = folders["8bit"]  # rows [N, K / block, block] and scales [N, K / block]: along N
+    assert len(reordered) == config.num_hidden_layers * (2 if eight_bit else 1)
     heads, nope, rope = config.num_attention_heads, config.qk_nope_head_dim, config.qk_rope_head_dim
     for name in reordered:
-        old = np.asarray(before[name.removesuffix(ROPE_LAST_SUFFIX)].const_value.numpy())  # type: ignore[union-attr]
+        old_name = name.replace(ROPE_LAST_SUFFIX + name.rsplit(ROPE_LAST_SUFFIX, 1)[1], "")
+        old = np.asarray(before[old_name].const_value.numpy())  # type: ignore[union-attr]
         new = np.asarray(after[name].const_value.numpy())  # type: ignore[union-attr]
+        if eight_bit:
+            old, new = np.moveaxis(old, 0, -1), np.moveaxis(new, 0, -1)  # the channels last, as a float weight's
+            old, new = old.reshape(-1, old.shape[-1]), new.reshape(-1, new.shape[-1])
         q = old[:, : heads * (nope + rope)].reshape(old.shape[0], heads, nope + rope)
         latent, key = old[:, heads * (nope + rope) : -rope], old[:, -rope:]
         want = np.concatenate(
             [q[:, :, :nope].reshape(len(old), -1), latent, q[:, :, nope:].reshape(len(old), -1), key], 1
         )
         np.testing.assert_array_equal(new, want)
-        assert name.removesuffix(ROPE_LAST_SUFFIX) not in after  # not stored twice
+        assert old_name not in after  # not stored twice
 
 
 def test_models_with_q_lora_keep_their_two_rotations(tmp_path: Path) -> None:
