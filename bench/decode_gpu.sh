@@ -15,7 +15,7 @@
 #   bench/decode_gpu.sh long COMMIT      # V2-Lite bf16 at 16384, the Concat form, the kernels at 4096
 #   bench/decode_gpu.sh experts COMMIT   # V2-Lite with 8-bit experts only, beside all 8-bit and bf16
 #   bench/decode_gpu.sh in-place COMMIT  # V2-Lite bf16, cache written in place (the default) beside `apart`
-#   bench/decode_gpu.sh half-softmax COMMIT  # the 16-bit Softmax's check, and a V2-Lite step's kernels
+#   bench/decode_gpu.sh half-softmax COMMIT  # the 16-bit Softmax's check, a V2-Lite step's kernels, 8-bit experts
 #   bench/decode_gpu.sh rope-softmax COMMIT  # V2-Lite bf16 now beside runs/gpu/v2-lite-before, every batch
 # A `--weights none` folder is filled with random weights on the GPU by bench/gpu_decode.py.
 set -u
@@ -151,6 +151,9 @@ elif [ "$MODE" = half-softmax ]; then
   timeout 120 python bench/gpu_half_softmax.py --out "$OUT/gpu_half_softmax.json" 2>&1 | grep -v -i warn | tail -30
   timeout 150 python bench/gpu_step_kernels.py $DIR/v2-lite --batch 1 --rounds 5 --top 30 \
     --commit "$COMMIT" --out "$OUT/gpu_step_kernels_v2-lite_b1.json" 2>&1 | grep -v -i warn | tail -22
+  timeout 270 python bench/gpu_decode.py $DIR/v2-lite-8bit-experts --runtimes ort-graph --contexts 128 4096 16384 \
+    --batches 1 8 32 --steps 24 --commit "$COMMIT" --out "$OUT/gpu_decode_v2-lite-8bit-experts.json" 2>&1 | tail -11
+  rm -f $DIR/v2-lite-8bit-experts/weights.bin
 elif [ "$MODE" = rope-softmax ]; then
   # then V2-Lite lowered now beside v2-lite-before (`lower --target ort` from a checkout of the commit before
   # the two stages), one call
