@@ -148,7 +148,7 @@ elif [ "$MODE" = in-place ]; then
 elif [ "$MODE" = half-softmax ]; then
   # is the CUDA Softmax of 16-bit scores the float32 one between Casts (passes/ort_half_softmax.py), and
   # the kernels of a V2-Lite step with it and the query and key RoPE in one op (passes/ort_rope_together.py)
-  timeout 120 python bench/gpu_half_softmax.py --out "$OUT/gpu_half_softmax.json" 2>&1 | grep -v -i warn | tail -30
+  timeout 120 python bench/gpu_half_softmax.py --commit "$COMMIT" --out "$OUT/gpu_half_softmax.json" 2>&1 | grep -v -i warn | tail -30
   timeout 150 python bench/gpu_step_kernels.py $DIR/v2-lite --batch 1 --rounds 5 --top 30 \
     --commit "$COMMIT" --out "$OUT/gpu_step_kernels_v2-lite_b1.json" 2>&1 | grep -v -i warn | tail -22
   timeout 270 python bench/gpu_decode.py $DIR/v2-lite-8bit-experts --runtimes ort-graph --contexts 128 4096 16384 \

@@ -1,6 +1,7 @@
 """Does onnxruntime's CUDA Softmax of 16-bit scores compute what the float32 softmax between Casts computes?
 
     python bench/gpu_half_softmax.py [--lengths 1 64 1000 1024 1025 4096 16384] [--rows 16 128] [--out FILE]
+                                     [--commit C]
 
 passes/ort_half_softmax.py rests on it: attention's masked softmax, as DeepSeek writes it (widen the bf16
 scores, mask, float32 softmax, round to bf16), against the same on the 16-bit scores (mask, Softmax),
@@ -54,7 +55,8 @@ def _graph(half: int, in_float32: bool) -> bytes:
         ],
         [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["b", "h", 1, "l"])],
     )
-    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)]).SerializeToString()
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)], ir_version=10)  # what ort 1.31 reads
+    return model.SerializeToString()
 
 
 def _session(model: bytes):  # type: ignore[no-untyped-def]
@@ -71,6 +73,7 @@ def main() -> int:
     p.add_argument("--lengths", type=int, nargs="+", default=[1, 64, 1000, 1024, 1025, 4096, 16384])
     p.add_argument("--rows", type=int, nargs="+", default=[16, 128], help="batch x heads")
     p.add_argument("--out", type=Path)
+    p.add_argument("--commit", default="", help="the commit run (a device's copy may carry an older .git)")
     args = p.parse_args()
     rng = np.random.default_rng(0)
     rows = []
@@ -106,7 +109,10 @@ def main() -> int:
     if args.out:
         import onnxruntime as ort
 
-        write_result(args.out, {**run_record(), "onnxruntime": ort.__version__, "onnx": onnx.__version__, "rows": rows})
+        write_result(
+            args.out,
+            {**run_record(commit=args.commit), "onnxruntime": ort.__version__, "onnx": onnx.__version__, "rows": rows},
+        )
     return 0
 
 
