@@ -18,7 +18,14 @@ scales) to [all heads' nope | the other parts | all heads' rope | the key's rope
 
 Every output is the same dot product and the same float32 rotation as before, rounded once, so the numbers
 do not change. Per layer at decode: the per-head Split, a rotary op and two Casts fewer, a Split more (three
-launches fewer in a bf16 graph, one in a float32 one). Models with q_lora (V3, the `tiny` and `small`
+launches fewer in a bf16 graph, one in a float32 one).
+
+Measured with passes/ort_half_softmax.py (the two together; V2-Lite bf16, the H200, `bash
+bench/decode_gpu.sh rope-softmax 371b5b7` against the lowering of 3ff7ad3 in one call,
+bench/results/gpu_decode_v2-lite{,-before}_h200_2026-12-03.json): 4.55 -> 4.31 ms/token at batch 1
+context 128 (1.06x), 5.03 -> 4.79 at 16384; 8.28 -> 8.08 and 11.04 -> 10.62 at batch 8; 12.14 -> 11.90 and
+22.42 -> 21.40 at batch 32; 1,399 -> 1,264 kernels per batch-1 step, busy 3.86 -> 3.69 ms
+(bench/results/gpu_step_kernels_v2-lite_b1_h200_2026-12-03.json). Models with q_lora (V3, the `tiny` and `small`
 presets) compute their queries in a GEMM of their own, and are left as they are: joining their RoPE parts
 would cost a Concat.
 """
