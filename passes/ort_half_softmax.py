@@ -17,12 +17,14 @@ same bits; longer rows (the block-wise kernel, which sums in another order) diff
 probabilities (bf16, 128 rows of 16384), each by one unit in the last place: far inside bf16's own rounding.
 The two Casts go (two kernels per layer at decode, and at long context two passes over the float32 scores)
 and Where and Softmax read and write 2 bytes, not 4. With passes/ort_rope_together.py, V2-Lite bf16 at
-batch 1 runs 1.05x faster (1,399 -> 1,264 kernels per step; the numbers are in that module).
+batch 1 runs 1.05-1.06x faster (1,399 -> 1,264 kernels per step; the numbers are in that module).
 On the CPU, whose provider has no bf16 kernels, the runtime computes the graph in float32
 (runtime/float_compute.py): there both forms compute the same float32 softmax.
 
-Only a fill exactly representable in the 16-bit type is moved there (-inf is); only values read once
-between the Casts, none of them a graph output, are rewritten (the probabilities may be one).
+The equivalence is the kernels' (onnxruntime's CUDA EP, and the float32 computation of CPU runs), not
+ONNX's: a provider whose 16-bit Softmax rounds inside would differ. Only a fill exactly representable in
+the 16-bit type is moved there (-inf is); only values read once between the Casts, none of them a graph
+output, are rewritten (the probabilities may be one); graphs below opset 13 are left alone.
 """
 
 from __future__ import annotations
@@ -60,7 +62,7 @@ def _scalar(value: ir.Value | None) -> np.ndarray | None:
         tensor = producer.attributes["value"].as_tensor()
     if tensor is None or tensor.size != 1:
         return None
-    return tensor.numpy().reshape(())
+    return tensor.numpy()  # its shape kept: Where broadcasts by it
 
 
 def _fill_in(half: ir.DataType, fill: np.ndarray) -> np.ndarray | None:
@@ -77,6 +79,8 @@ class HalfSoftmaxPass(DsPass):
     def call(self, model: ir.Model) -> ir.passes.PassResult:
         graph = model.graph
         rewritten = 0
+        if model.opset_imports.get("", 0) < 13:  # Softmax over one axis (before 13: the trailing dims flattened)
+            return StageResult(model, False, {})
         for softmax in [n for n in graph if n.op_type == "Softmax" and n.domain == ""]:
             rewritten += self._rewrite(graph, softmax)
         return StageResult(model, rewritten > 0, {"half_softmax": rewritten} if rewritten else {})
@@ -109,8 +113,8 @@ class HalfSoftmaxPass(DsPass):
             fill_value = b.const(fill_half, dtype=HALF[half], name="fill")
             scores = b.op("Where", where.inputs[0], scores, fill_value, name="where")
             scores.type, scores.shape = narrow.outputs[0].type, where.outputs[0].shape
-        axis = softmax.attributes["axis"].as_int() if "axis" in softmax.attributes else -1
-        probabilities = b.op("Softmax", scores, axis=axis, name="softmax")
+        attrs = {k: v.value for k, v in softmax.attributes.items()}  # the axis as it was (opset >= 13)
+        probabilities = b.op("Softmax", scores, name="softmax", **attrs)
         b.replace(graph, narrow, probabilities)
         for node in replaced[:-1][::-1]:  # softmax, where, widen: read by nothing now
             graph.remove(node, safe=True)

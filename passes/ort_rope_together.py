@@ -141,8 +141,8 @@ def _layer(graph: ir.Graph, key_rotary: ir.Node) -> _Layer | None:
     matmul = split.inputs[0].producer() if split.inputs[0] is not None else None
     sizes = split_sizes(split)
     axis = split.attributes["axis"].as_int() if "axis" in split.attributes else 0
-    projection = matmul is not None and (stored_weight(matmul) is not None or nbits_weights(matmul) is not None)
-    if matmul is None or not projection or sizes is None or axis not in (-1, 2):
+    projection = matmul is not None and (stored_weight(matmul) is not None or _rows_first(matmul))
+    if matmul is None or not projection or sizes is None or axis not in (-1, 2) or not _dims(key.start, 3):
         return None
     if _only_use(matmul.outputs[0], graph) is not split:
         return None
@@ -153,7 +153,16 @@ def _layer(graph: ir.Graph, key_rotary: ir.Node) -> _Layer | None:
             continue
         shape = view.outputs[0].shape if view is not None else None
         parts = split_sizes(heads_split)
-        if shape is None or len(shape) != 4 or not isinstance(shape[2], int) or parts is None:
+        heads_axis = heads_split.attributes["axis"].as_int() if "axis" in heads_split.attributes else 0
+        if (
+            shape is None
+            or len(shape) != 4
+            or not isinstance(shape[2], int)
+            or parts is None
+            or heads_axis not in (-1, 3)
+        ):
+            continue
+        if not _dims(view.outputs[0], 4, sum(parts)):  # type: ignore[union-attr]  # [B, S, H, n + r]
             continue
         query_rotary = _only_use(heads_split.outputs[1], graph)
         while query_rotary is not None and not _rotary(query_rotary):  # through the Cast and the Reshape
@@ -163,10 +172,30 @@ def _layer(graph: ir.Graph, key_rotary: ir.Node) -> _Layer | None:
             continue
         heads, (nope, rope) = shape[2], parts
         fits = sizes[q] == heads * (nope + rope) and sizes[split.outputs.index(key.start)] == rope
+        # the query rotated as [B, S, H * r] and reshaped back to [B, S, H, r]
+        fits = fits and _dims(query.rotary.inputs[0], 3, heads * rope) and _dims(query.end, 4, heads, rope)
         if fits and (query.widen, query.narrow) == (key.widen, key.narrow):
             k = list(split.outputs).index(key.start)
             return _Layer(matmul, split, q, k, heads_split, heads, nope, rope, query, key)
     return None
+
+
+def _rows_first(matmul: ir.Node) -> bool:
+    """A MatMulNBits whose rows [N, blocks, blob] and scales [N, blocks] are initializers (the 8-bit
+    lowering's layout: its output channels along axis 0 of both)."""
+    weights = nbits_weights(matmul)
+    if weights is None:
+        return False
+    n = matmul.attributes["N"].as_int()
+    return _dims(weights[0], 3) and _dims(weights[1], 2) and {w.shape[0] for w in weights} == {n}  # type: ignore[index]
+
+
+def _dims(value: ir.Value | None, rank: int, *last: int) -> bool:
+    """`value` has `rank` dims, the last ones `last` (static)."""
+    shape = value.shape if value is not None else None
+    if shape is None or len(shape) != rank:
+        return False
+    return not last or tuple(shape.dims[rank - len(last) :]) == last
 
 
 def _columns(layer: _Layer, widths: list[int]) -> tuple[np.ndarray, list[int]]:
@@ -274,7 +303,7 @@ class RopeTogetherPass(DsPass):
         layers = [
             layer
             for node in list(graph)
-            if _rotary(node) and node.attributes["num_heads"].as_int() == 1 and (layer := _layer(graph, node))
+            if _rotary(node) and node.attributes.get_int("num_heads", 0) == 1 and (layer := _layer(graph, node))
         ]
         weights = {v for layer in layers for v in layer.matmul.inputs[1:]}
         for layer in layers:

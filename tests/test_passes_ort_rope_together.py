@@ -64,7 +64,7 @@ def test_each_layer_rotates_its_query_heads_and_key_in_one_op(folders: dict[str,
     assert len(rotary) == layers
     assert all(n.attributes["num_heads"].as_int() == config.num_attention_heads + 1 for n in rotary)
     # the per-head Split of the queries into nope and rope is gone; a Split of the rotated parts is new
-    heads_splits = [n for n in _ops(folders["after"], "Split", role) if n.attributes["axis"].as_int() == 3]
+    heads_splits = [n for n in _ops(folders["after"], "Split", role) if n.attributes.get_int("axis", 0) == 3]
     assert not heads_splits
     casts = len(_ops(folders["before"], "Cast", role)) - len(_ops(folders["after"], "Cast", role))
     # a bf16 graph: two Casts per layer around the rope, two around attention's softmax
@@ -103,3 +103,35 @@ def test_models_with_q_lora_keep_their_two_rotations(tmp_path: Path) -> None:
     folder = lower_ort(mini_export(tmp_path, dtype="bf16"), tmp_path / "ort")
     config = mini_config()
     assert len(_ops(folder, "RotaryEmbedding")) == 2 * config.num_hidden_layers
+
+
+def test_query_and_key_at_other_positions_stay_apart(folders: dict[str, Any]) -> None:
+    """A key rotated by other position ids (here an Identity of them: another value) is not joined."""
+    model = ir.load(folders["before"] / "decode.onnx")
+    keys = [n for n in model.graph if n.op_type == "RotaryEmbedding" and n.attributes.get_int("num_heads") == 1]
+    assert keys
+    for node in keys:
+        positions = node.inputs[1]
+        other = ir.Node("", "Identity", [positions], name=f"{node.name}/other_positions")
+        model.graph.insert_before(node, other)
+        node.replace_input_with(1, other.outputs[0])
+    assert not RopeTogetherPass()(model).modified
+
+
+def test_new_entries_returned_apart_keep_their_outputs(folders: dict[str, Any], tmp_path: Path) -> None:
+    """`--decode-cache apart` returns new_kpe.N: now the rotated Split's piece, under the same name."""
+    if folders["dtype"] != "bf16" or folders["8bit"]:
+        pytest.skip("one dtype is enough")
+    from dsv3c.passes.pipelines import DecodeCache
+
+    export = folders["before"].parent / "export"
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(RopeTogetherPass, "call", _skipped)
+        patch.setattr(HalfSoftmaxPass, "call", _skipped)
+        before = lower_ort(export, tmp_path / "before", decode_cache=DecodeCache.APART)
+    after = lower_ort(export, tmp_path / "after", decode_cache=DecodeCache.APART)
+    outputs = [[v.name for v in ir.load(f / "decode.onnx").graph.outputs] for f in (before, after)]
+    assert outputs[0] == outputs[1] and any(n.startswith("new_kpe.") for n in outputs[1])
+    assert len(_ops(after, "RotaryEmbedding")) == mini_config(**PLAIN_Q).num_hidden_layers
+    a, b = greedy_logits(before, steps=3), greedy_logits(after, steps=3)
+    assert (a - b).abs().max() <= 1e-6 * a.abs().max()
