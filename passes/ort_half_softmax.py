@@ -34,18 +34,11 @@ import numpy as np
 import onnx_ir as ir
 from dsv3c.artifact import provenance
 from dsv3c.export.builder import Builder
+from dsv3c.onnxkit.uses import only_use
 from dsv3c.passes.stages import DsPass, StageResult
 
 HALF = {ir.DataType.BFLOAT16: ml_dtypes.bfloat16, ir.DataType.FLOAT16: np.float16}
 REWRITE = provenance.lowered("Softmax")
-
-
-def _only_use(value: ir.Value | None, graph: ir.Graph) -> ir.Node | None:
-    """The one node that reads `value`, when exactly one does and `value` is not a graph output."""
-    if value is None or value in graph.outputs:
-        return None
-    uses = list(value.uses())
-    return uses[0].node if len(uses) == 1 else None
 
 
 def _cast_to(node: ir.Node | None, dtype: ir.DataType) -> bool:
@@ -87,19 +80,19 @@ class HalfSoftmaxPass(DsPass):
 
     def _rewrite(self, graph: ir.Graph, softmax: ir.Node) -> bool:
         x = softmax.inputs[0]
-        if x is None or x.dtype != ir.DataType.FLOAT or _only_use(x, graph) is not softmax:
+        if x is None or x.dtype != ir.DataType.FLOAT or only_use(x) is not softmax:
             return False
         where = x.producer()
         if where is None or where.op_type != "Where" or where.domain != "":
             where = None
         widened = where.inputs[1] if where is not None else x
         widen = widened.producer() if widened is not None else None
-        if widen is None or _only_use(widened, graph) is not (where or softmax):
+        if widen is None or only_use(widened) is not (where or softmax):
             return False
         half = widen.inputs[0].dtype if widen.inputs[0] is not None else None
         if half not in HALF or not _cast_to(widen, ir.DataType.FLOAT):
             return False
-        narrow = _only_use(softmax.outputs[0], graph)
+        narrow = only_use(softmax.outputs[0])
         if narrow is None or not _cast_to(narrow, half):
             return False
         fill = _scalar(where.inputs[2]) if where is not None else None

@@ -40,19 +40,13 @@ import onnx_ir.passes.common as common
 from dsv3c.artifact import provenance
 from dsv3c.artifact.names import Q8_SCALES_SUFFIX, Q8_SUFFIX
 from dsv3c.export.builder import Builder, static_dims
+from dsv3c.onnxkit.uses import only_use
 from dsv3c.passes.lower_ort import MS_DOMAIN, folder_weight
 from dsv3c.passes.merged_matmuls import nbits_weights, split_sizes, stored_weight
 from dsv3c.passes.stages import DsPass, StageResult
 
 ROPE_LAST_SUFFIX = "/rope_last"  # a merged projection's weight with its RoPE columns last (8-bit: then _q8...)
 REWRITE = provenance.lowered(f"{MS_DOMAIN}.RotaryEmbedding")
-
-
-def _only_use(value: ir.Value | None, graph: ir.Graph) -> ir.Node | None:
-    if value is None or value in graph.outputs:
-        return None
-    uses = list(value.uses())
-    return uses[0].node if len(uses) == 1 else None
 
 
 def _cast(node: ir.Node | None, to: ir.DataType | None = None) -> bool:
@@ -79,29 +73,29 @@ class _Side:
     narrow: ir.DataType | None  # the Cast after it
 
 
-def _side(graph: ir.Graph, rotary: ir.Node, flat: bool) -> _Side | None:
+def _side(rotary: ir.Node, flat: bool) -> _Side | None:
     """Walk from `rotary` up to its Split piece and down to what reads the result; `flat`: the query's
     Reshapes to [B, S, H * r] and back are part of it."""
     x = rotary.inputs[0]
-    if x is None or _only_use(x, graph) is not rotary:
+    if x is None or only_use(x) is not rotary:
         return None
     if flat:
         reshape = x.producer()
-        if reshape is None or reshape.op_type != "Reshape" or _only_use(reshape.inputs[0], graph) is not reshape:
+        if reshape is None or reshape.op_type != "Reshape" or only_use(reshape.inputs[0]) is not reshape:
             return None
         x = reshape.inputs[0]
     cast = x.producer() if x is not None else None
     widen = None
-    if _cast(cast, ir.DataType.FLOAT) and cast is not None and _only_use(cast.inputs[0], graph) is cast:
+    if _cast(cast, ir.DataType.FLOAT) and cast is not None and only_use(cast.inputs[0]) is cast:
         widen, x = ir.DataType.FLOAT, cast.inputs[0]
     end = rotary.outputs[0]
     if flat:
-        back = _only_use(end, graph)
+        back = only_use(end)
         if back is None or back.op_type != "Reshape":
             return None
         end = back.outputs[0]
     narrow = None
-    after = _only_use(end, graph)
+    after = only_use(end)
     if widen is not None and _cast(after) and after is not None:
         narrow, end = ir.DataType(after.attributes["to"].as_int()), after.outputs[0]
         if x is None or narrow != x.dtype:
@@ -132,9 +126,9 @@ class _Layer:
     key: _Side
 
 
-def _layer(graph: ir.Graph, key_rotary: ir.Node) -> _Layer | None:
+def _layer(key_rotary: ir.Node) -> _Layer | None:
     """The layer around a one-head rotary op, when it has the form of the module docstring."""
-    key = _side(graph, key_rotary, flat=False)
+    key = _side(key_rotary, flat=False)
     split = key.start.producer() if key is not None else None
     if key is None or split is None or split.op_type != "Split" or len(split.outputs) < 3:
         return None
@@ -144,11 +138,11 @@ def _layer(graph: ir.Graph, key_rotary: ir.Node) -> _Layer | None:
     projection = matmul is not None and (stored_weight(matmul) is not None or _rows_first(matmul))
     if matmul is None or not projection or sizes is None or axis not in (-1, 2) or not _dims(key.start, 3):
         return None
-    if _only_use(matmul.outputs[0], graph) is not split:
+    if only_use(matmul.outputs[0]) is not split:
         return None
     for q, piece in enumerate(split.outputs):
-        view = _only_use(piece, graph)
-        heads_split = _only_use(view.outputs[0], graph) if view is not None and view.op_type == "Reshape" else None
+        view = only_use(piece)
+        heads_split = only_use(view.outputs[0]) if view is not None and view.op_type == "Reshape" else None
         if heads_split is None or heads_split.op_type != "Split" or len(heads_split.outputs) != 2:
             continue
         shape = view.outputs[0].shape if view is not None else None
@@ -164,10 +158,10 @@ def _layer(graph: ir.Graph, key_rotary: ir.Node) -> _Layer | None:
             continue
         if not _dims(view.outputs[0], 4, sum(parts)):  # type: ignore[union-attr]  # [B, S, H, n + r]
             continue
-        query_rotary = _only_use(heads_split.outputs[1], graph)
+        query_rotary = only_use(heads_split.outputs[1])
         while query_rotary is not None and not _rotary(query_rotary):  # through the Cast and the Reshape
-            query_rotary = _only_use(query_rotary.outputs[0], graph)
-        query = _side(graph, query_rotary, flat=True) if query_rotary is not None else None
+            query_rotary = only_use(query_rotary.outputs[0])
+        query = _side(query_rotary, flat=True) if query_rotary is not None else None
         if query is None or query.start is not heads_split.outputs[1] or not _same_rotation(query.rotary, key.rotary):
             continue
         heads, (nope, rope) = shape[2], parts
@@ -303,7 +297,7 @@ class RopeTogetherPass(DsPass):
         layers = [
             layer
             for node in list(graph)
-            if _rotary(node) and node.attributes.get_int("num_heads", 0) == 1 and (layer := _layer(graph, node))
+            if _rotary(node) and node.attributes.get_int("num_heads", 0) == 1 and (layer := _layer(node))
         ]
         weights = {v for layer in layers for v in layer.matmul.inputs[1:]}
         for layer in layers:

@@ -21,6 +21,7 @@ from dataclasses import dataclass
 import numpy as np
 import onnx_ir as ir
 from dsv3c.export.builder import static_dims
+from dsv3c.onnxkit.uses import only_use
 
 
 @dataclass(frozen=True)
@@ -49,11 +50,6 @@ def _producer(value: ir.Value | None, op: str) -> ir.Node | None:
     return node if node is not None and node.domain == "" and node.op_type == op else None
 
 
-def _only_use(value: ir.Value) -> ir.Node | None:
-    uses = list(value.uses())
-    return uses[0].node if len(uses) == 1 and not value.is_graph_output() else None
-
-
 def _linear(value: ir.Value | None, x: ir.Value | None = None) -> tuple[ir.Node, ir.Node, ir.Value] | None:
     """(MatMul, Transpose, W) when `value` is MatMul(x, Transpose(W)) of an initializer W [out, in] read by
     nothing else (x: any input when None)."""
@@ -77,30 +73,30 @@ def find_shared_experts(moe: ir.Node, ff: int) -> SharedExperts | None:
     if flatten is None or flatten.inputs[0] is None:
         return None
     h = flatten.inputs[0]
-    view = _only_use(moe.outputs[0])
+    view = only_use(moe.outputs[0])
     if view is None or view.op_type != "Reshape" or view.domain != "":
         return None
-    add = _only_use(view.outputs[0])
+    add = only_use(view.outputs[0])
     if add is None or add.op_type != "Add" or add.domain != "":
         return None
     other = add.inputs[1] if add.inputs[0] is view.outputs[0] else add.inputs[0]
     down = _linear(other)
-    if down is None or _only_use(down[0].outputs[0]) is not add:
+    if down is None or only_use(down[0].outputs[0]) is not add:
         return None
     product = _producer(down[0].inputs[0], "Mul")
-    if product is None or _only_use(product.outputs[0]) is not down[0]:
+    if product is None or only_use(product.outputs[0]) is not down[0]:
         return None
     for silu_value, up_value in ((product.inputs[0], product.inputs[1]), (product.inputs[1], product.inputs[0])):
         silu = _producer(silu_value, "Mul")
         up = _linear(up_value, h)
-        if silu is None or up is None or _only_use(silu.outputs[0]) is not product:
+        if silu is None or up is None or only_use(silu.outputs[0]) is not product:
             continue
         sigmoid = next((n for n in (_producer(v, "Sigmoid") for v in silu.inputs) if n is not None), None)
         gate_value = sigmoid.inputs[0] if sigmoid is not None else None
         gate = _linear(gate_value, h)
         if sigmoid is None or gate is None or set(silu.inputs) != {gate_value, sigmoid.outputs[0]}:
             continue
-        if len(gate[0].outputs[0].uses()) != 2 or _only_use(up[0].outputs[0]) is not product:
+        if len(gate[0].outputs[0].uses()) != 2 or only_use(up[0].outputs[0]) is not product:
             continue
         shapes = [static_dims(w.shape) for w in (gate[2], up[2], down[2])]
         width = shapes[0][0]
