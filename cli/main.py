@@ -69,11 +69,18 @@ class Terminated(BaseException):
     """SIGTERM as an exception, like Interrupted, so that outputs being written are removed."""
 
 
+# the signals received: their exception can be replaced by an error of the code it interrupted (torch
+# raises "trying to pop from empty mode stack" when SIGINT lands inside its mode-stack bookkeeping)
+_received: list[int] = []
+
+
 def _interrupt(signum: int, frame: object) -> None:
+    _received.append(signum)
     raise Interrupted
 
 
 def _terminate(signum: int, frame: object) -> None:
+    _received.append(signum)
     raise Terminated
 
 
@@ -81,6 +88,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if threading.current_thread() is not threading.main_thread():
         return _main(argv)
     handlers = {signal.SIGINT: _interrupt, signal.SIGTERM: _terminate}
+    _received.clear()  # main runs more than once in one process (the tests): only this run's signals count
     previous = {s: signal.getsignal(s) for s in handlers}
     for s, handler in handlers.items():
         if previous[s] is not signal.SIG_IGN:  # a signal the caller ignores (a background job) stays ignored
@@ -111,6 +119,13 @@ def _main(argv: Sequence[str] | None) -> int:
     except Terminated:
         print(f"dsv3c {args.command}: terminated", file=sys.stderr)
         return 143
+    except Exception:
+        if not _received:
+            raise
+        # the signal's exception became another on its way out: still the signal's one line and exit code
+        terminated = _received[-1] == signal.SIGTERM
+        print(f"dsv3c {args.command}: {'terminated' if terminated else 'interrupted'}", file=sys.stderr)
+        return 143 if terminated else 130
 
 
 if __name__ == "__main__":
