@@ -17,6 +17,7 @@
 #   bench/decode_gpu.sh in-place COMMIT  # V2-Lite bf16, cache written in place (the default) beside `apart`
 #   bench/decode_gpu.sh half-softmax COMMIT  # the 16-bit Softmax's check, a V2-Lite step's kernels, 8-bit experts
 #   bench/decode_gpu.sh rope-softmax COMMIT  # V2-Lite bf16 now beside runs/gpu/v2-lite-before, every batch
+#   bench/decode_gpu.sh kernel-routing COMMIT  # the CUDA MoE kernels' routing contract, a V2-Lite step's kernels
 # A `--weights none` folder is filled with random weights on the GPU by bench/gpu_decode.py.
 set -u
 MODE=$1; COMMIT=${2:-unknown}; OUT=${OUT:-/tmp/out}; DIR=runs/gpu
@@ -160,6 +161,15 @@ elif [ "$MODE" = rope-softmax ]; then
   for f in v2-lite v2-lite-before; do
     timeout 270 python bench/gpu_decode.py $DIR/$f --runtimes ort-graph --contexts 128 4096 16384 \
       --batches 1 8 32 --steps 24 --commit "$COMMIT" --out "$OUT/gpu_decode_$f.json" 2>&1 | tail -11
+    rm -f $DIR/$f/weights.bin
+  done
+elif [ "$MODE" = kernel-routing ]; then
+  # do the CUDA MoE and QMoE route as passes/moe_router_inputs.py relies on; the kernels of a V2-Lite step
+  # with V2's routing inside com.microsoft::MoE, and of the step lowered before (runs/gpu/v2-lite-before)
+  timeout 120 python bench/gpu_moe_routing.py --commit "$COMMIT" --out "$OUT/gpu_moe_routing.json" 2>&1 | grep -v -i warn | tail -8
+  for f in v2-lite v2-lite-before; do
+    timeout 150 python bench/gpu_step_kernels.py $DIR/$f --batch 1 --rounds 5 --top 40 \
+      --commit "$COMMIT" --out "$OUT/gpu_step_kernels_${f}_b1.json" 2>&1 | grep -v -i warn | tail -44
     rm -f $DIR/$f/weights.bin
   done
 elif [ "$MODE" = small-ablations ]; then

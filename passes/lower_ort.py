@@ -1,26 +1,23 @@
-"""dsv3c::MoE -> routing in the graph + onnxruntime's `com.microsoft::MoE` (CPU and CUDA kernels).
+"""dsv3c::MoE -> onnxruntime's `com.microsoft::MoE` (CPU and CUDA kernels), its routing in the kernel
+where DeepSeek's routing is the kernel's (V2's softmax top-k) and in the graph otherwise
+(passes/moe_router_inputs.py):
 
-    R = routing(x, router, bias)            [N, E]: DeepSeek's weights at the top-k experts, 0 elsewhere
-                                            (the canonical body's own routing subgraph, inlined)
-    y = com.microsoft::MoE(x, Log(R), fc1, -, down, k=top_k, swiglu, swiglu_fusion=1)
-    out = y * sum_e R[:, e]
+    y = com.microsoft::MoE(x, router_probs, fc1, -, down, k=top_k, swiglu, swiglu_fusion=1)
+    out = y * factor  (or y * sum(R) with the routing in the graph; the factor goes into fc2 when it can)
 
-The kernel picks the top-k of its router_probs and mixes the experts with softmax over them; with
-Log(R) (-inf where R = 0) it picks exactly the selected experts and mixes with R / sum(R), so the
-sum brings back DeepSeek's scale (norm_topk_prob or not, routed_scaling_factor). fc1 is [E, 2 ff, D]
-with gate and up rows interleaved (g0, u0, g1, u1, ...). For float expert weights it is written as one
-weight, already interleaved and in the kernel's precision (fc2 too): built in the graph instead, onnxruntime
-folds the interleave and the Casts at every session load (`bench/session_load.py`, `small` preset, 2-core
-CPU: decode 7.0 s to load before, 0.84 s after; a bf16 V2-Lite took over 130 s per session on the
-H200). FP8 expert weights stay FP8 in the file, so their DequantizeLinear and the interleave stay in the
-graph. swiglu_fusion=1 and
-activation_alpha=1, activation_beta=0 are what the CPU kernel implements (docs/toolchain.md).
+fc1 is [E, 2 ff, D] with gate and up rows interleaved (g0, u0, g1, u1, ...). For float expert weights it
+is written as one weight, already interleaved and in the kernel's precision (fc2 too): built in the graph
+instead, onnxruntime folds the interleave and the Casts at every session load (`bench/session_load.py`,
+`small` preset, 2-core CPU: decode 7.0 s to load before, 0.84 s after; a bf16 V2-Lite took over 130 s
+per session on the H200). FP8 expert weights stay FP8 in the file, so their DequantizeLinear and the
+interleave stay in the graph. swiglu_fusion=1 and activation_alpha=1, activation_beta=0 are what the CPU
+kernel implements (docs/toolchain.md).
 
 Where the kernel runs in 16 bits (bf16 and float16 exports) and the weights are float, DeepSeekMoE's shared
-experts join it (passes/shared_experts.py): fc1 and fc2 gain n experts after the E routed ones, R gains n
-columns of ones (log 1 = 0: always chosen, at weight 1), k becomes top_k + n, and sum(R) counts them, so
-out = sum_routed R_e y_e + y_shared, what the MoE plus the shared MLP computed. The shared MLP's MatMuls,
-SiLU and the Add of the two are gone (on the GPU, several launches per layer at decode).
+experts join it (passes/shared_experts.py): fc1 and fc2 gain n experts after the E routed ones, always
+chosen at weight 1, and k becomes top_k + n, so out = sum_routed w_e y_e + y_shared, what the MoE plus the
+shared MLP computed. The shared MLP's MatMuls, SiLU and the Add of the two are gone (on the GPU, several
+launches per layer at decode).
 """
 
 from __future__ import annotations
@@ -31,34 +28,13 @@ import onnx_ir as ir
 from dsv3c.artifact import provenance
 from dsv3c.artifact.export_folder import mark_weight
 from dsv3c.export.builder import Builder, initializer, static_dims
-from dsv3c.export.functions import MOE_ATTRS, Body, moe_routing, moe_variant
 from dsv3c.export.onnx_ops import DOMAIN, MOE_OP
-from dsv3c.onnxkit.inline import inline_call
 from dsv3c.onnxkit.linears import MOE_EXPERT_INPUTS
+from dsv3c.passes.moe_router_inputs import MS_DOMAIN, cast, kernel_factor, router_inputs, scaled_output
 from dsv3c.passes.shared_experts import SharedExperts, find_shared_experts, remove_shared
 from dsv3c.passes.stages import DsPass, StageResult
-from onnx import helper
 
-MS_DOMAIN = "com.microsoft"
-ROUTING_OP = "MoERouting"
-
-
-def routing_function(node: ir.Node, opset: int) -> ir.Function:
-    """The canonical MoE body's routing for `node`'s variant, as a function x, router, bias -> R [N, E]."""
-    variant = moe_variant(ir.serde.serialize_node(node))
-    b = Body()
-    moe_routing(b, variant)
-    b.nodes[-1].output[0] = "output"
-    proto = helper.make_function(
-        DOMAIN,
-        ROUTING_OP,
-        ["x", "router", "bias"],
-        ["output"],
-        b.nodes,
-        [helper.make_opsetid("", opset)],
-        attributes=MOE_ATTRS,
-    )
-    return ir.serde.deserialize_function(proto)
+__all__ = ["MS_DOMAIN", "LowerMoEToOrtPass", "cast"]
 
 
 def expert_shape(value: ir.Value) -> tuple[int, int, int]:
@@ -74,31 +50,11 @@ def expert_shape(value: ir.Value) -> tuple[int, int, int]:
     return shape[0], shape[1], shape[2]
 
 
-def routing(graph: ir.Graph, moe: ir.Node, opset: int, rewrite: provenance.Rewrite | None = None) -> ir.Value:
-    """Insert DeepSeek's routing for `moe` before it; returns R [N, E] (float32). Its nodes are marked as
-    part of `rewrite` (default: the com.microsoft::MoE lowering) of `moe`."""
-    inputs = list(moe.inputs[:3]) + [None] * max(0, 3 - len(moe.inputs))
-    call = ir.Node(DOMAIN, ROUTING_OP, inputs, list(moe.attributes.values()), name=f"{moe.name}/routing")
-    call.outputs[0].name = f"{moe.name}/routing"
-    graph.insert_before(moe, call)
-    rewrite = rewrite or provenance.lowered(f"{MS_DOMAIN}.MoE")
-    _, outputs = inline_call(graph, call, routing_function(moe, opset), rewrite=rewrite, origin=moe)
-    return outputs[0]
-
-
 def kernel_dtype(dtype: ir.DataType | None) -> ir.DataType:
     """The precision com.microsoft::MoE runs in for activations of `dtype`: float32 and float16 as they are;
     bfloat16 in float16 (onnxruntime-gpu 1.31 registers no bfloat16 MoE kernel: a bf16 MoE fails at load
     with "Type parameter (T) of Optype (MoE) bound"). The weights' Casts are folded once, at session load."""
     return dtype if dtype in (ir.DataType.FLOAT, ir.DataType.FLOAT16) else ir.DataType.FLOAT16
-
-
-def cast(b: Builder, value: ir.Value, have: ir.DataType | None, to: ir.DataType | None, name: str) -> ir.Value:
-    """`value` (of dtype `have`) as `to`: itself when they agree."""
-    if to is None or have == to:
-        return value
-    out: ir.Value = b.op("Cast", value, to=to, name=f"{name}_to_{to.name.lower()}")
-    return out
 
 
 FLOAT_NUMPY = {ir.DataType.FLOAT: np.float32, ir.DataType.FLOAT16: np.float16, ir.DataType.BFLOAT16: ml_dtypes.bfloat16}
@@ -123,9 +79,11 @@ def folded_expert_weights(
     down: ir.Value,
     compute: ir.DataType,
     shared: SharedExperts | None = None,
+    factor: float = 1.0,
 ) -> tuple[ir.Value, ir.Value]:
     """fc1 [E, 2 ff, D] (rows g0, u0, g1, u1, ...) and fc2 [E, D, ff] as weights in `compute` precision;
-    with `shared`, its n experts follow the E routed ones (E + n experts)."""
+    with `shared`, its n experts follow the E routed ones (E + n experts); fc2 times `factor` (the
+    kernel's output scale, passes/moe_router_inputs.py), computed in float32 before the cast."""
     experts, ff, hidden = expert_shape(gate)
     assert gate.name is not None and down.name is not None
     to = FLOAT_NUMPY[compute]
@@ -153,33 +111,18 @@ def folded_expert_weights(
         (experts + extra, 2 * ff, hidden),
         fc1,
     )
-    if down.dtype == compute and not extra:
+    if down.dtype == compute and not extra and factor == 1.0:
         return fc1_value, down
-    fc2 = folder_weight(
-        graph,
-        f"{down.name}{with_shared}_{compute.name.lower()}",
-        compute,
-        (experts + extra, hidden, ff),
-        lambda: ir.tensor(parts()[2].astype(to)),
+    times = "" if factor == 1.0 else f"_times{factor:g}"
+
+    def fc2() -> ir.TensorProtocol:
+        d_all = parts()[2]
+        return ir.tensor((d_all if factor == 1.0 else d_all.astype(np.float32) * np.float32(factor)).astype(to))
+
+    fc2_value = folder_weight(
+        graph, f"{down.name}{with_shared}{times}_{compute.name.lower()}", compute, (experts + extra, hidden, ff), fc2
     )
-    return fc1_value, fc2
-
-
-def with_shared_columns(b: Builder, r: ir.Value, experts: int, count: int) -> ir.Value:
-    """R [N, E] -> [N, E + count] with ones in the new columns. R is the routing's scatter of the chosen
-    weights into zeros (export/functions.py): scattered into a row of E zeros and `count` ones instead,
-    which saves the zeros' fill and a Concat (two of the kernels a decode step launches per MoE layer)."""
-    scatter = r.producer()
-    fill = scatter.inputs[0].producer() if scatter is not None and scatter.inputs[0] is not None else None
-    if scatter is None or scatter.op_type != "ScatterElements" or fill is None or fill.op_type != "ConstantOfShape":
-        raise ir.passes.PreconditionError(f"bug: the routing of {b.prefix} is not a scatter into zeros")
-    _, indices, updates = scatter.inputs
-    assert indices is not None and updates is not None
-    rows = b.op("Concat", b.op("Shape", indices, start=0, end=1), b.ints(experts + count, name="width"), axis=0)
-    row = np.concatenate([np.zeros((1, experts), np.float32), np.ones((1, count), np.float32)], axis=1)
-    base = b.op("Expand", b.const(row, name="shared_weights"), rows, name="shared_rows")
-    out: ir.Value = b.op("ScatterElements", base, indices, updates, axis=1, name="with_shared")
-    return out
+    return fc1_value, fc2_value
 
 
 def kernel_shared_experts(moe: ir.Node) -> SharedExperts | None:
@@ -227,17 +170,18 @@ class LowerMoEToOrtPass(DsPass):
     def _lower(self, graph: ir.Graph, moe: ir.Node, opset: int) -> None:
         x, gate, up, down = moe.inputs[0], *(moe.inputs[i] for i in MOE_EXPERT_INPUTS)
         assert x is not None and gate is not None and up is not None and down is not None
-        r = routing(graph, moe, opset)
         experts, ff, hidden = expert_shape(gate)
         compute = kernel_dtype(x.dtype)
         folded = all(float_initializer(v) for v in (gate, up, down))
         shared = kernel_shared_experts(moe) if self.shared_experts and folded else None
+        extra = shared.count if shared is not None else 0
         origin = [moe, *((*shared.nodes, shared.add) if shared is not None else ())]
         b = Builder(moe.name or "moe", rewrite=provenance.lowered(f"{MS_DOMAIN}.MoE"), origin=origin)
-        if shared is not None:  # always chosen, each at weight 1 (log 1 = 0): R gains n columns of ones
-            r = with_shared_columns(b, r, experts, shared.count)
+        route = router_inputs(graph, moe, b, opset, experts, extra, compute)
+        factor = kernel_factor(moe, extra) or 1.0  # with the routing in the graph: route.weight_sum instead
         if folded:
-            fc1, fc2 = folded_expert_weights(graph, gate, up, down, compute, shared)
+            fc1, fc2 = folded_expert_weights(graph, gate, up, down, compute, shared, factor)
+            factor = 1.0  # in fc2
         else:  # FP8 experts reach the MoE through their DequantizeLinear: interleave and cast in the graph
             axis = b.ints(2, name="axis")
             pairs = b.op("Concat", b.op("Unsqueeze", gate, axis), b.op("Unsqueeze", up, axis), axis=2, name="gate_up")
@@ -246,25 +190,23 @@ class LowerMoEToOrtPass(DsPass):
                 b, b.op("Reshape", pairs, shape, name="fc1"), gate.dtype or x.dtype, compute, "fc1"
             )  # [E, 2ff, D]
             fc2 = cast(b, down, down.dtype or x.dtype, compute, "down")
-        top_k = moe.attributes["top_k"].as_int() + (shared.count if shared is not None else 0)
         y = b.op(
             "MoE",
             cast(b, x, x.dtype, compute, "x"),
-            cast(b, b.op("Log", r, name="router_log"), ir.DataType.FLOAT, compute, "router_log"),
+            route.probs,
             fc1,
             None,
             fc2,
             domain=MS_DOMAIN,
             name="moe",
-            k=top_k,
+            k=moe.attributes["top_k"].as_int() + extra,
             activation_type="swiglu",
             swiglu_fusion=1,
             activation_alpha=1.0,
             activation_beta=0.0,
-            normalize_routing_weights=1,
+            normalize_routing_weights=int(route.normalize),
         )
-        total = b.op("ReduceSum", r, b.ints(-1, name="axes"), keepdims=1, name="weight_sum")  # [N, 1]
-        out = b.op("Mul", cast(b, y, compute, x.dtype, "y"), b.op("CastLike", total, x), name="scaled")
+        out = scaled_output(b, cast(b, y, compute, x.dtype, "y"), x, route, factor)
         b.insert_before(graph, moe)
         ir.convenience.replace_nodes_and_values(
             graph, insertion_point=moe, old_nodes=[moe], new_nodes=[], old_values=moe.outputs, new_values=[out]

@@ -1,8 +1,8 @@
 """8-bit weights onnxruntime's CPU kernels read directly: MatMulNBits (bits=8) and QMoE (8-bit experts).
 
     MatMul(x, Transpose([DQ(] W [)]))       ->  com.microsoft::MatMulNBits(x, W_q8, W_q8_scales, bits=8)
-    dsv3c::MoE(x, router, bias, gate, up, down) -> routing (as lower_ort.py) + com.microsoft::QMoE(x, Log(R),
-                                                  fc1_q8, fc1_q8_scales, -, down_q8, down_q8_scales) * sum(R)
+    dsv3c::MoE(x, router, bias, gate, up, down) -> com.microsoft::QMoE(x, router_probs, fc1_q8, fc1_q8_scales,
+                                                  -, down_q8, down_q8_scales)  (moe_router_inputs.py)
 
 Each weight is first made float32 exactly: an FP8 weight (fp8_weights.py: FLOAT8E4M3FN [(E,) out, in] and
 `<name>_scale_inv` [(E,) R, C], one float32 per source block, or `<name>_scale` per tensor / expert) is
@@ -60,16 +60,8 @@ from dsv3c.export.builder import Builder, initializer, static_dims
 from dsv3c.export.onnx_ops import DOMAIN, MOE_OP
 from dsv3c.models.fp8 import DEFAULT_BLOCK, Block
 from dsv3c.onnxkit.linears import MOE_EXPERT_INPUTS, LinearKind, rewritable_linears, weight_source
-from dsv3c.passes.lower_ort import (
-    FLOAT_NUMPY,
-    MS_DOMAIN,
-    cast,
-    expert_shape,
-    kernel_dtype,
-    kernel_shared_experts,
-    routing,
-    with_shared_columns,
-)
+from dsv3c.passes.lower_ort import FLOAT_NUMPY, expert_shape, kernel_dtype, kernel_shared_experts
+from dsv3c.passes.moe_router_inputs import MS_DOMAIN, cast, kernel_factor, router_inputs, scaled_output
 from dsv3c.passes.shared_experts import SharedExperts, remove_shared
 from dsv3c.passes.stages import DsPass, StageResult
 
@@ -291,9 +283,9 @@ def foldable_shared(moe: ir.Node, options: Int8Options) -> SharedExperts | None:
 
 
 class MoEToQMoEPass(DsPass):
-    """dsv3c::MoE -> DeepSeek's routing + com.microsoft::QMoE with 8-bit experts (see lower_ort.py for the
-    routing: Log(R) as router_probs picks exactly the selected experts, the sum of R restores the scale);
-    in float16 kernels with the shared experts as always-chosen experts (`foldable_shared`)."""
+    """dsv3c::MoE -> com.microsoft::QMoE with 8-bit experts, routed in the kernel or in the graph as the float
+    MoE is (passes/moe_router_inputs.py; the output factor in the down weights' block scales); in float16
+    kernels with the shared experts as always-chosen experts (`foldable_shared`)."""
 
     def __init__(self, options: Int8Options, cache: _Quantized | None = None, shared_experts: bool = True) -> None:
         super().__init__()
@@ -350,6 +342,13 @@ class MoEToQMoEPass(DsPass):
         assert gate.name is not None and down.name is not None
         prefix = gate.name.removesuffix("gate_proj.weight")
         with_shared = "_with_shared" if extra else ""
+        factor = kernel_factor(moe, extra, "QMoE") or 1.0  # the kernel's output scale, in fc2's block scales
+        times = "" if factor == 1.0 else f"_times{factor:g}"
+
+        def fc2() -> tuple[np.ndarray, np.ndarray]:
+            q, scales = quantize_rows(part(2), block)
+            return q, scales * np.float32(factor)
+
         compute = kernel_dtype(x.dtype)
         q1, s1 = self.cache.register(
             graph,
@@ -361,22 +360,20 @@ class MoEToQMoEPass(DsPass):
         )
         q2, s2 = self.cache.register(
             graph,
-            down.name + with_shared,
+            down.name + with_shared + times,
             (experts + extra, hidden, ff),
             (experts + extra, hidden, ff // block),
-            lambda: quantize_rows(part(2), block),
+            fc2,
             compute,
         )
         rewrite = provenance.lowered(f"{MS_DOMAIN}.QMoE")
-        r = routing(graph, moe, opset, rewrite)
         origin = [moe, *((*shared.nodes, shared.add) if shared is not None else ())]
         b = Builder(moe.name or "moe", rewrite=rewrite, origin=origin)
-        if shared is not None:  # always chosen, each at weight 1 (log 1 = 0): R gains n columns of ones
-            r = with_shared_columns(b, r, experts, extra)
+        route = router_inputs(graph, moe, b, opset, experts, extra, compute, "QMoE")
         y = b.op(
             "QMoE",
             cast(b, x, x.dtype, compute, "x"),
-            cast(b, b.op("Log", r, name="router_log"), ir.DataType.FLOAT, compute, "router_log"),
+            route.probs,
             q1,
             s1,
             None,
@@ -389,13 +386,12 @@ class MoEToQMoEPass(DsPass):
             swiglu_fusion=1,
             activation_alpha=1.0,
             activation_beta=0.0,
-            normalize_routing_weights=1,
+            normalize_routing_weights=int(route.normalize),
             expert_weight_bits=BITS,
             block_size=block,
             quant_type="int",
         )
-        total = b.op("ReduceSum", r, b.ints(-1, name="axes"), keepdims=1, name="weight_sum")  # [N, 1]
-        out = b.op("Mul", cast(b, y, compute, x.dtype, "y"), b.op("CastLike", total, x), name="scaled")
+        out = scaled_output(b, cast(b, y, compute, x.dtype, "y"), x, route, 1.0)
         b.insert_before(graph, moe)
         ir.convenience.replace_nodes_and_values(
             graph, insertion_point=moe, old_nodes=[moe], new_nodes=[], old_values=moe.outputs, new_values=[out]

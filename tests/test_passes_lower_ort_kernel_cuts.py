@@ -3,9 +3,9 @@
 Each cut removes nodes onnxruntime ran in every layer of every step (bench/gpu_step_kernels.py on the
 H200): one attention mask for all layers (passes/shared_shapes.py), kv_b_proj per head and the router in
 float32 stored as they are read (ort_split_past.py, transposed_weights.py), MatMuls of one activation
-merged (merged_matmuls.py), TopK's own values for softmax routing (export/functions.py), no
-multiplication by a routed_scaling_factor of 1 (multiply_by_one.py), and the shared experts' columns
-scattered into (lower_ort.py). The model here routes as V2-Lite does: softmax, greedy, factor 1, bf16.
+merged (merged_matmuls.py), softmax routing run by the MoE kernel itself (moe_router_inputs.py) and no
+multiplication by a routed_scaling_factor of 1 (multiply_by_one.py). The model here routes as V2-Lite
+does: softmax, greedy, factor 1, 2 shared experts, bf16.
 """
 
 from __future__ import annotations
@@ -110,19 +110,31 @@ def test_the_projections_of_one_hidden_state_are_one_matmul(folders: dict[str, P
         assert len(split.outputs) == (3 if "kv_a_proj" in parts[-1] else 2)  # q, latent, RoPE key
 
 
-def test_softmax_routing_reads_topk_values_and_keeps_no_multiplication_by_one(folders: dict[str, Path]) -> None:
+def test_softmax_routing_runs_in_the_kernel_and_keeps_no_multiplication_by_one(folders: dict[str, Path]) -> None:
     graph = _graph(folders["ort"])
-    assert not _ops(graph, "GatherElements")
+    assert not _ops(graph, "GatherElements") and not _ops(graph, "TopK") and not _ops(graph, "ReduceSum")
     for mul in _ops(graph, "Mul"):
         for value in mul.inputs:
             producer = value.producer() if value is not None else None
             if producer is not None and producer.op_type == "Constant" and "value_float" in producer.attributes:
                 assert producer.attributes["value_float"].as_float() != 1.0
-    # the shared experts' columns of ones are the scatter's base: no Concat of R with them
-    for moe in (n for n in graph if n.op_type == "MoE"):
-        log = moe.inputs[1].producer().inputs[0].producer()  # type: ignore[union-attr]
-        assert log is not None and log.op_type == "Log"
-        assert log.inputs[0].producer().op_type == "ScatterElements"  # type: ignore[union-attr]
+    # router_probs: the router's log-probabilities and a 0 for each shared expert; the kernel's output
+    # scale (1 + 2 shared) is in the down weights, so nothing multiplies the MoE's output
+    moes = _ops(graph, "MoE")
+    config = mini_config(**V2_ROUTING)
+    assert len(moes) == config.num_hidden_layers - config.first_k_dense_replace
+    for moe in moes:
+        assert moe.attributes["normalize_routing_weights"].as_int() == 0
+        assert moe.attributes["k"].as_int() == config.num_experts_per_tok + 2
+        chain = []
+        value = moe.inputs[1]
+        while value is not None and value.producer() is not None and len(chain) < 4:
+            chain.append(value.producer().op_type)  # type: ignore[union-attr]
+            value = value.producer().inputs[0]  # type: ignore[union-attr]
+        assert chain == ["Cast", "Pad", "LogSoftmax", "MatMul"]
+        assert (moe.inputs[4].name or "").endswith("_with_shared_times3_float16")  # type: ignore[union-attr]
+        (user,) = (u.node for u in moe.outputs[0].uses())
+        assert user.op_type == "Cast" and all(u.node.op_type != "Mul" for u in user.outputs[0].uses())
 
 
 def _model(nodes: list[onnx.NodeProto], inputs: list[onnx.ValueInfoProto], outputs: list[str]) -> ir.Model:

@@ -1,0 +1,71 @@
+"""Do onnxruntime's CUDA com.microsoft::MoE and QMoE route as passes/moe_router_inputs.py relies on?
+
+    python bench/gpu_moe_routing.py [--out FILE] [--commit C]
+
+The contract (passes/moe_kernel_contract.py): router_probs softmaxed over all experts, the top k mixed with
+those probabilities, renormalized over the k only with normalize_routing_weights=1. Each case is one node
+run by the CUDA EP with no CPU fallback, against the same routing done by hand in float64 (QMoE against
+its own dequantized weights; its 8-bit path rounds the activations to int8, about 1 %). Prints the relative
+error against the answer with and without renormalization: the smaller one says what the kernel did.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+from _bootstrap import import_dsv3c
+
+import_dsv3c()
+
+from dsv3c.eval.record import run_record, write_result  # noqa: E402
+from dsv3c.passes.moe_kernel_contract import routing_case  # noqa: E402
+
+CASES = [("MoE", "float32"), ("MoE", "float16"), ("QMoE", "float16")]
+
+
+def _session(model: bytes):  # type: ignore[no-untyped-def]
+    import onnxruntime as ort
+
+    options = ort.SessionOptions()
+    options.add_session_config_entry("session.disable_cpu_ep_fallback", "1")  # a node CUDA lacks: an error
+    return ort.InferenceSession(model, options, providers=["CUDAExecutionProvider"])
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--out", type=Path)
+    p.add_argument("--commit", default="", help="the commit run (a device's copy may carry an older .git)")
+    args = p.parse_args()
+    rows = []
+    for op, dtype in CASES:
+        for normalize in (0, 1):
+            case = routing_case(op, normalize, dtype)
+            try:
+                got = _session(case.model).run(None, case.feeds)[0]
+            except Exception as e:  # no CUDA kernel for this type
+                rows.append({"op": op, "dtype": dtype, "normalize": normalize, "error": str(e).splitlines()[0]})
+                print(f"{op} {dtype} normalize={normalize}: {rows[-1]['error']}")
+                continue
+            answers = {n: routing_case(op, n, dtype) for n in (0, 1)}
+            errors = {f"vs_normalize_{n}": answers[n].error(got) for n in (0, 1)}
+            rows.append({"op": op, "dtype": dtype, "normalize": normalize, **errors})
+            print(
+                f"{op} {dtype} normalize={normalize}: error {errors['vs_normalize_0']:.1e} against the softmax "
+                f"over all, {errors['vs_normalize_1']:.1e} against it renormalized",
+                flush=True,
+            )
+    if args.out:
+        import onnx
+        import onnxruntime as ort
+
+        write_result(
+            args.out,
+            {**run_record(commit=args.commit), "onnxruntime": ort.__version__, "onnx": onnx.__version__, "rows": rows},
+        )
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
