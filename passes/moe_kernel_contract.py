@@ -10,6 +10,7 @@ int8 per block: about 1 %).
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 import onnx
@@ -37,7 +38,7 @@ def routing_case(op: str, normalize: int, dtype: str, seed: int = 0) -> RoutingC
     onnx_type, numpy_type = TYPES[dtype]
     fc1, fc2 = rng.standard_normal((EXPERTS, 2 * FF, HIDDEN)), rng.standard_normal((EXPERTS, HIDDEN, FF))
     x, r = rng.standard_normal((ROWS, HIDDEN)), rng.standard_normal((ROWS, EXPERTS))
-    attrs: dict[str, object] = {"k": TOP_K, "activation_type": "swiglu", "swiglu_fusion": 1}
+    attrs: dict[str, Any] = {"k": TOP_K, "activation_type": "swiglu", "swiglu_fusion": 1}
     attrs |= {"activation_alpha": 1.0, "activation_beta": 0.0, "normalize_routing_weights": normalize}
     if op == "MoE":
         weights = {"fc1": fc1.astype(numpy_type), "fc2": fc2.astype(numpy_type)}

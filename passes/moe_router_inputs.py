@@ -127,7 +127,8 @@ def scaled_output(b: Builder, y: ir.Value, x: ir.Value, route: RouterInputs, fac
     if factor == 1.0:
         return y
     assert x.dtype is not None
-    return b.op("Mul", y, b.op("CastLike", b.const(np.float32(factor), name="factor"), x), name="scaled")  # type: ignore[no-any-return]
+    scaled: ir.Value = b.op("Mul", y, b.op("CastLike", b.const(np.float32(factor), name="factor"), x), name="scaled")
+    return scaled
 
 
 def routing_function(node: ir.Node, opset: int) -> ir.Function:
