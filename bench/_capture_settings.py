@@ -13,4 +13,5 @@ CAPTURE_SETTINGS: dict[str, dict[str, Any]] = {
     "no-memory-pattern": {"memory_pattern": False},
     "arena-as-requested": {"cuda_extra": AS_REQUESTED},
     "both": {"memory_pattern": False, "cuda_extra": AS_REQUESTED},
+    "transposes-kept": {"reshape_transposes": False},  # size-1 Transposes run as copies (before 2026-12-04)
 }

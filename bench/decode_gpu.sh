@@ -18,6 +18,7 @@
 #   bench/decode_gpu.sh half-softmax COMMIT  # the 16-bit Softmax's check, a V2-Lite step's kernels, 8-bit experts
 #   bench/decode_gpu.sh rope-softmax COMMIT  # V2-Lite bf16 now beside runs/gpu/v2-lite-before, every batch
 #   bench/decode_gpu.sh kernel-routing COMMIT  # the CUDA MoE kernels' routing contract, a V2-Lite step's kernels
+#   bench/decode_gpu.sh static-transposes COMMIT  # V2-Lite with the size-1 Transposes as Reshapes or kept, router GEMMs
 # A `--weights none` folder is filled with random weights on the GPU by bench/gpu_decode.py.
 set -u
 MODE=$1; COMMIT=${2:-unknown}; OUT=${OUT:-/tmp/out}; DIR=runs/gpu
@@ -172,6 +173,18 @@ elif [ "$MODE" = kernel-routing ]; then
       --commit "$COMMIT" --out "$OUT/gpu_step_kernels_${f}_b1.json" 2>&1 | grep -v -i warn | tail -44
     rm -f $DIR/$f/weights.bin
   done
+elif [ "$MODE" = static-transposes ]; then
+  # the captured step with its size-1 Transposes as Reshapes (the default) and kept as copies, one call; the
+  # router GEMM's layouts; the MoE kernels' routing contract (QMoE at a hidden size its CUDA kernel takes)
+  timeout 60 python bench/gpu_moe_routing.py --commit "$COMMIT" --out "$OUT/gpu_moe_routing.json" 2>&1 | grep -v -i warn | tail -6
+  timeout 60 python bench/gpu_router_gemm.py --commit "$COMMIT" --out "$OUT/gpu_router_gemm.json" 2>&1 | tail -9
+  for s in default transposes-kept; do
+    timeout 200 python bench/gpu_decode.py $DIR/v2-lite --runtimes ort-graph --contexts 128 4096 16384 \
+      --batches 1 8 32 --steps 24 --capture-settings $s --commit "$COMMIT" --out "$OUT/gpu_decode_v2-lite_$s.json" \
+      2>&1 | tail -10
+  done
+  timeout 100 python bench/gpu_step_kernels.py $DIR/v2-lite --batch 1 --rounds 5 --top 40 \
+    --commit "$COMMIT" --out "$OUT/gpu_step_kernels_v2-lite_b1.json" 2>&1 | grep -v -i warn | tail -16
 elif [ "$MODE" = small-ablations ]; then
   timeout 120 python bench/ort_step_nodes.py --device cuda --out "$OUT/ort_step_nodes_small.json" 2>&1 | tail -5
   timeout 150 python bench/attention_past_apart.py --device cuda --capacities 128 4096 16384 \

@@ -17,7 +17,7 @@ import onnx
 from dsv3c.passes.lower_ort_8bit import dequantize_rows, quantize_rows
 from onnx import TensorProto, helper
 
-EXPERTS, HIDDEN, FF, TOP_K, ROWS, BLOCK = 6, 32, 32, 2, 5, 32
+EXPERTS, HIDDEN, FF, TOP_K, ROWS, BLOCK = 6, 64, 64, 2, 5, 32  # CUDA QMoE: hidden a multiple of 64
 TYPES = {"float32": (TensorProto.FLOAT, np.float32), "float16": (TensorProto.FLOAT16, np.float16)}
 
 
@@ -37,7 +37,10 @@ def routing_case(op: str, normalize: int, dtype: str, seed: int = 0) -> RoutingC
     rng = np.random.default_rng(seed)
     onnx_type, numpy_type = TYPES[dtype]
     fc1, fc2 = rng.standard_normal((EXPERTS, 2 * FF, HIDDEN)), rng.standard_normal((EXPERTS, HIDDEN, FF))
-    x, r = rng.standard_normal((ROWS, HIDDEN)), rng.standard_normal((ROWS, EXPERTS))
+    x = rng.standard_normal((ROWS, HIDDEN))
+    # router logits apart by at least 0.5, so that rounding to float16 ties no two experts
+    r = np.stack([np.linspace(-2.0, 2.0, EXPERTS)[rng.permutation(EXPERTS)] for _ in range(ROWS)])
+    r += rng.uniform(-0.1, 0.1, r.shape)
     attrs: dict[str, Any] = {"k": TOP_K, "activation_type": "swiglu", "swiglu_fusion": 1}
     attrs |= {"activation_alpha": 1.0, "activation_beta": 0.0, "normalize_routing_weights": normalize}
     if op == "MoE":

@@ -5,7 +5,9 @@ allocated and bound once per bucket:
 
 - the session's symbolic dimensions are fixed (free-dimension overrides: batch, past = capacity, q = 1),
   so onnxruntime folds every shape computation to a constant at load and every node can run on the CUDA
-  EP (a node left on the CPU, or a host copy between them, makes onnxruntime refuse the capture);
+  EP (a node left on the CPU, or a host copy between them, makes onnxruntime refuse the capture); the
+  Transposes that at q = 1 move only dimensions of size 1 are given to onnxruntime as Reshapes, views
+  instead of copies (onnxkit/static_transposes.py);
 - the latent cache is a fixed-capacity LatentBuffers bound whole as the past (the graph masks slots at and
   beyond positions[b, 0]), and the step's ids and positions are device tensors updated in place;
 - the new cache entries come back in bound outputs (views of one tensor per kind) and are scattered into
@@ -28,11 +30,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import onnx
 import torch
+from dsv3c.artifact.export_folder import check_external_data
 from dsv3c.artifact.manifest import Manifest, read_manifest
 from dsv3c.artifact.names import PRESENT_PREFIXES, present_name
 from dsv3c.errors import UserError
 from dsv3c.onnxkit.session import SessionSetup, import_ort, open_session
+from dsv3c.onnxkit.static_transposes import transposes_as_reshapes
 from dsv3c.runtime.latent_buffers import CacheShape, LatentBuffers
 from dsv3c.runtime.ort_backend import ONNX_TYPES, TORCH_TYPES
 
@@ -83,6 +88,7 @@ class StaticDecoder:
         memory_pattern: bool = True,
         cuda_extra: dict[str, str] | None = None,
         per_layer_writes: bool = False,  # the old way, one scatter per layer and kind (for benchmarks)
+        reshape_transposes: bool = True,  # False keeps the size-1 Transposes as copies (for benchmarks)
     ):
         ort = import_ort()
         self.manifest: Manifest = read_manifest(folder)
@@ -104,16 +110,23 @@ class StaticDecoder:
                 "user_compute_stream": str(self.stream.cuda_stream),
                 **(cuda_extra or {}),
             }
+        fixed = {"batch": batch, "past": self.capacity, "q": 1}
+        path = self.manifest.graph_path("decode")
         setup = SessionSetup(
             device="cuda" if self.device.type == "cuda" else "cpu",
             threads=threads,
-            fixed_dims={"batch": batch, "past": self.capacity, "q": 1},
+            weights_folder=path.parent,
+            fixed_dims=fixed,
             cuda_options=cuda,
             memory_pattern=memory_pattern,
             profile_prefix=str(Path(os.environ.get("TMPDIR", "/tmp")) / "dsv3c-placement") if profile else None,
         )
-        path = self.manifest.graph_path("decode")
-        self.session = open_session(path, setup, what="this graph as a static decode step")
+        check_external_data(path)
+        model = onnx.load(path, load_external_data=False)  # the graph alone; onnxruntime reads the weights
+        self.reshaped_transposes = transposes_as_reshapes(model, fixed) if reshape_transposes else 0
+        self.session = open_session(
+            model.SerializeToString(), setup, label=str(path), what="this graph as a static decode step"
+        )
         self.profiling, self.per_layer_writes = profile, per_layer_writes
         signature = self.manifest.signatures["decode"]
         self.ids = torch.zeros(batch, 1, dtype=torch.long, device=self.device)
