@@ -19,6 +19,7 @@
 #   bench/decode_gpu.sh rope-softmax COMMIT  # V2-Lite bf16 now beside runs/gpu/v2-lite-before, every batch
 #   bench/decode_gpu.sh kernel-routing COMMIT  # the CUDA MoE kernels' routing contract, a V2-Lite step's kernels
 #   bench/decode_gpu.sh static-transposes COMMIT  # V2-Lite with the size-1 Transposes as Reshapes or kept, router GEMMs
+#   bench/decode_gpu.sh qmoe-blocks COMMIT  # the MoE kernels' contract at QMoE's blocks and V2-Lite's shapes, 8-bit experts
 # A `--weights none` folder is filled with random weights on the GPU by bench/gpu_decode.py.
 set -u
 MODE=$1; COMMIT=${2:-unknown}; OUT=${OUT:-/tmp/out}; DIR=runs/gpu
@@ -185,6 +186,12 @@ elif [ "$MODE" = static-transposes ]; then
   done
   timeout 100 python bench/gpu_step_kernels.py $DIR/v2-lite --batch 1 --rounds 5 --top 40 \
     --commit "$COMMIT" --out "$OUT/gpu_step_kernels_v2-lite_b1.json" 2>&1 | grep -v -i warn | tail -16
+elif [ "$MODE" = qmoe-blocks ]; then
+  # the routing contract with QMoE at 8-bit blocks of 32, 64 and 128 and at V2-Lite's expert shapes, CUDA
+  # beside the CPU EP; V2-Lite with 8-bit experts and bf16 linears at every batch
+  timeout 120 python bench/gpu_moe_routing.py --commit "$COMMIT" --out "$OUT/gpu_moe_routing.json" 2>&1 | grep -v -i warn | tail -14
+  timeout 240 python bench/gpu_decode.py $DIR/v2-lite-8bit-experts --runtimes ort-graph --contexts 128 4096 16384 \
+    --batches 1 8 32 --steps 24 --commit "$COMMIT" --out "$OUT/gpu_decode_v2-lite-8bit-experts.json" 2>&1 | tail -10
 elif [ "$MODE" = small-ablations ]; then
   timeout 120 python bench/ort_step_nodes.py --device cuda --out "$OUT/ort_step_nodes_small.json" 2>&1 | tail -5
   timeout 150 python bench/attention_past_apart.py --device cuda --capacities 128 4096 16384 \

@@ -32,12 +32,17 @@ class RoutingCase:
         return float(np.abs(got.astype(np.float64) - self.want).max() / np.abs(self.want).max())
 
 
-def routing_case(op: str, normalize: int, dtype: str, seed: int = 0) -> RoutingCase:
-    """`op` ("MoE" or "QMoE") in `dtype` ("float32", "float16") with normalize_routing_weights=`normalize`."""
+def routing_case(
+    op: str, normalize: int, dtype: str, seed: int = 0, *, block: int = BLOCK, hidden: int = HIDDEN, ff: int = FF
+) -> RoutingCase:
+    """`op` ("MoE" or "QMoE") in `dtype` ("float32", "float16") with normalize_routing_weights=`normalize`
+    (QMoE: 8-bit blocks of `block` values along K)."""
     rng = np.random.default_rng(seed)
     onnx_type, numpy_type = TYPES[dtype]
-    fc1, fc2 = rng.standard_normal((EXPERTS, 2 * FF, HIDDEN)), rng.standard_normal((EXPERTS, HIDDEN, FF))
-    x = rng.standard_normal((ROWS, HIDDEN))
+    # unit-variance outputs, within float16's range at any size
+    fc1 = rng.standard_normal((EXPERTS, 2 * ff, hidden)) / np.sqrt(hidden)
+    fc2 = rng.standard_normal((EXPERTS, hidden, ff)) / np.sqrt(ff)
+    x = rng.standard_normal((ROWS, hidden))
     # router logits apart by at least 0.5, so that rounding to float16 ties no two experts
     r = np.stack([np.linspace(-2.0, 2.0, EXPERTS)[rng.permutation(EXPERTS)] for _ in range(ROWS)])
     r += rng.uniform(-0.1, 0.1, r.shape)
@@ -47,23 +52,23 @@ def routing_case(op: str, normalize: int, dtype: str, seed: int = 0) -> RoutingC
         weights = {"fc1": fc1.astype(numpy_type), "fc2": fc2.astype(numpy_type)}
         inputs = ["x", "r", "fc1", "", "fc2"]
     else:
-        (q1, s1), (q2, s2) = quantize_rows(fc1, BLOCK), quantize_rows(fc2, BLOCK)
-        fc1, fc2 = dequantize_rows(q1, s1, HIDDEN), dequantize_rows(q2, s2, FF)
-        weights = {"q1": q1.reshape(EXPERTS, 2 * FF, HIDDEN), "s1": s1.astype(numpy_type)}
-        weights |= {"q2": q2.reshape(EXPERTS, HIDDEN, FF), "s2": s2.astype(numpy_type)}
+        (q1, s1), (q2, s2) = quantize_rows(fc1, block), quantize_rows(fc2, block)
+        fc1, fc2 = dequantize_rows(q1, s1, hidden), dequantize_rows(q2, s2, ff)
+        weights = {"q1": q1.reshape(EXPERTS, 2 * ff, hidden), "s1": s1.astype(numpy_type)}
+        weights |= {"q2": q2.reshape(EXPERTS, hidden, ff), "s2": s2.astype(numpy_type)}
         inputs = ["x", "r", "q1", "s1", "", "q2", "s2"]
-        attrs |= {"expert_weight_bits": 8, "block_size": BLOCK, "quant_type": "int"}
+        attrs |= {"expert_weight_bits": 8, "block_size": block, "quant_type": "int"}
     node = helper.make_node(op, inputs, ["y"], domain="com.microsoft", **attrs)
     graph = helper.make_graph(
         [node],
         "routing",
-        [helper.make_tensor_value_info(n, onnx_type, s) for n, s in (("x", [ROWS, HIDDEN]), ("r", [ROWS, EXPERTS]))],
-        [helper.make_tensor_value_info("y", onnx_type, [ROWS, HIDDEN])],
+        [helper.make_tensor_value_info(n, onnx_type, s) for n, s in (("x", [ROWS, hidden]), ("r", [ROWS, EXPERTS]))],
+        [helper.make_tensor_value_info("y", onnx_type, [ROWS, hidden])],
         [onnx.numpy_helper.from_array(w, n) for n, w in weights.items()],
     )
     opsets = [helper.make_opsetid("", 21), helper.make_opsetid("com.microsoft", 1)]
     model = helper.make_model(graph, opset_imports=opsets, ir_version=10)  # what onnxruntime 1.31 reads
-    want = np.zeros((ROWS, HIDDEN))
+    want = np.zeros((ROWS, hidden))
     for n in range(ROWS):
         p = np.exp(r[n] - r[n].max())
         p /= p.sum()  # the softmax over all experts
