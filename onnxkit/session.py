@@ -10,6 +10,7 @@ runtime's business (runtime/ort_session.py).
 
 from __future__ import annotations
 
+import os
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -23,6 +24,16 @@ Optimization = Literal["all", "extended", "basic", "none"]
 CUDA_PROVIDER = "CUDAExecutionProvider"
 CPU_PROVIDER = "CPUExecutionProvider"
 ERRORS_ONLY = 3  # onnxruntime's log severity: 0 verbose .. 4 fatal; warnings would clutter the CLI's stderr
+# onnxruntime's CUDA QMoE reads its weights as a blob packed for the GPU's architecture (its
+# pack_weights_for_cuda_mixed_gemm), not the [E, N, K] rows its CPU kernel and `lower --weights-8bit` use: fed
+# those, it computes wrong outputs without an error (bench/gpu_moe_routing.py). Benchmarks that time it anyway
+# set this variable to 1.
+TIME_UNPACKED_QMOE = "DSV3C_TIME_UNPACKED_QMOE"
+QMOE_ON_CUDA = (
+    "has com.microsoft::QMoE nodes (`lower --weights-8bit`), whose CUDA kernel needs weights packed for the GPU "
+    "(onnxruntime's pack_weights_for_cuda_mixed_gemm, not done yet) and would give wrong outputs: run it with "
+    "--device cpu, or lower without --weights-8bit for the GPU"
+)
 NEEDS_GPU_BUILD = (
     "--device cuda needs onnxruntime-gpu (it replaces onnxruntime; see README: Switching to GPU onnxruntime)"
 )
@@ -122,6 +133,8 @@ def open_session(
             raise UserError(f"{model}: no such ONNX file")
         check_external_data(model)
         label = str(model) if label is None else label
+    if setup.device == "cuda" and os.environ.get(TIME_UNPACKED_QMOE) != "1" and has_qmoe(model):
+        raise UserError(f"{label or 'this graph'} {QMOE_ON_CUDA}")
     options = session_options(setup)
     providers = providers_for(setup.device, setup.cuda_options)
     try:
@@ -130,3 +143,11 @@ def open_session(
         first = (str(e).strip().splitlines() or [type(e).__name__])[0]
         where = f"{label}: " if label else ""
         raise UserError(f"{where}onnxruntime cannot load {what}: {first[:300]}") from None
+
+
+def has_qmoe(model: Path | bytes) -> bool:
+    """Does the main graph of `model` (a file, or a serialized ModelProto) hold a com.microsoft::QMoE node?"""
+    import onnx
+
+    proto = onnx.load(model, load_external_data=False) if isinstance(model, Path) else onnx.load_from_string(model)
+    return any(n.op_type == "QMoE" and n.domain == "com.microsoft" for n in proto.graph.node)
