@@ -6,7 +6,9 @@ The contract (passes/moe_kernel_contract.py): router_probs softmaxed over all ex
 those probabilities, renormalized over the k only with normalize_routing_weights=1. Each case is one node
 run by the CUDA EP with no CPU fallback, against the same routing done by hand in float64 (QMoE against
 its own dequantized weights; its 8-bit path rounds the activations to int8, about 1 %), and the CPU EP's
-run of the same graph beside it. QMoE at 8-bit blocks of 32, 64 and 128 values. Prints the relative
+run of the same graph beside it. QMoE at 8-bit blocks of 32, 64 and 128 values, as `lower --weights-8bit`
+stores them and packed for the GPU by onnxruntime's `pack_weights_for_cuda_mixed_gemm` (SM80 and SM90
+layouts: CUDA's QMoE reads only packed weights, docs/toolchain.md). Prints the relative
 error against the answer with and without renormalization: the smaller one says what the kernel did.
 """
 
@@ -43,6 +45,31 @@ def _session(model: bytes, provider: str = "CUDAExecutionProvider"):  # type: ig
     return ort.InferenceSession(model, options, providers=[provider])
 
 
+def _packed(model: bytes, arch: int) -> bytes:
+    """The QMoE graph `model` with its 8-bit expert weights packed for CUDA's mixed-input GEMM by onnxruntime's
+    own packer (each expert's [N, K] rows, packed for compute capability `arch`, stored in the same shape)."""
+    import numpy as np
+    import onnx
+    from onnx import numpy_helper
+    from onnxruntime.capi import _pybind_state as pybind
+
+    proto = onnx.load_from_string(model)
+    for i, t in enumerate(proto.graph.initializer):
+        if t.name not in ("q1", "q2"):
+            continue
+        q = numpy_helper.to_array(t)
+        experts, n, k = q.shape
+        rows = []
+        for e in range(experts):
+            try:
+                flat = pybind.pack_weights_for_cuda_mixed_gemm(np.ascontiguousarray(q[e]), n, k, 8, arch)
+            except TypeError:  # a build whose packer takes no architecture
+                flat = pybind.pack_weights_for_cuda_mixed_gemm(np.ascontiguousarray(q[e]), n, k, 8)
+            rows.append(np.asarray(flat, dtype=np.int8).view(np.uint8).reshape(n, k))
+        proto.graph.initializer[i].CopyFrom(numpy_helper.from_array(np.stack(rows), t.name))
+    return proto.SerializeToString()
+
+
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--out", type=Path)
@@ -65,6 +92,14 @@ def main() -> int:
             errors = {f"vs_normalize_{n}": answers[n].error(got) for n in (0, 1)}
             cpu = _session(case.model, "CPUExecutionProvider").run(None, case.feeds)[0]
             errors["cpu_ep_vs_normalize_0"], errors["cpu_ep_vs_normalize_1"] = (answers[n].error(cpu) for n in (0, 1))
+            if op == "QMoE":  # the same graph with its weights packed for the GPU, as the kernel reads them
+                for arch in (80, 90):
+                    try:
+                        packed = _session(_packed(case.model, arch)).run(None, case.feeds)[0]
+                        errors[f"packed_sm{arch}"] = case.error(packed)
+                    except Exception as e:  # no packer in this build, or a layout the kernel refuses
+                        errors[f"packed_sm{arch}"] = str(e).splitlines()[0][:200]
+                print(f"{name}: packed for sm80 / sm90: {errors['packed_sm80']} / {errors['packed_sm90']}")
             rows.append({**row, **errors})
             print(
                 f"{name}: error {errors['vs_normalize_0']:.1e} against the softmax over all, "
