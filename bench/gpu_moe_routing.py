@@ -47,11 +47,11 @@ def _session(model: bytes, provider: str = "CUDAExecutionProvider"):  # type: ig
 
 def _packed(model: bytes, arch: int) -> bytes:
     """The QMoE graph `model` with its 8-bit expert weights packed for CUDA's mixed-input GEMM by onnxruntime's
-    own packer (each expert's [N, K] rows, packed for compute capability `arch`, stored in the same shape)."""
+    own packer (onnxruntime.quantization.cuda_quantizer in onnxruntime-gpu 1.31; each expert's [N, K] rows, packed for compute capability `arch`, stored in the same shape)."""
     import numpy as np
     import onnx
     from onnx import numpy_helper
-    from onnxruntime.capi import _pybind_state as pybind
+    from onnxruntime.quantization.cuda_quantizer import _pack_weights_for_cuda_mixed_gemm as pack
 
     proto = onnx.load_from_string(model)
     for i, t in enumerate(proto.graph.initializer):
@@ -61,10 +61,7 @@ def _packed(model: bytes, arch: int) -> bytes:
         experts, n, k = q.shape
         rows = []
         for e in range(experts):
-            try:
-                flat = pybind.pack_weights_for_cuda_mixed_gemm(np.ascontiguousarray(q[e]), n, k, 8, arch)
-            except TypeError:  # a build whose packer takes no architecture
-                flat = pybind.pack_weights_for_cuda_mixed_gemm(np.ascontiguousarray(q[e]), n, k, 8)
+            flat = pack(np.ascontiguousarray(q[e]), n, k, 8, arch)
             rows.append(np.asarray(flat, dtype=np.int8).view(np.uint8).reshape(n, k))
         proto.graph.initializer[i].CopyFrom(numpy_helper.from_array(np.stack(rows), t.name))
     return proto.SerializeToString()
