@@ -20,6 +20,7 @@
 #   bench/decode_gpu.sh kernel-routing COMMIT  # the CUDA MoE kernels' routing contract, a V2-Lite step's kernels
 #   bench/decode_gpu.sh static-transposes COMMIT  # V2-Lite with the size-1 Transposes as Reshapes or kept, router GEMMs
 #   bench/decode_gpu.sh qmoe-blocks COMMIT  # the MoE kernels' contract at QMoE's blocks and V2-Lite's shapes, 8-bit experts
+#   bench/decode_gpu.sh qmoe-packed COMMIT  # QMoE packed at session load: logits against bf16, contract, 8-bit experts
 # A `--weights none` folder is filled with random weights on the GPU by bench/gpu_decode.py.
 set -u
 MODE=$1; COMMIT=${2:-unknown}; OUT=${OUT:-/tmp/out}; DIR=runs/gpu
@@ -192,6 +193,16 @@ elif [ "$MODE" = qmoe-blocks ]; then
   timeout 120 python bench/gpu_moe_routing.py --commit "$COMMIT" --out "$OUT/gpu_moe_routing.json" 2>&1 | grep -v -i warn | tail -14
   timeout 240 python bench/gpu_decode.py $DIR/v2-lite-8bit-experts --runtimes ort-graph --contexts 128 4096 16384 \
     --batches 1 8 32 --steps 24 --commit "$COMMIT" --out "$OUT/gpu_decode_v2-lite-8bit-experts.json" 2>&1 | tail -10
+elif [ "$MODE" = qmoe-packed ]; then
+  # QMoE's weights packed for CUDA as the session opens (onnxkit/session.py): a small model's 8-bit-experts
+  # logits against its bf16 lowering's (runs/gpu/qmoe-check from `python bench/gpu_qmoe_logits.py make`),
+  # the kernels' contract packed and not, and V2-Lite's 8-bit-experts decode
+  timeout 120 python bench/gpu_qmoe_logits.py check $DIR/qmoe-check --commit "$COMMIT" \
+    --out "$OUT/gpu_qmoe_logits.json" 2>&1 | grep -v -i warn | tail -4
+  timeout 90 python bench/gpu_moe_routing.py --commit "$COMMIT" --out "$OUT/gpu_moe_routing.json" 2>&1 \
+    | grep -v -i warn | grep QMoE | tail -16
+  timeout 240 python bench/gpu_decode.py $DIR/v2-lite-8bit-experts --runtimes ort-graph --contexts 128 4096 \
+    --batches 1 8 --steps 24 --commit "$COMMIT" --out "$OUT/gpu_decode_v2-lite-8bit-experts.json" 2>&1 | tail -7
 elif [ "$MODE" = small-ablations ]; then
   timeout 120 python bench/ort_step_nodes.py --device cuda --out "$OUT/ort_step_nodes_small.json" 2>&1 | tail -5
   timeout 150 python bench/attention_past_apart.py --device cuda --capacities 128 4096 16384 \

@@ -38,9 +38,8 @@ results file is rewritten after every cell. H200, onnxruntime-gpu 1.31.1 (Decemb
 batch 32 included, since StaticDecoder makes six uncaptured runs before its capture (two were not enough
 for V2-Lite: bench/capture_variants.py); a bf16 V2-Lite session opens in 5-7 s.
 
-A folder with QMoE nodes (`--weights-8bit`) is timed although its outputs are wrong on CUDA: the kernel
-reads weights packed for the GPU's architecture, which the lowering does not write yet
-(onnxkit/session.py refuses such sessions outside benchmarks); its rows say `"outputs_wrong": true`.
+A folder with QMoE nodes (`--weights-8bit`) has its expert weights packed for CUDA's kernel as the session
+opens (onnxkit/session.py); `DSV3C_UNPACKED_QMOE=1` times the rows as stored instead (wrong outputs).
 """
 
 from __future__ import annotations
@@ -218,7 +217,7 @@ def bench_folder(
     import torch
     from dsv3c.artifact.manifest import read_manifest
     from dsv3c.models.config import DeepseekV3Config
-    from dsv3c.onnxkit.session import has_qmoe
+    from dsv3c.onnxkit.session import UNPACKED_QMOE, has_qmoe
     from dsv3c.runtime.ort_backend import TORCH_TYPES
 
     start = time.perf_counter()
@@ -226,7 +225,6 @@ def bench_folder(
     if size is not None:
         print(f"{folder}: filled {size / 2**30:.1f} GiB of random weights in {time.perf_counter() - start:.0f} s")
     manifest = read_manifest(folder)
-    unpacked_qmoe = has_qmoe(manifest.graph_path("decode"))
     config = DeepseekV3Config.from_dict(manifest.config)
     dtype = TORCH_TYPES[manifest.cache.dtype]
     cache_per_token = (manifest.cache.ckv_width + manifest.cache.kpe_width) * manifest.cache.layers * dtype.itemsize
@@ -266,7 +264,7 @@ def bench_folder(
                     "distinct_experts": distinct,
                     "gpu_free_gib_before": free_gib,
                     "capture_settings": args.capture_settings,
-                    "outputs_wrong": unpacked_qmoe,
+                    "qmoe_packed": has_qmoe(manifest.graph_path("decode")) and os.environ.get(UNPACKED_QMOE) != "1",
                     **cell,
                 }
                 rows.append(row)
@@ -327,9 +325,6 @@ def table(rows: list[dict[str, Any]]) -> str:
 
 def main() -> int:
     import_dsv3c()
-    from dsv3c.onnxkit.session import TIME_UNPACKED_QMOE
-
-    os.environ[TIME_UNPACKED_QMOE] = "1"  # time 8-bit experts on CUDA; their rows say the outputs are wrong
     import torch
 
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])

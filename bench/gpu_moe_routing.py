@@ -7,8 +7,8 @@ those probabilities, renormalized over the k only with normalize_routing_weights
 run by the CUDA EP with no CPU fallback, against the same routing done by hand in float64 (QMoE against
 its own dequantized weights; its 8-bit path rounds the activations to int8, about 1 %), and the CPU EP's
 run of the same graph beside it. QMoE at 8-bit blocks of 32, 64 and 128 values, as `lower --weights-8bit`
-stores them and packed for the GPU by onnxruntime's `pack_weights_for_cuda_mixed_gemm` (SM80 and SM90
-layouts: CUDA's QMoE reads only packed weights, docs/toolchain.md). Prints the relative
+stores them (CUDA's QMoE reads only packed weights: wrong outputs) and opened by onnxkit/session.py, which
+packs them for the kernel with onnxruntime's own packer (SM80 layout). Prints the relative
 error against the answer with and without renormalization: the smaller one says what the kernel did.
 """
 
@@ -23,6 +23,7 @@ from _bootstrap import import_dsv3c
 import_dsv3c()
 
 from dsv3c.eval.record import run_record, write_result  # noqa: E402
+from dsv3c.onnxkit.session import SessionSetup, open_session  # noqa: E402
 from dsv3c.passes.moe_kernel_contract import routing_case  # noqa: E402
 
 # (op, dtype, 8-bit block, hidden, ff): CUDA's QMoE takes hidden sizes that are multiples of 64; the last
@@ -43,28 +44,6 @@ def _session(model: bytes, provider: str = "CUDAExecutionProvider"):  # type: ig
     if provider != "CPUExecutionProvider":
         options.add_session_config_entry("session.disable_cpu_ep_fallback", "1")  # a node CUDA lacks: an error
     return ort.InferenceSession(model, options, providers=[provider])
-
-
-def _packed(model: bytes, arch: int) -> bytes:
-    """The QMoE graph `model` with its 8-bit expert weights packed for CUDA's mixed-input GEMM by onnxruntime's
-    own packer (onnxruntime.quantization.cuda_quantizer in onnxruntime-gpu 1.31; each expert's [N, K] rows, packed for compute capability `arch`, stored in the same shape)."""
-    import numpy as np
-    import onnx
-    from onnx import numpy_helper
-    from onnxruntime.quantization.cuda_quantizer import _pack_weights_for_cuda_mixed_gemm as pack
-
-    proto = onnx.load_from_string(model)
-    for i, t in enumerate(proto.graph.initializer):
-        if t.name not in ("q1", "q2"):
-            continue
-        q = numpy_helper.to_array(t)
-        experts, n, k = q.shape
-        rows = []
-        for e in range(experts):
-            flat = pack(np.ascontiguousarray(q[e]), n, k, 8, arch)
-            rows.append(np.asarray(flat, dtype=np.int8).view(np.uint8).reshape(n, k))
-        proto.graph.initializer[i].CopyFrom(numpy_helper.from_array(np.stack(rows), t.name))
-    return proto.SerializeToString()
 
 
 def main() -> int:
@@ -89,14 +68,10 @@ def main() -> int:
             errors = {f"vs_normalize_{n}": answers[n].error(got) for n in (0, 1)}
             cpu = _session(case.model, "CPUExecutionProvider").run(None, case.feeds)[0]
             errors["cpu_ep_vs_normalize_0"], errors["cpu_ep_vs_normalize_1"] = (answers[n].error(cpu) for n in (0, 1))
-            if op == "QMoE":  # the same graph with its weights packed for the GPU, as the kernel reads them
-                for arch in (80, 90):
-                    try:
-                        packed = _session(_packed(case.model, arch)).run(None, case.feeds)[0]
-                        errors[f"packed_sm{arch}"] = case.error(packed)
-                    except Exception as e:  # no packer in this build, or a layout the kernel refuses
-                        errors[f"packed_sm{arch}"] = str(e).splitlines()[0][:200]
-                print(f"{name}: packed for sm80 / sm90: {errors['packed_sm80']} / {errors['packed_sm90']}")
+            if op == "QMoE":  # opened as dsv3c opens it: the expert weights packed for the kernel at load
+                packed = open_session(case.model, SessionSetup(device="cuda")).run(None, case.feeds)[0]
+                errors["packed"] = case.error(packed)
+                print(f"{name}: packed as the session opens: error {errors['packed']:.1e}", flush=True)
             rows.append({**row, **errors})
             print(
                 f"{name}: error {errors['vs_normalize_0']:.1e} against the softmax over all, "

@@ -19,7 +19,6 @@ from __future__ import annotations
 import argparse
 import collections
 import json
-import os
 import statistics
 import sys
 import time
@@ -129,9 +128,6 @@ def profile_folder(folder: Path, args: argparse.Namespace) -> dict[str, Any]:
 
 
 def main() -> int:
-    from dsv3c.onnxkit.session import TIME_UNPACKED_QMOE
-
-    os.environ[TIME_UNPACKED_QMOE] = "1"  # 8-bit experts' kernels timed, though their outputs are wrong on CUDA
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("folders", type=Path, nargs="*")
     p.add_argument("--from", dest="result", type=Path, help="print the summary of a results file instead")

@@ -1,11 +1,11 @@
 """The one way dsv3c opens an onnxruntime session: from a file or a serialized model, on a device's providers,
 at a graph optimization level, with the options every caller needs (errors-only logging, external weights of
-an in-memory graph read from its folder, one-line errors).
+an in-memory graph read from its folder, QMoE weights packed for CUDA, one-line errors).
 
 This module alone imports onnxruntime (lazily, so a missing one is a one-line error, not an ImportError at
 start-up). onnxruntime-gpu replaces onnxruntime under the same import name: one is installed, never both
-(README: Switching to GPU onnxruntime). It imports no torch: choosing "auto" by what torch sees is the
-runtime's business (runtime/ort_session.py).
+(README: Switching to GPU onnxruntime). It imports no torch (onnxruntime's QMoE packer does, when a CUDA
+session has QMoE): choosing "auto" by what torch sees is the runtime's business (runtime/ort_session.py).
 """
 
 from __future__ import annotations
@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal, get_args
 
+import numpy as np
 from dsv3c.errors import UserError
 
 Device = Literal["cpu", "cuda"]
@@ -24,16 +25,13 @@ Optimization = Literal["all", "extended", "basic", "none"]
 CUDA_PROVIDER = "CUDAExecutionProvider"
 CPU_PROVIDER = "CPUExecutionProvider"
 ERRORS_ONLY = 3  # onnxruntime's log severity: 0 verbose .. 4 fatal; warnings would clutter the CLI's stderr
-# onnxruntime's CUDA QMoE reads its weights as a blob packed for the GPU's architecture (its
-# pack_weights_for_cuda_mixed_gemm), not the [E, N, K] rows its CPU kernel and `lower --weights-8bit` use: fed
-# those, it computes wrong outputs without an error (bench/gpu_moe_routing.py). Benchmarks that time it anyway
-# set this variable to 1.
-TIME_UNPACKED_QMOE = "DSV3C_TIME_UNPACKED_QMOE"
-QMOE_ON_CUDA = (
-    "has com.microsoft::QMoE nodes (`lower --weights-8bit`), whose CUDA kernel needs weights packed for the GPU "
-    "(onnxruntime's pack_weights_for_cuda_mixed_gemm, not done yet) and would give wrong outputs: run it with "
-    "--device cpu, or lower without --weights-8bit for the GPU"
-)
+# onnxruntime's CUDA QMoE reads its 8-bit expert weights as a blob packed for CUTLASS's mixed-input GEMM
+# (onnxruntime's own packer, SM80 layout, which Hopper runs as well), not the [E, N, K] rows that its CPU
+# kernel and `lower --weights-8bit` use: fed those rows it computes wrong outputs without an error
+# (bench/gpu_moe_routing.py). A CUDA session packs them at load, so one folder serves both EPs.
+UNPACKED_QMOE = "DSV3C_UNPACKED_QMOE"  # "1": give CUDA the rows as stored (wrong outputs; benchmarks' A/B only)
+QMOE_PACK_ARCH = 80  # the SM90 layout needs an attribute onnxruntime 1.31's QMoE does not have (wrong outputs)
+QMOE_WEIGHTS = (2, 5)  # QMoE's inputs: fc1 and fc2 expert weights
 NEEDS_GPU_BUILD = (
     "--device cuda needs onnxruntime-gpu (it replaces onnxruntime; see README: Switching to GPU onnxruntime)"
 )
@@ -133,16 +131,33 @@ def open_session(
             raise UserError(f"{model}: no such ONNX file")
         check_external_data(model)
         label = str(model) if label is None else label
-    if setup.device == "cuda" and os.environ.get(TIME_UNPACKED_QMOE) != "1" and has_qmoe(model):
-        raise UserError(f"{label or 'this graph'} {QMOE_ON_CUDA}")
+    packed: dict[str, Any] = {}
+    if setup.device == "cuda" and os.environ.get(UNPACKED_QMOE) != "1":
+        folder = model.parent if isinstance(model, Path) else setup.weights_folder
+        packed = {n: ort.OrtValue.ortvalue_from_numpy(w) for n, w in cuda_qmoe_weights(model, folder, label).items()}
     options = session_options(setup)
+    for name, value in packed.items():  # used instead of the model's initializer of that name
+        options.add_initializer(name, value)
     providers = providers_for(setup.device, setup.cuda_options)
     try:
-        return ort.InferenceSession(str(model) if isinstance(model, Path) else model, options, providers=providers)
+        session = ort.InferenceSession(str(model) if isinstance(model, Path) else model, options, providers=providers)
+        session.dsv3c_packed_qmoe = packed  # onnxruntime reads the added initializers' memory: keep it alive
+        return session
     except Exception as e:  # onnxruntime raises its own exception types; report one line
         first = (str(e).strip().splitlines() or [type(e).__name__])[0]
         where = f"{label}: " if label else ""
         raise UserError(f"{where}onnxruntime cannot load {what}: {first[:300]}") from None
+
+
+def _qmoe_weight_names(graph: Any) -> list[str]:
+    names = {
+        n.input[i]
+        for n in graph.node
+        if n.op_type == "QMoE" and n.domain == "com.microsoft"
+        for i in QMOE_WEIGHTS
+        if i < len(n.input) and n.input[i]
+    }
+    return sorted(names)
 
 
 def has_qmoe(model: Path | bytes) -> bool:
@@ -150,4 +165,43 @@ def has_qmoe(model: Path | bytes) -> bool:
     import onnx
 
     proto = onnx.load(model, load_external_data=False) if isinstance(model, Path) else onnx.load_from_string(model)
-    return any(n.op_type == "QMoE" and n.domain == "com.microsoft" for n in proto.graph.node)
+    return bool(_qmoe_weight_names(proto.graph))
+
+
+def cuda_qmoe_weights(model: Path | bytes, folder: Path | None, label: str | None = None) -> dict[str, np.ndarray]:
+    """The 8-bit expert weights of `model`'s QMoE nodes (initializers, external ones read from `folder`) packed
+    as onnxruntime's CUDA QMoE reads them: each expert's [N, K] rows through onnxruntime's packer, stored in the
+    same [E, N, K] uint8 shape. Empty without QMoE; a UserError for weights the kernel cannot take."""
+    import onnx
+    from onnx import numpy_helper
+
+    proto = onnx.load(model, load_external_data=False) if isinstance(model, Path) else onnx.load_from_string(model)
+    names = _qmoe_weight_names(proto.graph)
+    if not names:
+        return {}
+    where = f"{label}: " if label else ""
+    initializers = {t.name: t for t in proto.graph.initializer}
+    packed = {}
+    for name in names:
+        if name not in initializers:
+            raise UserError(f"{where}QMoE weight {name} is computed, not stored; CUDA needs it stored to pack it")
+        q = numpy_helper.to_array(initializers[name], base_dir=str(folder or ""))
+        if q.dtype != np.uint8 or q.ndim != 3 or q.shape[2] % 64 or q.shape[1] % 8:
+            raise UserError(
+                f"{where}QMoE weight {name} ({q.dtype} {list(q.shape)}) is not 8-bit [E, N, K] with K a multiple "
+                "of 64 and N of 8, which CUDA's QMoE needs; lower without --weights-8bit for the GPU"
+            )
+        packed[name] = pack_qmoe_experts(q)
+    return packed
+
+
+def pack_qmoe_experts(q: np.ndarray) -> np.ndarray:
+    """8-bit expert rows [E, N, K] (uint8, zero point 128) in CUDA QMoE's layout, same shape: onnxruntime's
+    packer given the experts as one [E N, K] matrix, which packs adjacent pairs of rows together and so, for
+    an even N, each expert as it would alone (tests/test_onnxkit_session_qmoe.py); it runs on the GPU when
+    torch sees one."""
+    from onnxruntime.quantization.cuda_quantizer import _pack_weights_for_cuda_mixed_gemm as pack
+
+    experts, n, k = q.shape
+    rows = np.array(q.reshape(experts * n, k))  # a writable copy: the packer hands it to torch
+    return np.asarray(pack(rows, experts * n, k, 8, QMOE_PACK_ARCH)).view(np.uint8).reshape(q.shape)

@@ -1,27 +1,44 @@
-"""A QMoE graph is refused on CUDA (its kernel reads weights packed for the GPU, which `lower --weights-8bit`
-does not write: bench/gpu_moe_routing.py measured wrong outputs), before onnxruntime is asked."""
+"""A CUDA session packs QMoE's 8-bit expert weights as its kernel reads them (bench/gpu_moe_routing.py: the
+rows as stored give wrong outputs on CUDA, packed ones agree with the CPU kernel)."""
 
 from __future__ import annotations
 
+import numpy as np
+import onnx
 import pytest
 from dsv3c.errors import UserError
-from dsv3c.onnxkit.session import TIME_UNPACKED_QMOE, SessionSetup, has_qmoe, open_session
+from dsv3c.onnxkit.session import cuda_qmoe_weights, has_qmoe, pack_qmoe_experts
 from dsv3c.passes.moe_kernel_contract import routing_case
+from onnx import numpy_helper
 
 
-def test_qmoe_on_cuda_is_one_line_saying_why(monkeypatch: pytest.MonkeyPatch) -> None:
-    qmoe, moe = routing_case("QMoE", 1, "float16").model, routing_case("MoE", 1, "float16").model
-    assert has_qmoe(qmoe) and not has_qmoe(moe)
-    monkeypatch.delenv(TIME_UNPACKED_QMOE, raising=False)
-    with pytest.raises(UserError, match=r"^8bit\.onnx has com\.microsoft::QMoE .*--device cpu") as e:
-        open_session(qmoe, SessionSetup(device="cuda"), label="8bit.onnx")
+def test_each_expert_is_a_permutation_of_its_stored_bytes() -> None:
+    model = routing_case("QMoE", 1, "float16", hidden=128, ff=64).model
+    stored = {t.name: numpy_helper.to_array(t) for t in onnx.load_from_string(model).graph.initializer}
+    packed = cuda_qmoe_weights(model, None)
+    assert sorted(packed) == ["q1", "q2"] and has_qmoe(model)
+    for name, w in packed.items():
+        assert w.shape == stored[name].shape and w.dtype == np.uint8
+        assert not np.array_equal(w, stored[name])  # reordered for the kernel
+        for e in range(w.shape[0]):  # the same bytes: 8-bit packing moves values, rebias included, changes none
+            assert np.array_equal(np.sort(w[e], axis=None), np.sort(stored[name][e], axis=None))
+
+
+def test_nothing_to_pack_without_qmoe() -> None:
+    model = routing_case("MoE", 1, "float16").model
+    assert not has_qmoe(model) and cuda_qmoe_weights(model, None) == {}
+
+
+def test_a_shape_the_kernel_cannot_take_is_one_line() -> None:
+    model = routing_case("QMoE", 1, "float16", hidden=32, ff=64).model  # fc1's K = hidden = 32
+    with pytest.raises(UserError, match=r"^8bit\.onnx: QMoE weight q1 .*K a multiple of 64") as e:
+        cuda_qmoe_weights(model, None, "8bit.onnx")
     assert "\n" not in str(e.value)
-    open_session(qmoe)  # the CPU kernel reads these rows
 
 
-def test_benchmarks_may_time_it(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setenv(TIME_UNPACKED_QMOE, "1")
-    try:
-        open_session(routing_case("QMoE", 1, "float16").model, SessionSetup(device="cuda"))
-    except UserError as e:  # this machine's onnxruntime has no CUDA provider: refused for that, not for QMoE
-        assert "QMoE" not in str(e)
+def test_all_experts_at_once_are_onnxruntimes_packer_one_matrix_at_a_time() -> None:
+    from onnxruntime.quantization.cuda_quantizer import _pack_weights_for_cuda_mixed_gemm
+
+    q = np.random.default_rng(0).integers(0, 256, (3, 64, 128), dtype=np.uint8)  # [E, N, K]
+    one_by_one = [np.asarray(_pack_weights_for_cuda_mixed_gemm(q[e].copy(), 64, 128, 8, 80)) for e in range(3)]
+    assert np.array_equal(pack_qmoe_experts(q), np.stack(one_by_one).view(np.uint8).reshape(q.shape))

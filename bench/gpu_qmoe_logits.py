@@ -1,0 +1,106 @@
+"""Does an 8-bit-experts decode on CUDA compute what its bf16 lowering computes, with QMoE's weights packed?
+
+    python bench/gpu_qmoe_logits.py make runs/gpu/qmoe-check     # here: two small folders with random weights
+    python bench/gpu_qmoe_logits.py check runs/gpu/qmoe-check [--out FILE] [--commit C]   # on the GPU machine
+
+`make` saves a small DeepSeek-V2-style model (hidden 128, 8 experts of 128, softmax routing; CUDA's QMoE
+needs sizes that are multiples of 64) with random bf16 weights, exports it, and lowers it with `--target
+ort` twice: `bf16` (com.microsoft::MoE in float16) and `8bit` (`--weights-8bit --weights-8bit-scope
+experts`: QMoE). `check` runs the same prompt's prefill on the CUDA EP through OrtEngine in both, and the
+8-bit one again with the weights as stored (`DSV3C_UNPACKED_QMOE=1`), and prints the relative error of the
+8-bit logits against the bf16 ones and how often their argmax agrees. The 8-bit rounding of the experts
+costs about 1 %; unpacked weights give noise.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+from _bootstrap import import_dsv3c
+
+import_dsv3c()
+
+PROMPT_LENGTH = 48
+
+
+def make(root: Path) -> None:
+    from dsv3c.export.exporter import export
+    from dsv3c.export.source import from_folder
+    from dsv3c.models.checkpoint import init_random, save_model
+    from dsv3c.models.config import DeepseekV3Config
+    from dsv3c.passes.lower import lower_folder
+    from dsv3c.passes.pipelines import Target
+
+    d = DeepseekV3Config.from_preset("tiny").to_dict()
+    d |= {"hidden_size": 128, "moe_intermediate_size": 128, "intermediate_size": 256, "n_routed_experts": 8}
+    d |= {"scoring_func": "softmax", "topk_method": "greedy", "n_group": 1, "topk_group": 1, "norm_topk_prob": False}
+    d |= {"num_nextn_predict_layers": 0}
+    config = DeepseekV3Config.from_dict(d)
+    save_model(init_random(config, seed=0), root / "ckpt", dtype="bf16")
+    export(from_folder(root / "ckpt"), root / "export", weights="checkpoint", dtype="bf16")
+    lower_folder(root / "export", root / "bf16", Target.ORT)
+    lower_folder(root / "export", root / "8bit", Target.ORT, weights_8bit=128, linears_8bit=False)
+
+
+def logits(folder: Path) -> list[list[float]]:
+    import torch
+    from dsv3c.runtime.ort_backend import OrtEngine
+
+    engine = OrtEngine(folder, "cuda", roles=("prefill",))
+    ids = torch.randint(0, engine.config.vocab_size, (2, PROMPT_LENGTH), generator=torch.Generator().manual_seed(0))
+    engine.start(2, PROMPT_LENGTH)
+    out = engine.prefill(ids.cuda(), torch.arange(PROMPT_LENGTH).expand(2, -1).contiguous().cuda())
+    return out.logits.float().cpu().tolist()
+
+
+def check(root: Path, out: Path | None, commit: str) -> int:
+    import json
+
+    import torch
+    from dsv3c.eval.record import run_record, write_result
+    from dsv3c.onnxkit.session import UNPACKED_QMOE
+
+    got = {}
+    for name, folder, unpacked in (("bf16", "bf16", "0"), ("8bit", "8bit", "0"), ("8bit-unpacked", "8bit", "1")):
+        env = {**os.environ, UNPACKED_QMOE: unpacked}  # a process each: the variable is read as sessions open
+        command = [sys.executable, __file__, "logits", str(root / folder)]
+        result = subprocess.run(command, env=env, capture_output=True, text=True, check=False)
+        if result.returncode != 0:
+            print(f"{name}: {result.stderr.strip().splitlines()[-1:]}", flush=True)
+            return 1
+        got[name] = torch.tensor(json.loads(result.stdout.strip().splitlines()[-1]))
+    rows = []
+    for name in ("8bit", "8bit-unpacked"):
+        error = float((got[name] - got["bf16"]).abs().max() / got["bf16"].abs().max())
+        agree = float((got[name].argmax(-1) == got["bf16"].argmax(-1)).float().mean())
+        rows.append({"graph": name, "max_error_vs_bf16": error, "argmax_agreement": agree})
+        print(f"{name}: logits within {error:.2e} of the bf16 lowering's (of the largest), argmax agrees {agree:.1%}")
+    if out:
+        write_result(out, {**run_record(commit=commit), "prompt_length": PROMPT_LENGTH, "rows": rows})
+    return 0
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("mode", choices=("make", "check", "logits"))
+    p.add_argument("root", type=Path)
+    p.add_argument("--out", type=Path)
+    p.add_argument("--commit", default="", help="the commit run (a device's copy may carry an older .git)")
+    args = p.parse_args()
+    if args.mode == "make":
+        make(args.root)
+        return 0
+    if args.mode == "logits":  # one folder, in a process of its own (check's helper)
+        import json
+
+        print(json.dumps(logits(args.root)))
+        return 0
+    return check(args.root, args.out, args.commit)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
