@@ -42,3 +42,20 @@ def test_all_experts_at_once_are_onnxruntimes_packer_one_matrix_at_a_time() -> N
     q = np.random.default_rng(0).integers(0, 256, (3, 64, 128), dtype=np.uint8)  # [E, N, K]
     one_by_one = [np.asarray(_pack_weights_for_cuda_mixed_gemm(q[e].copy(), 64, 128, 8, 80)) for e in range(3)]
     assert np.array_equal(pack_qmoe_experts(q), np.stack(one_by_one).view(np.uint8).reshape(q.shape))
+
+
+def test_the_packed_weights_are_what_the_session_reads(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The plumbing, on the CPU kernel: a "cuda" session (its providers swapped for the CPU's) reads the
+    weights cuda_qmoe_weights returns in place of the model's: the stored ones give the CPU's outputs,
+    others change them."""
+    import dsv3c.onnxkit.session as session
+
+    case = routing_case("QMoE", 1, "float16", hidden=128, ff=64)
+    stored = {t.name: numpy_helper.to_array(t) for t in onnx.load_from_string(case.model).graph.initializer}
+    want = session.open_session(case.model).run(None, case.feeds)[0]
+    monkeypatch.setattr(session, "providers_for", lambda device, options=None: [session.CPU_PROVIDER])
+    for swap, same in ((False, True), (True, False)):
+        weights = {n: stored[n][::-1].copy() if swap else stored[n] for n in ("q1", "q2")}  # experts reversed
+        monkeypatch.setattr(session, "cuda_qmoe_weights", lambda model, folder, label=None, w=weights: w)
+        got = session.open_session(case.model, session.SessionSetup(device="cuda")).run(None, case.feeds)[0]
+        assert np.array_equal(got, want) == same
