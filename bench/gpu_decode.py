@@ -225,6 +225,7 @@ def bench_folder(
     if size is not None:
         print(f"{folder}: filled {size / 2**30:.1f} GiB of random weights in {time.perf_counter() - start:.0f} s")
     manifest = read_manifest(folder)
+    qmoe_packed = has_qmoe(manifest.graph_path("decode")) and os.environ.get(UNPACKED_QMOE) != "1"
     config = DeepseekV3Config.from_dict(manifest.config)
     dtype = TORCH_TYPES[manifest.cache.dtype]
     cache_per_token = (manifest.cache.ckv_width + manifest.cache.kpe_width) * manifest.cache.layers * dtype.itemsize
@@ -264,7 +265,7 @@ def bench_folder(
                     "distinct_experts": distinct,
                     "gpu_free_gib_before": free_gib,
                     "capture_settings": args.capture_settings,
-                    "qmoe_packed": has_qmoe(manifest.graph_path("decode")) and os.environ.get(UNPACKED_QMOE) != "1",
+                    "qmoe_packed": qmoe_packed,
                     **cell,
                 }
                 rows.append(row)
