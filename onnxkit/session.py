@@ -195,13 +195,20 @@ def cuda_qmoe_weights(model: Path | bytes, folder: Path | None, label: str | Non
     return packed
 
 
-def pack_qmoe_experts(q: np.ndarray) -> np.ndarray:
+PACK_CHUNK = 1 << 26  # weights packed per call: the packer widens them to int64 (8 bytes each) on the way
+
+
+def pack_qmoe_experts(q: np.ndarray, chunk: int = PACK_CHUNK) -> np.ndarray:
     """8-bit expert rows [E, N, K] (uint8, zero point 128) in CUDA QMoE's layout, same shape: onnxruntime's
-    packer given the experts as one [E N, K] matrix, which packs adjacent pairs of rows together and so, for
-    an even N, each expert as it would alone (tests/test_onnxkit_session_qmoe.py); it runs on the GPU when
-    torch sees one."""
+    packer given consecutive experts as one [e N, K] matrix, which packs adjacent pairs of rows together and
+    so, for an even N, each expert as it would alone (tests/test_onnxkit_session_qmoe.py); about `chunk`
+    weights a call, which bounds its memory (V3's fc1 is 3.8G weights a layer); on the GPU when torch sees one."""
     from onnxruntime.quantization.cuda_quantizer import _pack_weights_for_cuda_mixed_gemm as pack
 
     experts, n, k = q.shape
-    rows = np.array(q.reshape(experts * n, k))  # a writable copy: the packer hands it to torch
-    return np.asarray(pack(rows, experts * n, k, 8, QMOE_PACK_ARCH)).view(np.uint8).reshape(q.shape)
+    step = max(1, chunk // (n * k))
+    parts = []
+    for first in range(0, experts, step):
+        rows = np.array(q[first : first + step].reshape(-1, k))  # a writable copy: the packer hands it to torch
+        parts.append(np.asarray(pack(rows, rows.shape[0], k, 8, QMOE_PACK_ARCH)).view(np.uint8))
+    return np.concatenate(parts).reshape(q.shape)
