@@ -131,14 +131,15 @@ def open_session(
             raise UserError(f"{model}: no such ONNX file")
         check_external_data(model)
         label = str(model) if label is None else label
+    providers = providers_for(setup.device, setup.cuda_options)
     packed: dict[str, Any] = {}
     if setup.device == "cuda" and os.environ.get(UNPACKED_QMOE) != "1":
-        folder = model.parent if isinstance(model, Path) else setup.weights_folder
-        packed = {n: ort.OrtValue.ortvalue_from_numpy(w) for n, w in cuda_qmoe_weights(model, folder, label).items()}
+        model, setup, weights = _with_packed_qmoe(model, setup, label)
+        packed = {n: ort.OrtValue.ortvalue_from_numpy(w) for n, w in weights.items()}
     options = session_options(setup)
-    for name, value in packed.items():  # used instead of the model's initializer of that name
-        options.add_initializer(name, value)
-    providers = providers_for(setup.device, setup.cuda_options)
+    if packed:  # in place of the graph's external initializers before placement: copied to the GPU like them
+        # (add_initializer would keep a CPU value off a CUDA-placed initializer, and use the graph's instead)
+        options.add_external_initializers(list(packed), list(packed.values()))
     try:
         session = ort.InferenceSession(str(model) if isinstance(model, Path) else model, options, providers=providers)
         session.dsv3c_packed_qmoe = packed  # onnxruntime reads the added initializers' memory: keep it alive
@@ -149,11 +150,21 @@ def open_session(
         raise UserError(f"{where}onnxruntime cannot load {what}: {first[:300]}") from None
 
 
-def _qmoe_weight_names(graph: Any) -> list[str]:
+def _qmoe_nodes(graph: Any) -> list[Any]:
+    return [n for n in graph.node if n.op_type == "QMoE" and n.domain == "com.microsoft"]
+
+
+def _cuda_qmoe_weight_names(graph: Any) -> list[str]:
+    """The weights of the QMoE nodes CUDA runs: 16-bit ones (scales, input 3, in the activations' type); a
+    float32 QMoE has no CUDA kernel and runs on the CPU, which reads the rows as stored."""
+    import onnx
+
+    half = {onnx.TensorProto.FLOAT16, onnx.TensorProto.BFLOAT16}
+    types = {t.name: t.data_type for t in graph.initializer}
     names = {
         n.input[i]
-        for n in graph.node
-        if n.op_type == "QMoE" and n.domain == "com.microsoft"
+        for n in _qmoe_nodes(graph)
+        if len(n.input) > 3 and types.get(n.input[3]) in half
         for i in QMOE_WEIGHTS
         if i < len(n.input) and n.input[i]
     }
@@ -165,18 +176,40 @@ def has_qmoe(model: Path | bytes) -> bool:
     import onnx
 
     proto = onnx.load(model, load_external_data=False) if isinstance(model, Path) else onnx.load_from_string(model)
-    return bool(_qmoe_weight_names(proto.graph))
+    return bool(_qmoe_nodes(proto.graph))
 
 
-def cuda_qmoe_weights(model: Path | bytes, folder: Path | None, label: str | None = None) -> dict[str, np.ndarray]:
-    """The 8-bit expert weights of `model`'s QMoE nodes (initializers, external ones read from `folder`) packed
-    as onnxruntime's CUDA QMoE reads them: each expert's [N, K] rows through onnxruntime's packer, stored in the
-    same [E, N, K] uint8 shape. Empty without QMoE; a UserError for weights the kernel cannot take."""
+def _with_packed_qmoe(
+    model: Path | bytes, setup: SessionSetup, label: str | None
+) -> tuple[Path | bytes, SessionSetup, dict[str, np.ndarray]]:
+    """`model` and `setup` for a CUDA session, with the packed QMoE weights that are external in the graph
+    apart (onnxruntime takes those as external initializers); the embedded ones are packed into the graph's
+    bytes, whose external weights are then read from the model's folder."""
+    import dataclasses
+
     import onnx
     from onnx import numpy_helper
 
+    folder = model.parent if isinstance(model, Path) else setup.weights_folder
     proto = onnx.load(model, load_external_data=False) if isinstance(model, Path) else onnx.load_from_string(model)
-    names = _qmoe_weight_names(proto.graph)
+    packed = cuda_qmoe_weights(proto, folder, label)
+    embedded = [t for t in proto.graph.initializer if t.name in packed and t.data_location != onnx.TensorProto.EXTERNAL]
+    if not embedded:
+        return model, setup, packed
+    for t in embedded:
+        t.CopyFrom(numpy_helper.from_array(packed.pop(t.name), t.name))
+    return proto.SerializeToString(), dataclasses.replace(setup, weights_folder=folder), packed
+
+
+def cuda_qmoe_weights(proto: Any, folder: Path | None, label: str | None = None) -> dict[str, np.ndarray]:
+    """The 8-bit expert weights of the ModelProto `proto`'s 16-bit QMoE nodes (initializers, external ones read
+    from `folder`)
+    packed as onnxruntime's CUDA QMoE reads them: each expert's [N, K] rows through onnxruntime's packer,
+    stored in the same [E, N, K] uint8 shape. Empty without such nodes; a UserError for weights the kernel
+    cannot take or a packer that cannot run."""
+    from onnx import numpy_helper
+
+    names = _cuda_qmoe_weight_names(proto.graph)
     if not names:
         return {}
     where = f"{label}: " if label else ""
@@ -191,7 +224,10 @@ def cuda_qmoe_weights(model: Path | bytes, folder: Path | None, label: str | Non
                 f"{where}QMoE weight {name} ({q.dtype} {list(q.shape)}) is not 8-bit [E, N, K] with K a multiple "
                 "of 64 and N of 8, which CUDA's QMoE needs; lower without --weights-8bit for the GPU"
             )
-        packed[name] = pack_qmoe_experts(q)
+        try:
+            packed[name] = pack_qmoe_experts(q)
+        except (ImportError, ValueError, RuntimeError) as e:  # no torch, no packer, a shape it refuses
+            raise UserError(f"{where}cannot pack QMoE weight {name} for CUDA: {str(e).splitlines()[0][:200]}") from None
     return packed
 
 

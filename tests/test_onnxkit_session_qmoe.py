@@ -3,6 +3,8 @@ rows as stored give wrong outputs on CUDA, packed ones agree with the CPU kernel
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import onnx
 import pytest
@@ -15,7 +17,7 @@ from onnx import numpy_helper
 def test_each_expert_is_a_permutation_of_its_stored_bytes() -> None:
     model = routing_case("QMoE", 1, "float16", hidden=128, ff=64).model
     stored = {t.name: numpy_helper.to_array(t) for t in onnx.load_from_string(model).graph.initializer}
-    packed = cuda_qmoe_weights(model, None)
+    packed = cuda_qmoe_weights(onnx.load_from_string(model), None)
     assert sorted(packed) == ["q1", "q2"] and has_qmoe(model)
     for name, w in packed.items():
         assert w.shape == stored[name].shape and w.dtype == np.uint8
@@ -26,13 +28,13 @@ def test_each_expert_is_a_permutation_of_its_stored_bytes() -> None:
 
 def test_nothing_to_pack_without_qmoe() -> None:
     model = routing_case("MoE", 1, "float16").model
-    assert not has_qmoe(model) and cuda_qmoe_weights(model, None) == {}
+    assert not has_qmoe(model) and cuda_qmoe_weights(onnx.load_from_string(model), None) == {}
 
 
 def test_a_shape_the_kernel_cannot_take_is_one_line() -> None:
     model = routing_case("QMoE", 1, "float16", hidden=32, ff=64).model  # fc1's K = hidden = 32
     with pytest.raises(UserError, match=r"^8bit\.onnx: QMoE weight q1 .*K a multiple of 64") as e:
-        cuda_qmoe_weights(model, None, "8bit.onnx")
+        cuda_qmoe_weights(onnx.load_from_string(model), None, "8bit.onnx")
     assert "\n" not in str(e.value)
 
 
@@ -46,18 +48,31 @@ def test_all_experts_at_once_are_onnxruntimes_packer_one_matrix_at_a_time() -> N
         assert np.array_equal(pack_qmoe_experts(q, chunk), want)
 
 
-def test_the_packed_weights_are_what_the_session_reads(monkeypatch: pytest.MonkeyPatch) -> None:
+@pytest.mark.parametrize("stored", ["embedded", "external"])
+def test_the_packed_weights_are_what_the_session_reads(
+    stored: str, monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
     """The plumbing, on the CPU kernel: a "cuda" session (its providers swapped for the CPU's) reads the
-    weights cuda_qmoe_weights returns in place of the model's: the stored ones give the CPU's outputs,
-    others change them."""
+    weights cuda_qmoe_weights returns in place of the graph's, embedded (packed into the graph's bytes) or
+    external (onnxruntime's external initializers): the stored ones give the CPU's outputs, others change them."""
     import dsv3c.onnxkit.session as session
 
     case = routing_case("QMoE", 1, "float16", hidden=128, ff=64)
-    stored = {t.name: numpy_helper.to_array(t) for t in onnx.load_from_string(case.model).graph.initializer}
-    want = session.open_session(case.model).run(None, case.feeds)[0]
+    proto = onnx.load_from_string(case.model)
+    rows = {t.name: numpy_helper.to_array(t) for t in proto.graph.initializer}
+    model: Path | bytes = case.model
+    if stored == "external":
+        model = tmp_path / "qmoe.onnx"
+        onnx.save_model(proto, model, save_as_external_data=True, location="weights.bin", size_threshold=0)
+    want = session.open_session(model).run(None, case.feeds)[0]
     monkeypatch.setattr(session, "providers_for", lambda device, options=None: [session.CPU_PROVIDER])
     for swap, same in ((False, True), (True, False)):
-        weights = {n: stored[n][::-1].copy() if swap else stored[n] for n in ("q1", "q2")}  # experts reversed
-        monkeypatch.setattr(session, "cuda_qmoe_weights", lambda model, folder, label=None, w=weights: w)
-        got = session.open_session(case.model, session.SessionSetup(device="cuda")).run(None, case.feeds)[0]
+        weights = {n: rows[n][::-1].copy() if swap else rows[n] for n in ("q1", "q2")}  # experts reversed
+        monkeypatch.setattr(session, "cuda_qmoe_weights", lambda proto, folder, label=None, w=weights: dict(w))
+        got = session.open_session(model, session.SessionSetup(device="cuda")).run(None, case.feeds)[0]
         assert np.array_equal(got, want) == same
+
+
+def test_a_float32_qmoe_runs_on_the_cpu_and_is_not_packed() -> None:
+    model = routing_case("QMoE", 1, "float32", hidden=128, ff=64).model
+    assert has_qmoe(model) and cuda_qmoe_weights(onnx.load_from_string(model), None) == {}
