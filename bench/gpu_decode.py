@@ -214,10 +214,11 @@ def bench_folder(
     folder: Path, args: argparse.Namespace, bandwidth: float, rows: list[dict[str, Any]], save: Callable[[], None]
 ) -> None:
     """Append a row per cell to `rows`, saving after each: a run cut short by its time limit keeps what it measured."""
+    import onnx
     import torch
     from dsv3c.artifact.manifest import read_manifest
     from dsv3c.models.config import DeepseekV3Config
-    from dsv3c.onnxkit.session import UNPACKED_QMOE, has_qmoe
+    from dsv3c.onnxkit.session import UNPACKED_QMOE, cuda_qmoe_weight_names
     from dsv3c.runtime.ort_backend import TORCH_TYPES
 
     start = time.perf_counter()
@@ -225,7 +226,8 @@ def bench_folder(
     if size is not None:
         print(f"{folder}: filled {size / 2**30:.1f} GiB of random weights in {time.perf_counter() - start:.0f} s")
     manifest = read_manifest(folder)
-    qmoe_packed = has_qmoe(manifest.graph_path("decode")) and os.environ.get(UNPACKED_QMOE) != "1"
+    decode = onnx.load(manifest.graph_path("decode"), load_external_data=False).graph
+    qmoe_packed = bool(cuda_qmoe_weight_names(decode)) and os.environ.get(UNPACKED_QMOE) != "1"
     config = DeepseekV3Config.from_dict(manifest.config)
     dtype = TORCH_TYPES[manifest.cache.dtype]
     cache_per_token = (manifest.cache.ckv_width + manifest.cache.kpe_width) * manifest.cache.layers * dtype.itemsize

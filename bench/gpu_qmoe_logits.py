@@ -70,8 +70,8 @@ def check(root: Path, out: Path | None, commit: str) -> int:
         command = [sys.executable, __file__, "logits", str(root / folder)]
         result = subprocess.run(command, env=env, capture_output=True, text=True, check=False)
         if result.returncode != 0:
-            print(f"{name}: {result.stderr.strip().splitlines()[-1:]}", flush=True)
-            return 1
+            print(f"{name}: {(result.stderr.strip().splitlines() or ['failed'])[-1]}", file=sys.stderr, flush=True)
+            return 2
         got[name] = torch.tensor(json.loads(result.stdout.strip().splitlines()[-1]))
     rows = []
     for name in ("8bit", "8bit-unpacked"):

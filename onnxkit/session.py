@@ -154,7 +154,7 @@ def _qmoe_nodes(graph: Any) -> list[Any]:
     return [n for n in graph.node if n.op_type == "QMoE" and n.domain == "com.microsoft"]
 
 
-def _cuda_qmoe_weight_names(graph: Any) -> list[str]:
+def cuda_qmoe_weight_names(graph: Any) -> list[str]:
     """The weights of the QMoE nodes CUDA runs: 16-bit ones (scales, input 3, in the activations' type); a
     float32 QMoE has no CUDA kernel and runs on the CPU, which reads the rows as stored."""
     import onnx
@@ -169,14 +169,6 @@ def _cuda_qmoe_weight_names(graph: Any) -> list[str]:
         if i < len(n.input) and n.input[i]
     }
     return sorted(names)
-
-
-def has_qmoe(model: Path | bytes) -> bool:
-    """Does the main graph of `model` (a file, or a serialized ModelProto) hold a com.microsoft::QMoE node?"""
-    import onnx
-
-    proto = onnx.load(model, load_external_data=False) if isinstance(model, Path) else onnx.load_from_string(model)
-    return bool(_qmoe_nodes(proto.graph))
 
 
 def _with_packed_qmoe(
@@ -203,13 +195,12 @@ def _with_packed_qmoe(
 
 def cuda_qmoe_weights(proto: Any, folder: Path | None, label: str | None = None) -> dict[str, np.ndarray]:
     """The 8-bit expert weights of the ModelProto `proto`'s 16-bit QMoE nodes (initializers, external ones read
-    from `folder`)
-    packed as onnxruntime's CUDA QMoE reads them: each expert's [N, K] rows through onnxruntime's packer,
-    stored in the same [E, N, K] uint8 shape. Empty without such nodes; a UserError for weights the kernel
-    cannot take or a packer that cannot run."""
+    from `folder`) packed as onnxruntime's CUDA QMoE reads them: each expert's [N, K] rows through
+    onnxruntime's packer, stored in the same [E, N, K] uint8 shape. Empty without such nodes; a UserError
+    for weights the kernel cannot take or a packer that cannot run."""
     from onnx import numpy_helper
 
-    names = _cuda_qmoe_weight_names(proto.graph)
+    names = cuda_qmoe_weight_names(proto.graph)
     if not names:
         return {}
     where = f"{label}: " if label else ""
