@@ -197,8 +197,8 @@ elif [ "$MODE" = qmoe-packed ]; then
   # QMoE's weights packed for CUDA as the session opens (onnxkit/session.py): a small model's 8-bit-experts
   # logits against its bf16 lowering's (runs/gpu/qmoe-check from `python bench/gpu_qmoe_logits.py make`),
   # the kernels' contract packed and not, and V2-Lite's 8-bit-experts decode
-  timeout 120 python bench/gpu_qmoe_logits.py check $DIR/qmoe-check --commit "$COMMIT" \
-    --out "$OUT/gpu_qmoe_logits.json" 2>&1 | grep -v -i warn | tail -4
+  timeout 200 python bench/gpu_qmoe_logits.py check $DIR/qmoe-check --commit "$COMMIT" \
+    --out "$OUT/gpu_qmoe_logits.json" 2>&1 | grep -v -i warn | tail -8
   timeout 90 python bench/gpu_moe_routing.py --commit "$COMMIT" --out "$OUT/gpu_moe_routing.json" 2>&1 \
     | grep -v -i warn | grep QMoE | tail -16
   timeout 240 python bench/gpu_decode.py $DIR/v2-lite-8bit-experts --runtimes ort-graph --contexts 128 4096 \

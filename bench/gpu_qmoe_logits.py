@@ -5,11 +5,12 @@
 
 `make` saves a small DeepSeek-V2-style model (hidden 128, 8 experts of 128, softmax routing; CUDA's QMoE
 needs sizes that are multiples of 64) with random bf16 weights, exports it, and lowers it with `--target
-ort` twice: `bf16` (com.microsoft::MoE in float16) and `8bit` (`--weights-8bit --weights-8bit-scope
-experts`: QMoE). `check` runs the same prompt's prefill on the CUDA EP through OrtEngine in both, and the
-8-bit one again with the weights as stored (`DSV3C_UNPACKED_QMOE=1`), and prints the relative error of the
-8-bit logits against the bf16 ones and how often their argmax agrees. The 8-bit rounding of the experts
-costs about 1 %; unpacked weights give noise.
+ort` three times: `bf16` (com.microsoft::MoE in float16), `8bit` (`--weights-8bit --weights-8bit-scope
+experts`: QMoE) and `8bit-all` (`--weights-8bit`: the linears as MatMulNBits too). `check` runs the same
+prompt's prefill on the CUDA EP through OrtEngine in each, the 8-bit one again with the weights as stored
+(`DSV3C_UNPACKED_QMOE=1`) and on the CPU EP, and prints the relative error of each against the CUDA bf16
+logits and how often their argmax agrees. The 8-bit rounding costs about 1 %; unpacked weights give noise;
+CUDA's 8-bit logits and the CPU EP's differ only by the kernels' rounding.
 """
 
 from __future__ import annotations
@@ -19,12 +20,22 @@ import os
 import subprocess
 import sys
 from pathlib import Path
+from typing import Literal
 
 from _bootstrap import import_dsv3c
 
 import_dsv3c()
 
 PROMPT_LENGTH = 48
+# (row, folder, execution provider, DSV3C_UNPACKED_QMOE); the first is the reference
+RUNS = (
+    ("bf16", "bf16", "cuda", "0"),
+    ("8bit", "8bit", "cuda", "0"),
+    ("8bit-unpacked", "8bit", "cuda", "1"),
+    ("8bit-cpu", "8bit", "cpu", "0"),
+    ("8bit-all", "8bit-all", "cuda", "0"),
+    ("8bit-all-cpu", "8bit-all", "cpu", "0"),
+)
 
 
 def make(root: Path) -> None:
@@ -44,16 +55,17 @@ def make(root: Path) -> None:
     export(from_folder(root / "ckpt"), root / "export", weights="checkpoint", dtype="bf16")
     lower_folder(root / "export", root / "bf16", Target.ORT)
     lower_folder(root / "export", root / "8bit", Target.ORT, weights_8bit=128, linears_8bit=False)
+    lower_folder(root / "export", root / "8bit-all", Target.ORT, weights_8bit=128)
 
 
-def logits(folder: Path) -> list[list[float]]:
+def logits(folder: Path, device: Literal["cpu", "cuda"]) -> list[list[float]]:
     import torch
     from dsv3c.runtime.ort_backend import OrtEngine
 
-    engine = OrtEngine(folder, "cuda", roles=("prefill",))
+    engine = OrtEngine(folder, device, roles=("prefill",))
     ids = torch.randint(0, engine.config.vocab_size, (2, PROMPT_LENGTH), generator=torch.Generator().manual_seed(0))
     engine.start(2, PROMPT_LENGTH)
-    out = engine.prefill(ids.cuda(), torch.arange(PROMPT_LENGTH).expand(2, -1).contiguous().cuda())
+    out = engine.prefill(ids.to(device), torch.arange(PROMPT_LENGTH).expand(2, -1).contiguous().to(device))
     return out.logits.float().cpu().tolist()
 
 
@@ -64,24 +76,27 @@ def check(root: Path, out: Path | None, commit: str) -> int:
     from dsv3c.eval.record import run_record, write_result
     from dsv3c.onnxkit.session import UNPACKED_QMOE
 
-    got = {}
-    for name, folder, unpacked in (("bf16", "bf16", "0"), ("8bit", "8bit", "0"), ("8bit-unpacked", "8bit", "1")):
+    got, failed = {}, []
+    for name, folder, device, unpacked in RUNS:
         env = {**os.environ, UNPACKED_QMOE: unpacked}  # a process each: the variable is read as sessions open
-        command = [sys.executable, __file__, "logits", str(root / folder)]
+        command = [sys.executable, __file__, "logits", str(root / folder), "--device", device]
         result = subprocess.run(command, env=env, capture_output=True, text=True, check=False)
         if result.returncode != 0:
             print(f"{name}: {(result.stderr.strip().splitlines() or ['failed'])[-1]}", file=sys.stderr, flush=True)
-            return 2
+            failed.append(name)
+            continue
         got[name] = torch.tensor(json.loads(result.stdout.strip().splitlines()[-1]))
+    if "bf16" not in got:
+        return 2
     rows = []
-    for name in ("8bit", "8bit-unpacked"):
+    for name in [n for n in got if n != "bf16"]:
         error = float((got[name] - got["bf16"]).abs().max() / got["bf16"].abs().max())
         agree = float((got[name].argmax(-1) == got["bf16"].argmax(-1)).float().mean())
         rows.append({"graph": name, "max_error_vs_bf16": error, "argmax_agreement": agree})
         print(f"{name}: logits within {error:.2e} of the bf16 lowering's (of the largest), argmax agrees {agree:.1%}")
     if out:
-        write_result(out, {**run_record(commit=commit), "prompt_length": PROMPT_LENGTH, "rows": rows})
-    return 0
+        write_result(out, {**run_record(commit=commit), "prompt_length": PROMPT_LENGTH, "rows": rows, "failed": failed})
+    return 2 if failed else 0
 
 
 def main() -> int:
@@ -90,6 +105,7 @@ def main() -> int:
     p.add_argument("root", type=Path)
     p.add_argument("--out", type=Path)
     p.add_argument("--commit", default="", help="the commit run (a device's copy may carry an older .git)")
+    p.add_argument("--device", choices=("cuda", "cpu"), default="cuda", help="logits: the execution provider")
     args = p.parse_args()
     if args.mode == "make":
         make(args.root)
@@ -97,7 +113,7 @@ def main() -> int:
     if args.mode == "logits":  # one folder, in a process of its own (check's helper)
         import json
 
-        print(json.dumps(logits(args.root)))
+        print(json.dumps(logits(args.root, args.device)))
         return 0
     return check(args.root, args.out, args.commit)
 
