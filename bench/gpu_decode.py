@@ -274,7 +274,8 @@ def bench_folder(
                 save()
                 print(
                     f"{label}: {s * 1e3:.2f} ms/step ({row['x_floor']:.1f}x floor {floor_s * 1e3:.3f} ms), "
-                    f"{row['tokens_per_s']:.0f} tok/s",
+                    f"{row['tokens_per_s']:.0f} tok/s"
+                    + (f", session opened in {cell['session_load_s']:.1f} s" if "session_load_s" in cell else ""),
                     flush=True,
                 )
         made.pop("ort", None)

@@ -205,10 +205,14 @@ def cuda_qmoe_weights(proto: Any, folder: Path | None, label: str | None = None)
         return {}
     where = f"{label}: " if label else ""
     initializers = {t.name: t for t in proto.graph.initializer}
-    packed = {}
+    packed, memo = {}, {}
     for name in names:
         if name not in initializers:
             raise UserError(f"{where}QMoE weight {name} is computed, not stored; CUDA needs it stored to pack it")
+        key = _stored_bytes_key(initializers[name], folder)
+        if key is not None and key in _last_packed:
+            packed[name] = memo[key] = _last_packed[key]
+            continue
         q = numpy_helper.to_array(initializers[name], base_dir=str(folder or ""))
         if q.dtype != np.uint8 or q.ndim != 3 or q.shape[2] % 64 or q.shape[1] % 8:
             raise UserError(
@@ -219,7 +223,32 @@ def cuda_qmoe_weights(proto: Any, folder: Path | None, label: str | None = None)
             packed[name] = pack_qmoe_experts(q)
         except (ImportError, ValueError, RuntimeError) as e:  # no torch, no packer, a shape it refuses
             raise UserError(f"{where}cannot pack QMoE weight {name} for CUDA: {str(e).splitlines()[0][:200]}") from None
+        if key is not None:
+            memo[key] = packed[name]
+    _last_packed.clear()  # only the latest model's: a session holds its own packed weights while it lives
+    _last_packed.update(memo)
     return packed
+
+
+# The external QMoE weights packed last, by where their bytes are stored: a decoder opens a session per
+# (batch, capacity) bucket of one folder, and packing V2-Lite's 14G expert weights again for each costs
+# seconds to minutes. An edited weights file has another size or mtime, so it is packed anew.
+_last_packed: dict[tuple[object, ...], np.ndarray] = {}
+
+
+def _stored_bytes_key(tensor: Any, folder: Path | None) -> tuple[object, ...] | None:
+    """Where an external initializer's bytes lie, with its file's size and mtime; None for an embedded one."""
+    import onnx
+
+    if tensor.data_location != onnx.TensorProto.EXTERNAL or folder is None:
+        return None
+    info = {e.key: e.value for e in tensor.external_data}
+    path = (folder / info.get("location", "")).resolve()
+    try:
+        stat = path.stat()
+    except OSError:
+        return None  # to_array reports the missing file
+    return (str(path), stat.st_size, stat.st_mtime_ns, info.get("offset", "0"), info.get("length", ""), tensor.name)
 
 
 PACK_CHUNK = 1 << 26  # weights packed per call: the packer widens them to int64 (8 bytes each) on the way

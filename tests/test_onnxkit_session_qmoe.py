@@ -77,3 +77,37 @@ def test_a_float32_qmoe_runs_on_the_cpu_and_is_not_packed() -> None:
     model = routing_case("QMoE", 1, "float32", hidden=128, ff=64).model
     proto = onnx.load_from_string(model)
     assert any(n.op_type == "QMoE" for n in proto.graph.node) and cuda_qmoe_weights(proto, None) == {}
+
+
+def test_a_folder_packed_once_is_not_packed_again_until_its_weights_change(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    """A decoder opens a session per (batch, capacity) bucket: the second reuses the first's packed weights;
+    a rewritten weights file (another mtime) is packed anew; embedded weights are always packed."""
+    import os
+
+    import dsv3c.onnxkit.session as session
+
+    calls = []
+    real = session.pack_qmoe_experts
+    monkeypatch.setattr(session, "pack_qmoe_experts", lambda q: calls.append(q.shape) or real(q))
+    model = routing_case("QMoE", 1, "float16", hidden=128, ff=64).model
+    path = tmp_path / "qmoe.onnx"
+    onnx.save_model(
+        onnx.load_from_string(model), path, save_as_external_data=True, location="weights.bin", size_threshold=0
+    )
+
+    def pack() -> dict[str, np.ndarray]:
+        return cuda_qmoe_weights(onnx.load(path, load_external_data=False), tmp_path)
+
+    first = pack()
+    assert len(calls) == 2
+    again = pack()
+    assert len(calls) == 2 and all(again[n] is first[n] for n in first)
+    weights = tmp_path / "weights.bin"
+    stat = weights.stat()
+    os.utime(weights, ns=(stat.st_atime_ns, stat.st_mtime_ns + 1_000_000))
+    changed = pack()
+    assert len(calls) == 4 and all(np.array_equal(changed[n], first[n]) for n in first)
+    cuda_qmoe_weights(onnx.load_from_string(model), None)  # embedded
+    assert len(calls) == 6
