@@ -21,6 +21,7 @@
 #   bench/decode_gpu.sh static-transposes COMMIT  # V2-Lite with the size-1 Transposes as Reshapes or kept, router GEMMs
 #   bench/decode_gpu.sh qmoe-blocks COMMIT  # the MoE kernels' contract at QMoE's blocks and V2-Lite's shapes, 8-bit experts
 #   bench/decode_gpu.sh qmoe-packed COMMIT  # QMoE packed at session load: logits against bf16, contract, 8-bit experts
+#   bench/decode_gpu.sh eight-bit-packed COMMIT  # V2-Lite 8-bit experts, all 8-bit and bf16, QMoE packed; packing time
 # A `--weights none` folder is filled with random weights on the GPU by bench/gpu_decode.py.
 set -u
 MODE=$1; COMMIT=${2:-unknown}; OUT=${OUT:-/tmp/out}; DIR=runs/gpu
@@ -203,6 +204,18 @@ elif [ "$MODE" = qmoe-packed ]; then
     | grep -v -i warn | grep QMoE | tail -16
   timeout 240 python bench/gpu_decode.py $DIR/v2-lite-8bit-experts --runtimes ort-graph --contexts 128 4096 \
     --batches 1 8 --steps 24 --commit "$COMMIT" --out "$OUT/gpu_decode_v2-lite-8bit-experts.json" 2>&1 | tail -7
+elif [ "$MODE" = eight-bit-packed ]; then
+  # one folder at a time, its random weights removed after it (the three would not fit the disk together)
+  for f in v2-lite-8bit-experts v2-lite-8bit v2-lite; do
+    timeout 170 python bench/gpu_decode.py $DIR/$f --runtimes ort-graph --contexts 128 4096 --batches 1 8 \
+      --steps 24 --commit "$COMMIT" --out "$OUT/gpu_decode_$f.json" 2>&1 | grep -v -i warn | tail -7
+    if [ $f = v2-lite-8bit-experts ]; then  # packing alone, in a fresh process (the weights file now cached)
+      timeout 60 python -c "import time, onnx; from pathlib import Path; from dsv3c.onnxkit.session import cuda_qmoe_weights
+d = Path('$DIR/$f'); p = onnx.load(d / 'decode.onnx', load_external_data=False); t = time.perf_counter()
+w = cuda_qmoe_weights(p, d); print(f'packed {sum(a.size for a in w.values()) / 1e9:.1f}G QMoE weights in {time.perf_counter() - t:.1f} s')"
+    fi
+    rm -f $DIR/$f/weights.bin
+  done
 elif [ "$MODE" = small-ablations ]; then
   timeout 120 python bench/ort_step_nodes.py --device cuda --out "$OUT/ort_step_nodes_small.json" 2>&1 | tail -5
   timeout 150 python bench/attention_past_apart.py --device cuda --capacities 128 4096 16384 \
