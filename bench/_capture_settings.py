@@ -14,4 +14,5 @@ CAPTURE_SETTINGS: dict[str, dict[str, Any]] = {
     "arena-as-requested": {"cuda_extra": AS_REQUESTED},
     "both": {"memory_pattern": False, "cuda_extra": AS_REQUESTED},
     "transposes-kept": {"reshape_transposes": False},  # size-1 Transposes run as copies (before 2026-12-04)
+    "plain-norms": {"zero_skip_norms": False},  # one-row RMSNorms as SimplifiedLayerNormalization (before 2026-12-04)
 }

@@ -22,6 +22,7 @@
 #   bench/decode_gpu.sh qmoe-blocks COMMIT  # the MoE kernels' contract at QMoE's blocks and V2-Lite's shapes, 8-bit experts
 #   bench/decode_gpu.sh qmoe-packed COMMIT  # QMoE packed at session load: logits against bf16, contract, 8-bit experts
 #   bench/decode_gpu.sh eight-bit-packed COMMIT  # V2-Lite 8-bit experts, all 8-bit and bf16, QMoE packed; packing time
+#   bench/decode_gpu.sh norms-scale COMMIT  # V2-Lite bf16 now beside runs/gpu/v2-lite-before with plain norms; kernels
 # A `--weights none` folder is filled with random weights on the GPU by bench/gpu_decode.py.
 set -u
 MODE=$1; COMMIT=${2:-unknown}; OUT=${OUT:-/tmp/out}; DIR=runs/gpu
@@ -214,6 +215,18 @@ elif [ "$MODE" = eight-bit-packed ]; then
 d = Path('$DIR/$f'); p = onnx.load(d / 'decode.onnx', load_external_data=False); t = time.perf_counter()
 w = cuda_qmoe_weights(p, d); print(f'packed {sum(a.size for a in w.values()) / 1e9:.1f}G QMoE weights in {time.perf_counter() - t:.1f} s')"
     fi
+    rm -f $DIR/$f/weights.bin
+  done
+elif [ "$MODE" = norms-scale ]; then
+  # the score GEMMs scaled on their own and the one-row RMSNorms with a zero skip, against the lowering before
+  # (runs/gpu/v2-lite-before, from a checkout of the commit before) run with its norms as they are; then the
+  # kernels of a step of each
+  for f in v2-lite v2-lite-before; do
+    S=default; [ $f = v2-lite-before ] && S=plain-norms
+    timeout 200 python bench/gpu_decode.py $DIR/$f --runtimes ort-graph --contexts 128 4096 16384 --batches 1 8 \
+      --steps 24 --capture-settings $S --commit "$COMMIT" --out "$OUT/gpu_decode_$f.json" 2>&1 | grep -v -i warn | tail -8
+    timeout 90 python bench/gpu_step_kernels.py $DIR/$f --batch 1 --rounds 3 --top 40 --capture-settings $S \
+      --commit "$COMMIT" --out "$OUT/gpu_step_kernels_${f}_b1.json" 2>&1 | grep -v -i warn | tail -12
     rm -f $DIR/$f/weights.bin
   done
 elif [ "$MODE" = small-ablations ]; then

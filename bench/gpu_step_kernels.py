@@ -3,7 +3,7 @@ the device busy time against the step's wall time, uncaptured and replayed as a 
 entries stored by one scatter per kind for all layers, and by one per layer, side by side).
 
     python bench/gpu_step_kernels.py FOLDER [FOLDER ...] [--batch 1] [--capacity 256] [--steps 10] [--top 25]
-                                     [--commit C] [--out FILE]
+                                     [--capture-settings NAME] [--commit C] [--out FILE]
     python bench/gpu_step_kernels.py --from RESULT.json [--top 0]   # a stored run's summary, on any machine
 
 FOLDER is a `lower --target ort` folder (a `--weights none` one is filled with random weights on the GPU,
@@ -30,6 +30,7 @@ from _bootstrap import import_dsv3c
 import_dsv3c()
 
 import torch  # noqa: E402
+from _capture_settings import CAPTURE_SETTINGS  # noqa: E402
 from _gpu import fill_if_weightless, no_cuda  # noqa: E402
 from dsv3c.eval.record import run_record, write_result  # noqa: E402
 from dsv3c.runtime.ort_cuda_graph import StaticDecoder  # noqa: E402
@@ -100,15 +101,16 @@ def profile_folder(folder: Path, args: argparse.Namespace) -> dict[str, Any]:
     fill_if_weightless(folder)
     ids = torch.zeros(args.batch, 1, dtype=torch.long, device="cuda")
     positions = torch.full((args.batch, 1), args.capacity // 2, dtype=torch.long, device="cuda")
-    row: dict[str, Any] = {"model": folder.name, "batch": args.batch}
-    plain = StaticDecoder(folder, args.batch, args.capacity, cuda_graph=False)
+    row: dict[str, Any] = {"model": folder.name, "batch": args.batch, "capture_settings": args.capture_settings}
+    settings = CAPTURE_SETTINGS[args.capture_settings]
+    plain = StaticDecoder(folder, args.batch, args.capacity, cuda_graph=False, **settings)
     row["capacity"] = plain.capacity
     row["uncaptured_ms"] = wall_ms(plain, ids, positions, args.steps)
     kernels = kernels_per_step(plain, ids, positions, args.steps)
     del plain
     # captured, the new cache entries stored by two scatters (all layers) or by two per layer, taking turns
     both = {
-        writes: StaticDecoder(folder, args.batch, args.capacity, cuda_graph=True, per_layer_writes=writes)
+        writes: StaticDecoder(folder, args.batch, args.capacity, cuda_graph=True, per_layer_writes=writes, **settings)
         for writes in (False, True)
     }
     times: dict[bool, list[float]] = {False: [], True: []}
@@ -136,6 +138,7 @@ def main() -> int:
     p.add_argument("--steps", type=int, default=10)
     p.add_argument("--top", type=int, default=25)
     p.add_argument("--rounds", type=int, default=5, help="turns of the two captured forms")
+    p.add_argument("--capture-settings", choices=CAPTURE_SETTINGS, default="default", help="the sessions' settings")
     p.add_argument("--commit", default="")
     p.add_argument("--out", type=Path)
     args = p.parse_args()

@@ -8,7 +8,8 @@ the scores' Concat, a Split of the probabilities, their values GEMM and an Add. 
 entries into the past buffer inside the graph and attends over that one buffer:
 
     present = ScatterElements(past, positions broadcast over the width, new, axis=1)   # slots positions[b, i]
-    s = q_rows @ present_ckv^T + pe_rows @ present_kpe^T ; p = softmax(mask(s * scale)) ; latent = p @ present_ckv
+    s = (q_rows @ present_ckv^T) * scale + (pe_rows @ present_kpe^T) * scale
+    p = softmax(mask(s)) ; latent = p @ present_ckv
 
 with slot j visible to new token i of row b iff j <= positions[b, i]. The graph's cache outputs become
 `present_ckv.i` / `present_kpe.i` [B, P, *], the past with the new slots written. A runtime that binds each
@@ -56,9 +57,12 @@ def in_place_function(opset: int, per_head_weights: bool = False) -> onnx.Functi
     q_latent = b.op("MatMul", m.q_nope, m.w_k)  # [B, H, S, r]
     q_rows = b.op("Reshape", q_latent, b.op("Concat", b.shape("q_nope", 0, 1), b.ints(-1), m.rank, axis=0))
     pe_rows = b.op("Reshape", m.q_pe, b.op("Concat", b.shape("q_pe", 0, 1), b.ints(-1), b.shape("q_pe", 3, 4), axis=0))
-    scores = b.op("Add", b.op("MatMul", q_rows, b.t("ckv", 0, 2, 1)), b.op("MatMul", pe_rows, b.t("kpe", 0, 2, 1)))
+    # each GEMM scaled on its own, not their sum: onnxruntime folds a scalar Mul of a MatMul into the GEMM
+    # (FusedMatMul's alpha, MatMulScaleFusion), so the scale costs no kernel
+    latent_part = b.op("Mul", b.op("MatMul", q_rows, b.t("ckv", 0, 2, 1)), m.scale)
+    rope_part = b.op("Mul", b.op("MatMul", pe_rows, b.t("kpe", 0, 2, 1)), m.scale)
     head_shape = b.op("Concat", b.shape(q_latent, 0, 3), b.ints(-1), axis=0)
-    scores_4d = b.op("Reshape", b.op("Mul", scores, m.scale), head_shape)  # [B, H, S, P]
+    scores_4d = b.op("Reshape", b.op("Add", latent_part, rope_part), head_shape)  # [B, H, S, P]
     masked = b.op("Where", "visible", b.op("Cast", scores_4d, to=TensorProto.FLOAT), b.scalar(float("-inf")))
     probs = b.op("CastLike", b.op("Softmax", masked, axis=-1), "q_nope")  # [B, H, S, P]
     prob_rows = b.op("Reshape", probs, b.op("Concat", b.shape(probs, 0, 1), b.ints(-1), b.shape(probs, 3, 4), axis=0))

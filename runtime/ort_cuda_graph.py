@@ -7,7 +7,8 @@ allocated and bound once per bucket:
   so onnxruntime folds every shape computation to a constant at load and every node can run on the CUDA
   EP (a node left on the CPU, or a host copy between them, makes onnxruntime refuse the capture); the
   Transposes that at q = 1 move only dimensions of size 1 are given to onnxruntime as Reshapes, views
-  instead of copies (onnxkit/static_transposes.py);
+  instead of copies (onnxkit/static_transposes.py), and its one-row RMSNorms as skip-RMSNorms with a zero
+  skip, whose CUDA kernel is the faster one (onnxkit/zero_skip_norms.py);
 - the latent cache is a fixed-capacity LatentBuffers bound whole as the past (the graph masks slots at and
   beyond positions[b, 0]), and the step's ids and positions are device tensors updated in place;
 - the new cache entries come back in bound outputs (views of one tensor per kind) and are scattered into
@@ -38,6 +39,7 @@ from dsv3c.artifact.names import PRESENT_PREFIXES, present_name
 from dsv3c.errors import UserError
 from dsv3c.onnxkit.session import SessionSetup, import_ort, open_session
 from dsv3c.onnxkit.static_transposes import transposes_as_reshapes
+from dsv3c.onnxkit.zero_skip_norms import norms_with_zero_skip
 from dsv3c.runtime.latent_buffers import CacheShape, LatentBuffers
 from dsv3c.runtime.ort_backend import ONNX_TYPES, TORCH_TYPES
 
@@ -89,6 +91,7 @@ class StaticDecoder:
         cuda_extra: dict[str, str] | None = None,
         per_layer_writes: bool = False,  # the old way, one scatter per layer and kind (for benchmarks)
         reshape_transposes: bool = True,  # False keeps the size-1 Transposes as copies (for benchmarks)
+        zero_skip_norms: bool = True,  # False keeps the one-row RMSNorms as they are (for benchmarks)
     ):
         ort = import_ort()
         self.manifest: Manifest = read_manifest(folder)
@@ -124,6 +127,7 @@ class StaticDecoder:
         check_external_data(path)
         model = onnx.load(path, load_external_data=False)  # the graph alone; onnxruntime reads the weights
         self.reshaped_transposes = transposes_as_reshapes(model, fixed) if reshape_transposes else 0
+        self.zero_skip_norms = norms_with_zero_skip(model, fixed) if zero_skip_norms else 0
         self.session = open_session(
             model.SerializeToString(), setup, label=str(path), what="this graph as a static decode step"
         )

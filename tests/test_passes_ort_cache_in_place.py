@@ -126,3 +126,22 @@ def test_error_vs_source_reads_what_it_wrote(tiny_export: Path, tmp_path: Path) 
         assert outputs.keys() == errors["in-place"][role].keys() and "new_ckv.0" in outputs
         for output, error in outputs.items():
             assert errors["in-place"][role][output] == pytest.approx(error, rel=1e-3, abs=1e-6), (role, output)
+
+
+def test_the_softmax_scale_goes_into_the_score_gemms(lowerings: dict[str, Path], tmp_path: Path) -> None:
+    """Each score GEMM carries the scale itself, so onnxruntime folds it into the GEMM (FusedMatMul's alpha):
+    after its optimizations no Mul of a decode step reads a score GEMM or the scores' sum."""
+    import onnxruntime as ort
+
+    options = ort.SessionOptions()
+    options.optimized_model_filepath = str(tmp_path / "optimized.onnx")
+    options.log_severity_level = 3  # the warning that an optimized file is machine-specific
+    ort.InferenceSession(str(lowerings["in-place"] / "decode.onnx"), options, providers=["CPUExecutionProvider"])
+    graph = ir.load(tmp_path / "optimized.onnx").graph
+    layers = read_manifest(lowerings["in-place"]).cache.layers
+    scaled = [n for n in graph if n.op_type == "FusedMatMul" and "alpha" in n.attributes]
+    assert len(scaled) == 2 * layers
+    alphas = {round(n.attributes["alpha"].as_float(), 6) for n in scaled}
+    assert len(alphas) == 1 and 0 < alphas.pop() < 1
+    for add in (u.node for n in scaled for u in n.outputs[0].uses()):
+        assert add.op_type == "Add" and all(u.node.op_type != "Mul" for u in add.outputs[0].uses())
