@@ -23,6 +23,7 @@
 #   bench/decode_gpu.sh qmoe-packed COMMIT  # QMoE packed at session load: logits against bf16, contract, 8-bit experts
 #   bench/decode_gpu.sh eight-bit-packed COMMIT  # V2-Lite 8-bit experts, all 8-bit and bf16, QMoE packed; packing time
 #   bench/decode_gpu.sh norms-scale COMMIT  # V2-Lite bf16 now beside runs/gpu/v2-lite-before with plain norms; kernels
+#   bench/decode_gpu.sh experts-now COMMIT  # V2-Lite 8-bit experts (packed) beside bf16 at batch 1, 8 and 32
 # A `--weights none` folder is filled with random weights on the GPU by bench/gpu_decode.py.
 set -u
 MODE=$1; COMMIT=${2:-unknown}; OUT=${OUT:-/tmp/out}; DIR=runs/gpu
@@ -227,6 +228,13 @@ elif [ "$MODE" = norms-scale ]; then
       --steps 24 --capture-settings $S --commit "$COMMIT" --out "$OUT/gpu_decode_$f.json" 2>&1 | grep -v -i warn | tail -8
     timeout 90 python bench/gpu_step_kernels.py $DIR/$f --batch 1 --rounds 3 --top 40 --capture-settings $S \
       --commit "$COMMIT" --out "$OUT/gpu_step_kernels_${f}_b1.json" 2>&1 | grep -v -i warn | tail -12
+    rm -f $DIR/$f/weights.bin
+  done
+elif [ "$MODE" = experts-now ]; then
+  for f in v2-lite-8bit-experts v2-lite; do
+    B="1 8"; [ $f = v2-lite ] && B="1 8 32"
+    timeout 260 python bench/gpu_decode.py $DIR/$f --runtimes ort-graph --contexts 128 4096 16384 --batches $B \
+      --steps 24 --commit "$COMMIT" --out "$OUT/gpu_decode_$f.json" 2>&1 | grep -v -i warn | tail -10
     rm -f $DIR/$f/weights.bin
   done
 elif [ "$MODE" = small-ablations ]; then
