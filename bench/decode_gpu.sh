@@ -24,6 +24,7 @@
 #   bench/decode_gpu.sh eight-bit-packed COMMIT  # V2-Lite 8-bit experts, all 8-bit and bf16, QMoE packed; packing time
 #   bench/decode_gpu.sh norms-scale COMMIT  # V2-Lite bf16 now beside runs/gpu/v2-lite-before with plain norms; kernels
 #   bench/decode_gpu.sh experts-now COMMIT  # V2-Lite 8-bit experts (packed) beside bf16 at batch 1, 8 and 32
+#   bench/decode_gpu.sh qmoe-routing COMMIT  # QMoE's routing in the CUDA kernel: logits, V2-Lite 8-bit experts A/B
 # A `--weights none` folder is filled with random weights on the GPU by bench/gpu_decode.py.
 set -u
 MODE=$1; COMMIT=${2:-unknown}; OUT=${OUT:-/tmp/out}; DIR=runs/gpu
@@ -237,6 +238,21 @@ elif [ "$MODE" = experts-now ]; then
       --steps 24 --commit "$COMMIT" --out "$OUT/gpu_decode_$f.json" 2>&1 | grep -v -i warn | tail -10
     rm -f $DIR/$f/weights.bin
   done
+elif [ "$MODE" = qmoe-routing ]; then
+  # a CUDA session moves QMoE's plain softmax routing into the kernel (onnxkit/kernel_routing.py): a small
+  # model's logits (runs/gpu/qmoe-check from `python bench/gpu_qmoe_logits.py make`), then V2-Lite's
+  # 8-bit experts with it and with the graph's routing (DSV3C_GRAPH_ROUTED_QMOE=1), and a step's kernels
+  timeout 150 python bench/gpu_qmoe_logits.py check $DIR/qmoe-check --commit "$COMMIT" \
+    --out "$OUT/gpu_qmoe_logits.json" 2>&1 | grep -v -i warn | tail -8
+  f=v2-lite-8bit-experts
+  for r in 0 1; do
+    n=$f; [ $r = 1 ] && n=$f-graph-routed
+    DSV3C_GRAPH_ROUTED_QMOE=$r timeout 170 python bench/gpu_decode.py $DIR/$f --runtimes ort-graph --contexts 128 4096 \
+      --batches 1 8 --steps 24 --commit "$COMMIT" --out "$OUT/gpu_decode_$n.json" 2>&1 | grep -v -i warn | tail -6
+  done
+  timeout 110 python bench/gpu_step_kernels.py $DIR/$f --batch 1 --rounds 3 --top 30 --commit "$COMMIT" \
+    --out "$OUT/gpu_step_kernels_${f}_b1.json" 2>&1 | grep -v -i warn | tail -9
+  rm -f $DIR/$f/weights.bin
 elif [ "$MODE" = small-ablations ]; then
   timeout 120 python bench/ort_step_nodes.py --device cuda --out "$OUT/ort_step_nodes_small.json" 2>&1 | tail -5
   timeout 150 python bench/attention_past_apart.py --device cuda --capacities 128 4096 16384 \

@@ -3,14 +3,17 @@
     python bench/gpu_qmoe_logits.py make runs/gpu/qmoe-check     # here: two small folders with random weights
     python bench/gpu_qmoe_logits.py check runs/gpu/qmoe-check [--out FILE] [--commit C]   # on the GPU machine
 
-`make` saves a small DeepSeek-V2-style model (hidden 128, 8 experts of 128, softmax routing; CUDA's QMoE
-needs sizes that are multiples of 64) with random bf16 weights, exports it, and lowers it with `--target
+`make` saves a small DeepSeek-V2-style model (hidden 128, 8 experts of 128, softmax routing, factor 1 and a
+shared expert as V2-Lite has, so that both MoE kernels route themselves on CUDA; CUDA's QMoE needs sizes
+that are multiples of 64) with random bf16 weights, exports it, and lowers it with `--target
 ort` three times: `bf16` (com.microsoft::MoE in float16), `8bit` (`--weights-8bit --weights-8bit-scope
 experts`: QMoE) and `8bit-all` (`--weights-8bit`: the linears as MatMulNBits too). `check` runs the same
 prompt's prefill on the CUDA EP through OrtEngine in each, the 8-bit one again with the weights as stored
-(`DSV3C_UNPACKED_QMOE=1`) and on the CPU EP, and prints the relative error of each against the CUDA bf16
-logits and how often their argmax agrees. The 8-bit rounding costs about 1 %; unpacked weights give noise;
-CUDA's 8-bit logits and the CPU EP's differ only by the kernels' rounding.
+(`DSV3C_UNPACKED_QMOE=1`), with QMoE's routing kept in the graph (`DSV3C_GRAPH_ROUTED_QMOE=1`; a CUDA
+session moves it into the kernel, onnxkit/kernel_routing.py) and on the CPU EP (which keeps it), and prints
+the relative error of each against the CUDA bf16 logits and how often their argmax agrees. The 8-bit
+rounding costs about 1 %; unpacked weights give noise; the routing's two forms and the two EPs differ only
+by the kernels' rounding.
 """
 
 from __future__ import annotations
@@ -27,14 +30,16 @@ from _bootstrap import import_dsv3c
 import_dsv3c()
 
 PROMPT_LENGTH = 48
-# (row, folder, execution provider, DSV3C_UNPACKED_QMOE); the first is the reference
-RUNS = (
-    ("bf16", "bf16", "cuda", "0"),
-    ("8bit", "8bit", "cuda", "0"),
-    ("8bit-unpacked", "8bit", "cuda", "1"),
-    ("8bit-cpu", "8bit", "cpu", "0"),
-    ("8bit-all", "8bit-all", "cuda", "0"),
-    ("8bit-all-cpu", "8bit-all", "cpu", "0"),
+UNPACKED, GRAPH_ROUTED = "DSV3C_UNPACKED_QMOE", "DSV3C_GRAPH_ROUTED_QMOE"  # onnxkit/session.py's switches
+# (row, folder, execution provider, environment); the first is the reference
+RUNS: tuple[tuple[str, str, str, dict[str, str]], ...] = (
+    ("bf16", "bf16", "cuda", {}),
+    ("8bit", "8bit", "cuda", {}),
+    ("8bit-graph-routed", "8bit", "cuda", {GRAPH_ROUTED: "1"}),
+    ("8bit-unpacked", "8bit", "cuda", {UNPACKED: "1"}),
+    ("8bit-cpu", "8bit", "cpu", {}),
+    ("8bit-all", "8bit-all", "cuda", {}),
+    ("8bit-all-cpu", "8bit-all", "cpu", {}),
 )
 
 
@@ -49,7 +54,7 @@ def make(root: Path) -> None:
     d = DeepseekV3Config.from_preset("tiny").to_dict()
     d |= {"hidden_size": 128, "moe_intermediate_size": 128, "intermediate_size": 256, "n_routed_experts": 8}
     d |= {"scoring_func": "softmax", "topk_method": "greedy", "n_group": 1, "topk_group": 1, "norm_topk_prob": False}
-    d |= {"num_nextn_predict_layers": 0}
+    d |= {"num_nextn_predict_layers": 0, "routed_scaling_factor": 1.0}
     config = DeepseekV3Config.from_dict(d)
     save_model(init_random(config, seed=0), root / "ckpt", dtype="bf16")
     export(from_folder(root / "ckpt"), root / "export", weights="checkpoint", dtype="bf16")
@@ -74,11 +79,12 @@ def check(root: Path, out: Path | None, commit: str) -> int:
 
     import torch
     from dsv3c.eval.record import run_record, write_result
-    from dsv3c.onnxkit.session import UNPACKED_QMOE
+    from dsv3c.onnxkit.session import GRAPH_ROUTED_QMOE, UNPACKED_QMOE
 
+    assert (UNPACKED, GRAPH_ROUTED) == (UNPACKED_QMOE, GRAPH_ROUTED_QMOE)
     got, failed = {}, []
-    for name, folder, device, unpacked in RUNS:
-        env = {**os.environ, UNPACKED_QMOE: unpacked}  # a process each: the variable is read as sessions open
+    for name, folder, device, switches in RUNS:
+        env = {**os.environ, UNPACKED: "0", GRAPH_ROUTED: "0", **switches}  # a process each: read as sessions open
         command = [sys.executable, __file__, "logits", str(root / folder), "--device", device]
         result = subprocess.run(command, env=env, capture_output=True, text=True, check=False)
         if result.returncode != 0:

@@ -18,6 +18,7 @@ from typing import Any, Literal, get_args
 
 import numpy as np
 from dsv3c.errors import UserError
+from dsv3c.onnxkit.kernel_routing import qmoe_routing_in_kernel
 
 Device = Literal["cpu", "cuda"]
 Optimization = Literal["all", "extended", "basic", "none"]
@@ -30,6 +31,9 @@ ERRORS_ONLY = 3  # onnxruntime's log severity: 0 verbose .. 4 fatal; warnings wo
 # kernel and `lower --weights-8bit` use: fed those rows it computes wrong outputs without an error
 # (bench/gpu_moe_routing.py). A CUDA session packs them at load, so one folder serves both EPs.
 UNPACKED_QMOE = "DSV3C_UNPACKED_QMOE"  # "1": give CUDA the rows as stored (wrong outputs; benchmarks' A/B only)
+# A CUDA session also moves a QMoE layer's plain softmax routing from the graph into the kernel, which
+# honors normalize_routing_weights=0 where the CPU's does not (onnxkit/kernel_routing.py)
+GRAPH_ROUTED_QMOE = "DSV3C_GRAPH_ROUTED_QMOE"  # "1": keep the graph's routing (benchmarks' A/B only)
 QMOE_PACK_ARCH = 80  # the SM90 layout needs an attribute onnxruntime 1.31's QMoE does not have (wrong outputs)
 QMOE_WEIGHTS = (2, 5)  # QMoE's inputs: fc1 and fc2 expert weights
 NEEDS_GPU_BUILD = (
@@ -154,20 +158,19 @@ def _qmoe_nodes(graph: Any) -> list[Any]:
     return [n for n in graph.node if n.op_type == "QMoE" and n.domain == "com.microsoft"]
 
 
-def cuda_qmoe_weight_names(graph: Any) -> list[str]:
-    """The weights of the QMoE nodes CUDA runs: 16-bit ones (scales, input 3, in the activations' type); a
-    float32 QMoE has no CUDA kernel and runs on the CPU, which reads the rows as stored."""
+def _cuda_qmoe_nodes(graph: Any) -> list[Any]:
+    """The QMoE nodes CUDA runs: 16-bit ones (scales, input 3, in the activations' type); a float32 QMoE has
+    no CUDA kernel and runs on the CPU, which reads the rows as stored and always renormalizes."""
     import onnx
 
     half = {onnx.TensorProto.FLOAT16, onnx.TensorProto.BFLOAT16}
     types = {t.name: t.data_type for t in graph.initializer}
-    names = {
-        n.input[i]
-        for n in _qmoe_nodes(graph)
-        if len(n.input) > 3 and types.get(n.input[3]) in half
-        for i in QMOE_WEIGHTS
-        if i < len(n.input) and n.input[i]
-    }
+    return [n for n in _qmoe_nodes(graph) if len(n.input) > 3 and types.get(n.input[3]) in half]
+
+
+def cuda_qmoe_weight_names(graph: Any) -> list[str]:
+    """The expert weights of the QMoE nodes CUDA runs (_cuda_qmoe_nodes)."""
+    names = {n.input[i] for n in _cuda_qmoe_nodes(graph) for i in QMOE_WEIGHTS if i < len(n.input) and n.input[i]}
     return sorted(names)
 
 
@@ -176,7 +179,8 @@ def _with_packed_qmoe(
 ) -> tuple[Path | bytes, SessionSetup, dict[str, np.ndarray]]:
     """`model` and `setup` for a CUDA session, with the packed QMoE weights that are external in the graph
     apart (onnxruntime takes those as external initializers); the embedded ones are packed into the graph's
-    bytes, whose external weights are then read from the model's folder."""
+    bytes, whose external weights are then read from the model's folder, as are those of a graph whose
+    QMoE routing moved into the kernel."""
     import dataclasses
 
     import onnx
@@ -185,8 +189,11 @@ def _with_packed_qmoe(
     folder = model.parent if isinstance(model, Path) else setup.weights_folder
     proto = onnx.load(model, load_external_data=False) if isinstance(model, Path) else onnx.load_from_string(model)
     packed = cuda_qmoe_weights(proto, folder, label)
+    routed = 0
+    if os.environ.get(GRAPH_ROUTED_QMOE) != "1":
+        routed = qmoe_routing_in_kernel(proto, nodes={n.name for n in _cuda_qmoe_nodes(proto.graph)})
     embedded = [t for t in proto.graph.initializer if t.name in packed and t.data_location != onnx.TensorProto.EXTERNAL]
-    if not embedded:
+    if not embedded and not routed:
         return model, setup, packed
     for t in embedded:
         t.CopyFrom(numpy_helper.from_array(packed.pop(t.name), t.name))
