@@ -33,7 +33,7 @@ import numpy as np
 from onnx import ModelProto, NodeProto, TensorProto, helper, numpy_helper
 
 MS_DOMAIN = "com.microsoft"
-SCALAR_TYPES = {
+SCALAR_TYPES: dict[int, type] = {
     TensorProto.FLOAT: np.float32,
     TensorProto.FLOAT16: np.float16,
     TensorProto.BFLOAT16: ml_dtypes.bfloat16,
@@ -98,7 +98,7 @@ class _Match:
         probs_cast = g.producer.get(moe.input[1])  # Cast(Log(R)) to the kernel's type, or Log(R) itself
         log = g.make(g.past_casts(moe.input[1]), "Log")
         scatter = g.make(log.input[0], "ScatterElements") if log is not None else None
-        if scatter is None or _attr(scatter, "axis", 0) not in (1, -1):
+        if log is None or scatter is None or _attr(scatter, "axis", 0) not in (1, -1):
             return
         topk = g.producer.get(scatter.input[2])
         if topk is None or topk.op_type != "TopK" or topk.domain not in ("", "ai.onnx"):
@@ -206,7 +206,7 @@ def qmoe_routing_in_kernel(
         weight_side = 1 if g.past_casts(m.mul.input[1]) == m.total.output[0] else 0
         factor_name = f"{name}/factor"  # in the type the Mul read sum(R) in: its Cast's, else float32
         cast = g.producer.get(m.mul.input[weight_side])
-        dtype = TensorProto.FLOAT
+        dtype: int = TensorProto.FLOAT
         if cast is not None and cast.op_type == "Cast":
             dtype = _attr(cast, "to", TensorProto.FLOAT)
         if dtype not in SCALAR_TYPES:
@@ -221,13 +221,13 @@ def qmoe_routing_in_kernel(
             removed.add(id(node))
     if not matches:
         return 0
-    nodes = []
+    rewritten: list[NodeProto] = []
     for index, node in enumerate(graph.node):
-        nodes.extend(added.get(index, []))
+        rewritten.extend(added.get(index, []))
         if id(node) not in removed:
-            nodes.append(node)
+            rewritten.append(node)
     del graph.node[:]
-    graph.node.extend(_live(nodes, {o.name for o in graph.output}))
+    graph.node.extend(_live(rewritten, {o.name for o in graph.output}))
     return len(matches)
 
 
