@@ -158,7 +158,7 @@ def _qmoe_nodes(graph: Any) -> list[Any]:
     return [n for n in graph.node if n.op_type == "QMoE" and n.domain == "com.microsoft"]
 
 
-def _cuda_qmoe_nodes(graph: Any) -> list[Any]:
+def cuda_qmoe_nodes(graph: Any) -> list[Any]:
     """The QMoE nodes CUDA runs: 16-bit ones (scales, input 3, in the activations' type); a float32 QMoE has
     no CUDA kernel and runs on the CPU, which reads the rows as stored and always renormalizes."""
     import onnx
@@ -169,8 +169,8 @@ def _cuda_qmoe_nodes(graph: Any) -> list[Any]:
 
 
 def cuda_qmoe_weight_names(graph: Any) -> list[str]:
-    """The expert weights of the QMoE nodes CUDA runs (_cuda_qmoe_nodes)."""
-    names = {n.input[i] for n in _cuda_qmoe_nodes(graph) for i in QMOE_WEIGHTS if i < len(n.input) and n.input[i]}
+    """The expert weights of the QMoE nodes CUDA runs (cuda_qmoe_nodes)."""
+    names = {n.input[i] for n in cuda_qmoe_nodes(graph) for i in QMOE_WEIGHTS if i < len(n.input) and n.input[i]}
     return sorted(names)
 
 
@@ -191,7 +191,7 @@ def _with_packed_qmoe(
     packed = cuda_qmoe_weights(proto, folder, label)
     routed = 0
     if os.environ.get(GRAPH_ROUTED_QMOE) != "1":
-        routed = qmoe_routing_in_kernel(proto, nodes={n.name for n in _cuda_qmoe_nodes(proto.graph)})
+        routed = qmoe_routing_in_kernel(proto, nodes={n.name for n in cuda_qmoe_nodes(proto.graph)})
     embedded = [t for t in proto.graph.initializer if t.name in packed and t.data_location != onnx.TensorProto.EXTERNAL]
     if not embedded and not routed:
         return model, setup, packed

@@ -15,7 +15,9 @@ routed_scaling_factor) and the shared columns as 0: the kernel's softmax over th
 down weights where the pass writes them (exact for bf16 weights and s + n = 3: a bf16 value times 3 has
 at most 10 significant bits, which float16 holds), else into one Mul of the output. norm_topk_prob
 models without shared experts in the kernel use normalize_routing_weights=1 and the factor s: the only
-form QMoE takes, as its CPU kernel always renormalizes (RENORMALIZES_ALWAYS).
+form QMoE takes, as its CPU kernel always renormalizes (RENORMALIZES_ALWAYS). A CUDA session, whose QMoE
+honors normalize_routing_weights=0, moves QMoE's plain softmax routing into the kernel as it opens
+(onnxkit/kernel_routing.py).
 
 At decode on the H200 this replaces, per MoE layer, the graph's TopK, the scatter of the chosen weights
 into a row (a copy and a scatter), Log, the weights' ReduceSum, its Cast and the Mul by it: 7 of a V2-Lite

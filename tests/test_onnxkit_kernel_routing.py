@@ -11,7 +11,7 @@ import onnx
 import pytest
 import torch
 from dsv3c.onnxkit.kernel_routing import qmoe_routing_in_kernel
-from dsv3c.onnxkit.session import _cuda_qmoe_nodes
+from dsv3c.onnxkit.session import cuda_qmoe_nodes
 
 from .fixtures.exports import greedy_logits, lower_ort, mini_config
 
@@ -77,9 +77,9 @@ def test_only_plain_softmax_routing_of_16_bit_qmoe_moves(tmp_path: Path) -> None
     v2 = lower_ort(_export(tmp_path / "v2", "bf16", **V2_ROUTING), tmp_path / "v2" / "ort", weights_8bit=32)
     model = onnx.load(v2 / "decode.onnx", load_external_data=False)
     qmoes = _moes(model, "QMoE")
-    assert qmoes and len(_cuda_qmoe_nodes(model.graph)) == len(qmoes)
-    assert qmoe_routing_in_kernel(model, nodes={n.name for n in _cuda_qmoe_nodes(model.graph)}) == len(qmoes)
+    assert qmoes and len(cuda_qmoe_nodes(model.graph)) == len(qmoes)
+    assert qmoe_routing_in_kernel(model, nodes={n.name for n in cuda_qmoe_nodes(model.graph)}) == len(qmoes)
     v3 = lower_ort(_export(tmp_path / "v3", "bf16"), tmp_path / "v3" / "ort", weights_8bit=32)
     assert qmoe_routing_in_kernel(onnx.load(v3 / "decode.onnx", load_external_data=False)) == 0
     f32 = lower_ort(_export(tmp_path / "f32", "fp32", **V2_ROUTING), tmp_path / "f32" / "ort", weights_8bit=32)
-    assert not _cuda_qmoe_nodes(onnx.load(f32 / "decode.onnx", load_external_data=False).graph)
+    assert not cuda_qmoe_nodes(onnx.load(f32 / "decode.onnx", load_external_data=False).graph)
