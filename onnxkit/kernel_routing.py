@@ -53,7 +53,8 @@ class _Graph:
         self.outputs = {o.name for o in graph.output}
         self.initializers = {t.name: t for t in graph.initializer}
 
-    def make(self, name: str, op: str) -> NodeProto | None:
+    def producer_op(self, name: str, op: str) -> NodeProto | None:
+        """The node that computes `name`, if it is a standard `op`."""
         node = self.producer.get(name)
         return node if node is not None and node.op_type == op and node.domain in ("", "ai.onnx") else None
 
@@ -64,7 +65,7 @@ class _Graph:
     def constant(self, name: str) -> np.ndarray | None:
         if name in self.initializers:
             return numpy_helper.to_array(self.initializers[name])
-        node = self.make(name, "Constant")
+        node = self.producer_op(name, "Constant")
         attr = next((a for a in node.attribute if a.name == "value"), None) if node is not None else None
         return numpy_helper.to_array(attr.t) if attr is not None else None
 
@@ -96,8 +97,8 @@ class _Match:
         if _attr(moe, "normalize_routing_weights", 0) != 1 or len(moe.input) < 2:
             return
         probs_cast = g.producer.get(moe.input[1])  # Cast(Log(R)) to the kernel's type, or Log(R) itself
-        log = g.make(g.past_casts(moe.input[1]), "Log")
-        scatter = g.make(log.input[0], "ScatterElements") if log is not None else None
+        log = g.producer_op(g.past_casts(moe.input[1]), "Log")
+        scatter = g.producer_op(log.input[0], "ScatterElements") if log is not None else None
         if log is None or scatter is None or _attr(scatter, "axis", 0) not in (1, -1):
             return
         topk = g.producer.get(scatter.input[2])
@@ -109,7 +110,7 @@ class _Match:
         if ones is None:
             return
         k = g.constant(topk.input[1])
-        softmax = g.make(topk.input[0], "Softmax")
+        softmax = g.producer_op(topk.input[0], "Softmax")
         if k is None or k.size != 1 or softmax is None or _attr(softmax, "axis", -1) not in (-1, 1):
             return
         if int(k.reshape(-1)[0]) + ones != _attr(moe, "k", 1):
@@ -146,11 +147,11 @@ class _Match:
         """How many shared experts' columns of ones the scatter's base row ends with: 0 for zeros
         (ConstantOfShape), n for a constant row [0 .. 0, 1 .. 1] spread over the tokens (Expand); None else."""
         g = self.g
-        zeros = g.make(base, "ConstantOfShape")
+        zeros = g.producer_op(base, "ConstantOfShape")
         if zeros is not None:
             value = next((a.t for a in zeros.attribute if a.name == "value"), None)
             return 0 if value is None or not numpy_helper.to_array(value).any() else None
-        expand = g.make(base, "Expand")
+        expand = g.producer_op(base, "Expand")
         row = g.constant(expand.input[0]) if expand is not None else None
         if row is None or row.ndim != 2 or row.shape[0] != 1:
             return None

@@ -13,17 +13,8 @@ import torch
 from dsv3c.onnxkit.kernel_routing import qmoe_routing_in_kernel
 from dsv3c.onnxkit.session import cuda_qmoe_nodes
 
-from .fixtures.exports import greedy_logits, lower_ort, mini_config
+from .fixtures.exports import V2_ROUTING, greedy_logits, lower_ort, mini_config
 
-V2_ROUTING = {
-    "scoring_func": "softmax",
-    "topk_method": "greedy",
-    "n_group": 1,
-    "topk_group": 1,
-    "routed_scaling_factor": 1.0,
-    "norm_topk_prob": False,
-    "n_shared_experts": 2,
-}
 ROLES = ("prefill", "decode")
 
 

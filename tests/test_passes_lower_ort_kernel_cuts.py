@@ -22,17 +22,7 @@ from dsv3c.passes.multiply_by_one import MultiplyByOnePass
 from dsv3c.passes.shared_shapes import SharedInputShapesPass
 from onnx import TensorProto, helper
 
-from .fixtures.exports import greedy_logits, lower_ort, mini_config
-
-V2_ROUTING = {
-    "scoring_func": "softmax",
-    "topk_method": "greedy",
-    "n_group": 1,
-    "topk_group": 1,
-    "routed_scaling_factor": 1.0,
-    "norm_topk_prob": False,
-    "n_shared_experts": 2,
-}
+from .fixtures.exports import V2_ROUTING, greedy_logits, lower_ort, mini_config
 
 
 @pytest.fixture(scope="module")
