@@ -12,13 +12,8 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 
 import numpy as np
+from dsv3c.onnxkit.fixed_shapes import known_sizes
 from onnx import ModelProto, NodeProto, TensorShapeProto, helper, numpy_helper
-
-
-def _size(dim: TensorShapeProto.Dimension, fixed: Mapping[str, int]) -> int | None:
-    if dim.HasField("dim_value"):
-        return int(dim.dim_value)
-    return fixed.get(dim.dim_param) if dim.HasField("dim_param") else None
 
 
 def reshape_of(sizes: Sequence[int], perm: Sequence[int]) -> list[int] | None:
@@ -58,9 +53,8 @@ def _reshape_target(
 ) -> list[int] | None:
     if node.op_type != "Transpose" or node.domain not in ("", "ai.onnx") or node.input[0] not in shapes:
         return None
-    sizes = [_size(d, fixed) for d in shapes[node.input[0]].dim]
-    known = [s for s in sizes if s is not None]
-    if not known or len(known) != len(sizes):
+    known = known_sizes(shapes[node.input[0]].dim, fixed)
+    if not known:
         return None
     perm = next((list(a.ints) for a in node.attribute if a.name == "perm"), list(range(len(known)))[::-1])
     return reshape_of(known, perm) if perm != sorted(perm) else None  # an identity perm: left to onnxruntime

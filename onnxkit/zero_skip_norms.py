@@ -3,38 +3,29 @@ fixes their shapes.
 
 onnxruntime's CUDA SimplifiedLayerNormalization runs its generic kernel (`cuApplyLayerNorm`: 3.4 us per
 call at batch 1 on the H200, `bench/results/gpu_step_kernels_v2-lite_b1_h200_2026-12-04b.json`), while
-SkipSimplifiedLayerNormalization has a vectorized kernel for rows up to 1024 wide (`SkipLayerNormKernelSmall`,
-1.8 us for V2-Lite's 2048-wide hidden state). A decode step has one such norm per MLA layer (the latent's
-kv_a_layernorm) and the first layer's input norm. Both kernels sum in float32 and x + 0 is x, so only the
+SkipSimplifiedLayerNormalization runs a vectorized one (`SkipLayerNormKernelSmall`: 1.8 us for V2-Lite's
+2048-wide hidden state, 1.7 us for its 512-wide latent, `gpu_step_kernels_v2-lite_b1_h200_2026-12-04e.json`).
+A decode step has one such norm per MLA layer (the latent's kv_a_layernorm, and q_a_layernorm where the
+model has a q_lora rank) and the first layer's input norm. Both kernels sum in float32 and x + 0 is x, so only the
 reduction order can differ. The skip must have the input's last two sizes ([q, width], broadcast over the
 batch), so the rewrite waits for a session that fixes q (runtime/ort_cuda_graph.py).
 """
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping
 
-import numpy as np
-from onnx import ModelProto, NodeProto, TensorProto, TensorShapeProto, TypeProto, helper, numpy_helper
+from dsv3c.onnxkit.fixed_shapes import known_sizes
+from onnx import ModelProto, NodeProto, TensorProto, TypeProto, helper
 
 MS_DOMAIN = "com.microsoft"
-ZERO_TYPES: dict[int, type[np.floating] | None] = {
-    TensorProto.FLOAT: np.float32,
-    TensorProto.FLOAT16: np.float16,
-    TensorProto.BFLOAT16: None,
-}
-
-
-def _size(dim: TensorShapeProto.Dimension, fixed: Mapping[str, int]) -> int | None:
-    if dim.HasField("dim_value"):
-        return int(dim.dim_value)
-    return fixed.get(dim.dim_param) if dim.HasField("dim_param") else None
+ELEMENT_BYTES: dict[int, int] = {TensorProto.FLOAT: 4, TensorProto.FLOAT16: 2, TensorProto.BFLOAT16: 2}
 
 
 def _zeros(name: str, dtype: int, shape: list[int]) -> TensorProto:
-    if dtype == TensorProto.BFLOAT16:  # numpy has no bfloat16: zeros are zero bits in any float format
-        return helper.make_tensor(name, dtype, shape, vals=bytes(2 * int(np.prod(shape))), raw=True)
-    return numpy_helper.from_array(np.zeros(shape, dtype=ZERO_TYPES[dtype]), name)
+    """Zeros of a float type as raw bytes (zero bits are 0 in each; numpy has no bfloat16)."""
+    return helper.make_tensor(name, dtype, shape, vals=bytes(ELEMENT_BYTES[dtype] * math.prod(shape)), raw=True)
 
 
 def norms_with_zero_skip(model: ModelProto, fixed: Mapping[str, int]) -> int:
@@ -86,7 +77,6 @@ def _skip_shape(
         return None
     axis = next((a.i for a in node.attribute if a.name == "axis"), -1)
     tensor = values.get(node.input[0])
-    if tensor is None or tensor.elem_type not in ZERO_TYPES or len(tensor.shape.dim) != 3 or axis not in (-1, 2):
+    if tensor is None or tensor.elem_type not in ELEMENT_BYTES or len(tensor.shape.dim) != 3 or axis not in (-1, 2):
         return None
-    sizes = [_size(d, fixed) for d in tensor.shape.dim[1:]]
-    return [s for s in sizes if s is not None] if None not in sizes else None
+    return known_sizes(tensor.shape.dim[1:], fixed)  # [q, width]: the skip broadcasts over the batch
