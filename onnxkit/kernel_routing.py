@@ -27,6 +27,7 @@ from __future__ import annotations
 
 from collections import defaultdict
 from collections.abc import Collection, Sequence
+from dataclasses import dataclass
 
 import ml_dtypes
 import numpy as np
@@ -88,89 +89,98 @@ def _set_attr(node: NodeProto, name: str, value: int) -> None:
     node.attribute.extend([*kept, helper.make_attribute(name, value)])
 
 
+@dataclass(frozen=True)
 class _Match:
     """One QMoE layer's graph routing: the nodes it replaces and what the new form needs."""
 
-    def __init__(self, g: _Graph, moe: NodeProto):
-        self.moe, self.g = moe, g
-        self.ok = False
-        if _attr(moe, "normalize_routing_weights", 0) != 1 or len(moe.input) < 2:
-            return
-        probs_cast = g.producer.get(moe.input[1])  # Cast(Log(R)) to the kernel's type, or Log(R) itself
-        log = g.producer_op(g.past_casts(moe.input[1]), "Log")
-        scatter = g.producer_op(log.input[0], "ScatterElements") if log is not None else None
-        if log is None or scatter is None or _attr(scatter, "axis", 0) not in (1, -1):
-            return
-        topk = g.producer.get(scatter.input[2])
-        if topk is None or topk.op_type != "TopK" or topk.domain not in ("", "ai.onnx"):
-            return
-        if list(topk.output[:2]) != [scatter.input[2], scatter.input[1]] or _attr(topk, "largest", 1) != 1:
-            return
-        ones = self._shared_columns(scatter.input[0])
-        if ones is None:
-            return
-        k = g.constant(topk.input[1])
-        softmax = g.producer_op(topk.input[0], "Softmax")
-        if k is None or k.size != 1 or softmax is None or _attr(softmax, "axis", -1) not in (-1, 1):
-            return
-        if int(k.reshape(-1)[0]) + ones != _attr(moe, "k", 1):
-            return
-        # the output: Cast(QMoE) * Cast(ReduceSum(R)), each Cast optional
-        users = g.consumers.get(scatter.output[0], [])
-        total = next((u for u in users if u.op_type == "ReduceSum"), None)
-        if total is None or sorted(u.op_type for u in users) != ["Log", "ReduceSum"]:
-            return
-        if _attr(total, "keepdims", 1) != 1:
-            return
-        mul = self._mul_of_output(total)
-        if mul is None or g.only_user(log.output[0]) is None:
-            return
-        if any(u is not topk and u.op_type != "Shape" for u in g.consumers.get(softmax.output[0], [])):
-            return  # the probabilities feed the TopK alone (and the Shape of a row of zeros)
-        for chosen in topk.output[:2]:  # read by the scatter alone (and the Shape that sizes its base row)
-            others = [u for u in g.consumers.get(chosen, []) if u is not scatter and u.op_type != "Shape"]
-            if others or chosen in g.outputs:
-                return
-        self.logits, self.softmax, self.topk, self.scatter, self.log, self.total, self.mul = (
-            softmax.input[0],
-            softmax,
-            topk,
-            scatter,
-            log,
-            total,
-            mul,
-        )
-        self.probs_cast = probs_cast if probs_cast is not log else None
-        self.shared, self.ok = ones, True
+    moe: NodeProto
+    logits: str  # the router's float32 logits [N, E]
+    softmax: NodeProto
+    topk: NodeProto
+    scatter: NodeProto
+    log: NodeProto
+    total: NodeProto  # ReduceSum(R)
+    mul: NodeProto  # the output times sum(R)
+    probs_cast: NodeProto | None  # the Cast of Log(R) to the kernel's type
+    shared: int  # the shared experts' columns
 
-    def _shared_columns(self, base: str) -> int | None:
-        """How many shared experts' columns of ones the scatter's base row ends with: 0 for zeros
-        (ConstantOfShape), n for a constant row [0 .. 0, 1 .. 1] spread over the tokens (Expand); None else."""
-        g = self.g
-        zeros = g.producer_op(base, "ConstantOfShape")
-        if zeros is not None:
-            value = next((a.t for a in zeros.attribute if a.name == "value"), None)
-            return 0 if value is None or not numpy_helper.to_array(value).any() else None
-        expand = g.producer_op(base, "Expand")
-        row = g.constant(expand.input[0]) if expand is not None else None
-        if row is None or row.ndim != 2 or row.shape[0] != 1:
-            return None
-        ones = int(np.count_nonzero(row[0] == 1))
-        experts = row.shape[1] - ones
-        if experts < 1 or (row[0, :experts] != 0).any() or (row[0, experts:] != 1).any():
-            return None
-        return ones
 
-    def _mul_of_output(self, total: NodeProto) -> NodeProto | None:
-        g, name = self.g, self.moe.output[0]
+def _match(g: _Graph, moe: NodeProto) -> _Match | None:
+    """`moe`'s graph routing, if it is the exact pattern passes/moe_router_inputs.py writes for a plain
+    softmax routing: R = ScatterElements(base row, TopK(Softmax(logits))), router_probs = Cast(Log(R)),
+    normalize 1, the output times Cast(ReduceSum(R))."""
+    if _attr(moe, "normalize_routing_weights", 0) != 1 or len(moe.input) < 2:
+        return None
+    log = g.producer_op(g.past_casts(moe.input[1]), "Log")
+    scatter = g.producer_op(log.input[0], "ScatterElements") if log is not None else None
+    if log is None or scatter is None or _attr(scatter, "axis", 0) not in (1, -1):
+        return None
+    topk = g.producer_op(scatter.input[2], "TopK")
+    if topk is None or list(topk.output[:2]) != [scatter.input[2], scatter.input[1]] or _attr(topk, "largest", 1) != 1:
+        return None
+    shared = _shared_columns(g, scatter.input[0])
+    k = g.constant(topk.input[1])
+    softmax = g.producer_op(topk.input[0], "Softmax")
+    if shared is None or k is None or k.size != 1 or softmax is None or _attr(softmax, "axis", -1) not in (-1, 1):
+        return None
+    if int(k.reshape(-1)[0]) + shared != _attr(moe, "k", 1):
+        return None
+    users = g.consumers.get(scatter.output[0], [])
+    total = next((u for u in users if u.op_type == "ReduceSum"), None)
+    if total is None or sorted(u.op_type for u in users) != ["Log", "ReduceSum"] or _attr(total, "keepdims", 1) != 1:
+        return None
+    mul = _mul_of_output(g, moe, total)
+    if mul is None or g.only_user(log.output[0]) is None:
+        return None
+    if any(u is not topk and u.op_type != "Shape" for u in g.consumers.get(softmax.output[0], [])):
+        return None  # the probabilities feed the TopK alone (and the Shape of a row of zeros)
+    for chosen in topk.output[:2]:  # read by the scatter alone (and the Shape that sizes its base row)
+        if chosen in g.outputs or any(u is not scatter and u.op_type != "Shape" for u in g.consumers.get(chosen, [])):
+            return None
+    probs_cast = g.producer.get(moe.input[1])
+    return _Match(
+        moe,
+        softmax.input[0],
+        softmax,
+        topk,
+        scatter,
+        log,
+        total,
+        mul,
+        probs_cast if probs_cast is not log else None,
+        shared,
+    )
+
+
+def _shared_columns(g: _Graph, base: str) -> int | None:
+    """How many shared experts' columns of ones the scatter's base row ends with: 0 for zeros
+    (ConstantOfShape), n for a constant row [0 .. 0, 1 .. 1] spread over the tokens (Expand); None else."""
+    zeros = g.producer_op(base, "ConstantOfShape")
+    if zeros is not None:
+        value = next((a.t for a in zeros.attribute if a.name == "value"), None)
+        return 0 if value is None or not numpy_helper.to_array(value).any() else None
+    expand = g.producer_op(base, "Expand")
+    row = g.constant(expand.input[0]) if expand is not None else None
+    if row is None or row.ndim != 2 or row.shape[0] != 1:
+        return None
+    ones = int(np.count_nonzero(row[0] == 1))
+    experts = row.shape[1] - ones
+    if experts < 1 or (row[0, :experts] != 0).any() or (row[0, experts:] != 1).any():
+        return None
+    return ones
+
+
+def _mul_of_output(g: _Graph, moe: NodeProto, total: NodeProto) -> NodeProto | None:
+    """The Mul of `moe`'s output (through Casts) by `total`'s (through Casts), if that is all it feeds."""
+    name = moe.output[0]
+    user = g.only_user(name)
+    while user is not None and user.op_type in ("Cast", "CastLike"):
+        name = user.output[0]
         user = g.only_user(name)
-        while user is not None and user.op_type in ("Cast", "CastLike"):
-            name = user.output[0]
-            user = g.only_user(name)
-        if user is None or user.op_type != "Mul" or name not in user.input:
-            return None
-        other = user.input[1] if user.input[0] == name else user.input[0]
-        return user if g.past_casts(other) == total.output[0] else None
+    if user is None or user.op_type != "Mul" or name not in user.input:
+        return None
+    other = user.input[1] if user.input[0] == name else user.input[0]
+    return user if g.past_casts(other) == total.output[0] else None
 
 
 def qmoe_routing_in_kernel(
@@ -182,7 +192,7 @@ def qmoe_routing_in_kernel(
     g = _Graph(model)
     graph = model.graph
     chosen = [n for n in graph.node if n.op_type in ops and n.domain == MS_DOMAIN]
-    matches = [m for m in (_Match(g, n) for n in chosen if nodes is None or n.name in nodes) if m.ok]
+    matches = [m for m in (_match(g, n) for n in chosen if nodes is None or n.name in nodes) if m is not None]
     removed: set[int] = set()
     added: dict[int, list[NodeProto]] = defaultdict(list)  # new nodes, before the node at that index
     position = {id(n): i for i, n in enumerate(graph.node)}

@@ -137,8 +137,8 @@ def open_session(
         label = str(model) if label is None else label
     providers = providers_for(setup.device, setup.cuda_options)
     packed: dict[str, Any] = {}
-    if setup.device == "cuda" and os.environ.get(UNPACKED_QMOE) != "1":
-        model, setup, weights = _with_packed_qmoe(model, setup, label)
+    if setup.device == "cuda":
+        model, setup, weights = _for_cuda_qmoe(model, setup, label)
         packed = {n: ort.OrtValue.ortvalue_from_numpy(w) for n, w in weights.items()}
     options = session_options(setup)
     if packed:  # in place of the graph's external initializers before placement: copied to the GPU like them
@@ -174,13 +174,13 @@ def cuda_qmoe_weight_names(graph: Any) -> list[str]:
     return sorted(names)
 
 
-def _with_packed_qmoe(
+def _for_cuda_qmoe(
     model: Path | bytes, setup: SessionSetup, label: str | None
 ) -> tuple[Path | bytes, SessionSetup, dict[str, np.ndarray]]:
     """`model` and `setup` for a CUDA session, with the packed QMoE weights that are external in the graph
     apart (onnxruntime takes those as external initializers); the embedded ones are packed into the graph's
     bytes, whose external weights are then read from the model's folder, as are those of a graph whose
-    QMoE routing moved into the kernel."""
+    QMoE routing moved into the kernel. UNPACKED_QMOE and GRAPH_ROUTED_QMOE each turn one of the two off."""
     import dataclasses
 
     import onnx
@@ -188,7 +188,7 @@ def _with_packed_qmoe(
 
     folder = model.parent if isinstance(model, Path) else setup.weights_folder
     proto = onnx.load(model, load_external_data=False) if isinstance(model, Path) else onnx.load_from_string(model)
-    packed = cuda_qmoe_weights(proto, folder, label)
+    packed = cuda_qmoe_weights(proto, folder, label) if os.environ.get(UNPACKED_QMOE) != "1" else {}
     routed = 0
     if os.environ.get(GRAPH_ROUTED_QMOE) != "1":
         routed = qmoe_routing_in_kernel(proto, nodes={n.name for n in cuda_qmoe_nodes(proto.graph)})

@@ -11,7 +11,7 @@ import onnx
 import pytest
 import torch
 from dsv3c.onnxkit.kernel_routing import qmoe_routing_in_kernel
-from dsv3c.onnxkit.session import cuda_qmoe_nodes
+from dsv3c.onnxkit.session import GRAPH_ROUTED_QMOE, UNPACKED_QMOE, SessionSetup, _for_cuda_qmoe, cuda_qmoe_nodes
 
 from .fixtures.exports import V2_ROUTING, greedy_logits, lower_ort, mini_config
 
@@ -74,3 +74,20 @@ def test_only_plain_softmax_routing_of_16_bit_qmoe_moves(tmp_path: Path) -> None
     assert qmoe_routing_in_kernel(onnx.load(v3 / "decode.onnx", load_external_data=False)) == 0
     f32 = lower_ort(_export(tmp_path / "f32", "fp32", **V2_ROUTING), tmp_path / "f32" / "ort", weights_8bit=32)
     assert not cuda_qmoe_nodes(onnx.load(f32 / "decode.onnx", load_external_data=False).graph)
+
+
+@pytest.mark.parametrize("switch", ["", GRAPH_ROUTED_QMOE, UNPACKED_QMOE])
+def test_a_cuda_session_routes_in_the_kernel_unless_told_not_to(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, switch: str
+) -> None:
+    """The graph a CUDA session gets (onnxruntime is not asked for the CUDA provider here): the kernel's routing
+    and packed weights by default; DSV3C_GRAPH_ROUTED_QMOE=1 keeps the graph's routing, DSV3C_UNPACKED_QMOE=1
+    the rows as stored, each leaving the other as it is."""
+    config = {**V2_ROUTING, "hidden_size": 128, "moe_intermediate_size": 128, "n_routed_experts": 8}
+    v2 = lower_ort(_export(tmp_path, "bf16", **config), tmp_path / "ort", weights_8bit=32)
+    for name in (GRAPH_ROUTED_QMOE, UNPACKED_QMOE):
+        monkeypatch.setenv(name, "1" if name == switch else "0")
+    graph, _, packed = _for_cuda_qmoe(v2 / "decode.onnx", SessionSetup(device="cuda"), None)
+    model = onnx.load(graph, load_external_data=False) if isinstance(graph, Path) else onnx.load_from_string(graph)
+    assert ("TopK" in {n.op_type for n in model.graph.node}) == (switch == GRAPH_ROUTED_QMOE)
+    assert bool(packed) == (switch != UNPACKED_QMOE)
