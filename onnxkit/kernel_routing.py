@@ -189,10 +189,13 @@ def qmoe_routing_in_kernel(
     """Rewrite, in `model`'s main graph, the graph routing of every `ops` node (com.microsoft; of those named
     in `nodes`, when given) that has DeepSeek-V2's plain softmax routing into the kernel's own (module
     docstring). Returns how many."""
-    g = _Graph(model)
     graph = model.graph
     chosen = [n for n in graph.node if n.op_type in ops and n.domain == MS_DOMAIN]
-    matches = [m for m in (_match(g, n) for n in chosen if nodes is None or n.name in nodes) if m is not None]
+    chosen = [n for n in chosen if nodes is None or n.name in nodes]
+    if not chosen:  # every CUDA session asks, most have no QMoE: no index of the graph for them
+        return 0
+    g = _Graph(model)
+    matches = [m for m in (_match(g, n) for n in chosen) if m is not None]
     removed: set[int] = set()
     added: dict[int, list[NodeProto]] = defaultdict(list)  # new nodes, before the node at that index
     position = {id(n): i for i, n in enumerate(graph.node)}
